@@ -1,0 +1,809 @@
+//! The durable log of one shard: segment files of checksummed records.
+//!
+//! Record layout: `len: u32 LE | crc32c(payload): u32 LE | payload`, where the payload is a
+//! protobuf [`LogRecord`] (one accepted publish request, its entries with consecutive seqs).
+//! Segments are named after the first seq they hold, so finding a seq is a lookup by name.
+//!
+//! Recovery reads every segment in order. A record cut short at the end of the last segment is a
+//! torn write (never acknowledged under `fsync=always`): it is truncated away. A record whose
+//! checksum or seq continuity is wrong is corruption: the log is cut there, later segments are
+//! set aside, and the epoch changes so every receiver flushes what it may have learned from the
+//! lost part. Either way sequencing resumes after the last good record.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use dci_proto::pb;
+use dci_proto::{Epoch, Seq};
+use prost::Message;
+
+const HEADER: usize = 8;
+/// No record is larger than this; a bigger length is corruption, not a reason to allocate.
+const MAX_RECORD: usize = 64 << 20;
+/// One sparse index point per this many bytes of segment.
+const INDEX_EVERY: u64 = 64 << 10;
+
+/// One accepted publish request, as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LogRecord {
+    /// Seq of the first entry; the others follow consecutively.
+    #[prost(uint64, tag = "1")]
+    pub first_seq: u64,
+    /// Publisher id (empty: no deduplication).
+    #[prost(string, tag = "2")]
+    pub publisher_id: String,
+    /// Request number within the publisher.
+    #[prost(uint64, tag = "3")]
+    pub request_no: u64,
+    /// The entries, seqs filled in.
+    #[prost(message, repeated, tag = "4")]
+    pub entries: Vec<pb::Invalidation>,
+}
+
+impl LogRecord {
+    /// Last seq of this record.
+    pub fn last_seq(&self) -> Seq {
+        self.first_seq + self.entries.len() as u64 - 1
+    }
+}
+
+/// How hard the log pushes writes to disk before a publish is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// fsync every group before acknowledging it (group commit keeps throughput up).
+    Always,
+    /// fsync at most every `fsync_interval`; a crash can lose the last interval.
+    Interval,
+    /// Leave it to the OS; a crash can lose what the OS had not written.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "interval" => Ok(FsyncPolicy::Interval),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!(
+                "unknown fsync policy {other:?} (always, interval, never)"
+            )),
+        }
+    }
+}
+
+/// Log tunables.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// Roll to a new segment beyond this size.
+    pub segment_bytes: u64,
+    /// Delete the oldest segments beyond this total.
+    pub retention_bytes: u64,
+    /// Delete segments whose newest write is older than this.
+    pub retention_age: Duration,
+    /// fsync policy.
+    pub fsync: FsyncPolicy,
+    /// For [`FsyncPolicy::Interval`].
+    pub fsync_interval: Duration,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes: 64 << 20,
+            retention_bytes: 1 << 30,
+            retention_age: Duration::from_secs(24 * 3600),
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Log errors.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// File system failure.
+    #[error("log I/O on {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    first_seq: Seq,
+    path: PathBuf,
+    len: u64,
+    /// (first seq of a record, its offset), sparse.
+    index: Vec<(Seq, u64)>,
+    last_write: SystemTime,
+}
+
+/// What recovery found, for the log line and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records read.
+    pub records: u64,
+    /// Bytes cut from a torn tail.
+    pub torn_bytes: u64,
+    /// Where corruption was found (segment file, offset), if anywhere.
+    pub corrupt_at: Option<(PathBuf, u64)>,
+    /// True when the epoch was changed (new log, corruption, or unclean stop without fsync).
+    pub new_epoch: bool,
+}
+
+/// Idempotency memory: the last requests of each publisher.
+#[derive(Debug, Default)]
+pub struct DedupTable {
+    by_publisher: HashMap<String, VecDeque<(u64, Seq, u32)>>,
+    order: VecDeque<String>,
+}
+
+const DEDUP_PER_PUBLISHER: usize = 256;
+const DEDUP_PUBLISHERS: usize = 10_000;
+
+impl DedupTable {
+    /// The seqs of an already logged request, if remembered: (first seq, count).
+    pub fn lookup(&self, publisher: &str, request_no: u64) -> Option<(Seq, u32)> {
+        self.by_publisher
+            .get(publisher)?
+            .iter()
+            .find(|(r, _, _)| *r == request_no)
+            .map(|&(_, s, n)| (s, n))
+    }
+
+    /// Remember a logged request.
+    pub fn remember(&mut self, publisher: &str, request_no: u64, first: Seq, count: u32) {
+        if publisher.is_empty() {
+            return;
+        }
+        if !self.by_publisher.contains_key(publisher) {
+            if self.order.len() >= DEDUP_PUBLISHERS {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_publisher.remove(&old);
+                }
+            }
+            self.order.push_back(publisher.to_string());
+        }
+        let q = self.by_publisher.entry(publisher.to_string()).or_default();
+        if q.len() >= DEDUP_PER_PUBLISHER {
+            q.pop_front();
+        }
+        q.push_back((request_no, first, count));
+    }
+}
+
+/// The log of one shard.
+#[derive(Debug)]
+pub struct Wal {
+    dir: PathBuf,
+    opts: WalOptions,
+    epoch: Epoch,
+    segments: BTreeMap<Seq, Segment>,
+    active: File,
+    head: Seq,
+    unsynced: bool,
+    last_sync: std::time::Instant,
+    dedup: DedupTable,
+}
+
+fn segment_name(first_seq: Seq) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), WalError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(contents).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+    fsync_dir(dir)
+}
+
+fn new_epoch(previous: Option<Epoch>) -> Epoch {
+    // Epochs grow: clock-based, and always above the one they replace.
+    let now = dci_proto::now_us();
+    now.max(previous.map_or(0, |p| p + 1))
+}
+
+/// Read the record at the reader's position. `Ok(None)` at a clean end; `Err(kind)` for a torn
+/// or corrupt record.
+fn read_record<R: Read>(r: &mut R, remaining: u64) -> Result<Option<(LogRecord, u64)>, Damage> {
+    if remaining == 0 {
+        return Ok(None);
+    }
+    if remaining < HEADER as u64 {
+        return Err(Damage::Torn);
+    }
+    let mut header = [0u8; HEADER];
+    r.read_exact(&mut header).map_err(|_| Damage::Torn)?;
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if len > MAX_RECORD || len == 0 {
+        return Err(Damage::Corrupt(format!("record length {len}")));
+    }
+    if remaining < (HEADER + len) as u64 {
+        return Err(Damage::Torn);
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|_| Damage::Torn)?;
+    if crc32c::crc32c(&payload) != crc {
+        return Err(Damage::Corrupt("checksum mismatch".into()));
+    }
+    let rec = LogRecord::decode(payload.as_slice())
+        .map_err(|e| Damage::Corrupt(format!("undecodable record: {e}")))?;
+    if rec.entries.is_empty() || rec.first_seq == 0 {
+        return Err(Damage::Corrupt("empty record".into()));
+    }
+    Ok(Some((rec, (HEADER + len) as u64)))
+}
+
+#[derive(Debug)]
+enum Damage {
+    Torn,
+    Corrupt(String),
+}
+
+impl Wal {
+    /// Open (or create) the log in `dir`, recovering what is there.
+    pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery), WalError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut recovery = Recovery::default();
+        let epoch_path = dir.join("epoch");
+        let stored_epoch = fs::read_to_string(&epoch_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<Epoch>().ok());
+        let clean_path = dir.join("clean");
+        let was_clean = clean_path.exists();
+        if was_clean {
+            fs::remove_file(&clean_path).map_err(io_err(&clean_path))?;
+        }
+
+        let mut names: Vec<(Seq, PathBuf)> = Vec::new();
+        for e in fs::read_dir(dir).map_err(io_err(dir))? {
+            let e = e.map_err(io_err(dir))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(stem) = name.strip_suffix(".seg") {
+                if let Ok(first) = stem.parse::<Seq>() {
+                    names.push((first, e.path()));
+                }
+            }
+        }
+        names.sort();
+
+        let mut segments = BTreeMap::new();
+        let mut head: Seq = 0;
+        let mut dedup = DedupTable::default();
+        let mut corrupt = false;
+        let count = names.len();
+        for (i, (first, path)) in names.into_iter().enumerate() {
+            if corrupt {
+                let aside = path.with_extension("seg.corrupt");
+                tracing::error!(segment = %path.display(), "segment after corruption set aside");
+                fs::rename(&path, &aside).map_err(io_err(&path))?;
+                continue;
+            }
+            if head != 0 && first != head + 1 {
+                tracing::error!(segment = %path.display(), expected = head + 1, "segment does not continue the log");
+                corrupt = true;
+                recovery.corrupt_at = Some((path.clone(), 0));
+                let aside = path.with_extension("seg.corrupt");
+                fs::rename(&path, &aside).map_err(io_err(&path))?;
+                continue;
+            }
+            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            let size = meta.len();
+            let mut f = io::BufReader::new(File::open(&path).map_err(io_err(&path))?);
+            let mut off = 0u64;
+            let mut index = Vec::new();
+            let mut last_indexed: Option<u64> = None;
+            let mut expected = if head == 0 { first } else { head + 1 };
+            loop {
+                match read_record(&mut f, size - off) {
+                    Ok(None) => break,
+                    Ok(Some((rec, n))) => {
+                        if rec.first_seq != expected {
+                            tracing::error!(segment = %path.display(), offset = off, expected, found = rec.first_seq, "log record out of sequence");
+                            corrupt = true;
+                            recovery.corrupt_at = Some((path.clone(), off));
+                            break;
+                        }
+                        if last_indexed.is_none_or(|l| off - l >= INDEX_EVERY) {
+                            index.push((rec.first_seq, off));
+                            last_indexed = Some(off);
+                        }
+                        dedup.remember(
+                            &rec.publisher_id,
+                            rec.request_no,
+                            rec.first_seq,
+                            rec.entries.len() as u32,
+                        );
+                        head = rec.last_seq();
+                        expected = head + 1;
+                        off += n;
+                        recovery.records += 1;
+                    }
+                    Err(Damage::Torn) if i + 1 == count => {
+                        recovery.torn_bytes = size - off;
+                        tracing::warn!(segment = %path.display(), offset = off, bytes = size - off, "truncating a torn write at the end of the log");
+                        break;
+                    }
+                    Err(Damage::Torn) => {
+                        tracing::error!(segment = %path.display(), offset = off, "record cut short in the middle of the log");
+                        corrupt = true;
+                        recovery.corrupt_at = Some((path.clone(), off));
+                        break;
+                    }
+                    Err(Damage::Corrupt(why)) => {
+                        tracing::error!(segment = %path.display(), offset = off, %why, last_good_seq = head, "corrupt log record: recovering up to it");
+                        corrupt = true;
+                        recovery.corrupt_at = Some((path.clone(), off));
+                        break;
+                    }
+                }
+            }
+            if off < size {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                file.set_len(off).map_err(io_err(&path))?;
+                file.sync_all().map_err(io_err(&path))?;
+            }
+            segments.insert(
+                first,
+                Segment {
+                    first_seq: first,
+                    path: path.clone(),
+                    len: off,
+                    index,
+                    last_write: meta.modified().unwrap_or_else(|_| SystemTime::now()),
+                },
+            );
+        }
+
+        // A lost part (corruption, or a crash without fsync) means receivers may hold seqs the log
+        // no longer has: a new epoch makes them flush instead of trusting reused seqs.
+        let unclean_unsynced = !was_clean && opts.fsync != FsyncPolicy::Always;
+        let epoch = match stored_epoch {
+            Some(e) if !corrupt && !(unclean_unsynced && head > 0) => e,
+            prev => {
+                recovery.new_epoch = true;
+                let e = new_epoch(prev);
+                write_atomically(dir, "epoch", e.to_string().as_bytes())?;
+                e
+            }
+        };
+
+        // Drop empty segments except a lone first one, then open (or create) the active one.
+        let active_first = match segments.last_key_value() {
+            Some((&first, _)) => first,
+            None => {
+                let first = head + 1;
+                let path = dir.join(segment_name(first));
+                File::create(&path).map_err(io_err(&path))?;
+                fsync_dir(dir)?;
+                segments.insert(
+                    first,
+                    Segment {
+                        first_seq: first,
+                        path,
+                        len: 0,
+                        index: Vec::new(),
+                        last_write: SystemTime::now(),
+                    },
+                );
+                first
+            }
+        };
+        let active_path = segments[&active_first].path.clone();
+        let mut active = OpenOptions::new()
+            .append(true)
+            .open(&active_path)
+            .map_err(io_err(&active_path))?;
+        active
+            .seek(SeekFrom::End(0))
+            .map_err(io_err(&active_path))?;
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            opts,
+            epoch,
+            segments,
+            active,
+            head,
+            unsynced: false,
+            last_sync: std::time::Instant::now(),
+            dedup,
+        };
+        Ok((wal, recovery))
+    }
+
+    /// The log's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    /// Last seq in the log (0 when empty).
+    pub fn head(&self) -> Seq {
+        self.head
+    }
+    /// First seq still held on disk.
+    pub fn oldest(&self) -> Seq {
+        self.segments
+            .first_key_value()
+            .map_or(self.head + 1, |(&f, _)| f)
+    }
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.len).sum()
+    }
+    /// The idempotency memory.
+    pub fn dedup(&self) -> &DedupTable {
+        &self.dedup
+    }
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Append records (seqs must continue the log). Durable per the fsync policy when this
+    /// returns: `always` syncs here, `interval` when the interval has passed.
+    pub fn append(&mut self, records: &[LogRecord]) -> Result<(), WalError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(records.len() * 64);
+        let (mut seg_first, _) = self.active_segment();
+        for rec in records {
+            debug_assert_eq!(rec.first_seq, self.head + 1);
+            if self.segments[&seg_first].len + buf.len() as u64 >= self.opts.segment_bytes
+                && self.segments[&seg_first].len + (buf.len() as u64) > 0
+            {
+                self.write_active(&mut buf)?;
+                self.roll(rec.first_seq)?;
+                seg_first = rec.first_seq;
+            }
+            let payload = rec.encode_to_vec();
+            let off = self.segments[&seg_first].len + buf.len() as u64;
+            let seg = self.segments.get_mut(&seg_first).expect("active segment");
+            if seg.index.last().is_none_or(|&(_, o)| off - o >= INDEX_EVERY) {
+                seg.index.push((rec.first_seq, off));
+            }
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+            buf.extend_from_slice(&payload);
+            self.head = rec.last_seq();
+            self.dedup.remember(
+                &rec.publisher_id,
+                rec.request_no,
+                rec.first_seq,
+                rec.entries.len() as u32,
+            );
+        }
+        self.write_active(&mut buf)?;
+        match self.opts.fsync {
+            FsyncPolicy::Always => self.sync()?,
+            FsyncPolicy::Interval if self.last_sync.elapsed() >= self.opts.fsync_interval => {
+                self.sync()?
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn active_segment(&self) -> (Seq, &Segment) {
+        let (&k, s) = self.segments.last_key_value().expect("always one segment");
+        (k, s)
+    }
+
+    fn write_active(&mut self, buf: &mut Vec<u8>) -> Result<(), WalError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (k, _) = self.active_segment();
+        let seg = self.segments.get_mut(&k).expect("active segment");
+        self.active.write_all(buf).map_err(io_err(&seg.path))?;
+        seg.len += buf.len() as u64;
+        seg.last_write = SystemTime::now();
+        self.unsynced = true;
+        buf.clear();
+        Ok(())
+    }
+
+    fn roll(&mut self, first_seq: Seq) -> Result<(), WalError> {
+        self.sync()?;
+        let path = self.dir.join(segment_name(first_seq));
+        self.active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        fsync_dir(&self.dir)?;
+        self.segments.insert(
+            first_seq,
+            Segment {
+                first_seq,
+                path,
+                len: 0,
+                index: Vec::new(),
+                last_write: SystemTime::now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Push written records to disk.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        if self.unsynced {
+            let (_, seg) = self.active_segment();
+            let path = seg.path.clone();
+            self.active.sync_data().map_err(io_err(&path))?;
+            self.unsynced = false;
+        }
+        self.last_sync = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// For `interval`: sync if the interval passed with writes pending.
+    pub fn sync_if_due(&mut self) -> Result<(), WalError> {
+        if self.unsynced && self.last_sync.elapsed() >= self.opts.fsync_interval {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Mark a clean stop (everything synced), so the next start keeps the epoch under any policy.
+    pub fn close(mut self) -> Result<(), WalError> {
+        self.sync()?;
+        write_atomically(&self.dir, "clean", b"")
+    }
+
+    /// Delete the oldest segments beyond the retention bounds (never the active one).
+    /// Returns the seqs now gone (the new oldest).
+    pub fn enforce_retention(&mut self, now: SystemTime) -> Result<Seq, WalError> {
+        loop {
+            if self.segments.len() <= 1 {
+                break;
+            }
+            let total = self.bytes();
+            let (&first, seg) = self.segments.first_key_value().expect("non-empty");
+            let too_old = now
+                .duration_since(seg.last_write)
+                .is_ok_and(|age| age > self.opts.retention_age);
+            if total <= self.opts.retention_bytes && !too_old {
+                break;
+            }
+            let path = seg.path.clone();
+            self.segments.remove(&first);
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            tracing::info!(segment = %path.display(), "log segment removed by retention");
+        }
+        Ok(self.oldest())
+    }
+
+    /// A reader for replay from disk, usable from other threads while the writer appends.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            segments: self
+                .segments
+                .values()
+                .map(|s| (s.first_seq, s.path.clone(), s.index.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot of the segment list, to read records from disk.
+#[derive(Debug, Clone, Default)]
+pub struct LogReader {
+    segments: Vec<(Seq, PathBuf, Vec<(Seq, u64)>)>,
+}
+
+impl LogReader {
+    /// Records holding seqs from `from` on (the first may start before `from`), up to about
+    /// `max_bytes`, in order. Empty when `from` is not on disk (gone, or not yet written).
+    pub fn read_from(&self, from: Seq, max_bytes: usize) -> io::Result<Vec<LogRecord>> {
+        let pos = self.segments.partition_point(|(first, _, _)| *first <= from);
+        if pos == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        for (i, (_, path, index)) in self.segments.iter().enumerate().skip(pos - 1) {
+            let start = if i == pos - 1 {
+                let k = index.partition_point(|(s, _)| *s <= from);
+                if k == 0 {
+                    0
+                } else {
+                    index[k - 1].1
+                }
+            } else {
+                0
+            };
+            let mut f = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            let size = f.metadata()?.len();
+            f.seek(SeekFrom::Start(start))?;
+            let mut r = io::BufReader::new(f);
+            let mut off = start;
+            while let Ok(Some((rec, n))) = read_record(&mut r, size - off) {
+                off += n;
+                if rec.last_seq() < from {
+                    continue;
+                }
+                used += n as usize;
+                out.push(rec);
+                if used >= max_bytes {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rec(first: Seq, n: usize, publisher: &str, req: u64) -> LogRecord {
+        LogRecord {
+            first_seq: first,
+            publisher_id: publisher.into(),
+            request_no: req,
+            entries: (0..n)
+                .map(|i| pb::Invalidation {
+                    key: Bytes::from(format!("key-{}", first + i as u64)),
+                    kind: pb::Kind::Key as i32,
+                    seq: first + i as u64,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reopen_keeps_everything_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert!(r.new_epoch);
+        let epoch = w.epoch();
+        w.append(&[rec(1, 3, "p", 1), rec(4, 2, "p", 2)]).unwrap();
+        drop(w);
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(w.head(), 5);
+        assert_eq!(w.epoch(), epoch);
+        assert!(!r.new_epoch);
+        assert_eq!(w.dedup().lookup("p", 2), Some((4, 2)));
+        let recs = w.reader().read_from(4, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].first_seq, 4);
+    }
+
+    #[test]
+    fn segments_roll_and_retention_drops_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            segment_bytes: 200,
+            retention_bytes: 600,
+            ..Default::default()
+        };
+        let (mut w, _) = Wal::open(dir.path(), opts.clone()).unwrap();
+        for i in 0..40 {
+            w.append(&[rec(i * 2 + 1, 2, "", 0)]).unwrap();
+        }
+        assert!(w.segments.len() > 3);
+        let oldest = w.enforce_retention(SystemTime::now()).unwrap();
+        assert!(oldest > 1);
+        assert!(w.bytes() <= 600 + 200);
+        assert!(w.reader().read_from(1, usize::MAX).unwrap().is_empty());
+        let recs = w.reader().read_from(oldest, usize::MAX).unwrap();
+        assert_eq!(recs[0].first_seq, oldest);
+        assert_eq!(recs.last().unwrap().last_seq(), 80);
+        drop(w);
+        let (w, _) = Wal::open(dir.path(), opts).unwrap();
+        assert_eq!((w.oldest(), w.head()), (oldest, 80));
+    }
+
+    #[test]
+    fn age_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            segment_bytes: 100,
+            retention_age: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let (mut w, _) = Wal::open(dir.path(), opts).unwrap();
+        for i in 0..10 {
+            w.append(&[rec(i * 2 + 1, 2, "", 0)]).unwrap();
+        }
+        let later = SystemTime::now() + Duration::from_secs(120);
+        w.enforce_retention(later).unwrap();
+        assert_eq!(w.segments.len(), 1, "only the active segment survives");
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_seqs_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        w.append(&[rec(1, 3, "", 0), rec(4, 3, "", 0)]).unwrap();
+        let path = w.segments.values().next().unwrap().path.clone();
+        drop(w);
+        let len = fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 5).unwrap(); // cut in the middle of the second record
+        let (mut w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(w.head(), 3);
+        assert!(r.torn_bytes > 0);
+        assert!(!r.new_epoch);
+        w.append(&[rec(4, 1, "", 0)]).unwrap();
+        drop(w);
+        let (w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(w.head(), 4);
+    }
+
+    #[test]
+    fn corrupt_record_stops_recovery_and_changes_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let epoch = w.epoch();
+        w.append(&[rec(1, 2, "", 0), rec(3, 2, "", 0), rec(5, 2, "", 0)])
+            .unwrap();
+        let path = w.segments.values().next().unwrap().path.clone();
+        drop(w);
+        let mut bytes = fs::read(&path).unwrap();
+        let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+        bytes[HEADER + first_len + HEADER + 2] ^= 0xff; // inside the second record's payload
+        fs::write(&path, &bytes).unwrap();
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(w.head(), 2);
+        assert!(r.corrupt_at.is_some());
+        assert!(r.new_epoch);
+        assert!(w.epoch() > epoch);
+    }
+
+    #[test]
+    fn unclean_stop_without_fsync_changes_epoch_clean_stop_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::Never,
+            ..Default::default()
+        };
+        let (mut w, _) = Wal::open(dir.path(), opts.clone()).unwrap();
+        w.append(&[rec(1, 1, "", 0)]).unwrap();
+        let e1 = w.epoch();
+        w.close().unwrap();
+        let (mut w, r) = Wal::open(dir.path(), opts.clone()).unwrap();
+        assert!(!r.new_epoch);
+        assert_eq!(w.epoch(), e1);
+        w.append(&[rec(2, 1, "", 0)]).unwrap();
+        drop(w); // crash: no clean marker
+        let (w, r) = Wal::open(dir.path(), opts).unwrap();
+        assert!(r.new_epoch);
+        assert!(w.epoch() > e1);
+    }
+}

@@ -1,0 +1,260 @@
+//! Serving the `Subscribe` stream to one receiver: the runtime around [`link::Sender`].
+//!
+//! One task per receiver. It owns the receiver's sender state machine, reads batches from the
+//! node's [`BatchSource`] (the coordinator's log, a relay's ring), and writes to a small bounded
+//! channel that tonic drains into the stream. When the receiver is slow the channel fills and only
+//! this task waits; the source is shared read-only, so nobody else is held back, and a receiver
+//! that stops reading for longer than the peer timeout is dropped.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::link::sender::NextRange;
+use crate::link::{Sender, SenderConfig, ShardView, SharedBatch, TxCommand};
+use crate::pb;
+use crate::types::{Filter, Seq, ShardId};
+
+/// What a source answers to a read.
+#[derive(Debug)]
+pub enum Fetch {
+    /// Batches from the requested seq on (the first may start before it).
+    Batches(Vec<Arc<SharedBatch>>),
+    /// The range no longer exists anywhere this source can reach.
+    Gone,
+    /// Nothing there yet.
+    NotYet,
+}
+
+/// Where a sender takes batches from.
+pub trait BatchSource: Send + Sync + 'static {
+    /// The shards served, with their bounds.
+    fn views(&self) -> Vec<ShardView>;
+    /// Changes whenever a head moves (or an epoch changes).
+    fn heads(&self) -> watch::Receiver<u64>;
+    /// Batches of `shard` from `from` on, about `budget` bytes (at least one batch).
+    fn read(&self, shard: ShardId, from: Seq, budget: usize) -> impl Future<Output = Fetch> + Send;
+    /// A receiver reported its subtree (itself and what is below it), for `dci status`.
+    fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>);
+    /// The receiver of `link_id` is gone.
+    fn forget(&self, link_id: u64);
+}
+
+/// Downstream serving options.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The sender state machine's tunables.
+    pub sender: SenderConfig,
+    /// Maximum key length accepted on filters' prefixes (and for re-checking nothing else).
+    pub hello_timeout: Duration,
+    /// How often the runtime ticks the state machine.
+    pub tick: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            sender: SenderConfig::default(),
+            hello_timeout: Duration::from_secs(10),
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+static LINK_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Counters shared by all links of a node.
+#[derive(Debug, Default)]
+pub struct ServeCounters {
+    /// Batches sent.
+    pub batches: AtomicU64,
+    /// Bytes of batches sent.
+    pub bytes: AtomicU64,
+    /// Resets sent.
+    pub resets: AtomicU64,
+    /// Go-backs (retransmissions).
+    pub retransmits: AtomicU64,
+    /// Receivers connected now.
+    pub receivers: AtomicU64,
+}
+
+/// Serve one `Subscribe` call: returns the response stream at once and runs the link in a task.
+pub fn serve<S: BatchSource>(
+    source: Arc<S>,
+    inbound: Streaming<pb::Upstream>,
+    opts: ServeOptions,
+    counters: Arc<ServeCounters>,
+    shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<Result<pb::Downstream, Status>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let link_id = LINK_IDS.fetch_add(1, Ordering::Relaxed);
+        counters.receivers.fetch_add(1, Ordering::Relaxed);
+        let result = run_link(&source, inbound, &tx, &opts, &counters, shutdown, link_id).await;
+        counters.receivers.fetch_sub(1, Ordering::Relaxed);
+        source.forget(link_id);
+        if let Err(status) = result {
+            tracing::debug!(link_id, %status, "link ended");
+            let _ = tx.try_send(Err(status));
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+type Tx = mpsc::Sender<Result<pb::Downstream, Status>>;
+
+async fn send(tx: &Tx, msg: pb::downstream::Msg, timeout: Duration) -> Result<(), Status> {
+    match tokio::time::timeout(timeout, tx.send(Ok(pb::Downstream { msg: Some(msg) }))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Status::cancelled("receiver went away")),
+        Err(_) => Err(Status::deadline_exceeded(
+            "receiver stopped reading; dropped to protect the others",
+        )),
+    }
+}
+
+async fn run_link<S: BatchSource>(
+    source: &Arc<S>,
+    mut inbound: Streaming<pb::Upstream>,
+    tx: &Tx,
+    opts: &ServeOptions,
+    counters: &ServeCounters,
+    mut shutdown: watch::Receiver<bool>,
+    link_id: u64,
+) -> Result<(), Status> {
+    let first = tokio::time::timeout(opts.hello_timeout, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no Hello within the hello timeout"))??;
+    let hello = match first.and_then(|m| m.msg) {
+        Some(pb::upstream::Msg::Hello(h)) => h,
+        Some(_) => return Err(Status::invalid_argument("the first message must be Hello")),
+        None => return Ok(()),
+    };
+    let filter = Filter::try_from_pb(hello.filter.clone())
+        .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
+    tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");
+    let stall = opts.sender.peer_timeout;
+    let mut sender = Sender::new(opts.sender.clone(), Instant::now());
+    for c in sender.on_hello(&hello.resume, &source.views(), Instant::now()) {
+        exec(c, tx, stall, counters).await?;
+    }
+    let mut heads = source.heads();
+    let mut tick = tokio::time::interval(opts.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        pump(source, &mut sender, &filter, tx, stall, counters).await?;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            msg = inbound.message() => {
+                let now = Instant::now();
+                match msg {
+                    Ok(Some(pb::Upstream { msg: Some(m) })) => match m {
+                        pb::upstream::Msg::Ack(a) => sender.on_ack(&a, now),
+                        pb::upstream::Msg::Nack(n) => {
+                            sender.on_nack(&n, now);
+                            counters.retransmits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pb::upstream::Msg::Heartbeat(h) => {
+                            sender.on_heard(now);
+                            if !h.subtree.is_empty() {
+                                source.report(link_id, h.subtree);
+                            }
+                        }
+                        pb::upstream::Msg::Hello(_) => sender.on_heard(now),
+                    },
+                    Ok(Some(pb::Upstream { msg: None })) => sender.on_heard(now),
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status),
+                }
+            }
+            r = heads.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {
+                for c in sender.tick(&source.views(), Instant::now()) {
+                    exec(c, tx, stall, counters).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn exec(
+    c: TxCommand,
+    tx: &Tx,
+    stall: Duration,
+    counters: &ServeCounters,
+) -> Result<(), Status> {
+    match c {
+        TxCommand::Reset(r) => {
+            tracing::info!(shard = r.shard, epoch = r.epoch, hwm = r.hwm, reason = %r.reason, "reset sent");
+            counters.resets.fetch_add(1, Ordering::Relaxed);
+            send(tx, pb::downstream::Msg::Reset(r), stall).await
+        }
+        TxCommand::Heartbeat(heads) => {
+            let hb = pb::Heartbeat {
+                heads,
+                subtree: Vec::new(),
+                now_us: crate::now_us(),
+            };
+            send(tx, pb::downstream::Msg::Heartbeat(hb), stall).await
+        }
+        TxCommand::Disconnect(why) => Err(Status::unavailable(why)),
+    }
+}
+
+/// Send whatever the window allows on every shard.
+async fn pump<S: BatchSource>(
+    source: &Arc<S>,
+    sender: &mut Sender,
+    filter: &Filter,
+    tx: &Tx,
+    stall: Duration,
+    counters: &ServeCounters,
+) -> Result<(), Status> {
+    for view in source.views() {
+        loop {
+            let now = Instant::now();
+            match sender.next_range(&view, now) {
+                NextRange::Idle | NextRange::WindowFull => break,
+                NextRange::Reset(c) => exec(c, tx, stall, counters).await?,
+                NextRange::Send { from, budget, .. } => {
+                    match source.read(view.shard, from, budget).await {
+                        Fetch::NotYet => break,
+                        Fetch::Gone => {
+                            let c = sender.on_gone(&view, now);
+                            exec(c, tx, stall, counters).await?;
+                        }
+                        Fetch::Batches(batches) => {
+                            if batches.is_empty() {
+                                break;
+                            }
+                            for b in batches {
+                                let bytes = if filter.is_pass_all() {
+                                    // The shared encoding; the receiver trims what it already has.
+                                    b.encoded.clone()
+                                } else {
+                                    b.batch.after(from - 1).filtered(filter).encode_shared()
+                                };
+                                let len = bytes.len();
+                                send(tx, pb::downstream::Msg::Batch(bytes), stall).await?;
+                                counters.batches.fetch_add(1, Ordering::Relaxed);
+                                counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                sender.on_sent(view.shard, b.batch.last_seq, len, Instant::now());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,529 @@
+//! The receiving end of a link: one high-water mark per shard, gap repair, acks of applied seqs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::pb;
+use crate::types::{Batch, Epoch, Seq, ShardId};
+
+/// Tunables of a receiver.
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    /// Ack at most this often (a cumulative ack covers everything applied so far).
+    pub ack_interval: Duration,
+    /// Ask again for a missing range when it has not arrived after this long.
+    pub nack_retry: Duration,
+    /// Out-of-order batches held while a gap is repaired; beyond that they are dropped and
+    /// fetched again (the sender goes back to the gap anyway).
+    pub max_pending_batches: usize,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            ack_interval: Duration::from_millis(5),
+            nack_retry: Duration::from_millis(200),
+            max_pending_batches: 1024,
+        }
+    }
+}
+
+/// What the runtime must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RxCommand {
+    /// Apply these entries (the batch range is contiguous with what was delivered before), then
+    /// call [`Receiver::on_applied`] with its shard, epoch and `last_seq`.
+    Apply(Batch),
+    /// Drop everything this shard may have made stale, then call [`Receiver::on_applied`] with
+    /// `(shard, epoch, hwm)`: the receiver continues after `hwm` in `epoch`.
+    Flush {
+        /// The shard.
+        shard: ShardId,
+        /// Its new epoch.
+        epoch: Epoch,
+        /// Where it resumes.
+        hwm: Seq,
+        /// Why (for logs and metrics).
+        reason: String,
+    },
+    /// Send this cumulative ack.
+    Ack(pb::Ack),
+    /// Ask the sender for a missing range.
+    Nack(pb::Nack),
+}
+
+#[derive(Debug)]
+struct RxShard {
+    epoch: Epoch,
+    /// Highest seq handed out for applying; everything up to it was delivered in order.
+    delivered: Seq,
+    /// Highest seq the runtime confirmed applied (in `epoch`).
+    applied: Seq,
+    /// Highest seq acked to the sender.
+    acked: Seq,
+    last_ack_at: Option<Instant>,
+    /// Batches that arrived past a gap, by first seq.
+    pending: BTreeMap<Seq, Batch>,
+    /// The outstanding Nack and when it was sent.
+    nack: Option<(Seq, Seq, Instant)>,
+    /// The highest head a sender announced.
+    head_seen: Seq,
+}
+
+impl RxShard {
+    fn new(epoch: Epoch, hwm: Seq) -> Self {
+        RxShard {
+            epoch,
+            delivered: hwm,
+            applied: hwm,
+            acked: hwm,
+            last_ack_at: None,
+            pending: BTreeMap::new(),
+            nack: None,
+            head_seen: hwm,
+        }
+    }
+}
+
+/// The receiver state machine of one node (all shards it takes over its current link).
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    shards: HashMap<ShardId, RxShard>,
+}
+
+impl Receiver {
+    /// A receiver with no history: every shard starts where its sender's head is.
+    pub fn new(cfg: ReceiverConfig) -> Self {
+        Receiver {
+            cfg,
+            shards: HashMap::new(),
+        }
+    }
+
+    /// A receiver that resumes the given shards (e.g. a restarted NearCache with persisted state).
+    pub fn with_resume(cfg: ReceiverConfig, points: &[(ShardId, Epoch, Seq)]) -> Self {
+        let mut r = Self::new(cfg);
+        for &(s, e, h) in points {
+            r.shards.insert(s, RxShard::new(e, h));
+        }
+        r
+    }
+
+    /// The resume points to put in a Hello: what has been applied, per shard.
+    pub fn resume_points(&self) -> Vec<pb::ResumePoint> {
+        let mut v: Vec<_> = self
+            .shards
+            .iter()
+            .map(|(&shard, s)| pb::ResumePoint {
+                shard,
+                epoch: s.epoch,
+                hwm: s.applied,
+            })
+            .collect();
+        v.sort_by_key(|p| p.shard);
+        v
+    }
+
+    /// Applied high-water mark and epoch of a shard.
+    pub fn applied(&self, shard: ShardId) -> Option<(Epoch, Seq)> {
+        self.shards.get(&shard).map(|s| (s.epoch, s.applied))
+    }
+
+    /// Highest head a sender announced for a shard (for lag).
+    pub fn head_seen(&self, shard: ShardId) -> Option<Seq> {
+        self.shards.get(&shard).map(|s| s.head_seen)
+    }
+
+    /// Every shard known, with (epoch, applied, head seen).
+    pub fn progress(&self) -> Vec<(ShardId, Epoch, Seq, Seq)> {
+        let mut v: Vec<_> = self
+            .shards
+            .iter()
+            .map(|(&k, s)| (k, s.epoch, s.applied, s.head_seen.max(s.applied)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A new link was opened (to any sender of the shard): forget in-flight state; resume from
+    /// what was applied.
+    pub fn on_reconnect(&mut self) {
+        for s in self.shards.values_mut() {
+            s.delivered = s.applied;
+            s.acked = s.applied;
+            s.pending.clear();
+            s.nack = None;
+        }
+    }
+
+    /// A batch arrived.
+    pub fn on_batch(&mut self, b: Batch, now: Instant) -> Vec<RxCommand> {
+        let mut out = Vec::new();
+        let shard = b.shard;
+        let s = self
+            .shards
+            .entry(shard)
+            .or_insert_with(|| RxShard::new(b.epoch, b.first_seq.saturating_sub(1)));
+        if b.epoch < s.epoch {
+            // A leftover of a log that no longer exists.
+            return out;
+        }
+        if b.epoch > s.epoch {
+            // The log was replaced without an explicit Reset reaching us: same rule.
+            let hwm = b.first_seq.saturating_sub(1);
+            *s = RxShard::new(b.epoch, hwm);
+            s.applied = 0;
+            out.push(RxCommand::Flush {
+                shard,
+                epoch: b.epoch,
+                hwm,
+                reason: "epoch changed".into(),
+            });
+        }
+        s.head_seen = s.head_seen.max(b.last_seq);
+        if b.last_seq <= s.delivered {
+            // Duplicate: re-ack so a sender retransmitting on timeout learns we have it.
+            if s.applied == s.delivered && s.applied > 0 {
+                out.push(ack(shard, s));
+                s.last_ack_at = Some(now);
+            }
+            return out;
+        }
+        if b.first_seq > s.delivered + 1 {
+            let (from, to) = (s.delivered + 1, b.first_seq - 1);
+            if s.pending.len() < self.cfg.max_pending_batches {
+                s.pending.insert(b.first_seq, b);
+            }
+            nack_if_due(shard, s, from, to, now, self.cfg.nack_retry, &mut out);
+            return out;
+        }
+        deliver(shard, s, b, &mut out);
+        // Close the gap with what arrived early.
+        while let Some((&first, _)) = s.pending.first_key_value() {
+            if first > s.delivered + 1 {
+                break;
+            }
+            let (_, p) = s.pending.pop_first().expect("checked non-empty");
+            if p.last_seq > s.delivered {
+                deliver(shard, s, p, &mut out);
+            }
+        }
+        match s.pending.first_key_value() {
+            Some((&first, _)) => {
+                let (from, to) = (s.delivered + 1, first - 1);
+                nack_if_due(shard, s, from, to, now, self.cfg.nack_retry, &mut out);
+            }
+            None => s.nack = None,
+        }
+        out
+    }
+
+    /// The runtime applied everything up to `seq` (an `Apply`'s last seq, or a `Flush`'s hwm).
+    pub fn on_applied(
+        &mut self,
+        shard: ShardId,
+        epoch: Epoch,
+        seq: Seq,
+        now: Instant,
+    ) -> Option<RxCommand> {
+        let interval = self.cfg.ack_interval;
+        let s = self.shards.get_mut(&shard)?;
+        if epoch != s.epoch || seq > s.delivered {
+            return None;
+        }
+        s.applied = s.applied.max(seq);
+        let due = s
+            .last_ack_at
+            .is_none_or(|t| now.duration_since(t) >= interval);
+        if due && s.applied > s.acked {
+            s.last_ack_at = Some(now);
+            Some(ack(shard, s))
+        } else {
+            None
+        }
+    }
+
+    /// The sender gave up on continuity: flush and resume after `reset.hwm` in `reset.epoch`.
+    pub fn on_reset(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
+        if let Some(s) = self.shards.get(&r.shard) {
+            if r.epoch < s.epoch {
+                return Vec::new();
+            }
+        }
+        let mut s = RxShard::new(r.epoch, r.hwm);
+        // Nothing is applied in the new epoch until the flush is confirmed.
+        s.applied = 0;
+        s.acked = 0;
+        self.shards.insert(r.shard, s);
+        vec![RxCommand::Flush {
+            shard: r.shard,
+            epoch: r.epoch,
+            hwm: r.hwm,
+            reason: r.reason.clone(),
+        }]
+    }
+
+    /// A heartbeat from the sender: a head above what was delivered means a lost tail.
+    pub fn on_heartbeat(&mut self, hb: &pb::Heartbeat, now: Instant) -> Vec<RxCommand> {
+        let mut out = Vec::new();
+        for h in &hb.heads {
+            let Some(s) = self.shards.get_mut(&h.shard) else {
+                continue;
+            };
+            if h.epoch != s.epoch {
+                continue;
+            }
+            s.head_seen = s.head_seen.max(h.head);
+            if h.head > s.delivered {
+                let to = s
+                    .pending
+                    .first_key_value()
+                    .map_or(h.head, |(&first, _)| first - 1);
+                let from = s.delivered + 1;
+                if to >= from {
+                    nack_if_due(h.shard, s, from, to, now, self.cfg.nack_retry, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Time passed: send acks that were held back, repeat overdue Nacks.
+    pub fn tick(&mut self, now: Instant) -> Vec<RxCommand> {
+        let mut out = Vec::new();
+        let mut shards: Vec<_> = self.shards.keys().copied().collect();
+        shards.sort();
+        for shard in shards {
+            let s = self.shards.get_mut(&shard).expect("key from map");
+            if s.applied > s.acked && s.applied > 0 {
+                s.last_ack_at = Some(now);
+                out.push(ack(shard, s));
+            }
+            if let Some((from, to, at)) = s.nack {
+                if now.duration_since(at) >= self.cfg.nack_retry && to > s.delivered {
+                    let from = from.max(s.delivered + 1);
+                    s.nack = Some((from, to, now));
+                    out.push(RxCommand::Nack(pb::Nack {
+                        shard,
+                        from_seq: from,
+                        to_seq: to,
+                    }));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn ack(shard: ShardId, s: &mut RxShard) -> RxCommand {
+    s.acked = s.applied;
+    RxCommand::Ack(pb::Ack {
+        shard,
+        epoch: s.epoch,
+        hwm: s.applied,
+    })
+}
+
+fn deliver(shard: ShardId, s: &mut RxShard, b: Batch, out: &mut Vec<RxCommand>) {
+    let b = if b.first_seq <= s.delivered {
+        b.after(s.delivered)
+    } else {
+        b
+    };
+    debug_assert_eq!(b.shard, shard);
+    s.delivered = b.last_seq;
+    out.push(RxCommand::Apply(b));
+}
+
+fn nack_if_due(
+    shard: ShardId,
+    s: &mut RxShard,
+    from: Seq,
+    to: Seq,
+    now: Instant,
+    retry: Duration,
+    out: &mut Vec<RxCommand>,
+) {
+    let due = match s.nack {
+        Some((f, t, at)) => (f, t) != (from, to) || now.duration_since(at) >= retry,
+        None => true,
+    };
+    if due {
+        s.nack = Some((from, to, now));
+        out.push(RxCommand::Nack(pb::Nack {
+            shard,
+            from_seq: from,
+            to_seq: to,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Invalidation;
+
+    fn batch(first: Seq, last: Seq) -> Batch {
+        Batch {
+            shard: 0,
+            epoch: 7,
+            first_seq: first,
+            last_seq: last,
+            entries: (first..=last)
+                .map(|s| Invalidation {
+                    seq: s,
+                    ..Invalidation::key(format!("k{s}"))
+                })
+                .collect(),
+        }
+    }
+
+    fn applied_ranges(cmds: &[RxCommand]) -> Vec<(Seq, Seq)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                RxCommand::Apply(b) => Some((b.first_seq, b.last_seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_batches_apply_and_ack_only_after_applied() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        let cmds = r.on_batch(batch(1, 3), now);
+        assert_eq!(applied_ranges(&cmds), vec![(1, 3)]);
+        assert!(!cmds.iter().any(|c| matches!(c, RxCommand::Ack(_))));
+        assert!(r.tick(now).is_empty(), "nothing applied yet, nothing acked");
+        let ack = r.on_applied(0, 7, 3, now);
+        assert_eq!(
+            ack,
+            Some(RxCommand::Ack(pb::Ack {
+                shard: 0,
+                epoch: 7,
+                hwm: 3
+            }))
+        );
+    }
+
+    #[test]
+    fn gap_is_nacked_and_filled_from_pending() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        r.on_batch(batch(1, 2), now);
+        let cmds = r.on_batch(batch(5, 6), now);
+        assert_eq!(
+            cmds,
+            vec![RxCommand::Nack(pb::Nack {
+                shard: 0,
+                from_seq: 3,
+                to_seq: 4
+            })]
+        );
+        let cmds = r.on_batch(batch(3, 4), now);
+        assert_eq!(applied_ranges(&cmds), vec![(3, 4), (5, 6)]);
+    }
+
+    #[test]
+    fn duplicates_and_overlaps_are_trimmed() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        r.on_batch(batch(1, 4), now);
+        assert!(applied_ranges(&r.on_batch(batch(1, 4), now)).is_empty());
+        let cmds = r.on_batch(batch(3, 6), now);
+        match &cmds[0] {
+            RxCommand::Apply(b) => {
+                assert_eq!((b.first_seq, b.last_seq), (5, 6));
+                assert_eq!(b.entries.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn heartbeat_reveals_a_lost_tail() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        r.on_batch(batch(1, 5), now);
+        r.on_applied(0, 7, 5, now);
+        // Batch 6..=8 was lost; then traffic stopped. Only the heartbeat tells.
+        let hb = pb::Heartbeat {
+            heads: vec![pb::ShardHead {
+                shard: 0,
+                epoch: 7,
+                head: 8,
+                head_time_us: 0,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.on_heartbeat(&hb, now),
+            vec![RxCommand::Nack(pb::Nack {
+                shard: 0,
+                from_seq: 6,
+                to_seq: 8
+            })]
+        );
+        assert!(
+            r.on_heartbeat(&hb, now).is_empty(),
+            "not repeated before retry"
+        );
+        let later = now + Duration::from_secs(1);
+        assert_eq!(r.tick(later).len(), 1, "repeated after nack_retry");
+    }
+
+    #[test]
+    fn reset_flushes_and_resumes_at_the_given_point() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        r.on_batch(batch(1, 5), now);
+        r.on_applied(0, 7, 5, now);
+        let cmds = r.on_reset(&pb::Reset {
+            shard: 0,
+            epoch: 9,
+            hwm: 100,
+            reason: "range gone".into(),
+        });
+        assert!(matches!(
+            cmds[0],
+            RxCommand::Flush {
+                hwm: 100,
+                epoch: 9,
+                ..
+            }
+        ));
+        assert_eq!(r.resume_points()[0].hwm, 0, "not applied until flushed");
+        r.on_applied(0, 9, 100, now);
+        assert_eq!(
+            r.resume_points(),
+            vec![pb::ResumePoint {
+                shard: 0,
+                epoch: 9,
+                hwm: 100
+            }]
+        );
+        // A straggler of the old epoch changes nothing.
+        let mut old = batch(6, 6);
+        old.epoch = 7;
+        assert!(r.on_batch(old, now).is_empty());
+    }
+
+    #[test]
+    fn newer_epoch_in_a_batch_flushes() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 10)]);
+        let mut b = batch(1, 2);
+        b.epoch = 8;
+        let cmds = r.on_batch(b, now);
+        assert!(matches!(
+            cmds[0],
+            RxCommand::Flush {
+                epoch: 8,
+                hwm: 0,
+                ..
+            }
+        ));
+        assert_eq!(applied_ranges(&cmds), vec![(1, 2)]);
+    }
+}

@@ -1,0 +1,519 @@
+//! The sending end of a link: what to send next to one receiver, within its window, and when to
+//! give up on continuity (Reset).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::pb;
+use crate::types::{Epoch, Seq, ShardId};
+
+/// Tunables of a sender.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Unacked bytes allowed in flight to one receiver; beyond it the receiver waits and catches
+    /// up from the ring or the log later, without holding anyone else back.
+    pub window_bytes: usize,
+    /// Go back to the last ack when nothing was acked for this long while data is in flight.
+    pub retransmit_timeout: Duration,
+    /// Send a heartbeat (heads per shard) this often.
+    pub heartbeat_interval: Duration,
+    /// Drop a receiver not heard from (no ack, no heartbeat) for this long.
+    pub peer_timeout: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            window_bytes: 4 << 20,
+            retransmit_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the sender holds of a shard right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardView {
+    /// The shard.
+    pub shard: ShardId,
+    /// Its current epoch.
+    pub epoch: Epoch,
+    /// The lowest seq this sender can still obtain (ring, log, or upstream).
+    pub oldest: Seq,
+    /// The highest seq it has.
+    pub head: Seq,
+    /// Publish time of the head entry, µs since the Unix epoch (0 if unknown).
+    pub head_time_us: u64,
+}
+
+/// What the runtime must do, besides sending the ranges [`Sender::next_range`] asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TxCommand {
+    /// Send this Reset (the receiver flushes the shard and resumes after `hwm`).
+    Reset(pb::Reset),
+    /// Send a heartbeat with these heads.
+    Heartbeat(Vec<pb::ShardHead>),
+    /// Close the link: the receiver is gone.
+    Disconnect(String),
+}
+
+#[derive(Debug)]
+struct TxShard {
+    epoch: Epoch,
+    /// Next seq to send.
+    next: Seq,
+    /// Highest seq the receiver acked.
+    acked: Seq,
+    /// Highest seq sent on this link.
+    sent: Seq,
+    /// (last seq, bytes) of each unacked send, oldest first.
+    inflight: VecDeque<(Seq, usize)>,
+    inflight_bytes: usize,
+    /// Last time an ack moved forward (or the first send after quiet).
+    last_progress: Instant,
+}
+
+/// The sender state machine of one link (one receiver), over every shard the sender serves.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    shards: BTreeMap<ShardId, TxShard>,
+    last_heartbeat: Option<Instant>,
+    last_heard: Instant,
+    resets: u64,
+    retransmits: u64,
+}
+
+impl Sender {
+    /// A sender for a receiver that has not said hello yet.
+    pub fn new(cfg: SenderConfig, now: Instant) -> Self {
+        Sender {
+            cfg,
+            shards: BTreeMap::new(),
+            last_heartbeat: None,
+            last_heard: now,
+            resets: 0,
+            retransmits: 0,
+        }
+    }
+
+    /// Resets sent on this link.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Go-backs (Nack or timeout) on this link.
+    pub fn retransmits(&self) -> u64 {
+        self.retransmits
+    }
+
+    /// Highest seq acked by the receiver for a shard.
+    pub fn acked(&self, shard: ShardId) -> Option<Seq> {
+        self.shards.get(&shard).map(|s| s.acked)
+    }
+
+    /// The receiver said hello: decide per shard where to start, or to Reset it.
+    ///
+    /// Rules: same epoch and `hwm + 1` still obtainable → replay from there (also when the receiver
+    /// is ahead of us: we wait until we catch up). No resume point → start at the head. Another
+    /// epoch, or a range that is gone → Reset to the head.
+    pub fn on_hello(
+        &mut self,
+        resume: &[pb::ResumePoint],
+        views: &[ShardView],
+        now: Instant,
+    ) -> Vec<TxCommand> {
+        self.last_heard = now;
+        let mut out = Vec::new();
+        for v in views {
+            let point = resume.iter().find(|p| p.shard == v.shard);
+            let next = match point {
+                None => v.head + 1,
+                Some(p) if p.epoch == v.epoch && p.hwm + 1 >= v.oldest => p.hwm + 1,
+                Some(p) if p.epoch == 0 && p.hwm == 0 && v.oldest <= 1 => 1,
+                Some(p) => {
+                    let reason = if p.epoch != v.epoch {
+                        format!("epoch changed ({} -> {})", p.epoch, v.epoch)
+                    } else {
+                        format!("range from {} is gone (oldest {})", p.hwm + 1, v.oldest)
+                    };
+                    out.push(self.reset(v, reason));
+                    v.head + 1
+                }
+            };
+            self.shards.insert(v.shard, self.fresh(v.epoch, next, now));
+        }
+        out
+    }
+
+    fn fresh(&self, epoch: Epoch, next: Seq, now: Instant) -> TxShard {
+        TxShard {
+            epoch,
+            next,
+            acked: next - 1,
+            sent: next - 1,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            last_progress: now,
+        }
+    }
+
+    fn reset(&mut self, v: &ShardView, reason: String) -> TxCommand {
+        self.resets += 1;
+        TxCommand::Reset(pb::Reset {
+            shard: v.shard,
+            epoch: v.epoch,
+            hwm: v.head,
+            reason,
+        })
+    }
+
+    /// The range to send next for `view`'s shard, if the window allows: `[from, view.head]`
+    /// (the runtime may send less, then reports what it sent with [`Sender::on_sent`]). A range
+    /// older than `view.oldest` gets a Reset instead.
+    pub fn next_range(&mut self, view: &ShardView, now: Instant) -> NextRange {
+        let window = self.cfg.window_bytes;
+        let Some(s) = self.shards.get(&view.shard) else {
+            // A shard that appeared after hello: start at its first seq we hold.
+            let start = view.oldest.max(1);
+            let fresh = self.fresh(view.epoch, start, now);
+            self.shards.insert(view.shard, fresh);
+            return self.next_range(view, now);
+        };
+        if s.epoch != view.epoch {
+            let cmd = self.reset(
+                view,
+                format!("epoch changed ({} -> {})", s.epoch, view.epoch),
+            );
+            let fresh = self.fresh(view.epoch, view.head + 1, now);
+            self.shards.insert(view.shard, fresh);
+            return NextRange::Reset(cmd);
+        }
+        if s.next > view.head {
+            return NextRange::Idle;
+        }
+        if s.inflight_bytes >= window {
+            return NextRange::WindowFull;
+        }
+        if s.next < view.oldest {
+            let cmd = self.reset(
+                view,
+                format!("range from {} is gone (oldest {})", s.next, view.oldest),
+            );
+            let fresh = self.fresh(view.epoch, view.head + 1, now);
+            self.shards.insert(view.shard, fresh);
+            return NextRange::Reset(cmd);
+        }
+        NextRange::Send {
+            from: s.next,
+            to: view.head,
+            budget: window - s.inflight_bytes,
+        }
+    }
+
+    /// The runtime sent `[.., last]` of a shard, `bytes` long.
+    pub fn on_sent(&mut self, shard: ShardId, last: Seq, bytes: usize, now: Instant) {
+        let Some(s) = self.shards.get_mut(&shard) else {
+            return;
+        };
+        if last < s.next {
+            return;
+        }
+        if s.inflight.is_empty() {
+            s.last_progress = now;
+        }
+        s.next = last + 1;
+        s.sent = s.sent.max(last);
+        s.inflight.push_back((last, bytes));
+        s.inflight_bytes += bytes;
+    }
+
+    /// The range the sender could not obtain after all (e.g. upstream said it is gone): Reset.
+    pub fn on_gone(&mut self, view: &ShardView, now: Instant) -> TxCommand {
+        let cmd = self.reset(view, "range is gone upstream".into());
+        let fresh = self.fresh(view.epoch, view.head + 1, now);
+        self.shards.insert(view.shard, fresh);
+        cmd
+    }
+
+    /// A cumulative ack arrived.
+    pub fn on_ack(&mut self, ack: &pb::Ack, now: Instant) {
+        self.last_heard = now;
+        let Some(s) = self.shards.get_mut(&ack.shard) else {
+            return;
+        };
+        // An ack beyond what we sent comes from a receiver that was ahead of us; not ours to count.
+        if ack.epoch != s.epoch || ack.hwm <= s.acked || ack.hwm > s.sent {
+            return;
+        }
+        s.acked = ack.hwm;
+        s.last_progress = now;
+        while let Some(&(last, bytes)) = s.inflight.front() {
+            if last > ack.hwm {
+                break;
+            }
+            s.inflight.pop_front();
+            s.inflight_bytes -= bytes;
+        }
+        if s.next <= s.acked {
+            s.next = s.acked + 1;
+        }
+    }
+
+    /// The receiver misses `[from, to]`: go back to `from` (receivers drop what they already have).
+    pub fn on_nack(&mut self, nack: &pb::Nack, now: Instant) {
+        self.last_heard = now;
+        let Some(s) = self.shards.get_mut(&nack.shard) else {
+            return;
+        };
+        if nack.from_seq == 0 || nack.from_seq > nack.to_seq || nack.from_seq >= s.next {
+            return;
+        }
+        let from = nack.from_seq.max(s.acked + 1);
+        go_back(s, from, now);
+        self.retransmits += 1;
+    }
+
+    /// Anything arrived from the receiver (it is alive).
+    pub fn on_heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// Time passed: heartbeats, retransmit timeouts, dead receivers.
+    pub fn tick(&mut self, views: &[ShardView], now: Instant) -> Vec<TxCommand> {
+        let mut out = Vec::new();
+        if now.duration_since(self.last_heard) >= self.cfg.peer_timeout {
+            out.push(TxCommand::Disconnect(format!(
+                "receiver silent for {:?}",
+                now.duration_since(self.last_heard)
+            )));
+            return out;
+        }
+        let rto = self.cfg.retransmit_timeout;
+        for s in self.shards.values_mut() {
+            if !s.inflight.is_empty() && now.duration_since(s.last_progress) >= rto {
+                let from = s.acked + 1;
+                go_back(s, from, now);
+                self.retransmits += 1;
+            }
+        }
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.heartbeat_interval);
+        if due {
+            self.last_heartbeat = Some(now);
+            let heads = views
+                .iter()
+                .filter_map(|v| {
+                    let s = self.shards.get(&v.shard)?;
+                    (s.epoch == v.epoch).then_some(pb::ShardHead {
+                        shard: v.shard,
+                        epoch: v.epoch,
+                        head: s.sent,
+                        head_time_us: v.head_time_us,
+                    })
+                })
+                .collect();
+            out.push(TxCommand::Heartbeat(heads));
+        }
+        out
+    }
+}
+
+fn go_back(s: &mut TxShard, from: Seq, now: Instant) {
+    s.next = from;
+    while let Some(&(last, bytes)) = s.inflight.back() {
+        // Keep sends wholly before `from`; they are still unacked but need no resend.
+        if last < from {
+            break;
+        }
+        s.inflight.pop_back();
+        s.inflight_bytes -= bytes;
+    }
+    s.last_progress = now;
+}
+
+/// The answer of [`Sender::next_range`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextRange {
+    /// Nothing new for this receiver.
+    Idle,
+    /// The receiver's window is full: wait for acks.
+    WindowFull,
+    /// Send `[from, to]`, at most `budget` bytes (at least one batch).
+    Send {
+        /// First seq to send.
+        from: Seq,
+        /// Last seq available.
+        to: Seq,
+        /// Bytes the window still allows.
+        budget: usize,
+    },
+    /// Send this Reset; the link continues at the head.
+    Reset(TxCommand),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(oldest: Seq, head: Seq) -> ShardView {
+        ShardView {
+            shard: 0,
+            epoch: 5,
+            oldest,
+            head,
+            head_time_us: 0,
+        }
+    }
+
+    fn point(epoch: Epoch, hwm: Seq) -> pb::ResumePoint {
+        pb::ResumePoint {
+            shard: 0,
+            epoch,
+            hwm,
+        }
+    }
+
+    #[test]
+    fn resume_replays_from_hwm() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        assert!(s
+            .on_hello(&[point(5, 40)], &[view(10, 100)], now)
+            .is_empty());
+        assert!(matches!(
+            s.next_range(&view(10, 100), now),
+            NextRange::Send {
+                from: 41,
+                to: 100,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn gone_range_or_other_epoch_resets_to_head() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        let cmds = s.on_hello(&[point(5, 3)], &[view(10, 100)], now);
+        assert!(matches!(&cmds[0], TxCommand::Reset(r) if r.hwm == 100 && r.epoch == 5));
+        assert_eq!(s.next_range(&view(10, 100), now), NextRange::Idle);
+
+        let mut s = Sender::new(SenderConfig::default(), now);
+        let cmds = s.on_hello(&[point(4, 50)], &[view(10, 100)], now);
+        assert!(matches!(&cmds[0], TxCommand::Reset(r) if r.reason.contains("epoch")));
+        assert_eq!(s.resets(), 1);
+    }
+
+    #[test]
+    fn no_resume_point_starts_at_head_and_ahead_receiver_waits() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[], &[view(1, 100)], now);
+        assert_eq!(s.next_range(&view(1, 100), now), NextRange::Idle);
+        assert!(matches!(
+            s.next_range(&view(1, 101), now),
+            NextRange::Send { from: 101, .. }
+        ));
+
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 150)], &[view(1, 100)], now);
+        assert_eq!(s.next_range(&view(1, 120), now), NextRange::Idle);
+        assert!(matches!(
+            s.next_range(&view(1, 151), now),
+            NextRange::Send { from: 151, .. }
+        ));
+    }
+
+    #[test]
+    fn window_limits_inflight_and_acks_open_it() {
+        let now = Instant::now();
+        let cfg = SenderConfig {
+            window_bytes: 100,
+            ..Default::default()
+        };
+        let mut s = Sender::new(cfg, now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        s.on_sent(0, 10, 60, now);
+        s.on_sent(0, 20, 60, now);
+        assert_eq!(s.next_range(&view(1, 100), now), NextRange::WindowFull);
+        s.on_ack(
+            &pb::Ack {
+                shard: 0,
+                epoch: 5,
+                hwm: 10,
+            },
+            now,
+        );
+        assert!(matches!(
+            s.next_range(&view(1, 100), now),
+            NextRange::Send {
+                from: 21,
+                budget: 40,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn nack_and_timeout_go_back() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        s.on_sent(0, 10, 10, now);
+        s.on_sent(0, 20, 10, now);
+        s.on_sent(0, 30, 10, now);
+        s.on_nack(
+            &pb::Nack {
+                shard: 0,
+                from_seq: 11,
+                to_seq: 20,
+            },
+            now,
+        );
+        assert!(matches!(
+            s.next_range(&view(1, 100), now),
+            NextRange::Send { from: 11, .. }
+        ));
+        s.on_sent(0, 30, 20, now);
+        let later = now + Duration::from_secs(3);
+        s.on_heard(later);
+        s.tick(&[view(1, 100)], later);
+        assert!(matches!(
+            s.next_range(&view(1, 100), later),
+            NextRange::Send { from: 1, .. }
+        ));
+        assert_eq!(s.retransmits(), 2);
+    }
+
+    #[test]
+    fn heartbeat_carries_sent_head_and_silent_peer_is_dropped() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        s.on_sent(0, 42, 10, now);
+        let cmds = s.tick(&[view(1, 100)], now);
+        assert!(matches!(&cmds[0], TxCommand::Heartbeat(h) if h[0].head == 42));
+        let cmds = s.tick(&[view(1, 100)], now + Duration::from_secs(11));
+        assert!(matches!(cmds[0], TxCommand::Disconnect(_)));
+    }
+
+    #[test]
+    fn epoch_change_under_a_link_resets_it() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        let mut v = view(1, 3);
+        v.epoch = 6;
+        assert!(matches!(
+            s.next_range(&v, now),
+            NextRange::Reset(TxCommand::Reset(pb::Reset {
+                epoch: 6,
+                hwm: 3,
+                ..
+            }))
+        ));
+    }
+}

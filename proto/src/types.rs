@@ -1,0 +1,606 @@
+//! Domain types, and their conversions from and to the wire.
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::pb;
+use crate::ring::NodeRing;
+
+/// A position in a shard's log. Seq 0 means "nothing yet"; the first entry has seq 1.
+pub type Seq = u64;
+/// A shard of the keyspace; each has one sequencer and one log.
+pub type ShardId = u32;
+/// Identity of one incarnation of a shard's log. It changes only when the log is lost, and grows
+/// (it is taken from the clock when the log is created), so a receiver can tell old from new.
+pub type Epoch = u64;
+
+/// Default bound on key length, in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
+
+/// What an invalidation removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Exactly the key.
+    Key,
+    /// Every key starting with the key bytes.
+    Prefix,
+    /// Every key of the shard.
+    All,
+}
+
+impl From<Kind> for pb::Kind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Key => pb::Kind::Key,
+            Kind::Prefix => pb::Kind::Prefix,
+            Kind::All => pb::Kind::All,
+        }
+    }
+}
+
+/// One invalidation, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// The key, or the prefix for [`Kind::Prefix`]; empty for [`Kind::All`].
+    pub key: Bytes,
+    /// What it removes.
+    pub kind: Kind,
+    /// Offset in the shard's log (0 until the coordinator assigns it).
+    pub seq: Seq,
+    /// Writer-supplied version (row version, LSN): older versions never undo newer ones.
+    pub source_version: Option<u64>,
+    /// Publish time, microseconds since the Unix epoch.
+    pub publish_time_us: u64,
+    /// Trace id carried end to end.
+    pub trace_id: Option<Bytes>,
+}
+
+impl Invalidation {
+    /// An invalidation of exactly `key`.
+    pub fn key(key: impl Into<Bytes>) -> Self {
+        Invalidation {
+            key: key.into(),
+            kind: Kind::Key,
+            seq: 0,
+            source_version: None,
+            publish_time_us: 0,
+            trace_id: None,
+        }
+    }
+
+    /// Does this invalidation remove `key`?
+    pub fn covers(&self, key: &[u8]) -> bool {
+        match self.kind {
+            Kind::Key => self.key.as_ref() == key,
+            Kind::Prefix => key.starts_with(&self.key),
+            Kind::All => true,
+        }
+    }
+
+    /// Approximate encoded size, for byte budgets.
+    pub fn approx_size(&self) -> usize {
+        self.key.len() + 32 + self.trace_id.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// Check an invalidation received from the network.
+    pub fn try_from_pb(p: pb::Invalidation, max_key_len: usize) -> Result<Self, InvalidEntry> {
+        let kind = match pb::Kind::try_from(p.kind) {
+            Ok(pb::Kind::Key) => Kind::Key,
+            Ok(pb::Kind::Prefix) => Kind::Prefix,
+            Ok(pb::Kind::All) => Kind::All,
+            Ok(pb::Kind::Unspecified) => return Err(InvalidEntry::KindUnspecified),
+            Err(_) => return Err(InvalidEntry::UnknownKind(p.kind)),
+        };
+        if kind != Kind::All && p.key.is_empty() {
+            return Err(InvalidEntry::EmptyKey);
+        }
+        if p.key.len() > max_key_len {
+            return Err(InvalidEntry::KeyTooLong {
+                len: p.key.len(),
+                max: max_key_len,
+            });
+        }
+        if let Some(t) = &p.trace_id {
+            if t.len() > 64 {
+                return Err(InvalidEntry::TraceIdTooLong(t.len()));
+            }
+        }
+        Ok(Invalidation {
+            key: p.key,
+            kind,
+            seq: p.seq,
+            source_version: p.source_version,
+            publish_time_us: p.publish_time_us,
+            trace_id: p.trace_id,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_pb(&self) -> pb::Invalidation {
+        pb::Invalidation {
+            key: self.key.clone(),
+            kind: pb::Kind::from(self.kind) as i32,
+            seq: self.seq,
+            source_version: self.source_version,
+            publish_time_us: self.publish_time_us,
+            trace_id: self.trace_id.clone(),
+        }
+    }
+}
+
+/// Why an invalidation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEntry {
+    /// The kind was left unset.
+    #[error("kind is unspecified (use KEY, PREFIX or ALL)")]
+    KindUnspecified,
+    /// The kind is not one we know.
+    #[error("unknown kind {0}")]
+    UnknownKind(i32),
+    /// KEY and PREFIX need a key.
+    #[error("key is empty")]
+    EmptyKey,
+    /// The key is over the configured bound.
+    #[error("key is {len} bytes, more than the maximum of {max}")]
+    KeyTooLong {
+        /// Length seen.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// An entry of a batch outside the batch's range or out of order.
+    #[error("entry seq {0} is outside its batch's range or out of order")]
+    SeqOutOfRange(u64),
+    /// Trace ids are at most 64 bytes.
+    #[error("trace id is {0} bytes, more than 64")]
+    TraceIdTooLong(usize),
+}
+
+/// A contiguous range `[first_seq, last_seq]` of one shard's log, with the entries that passed the
+/// receiver's filter (possibly none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The shard.
+    pub shard: ShardId,
+    /// The shard log's epoch.
+    pub epoch: Epoch,
+    /// First seq covered (inclusive).
+    pub first_seq: Seq,
+    /// Last seq covered (inclusive).
+    pub last_seq: Seq,
+    /// Entries in the range, in seq order.
+    pub entries: Vec<Invalidation>,
+}
+
+/// Why a batch from the network was refused as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidBatch {
+    /// Bytes that do not decode as a `Batch`.
+    #[error("batch does not decode: {0}")]
+    Decode(String),
+    /// `first_seq` is 0 or after `last_seq`.
+    #[error("batch range [{first}, {last}] is empty or starts at 0")]
+    Range {
+        /// first_seq seen.
+        first: Seq,
+        /// last_seq seen.
+        last: Seq,
+    },
+}
+
+/// A batch that decoded and has a sane range, with per-entry verdicts: a bad entry does not sink the
+/// batch (the receiver quarantines it and goes on).
+#[derive(Debug, Clone)]
+pub struct CheckedBatch {
+    /// The batch with the valid entries.
+    pub batch: Batch,
+    /// Entries that failed validation, with their seq and key so the receiver can flush the key.
+    pub poisoned: Vec<(pb::Invalidation, InvalidEntry)>,
+}
+
+impl Batch {
+    /// Decode and check a batch received from the network.
+    pub fn decode_checked(bytes: Bytes, max_key_len: usize) -> Result<CheckedBatch, InvalidBatch> {
+        let p = pb::Batch::decode(bytes).map_err(|e| InvalidBatch::Decode(e.to_string()))?;
+        Self::check_pb(p, max_key_len)
+    }
+
+    /// Check a decoded wire batch.
+    pub fn check_pb(p: pb::Batch, max_key_len: usize) -> Result<CheckedBatch, InvalidBatch> {
+        if p.first_seq == 0 || p.first_seq > p.last_seq {
+            return Err(InvalidBatch::Range {
+                first: p.first_seq,
+                last: p.last_seq,
+            });
+        }
+        let mut entries = Vec::with_capacity(p.entries.len());
+        let mut poisoned = Vec::new();
+        let mut prev = p.first_seq - 1;
+        for e in p.entries {
+            if e.seq < p.first_seq || e.seq > p.last_seq || e.seq <= prev {
+                let seq = e.seq;
+                poisoned.push((e, InvalidEntry::SeqOutOfRange(seq)));
+                continue;
+            }
+            prev = e.seq;
+            match Invalidation::try_from_pb(e.clone(), max_key_len) {
+                Ok(inv) => entries.push(inv),
+                Err(err) => poisoned.push((e, err)),
+            }
+        }
+        Ok(CheckedBatch {
+            batch: Batch {
+                shard: p.shard,
+                epoch: p.epoch,
+                first_seq: p.first_seq,
+                last_seq: p.last_seq,
+                entries,
+            },
+            poisoned,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_pb(&self) -> pb::Batch {
+        pb::Batch {
+            shard: self.shard,
+            epoch: self.epoch,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            entries: self.entries.iter().map(Invalidation::to_pb).collect(),
+        }
+    }
+
+    /// Encode once; the bytes can be shared by every receiver that takes the batch unfiltered.
+    pub fn encode_shared(&self) -> Bytes {
+        Bytes::from(self.to_pb().encode_to_vec())
+    }
+
+    /// The part of this batch a filter lets through, keeping the full range.
+    pub fn filtered(&self, filter: &Filter) -> Batch {
+        Batch {
+            shard: self.shard,
+            epoch: self.epoch,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| filter.accepts(e))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The part of this batch after `hwm` (for a receiver that already has up to `hwm`).
+    pub fn after(&self, hwm: Seq) -> Batch {
+        Batch {
+            shard: self.shard,
+            epoch: self.epoch,
+            first_seq: self.first_seq.max(hwm + 1),
+            last_seq: self.last_seq,
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| e.seq > hwm)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Coalesce repeated KEY invalidations of one group: each key keeps only its newest entry (the
+/// highest seq), carrying the highest `source_version` seen for it. Later seqs subsume earlier
+/// ones, so a receiver resuming in the middle of the group still applies every key's effect; the
+/// range of the batch is unchanged. PREFIX and ALL entries are kept as they are.
+pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
+    use std::collections::HashMap;
+    if entries.len() < 2 {
+        return entries;
+    }
+    let mut newest: HashMap<Bytes, usize> = HashMap::with_capacity(entries.len());
+    let mut keep = vec![true; entries.len()];
+    let mut versions: Vec<Option<u64>> = entries.iter().map(|e| e.source_version).collect();
+    for (i, e) in entries.iter().enumerate().rev() {
+        if e.kind != Kind::Key {
+            continue;
+        }
+        match newest.get(&e.key) {
+            Some(&j) => {
+                keep[i] = false;
+                versions[j] = match (versions[j], e.source_version) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            None => {
+                newest.insert(e.key.clone(), i);
+            }
+        }
+    }
+    if keep.iter().all(|k| *k) {
+        return entries;
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep[*i])
+        .map(|(i, mut e)| {
+            e.source_version = versions[i];
+            e
+        })
+        .collect()
+}
+
+/// What a receiver wants from a stream.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Keep keys with one of these prefixes (empty: all).
+    pub prefixes: Vec<Bytes>,
+    /// Keep only the keys this receiver owns on a hash ring.
+    pub ring: Option<RingOwnership>,
+}
+
+/// Hash-ring ownership: the receiver `self_id` keeps keys for which it is one of `replication` owners.
+#[derive(Clone, Debug)]
+pub struct RingOwnership {
+    /// The ring of the receiver's region.
+    pub ring: NodeRing,
+    /// The receiver's node id.
+    pub self_id: String,
+    /// Owners per key.
+    pub replication: usize,
+}
+
+/// Why a filter from the network was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidFilter {
+    /// The receiver is not on its own ring.
+    #[error("ring filter: self_id {0:?} is not one of the ring's nodes")]
+    NotOnRing(String),
+    /// Too many nodes or prefixes to be reasonable.
+    #[error("filter too large: {0}")]
+    TooLarge(String),
+}
+
+impl Filter {
+    /// Does the entry pass? ALL always passes; PREFIX passes when it overlaps a wanted prefix;
+    /// a PREFIX entry also passes a ring filter (its keys may live on any node).
+    pub fn accepts(&self, e: &Invalidation) -> bool {
+        match e.kind {
+            Kind::All => true,
+            Kind::Prefix => {
+                self.prefixes.is_empty()
+                    || self
+                        .prefixes
+                        .iter()
+                        .any(|p| p.starts_with(&e.key) || e.key.starts_with(p))
+            }
+            Kind::Key => {
+                let by_prefix =
+                    self.prefixes.is_empty() || self.prefixes.iter().any(|p| e.key.starts_with(p));
+                by_prefix
+                    && self
+                        .ring
+                        .as_ref()
+                        .is_none_or(|r| r.ring.is_owner(&e.key, &r.self_id, r.replication))
+            }
+        }
+    }
+
+    /// True when nothing is filtered out (the shared encoding can be sent as is).
+    pub fn is_pass_all(&self) -> bool {
+        self.prefixes.is_empty() && self.ring.is_none()
+    }
+
+    /// Check a filter from the network.
+    pub fn try_from_pb(p: Option<pb::Filter>) -> Result<Self, InvalidFilter> {
+        let Some(p) = p else {
+            return Ok(Filter::default());
+        };
+        if p.prefixes.len() > 1024 {
+            return Err(InvalidFilter::TooLarge(format!(
+                "{} prefixes (max 1024)",
+                p.prefixes.len()
+            )));
+        }
+        let ring = match p.ring {
+            Some(r) if !r.nodes.is_empty() => {
+                if r.nodes.len() > 10_000 {
+                    return Err(InvalidFilter::TooLarge(format!(
+                        "{} ring nodes (max 10000)",
+                        r.nodes.len()
+                    )));
+                }
+                if !r.nodes.iter().any(|n| n == &r.self_id) {
+                    return Err(InvalidFilter::NotOnRing(r.self_id));
+                }
+                Some(RingOwnership {
+                    ring: NodeRing::new(r.nodes),
+                    self_id: r.self_id,
+                    replication: (r.replication.max(1) as usize).min(16),
+                })
+            }
+            _ => None,
+        };
+        Ok(Filter {
+            prefixes: p.prefixes,
+            ring,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_pb(&self) -> pb::Filter {
+        pb::Filter {
+            prefixes: self.prefixes.clone(),
+            ring: self.ring.as_ref().map(|r| pb::RingFilter {
+                nodes: r.ring.nodes().to_vec(),
+                self_id: r.self_id.clone(),
+                replication: r.replication as u32,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(key: &str, kind: pb::Kind) -> pb::Invalidation {
+        pb::Invalidation {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            kind: kind as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert_eq!(
+            Invalidation::try_from_pb(inv("", pb::Kind::Key), 8),
+            Err(InvalidEntry::EmptyKey)
+        );
+        assert_eq!(
+            Invalidation::try_from_pb(inv("abc", pb::Kind::Unspecified), 8),
+            Err(InvalidEntry::KindUnspecified)
+        );
+        assert!(matches!(
+            Invalidation::try_from_pb(inv("123456789", pb::Kind::Key), 8),
+            Err(InvalidEntry::KeyTooLong { len: 9, max: 8 })
+        ));
+        let mut p = inv("k", pb::Kind::Key);
+        p.kind = 42;
+        assert_eq!(
+            Invalidation::try_from_pb(p, 8),
+            Err(InvalidEntry::UnknownKind(42))
+        );
+        assert!(Invalidation::try_from_pb(inv("", pb::Kind::All), 8).is_ok());
+    }
+
+    #[test]
+    fn bad_entries_are_poison_not_fatal() {
+        let mut good = inv("a", pb::Kind::Key);
+        good.seq = 5;
+        let mut bad = inv("", pb::Kind::Key);
+        bad.seq = 6;
+        let mut out_of_range = inv("b", pb::Kind::Key);
+        out_of_range.seq = 99;
+        let b = pb::Batch {
+            shard: 0,
+            epoch: 1,
+            first_seq: 5,
+            last_seq: 7,
+            entries: vec![good, bad, out_of_range],
+        };
+        let c = Batch::decode_checked(Bytes::from(b.encode_to_vec()), 1024).unwrap();
+        assert_eq!(c.batch.entries.len(), 1);
+        assert_eq!(c.poisoned.len(), 2);
+        assert!(Batch::decode_checked(Bytes::from_static(b"\xff\xff\xff"), 1024).is_err());
+        let empty = pb::Batch {
+            first_seq: 4,
+            last_seq: 3,
+            ..Default::default()
+        };
+        assert!(Batch::decode_checked(Bytes::from(empty.encode_to_vec()), 1024).is_err());
+    }
+
+    #[test]
+    fn filters_keep_ranges_and_pick_entries() {
+        let mk = |seq, key: &'static str, kind| Invalidation {
+            key: Bytes::from_static(key.as_bytes()),
+            kind,
+            seq,
+            source_version: None,
+            publish_time_us: 0,
+            trace_id: None,
+        };
+        let b = Batch {
+            shard: 0,
+            epoch: 1,
+            first_seq: 1,
+            last_seq: 4,
+            entries: vec![
+                mk(1, "user:1", Kind::Key),
+                mk(2, "item:1", Kind::Key),
+                mk(3, "us", Kind::Prefix),
+                mk(4, "", Kind::All),
+            ],
+        };
+        let f = Filter {
+            prefixes: vec![Bytes::from_static(b"user:")],
+            ring: None,
+        };
+        let out = b.filtered(&f);
+        assert_eq!((out.first_seq, out.last_seq), (1, 4));
+        let seqs: Vec<_> = out.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 3, 4]);
+        let none = Filter {
+            prefixes: vec![Bytes::from_static(b"zzz")],
+            ring: None,
+        };
+        let out = b.filtered(&none);
+        assert_eq!((out.first_seq, out.last_seq), (1, 4));
+        assert_eq!(out.entries.len(), 1); // only ALL
+    }
+
+    #[test]
+    fn coalescing_keeps_the_newest_seq_and_highest_version() {
+        let mk = |seq, key: &'static str, v| Invalidation {
+            seq,
+            source_version: v,
+            ..Invalidation::key(key)
+        };
+        let out = coalesce(vec![
+            mk(1, "a", Some(9)),
+            mk(2, "b", None),
+            mk(3, "a", Some(4)),
+            mk(4, "c", Some(1)),
+            mk(5, "b", Some(2)),
+        ]);
+        let got: Vec<_> = out
+            .iter()
+            .map(|e| (e.seq, e.key.clone(), e.source_version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, Bytes::from_static(b"a"), Some(9)),
+                (4, Bytes::from_static(b"c"), Some(1)),
+                (5, Bytes::from_static(b"b"), Some(2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn ring_filter_partitions_keys() {
+        let nodes: Vec<String> = (0..4).map(|i| format!("edge-{i}")).collect();
+        let filters: Vec<Filter> = nodes
+            .iter()
+            .map(|n| {
+                Filter::try_from_pb(Some(pb::Filter {
+                    prefixes: vec![],
+                    ring: Some(pb::RingFilter {
+                        nodes: nodes.clone(),
+                        self_id: n.clone(),
+                        replication: 1,
+                    }),
+                }))
+                .unwrap()
+            })
+            .collect();
+        for i in 0..500 {
+            let e = Invalidation::key(format!("key:{i}"));
+            let owners = filters.iter().filter(|f| f.accepts(&e)).count();
+            assert_eq!(owners, 1, "each key has exactly one owner");
+        }
+        let bad = Filter::try_from_pb(Some(pb::Filter {
+            prefixes: vec![],
+            ring: Some(pb::RingFilter {
+                nodes: nodes.clone(),
+                self_id: "stranger".into(),
+                replication: 1,
+            }),
+        }));
+        assert!(matches!(bad, Err(InvalidFilter::NotOnRing(_))));
+    }
+}

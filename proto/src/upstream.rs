@@ -1,0 +1,436 @@
+//! Following a sender: the runtime around [`link::Receiver`], used by relays, edges and near caches.
+//!
+//! One task per node. It connects to the first reachable sender of its list, says Hello with its
+//! resume points (what it has applied), feeds what arrives into the receiver state machine and
+//! carries out the commands: apply into the node's [`Applier`], flush on Reset, acks, nacks. When
+//! the sender goes silent or the stream breaks it moves to the next sender in the list, with
+//! backoff and jitter, and resumes there from its high-water mark: seqs are end-to-end, so any
+//! sender of the shard can continue where another stopped.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::link::{Receiver, ReceiverConfig, RxCommand};
+use crate::pb;
+use crate::pb::subscribe_client::SubscribeClient;
+use crate::types::{Batch, Epoch, Filter, InvalidEntry, Seq, ShardId};
+
+/// Where applied invalidations go.
+pub trait Applier: Send + 'static {
+    /// Apply a contiguous range (entries already validated). A panic here is caught: the batch is
+    /// applied entry by entry and the entry that panics is quarantined.
+    fn apply(&mut self, batch: &Batch);
+    /// An entry that failed validation or panicked: drop what it may have made stale (its key),
+    /// record it, count it. The stream goes on.
+    fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
+    /// Drop everything of `shard` that may be stale; continue after `hwm` in `epoch`.
+    fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str);
+    /// The nodes below this one (for the heartbeat's subtree report).
+    fn subtree(&self) -> Vec<pb::NodeStatus> {
+        Vec::new()
+    }
+}
+
+/// How to follow.
+#[derive(Clone, Debug)]
+pub struct FollowOptions {
+    /// Senders, tried in order (then around again).
+    pub urls: Vec<String>,
+    /// This node's id.
+    pub node_id: String,
+    /// This node's region.
+    pub region: String,
+    /// "relay", "edge", "near-cache".
+    pub role: String,
+    /// What this node wants.
+    pub filter: Filter,
+    /// Receiver tunables.
+    pub receiver: ReceiverConfig,
+    /// Heartbeat period towards the sender.
+    pub heartbeat_interval: Duration,
+    /// Give up on a sender silent for this long and move to the next.
+    pub peer_timeout: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Connect timeout per attempt.
+    pub connect_timeout: Duration,
+    /// Longest key accepted from the stream.
+    pub max_key_len: usize,
+    /// Where to resume (shard, epoch, hwm), for a node that kept state.
+    pub resume: Vec<(ShardId, Epoch, Seq)>,
+    /// Ask for compressed streams (zstd).
+    pub compression: bool,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        FollowOptions {
+            urls: Vec::new(),
+            node_id: String::new(),
+            region: String::new(),
+            role: "edge".into(),
+            filter: Filter::default(),
+            receiver: ReceiverConfig::default(),
+            heartbeat_interval: Duration::from_millis(500),
+            peer_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            max_key_len: crate::types::DEFAULT_MAX_KEY_LEN,
+            resume: Vec::new(),
+            compression: false,
+        }
+    }
+}
+
+/// What the link looks like now, shared with the node (status, staleness bound).
+#[derive(Debug, Default, Clone)]
+pub struct LinkState {
+    /// The sender currently followed.
+    pub connected_to: Option<String>,
+    /// Since when.
+    pub connected_since: Option<Instant>,
+    /// Last time anything arrived from a sender.
+    pub last_heard: Option<Instant>,
+    /// Last time this node had applied everything its sender had announced.
+    pub last_caught_up: Option<Instant>,
+    /// Per shard: (epoch, applied, highest head seen).
+    pub progress: Vec<(ShardId, Epoch, Seq, Seq)>,
+    /// Publish time of the newest entry applied, per shard (µs since the Unix epoch).
+    pub applied_time_us: Vec<(ShardId, u64)>,
+    /// Publish time of the sender's head, per shard, from its heartbeats.
+    pub head_time_us: Vec<(ShardId, u64)>,
+    /// Links opened so far.
+    pub connects: u64,
+    /// Flushes (Resets) so far.
+    pub flushes: u64,
+    /// Entries quarantined so far.
+    pub quarantined: u64,
+    /// Batches that did not decode.
+    pub bad_batches: u64,
+}
+
+impl LinkState {
+    /// Has this node been caught up with its sender within `bound`?
+    pub fn fresh_within(&self, now: Instant, bound: Duration) -> bool {
+        self.last_caught_up
+            .is_some_and(|t| now.saturating_duration_since(t) <= bound)
+    }
+
+    /// Status of this node for `dci status`.
+    pub fn node_status(&self, node_id: &str, role: &str, region: &str) -> pb::NodeStatus {
+        let now_us = crate::now_us();
+        pb::NodeStatus {
+            node_id: node_id.to_string(),
+            role: role.to_string(),
+            region: region.to_string(),
+            parent: self.connected_to.clone().unwrap_or_default(),
+            shards: self
+                .progress
+                .iter()
+                .map(|&(shard, epoch, hwm, head)| {
+                    let applied_t = lookup(&self.applied_time_us, shard);
+                    let head_t = lookup(&self.head_time_us, shard);
+                    let lag_ms = if hwm >= head {
+                        0
+                    } else if applied_t > 0 {
+                        now_us.saturating_sub(applied_t) / 1000
+                    } else {
+                        head_t.saturating_sub(applied_t) / 1000
+                    };
+                    pb::ShardProgress {
+                        shard,
+                        epoch,
+                        hwm,
+                        lag_seqs: head.saturating_sub(hwm),
+                        lag_ms,
+                    }
+                })
+                .collect(),
+            connected_ms: self
+                .connected_since
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+        }
+    }
+}
+
+fn lookup(v: &[(ShardId, u64)], shard: ShardId) -> u64 {
+    v.iter().find(|(s, _)| *s == shard).map_or(0, |(_, t)| *t)
+}
+
+fn set(v: &mut Vec<(ShardId, u64)>, shard: ShardId, t: u64) {
+    match v.iter_mut().find(|(s, _)| *s == shard) {
+        Some(e) => e.1 = e.1.max(t),
+        None => v.push((shard, t)),
+    }
+}
+
+/// Lock a mutex even if a panic poisoned it: appliers recover by quarantine, not by dying.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Follow senders until `shutdown` turns true.
+pub async fn follow<A: Applier>(
+    opts: FollowOptions,
+    applier: Arc<Mutex<A>>,
+    state: Arc<Mutex<LinkState>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut receiver = Receiver::with_resume(opts.receiver.clone(), &opts.resume);
+    let mut idx = 0usize;
+    let mut backoff = opts.backoff_min;
+    if opts.urls.is_empty() {
+        tracing::error!("no sender to follow");
+        return;
+    }
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let url = opts.urls[idx % opts.urls.len()].clone();
+        let outcome = tokio::select! {
+            r = session(&opts, &url, &mut receiver, &applier, &state) => r,
+            _ = shutdown.changed() => return,
+        };
+        {
+            let mut st = lock(&state);
+            st.connected_to = None;
+            st.connected_since = None;
+        }
+        match outcome {
+            Ok(()) => {
+                // A session that did work resets the backoff.
+                backoff = opts.backoff_min;
+                tracing::info!(sender = %url, "link to sender lost; trying the next one");
+            }
+            Err(e) => tracing::debug!(sender = %url, error = %e, "could not follow sender"),
+        }
+        idx += 1;
+        let jitter = rand::rng().random_range(0.5..1.5);
+        let delay = backoff.mul_f64(jitter);
+        backoff = (backoff * 2).min(opts.backoff_max);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One link. `Ok` when a link was established (and later lost), `Err` when none could be made.
+async fn session<A: Applier>(
+    opts: &FollowOptions,
+    url: &str,
+    receiver: &mut Receiver,
+    applier: &Arc<Mutex<A>>,
+    state: &Arc<Mutex<LinkState>>,
+) -> Result<(), String> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad sender url {url:?}: {e}"))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut client = SubscribeClient::new(channel).max_decoding_message_size(64 << 20);
+    if opts.compression {
+        client = client
+            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+            .send_compressed(tonic::codec::CompressionEncoding::Zstd);
+    }
+    receiver.on_reconnect();
+    let (up, up_rx) = mpsc::channel::<pb::Upstream>(256);
+    let hello = pb::Hello {
+        node_id: opts.node_id.clone(),
+        region: opts.region.clone(),
+        filter: Some(opts.filter.to_pb()),
+        resume: receiver.resume_points(),
+        role: opts.role.clone(),
+    };
+    up.try_send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(hello)),
+    })
+    .map_err(|e| e.to_string())?;
+    let mut stream = client
+        .subscribe(ReceiverStream::new(up_rx))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let now = Instant::now();
+    {
+        let mut st = lock(state);
+        st.connected_to = Some(url.to_string());
+        st.connected_since = Some(now);
+        st.connects += 1;
+    }
+    tracing::info!(sender = %url, "following sender");
+    let mut last_heard = now;
+    let mut last_hb_sent = now;
+    let mut tick = tokio::time::interval(opts.receiver.ack_interval.max(Duration::from_millis(2)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        tracing::info!(sender = %url, %status, "sender ended the stream");
+                        return Ok(());
+                    }
+                };
+                let now = Instant::now();
+                last_heard = now;
+                let cmds = match msg.msg {
+                    Some(pb::downstream::Msg::Batch(bytes)) => {
+                        match Batch::decode_checked(bytes, opts.max_key_len) {
+                            Ok(checked) => {
+                                if !checked.poisoned.is_empty() {
+                                    let mut a = lock(applier);
+                                    let mut st = lock(state);
+                                    for (entry, why) in &checked.poisoned {
+                                        quarantine(&mut *a, &mut st, checked.batch.shard, entry, why);
+                                    }
+                                }
+                                receiver.on_batch(checked.batch, now)
+                            }
+                            Err(e) => {
+                                tracing::warn!(sender = %url, error = %e, "undecodable batch dropped");
+                                lock(state).bad_batches += 1;
+                                Vec::new()
+                            }
+                        }
+                    }
+                    Some(pb::downstream::Msg::Reset(r)) => {
+                        tracing::warn!(shard = r.shard, epoch = r.epoch, hwm = r.hwm, reason = %r.reason, "reset from sender");
+                        receiver.on_reset(&r)
+                    }
+                    Some(pb::downstream::Msg::Heartbeat(h)) => {
+                        let mut st = lock(state);
+                        for head in &h.heads {
+                            set(&mut st.head_time_us, head.shard, head.head_time_us);
+                        }
+                        drop(st);
+                        receiver.on_heartbeat(&h, now)
+                    }
+                    None => Vec::new(),
+                };
+                execute(cmds, receiver, applier, state, &up, now);
+                let mut st = lock(state);
+                st.last_heard = Some(now);
+                st.progress = receiver.progress();
+                if st.progress.iter().all(|&(_, _, applied, head)| applied >= head) {
+                    st.last_caught_up = Some(now);
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let cmds = receiver.tick(now);
+                execute(cmds, receiver, applier, state, &up, now);
+                if now.duration_since(last_heard) >= opts.peer_timeout {
+                    tracing::warn!(sender = %url, "sender silent; moving on");
+                    return Ok(());
+                }
+                if now.duration_since(last_hb_sent) >= opts.heartbeat_interval {
+                    last_hb_sent = now;
+                    let mut subtree = vec![lock(state).node_status(&opts.node_id, &opts.role, &opts.region)];
+                    subtree.extend(lock(applier).subtree());
+                    let hb = pb::Heartbeat { heads: Vec::new(), subtree, now_us: crate::now_us() };
+                    // A full queue means the sender is not reading; acks are cumulative, so
+                    // dropping one is harmless.
+                    let _ = up.try_send(pb::Upstream { msg: Some(pb::upstream::Msg::Heartbeat(hb)) });
+                }
+            }
+        }
+    }
+}
+
+fn quarantine<A: Applier>(
+    a: &mut A,
+    st: &mut LinkState,
+    shard: ShardId,
+    entry: &pb::Invalidation,
+    why: &InvalidEntry,
+) {
+    tracing::warn!(shard, seq = entry.seq, key = ?entry.key, %why, "poison entry quarantined");
+    st.quarantined += 1;
+    a.quarantine(shard, entry, &why.to_string());
+}
+
+fn execute<A: Applier>(
+    cmds: Vec<RxCommand>,
+    receiver: &mut Receiver,
+    applier: &Arc<Mutex<A>>,
+    state: &Arc<Mutex<LinkState>>,
+    up: &mpsc::Sender<pb::Upstream>,
+    now: Instant,
+) {
+    for c in cmds {
+        match c {
+            RxCommand::Apply(b) => {
+                let (shard, epoch, last) = (b.shard, b.epoch, b.last_seq);
+                let newest = b.entries.iter().map(|e| e.publish_time_us).max();
+                apply_guarded(applier, state, &b);
+                if let Some(t) = newest {
+                    set(&mut lock(state).applied_time_us, shard, t);
+                }
+                if let Some(ack) = receiver.on_applied(shard, epoch, last, now) {
+                    send_up(up, ack);
+                }
+            }
+            RxCommand::Flush {
+                shard,
+                epoch,
+                hwm,
+                reason,
+            } => {
+                lock(applier).flush(shard, epoch, hwm, &reason);
+                lock(state).flushes += 1;
+                if let Some(ack) = receiver.on_applied(shard, epoch, hwm, now) {
+                    send_up(up, ack);
+                }
+            }
+            other => send_up(up, other),
+        }
+    }
+}
+
+fn send_up(up: &mpsc::Sender<pb::Upstream>, c: RxCommand) {
+    let msg = match c {
+        RxCommand::Ack(a) => pb::upstream::Msg::Ack(a),
+        RxCommand::Nack(n) => pb::upstream::Msg::Nack(n),
+        _ => return,
+    };
+    // Acks are cumulative and Nacks are repeated, so a full queue may drop one.
+    let _ = up.try_send(pb::Upstream { msg: Some(msg) });
+}
+
+/// Apply a batch; if the applier panics, apply entry by entry and quarantine the culprits.
+fn apply_guarded<A: Applier>(applier: &Arc<Mutex<A>>, state: &Arc<Mutex<LinkState>>, b: &Batch) {
+    let ok = catch_unwind(AssertUnwindSafe(|| lock(applier).apply(b))).is_ok();
+    if ok {
+        return;
+    }
+    for e in &b.entries {
+        let single = Batch {
+            shard: b.shard,
+            epoch: b.epoch,
+            first_seq: e.seq,
+            last_seq: e.seq,
+            entries: vec![e.clone()],
+        };
+        if catch_unwind(AssertUnwindSafe(|| lock(applier).apply(&single))).is_err() {
+            let mut a = lock(applier);
+            let mut st = lock(state);
+            tracing::error!(shard = b.shard, seq = e.seq, key = ?e.key, "entry panicked while applied: quarantined");
+            st.quarantined += 1;
+            a.quarantine(b.shard, &e.to_pb(), "panicked while applied");
+        }
+    }
+}
