@@ -1,1 +1,227 @@
-//! placeholder
+//! `dci-coordinator`: the root of the invalidation tree for one shard.
+//!
+//! - [`config`]: the configuration with its defaults and validation.
+//! - [`wal`]: the durable log (segments, CRC32C records, group commit, retention, recovery).
+//! - [`writer`]: the sequencer thread that owns the log and commits groups of publishes.
+//! - [`hub`]: recent batches in memory plus the log behind them, served downstream.
+//! - [`service`]: the `Publisher`, `Subscribe` and `Admin` gRPC services.
+//!
+//! [`Coordinator::start`] runs everything in-process (tests, `dci demo`); the `dci coordinator`
+//! command is a thin shell over it.
+
+pub mod config;
+pub mod hub;
+pub mod service;
+pub mod wal;
+pub mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dci_proto::downstream::{ServeCounters, ServeOptions};
+use dci_proto::link::SenderConfig;
+use dci_proto::pb;
+use dci_proto::ring::ShardMap;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{ConfigError, CoordinatorConfig};
+pub use wal::FsyncPolicy;
+
+/// Why a coordinator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The log could not be opened.
+    #[error(transparent)]
+    Log(#[from] wal::WalError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The log's epoch.
+    pub epoch: u64,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
+}
+
+impl Coordinator {
+    /// Bind `cfg.listen` and run in the background.
+    pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
+        let cfg = cfg.validate()?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| CoordinatorError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| CoordinatorError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (shutdown, rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut stop = rx.clone();
+        let task = tokio::spawn(async move {
+            run(
+                cfg,
+                listener,
+                rx,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+                Some(ready_tx),
+            )
+            .await
+        });
+        let epoch = match ready_rx.await {
+            Ok(e) => e,
+            Err(_) => {
+                return match task.await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(CoordinatorError::Config(ConfigError::Invalid(
+                        "coordinator did not start".into(),
+                    ))),
+                }
+            }
+        };
+        Ok(Coordinator {
+            addr,
+            epoch,
+            shutdown,
+            task,
+        })
+    }
+
+    /// `http://addr`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop: refuse new work, end streams, close the log cleanly.
+    pub async fn stop(self) -> Result<(), CoordinatorError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "coordinator task failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Stop without closing anything cleanly (for crash tests): the task is aborted.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Run a coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    cfg: CoordinatorConfig,
+    listener: TcpListener,
+    drain: watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: Option<tokio::sync::oneshot::Sender<u64>>,
+) -> Result<(), CoordinatorError> {
+    let cfg = cfg.validate()?;
+    let dir = cfg.data_dir.clone();
+    let wal_opts = cfg.wal();
+    let (wal, recovery) = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, wal_opts))
+        .await
+        .expect("log recovery does not panic")?;
+    tracing::info!(
+        dir = %cfg.data_dir.display(), shard = cfg.shard, epoch = wal.epoch(), head = wal.head(),
+        oldest = wal.oldest(), records = recovery.records, torn_bytes = recovery.torn_bytes,
+        corrupt = ?recovery.corrupt_at, new_epoch = recovery.new_epoch, "log recovered"
+    );
+    let hub = Arc::new(hub::Hub::new(
+        cfg.shard,
+        wal.epoch(),
+        wal.head(),
+        wal.oldest(),
+        wal.reader(),
+        cfg.memory_tail_bytes,
+    ));
+    let epoch = wal.epoch();
+    let (jobs, rx) = mpsc::channel(8192);
+    let writer_hub = hub.clone();
+    let writer_opts = writer::WriterOptions {
+        max_group_entries: cfg.max_group_entries,
+        linger: cfg.linger,
+    };
+    let writer = std::thread::Builder::new()
+        .name(format!("dci-log-{}", cfg.shard))
+        .spawn(move || writer::run(wal, rx, writer_hub, writer_opts))
+        .expect("spawn the log writer thread");
+
+    let svc = service::CoordinatorService {
+        jobs,
+        hub,
+        shard_map: ShardMap::new(cfg.shard_count),
+        shard_count: cfg.shard_count,
+        max_key_len: cfg.max_key_len,
+        max_request_entries: cfg.max_request_entries,
+        serve: ServeOptions {
+            sender: SenderConfig {
+                window_bytes: cfg.window_bytes,
+                ..SenderConfig::default()
+            },
+            ..ServeOptions::default()
+        },
+        counters: Arc::new(ServeCounters::default()),
+        shutdown: drain,
+        node_id: cfg.node_id.clone(),
+        started: std::time::Instant::now(),
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::publisher_server::PublisherServer<service::CoordinatorService>>()
+        .await;
+    if let Some(r) = ready {
+        let _ = r.send(epoch);
+    }
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(
+            pb::publisher_server::PublisherServer::new(svc.clone())
+                .max_decoding_message_size(16 << 20)
+                .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
+        .add_service(
+            pb::subscribe_server::SubscribeServer::new(svc.clone())
+                .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+                .send_compressed(tonic::codec::CompressionEncoding::Zstd),
+        )
+        .add_service(pb::admin_server::AdminServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    // The services (and their job senders) are gone: the writer drains and closes the log.
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    tracing::info!("coordinator stopped");
+    result.map_err(CoordinatorError::Server)
+}

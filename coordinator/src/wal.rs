@@ -457,6 +457,10 @@ impl Wal {
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.len).sum()
     }
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
     /// The idempotency memory.
     pub fn dedup(&self) -> &DedupTable {
         &self.dedup
@@ -486,7 +490,11 @@ impl Wal {
             let payload = rec.encode_to_vec();
             let off = self.segments[&seg_first].len + buf.len() as u64;
             let seg = self.segments.get_mut(&seg_first).expect("active segment");
-            if seg.index.last().is_none_or(|&(_, o)| off - o >= INDEX_EVERY) {
+            if seg
+                .index
+                .last()
+                .is_none_or(|&(_, o)| off - o >= INDEX_EVERY)
+            {
                 seg.index.push((rec.first_seq, off));
             }
             buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -623,7 +631,9 @@ impl LogReader {
     /// Records holding seqs from `from` on (the first may start before `from`), up to about
     /// `max_bytes`, in order. Empty when `from` is not on disk (gone, or not yet written).
     pub fn read_from(&self, from: Seq, max_bytes: usize) -> io::Result<Vec<LogRecord>> {
-        let pos = self.segments.partition_point(|(first, _, _)| *first <= from);
+        let pos = self
+            .segments
+            .partition_point(|(first, _, _)| *first <= from);
         if pos == 0 {
             return Ok(Vec::new());
         }

@@ -289,6 +289,31 @@ impl Batch {
     }
 }
 
+/// The stand-in for a poison entry: a valid invalidation that removes at least what the entry
+/// could have meant for its key, so quarantining it never leaves a stale value behind. `None`
+/// when there is nothing to remove (no key) or no place for it (seq outside its batch).
+pub fn stand_in(p: &pb::Invalidation, why: &InvalidEntry, max_key_len: usize) -> Option<Invalidation> {
+    if p.key.is_empty() || matches!(why, InvalidEntry::SeqOutOfRange(_)) {
+        return None;
+    }
+    let (key, kind) = if p.key.len() > max_key_len {
+        (p.key.slice(..max_key_len), Kind::Prefix)
+    } else {
+        match pb::Kind::try_from(p.kind) {
+            Ok(pb::Kind::Prefix) => (p.key.clone(), Kind::Prefix),
+            _ => (p.key.clone(), Kind::Key),
+        }
+    };
+    Some(Invalidation {
+        key,
+        kind,
+        seq: p.seq,
+        source_version: None,
+        publish_time_us: p.publish_time_us,
+        trace_id: None,
+    })
+}
+
 /// Coalesce repeated KEY invalidations of one group: each key keeps only its newest entry (the
 /// highest seq), carrying the highest `source_version` seen for it. Later seqs subsume earlier
 /// ones, so a receiver resuming in the middle of the group still applies every key's effect; the
@@ -502,6 +527,19 @@ mod tests {
             ..Default::default()
         };
         assert!(Batch::decode_checked(Bytes::from(empty.encode_to_vec()), 1024).is_err());
+    }
+
+    #[test]
+    fn poison_stand_ins_cover_the_key() {
+        let mut p = inv("user:1", pb::Kind::Key);
+        p.kind = 99;
+        let s = stand_in(&p, &InvalidEntry::UnknownKind(99), 8).unwrap();
+        assert_eq!((s.kind, s.key.as_ref()), (Kind::Key, b"user:1".as_ref()));
+        let long = inv("0123456789abc", pb::Kind::Key);
+        let s = stand_in(&long, &InvalidEntry::KeyTooLong { len: 13, max: 8 }, 8).unwrap();
+        assert_eq!(s.kind, Kind::Prefix);
+        assert!(s.covers(b"0123456789abc"));
+        assert!(stand_in(&inv("", pb::Kind::Key), &InvalidEntry::EmptyKey, 8).is_none());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tonic::transport::Endpoint;
 use crate::link::{Receiver, ReceiverConfig, RxCommand};
 use crate::pb;
 use crate::pb::subscribe_client::SubscribeClient;
-use crate::types::{Batch, Epoch, Filter, InvalidEntry, Seq, ShardId};
+use crate::types::{stand_in, Batch, Epoch, Filter, InvalidEntry, Seq, ShardId};
 
 /// Where applied invalidations go.
 pub trait Applier: Send + 'static {
@@ -31,6 +31,8 @@ pub trait Applier: Send + 'static {
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
     /// Drop everything of `shard` that may be stale; continue after `hwm` in `epoch`.
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str);
+    /// The sender announced its heads (a relay uses this to place its ring before any batch).
+    fn on_heads(&mut self, _heads: &[pb::ShardHead]) {}
     /// The nodes below this one (for the heartbeat's subtree report).
     fn subtree(&self) -> Vec<pb::NodeStatus> {
         Vec::new()
@@ -290,12 +292,17 @@ async fn session<A: Applier>(
                 let cmds = match msg.msg {
                     Some(pb::downstream::Msg::Batch(bytes)) => {
                         match Batch::decode_checked(bytes, opts.max_key_len) {
-                            Ok(checked) => {
+                            Ok(mut checked) => {
                                 if !checked.poisoned.is_empty() {
                                     let mut a = lock(applier);
                                     let mut st = lock(state);
                                     for (entry, why) in &checked.poisoned {
                                         quarantine(&mut *a, &mut st, checked.batch.shard, entry, why);
+                                        // Its key is still flushed, here and below, by a stand-in.
+                                        if let Some(s) = stand_in(entry, why, opts.max_key_len) {
+                                            let at = checked.batch.entries.partition_point(|e| e.seq < s.seq);
+                                            checked.batch.entries.insert(at, s);
+                                        }
                                     }
                                 }
                                 receiver.on_batch(checked.batch, now)
@@ -317,6 +324,7 @@ async fn session<A: Applier>(
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
                         }
                         drop(st);
+                        lock(applier).on_heads(&h.heads);
                         receiver.on_heartbeat(&h, now)
                     }
                     None => Vec::new(),

@@ -79,6 +79,8 @@ struct TxShard {
 pub struct Sender {
     cfg: SenderConfig,
     shards: BTreeMap<ShardId, TxShard>,
+    /// The receiver's resume points, for shards this sender learns of after the Hello.
+    resume: Vec<pb::ResumePoint>,
     last_heartbeat: Option<Instant>,
     last_heard: Instant,
     resets: u64,
@@ -91,6 +93,7 @@ impl Sender {
         Sender {
             cfg,
             shards: BTreeMap::new(),
+            resume: Vec::new(),
             last_heartbeat: None,
             last_heard: now,
             resets: 0,
@@ -125,9 +128,21 @@ impl Sender {
         now: Instant,
     ) -> Vec<TxCommand> {
         self.last_heard = now;
+        self.resume = resume.to_vec();
         let mut out = Vec::new();
         for v in views {
-            let point = resume.iter().find(|p| p.shard == v.shard);
+            if let Some(c) = self.start_shard(v, now) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Where a shard starts on this link, from the receiver's resume point.
+    fn start_shard(&mut self, v: &ShardView, now: Instant) -> Option<TxCommand> {
+        let mut out = None;
+        {
+            let point = self.resume.iter().find(|p| p.shard == v.shard).cloned();
             let next = match point {
                 None => v.head + 1,
                 Some(p) if p.epoch == v.epoch && p.hwm + 1 >= v.oldest => p.hwm + 1,
@@ -138,7 +153,7 @@ impl Sender {
                     } else {
                         format!("range from {} is gone (oldest {})", p.hwm + 1, v.oldest)
                     };
-                    out.push(self.reset(v, reason));
+                    out = Some(self.reset(v, reason));
                     v.head + 1
                 }
             };
@@ -175,11 +190,11 @@ impl Sender {
     pub fn next_range(&mut self, view: &ShardView, now: Instant) -> NextRange {
         let window = self.cfg.window_bytes;
         let Some(s) = self.shards.get(&view.shard) else {
-            // A shard that appeared after hello: start at its first seq we hold.
-            let start = view.oldest.max(1);
-            let fresh = self.fresh(view.epoch, start, now);
-            self.shards.insert(view.shard, fresh);
-            return self.next_range(view, now);
+            // A shard that appeared after the Hello: same rules as at Hello time.
+            return match self.start_shard(view, now) {
+                Some(c) => NextRange::Reset(c),
+                None => self.next_range(view, now),
+            };
         };
         if s.epoch != view.epoch {
             let cmd = self.reset(
@@ -498,6 +513,17 @@ mod tests {
         assert!(matches!(&cmds[0], TxCommand::Heartbeat(h) if h[0].head == 42));
         let cmds = s.tick(&[view(1, 100)], now + Duration::from_secs(11));
         assert!(matches!(cmds[0], TxCommand::Disconnect(_)));
+    }
+
+    #[test]
+    fn shard_learned_after_hello_honours_the_resume_point() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        assert!(s.on_hello(&[point(5, 40)], &[], now).is_empty());
+        assert!(matches!(
+            s.next_range(&view(1, 100), now),
+            NextRange::Send { from: 41, .. }
+        ));
     }
 
     #[test]

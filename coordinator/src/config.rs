@@ -1,0 +1,126 @@
+//! Coordinator configuration: one struct, one set of defaults, read from YAML and overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wal::{FsyncPolicy, WalOptions};
+
+/// Everything a coordinator needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the shard's log.
+    pub data_dir: PathBuf,
+    /// The shard this coordinator sequences.
+    pub shard: u32,
+    /// How many shards the keyspace has (the shard map is a hash ring over `0..shard_count`).
+    pub shard_count: u32,
+    /// Node id shown by `dci status`.
+    pub node_id: String,
+    /// Longest key accepted, in bytes.
+    pub max_key_len: usize,
+    /// Most entries in one publish request.
+    pub max_request_entries: usize,
+    /// fsync policy of the log.
+    pub fsync: FsyncPolicy,
+    /// For `fsync: interval`.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// Segment size of the log.
+    pub segment_bytes: u64,
+    /// Keep at most this many bytes of log.
+    pub retention_bytes: u64,
+    /// Keep log segments at most this long.
+    #[serde(with = "humantime_serde")]
+    pub retention_age: Duration,
+    /// Longest a group waits to grow before it is written (0: group only what accumulated while
+    /// the previous write was in flight, which adds no latency when idle).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Most entries in one group commit.
+    pub max_group_entries: usize,
+    /// Bytes of recent batches kept in memory for replay without touching the disk.
+    pub memory_tail_bytes: usize,
+    /// Unacked bytes in flight per receiver.
+    pub window_bytes: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        let wal = WalOptions::default();
+        CoordinatorConfig {
+            listen: "127.0.0.1:7400".parse().expect("static address"),
+            data_dir: PathBuf::from("dci-data"),
+            shard: 0,
+            shard_count: 1,
+            node_id: String::new(),
+            max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
+            max_request_entries: 65_536,
+            fsync: wal.fsync,
+            fsync_interval: wal.fsync_interval,
+            segment_bytes: wal.segment_bytes,
+            retention_bytes: wal.retention_bytes,
+            retention_age: wal.retention_age,
+            linger: Duration::ZERO,
+            max_group_entries: 65_536,
+            memory_tail_bytes: 64 << 20,
+            window_bytes: 4 << 20,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value out of its range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl CoordinatorConfig {
+    /// Check the values; fill in what derives from others.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.shard_count == 0 {
+            return bad("shard_count must be at least 1".into());
+        }
+        if self.shard >= self.shard_count {
+            return bad(format!(
+                "shard {} is not below shard_count {}",
+                self.shard, self.shard_count
+            ));
+        }
+        if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
+            return bad("max_key_len must be between 1 and 65536".into());
+        }
+        if self.segment_bytes < 4096 {
+            return bad("segment_bytes must be at least 4096".into());
+        }
+        if self.linger > Duration::from_millis(100) {
+            return bad("linger above 100ms makes every publish slow".into());
+        }
+        if self.max_group_entries == 0 || self.max_request_entries == 0 {
+            return bad("max_group_entries and max_request_entries must be positive".into());
+        }
+        if self.node_id.is_empty() {
+            self.node_id = format!("coordinator-{}", self.shard);
+        }
+        Ok(self)
+    }
+
+    /// The log options.
+    pub fn wal(&self) -> WalOptions {
+        WalOptions {
+            segment_bytes: self.segment_bytes,
+            retention_bytes: self.retention_bytes,
+            retention_age: self.retention_age,
+            fsync: self.fsync,
+            fsync_interval: self.fsync_interval,
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The downstream side of the coordinator: the memory tail of recent batches, the on-disk log
+//! behind it, and the reports of the tree below, served to every relay through the link runtime.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dci_proto::downstream::{BatchSource, Fetch};
+use dci_proto::link::{Read, RetransmitRing, ShardView, SharedBatch};
+use dci_proto::pb;
+use dci_proto::upstream::lock;
+use dci_proto::{coalesce, Batch, Epoch, Invalidation, Seq, ShardId};
+use tokio::sync::watch;
+
+use crate::wal::LogReader;
+
+/// Shared by the writer (which pushes) and every downstream link (which read).
+#[derive(Debug)]
+pub struct Hub {
+    shard: ShardId,
+    epoch: Epoch,
+    tail: Mutex<RetransmitRing>,
+    disk: RwLock<(Seq, LogReader)>,
+    heads: watch::Sender<u64>,
+    failed: AtomicBool,
+    reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
+}
+
+impl Hub {
+    /// A hub whose memory tail starts after `head`; older seqs come from `reader`.
+    pub fn new(
+        shard: ShardId,
+        epoch: Epoch,
+        head: Seq,
+        oldest_on_disk: Seq,
+        reader: LogReader,
+        tail_bytes: usize,
+    ) -> Self {
+        Hub {
+            shard,
+            epoch,
+            tail: Mutex::new(RetransmitRing::new(shard, epoch, head, tail_bytes)),
+            disk: RwLock::new((oldest_on_disk, reader)),
+            heads: watch::channel(head).0,
+            failed: AtomicBool::new(false),
+            reports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shard.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+    /// The log's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    /// Last seq logged.
+    pub fn head(&self) -> Seq {
+        lock(&self.tail).head()
+    }
+    /// First seq still obtainable.
+    pub fn oldest(&self) -> Seq {
+        let disk = self.disk.read().unwrap_or_else(|e| e.into_inner()).0;
+        disk.min(lock(&self.tail).oldest())
+    }
+
+    /// A committed group, to every receiver.
+    pub fn push(&self, b: Arc<SharedBatch>) {
+        let head = b.batch.last_seq;
+        if let Err(e) = lock(&self.tail).push(b) {
+            tracing::error!(error = %e, "memory tail refused a batch");
+        }
+        self.heads.send_replace(head);
+    }
+
+    /// The log moved (retention, new segments).
+    pub fn set_disk(&self, oldest: Seq, reader: LogReader) {
+        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = (oldest, reader);
+    }
+
+    /// The log failed; publishes are refused.
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+    /// Has the log failed?
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Every node reported below this one.
+    pub fn reported(&self) -> Vec<pb::NodeStatus> {
+        let mut v: Vec<_> = lock(&self.reports).values().flatten().cloned().collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+
+    fn read_disk(
+        reader: &LogReader,
+        shard: ShardId,
+        epoch: Epoch,
+        from: Seq,
+        budget: usize,
+    ) -> Fetch {
+        let records = match reader.read_from(from, budget.max(64 << 10)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, from, "reading the log for a replay failed");
+                return Fetch::NotYet;
+            }
+        };
+        let mut out = Vec::new();
+        let mut entries = Vec::new();
+        let mut first = None;
+        let mut last = 0;
+        for rec in records {
+            first.get_or_insert(rec.first_seq);
+            last = rec.last_seq();
+            for e in rec.entries {
+                // Validated before it was logged; the limit is the format's, not the config's.
+                if let Ok(inv) = Invalidation::try_from_pb(e, usize::MAX) {
+                    entries.push(inv);
+                }
+            }
+            if entries.len() >= 4096 {
+                out.push(SharedBatch::new(Batch {
+                    shard,
+                    epoch,
+                    first_seq: first.take().expect("set above"),
+                    last_seq: last,
+                    entries: coalesce(std::mem::take(&mut entries)),
+                }));
+            }
+        }
+        if let Some(first_seq) = first {
+            out.push(SharedBatch::new(Batch {
+                shard,
+                epoch,
+                first_seq,
+                last_seq: last,
+                entries: coalesce(entries),
+            }));
+        }
+        if out.is_empty() {
+            Fetch::NotYet
+        } else {
+            Fetch::Batches(out)
+        }
+    }
+}
+
+impl BatchSource for Hub {
+    fn views(&self) -> Vec<ShardView> {
+        let tail = lock(&self.tail);
+        let disk = self.disk.read().unwrap_or_else(|e| e.into_inner()).0;
+        vec![ShardView {
+            shard: self.shard,
+            epoch: self.epoch,
+            oldest: disk.min(tail.oldest()),
+            head: tail.head(),
+            head_time_us: tail.head_publish_us(),
+        }]
+    }
+
+    fn heads(&self) -> watch::Receiver<u64> {
+        self.heads.subscribe()
+    }
+
+    async fn read(&self, shard: ShardId, from: Seq, budget: usize) -> Fetch {
+        if shard != self.shard {
+            return Fetch::Gone;
+        }
+        let read = lock(&self.tail).read(from, budget);
+        match read {
+            Read::Batches(b) => Fetch::Batches(b),
+            Read::UpToDate => Fetch::NotYet,
+            Read::Gone { .. } => {
+                let (oldest, reader) = {
+                    let d = self.disk.read().unwrap_or_else(|e| e.into_inner());
+                    (d.0, d.1.clone())
+                };
+                if from < oldest {
+                    return Fetch::Gone;
+                }
+                let (shard, epoch) = (self.shard, self.epoch);
+                tokio::task::spawn_blocking(move || {
+                    Hub::read_disk(&reader, shard, epoch, from, budget)
+                })
+                .await
+                .unwrap_or(Fetch::NotYet)
+            }
+        }
+    }
+
+    fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
+        lock(&self.reports).insert(link_id, nodes);
+    }
+
+    fn forget(&self, link_id: u64) {
+        lock(&self.reports).remove(&link_id);
+    }
+}

@@ -1,0 +1,241 @@
+//! The gRPC edge of the coordinator: validation of wire input, mapping of errors to statuses.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dci_proto::downstream::{self, ServeCounters, ServeOptions};
+use dci_proto::pb;
+use dci_proto::ring::ShardMap;
+use dci_proto::{Invalidation, Kind};
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::hub::Hub;
+use crate::writer::{Acked, CommitError, Job};
+
+/// Implements `Publisher`, `Subscribe` and `Admin`.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) shard_map: ShardMap,
+    pub(crate) shard_count: u32,
+    pub(crate) max_key_len: usize,
+    pub(crate) max_request_entries: usize,
+    pub(crate) serve: ServeOptions,
+    pub(crate) counters: Arc<ServeCounters>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) node_id: String,
+    pub(crate) started: std::time::Instant,
+}
+
+impl CoordinatorService {
+    /// Validate a request and turn it into a job; nothing of a bad request reaches the log.
+    fn validate(
+        &self,
+        req: pb::PublishRequest,
+    ) -> Result<(Job, oneshot::Receiver<Result<Acked, CommitError>>), Status> {
+        if req.entries.is_empty() {
+            return Err(Status::invalid_argument("publish request has no entries"));
+        }
+        if req.entries.len() > self.max_request_entries {
+            return Err(Status::invalid_argument(format!(
+                "publish request has {} entries, more than the maximum of {}",
+                req.entries.len(),
+                self.max_request_entries
+            )));
+        }
+        if req.publisher_id.len() > 256 {
+            return Err(Status::invalid_argument(
+                "publisher_id is longer than 256 bytes",
+            ));
+        }
+        let now = dci_proto::now_us();
+        let mut entries = Vec::with_capacity(req.entries.len());
+        for (i, p) in req.entries.into_iter().enumerate() {
+            let mut e = Invalidation::try_from_pb(p, self.max_key_len)
+                .map_err(|err| Status::invalid_argument(format!("entry {i}: {err}")))?;
+            if self.shard_count > 1 && e.kind == Kind::Key {
+                let owner = self.shard_map.shard_of(&e.key);
+                if owner != self.hub.shard() {
+                    return Err(Status::failed_precondition(format!(
+                        "entry {i}: key belongs to shard {owner}, this is shard {}",
+                        self.hub.shard()
+                    )));
+                }
+            }
+            if e.publish_time_us == 0 {
+                e.publish_time_us = now;
+            }
+            e.seq = 0;
+            entries.push(e);
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok((
+            Job {
+                publisher_id: req.publisher_id,
+                request_no: req.request_no,
+                entries,
+                reply,
+            },
+            rx,
+        ))
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), Status> {
+        if self.hub.failed() {
+            return Err(Status::unavailable(
+                "the log failed; this coordinator refuses publishes",
+            ));
+        }
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+    }
+
+    fn answer(
+        &self,
+        request_no: u64,
+        r: Result<Result<Acked, CommitError>, oneshot::error::RecvError>,
+    ) -> Result<pb::PublishResponse, Status> {
+        match r {
+            Ok(Ok(a)) => Ok(pb::PublishResponse {
+                shard: self.hub.shard(),
+                epoch: self.hub.epoch(),
+                request_no,
+                seqs: (a.first_seq..a.first_seq + a.count as u64).collect(),
+                duplicate: a.duplicate,
+            }),
+            Ok(Err(e @ CommitError::Mismatch(..))) => Err(Status::already_exists(e.to_string())),
+            Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
+            Err(_) => Err(Status::unavailable("coordinator is shutting down")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::publisher_server::Publisher for CoordinatorService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = request.into_inner();
+        let request_no = req.request_no;
+        let (job, rx) = self.validate(req)?;
+        self.submit(job).await?;
+        self.answer(request_no, rx.await).map(Response::new)
+    }
+
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        let svc = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            // Requests are submitted as they arrive (pipelined) and answered in request order.
+            let mut pending = FuturesOrdered::new();
+            let mut open = true;
+            loop {
+                if !open && pending.is_empty() {
+                    return;
+                }
+                tokio::select! {
+                    msg = inbound.message(), if open && pending.len() < 1024 => match msg {
+                        Ok(Some(req)) => {
+                            let request_no = req.request_no;
+                            match svc.validate(req) {
+                                Ok((job, rx)) => {
+                                    if let Err(s) = svc.submit(job).await {
+                                        let _ = tx.send(Err(s)).await;
+                                        return;
+                                    }
+                                    pending.push_back(Box::pin(async move { (request_no, rx.await) }));
+                                }
+                                Err(status) => {
+                                    // Earlier requests are still answered; then the stream ends.
+                                    while let Some((n, r)) = pending.next().await {
+                                        let _ = tx.send(svc.answer(n, r)).await;
+                                    }
+                                    let _ = tx.send(Err(status)).await;
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => open = false,
+                        Err(_) => open = false,
+                    },
+                    Some((n, r)) = pending.next(), if !pending.is_empty() => {
+                        if tx.send(svc.answer(n, r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::subscribe_server::Subscribe for CoordinatorService {
+    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::Upstream>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Ok(Response::new(downstream::serve(
+            self.hub.clone(),
+            request.into_inner(),
+            self.serve.clone(),
+            self.counters.clone(),
+            self.shutdown.clone(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for CoordinatorService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let head = self.hub.head();
+        let me = pb::NodeStatus {
+            node_id: self.node_id.clone(),
+            role: "coordinator".into(),
+            region: String::new(),
+            parent: String::new(),
+            shards: vec![pb::ShardProgress {
+                shard: self.hub.shard(),
+                epoch: self.hub.epoch(),
+                hwm: head,
+                lag_seqs: 0,
+                lag_ms: 0,
+            }],
+            connected_ms: self.started.elapsed().as_millis() as u64,
+        };
+        let mut nodes = vec![me];
+        for mut n in self.hub.reported() {
+            // Lag in seqs against the root's head, which is the truth.
+            for s in &mut n.shards {
+                if s.shard == self.hub.shard() && s.epoch == self.hub.epoch() {
+                    s.lag_seqs = head.saturating_sub(s.hwm);
+                }
+            }
+            nodes.push(n);
+        }
+        Ok(Response::new(pb::StatusResponse { nodes }))
+    }
+}

@@ -1,0 +1,354 @@
+//! The coordinator over real gRPC on loopback, with its log in real files.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dci_coordinator::{Coordinator, CoordinatorConfig};
+use dci_proto::pb;
+use dci_proto::pb::publisher_client::PublisherClient;
+use support::Follower;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn cfg(dir: &Path) -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        ..CoordinatorConfig::default()
+    }
+}
+
+fn key(k: &str) -> pb::Invalidation {
+    pb::Invalidation {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        kind: pb::Kind::Key as i32,
+        ..Default::default()
+    }
+}
+
+fn req(publisher: &str, n: u64, keys: &[&str]) -> pb::PublishRequest {
+    pb::PublishRequest {
+        publisher_id: publisher.into(),
+        request_no: n,
+        entries: keys.iter().map(|k| key(k)).collect(),
+    }
+}
+
+async fn client(c: &Coordinator) -> PublisherClient<Channel> {
+    PublisherClient::connect(c.url()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_every_acknowledged_publish_and_never_reuses_a_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let r = p
+            .publish(req("", 0, &[&format!("k{i}"), "shared"]))
+            .await
+            .unwrap()
+            .into_inner();
+        acked.extend(r.seqs);
+    }
+    c.stop().await.unwrap();
+
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    assert_eq!(c.epoch, epoch, "a clean restart keeps the epoch");
+    let mut p = client(&c).await;
+    let r = p
+        .publish(req("", 0, &["after-restart"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.seqs,
+        vec![101],
+        "sequencing resumes after the last durable seq"
+    );
+    acked.extend(r.seqs);
+
+    // A receiver from the beginning gets every acknowledged seq, in order, once.
+    let f = Follower::start(vec![c.url()], vec![(0, epoch, 0)]);
+    f.wait_for_seq(101).await;
+    let mut got = f.seqs();
+    // Groups may coalesce repeated keys ("shared"): every seq is covered, keys once per group.
+    got.dedup();
+    assert!(got.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*got.last().unwrap(), 101);
+    let keys: std::collections::HashSet<_> = support::lock_entries(&f).into_iter().collect();
+    for i in 0..50 {
+        assert!(keys.contains(&Bytes::from(format!("k{i}"))));
+    }
+    drop(f);
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_publish_is_refused_and_logs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let mut p = client(&c).await;
+    p.publish(req("", 0, &["good"])).await.unwrap();
+
+    let mut bad = req("", 0, &["ok-1", "ok-2"]);
+    bad.entries.push(key(""));
+    let err = p.publish(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("entry 2"), "{}", err.message());
+    assert!(err.message().contains("empty"), "{}", err.message());
+
+    let long = "x".repeat(2000);
+    let err = p.publish(req("", 0, &[&long])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("2000"), "{}", err.message());
+
+    let mut unknown = req("", 0, &["k"]);
+    unknown.entries[0].kind = 17;
+    assert_eq!(
+        p.publish(unknown).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        p.publish(req("", 0, &[])).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Nothing of the refused requests reached the log: the next seq is 2.
+    let r = p.publish(req("", 0, &["next"])).await.unwrap().into_inner();
+    assert_eq!(r.seqs, vec![2]);
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_publish_returns_the_original_seqs_even_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let mut p = client(&c).await;
+    let first = p
+        .publish(req("svc-a", 1, &["a", "b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = p
+        .publish(req("svc-a", 1, &["a", "b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.seqs, again.seqs);
+    assert!(again.duplicate && !first.duplicate);
+    let other = p
+        .publish(req("svc-b", 1, &["a"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.seqs, vec![3], "another publisher's request 1 is new");
+    c.stop().await.unwrap();
+
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let mut p = client(&c).await;
+    let after = p
+        .publish(req("svc-a", 1, &["a", "b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.seqs, first.seqs);
+    assert!(after.duplicate);
+    let next = p
+        .publish(req("svc-a", 2, &["c"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.seqs, vec![4]);
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_publish_answers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let mut p = client(&c).await;
+    let reqs: Vec<_> = (1..=200u64)
+        .map(|n| req("stream", n, &[&format!("k{n}")]))
+        .collect();
+    let mut out = p
+        .publish_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = 0;
+    let mut n = 0;
+    while let Some(r) = out.message().await.unwrap() {
+        n += 1;
+        assert_eq!(r.request_no, n);
+        assert!(r.seqs[0] > last);
+        last = r.seqs[0];
+    }
+    assert_eq!(n, 200);
+    c.stop().await.unwrap();
+}
+
+fn only_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_torn_in_the_middle_of_a_record_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    for i in 0..10 {
+        p.publish(req("", 0, &[&format!("k{i}")])).await.unwrap();
+    }
+    c.stop().await.unwrap();
+    let seg = only_segment(dir.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    assert_eq!(
+        c.epoch, epoch,
+        "a torn tail was never acknowledged: same epoch"
+    );
+    let mut p = client(&c).await;
+    let r = p.publish(req("", 0, &["new"])).await.unwrap().into_inner();
+    assert_eq!(
+        r.seqs,
+        vec![10],
+        "the torn record 10 was cut; sequencing continues after 9"
+    );
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_record_is_reported_and_the_log_recovers_up_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    for i in 0..10 {
+        p.publish(req("", 0, &[&format!("key-{i}")])).await.unwrap();
+    }
+    c.stop().await.unwrap();
+    let seg = only_segment(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    assert!(c.epoch > epoch, "a lost part of the log changes the epoch");
+    let mut p = client(&c).await;
+    let r = p.publish(req("", 0, &["new"])).await.unwrap().into_inner();
+    assert!(
+        r.seqs[0] >= 2 && r.seqs[0] <= 10,
+        "recovered up to the corrupt record: {:?}",
+        r.seqs
+    );
+    // A receiver of the old epoch is told to flush.
+    let f = Follower::start(vec![c.url()], vec![(0, epoch, 10)]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while support::lock_flushes(&f) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no reset received");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(f);
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_resuming_from_an_old_hwm_gets_everything_since_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cfg(dir.path());
+    config.memory_tail_bytes = 1; // force replay from disk
+    config.segment_bytes = 4096; // and across segments
+    let c = Coordinator::start(config).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    for i in 0..300 {
+        p.publish(req("", 0, &[&format!("key-{i}")])).await.unwrap();
+    }
+    let f = Follower::start(vec![c.url()], vec![(0, epoch, 120)]);
+    f.wait_for_seq(300).await;
+    let got = f.seqs();
+    assert_eq!(got, (121..=300).collect::<Vec<_>>());
+    drop(f);
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_receiver_does_not_slow_publishing_or_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cfg(dir.path());
+    config.window_bytes = 16 << 10;
+    let c = Coordinator::start(config).await.unwrap();
+    let epoch = c.epoch;
+    // A receiver that says hello and then never reads nor acks.
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "stuck".into(),
+            resume: vec![pb::ResumePoint {
+                shard: 0,
+                epoch,
+                hwm: 0,
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let _stuck = raw
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let healthy = Follower::start(vec![c.url()], vec![(0, epoch, 0)]);
+
+    let mut p = client(&c).await;
+    let reqs: Vec<_> = (0..2000u64)
+        .map(|n| pb::PublishRequest {
+            publisher_id: String::new(),
+            request_no: n,
+            entries: (0..10)
+                .map(|i| key(&format!("user:{n}:{i}:profile")))
+                .collect(),
+        })
+        .collect();
+    let mut out = p
+        .publish_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(30), out.message())
+        .await
+        .expect("publishing stalled")
+        .unwrap()
+    {
+        answered += r.seqs.len();
+    }
+    assert_eq!(answered, 20_000);
+    healthy.wait_for_seq(20_000).await;
+    drop(tx);
+    c.stop().await.unwrap();
+}
