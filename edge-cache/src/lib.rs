@@ -1,1 +1,413 @@
-//! placeholder
+//! `dci-edge-cache`: the cache server at the leaves of the tree.
+//!
+//! - [`config`]: configuration, defaults, validation.
+//! - [`store`]: values, tombstones and leases (the stale-set race is closed here).
+//! - [`EdgeNode`]: the running node: the invalidation consumer (following relays with failover)
+//!   and the `Cache` + `Admin` gRPC services, with the staleness bound applied to reads.
+
+pub mod config;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dci_proto::pb;
+use dci_proto::ring::NodeRing;
+use dci_proto::types::RingOwnership;
+use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+pub use config::{ConfigError, EdgeConfig};
+pub use store::{FillRefused, Lease, Store};
+
+/// Why an edge could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// A quarantined entry, kept for inspection.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    /// Shard.
+    pub shard: ShardId,
+    /// Seq.
+    pub seq: Seq,
+    /// Key bytes.
+    pub key: Bytes,
+    /// Why.
+    pub why: String,
+}
+
+/// The invalidation consumer's side of the edge.
+pub struct EdgeApplier {
+    store: Arc<Store>,
+    quarantine: Arc<Mutex<Vec<Quarantined>>>,
+    /// Called after every applied batch (the bench and the demo measure latency with it).
+    on_applied: Option<Arc<dyn Fn(&Batch) + Send + Sync>>,
+}
+
+impl Applier for EdgeApplier {
+    fn apply(&mut self, batch: &Batch) {
+        for e in &batch.entries {
+            self.store.apply(batch.shard, e);
+        }
+        self.store
+            .set_applied(batch.shard, batch.epoch, batch.last_seq);
+        if let Some(f) = &self.on_applied {
+            f(batch);
+        }
+    }
+
+    fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {
+        let mut q = lock(&self.quarantine);
+        if q.len() >= 1000 {
+            q.remove(0);
+        }
+        q.push(Quarantined {
+            shard,
+            seq: entry.seq,
+            key: entry.key.clone(),
+            why: why.to_string(),
+        });
+        // Flush the key whatever the entry meant; an entry that panicked arrives here too.
+        if !entry.key.is_empty() {
+            self.store.delete(&entry.key);
+        }
+    }
+
+    fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
+        tracing::warn!(shard, epoch, hwm, reason, "edge flushed");
+        self.store.flush(shard, epoch, hwm);
+    }
+}
+
+#[derive(Clone)]
+struct EdgeService {
+    store: Arc<Store>,
+    link: Arc<Mutex<LinkState>>,
+    max_staleness: Duration,
+    max_key_len: usize,
+    max_value_len: usize,
+    node_id: String,
+    region: String,
+    stale_misses: Arc<AtomicU64>,
+}
+
+impl EdgeService {
+    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("key is empty"));
+        }
+        if key.len() > self.max_key_len {
+            return Err(Status::invalid_argument(format!(
+                "key is {} bytes, more than the maximum of {}",
+                key.len(),
+                self.max_key_len
+            )));
+        }
+        Ok(())
+    }
+
+    fn get_one(&self, key: Bytes) -> Result<pb::GetResponse, Status> {
+        self.check_key(&key)?;
+        let lease = self.store.lease(&key).encode();
+        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness);
+        if !fresh {
+            // Cut off for longer than the bound: a miss is the only safe answer.
+            self.stale_misses.fetch_add(1, Ordering::Relaxed);
+            self.store.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(pb::GetResponse {
+                hit: false,
+                value: Bytes::new(),
+                lease,
+            });
+        }
+        match self.store.get(&key) {
+            Some(value) => {
+                self.store.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(pb::GetResponse {
+                    hit: true,
+                    value,
+                    lease: 0,
+                })
+            }
+            None => {
+                self.store.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(pb::GetResponse {
+                    hit: false,
+                    value: Bytes::new(),
+                    lease,
+                })
+            }
+        }
+    }
+
+    fn set_one(&self, r: pb::SetRequest) -> Result<Result<(), FillRefused>, Status> {
+        self.check_key(&r.key)?;
+        if r.value.len() > self.max_value_len {
+            return Err(Status::invalid_argument(format!(
+                "value is {} bytes, more than the maximum of {}",
+                r.value.len(),
+                self.max_value_len
+            )));
+        }
+        Ok(self.store.set(r.key, r.value, r.lease.map(Lease::decode)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cache_server::Cache for EdgeService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        self.get_one(request.into_inner().key).map(Response::new)
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        match self.set_one(request.into_inner())? {
+            Ok(()) => Ok(Response::new(pb::SetResponse { stored: true })),
+            Err(why) => Err(Status::failed_precondition(format!("fill refused: {why}"))),
+        }
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = request.into_inner().key;
+        self.check_key(&key)?;
+        Ok(Response::new(pb::DeleteResponse {
+            existed: self.store.delete(&key),
+        }))
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<pb::GetManyRequest>,
+    ) -> Result<Response<pb::GetManyResponse>, Status> {
+        let keys = request.into_inner().keys;
+        if keys.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 keys per GetMany"));
+        }
+        let results = keys
+            .into_iter()
+            .map(|k| self.get_one(k))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::GetManyResponse { results }))
+    }
+
+    async fn set_many(
+        &self,
+        request: Request<pb::SetManyRequest>,
+    ) -> Result<Response<pb::SetManyResponse>, Status> {
+        let entries = request.into_inner().entries;
+        if entries.len() > 10_000 {
+            return Err(Status::invalid_argument(
+                "at most 10000 entries per SetMany",
+            ));
+        }
+        for e in &entries {
+            self.check_key(&e.key)?;
+        }
+        let stored = entries
+            .into_iter()
+            .map(|e| self.set_one(e).map(|r| r.is_ok()))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::SetManyResponse { stored }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for EdgeService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let me = lock(&self.link).node_status(&self.node_id, "edge", &self.region);
+        Ok(Response::new(pb::StatusResponse { nodes: vec![me] }))
+    }
+}
+
+/// A running edge cache.
+pub struct EdgeNode {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its node id.
+    pub node_id: String,
+    /// The store.
+    pub store: Arc<Store>,
+    /// The link to its relays.
+    pub link: Arc<Mutex<LinkState>>,
+    /// Quarantined entries (most recent last).
+    pub quarantine: Arc<Mutex<Vec<Quarantined>>>,
+    /// Reads answered as misses because the edge was cut off.
+    pub stale_misses: Arc<AtomicU64>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), EdgeError>>,
+}
+
+impl EdgeNode {
+    /// Bind `cfg.listen` and run in the background.
+    pub async fn start(cfg: EdgeConfig) -> Result<EdgeNode, EdgeError> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// Like [`EdgeNode::start`], calling `on_applied` after every applied batch.
+    pub async fn start_with(
+        cfg: EdgeConfig,
+        on_applied: Option<Arc<dyn Fn(&Batch) + Send + Sync>>,
+    ) -> Result<EdgeNode, EdgeError> {
+        let cfg = cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| EdgeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| EdgeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let node_id = if cfg.node_id.is_empty() {
+            format!("edge-{}-{}", cfg.region, addr.port())
+        } else {
+            cfg.node_id.clone()
+        };
+        let filter = Filter {
+            prefixes: cfg
+                .prefixes
+                .iter()
+                .map(|p| Bytes::from(p.clone()))
+                .collect(),
+            ring: if cfg.ring_nodes.is_empty() {
+                None
+            } else {
+                if !cfg.ring_nodes.contains(&node_id) {
+                    return Err(EdgeError::Config(ConfigError(format!(
+                        "node id {node_id:?} is not one of ring_nodes"
+                    ))));
+                }
+                Some(RingOwnership {
+                    ring: NodeRing::new(cfg.ring_nodes.clone()),
+                    self_id: node_id.clone(),
+                    replication: cfg.replication.max(1) as usize,
+                })
+            },
+        };
+        let store = Arc::new(Store::new(
+            cfg.capacity,
+            cfg.ttl,
+            cfg.max_tombstones,
+            cfg.shard_count,
+        ));
+        let link = Arc::new(Mutex::new(LinkState::default()));
+        let quarantine = Arc::new(Mutex::new(Vec::new()));
+        let stale_misses = Arc::new(AtomicU64::new(0));
+        let (shutdown, rx) = watch::channel(false);
+        let applier = Arc::new(Mutex::new(EdgeApplier {
+            store: store.clone(),
+            quarantine: quarantine.clone(),
+            on_applied,
+        }));
+        let follow = FollowOptions {
+            urls: cfg.relays.clone(),
+            node_id: node_id.clone(),
+            region: cfg.region.clone(),
+            role: "edge".into(),
+            filter,
+            peer_timeout: cfg.peer_timeout,
+            compression: cfg.compression,
+            max_key_len: cfg.max_key_len,
+            ..FollowOptions::default()
+        };
+        tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
+        let svc = EdgeService {
+            store: store.clone(),
+            link: link.clone(),
+            max_staleness: cfg.max_staleness,
+            max_key_len: cfg.max_key_len,
+            max_value_len: cfg.max_value_len,
+            node_id: node_id.clone(),
+            region: cfg.region.clone(),
+            stale_misses: stale_misses.clone(),
+        };
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::cache_server::CacheServer<EdgeService>>()
+            .await;
+        let mut stop = rx;
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(health)
+                .add_service(
+                    pb::cache_server::CacheServer::new(svc.clone())
+                        .max_decoding_message_size(16 << 20),
+                )
+                .add_service(pb::admin_server::AdminServer::new(svc))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(EdgeError::Server)
+        });
+        Ok(EdgeNode {
+            addr,
+            node_id,
+            store,
+            link,
+            quarantine,
+            stale_misses,
+            shutdown,
+            task,
+        })
+    }
+
+    /// `http://addr`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Applied (epoch, seq) of a shard.
+    pub fn applied(&self, shard: ShardId) -> Option<(Epoch, Seq)> {
+        self.store
+            .applied()
+            .into_iter()
+            .find(|(s, _, _)| *s == shard)
+            .map(|(_, e, h)| (e, h))
+    }
+
+    /// Stop serving and following.
+    pub async fn stop(self) -> Result<(), EdgeError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        }
+    }
+}

@@ -292,7 +292,11 @@ impl Batch {
 /// The stand-in for a poison entry: a valid invalidation that removes at least what the entry
 /// could have meant for its key, so quarantining it never leaves a stale value behind. `None`
 /// when there is nothing to remove (no key) or no place for it (seq outside its batch).
-pub fn stand_in(p: &pb::Invalidation, why: &InvalidEntry, max_key_len: usize) -> Option<Invalidation> {
+pub fn stand_in(
+    p: &pb::Invalidation,
+    why: &InvalidEntry,
+    max_key_len: usize,
+) -> Option<Invalidation> {
     if p.key.is_empty() || matches!(why, InvalidEntry::SeqOutOfRange(_)) {
         return None;
     }

@@ -1,1 +1,204 @@
-//! placeholder
+//! `dci-relay`: a regional fan-out node.
+//!
+//! - [`config`]: configuration, defaults, validation.
+//! - [`core`]: the per-shard retransmit rings, fed by the upstream link and read by every
+//!   downstream link, with on-demand catch-up from upstream for receivers behind the ring.
+//! - [`Relay`]: the running node: an upstream follower plus a gRPC server speaking `Subscribe`
+//!   (to edges, near caches and other relays, so relays stack) and `Admin`.
+
+pub mod config;
+pub mod core;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dci_proto::downstream::{self, ServeCounters, ServeOptions};
+use dci_proto::link::SenderConfig;
+use dci_proto::pb;
+use dci_proto::upstream::{self, lock, FollowOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub use config::{ConfigError, RelayConfig};
+pub use core::RelayCore;
+
+/// Why a relay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+#[derive(Clone)]
+struct RelayService {
+    core: Arc<RelayCore>,
+    serve: ServeOptions,
+    counters: Arc<ServeCounters>,
+    shutdown: watch::Receiver<bool>,
+    node_id: String,
+    region: String,
+}
+
+#[tonic::async_trait]
+impl pb::subscribe_server::Subscribe for RelayService {
+    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::Upstream>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Ok(Response::new(downstream::serve(
+            self.core.clone(),
+            request.into_inner(),
+            self.serve.clone(),
+            self.counters.clone(),
+            self.shutdown.clone(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for RelayService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let me = lock(&self.core.link).node_status(&self.node_id, "relay", &self.region);
+        let mut nodes = vec![me];
+        nodes.extend(self.core.reported());
+        Ok(Response::new(pb::StatusResponse { nodes }))
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its state (rings, link state), for tests and the bench.
+    pub core: Arc<RelayCore>,
+    /// Downstream counters.
+    pub counters: Arc<ServeCounters>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl Relay {
+    /// Bind `cfg.listen` and run in the background.
+    pub async fn start(cfg: RelayConfig) -> Result<Relay, RelayError> {
+        let cfg = cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let node_id = if cfg.node_id.is_empty() {
+            format!("relay-{}-{}", cfg.region, addr.port())
+        } else {
+            cfg.node_id.clone()
+        };
+        let core = Arc::new(RelayCore::new(
+            node_id.clone(),
+            cfg.upstream.clone(),
+            cfg.ring_bytes,
+            cfg.max_key_len,
+        ));
+        let counters = Arc::new(ServeCounters::default());
+        let (shutdown, rx) = watch::channel(false);
+
+        let follow = FollowOptions {
+            urls: cfg.upstream.clone(),
+            node_id: node_id.clone(),
+            region: cfg.region.clone(),
+            role: "relay".into(),
+            peer_timeout: cfg.peer_timeout,
+            compression: cfg.compression,
+            max_key_len: cfg.max_key_len,
+            ..FollowOptions::default()
+        };
+        let applier = Arc::new(std::sync::Mutex::new(core::RelayApplier(core.clone())));
+        tokio::spawn(upstream::follow(
+            follow,
+            applier,
+            core.link.clone(),
+            rx.clone(),
+        ));
+
+        let svc = RelayService {
+            core: core.clone(),
+            serve: ServeOptions {
+                sender: SenderConfig {
+                    window_bytes: cfg.window_bytes,
+                    ..SenderConfig::default()
+                },
+                ..ServeOptions::default()
+            },
+            counters: counters.clone(),
+            shutdown: rx.clone(),
+            node_id,
+            region: cfg.region.clone(),
+        };
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::subscribe_server::SubscribeServer<RelayService>>()
+            .await;
+        let mut stop = rx;
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .add_service(health)
+                .add_service(
+                    pb::subscribe_server::SubscribeServer::new(svc.clone())
+                        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+                        .send_compressed(tonic::codec::CompressionEncoding::Zstd),
+                )
+                .add_service(pb::admin_server::AdminServer::new(svc))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(RelayError::Server)
+        });
+        Ok(Relay {
+            addr,
+            core,
+            counters,
+            shutdown,
+            task,
+        })
+    }
+
+    /// `http://addr`, for receivers.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop: end every stream and the upstream link.
+    pub async fn stop(self) -> Result<(), RelayError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        }
+    }
+}

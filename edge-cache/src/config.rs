@@ -1,0 +1,99 @@
+//! Edge cache configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything an edge needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Relays to follow, in failover order.
+    pub relays: Vec<String>,
+    /// The region.
+    pub region: String,
+    /// Node id (default: `edge-<region>-<port>`); with `ring_nodes`, it must be one of them.
+    pub node_id: String,
+    /// Size bound of the store, in bytes of keys and values.
+    pub capacity: u64,
+    /// Default time to live of a cached value.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Answer misses once no relay has been heard (and caught up with) for this long.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// Shards of the keyspace (leases and tombstones are per shard).
+    pub shard_count: u32,
+    /// Longest key accepted.
+    pub max_key_len: usize,
+    /// Largest value accepted.
+    pub max_value_len: usize,
+    /// Tombstones kept (older ones fold into a per-shard floor).
+    pub max_tombstones: u64,
+    /// Only take invalidations of keys with these prefixes (empty: all).
+    pub prefixes: Vec<String>,
+    /// Only take keys this edge owns on this ring of node ids (empty: all keys).
+    pub ring_nodes: Vec<String>,
+    /// Owners per key on the ring.
+    pub replication: u32,
+    /// Give up on a silent relay after this long and move to the next.
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
+    /// Ask relays for zstd-compressed streams.
+    pub compression: bool,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            listen: "127.0.0.1:7600".parse().expect("static address"),
+            relays: Vec::new(),
+            region: "default".into(),
+            node_id: String::new(),
+            capacity: 256 << 20,
+            ttl: Duration::from_secs(3600),
+            max_staleness: Duration::from_secs(5),
+            shard_count: 1,
+            max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
+            max_value_len: 8 << 20,
+            max_tombstones: 1_000_000,
+            prefixes: Vec::new(),
+            ring_nodes: Vec::new(),
+            replication: 1,
+            peer_timeout: Duration::from_secs(3),
+            compression: false,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl EdgeConfig {
+    /// Check the values.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.relays.is_empty() {
+            return Err(ConfigError("an edge needs at least one relay URL".into()));
+        }
+        for u in &self.relays {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError(format!("relay {u:?} is not an http(s):// URL")));
+            }
+        }
+        if self.capacity < 1024 {
+            return Err(ConfigError("capacity must be at least 1024 bytes".into()));
+        }
+        if self.shard_count == 0 {
+            return Err(ConfigError("shard_count must be at least 1".into()));
+        }
+        if self.max_staleness.is_zero() {
+            return Err(ConfigError("max_staleness must be positive".into()));
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,77 @@
+//! Relay configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a relay needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Senders to follow (coordinator or relays), in failover order.
+    pub upstream: Vec<String>,
+    /// The region this relay serves.
+    pub region: String,
+    /// Node id (default: `relay-<region>-<port>`).
+    pub node_id: String,
+    /// Bytes of recent batches kept per shard for retransmission and catch-up.
+    pub ring_bytes: usize,
+    /// Unacked bytes in flight per receiver.
+    pub window_bytes: usize,
+    /// Give up on a silent upstream after this long.
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
+    /// Ask upstream for zstd-compressed streams.
+    pub compression: bool,
+    /// Longest key accepted from upstream.
+    pub max_key_len: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: "127.0.0.1:7500".parse().expect("static address"),
+            upstream: Vec::new(),
+            region: "default".into(),
+            node_id: String::new(),
+            ring_bytes: 64 << 20,
+            window_bytes: 4 << 20,
+            peer_timeout: Duration::from_secs(3),
+            compression: false,
+            max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl RelayConfig {
+    /// Check the values.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.upstream.is_empty() {
+            return Err(ConfigError(
+                "a relay needs at least one upstream URL".into(),
+            ));
+        }
+        for u in &self.upstream {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "upstream {u:?} is not an http(s):// URL"
+                )));
+            }
+        }
+        if self.ring_bytes < 4096 {
+            return Err(ConfigError("ring_bytes must be at least 4096".into()));
+        }
+        if self.window_bytes < 1024 {
+            return Err(ConfigError("window_bytes must be at least 1024".into()));
+        }
+        Ok(self)
+    }
+}
