@@ -1,1 +1,481 @@
-fn main() {}
+//! `dci`: one CLI for every part of the distributed cache-invalidation system.
+//!
+//! Each subcommand is a thin shell: it reads the YAML file (if any), applies the flags on top,
+//! and hands the result to the library crate that does the work.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use dci_proto::pb;
+use serde::de::DeserializeOwned;
+
+#[derive(Parser)]
+#[command(
+    name = "dci",
+    version,
+    about = "Distributed cache invalidation: coordinator, relays, edge caches"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator (the sequencer and durable log of one shard).
+    Coordinator(CoordinatorArgs),
+    /// Run a relay (regional fan-out).
+    Relay(RelayArgs),
+    /// Run an edge cache.
+    Edge(EdgeArgs),
+    /// Publish invalidations of keys; prints "KEY SEQ" per key.
+    Publish(PublishArgs),
+    /// Read a key from an edge: the value and exit 0 on a hit, "miss" on stderr and exit 1.
+    Get(GetArgs),
+    /// Store a value on an edge (refused when the lease is stale).
+    Set(SetArgs),
+    /// Show the tree: every node with its high-water mark and lag.
+    Status(StatusArgs),
+    /// Run a whole deployment in-process with a workload, and report what it sees.
+    Demo(demo::DemoArgs),
+    /// Measure fan-out throughput and latency (not available yet).
+    Bench,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7400].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory of the log [default: dci-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Shard id [default: 0].
+    #[arg(long)]
+    shard: Option<u32>,
+    /// Number of shards [default: 1].
+    #[arg(long)]
+    shard_count: Option<u32>,
+    /// fsync policy: always, interval, never [default: always].
+    #[arg(long)]
+    fsync: Option<dci_coordinator::FsyncPolicy>,
+    /// Longest key in bytes [default: 1024].
+    #[arg(long)]
+    max_key_len: Option<usize>,
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7500].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Upstream senders (coordinator or relays), comma-separated, in failover order.
+    #[arg(long, value_delimiter = ',')]
+    upstream: Vec<String>,
+    /// Region name.
+    #[arg(long)]
+    region: Option<String>,
+    /// Node id.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Ring buffer bytes per shard.
+    #[arg(long)]
+    ring_bytes: Option<usize>,
+}
+
+#[derive(Args)]
+struct EdgeArgs {
+    /// YAML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7600].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Relays, comma-separated, in failover order.
+    #[arg(long, value_delimiter = ',')]
+    relays: Vec<String>,
+    /// Region name.
+    #[arg(long)]
+    region: Option<String>,
+    /// Node id.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Store size bound in bytes.
+    #[arg(long)]
+    capacity: Option<u64>,
+    /// Serve misses after this long without contact (e.g. 5s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_staleness: Option<Duration>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// Invalidate every key with these prefixes instead of exact keys.
+    #[arg(long)]
+    prefix: bool,
+    /// Writer's version for every key.
+    #[arg(long)]
+    version: Option<u64>,
+    /// Keys to invalidate.
+    #[arg(required = true)]
+    keys: Vec<String>,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    /// Edge URL.
+    #[arg(long, default_value = "http://127.0.0.1:7600")]
+    edge: String,
+    /// The key.
+    key: String,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    /// Edge URL.
+    #[arg(long, default_value = "http://127.0.0.1:7600")]
+    edge: String,
+    /// Lease from a miss.
+    #[arg(long)]
+    lease: Option<u64>,
+    /// The key.
+    key: String,
+    /// The value.
+    value: String,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Coordinator (or any node) URL.
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load<T: DeserializeOwned + Default>(path: &Option<PathBuf>) -> anyhow::Result<T> {
+    match path {
+        None => Ok(T::default()),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+const GRACE: Duration = Duration::from_secs(10);
+
+async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = a.shard {
+        cfg.shard = v;
+    }
+    if let Some(v) = a.shard_count {
+        cfg.shard_count = v;
+    }
+    if let Some(v) = a.fsync {
+        cfg.fsync = v;
+    }
+    if let Some(v) = a.max_key_len {
+        cfg.max_key_len = v;
+    }
+    let c = dci_coordinator::Coordinator::start(cfg).await?;
+    tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
+    terminated().await;
+    tracing::info!("draining");
+    tokio::time::timeout(GRACE, c.stop())
+        .await
+        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
+    Ok(())
+}
+
+async fn relay(a: RelayArgs) -> anyhow::Result<()> {
+    let mut cfg: dci_relay::RelayConfig = load(&a.config)?;
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if !a.upstream.is_empty() {
+        cfg.upstream = a.upstream;
+    }
+    if let Some(v) = a.region {
+        cfg.region = v;
+    }
+    if let Some(v) = a.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = a.ring_bytes {
+        cfg.ring_bytes = v;
+    }
+    let r = dci_relay::Relay::start(cfg).await?;
+    tracing::info!(addr = %r.addr, "relay listening");
+    terminated().await;
+    tokio::time::timeout(GRACE, r.stop())
+        .await
+        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
+    Ok(())
+}
+
+async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
+    let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if !a.relays.is_empty() {
+        cfg.relays = a.relays;
+    }
+    if let Some(v) = a.region {
+        cfg.region = v;
+    }
+    if let Some(v) = a.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = a.capacity {
+        cfg.capacity = v;
+    }
+    if let Some(v) = a.max_staleness {
+        cfg.max_staleness = v;
+    }
+    let e = dci_edge_cache::EdgeNode::start(cfg).await?;
+    tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
+    terminated().await;
+    tokio::time::timeout(GRACE, e.stop())
+        .await
+        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
+    Ok(())
+}
+
+fn status_line(s: &tonic::Status) -> String {
+    format!("{}: {}", s.code(), s.message())
+}
+
+async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow!("bad url {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10));
+    ep.connect()
+        .await
+        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))
+}
+
+async fn publish(a: PublishArgs) -> anyhow::Result<()> {
+    let mut client = pb::publisher_client::PublisherClient::new(connect(&a.coordinator).await?);
+    let kind = if a.prefix {
+        pb::Kind::Prefix
+    } else {
+        pb::Kind::Key
+    };
+    let req = pb::PublishRequest {
+        publisher_id: format!("cli-{:016x}", rand::random::<u64>()),
+        request_no: 1,
+        entries: a
+            .keys
+            .iter()
+            .map(|k| pb::Invalidation {
+                key: Bytes::from(k.clone()),
+                kind: kind as i32,
+                source_version: a.version,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let r = client
+        .publish(req)
+        .await
+        .map_err(|s| anyhow!(status_line(&s)))?
+        .into_inner();
+    for (k, s) in a.keys.iter().zip(r.seqs) {
+        println!("{k} {s}");
+    }
+    Ok(())
+}
+
+async fn get(a: GetArgs) -> anyhow::Result<bool> {
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    let r = client
+        .get(pb::GetRequest {
+            key: Bytes::from(a.key),
+        })
+        .await
+        .map_err(|s| anyhow!(status_line(&s)))?
+        .into_inner();
+    if r.hit {
+        println!("{}", String::from_utf8_lossy(&r.value));
+    } else {
+        eprintln!("miss (lease {})", r.lease);
+    }
+    Ok(r.hit)
+}
+
+async fn set(a: SetArgs) -> anyhow::Result<()> {
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    client
+        .set(pb::SetRequest {
+            key: Bytes::from(a.key),
+            value: Bytes::from(a.value),
+            lease: a.lease,
+            ttl_ms: 0,
+        })
+        .await
+        .map_err(|s| anyhow!(status_line(&s)))?;
+    println!("stored");
+    Ok(())
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(connect(&a.coordinator).await?);
+    let r = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| anyhow!(status_line(&s)))?
+        .into_inner();
+    if a.json {
+        let nodes: Vec<_> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "node_id": n.node_id, "role": n.role, "region": n.region, "parent": n.parent,
+                    "connected_ms": n.connected_ms,
+                    "shards": n.shards.iter().map(|s| serde_json::json!({
+                        "shard": s.shard, "epoch": s.epoch, "hwm": s.hwm, "lag_seqs": s.lag_seqs, "lag_ms": s.lag_ms,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  parent",
+        "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "connected"
+    );
+    for n in &r.nodes {
+        let connected =
+            humantime::format_duration(Duration::from_secs(n.connected_ms / 1000)).to_string();
+        if n.shards.is_empty() {
+            println!(
+                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  {}",
+                n.node_id, n.role, n.region, "-", "-", "-", "-", connected, n.parent
+            );
+        }
+        for s in &n.shards {
+            println!(
+                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  {}",
+                n.node_id,
+                n.role,
+                n.region,
+                s.shard,
+                s.hwm,
+                s.lag_seqs,
+                s.lag_ms,
+                connected,
+                n.parent
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dci: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Relay(_) | Command::Edge(_) | Command::Demo(_)
+    );
+    if server {
+        // The demo prints its own report; only problems are logged beside it.
+        init_tracing(if matches!(cli.command, Command::Demo(_)) {
+            "warn"
+        } else {
+            "info"
+        });
+    }
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Coordinator(a) => coordinator(a).await.map(|_| 0),
+            Command::Relay(a) => relay(a).await.map(|_| 0),
+            Command::Edge(a) => edge(a).await.map(|_| 0),
+            Command::Publish(a) => publish(a).await.map(|_| 0),
+            Command::Get(a) => get(a).await.map(|hit| if hit { 0 } else { 1 }),
+            Command::Set(a) => set(a).await.map(|_| 0),
+            Command::Status(a) => status(a).await.map(|_| 0),
+            Command::Demo(a) => demo::run(a, terminated()).await.map(|_| 0),
+            Command::Bench => Err(anyhow!("bench: not available yet")),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("dci: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,56 @@
-//! placeholder
+//! `dci-sdk`: the Rust client of dci.
+//!
+//! - [`Publisher`]: publish invalidations to the coordinator shards, batched, retried with
+//!   backoff, and idempotent (publisher id + request number), returning the seqs.
+//! - [`CacheClient`]: get / set / delete against the edge caches of a region, routed by a hash ring,
+//!   with [`CacheClient::get_or_load`] that fills through the lease of a miss (a stale fill is
+//!   refused) and lets one caller per key load at a time.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), dci_sdk::Error> {
+//! use dci_sdk::{CacheClient, Publisher};
+//! let publisher = Publisher::connect(vec!["http://127.0.0.1:7400".into()]).await?;
+//! let seq = publisher.invalidate("user:42:profile").await?;
+//! let cache = CacheClient::from_urls(vec!["http://127.0.0.1:7600".into()])?;
+//! let value = cache
+//!     .get_or_load("user:42:profile", || async { Ok::<_, std::io::Error>(bytes::Bytes::from("row")) })
+//!     .await?;
+//! # let _ = (seq, value); Ok(()) }
+//! ```
+
+mod cache;
+mod publisher;
+
+pub use cache::{CacheClient, Lookup};
+pub use publisher::{Publisher, PublisherOptions};
+
+/// Errors of the SDK.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A URL that cannot be used.
+    #[error("bad url {0:?}: {1}")]
+    Url(String, String),
+    /// The server refused the request (bad input); retrying will not help.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No server answered in time, after retries.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The loader of `get_or_load` failed.
+    #[error("loader failed: {0}")]
+    Loader(String),
+    /// The client was shut down.
+    #[error("client closed")]
+    Closed,
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code::*;
+        match s.code() {
+            InvalidArgument | FailedPrecondition | AlreadyExists | OutOfRange
+            | PermissionDenied | Unauthenticated => Error::Refused(s.message().to_string()),
+            _ => Error::Unavailable(format!("{}: {}", s.code(), s.message())),
+        }
+    }
+}

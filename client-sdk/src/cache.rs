@@ -1,0 +1,157 @@
+//! The cache client: a hash ring over the edges of a region.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dci_proto::pb;
+use dci_proto::pb::cache_client::CacheClient as RawClient;
+use dci_proto::ring::NodeRing;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// The answer to a get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The cached value.
+    Hit(Bytes),
+    /// Not cached; fill with this lease so a fill older than a later invalidation is refused.
+    Miss {
+        /// Lease to pass to [`CacheClient::set`].
+        lease: u64,
+    },
+}
+
+/// Talks to the edges of one region; clone it freely.
+#[derive(Clone)]
+pub struct CacheClient {
+    ring: NodeRing,
+    edges: Arc<HashMap<String, RawClient<Channel>>>,
+    loading: Arc<Mutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl CacheClient {
+    /// Edges named by their URLs (the ring is over the URLs).
+    pub fn from_urls(urls: Vec<String>) -> Result<CacheClient, Error> {
+        Self::new(urls.iter().map(|u| (u.clone(), u.clone())).collect())
+    }
+
+    /// Edges as (node id, URL): node ids place them on the ring, and must match the `ring_nodes`
+    /// the edges filter with.
+    pub fn new(edges: Vec<(String, String)>) -> Result<CacheClient, Error> {
+        if edges.is_empty() {
+            return Err(Error::Url(String::new(), "no edge URL".into()));
+        }
+        let mut map = HashMap::new();
+        for (id, url) in &edges {
+            let ch = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::Url(url.clone(), e.to_string()))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(5))
+                .connect_lazy();
+            map.insert(id.clone(), RawClient::new(ch));
+        }
+        Ok(CacheClient {
+            ring: NodeRing::new(edges.into_iter().map(|(id, _)| id).collect()),
+            edges: Arc::new(map),
+            loading: Arc::default(),
+        })
+    }
+
+    fn edge(&self, key: &[u8]) -> RawClient<Channel> {
+        let id = self.ring.primary(key).expect("ring is never empty");
+        self.edges[id].clone()
+    }
+
+    /// Look a key up.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Lookup, Error> {
+        let key = key.into();
+        let r = self
+            .edge(&key)
+            .get(pb::GetRequest { key })
+            .await?
+            .into_inner();
+        Ok(if r.hit {
+            Lookup::Hit(r.value)
+        } else {
+            Lookup::Miss { lease: r.lease }
+        })
+    }
+
+    /// Store a value; with the lease of a miss, it is refused (`Ok(false)`) when an invalidation
+    /// newer than the lease reached the edge meanwhile.
+    pub async fn set(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        lease: Option<u64>,
+    ) -> Result<bool, Error> {
+        let key = key.into();
+        let req = pb::SetRequest {
+            key: key.clone(),
+            value: value.into(),
+            lease,
+            ttl_ms: 0,
+        };
+        match self.edge(&key).set(req).await {
+            Ok(r) => Ok(r.into_inner().stored),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Remove a key from its edge.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
+        let key = key.into();
+        Ok(self
+            .edge(&key)
+            .delete(pb::DeleteRequest { key })
+            .await?
+            .into_inner()
+            .existed)
+    }
+
+    /// The cached value, or load it, fill under the miss's lease, and return it. Only one caller
+    /// per key (in this client) loads at a time; the others wait and then read the fill.
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: impl Into<Bytes>,
+        loader: F,
+    ) -> Result<Bytes, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let key = key.into();
+        if let Lookup::Hit(v) = self.get(key.clone()).await? {
+            return Ok(v);
+        }
+        let gate = {
+            let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+            l.entry(key.clone()).or_default().clone()
+        };
+        let result = async {
+            let _turn = gate.lock().await;
+            let lease = match self.get(key.clone()).await? {
+                Lookup::Hit(v) => return Ok(v),
+                Lookup::Miss { lease } => lease,
+            };
+            let value = loader().await.map_err(|e| Error::Loader(e.to_string()))?;
+            // A refused fill still returns the loaded value: it was read after the miss, and the
+            // next reader loads again.
+            self.set(key.clone(), value.clone(), Some(lease)).await?;
+            Ok(value)
+        }
+        .await;
+        let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if l.get(&key).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            l.remove(&key);
+        }
+        result
+    }
+}

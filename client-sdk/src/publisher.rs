@@ -1,0 +1,269 @@
+//! The publisher: a cheap handle, one task per shard that owns the connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dci_proto::pb;
+use dci_proto::pb::publisher_client::PublisherClient;
+use dci_proto::ring::ShardMap;
+use dci_proto::{Invalidation, Kind, Seq};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// Publisher tunables.
+#[derive(Clone, Debug)]
+pub struct PublisherOptions {
+    /// Stable id of this process for idempotent retries (default: random).
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { publisher_id: "billing-7".into(), ..Default::default() };
+    /// assert_eq!(o.publisher_id, "billing-7");
+    /// ```
+    pub publisher_id: String,
+    /// Most entries per request.
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { max_batch: 1024, ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub max_batch: usize,
+    /// Requests in flight per shard; more accumulate into the next batch.
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { max_in_flight: 8, ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub max_in_flight: usize,
+    /// Give up after retrying this long.
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { retry_for: std::time::Duration::from_secs(30), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub retry_for: Duration,
+    /// Deadline of one attempt.
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { timeout: std::time::Duration::from_secs(2), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub timeout: Duration,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            publisher_id: format!("pub-{:016x}", rand::random::<u64>()),
+            max_batch: 4096,
+            max_in_flight: 4,
+            retry_for: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Pending {
+    entries: Vec<Invalidation>,
+    reply: oneshot::Sender<Result<Vec<Seq>, Error>>,
+}
+
+/// Publishes invalidations; clone it freely (all clones share the connections).
+#[derive(Clone)]
+pub struct Publisher {
+    shards: Arc<Vec<mpsc::Sender<Pending>>>,
+    map: ShardMap,
+}
+
+impl Publisher {
+    /// Connect to the coordinators, one URL per shard (index = shard id).
+    pub async fn connect(urls: Vec<String>) -> Result<Publisher, Error> {
+        Self::with_options(urls, PublisherOptions::default()).await
+    }
+
+    /// Connect with options.
+    pub async fn with_options(
+        urls: Vec<String>,
+        opts: PublisherOptions,
+    ) -> Result<Publisher, Error> {
+        if urls.is_empty() {
+            return Err(Error::Url(String::new(), "no coordinator URL".into()));
+        }
+        let mut shards = Vec::new();
+        let request_no = Arc::new(AtomicU64::new(1));
+        for url in &urls {
+            let ch = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::Url(url.clone(), e.to_string()))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+            let (tx, rx) = mpsc::channel(16384);
+            tokio::spawn(run_shard(
+                PublisherClient::new(ch),
+                rx,
+                opts.clone(),
+                request_no.clone(),
+            ));
+            shards.push(tx);
+        }
+        Ok(Publisher {
+            map: ShardMap::new(urls.len() as u32),
+            shards: Arc::new(shards),
+        })
+    }
+
+    /// Invalidate one key; returns its seq once it is durable.
+    pub async fn invalidate(&self, key: impl Into<Bytes>) -> Result<Seq, Error> {
+        let seqs = self.publish(vec![Invalidation::key(key)]).await?;
+        Ok(seqs[0])
+    }
+
+    /// Invalidate one key with the writer's version (row version, LSN).
+    pub async fn invalidate_version(
+        &self,
+        key: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<Seq, Error> {
+        let inv = Invalidation {
+            source_version: Some(version),
+            ..Invalidation::key(key)
+        };
+        Ok(self.publish(vec![inv]).await?[0])
+    }
+
+    /// Publish several invalidations; returns their seqs in order. KEY entries go to the shard
+    /// that owns the key; PREFIX and ALL entries go to every shard (the seq returned is shard 0's).
+    pub async fn publish(&self, entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
+        let n = self.shards.len();
+        let mut per_shard: Vec<Vec<(usize, Invalidation)>> = vec![Vec::new(); n];
+        for (i, e) in entries.into_iter().enumerate() {
+            if e.kind == Kind::Key || n == 1 {
+                per_shard[self.map.shard_of(&e.key) as usize % n].push((i, e));
+            } else {
+                for s in per_shard.iter_mut() {
+                    s.push((i, e.clone()));
+                }
+            }
+        }
+        let mut waits = Vec::new();
+        for (shard, list) in per_shard.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let (idx, entries): (Vec<usize>, Vec<Invalidation>) = list.into_iter().unzip();
+            let (reply, rx) = oneshot::channel();
+            self.shards[shard]
+                .send(Pending { entries, reply })
+                .await
+                .map_err(|_| Error::Closed)?;
+            waits.push((shard, idx, rx));
+        }
+        let total = waits
+            .iter()
+            .flat_map(|(_, i, _)| i.iter())
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut out = vec![0; total];
+        for (shard, idx, rx) in waits {
+            let seqs = rx.await.map_err(|_| Error::Closed)??;
+            for (i, s) in idx.into_iter().zip(seqs) {
+                if shard == 0 || out[i] == 0 {
+                    out[i] = s;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn run_shard(
+    client: PublisherClient<Channel>,
+    mut rx: mpsc::Receiver<Pending>,
+    opts: PublisherOptions,
+    request_no: Arc<AtomicU64>,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            first = rx.recv(), if open && in_flight.len() < opts.max_in_flight => {
+                let Some(first) = first else { open = false; continue };
+                // Whatever queued up while requests were in flight goes out together.
+                let mut batch = vec![first];
+                let mut n = batch[0].entries.len();
+                while n < opts.max_batch {
+                    match rx.try_recv() {
+                        Ok(p) => { n += p.entries.len(); batch.push(p); }
+                        Err(_) => break,
+                    }
+                }
+                let no = request_no.fetch_add(1, Ordering::Relaxed);
+                in_flight.push(send(client.clone(), batch, opts.clone(), no));
+            }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            else => return,
+        }
+    }
+}
+
+async fn send(
+    mut client: PublisherClient<Channel>,
+    batch: Vec<Pending>,
+    opts: PublisherOptions,
+    no: u64,
+) {
+    let req = pb::PublishRequest {
+        publisher_id: opts.publisher_id.clone(),
+        request_no: no,
+        entries: batch
+            .iter()
+            .flat_map(|p| p.entries.iter().map(Invalidation::to_pb))
+            .collect(),
+    };
+    let deadline = tokio::time::Instant::now() + opts.retry_for;
+    let mut backoff = Duration::from_millis(20);
+    let result = loop {
+        let mut r = tonic::Request::new(req.clone());
+        r.set_timeout(opts.timeout);
+        match client.publish(r).await {
+            Ok(resp) => break Ok(resp.into_inner().seqs),
+            Err(status) => {
+                let err = Error::from(status);
+                if matches!(err, Error::Refused(_))
+                    || tokio::time::Instant::now() + backoff > deadline
+                {
+                    break Err(err);
+                }
+                // Same request number: the coordinator logs it at most once.
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    };
+    match result {
+        Ok(seqs) => {
+            let mut at = 0;
+            for p in batch {
+                let n = p.entries.len();
+                let _ = p.reply.send(Ok(seqs[at..at + n].to_vec()));
+                at += n;
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let refused = matches!(e, Error::Refused(_));
+            for p in batch {
+                let _ = p.reply.send(Err(if refused {
+                    Error::Refused(msg.clone())
+                } else {
+                    Error::Unavailable(msg.clone())
+                }));
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! `dci demo`: a whole deployment in one process — a coordinator, two regions each with a relay
+//! and three edges — under a workload of writers and readers, reporting every second what a user
+//! cares about: publishes/s, propagation latency, hit ratio, and stale reads (which must stay 0).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use dci_coordinator::{Coordinator, CoordinatorConfig};
+use dci_edge_cache::{EdgeConfig, EdgeNode};
+use dci_relay::{Relay, RelayConfig};
+use dci_sdk::{CacheClient, Publisher};
+use hdrhistogram::Histogram;
+
+/// Demo options.
+#[derive(Args, Clone)]
+pub struct DemoArgs {
+    /// How long to run (e.g. 30s); runs until Ctrl-C when absent.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Invalidations published per second (all writers together).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Cache reads per second (all readers together).
+    #[arg(long, default_value_t = 4000)]
+    reads: u64,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 5000)]
+    keys: u64,
+    /// Edges' staleness bound.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    max_staleness: Duration,
+}
+
+/// The "database": a version per key, and when each version's invalidation was acknowledged.
+struct Database {
+    versions: Vec<AtomicU64>,
+    acked: Mutex<HashMap<u64, BTreeMap<u64, Instant>>>,
+}
+
+#[derive(Default)]
+struct Stats {
+    publishes: AtomicU64,
+    hits: AtomicU64,
+    reads: AtomicU64,
+    stale: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn key_of(i: u64) -> String {
+    format!("user:{i:06}:profile")
+}
+
+pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        ..CoordinatorConfig::default()
+    })
+    .await?;
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let mut relays = Vec::new();
+    let mut edges = Vec::new();
+    let mut clients = Vec::new();
+    for region in ["eu", "us"] {
+        let relay = Relay::start(RelayConfig {
+            listen: "127.0.0.1:0".parse()?,
+            upstream: vec![coordinator.url()],
+            region: region.into(),
+            node_id: format!("relay-{region}"),
+            ..RelayConfig::default()
+        })
+        .await?;
+        let ids: Vec<String> = (0..3).map(|i| format!("edge-{region}-{i}")).collect();
+        let mut members = Vec::new();
+        for id in &ids {
+            let lat = latency.clone();
+            let on_applied: Arc<dyn Fn(&dci_proto::Batch) + Send + Sync> =
+                Arc::new(move |b: &dci_proto::Batch| {
+                    let now = dci_proto::now_us();
+                    let mut h = dci_proto::upstream::lock(&lat);
+                    for e in &b.entries {
+                        let _ = h.record(now.saturating_sub(e.publish_time_us).max(1));
+                    }
+                });
+            let edge = EdgeNode::start_with(
+                EdgeConfig {
+                    listen: "127.0.0.1:0".parse()?,
+                    relays: vec![relay.url()],
+                    region: region.into(),
+                    node_id: id.clone(),
+                    ring_nodes: ids.clone(),
+                    max_staleness: a.max_staleness,
+                    ..EdgeConfig::default()
+                },
+                Some(on_applied),
+            )
+            .await?;
+            members.push((id.clone(), edge.url()));
+            edges.push(edge);
+        }
+        clients.push(CacheClient::new(members)?);
+        relays.push(relay);
+    }
+    println!(
+        "dci demo: coordinator {} (log in {}), relays {}, {} edges; {} writes/s, {} reads/s over {} keys",
+        coordinator.url(),
+        dir.path().display(),
+        relays.iter().map(|r| r.url()).collect::<Vec<_>>().join(" "),
+        edges.len(),
+        a.rate,
+        a.reads,
+        a.keys
+    );
+
+    let publisher = Publisher::connect(vec![coordinator.url()]).await?;
+    let db = Arc::new(Database {
+        versions: (0..a.keys).map(|_| AtomicU64::new(1)).collect(),
+        acked: Mutex::new(HashMap::new()),
+    });
+    let stats = Arc::new(Stats::default());
+    let (halt_tx, halt) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Writers: bump the row's version, then invalidate with it.
+    let writers = 4u64;
+    for w in 0..writers {
+        let (p, db, stats, mut halt) = (publisher.clone(), db.clone(), stats.clone(), halt.clone());
+        let period = Duration::from_secs_f64(writers as f64 / a.rate.max(1) as f64);
+        let keys = a.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let _ = w;
+            loop {
+                tokio::select! { _ = tick.tick() => {}, _ = halt.changed() => return }
+                let k = rand::random_range(0..keys.max(1));
+                let version = db.versions[k as usize].fetch_add(1, Ordering::SeqCst) + 1;
+                let p = p.clone();
+                let (db, stats) = (db.clone(), stats.clone());
+                tokio::spawn(async move {
+                    match p.invalidate_version(key_of(k), version).await {
+                        Ok(_) => {
+                            stats.publishes.fetch_add(1, Ordering::Relaxed);
+                            let mut acked = dci_proto::upstream::lock(&db.acked);
+                            let per_key = acked.entry(k).or_default();
+                            per_key.insert(version, Instant::now());
+                            while per_key.len() > 32 {
+                                per_key.pop_first();
+                            }
+                        }
+                        Err(_) => {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    // Readers: get_or_load through each region's ring; check what they read.
+    let readers = 32u64;
+    for r in 0..readers {
+        let client = clients[(r % clients.len() as u64) as usize].clone();
+        let (db, stats, mut halt) = (db.clone(), stats.clone(), halt.clone());
+        let period = Duration::from_secs_f64(readers as f64 / a.reads.max(1) as f64);
+        let (keys, bound) = (a.keys, a.max_staleness);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! { _ = tick.tick() => {}, _ = halt.changed() => return }
+                let k = rand::random_range(0..keys.max(1));
+                let loaded = Arc::new(AtomicU64::new(0));
+                let l2 = loaded.clone();
+                let db2 = db.clone();
+                let got = client
+                    .get_or_load(key_of(k), move || async move {
+                        l2.store(1, Ordering::Relaxed);
+                        let v = db2.versions[k as usize].load(Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(Bytes::from(v.to_string()))
+                    })
+                    .await;
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                let Ok(value) = got else {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if loaded.load(Ordering::Relaxed) == 0 {
+                    stats.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let seen: u64 = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                // Stale: a newer version's invalidation was acknowledged more than the bound ago.
+                let acked = dci_proto::upstream::lock(&db.acked);
+                if let Some(per_key) = acked.get(&k) {
+                    if let Some((_, at)) = per_key.range(seen + 1..).next() {
+                        if at.elapsed() > bound {
+                            stats.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    report.tick().await;
+    let (mut last_pub, mut last_reads, mut last_hits) = (0, 0, 0);
+    tokio::pin!(stop);
+    loop {
+        let done = a.duration.is_some_and(|d| started.elapsed() >= d);
+        if done {
+            break;
+        }
+        tokio::select! {
+            _ = report.tick() => {}
+            _ = &mut stop => break,
+        }
+        let pubs = stats.publishes.load(Ordering::Relaxed);
+        let reads = stats.reads.load(Ordering::Relaxed);
+        let hits = stats.hits.load(Ordering::Relaxed);
+        let (p50, p99) = {
+            let mut h = dci_proto::upstream::lock(&latency);
+            let r = (h.value_at_quantile(0.5), h.value_at_quantile(0.99));
+            h.reset();
+            r
+        };
+        let dr = reads - last_reads;
+        let hit_ratio = if dr == 0 {
+            0.0
+        } else {
+            (hits - last_hits) as f64 / dr as f64 * 100.0
+        };
+        println!(
+            "t={:>4}s publishes/s={:>6} propagation p50={:.2}ms p99={:.2}ms hit ratio={:>5.1}% stale reads={} errors={}",
+            started.elapsed().as_secs(),
+            pubs - last_pub,
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+            hit_ratio,
+            stats.stale.load(Ordering::Relaxed),
+            stats.errors.load(Ordering::Relaxed),
+        );
+        (last_pub, last_reads, last_hits) = (pubs, reads, hits);
+    }
+    let _ = halt_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    println!(
+        "dci demo: done after {:.1}s: {} publishes, {} reads, {} stale reads",
+        started.elapsed().as_secs_f64(),
+        stats.publishes.load(Ordering::Relaxed),
+        stats.reads.load(Ordering::Relaxed),
+        stats.stale.load(Ordering::Relaxed)
+    );
+    for e in edges {
+        let _ = e.stop().await;
+    }
+    for r in relays {
+        let _ = r.stop().await;
+    }
+    coordinator.stop().await?;
+    let stale = stats.stale.load(Ordering::Relaxed);
+    if stale > 0 {
+        anyhow::bail!("{stale} stale reads seen");
+    }
+    Ok(())
+}
