@@ -158,6 +158,7 @@ impl BatchSource for Hub {
             epoch: self.epoch,
             oldest: disk.min(tail.oldest()),
             head: tail.head(),
+            held_from: tail.oldest(),
             head_time_us: tail.head_publish_us(),
         }]
     }

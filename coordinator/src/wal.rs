@@ -387,7 +387,7 @@ impl Wal {
         // no longer has: a new epoch makes them flush instead of trusting reused seqs.
         let unclean_unsynced = !was_clean && opts.fsync != FsyncPolicy::Always;
         let epoch = match stored_epoch {
-            Some(e) if !corrupt && !(unclean_unsynced && head > 0) => e,
+            Some(e) if !(corrupt || (unclean_unsynced && head > 0)) => e,
             prev => {
                 recovery.new_epoch = true;
                 let e = new_epoch(prev);
@@ -624,8 +624,11 @@ impl Wal {
 /// A snapshot of the segment list, to read records from disk.
 #[derive(Debug, Clone, Default)]
 pub struct LogReader {
-    segments: Vec<(Seq, PathBuf, Vec<(Seq, u64)>)>,
+    segments: Vec<SegmentRef>,
 }
+
+/// (first seq, file, sparse index of (record first seq, offset)).
+type SegmentRef = (Seq, PathBuf, Vec<(Seq, u64)>);
 
 impl LogReader {
     /// Records holding seqs from `from` on (the first may start before `from`), up to about

@@ -29,7 +29,6 @@ impl Applier for Recorder {
 
 pub struct Follower {
     pub rec: Arc<Mutex<Recorder>>,
-    pub state: Arc<Mutex<LinkState>>,
     stop: watch::Sender<bool>,
 }
 
@@ -46,8 +45,8 @@ impl Follower {
             resume,
             ..FollowOptions::default()
         };
-        tokio::spawn(upstream::follow(opts, rec.clone(), state.clone(), rx));
-        Follower { rec, state, stop }
+        tokio::spawn(upstream::follow(opts, rec.clone(), state, rx));
+        Follower { rec, stop }
     }
 
     pub async fn wait_for_seq(&self, seq: Seq) {

@@ -59,12 +59,14 @@ pub struct Quarantined {
     pub why: String,
 }
 
+/// Called after every applied batch (the bench and the demo measure latency with it).
+pub type AppliedHook = Arc<dyn Fn(&Batch) + Send + Sync>;
+
 /// The invalidation consumer's side of the edge.
 pub struct EdgeApplier {
     store: Arc<Store>,
     quarantine: Arc<Mutex<Vec<Quarantined>>>,
-    /// Called after every applied batch (the bench and the demo measure latency with it).
-    on_applied: Option<Arc<dyn Fn(&Batch) + Send + Sync>>,
+    on_applied: Option<AppliedHook>,
 }
 
 impl Applier for EdgeApplier {
@@ -280,7 +282,7 @@ impl EdgeNode {
     /// Like [`EdgeNode::start`], calling `on_applied` after every applied batch.
     pub async fn start_with(
         cfg: EdgeConfig,
-        on_applied: Option<Arc<dyn Fn(&Batch) + Send + Sync>>,
+        on_applied: Option<AppliedHook>,
     ) -> Result<EdgeNode, EdgeError> {
         let cfg = cfg.validate()?;
         let listener = TcpListener::bind(cfg.listen)

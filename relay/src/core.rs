@@ -177,10 +177,10 @@ impl RelayCore {
                     }
                 }
                 Some(pb::downstream::Msg::Reset(r)) if r.shard == shard => return Ok(Fetch::Gone),
-                Some(pb::downstream::Msg::Heartbeat(h)) => {
-                    if h.heads.iter().any(|x| x.shard == shard && x.head < from) {
-                        break;
-                    }
+                Some(pb::downstream::Msg::Heartbeat(h))
+                    if h.heads.iter().any(|x| x.shard == shard && x.head < from) =>
+                {
+                    break;
                 }
                 _ => {}
             }
@@ -206,6 +206,7 @@ impl BatchSource for RelayCore {
                 // says so and the receiver is Reset.
                 oldest: 1,
                 head: r.head(),
+                held_from: r.oldest(),
                 head_time_us: r.head_publish_us(),
             })
             .collect();

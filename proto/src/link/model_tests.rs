@@ -48,6 +48,7 @@ impl Source {
             epoch: EPOCH,
             oldest: 1,
             head: self.batches.last().map_or(0, |b| b.last_seq),
+            held_from: 1,
             head_time_us: 0,
         }
     }
@@ -442,6 +443,7 @@ fn lagging_receiver_is_reset_then_follows_the_head() {
         epoch: EPOCH,
         oldest: 50,
         head: 80,
+        held_from: 50,
         head_time_us: 0,
     };
     let cmds = sender.on_hello(&rx.resume_points(), &[view], now);

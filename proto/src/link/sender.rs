@@ -43,6 +43,9 @@ pub struct ShardView {
     pub oldest: Seq,
     /// The highest seq it has.
     pub head: Seq,
+    /// The first seq it holds in memory: where a receiver without a resume point starts when
+    /// the shard appears after its Hello (everything held is news to it).
+    pub held_from: Seq,
     /// Publish time of the head entry, µs since the Unix epoch (0 if unknown).
     pub head_time_us: u64,
 }
@@ -131,7 +134,7 @@ impl Sender {
         self.resume = resume.to_vec();
         let mut out = Vec::new();
         for v in views {
-            if let Some(c) = self.start_shard(v, now) {
+            if let Some(c) = self.start_shard(v, now, false) {
                 out.push(c);
             }
         }
@@ -139,11 +142,12 @@ impl Sender {
     }
 
     /// Where a shard starts on this link, from the receiver's resume point.
-    fn start_shard(&mut self, v: &ShardView, now: Instant) -> Option<TxCommand> {
+    fn start_shard(&mut self, v: &ShardView, now: Instant, late: bool) -> Option<TxCommand> {
         let mut out = None;
         {
             let point = self.resume.iter().find(|p| p.shard == v.shard).cloned();
             let next = match point {
+                None if late => v.held_from.max(1),
                 None => v.head + 1,
                 Some(p) if p.epoch == v.epoch && p.hwm + 1 >= v.oldest => p.hwm + 1,
                 Some(p) if p.epoch == 0 && p.hwm == 0 && v.oldest <= 1 => 1,
@@ -191,7 +195,7 @@ impl Sender {
         let window = self.cfg.window_bytes;
         let Some(s) = self.shards.get(&view.shard) else {
             // A shard that appeared after the Hello: same rules as at Hello time.
-            return match self.start_shard(view, now) {
+            return match self.start_shard(view, now, true) {
                 Some(c) => NextRange::Reset(c),
                 None => self.next_range(view, now),
             };
@@ -379,6 +383,7 @@ mod tests {
             epoch: 5,
             oldest,
             head,
+            held_from: oldest,
             head_time_us: 0,
         }
     }
@@ -523,6 +528,13 @@ mod tests {
         assert!(matches!(
             s.next_range(&view(1, 100), now),
             NextRange::Send { from: 41, .. }
+        ));
+        // Without a resume point, everything held is news: start at the first held seq.
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[], &[], now);
+        assert!(matches!(
+            s.next_range(&view(7, 100), now),
+            NextRange::Send { from: 7, .. }
         ));
     }
 

@@ -1,0 +1,441 @@
+//! The whole tree in-process over real gRPC on loopback: coordinator, relays, edges.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dci_coordinator::{Coordinator, CoordinatorConfig};
+use dci_edge_cache::{EdgeConfig, EdgeNode};
+use dci_proto::pb;
+use dci_proto::upstream::lock;
+use dci_proto::{Batch, Seq};
+use dci_relay::{Relay, RelayConfig};
+use dci_sdk::{CacheClient, Lookup, Publisher};
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn coordinator(dir: &std::path::Path) -> Coordinator {
+    Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn relay_at(listen: SocketAddr, upstream: Vec<String>, ring_bytes: usize) -> Relay {
+    Relay::start(RelayConfig {
+        listen,
+        upstream,
+        region: "r".into(),
+        ring_bytes,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn relay(upstream: &Coordinator) -> Relay {
+    relay_at(any_port(), vec![upstream.url()], 64 << 20).await
+}
+
+/// An edge that records every applied entry's key and every applied range.
+struct Watched {
+    edge: EdgeNode,
+    keys: Arc<Mutex<Vec<Bytes>>>,
+}
+
+async fn edge(cfg: EdgeConfig) -> Watched {
+    let keys = Arc::new(Mutex::new(Vec::new()));
+    let k = keys.clone();
+    let cb: Arc<dyn Fn(&Batch) + Send + Sync> = Arc::new(move |b: &Batch| {
+        lock(&k).extend(b.entries.iter().map(|e| e.key.clone()));
+    });
+    let edge = EdgeNode::start_with(
+        EdgeConfig {
+            listen: any_port(),
+            ..cfg
+        },
+        Some(cb),
+    )
+    .await
+    .unwrap();
+    Watched { edge, keys }
+}
+
+fn edge_cfg(relays: Vec<String>) -> EdgeConfig {
+    EdgeConfig {
+        relays,
+        peer_timeout: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_connected(e: &Watched) {
+    eventually("edge connected", || {
+        lock(&e.edge.link).connected_to.is_some()
+    })
+    .await;
+}
+
+async fn wait_applied(e: &Watched, seq: Seq) {
+    let id = e.edge.node_id.clone();
+    let applied = e.edge.store.clone();
+    eventually(&format!("{id} applied {seq}"), || {
+        applied.applied().iter().any(|&(_, _, s)| s >= seq)
+    })
+    .await;
+}
+
+fn keys(n: std::ops::Range<u64>, prefix: &str) -> Vec<String> {
+    n.map(|i| format!("{prefix}{i}")).collect()
+}
+
+async fn publish_all(p: &Publisher, keys: &[String]) -> Seq {
+    let mut last = 0;
+    for chunk in keys.chunks(500) {
+        let seqs = p
+            .publish(
+                chunk
+                    .iter()
+                    .map(|k| dci_proto::Invalidation::key(k.clone()))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        last = *seqs.last().unwrap();
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_reach_every_edge_and_survive_a_relay_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r1 = relay(&c).await;
+    let r2 = relay(&c).await;
+    let r1_addr = r1.addr;
+    let mut edges = Vec::new();
+    for i in 0..4 {
+        let relays = if i % 2 == 0 {
+            vec![r1.url(), r2.url()]
+        } else {
+            vec![r2.url(), r1.url()]
+        };
+        edges.push(edge(edge_cfg(relays)).await);
+    }
+    for e in &edges {
+        wait_connected(e).await;
+    }
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let first = keys(0..100, "a:");
+    let head = publish_all(&p, &first).await;
+    for e in &edges {
+        wait_applied(e, head).await;
+    }
+
+    // Kill relay 1 mid-stream: its edges move to relay 2 and miss nothing.
+    let writer = {
+        let p = p.clone();
+        tokio::spawn(async move { publish_all(&p, &keys(100..3000, "b:")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r1.stop().await.unwrap();
+    let head = writer.await.unwrap();
+    for e in &edges {
+        wait_applied(e, head).await;
+        let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
+        for k in keys(0..100, "a:").into_iter().chain(keys(100..3000, "b:")) {
+            assert!(got.contains(k.as_bytes()), "{} missed {k}", e.edge.node_id);
+        }
+        assert_eq!(lock(&e.edge.link).flushes, 0, "failover needs no reset");
+    }
+
+    // Relay 1 comes back on its address and serves again.
+    let r1 = relay_at(r1_addr, vec![c.url()], 64 << 20).await;
+    let late = edge(edge_cfg(vec![r1.url()])).await;
+    wait_connected(&late).await;
+    let head = publish_all(&p, &keys(0..10, "c:")).await;
+    wait_applied(&late, head).await;
+    for e in edges {
+        e.edge.stop().await.unwrap();
+    }
+    late.edge.stop().await.unwrap();
+    r1.stop().await.unwrap();
+    r2.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_missed_ten_thousand_entries_catches_up_through_a_restarted_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let addr = r.addr;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..10, "warm:")).await;
+    wait_applied(&e, head).await;
+
+    r.stop().await.unwrap();
+    let head = publish_all(&p, &keys(0..10_000, "missed:")).await;
+    // The relay restarts empty; the edge resumes from its high-water mark, and the relay fetches
+    // the range from upstream for it.
+    let r = relay_at(addr, vec![c.url()], 64 << 20).await;
+    wait_applied(&e, head).await;
+    let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
+    assert!(keys(0..10_000, "missed:")
+        .iter()
+        .all(|k| got.contains(k.as_bytes())));
+    assert_eq!(lock(&e.edge.link).flushes, 0);
+    assert!(r.core.catch_ups.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_gone_everywhere_ends_in_reset_and_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        segment_bytes: 4096,
+        retention_bytes: 4096,
+        memory_tail_bytes: 4096,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = relay_at(any_port(), vec![c.url()], 4096).await;
+    let addr = r.addr;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..10, "k:")).await;
+    wait_applied(&e, head).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("cached", "v", None).await.unwrap());
+
+    r.stop().await.unwrap();
+    // Far more than the relay ring, the coordinator's memory tail and its log retention hold.
+    publish_all(&p, &keys(0..20_000, "flood:")).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let head = publish_all(&p, &keys(0..10, "after:")).await;
+    let r = relay_at(addr, vec![c.url()], 4096).await;
+    eventually("edge reset", || lock(&e.edge.link).flushes > 0).await;
+    wait_applied(&e, head).await;
+    assert_eq!(
+        cache.get("cached").await.unwrap(),
+        Lookup::Miss {
+            lease: e.edge.store.lease(b"cached").encode()
+        }
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_set_race_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..1, "warm:")).await;
+    wait_applied(&e, head).await;
+
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    // Reader misses and reads the old row...
+    let Lookup::Miss { lease } = cache.get("user:1").await.unwrap() else {
+        panic!("expected a miss")
+    };
+    // ...the writer updates the row and invalidates...
+    let seq = p.invalidate("user:1").await.unwrap();
+    wait_applied(&e, seq).await;
+    // ...and the reader's late fill of the old row is refused.
+    assert!(!cache.set("user:1", "old row", Some(lease)).await.unwrap());
+    let mut raw = pb::cache_client::CacheClient::connect(e.edge.url())
+        .await
+        .unwrap();
+    let err = raw
+        .set(pb::SetRequest {
+            key: Bytes::from("user:1"),
+            value: Bytes::from("old"),
+            lease: Some(lease),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(matches!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+    // A fill under a fresh lease is stored.
+    let v = cache
+        .get_or_load("user:1", || async {
+            Ok::<_, std::io::Error>(Bytes::from("new row"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("new row"));
+    assert_eq!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Hit(Bytes::from("new row"))
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_and_ring_filters_deliver_only_what_they_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let users = edge(EdgeConfig {
+        prefixes: vec!["user:".into()],
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    let ids: Vec<String> = (0..3).map(|i| format!("ring-{i}")).collect();
+    let mut ring = Vec::new();
+    for id in &ids {
+        ring.push(
+            edge(EdgeConfig {
+                node_id: id.clone(),
+                ring_nodes: ids.clone(),
+                ..edge_cfg(vec![r.url()])
+            })
+            .await,
+        );
+    }
+    wait_connected(&users).await;
+    for e in &ring {
+        wait_connected(e).await;
+    }
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let mut all = keys(0..300, "user:");
+    all.extend(keys(0..300, "item:"));
+    let head = publish_all(&p, &all).await;
+    wait_applied(&users, head).await;
+    for e in &ring {
+        wait_applied(e, head).await;
+    }
+    let got = lock(&users.keys).clone();
+    assert_eq!(got.len(), 300);
+    assert!(got.iter().all(|k| k.starts_with(b"user:")));
+    let mut owners = std::collections::HashMap::new();
+    for e in &ring {
+        let got = lock(&e.keys).clone();
+        assert!(
+            !got.is_empty() && got.len() < all.len(),
+            "{} got {}",
+            e.edge.node_id,
+            got.len()
+        );
+        for k in got {
+            *owners.entry(k).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(owners.len(), all.len(), "every key reached its owner");
+    assert!(owners.values().all(|&n| n == 1), "and only its owner");
+    // The SDK routes with the same ring: a key lands on the edge that receives its invalidations.
+    let client = CacheClient::new(
+        ids.iter()
+            .cloned()
+            .zip(ring.iter().map(|e| e.edge.url()))
+            .collect(),
+    )
+    .unwrap();
+    client.set("user:7", "v", None).await.unwrap();
+    let holder = ring
+        .iter()
+        .find(|e| e.edge.store.get(b"user:7").is_some())
+        .unwrap();
+    assert!(lock(&holder.keys).iter().any(|k| k.as_ref() == b"user:7"));
+    users.edge.stop().await.unwrap();
+    for e in ring {
+        e.edge.stop().await.unwrap();
+    }
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let addr = r.addr;
+    let e = edge(EdgeConfig {
+        max_staleness: Duration::from_millis(1500),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..1, "warm:")).await;
+    wait_applied(&e, head).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("k", "v", None).await.unwrap());
+    assert_eq!(cache.get("k").await.unwrap(), Lookup::Hit(Bytes::from("v")));
+
+    r.stop().await.unwrap();
+    let started = tokio::time::Instant::now();
+    loop {
+        if matches!(cache.get("k").await.unwrap(), Lookup::Miss { .. }) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still serving long after the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "stopped serving before the bound"
+    );
+    assert!(
+        e.edge
+            .stale_misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // Back in contact and caught up: it serves again.
+    let r = relay_at(addr, vec![c.url()], 64 << 20).await;
+    let cache2 = cache.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if cache2.get("k").await.unwrap() == Lookup::Hit(Bytes::from("v")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
