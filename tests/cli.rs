@@ -1,0 +1,232 @@
+//! The `dci` binary as a user runs it: separate processes, real ports, exit codes, SIGKILL.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DCI: &str = env!("CARGO_BIN_EXE_dci");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(DCI)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dci(args: &[&str]) -> Output {
+    Command::new(DCI).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The edge's high-water mark as `dci status --json` reports it (0 until it is known).
+fn edge_hwm(coord: &str) -> u64 {
+    let o = dci(&["status", "--coordinator", coord, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["role"] == "edge")
+        .filter_map(|n| n["shards"][0]["hwm"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn processes_talk_and_errors_are_one_line_with_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, rp, ep) = (free_port(), free_port(), free_port());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let edge_url = format!("http://127.0.0.1:{ep}");
+    let _c = spawn(&[
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{cp}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    wait_port(cp);
+    let _r = spawn(&[
+        "relay",
+        "--listen",
+        &format!("127.0.0.1:{rp}"),
+        "--upstream",
+        &coord,
+        "--region",
+        "eu",
+    ]);
+    wait_port(rp);
+    let _e = spawn(&[
+        "edge",
+        "--listen",
+        &format!("127.0.0.1:{ep}"),
+        "--relays",
+        &format!("http://127.0.0.1:{rp}"),
+        "--region",
+        "eu",
+    ]);
+    wait_port(ep);
+
+    let o = dci(&["publish", "--coordinator", &coord, "user:1", "user:2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "user:1 1\nuser:2 2\n");
+
+    // Edge: a miss is exit 1 with "miss" on stderr; a stored value is a hit.
+    eventually("edge applied seq 2", || edge_hwm(&coord) >= 2);
+    eventually("edge serving", || {
+        let o = dci(&["set", "--edge", &edge_url, "user:1", "hello"]);
+        o.status.success() && dci(&["get", "--edge", &edge_url, "user:1"]).status.code() == Some(0)
+    });
+    let o = dci(&["get", "--edge", &edge_url, "user:1"]);
+    assert_eq!(stdout(&o), "hello\n");
+    let o = dci(&["get", "--edge", &edge_url, "nobody"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).starts_with("miss"));
+
+    // An invalidation removes it.
+    assert!(dci(&["publish", "--coordinator", &coord, "user:1"])
+        .status
+        .success());
+    eventually("invalidation applied", || {
+        dci(&["get", "--edge", &edge_url, "user:1"]).status.code() == Some(1)
+    });
+
+    // Bad input: one line on stderr, non-zero exit, nothing logged.
+    let long = "k".repeat(5000);
+    let o = dci(&["publish", "--coordinator", &coord, &long]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("InvalidArgument") || stderr(&o).contains("invalid"),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&["publish", "--coordinator", &coord, "next"]);
+    assert_eq!(stdout(&o), "next 4\n", "the refused publish took no seq");
+
+    // A stale lease is refused.
+    let o = dci(&["set", "--edge", &edge_url, "user:2", "old", "--lease", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
+
+    // Unreachable node: exit 2, one line.
+    let o = dci(&["get", "--edge", "http://127.0.0.1:1", "k"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1);
+
+    // The tree, as the coordinator learned it from its relay's reports.
+    eventually("status shows the edge", || {
+        let o = dci(&["status", "--coordinator", &coord, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let roles: Vec<String> = v["nodes"].as_array().map_or(vec![], |n| {
+            n.iter()
+                .map(|x| x["role"].as_str().unwrap_or("").to_string())
+                .collect()
+        });
+        roles.contains(&"coordinator".into())
+            && roles.contains(&"relay".into())
+            && roles.contains(&"edge".into())
+    });
+    let o = dci(&["status", "--coordinator", &coord]);
+    assert!(
+        stdout(&o).contains("coordinator") && stdout(&o).contains("edge"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = dci(&["bench"]);
+    assert_ne!(o.status.code(), Some(0));
+}
+
+#[test]
+fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = free_port();
+    let coord = format!("http://127.0.0.1:{cp}");
+    let args = [
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{cp}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let mut c = spawn(&args);
+    wait_port(cp);
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let o = dci(&[
+            "publish",
+            "--coordinator",
+            &coord,
+            &format!("k{i}"),
+            &format!("j{i}"),
+        ]);
+        assert!(o.status.success());
+        for line in stdout(&o).lines() {
+            acked.push(line.split(' ').nth(1).unwrap().parse::<u64>().unwrap());
+        }
+    }
+    // SIGKILL: no clean shutdown, no chance to flush anything more.
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    let _c = spawn(&args);
+    wait_port(cp);
+    let o = dci(&["publish", "--coordinator", &coord, "after"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seq: u64 = stdout(&o)
+        .trim()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        seq,
+        *acked.iter().max().unwrap() + 1,
+        "every acknowledged seq survived and none is reused"
+    );
+}

@@ -1,0 +1,238 @@
+//! Poison pills: a scripted sender (a fake relay on loopback) feeds bad entries to real receivers.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dci_edge_cache::{EdgeConfig, EdgeNode};
+use dci_proto::pb;
+use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::{Batch, Epoch, Seq, ShardId};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Sends the scripted batches after the Hello, then heartbeats; ignores acks.
+#[derive(Clone)]
+struct Scripted {
+    batches: Vec<pb::Batch>,
+    head: Seq,
+}
+
+#[tonic::async_trait]
+impl pb::subscribe_server::Subscribe for Scripted {
+    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<pb::Upstream>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let script = self.clone();
+        tokio::spawn(async move {
+            let _hello = inbound.message().await;
+            for b in script.batches {
+                let msg = pb::downstream::Msg::Batch(Bytes::from(b.encode_to_vec()));
+                if tx
+                    .send(Ok(pb::Downstream { msg: Some(msg) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // Garbage that is not a batch at all must not stop the stream either.
+            let junk = pb::downstream::Msg::Batch(Bytes::from_static(b"\x0a\xff\xff\xff\xff"));
+            let _ = tx.send(Ok(pb::Downstream { msg: Some(junk) })).await;
+            loop {
+                let hb = pb::Heartbeat {
+                    heads: vec![pb::ShardHead {
+                        shard: 0,
+                        epoch: 1,
+                        head: script.head,
+                        head_time_us: 0,
+                    }],
+                    ..Default::default()
+                };
+                if tx
+                    .send(Ok(pb::Downstream {
+                        msg: Some(pb::downstream::Msg::Heartbeat(hb)),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                while let Ok(Ok(Some(_))) =
+                    tokio::time::timeout(Duration::from_millis(100), inbound.message()).await
+                {
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn serve(script: Scripted) -> (String, watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, mut rx) = watch::channel(false);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::subscribe_server::SubscribeServer::new(script))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }),
+    );
+    (url, stop)
+}
+
+fn entry(seq: Seq, key: &str, kind: i32) -> pb::Invalidation {
+    pb::Invalidation {
+        key: Bytes::from(key.to_string()),
+        kind,
+        seq,
+        ..Default::default()
+    }
+}
+
+fn script() -> Scripted {
+    let key = pb::Kind::Key as i32;
+    Scripted {
+        batches: vec![
+            pb::Batch {
+                shard: 0,
+                epoch: 1,
+                first_seq: 1,
+                last_seq: 4,
+                entries: vec![
+                    entry(1, "a", key),
+                    entry(2, "poison", 99),
+                    entry(3, "", key),
+                    entry(4, "boom", key),
+                ],
+            },
+            pb::Batch {
+                shard: 0,
+                epoch: 1,
+                first_seq: 5,
+                last_seq: 5,
+                entries: vec![entry(5, "after", key)],
+            },
+        ],
+        head: 5,
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
+    let (url, stop) = serve(script()).await;
+    let edge = EdgeNode::start(EdgeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        relays: vec![url],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Cached before the stream starts (a lease of 0 is still valid then).
+    edge.store
+        .set(Bytes::from("poison"), Bytes::from("stale"), None)
+        .unwrap();
+    edge.store
+        .set(Bytes::from("untouched"), Bytes::from("v"), None)
+        .unwrap();
+    let store = edge.store.clone();
+    eventually("applied through seq 5", || {
+        store.applied().iter().any(|&(_, _, s)| s >= 5)
+    })
+    .await;
+    let q = lock(&edge.quarantine).clone();
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(q.iter().any(|x| x.seq == 2 && x.key.as_ref() == b"poison"));
+    assert_eq!(
+        edge.store.get(b"poison"),
+        None,
+        "the poison entry's key is flushed"
+    );
+    assert_eq!(edge.store.get(b"untouched"), Some(Bytes::from("v")));
+    assert_eq!(
+        lock(&edge.link).bad_batches,
+        1,
+        "the undecodable frame was dropped, not fatal"
+    );
+    let _ = stop.send(true);
+    edge.stop().await.unwrap();
+}
+
+/// An applier that panics on one key, as a bug in apply code would.
+#[derive(Default)]
+struct Fragile {
+    applied: Vec<Bytes>,
+    quarantined: Vec<(Seq, String)>,
+}
+
+impl Applier for Fragile {
+    fn apply(&mut self, b: &Batch) {
+        for e in &b.entries {
+            if e.key.as_ref() == b"boom" {
+                panic!("apply bug on boom");
+            }
+        }
+        self.applied.extend(b.entries.iter().map(|e| e.key.clone()));
+    }
+    fn quarantine(&mut self, _: ShardId, e: &pb::Invalidation, why: &str) {
+        self.quarantined.push((e.seq, why.to_string()));
+    }
+    fn flush(&mut self, _: ShardId, _: Epoch, _: Seq, _: &str) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_panics_while_applied_is_quarantined_and_the_stream_goes_on() {
+    let (url, stop) = serve(script()).await;
+    let fragile = Arc::new(Mutex::new(Fragile::default()));
+    let state = Arc::new(Mutex::new(LinkState::default()));
+    let (halt, rx) = watch::channel(false);
+    let opts = FollowOptions {
+        urls: vec![url],
+        node_id: "fragile".into(),
+        ..Default::default()
+    };
+    tokio::spawn(upstream::follow(opts, fragile.clone(), state.clone(), rx));
+    let f = fragile.clone();
+    eventually("entry after the poison applied", move || {
+        lock(&f).applied.iter().any(|k| k.as_ref() == b"after")
+    })
+    .await;
+    let f = lock(&fragile);
+    assert!(
+        f.applied.iter().any(|k| k.as_ref() == b"a"),
+        "entries before the culprit still apply"
+    );
+    assert!(!f.applied.iter().any(|k| k.as_ref() == b"boom"));
+    assert!(
+        f.quarantined
+            .iter()
+            .any(|(s, why)| *s == 4 && why.contains("panicked")),
+        "{:?}",
+        f.quarantined
+    );
+    assert_eq!(
+        lock(&state).progress[0].2,
+        5,
+        "acked and applied through the end"
+    );
+    let _ = halt.send(true);
+    let _ = stop.send(true);
+}
