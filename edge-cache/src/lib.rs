@@ -174,7 +174,10 @@ impl EdgeService {
                 self.max_value_len
             )));
         }
-        Ok(self.store.set(r.key, r.value, r.lease.map(Lease::decode)))
+        let ttl = (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms));
+        Ok(self
+            .store
+            .set_with_ttl(r.key, r.value, r.lease.map(Lease::decode), ttl))
     }
 }
 

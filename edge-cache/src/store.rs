@@ -51,6 +51,21 @@ impl Lease {
 struct Filled {
     value: Bytes,
     lease: Seq,
+    ttl: Option<Duration>,
+}
+
+/// Time to live per entry: the fill's own, else the store's default.
+struct FillTtl(Duration);
+
+impl moka::Expiry<Bytes, Arc<Filled>> for FillTtl {
+    fn expire_after_create(
+        &self,
+        _: &Bytes,
+        v: &Arc<Filled>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.ttl.unwrap_or(self.0))
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -120,7 +135,7 @@ impl Store {
             .weigher(|k: &Bytes, v: &Arc<Filled>| {
                 (k.len() + v.value.len() + 48).min(u32::MAX as usize) as u32
             })
-            .time_to_live(ttl)
+            .expire_after(FillTtl(ttl))
             .support_invalidation_closures()
             .build();
         let shards: Arc<Mutex<HashMap<ShardId, ShardState>>> = Arc::default();
@@ -179,6 +194,17 @@ impl Store {
 
     /// Fill `key` with `value` under `lease` (None: the current lease).
     pub fn set(&self, key: Bytes, value: Bytes, lease: Option<Lease>) -> Result<(), FillRefused> {
+        self.set_with_ttl(key, value, lease, None)
+    }
+
+    /// Like [`Store::set`], with a time to live for this value (None: the store's default).
+    pub fn set_with_ttl(
+        &self,
+        key: Bytes,
+        value: Bytes,
+        lease: Option<Lease>,
+        ttl: Option<Duration>,
+    ) -> Result<(), FillRefused> {
         let _g = lock(&self.gate);
         let lease = lease.unwrap_or_else(|| self.lease(&key));
         if lease.generation != self.generation.load(Ordering::SeqCst) {
@@ -197,6 +223,7 @@ impl Store {
             Arc::new(Filled {
                 value,
                 lease: lease.seq,
+                ttl,
             }),
         );
         Ok(())
@@ -458,6 +485,23 @@ mod tests {
                 Some(lease)
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_fill_may_carry_its_own_ttl() {
+        let s = store();
+        s.set_with_ttl(
+            Bytes::from_static(b"short"),
+            Bytes::from_static(b"v"),
+            None,
+            Some(Duration::from_millis(30)),
+        )
+        .unwrap();
+        s.set(Bytes::from_static(b"long"), Bytes::from_static(b"v"), None)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(s.get(b"short"), None);
+        assert!(s.get(b"long").is_some());
     }
 
     #[test]
