@@ -1,51 +1,20 @@
-//! The edge's store: cached values, tombstones, leases.
-//!
-//! Every cached value remembers the lease (the shard's applied seq) under which it was filled.
-//! Every applied invalidation leaves a tombstone with its seq; old tombstones fold into a
-//! per-shard floor when evicted. A fill is refused when an invalidation newer than its lease
-//! touched the key, which closes the stale-set race (miss, invalidation, late fill).
-//!
-//! Leases carry a generation that changes on every flush (Reset): a lease taken before a flush
-//! is refused after it, whatever the seqs of the new epoch.
+//! The edge's store: cached values (moka, bounded in bytes, with TTL) guarded by a
+//! [`LeaseTable`]: every value remembers the lease it was filled under, and a fill is refused when
+//! an invalidation newer than its lease touched the key. That closes the stale-set race (miss,
+//! invalidation, late fill). The rule itself lives in `dci_proto::lease`, shared with the SDK's
+//! near cache.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dci_proto::ring::ShardMap;
+use dci_proto::lease::{Effect, LeaseTable};
 use dci_proto::upstream::lock;
-use dci_proto::{Epoch, Invalidation, Kind, Seq, ShardId};
-use moka::notification::RemovalCause;
+use dci_proto::{Epoch, Invalidation, Seq, ShardId};
 use moka::sync::Cache;
 
-const SEQ_BITS: u32 = 48;
-const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
-const MAX_PREFIX_TOMBS: usize = 4096;
-
-/// A lease: the generation of the store and the shard's applied seq at the time of a miss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// Flush generation.
-    pub generation: u64,
-    /// Applied seq of the key's shard.
-    pub seq: Seq,
-}
-
-impl Lease {
-    /// The opaque wire form.
-    pub fn encode(self) -> u64 {
-        (self.generation << SEQ_BITS) | (self.seq & SEQ_MASK)
-    }
-    /// From the wire form.
-    pub fn decode(v: u64) -> Lease {
-        Lease {
-            generation: v >> SEQ_BITS,
-            seq: v & SEQ_MASK,
-        }
-    }
-}
+pub use dci_proto::lease::{FillRefused, Lease};
 
 #[derive(Debug)]
 struct Filled {
@@ -68,36 +37,6 @@ impl moka::Expiry<Bytes, Arc<Filled>> for FillTtl {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Tomb {
-    seq: Seq,
-    version: Option<u64>,
-}
-
-#[derive(Debug, Default)]
-struct ShardState {
-    epoch: Epoch,
-    applied: Seq,
-    floor: Seq,
-    prefix_tombs: Vec<(Bytes, Seq)>,
-}
-
-/// Why a fill was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FillRefused {
-    /// An invalidation newer than the lease touched the key.
-    #[error("an invalidation (seq {invalidated}) newer than the lease (seq {lease}) was applied to this key")]
-    Stale {
-        /// Seq of the invalidation.
-        invalidated: Seq,
-        /// Seq of the lease.
-        lease: Seq,
-    },
-    /// The lease predates a flush.
-    #[error("the lease predates a flush of this edge")]
-    Flushed,
-}
-
 /// Counters of the store.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
@@ -116,12 +55,9 @@ pub struct StoreCounters {
 /// The store.
 pub struct Store {
     values: Cache<Bytes, Arc<Filled>>,
-    tombs: Cache<Bytes, Tomb>,
-    shards: Arc<Mutex<HashMap<ShardId, ShardState>>>,
-    /// Serializes fills against invalidations so a check and its insert are atomic.
-    gate: Mutex<()>,
-    generation: AtomicU64,
-    map: ShardMap,
+    /// Held across a fill's check and insert, and an invalidation's record and removal, so the
+    /// two never interleave.
+    leases: Mutex<LeaseTable>,
     shard_count: u32,
     /// Counters.
     pub counters: StoreCounters,
@@ -138,53 +74,22 @@ impl Store {
             .expire_after(FillTtl(ttl))
             .support_invalidation_closures()
             .build();
-        let shards: Arc<Mutex<HashMap<ShardId, ShardState>>> = Arc::default();
-        let map = ShardMap::new(shard_count);
-        let floor_shards = shards.clone();
-        let floor_map = map.clone();
-        let tombs = Cache::builder()
-            .max_capacity(max_tombstones.max(1))
-            .eviction_listener(move |k: Arc<Bytes>, t: Tomb, cause| {
-                if cause == RemovalCause::Size || cause == RemovalCause::Expired {
-                    // Forgetting a tombstone must not forget what it refused.
-                    let shard = floor_map.shard_of(&k);
-                    let mut s = lock(&floor_shards);
-                    let st = s.entry(shard).or_default();
-                    st.floor = st.floor.max(t.seq);
-                }
-            })
-            .build();
         Store {
             values,
-            tombs,
-            shards,
-            gate: Mutex::new(()),
-            generation: AtomicU64::new(0),
-            map,
+            leases: Mutex::new(LeaseTable::new(shard_count, max_tombstones as usize)),
             shard_count,
             counters: StoreCounters::default(),
         }
     }
 
-    /// The shard of a key.
-    pub fn shard_of(&self, key: &[u8]) -> ShardId {
-        self.map.shard_of(key)
-    }
-
     /// The lease a miss on `key` hands out now.
     pub fn lease(&self, key: &[u8]) -> Lease {
-        let shard = self.shard_of(key);
-        let applied = lock(&self.shards).get(&shard).map_or(0, |s| s.applied);
-        Lease {
-            generation: self.generation.load(Ordering::SeqCst),
-            seq: applied,
-        }
+        lock(&self.leases).lease(key)
     }
 
     /// The cached value, if any.
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
-        let v = self.values.get(key)?;
-        Some(v.value.clone())
+        self.values.get(key).map(|v| v.value.clone())
     }
 
     /// The lease seq a value was filled under (for tests and diagnostics).
@@ -205,18 +110,11 @@ impl Store {
         lease: Option<Lease>,
         ttl: Option<Duration>,
     ) -> Result<(), FillRefused> {
-        let _g = lock(&self.gate);
-        let lease = lease.unwrap_or_else(|| self.lease(&key));
-        if lease.generation != self.generation.load(Ordering::SeqCst) {
+        let leases = lock(&self.leases);
+        let lease = lease.unwrap_or_else(|| leases.lease(&key));
+        if let Err(e) = leases.check_fill(&key, lease) {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(FillRefused::Flushed);
-        }
-        if let Some(newer) = self.newest_invalidation(&key).filter(|&s| s > lease.seq) {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(FillRefused::Stale {
-                invalidated: newer,
-                lease: lease.seq,
-            });
+            return Err(e);
         }
         self.values.insert(
             key,
@@ -229,75 +127,25 @@ impl Store {
         Ok(())
     }
 
-    /// The seq of the newest invalidation known to cover `key` (tombstone, prefix, floor).
-    fn newest_invalidation(&self, key: &[u8]) -> Option<Seq> {
-        let shard = self.shard_of(key);
-        let mut newest = self.tombs.get(key).map(|t| t.seq);
-        let shards = lock(&self.shards);
-        if let Some(s) = shards.get(&shard) {
-            if s.floor > 0 {
-                newest = Some(newest.unwrap_or(0).max(s.floor));
-            }
-            for (p, seq) in &s.prefix_tombs {
-                if key.starts_with(p) {
-                    newest = Some(newest.unwrap_or(0).max(*seq));
-                }
-            }
-        }
-        newest
-    }
-
-    /// Remove a key (an explicit Delete).
+    /// Remove a key (an explicit Delete, or a quarantined entry's key).
     pub fn delete(&self, key: &[u8]) -> bool {
         self.values.remove(key).is_some()
     }
 
     /// Apply one invalidation of `shard`.
     pub fn apply(&self, shard: ShardId, e: &Invalidation) {
-        let _g = lock(&self.gate);
-        match e.kind {
-            Kind::Key => {
-                let prev = self.tombs.get(&e.key);
-                if let (
-                    Some(v),
-                    Some(Tomb {
-                        version: Some(tv), ..
-                    }),
-                ) = (e.source_version, prev)
-                {
-                    if v < tv {
-                        // A late, older version: the newer one already did more.
-                        self.counters.dropped_old.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-                self.values.invalidate(&e.key);
-                let version = match (prev.and_then(|t| t.version), e.source_version) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
-                let seq = prev.map_or(e.seq, |t| t.seq.max(e.seq));
-                self.tombs.insert(e.key.clone(), Tomb { seq, version });
-            }
-            Kind::Prefix => {
-                let p = e.key.clone();
+        let mut leases = lock(&self.leases);
+        match leases.apply(shard, e) {
+            Effect::Key(k) => self.values.invalidate(&k),
+            Effect::Prefix(p) => {
                 let _ = self
                     .values
                     .invalidate_entries_if(move |k, _| k.starts_with(&p));
-                let mut shards = lock(&self.shards);
-                let st = shards.entry(shard).or_default();
-                st.prefix_tombs.push((e.key.clone(), e.seq));
-                if st.prefix_tombs.len() > MAX_PREFIX_TOMBS {
-                    let (_, seq) = st.prefix_tombs.remove(0);
-                    st.floor = st.floor.max(seq);
-                }
             }
-            Kind::All => {
-                self.invalidate_shard(shard);
-                let mut shards = lock(&self.shards);
-                let st = shards.entry(shard).or_default();
-                st.floor = st.floor.max(e.seq);
-                st.prefix_tombs.clear();
+            Effect::Shard(s) => self.invalidate_shard(s),
+            Effect::Nothing => {
+                self.counters.dropped_old.fetch_add(1, Ordering::Relaxed);
+                return;
             }
         }
         self.counters.applied.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +155,8 @@ impl Store {
         if self.shard_count <= 1 {
             self.values.invalidate_all();
         } else {
-            let map = self.map.clone();
+            let map = dci_proto::ring::ShardMap::new(self.shard_count);
+            let _ = leases;
             let _ = self
                 .values
                 .invalidate_entries_if(move |k, _| map.shard_of(k) == shard);
@@ -316,35 +165,19 @@ impl Store {
 
     /// Everything up to `seq` of `shard` in `epoch` is applied.
     pub fn set_applied(&self, shard: ShardId, epoch: Epoch, seq: Seq) {
-        let mut shards = lock(&self.shards);
-        let st = shards.entry(shard).or_default();
-        st.epoch = epoch;
-        st.applied = st.applied.max(seq);
+        lock(&self.leases).set_applied(shard, epoch, seq);
     }
 
-    /// Applied seq per shard.
+    /// (shard, epoch, applied) per shard.
     pub fn applied(&self) -> Vec<(ShardId, Epoch, Seq)> {
-        let mut v: Vec<_> = lock(&self.shards)
-            .iter()
-            .map(|(&k, s)| (k, s.epoch, s.applied))
-            .collect();
-        v.sort();
-        v
+        lock(&self.leases).applied()
     }
 
     /// Drop everything `shard` may have made stale; continue after `hwm` in `epoch`.
     pub fn flush(&self, shard: ShardId, epoch: Epoch, hwm: Seq) {
-        let _g = lock(&self.gate);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut leases = lock(&self.leases);
         self.invalidate_shard(shard);
-        let mut shards = lock(&self.shards);
-        let st = shards.entry(shard).or_default();
-        *st = ShardState {
-            epoch,
-            applied: hwm,
-            floor: hwm,
-            prefix_tombs: Vec::new(),
-        };
+        leases.flush(shard, epoch, hwm);
     }
 
     /// Number of cached values (approximate).
@@ -362,6 +195,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dci_proto::Kind;
 
     fn store() -> Store {
         Store::new(1 << 20, Duration::from_secs(60), 1000, 1)
@@ -476,7 +310,6 @@ mod tests {
                 },
             );
         }
-        s.tombs.run_pending_tasks();
         // Whether k-0's tombstone survived or folded into the floor, the old fill is refused.
         assert!(s
             .set(

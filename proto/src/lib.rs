@@ -4,6 +4,7 @@
 //! - [`types`]: domain types (`Invalidation`, `Batch`, `Filter`...) and their checked conversions
 //!   from the wire types, so handlers validate once and then work with domain types only.
 //! - [`ring`]: the hash ring of node ids shared by relays (ownership filters) and the SDK (routing).
+//! - [`lease`]: leases, tombstones and floors: when a cache fill is refused (the stale-set race).
 //! - [`link`]: the link protocol spoken on every hop, as pure state machines: the receiver's
 //!   high-water mark and gap tracker, the sender's window and resume/reset rules, and the
 //!   byte-bounded retransmit ring. No I/O and no clock reads: time is an argument.
@@ -13,6 +14,7 @@
 //!   [`upstream::Applier`] (relay ring, edge store, near cache).
 
 pub mod downstream;
+pub mod lease;
 pub mod link;
 pub mod ring;
 pub mod types;
