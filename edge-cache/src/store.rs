@@ -156,7 +156,6 @@ impl Store {
             self.values.invalidate_all();
         } else {
             let map = dci_proto::ring::ShardMap::new(self.shard_count);
-            let _ = leases;
             let _ = self
                 .values
                 .invalidate_entries_if(move |k, _| map.shard_of(k) == shard);
