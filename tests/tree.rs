@@ -439,3 +439,89 @@ async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_follows_relays_with_the_same_guarantees() {
+    use dci_sdk::{NearCache, NearCacheOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..1, "warm:")).await;
+    let n = near.clone();
+    eventually("near cache caught up", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= head) && n.is_fresh()
+    })
+    .await;
+
+    assert!(near.set("user:1", "v1", None));
+    assert_eq!(near.get(b"user:1"), Lookup::Hit(Bytes::from("v1")));
+    let seq = p.invalidate("user:1").await.unwrap();
+    let n = near.clone();
+    eventually("invalidation applied", move || {
+        n.get(b"user:1") != Lookup::Hit(Bytes::from("v1"))
+    })
+    .await;
+
+    let Lookup::Miss { lease } = near.get(b"user:2") else {
+        panic!("expected a miss")
+    };
+    let seq2 = p.invalidate("user:2").await.unwrap();
+    assert!(seq2 > seq);
+    let n = near.clone();
+    eventually("second invalidation applied", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= seq2)
+    })
+    .await;
+    assert!(
+        !near.set("user:2", "stale", Some(lease)),
+        "the stale fill is refused"
+    );
+    let v = near
+        .get_or_load("user:2", || async {
+            Ok::<_, std::io::Error>(Bytes::from("fresh"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("fresh"));
+    assert_eq!(near.get(b"user:2"), Lookup::Hit(Bytes::from("fresh")));
+    near.stop();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_publishes_single_batch_and_streaming_forms_in_order() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let one = p.invalidate("a").await.unwrap();
+    let many = p
+        .publish(vec![
+            dci_proto::Invalidation::key("b"),
+            dci_proto::Invalidation::key("c"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(many, vec![one + 1, one + 2]);
+    let seqs: Vec<Seq> = p
+        .publish_stream(
+            futures::stream::iter((0..500).map(|i| dci_proto::Invalidation::key(format!("s{i}")))),
+            64,
+        )
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(seqs.len(), 500);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
+    // Refused input comes back as a refusal, not a retry loop.
+    let err = p.invalidate("").await.unwrap_err();
+    assert!(matches!(err, dci_sdk::Error::Refused(_)), "{err}");
+    c.stop().await.unwrap();
+}

@@ -5,6 +5,8 @@
 //! - [`CacheClient`]: get / set / delete against the edge caches of a region, routed by a hash ring,
 //!   with [`CacheClient::get_or_load`] that fills through the lease of a miss (a stale fill is
 //!   refused) and lets one caller per key load at a time.
+//! - [`NearCache`]: an in-process cache that follows relays like an edge does, with the same
+//!   guarantees (lease-gated fills, flush on Reset, bounded staleness).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), dci_sdk::Error> {
@@ -19,9 +21,11 @@
 //! ```
 
 mod cache;
+mod near;
 mod publisher;
 
 pub use cache::{CacheClient, Lookup};
+pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Publisher, PublisherOptions};
 
 /// Errors of the SDK.

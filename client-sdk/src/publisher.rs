@@ -1,5 +1,6 @@
 //! The publisher: a cheap handle, one task per shard that owns the connection.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use dci_proto::pb;
 use dci_proto::pb::publisher_client::PublisherClient;
 use dci_proto::ring::ShardMap;
 use dci_proto::{Invalidation, Kind, Seq};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
@@ -32,7 +33,7 @@ pub struct PublisherOptions {
     /// # let _ = o;
     /// ```
     pub max_batch: usize,
-    /// Requests in flight per shard; more accumulate into the next batch.
+    /// Requests in flight per shard (pipelined on one stream); more accumulate into the next one.
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { max_in_flight: 8, ..Default::default() };
@@ -46,7 +47,7 @@ pub struct PublisherOptions {
     /// # let _ = o;
     /// ```
     pub retry_for: Duration,
-    /// Deadline of one attempt.
+    /// Longest wait for the next answer while requests are in flight, before reconnecting.
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { timeout: std::time::Duration::from_secs(2), ..Default::default() };
@@ -60,7 +61,7 @@ impl Default for PublisherOptions {
         PublisherOptions {
             publisher_id: format!("pub-{:016x}", rand::random::<u64>()),
             max_batch: 4096,
-            max_in_flight: 4,
+            max_in_flight: 32,
             retry_for: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
         }
@@ -135,6 +136,36 @@ impl Publisher {
         Ok(self.publish(vec![inv]).await?[0])
     }
 
+    /// The streaming form: invalidations in, their seqs out, in order, with up to `depth`
+    /// pipelined (they share batches with everything else in flight).
+    ///
+    /// ```no_run
+    /// # async fn demo(p: dci_sdk::Publisher) {
+    /// use futures::StreamExt;
+    /// let keys = futures::stream::iter((0..1000).map(|i| dci_proto::Invalidation::key(format!("user:{i}"))));
+    /// let mut seqs = p.publish_stream(keys, 256);
+    /// while let Some(seq) = seqs.next().await {
+    ///     let _ = seq.expect("published");
+    /// }
+    /// # }
+    /// ```
+    pub fn publish_stream<S>(
+        &self,
+        entries: S,
+        depth: usize,
+    ) -> impl futures::Stream<Item = Result<Seq, Error>> + Send + 'static
+    where
+        S: futures::Stream<Item = Invalidation> + Send + 'static,
+    {
+        let this = self.clone();
+        entries
+            .map(move |e| {
+                let p = this.clone();
+                async move { p.publish(vec![e]).await.map(|s| s[0]) }
+            })
+            .buffered(depth.max(1))
+    }
+
     /// Publish several invalidations; returns their seqs in order. KEY entries go to the shard
     /// that owns the key; PREFIX and ALL entries go to every shard (the seq returned is shard 0's).
     pub async fn publish(&self, entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
@@ -180,89 +211,130 @@ impl Publisher {
     }
 }
 
+/// A request sent (or to resend) on the shard's stream, with the callers it answers.
+struct InFlight {
+    request: pb::PublishRequest,
+    callers: Vec<Pending>,
+}
+
+/// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
+/// so one publisher's invalidations get increasing seqs. Whatever queues while requests are in
+/// flight goes out as the next request. If the stream breaks, unanswered requests are resent in
+/// order with their request numbers, so the coordinator logs each at most once.
 async fn run_shard(
     client: PublisherClient<Channel>,
     mut rx: mpsc::Receiver<Pending>,
     opts: PublisherOptions,
     request_no: Arc<AtomicU64>,
 ) {
-    let mut in_flight = FuturesUnordered::new();
+    let mut unanswered: VecDeque<InFlight> = VecDeque::new();
     let mut open = true;
-    loop {
-        tokio::select! {
-            first = rx.recv(), if open && in_flight.len() < opts.max_in_flight => {
-                let Some(first) = first else { open = false; continue };
-                // Whatever queued up while requests were in flight goes out together.
-                let mut batch = vec![first];
-                let mut n = batch[0].entries.len();
-                while n < opts.max_batch {
-                    match rx.try_recv() {
-                        Ok(p) => { n += p.entries.len(); batch.push(p); }
-                        Err(_) => break,
-                    }
-                }
-                let no = request_no.fetch_add(1, Ordering::Relaxed);
-                in_flight.push(send(client.clone(), batch, opts.clone(), no));
-            }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            else => return,
-        }
-    }
-}
-
-async fn send(
-    mut client: PublisherClient<Channel>,
-    batch: Vec<Pending>,
-    opts: PublisherOptions,
-    no: u64,
-) {
-    let req = pb::PublishRequest {
-        publisher_id: opts.publisher_id.clone(),
-        request_no: no,
-        entries: batch
-            .iter()
-            .flat_map(|p| p.entries.iter().map(Invalidation::to_pb))
-            .collect(),
-    };
-    let deadline = tokio::time::Instant::now() + opts.retry_for;
     let mut backoff = Duration::from_millis(20);
-    let result = loop {
-        let mut r = tonic::Request::new(req.clone());
-        r.set_timeout(opts.timeout);
-        match client.publish(r).await {
-            Ok(resp) => break Ok(resp.into_inner().seqs),
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    while open || !unanswered.is_empty() {
+        let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(opts.max_in_flight.max(1) * 2);
+        for f in &unanswered {
+            let _ = tx.try_send(f.request.clone());
+        }
+        let mut c = client.clone();
+        let outcome = async {
+            let mut responses = c
+                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+                .await?
+                .into_inner();
+            loop {
+                tokio::select! {
+                    first = rx.recv(), if open && unanswered.len() < opts.max_in_flight => {
+                        let Some(first) = first else { open = false; if unanswered.is_empty() { return Ok(()) } continue };
+                        let mut callers = vec![first];
+                        let mut n = callers[0].entries.len();
+                        while n < opts.max_batch {
+                            match rx.try_recv() {
+                                Ok(p) => { n += p.entries.len(); callers.push(p); }
+                                Err(_) => break,
+                            }
+                        }
+                        let request = pb::PublishRequest {
+                            publisher_id: opts.publisher_id.clone(),
+                            request_no: request_no.fetch_add(1, Ordering::Relaxed),
+                            entries: callers.iter().flat_map(|p| p.entries.iter().map(Invalidation::to_pb)).collect(),
+                        };
+                        if tx.send(request.clone()).await.is_err() {
+                            unanswered.push_back(InFlight { request, callers });
+                            return Err(tonic::Status::unavailable("publish stream closed"));
+                        }
+                        unanswered.push_back(InFlight { request, callers });
+                    }
+                    msg = responses.message(), if !unanswered.is_empty() => {
+                        match msg? {
+                            Some(resp) => {
+                                let Some(f) = unanswered.pop_front() else { continue };
+                                answer(f.callers, Ok(resp.seqs));
+                            }
+                            None => return Err(tonic::Status::unavailable("publish stream ended")),
+                        }
+                    }
+                    _ = tokio::time::sleep(opts.timeout), if !unanswered.is_empty() => {
+                        return Err(tonic::Status::deadline_exceeded("no publish answer within the timeout"));
+                    }
+                    else => return Ok(()),
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(()) => failing_since = None,
             Err(status) => {
                 let err = Error::from(status);
-                if matches!(err, Error::Refused(_))
-                    || tokio::time::Instant::now() + backoff > deadline
-                {
-                    break Err(err);
+                if let Error::Refused(msg) = &err {
+                    // The coordinator refused the oldest unanswered request; the rest go again.
+                    if let Some(f) = unanswered.pop_front() {
+                        answer(f.callers, Err(Error::Refused(msg.clone())));
+                    }
+                    failing_since = None;
+                    continue;
                 }
-                // Same request number: the coordinator logs it at most once.
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= opts.retry_for {
+                    for f in unanswered.drain(..) {
+                        answer(f.callers, Err(Error::Unavailable(err.to_string())));
+                    }
+                    failing_since = None;
+                    continue;
+                }
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
         }
-    };
+        backoff = Duration::from_millis(20);
+    }
+}
+
+fn answer(callers: Vec<Pending>, result: Result<Vec<Seq>, Error>) {
     match result {
         Ok(seqs) => {
             let mut at = 0;
-            for p in batch {
+            for p in callers {
                 let n = p.entries.len();
-                let _ = p.reply.send(Ok(seqs[at..at + n].to_vec()));
+                let _ = p.reply.send(Ok(seqs
+                    .get(at..at + n)
+                    .map(<[Seq]>::to_vec)
+                    .unwrap_or_default()));
                 at += n;
             }
         }
         Err(e) => {
             let msg = e.to_string();
             let refused = matches!(e, Error::Refused(_));
-            for p in batch {
-                let _ = p.reply.send(Err(if refused {
+            for p in callers {
+                let err = if refused {
                     Error::Refused(msg.clone())
                 } else {
                     Error::Unavailable(msg.clone())
-                }));
+                };
+                let _ = p.reply.send(Err(err));
             }
         }
     }

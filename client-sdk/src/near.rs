@@ -1,0 +1,276 @@
+//! `NearCache`: an in-process cache that follows relays like an edge does (same protocol, same
+//! guarantees: per-key order, lease-gated fills, flush on Reset, bounded staleness).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dci_proto::lease::{Effect, Lease, LeaseTable};
+use dci_proto::pb;
+use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
+use tokio::sync::watch;
+
+use crate::{Error, Lookup};
+
+/// Options of a near cache.
+#[derive(Clone, Debug)]
+pub struct NearCacheOptions {
+    /// Relays to follow, in failover order.
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { relays: vec!["http://127.0.0.1:7500".into()], ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub relays: Vec<String>,
+    /// This process's node id in the tree (default: random).
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { node_id: "checkout-7".into(), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub node_id: String,
+    /// Region, for `dci status`.
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { region: "eu".into(), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub region: String,
+    /// Entries kept (oldest fills go first).
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { capacity: 10_000, ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub capacity: usize,
+    /// Serve only misses after this long without being caught up with a relay.
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { max_staleness: std::time::Duration::from_secs(2), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub max_staleness: Duration,
+    /// Only follow keys with these prefixes (empty: all).
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { prefixes: vec!["user:".into()], ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub prefixes: Vec<String>,
+    /// Shards of the keyspace.
+    ///
+    /// ```
+    /// let o = dci_sdk::NearCacheOptions { shard_count: 1, ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub shard_count: u32,
+}
+
+impl Default for NearCacheOptions {
+    fn default() -> Self {
+        NearCacheOptions {
+            relays: Vec::new(),
+            node_id: format!("near-{:08x}", rand::random::<u32>()),
+            region: String::new(),
+            capacity: 100_000,
+            max_staleness: Duration::from_secs(5),
+            prefixes: Vec::new(),
+            shard_count: 1,
+        }
+    }
+}
+
+struct State {
+    leases: LeaseTable,
+    values: HashMap<Bytes, Bytes>,
+    order: VecDeque<Bytes>,
+    capacity: usize,
+}
+
+impl State {
+    fn remove_where(&mut self, f: impl Fn(&Bytes) -> bool) {
+        self.values.retain(|k, _| !f(k));
+        let values = &self.values;
+        self.order.retain(|k| values.contains_key(k));
+    }
+}
+
+struct NearApplier(Arc<Mutex<State>>);
+
+impl Applier for NearApplier {
+    fn apply(&mut self, batch: &Batch) {
+        let mut st = lock(&self.0);
+        for e in &batch.entries {
+            match st.leases.apply(batch.shard, e) {
+                Effect::Key(k) => {
+                    st.values.remove(&k);
+                }
+                Effect::Prefix(p) => st.remove_where(|k| k.starts_with(&p)),
+                Effect::Shard(s) => {
+                    let shard_of: Vec<Bytes> = st
+                        .values
+                        .keys()
+                        .filter(|k| st.leases.shard_of(k) == s)
+                        .cloned()
+                        .collect();
+                    for k in shard_of {
+                        st.values.remove(&k);
+                    }
+                }
+                Effect::Nothing => {}
+            }
+        }
+        st.leases
+            .set_applied(batch.shard, batch.epoch, batch.last_seq);
+    }
+
+    fn quarantine(&mut self, _: ShardId, entry: &pb::Invalidation, why: &str) {
+        tracing::warn!(seq = entry.seq, %why, "near cache quarantined an entry");
+        lock(&self.0).values.remove(&entry.key);
+    }
+
+    fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, _: &str) {
+        let mut st = lock(&self.0);
+        let keys: Vec<Bytes> = st
+            .values
+            .keys()
+            .filter(|k| st.leases.shard_of(k) == shard)
+            .cloned()
+            .collect();
+        for k in keys {
+            st.values.remove(&k);
+        }
+        st.leases.flush(shard, epoch, hwm);
+    }
+}
+
+/// An in-process cache kept coherent by the invalidation stream; clone it freely.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), dci_sdk::Error> {
+/// use dci_sdk::{Lookup, NearCache, NearCacheOptions};
+/// let near = NearCache::start(NearCacheOptions { relays: vec!["http://127.0.0.1:7500".into()], ..Default::default() })?;
+/// if let Lookup::Miss { lease } = near.get(b"user:42") {
+///     near.set(b"user:42".as_slice(), "row", Some(lease));
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NearCache {
+    state: Arc<Mutex<State>>,
+    link: Arc<Mutex<LinkState>>,
+    max_staleness: Duration,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl NearCache {
+    /// Start following the relays (needs a tokio runtime).
+    pub fn start(opts: NearCacheOptions) -> Result<NearCache, Error> {
+        if opts.relays.is_empty() {
+            return Err(Error::Url(String::new(), "no relay URL".into()));
+        }
+        let state = Arc::new(Mutex::new(State {
+            leases: LeaseTable::new(opts.shard_count.max(1), opts.capacity.max(1024) * 4),
+            values: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: opts.capacity.max(1),
+        }));
+        let link = Arc::new(Mutex::new(LinkState::default()));
+        let (stop, rx) = watch::channel(false);
+        let follow = FollowOptions {
+            urls: opts.relays.clone(),
+            node_id: opts.node_id.clone(),
+            region: opts.region.clone(),
+            role: "near-cache".into(),
+            filter: Filter {
+                prefixes: opts
+                    .prefixes
+                    .iter()
+                    .map(|p| Bytes::from(p.clone()))
+                    .collect(),
+                ring: None,
+            },
+            ..FollowOptions::default()
+        };
+        let applier = Arc::new(Mutex::new(NearApplier(state.clone())));
+        tokio::spawn(upstream::follow(follow, applier, link.clone(), rx));
+        Ok(NearCache {
+            state,
+            link,
+            max_staleness: opts.max_staleness,
+            stop: Arc::new(stop),
+        })
+    }
+
+    /// Look a key up; a miss carries the lease for the fill.
+    pub fn get(&self, key: &[u8]) -> Lookup {
+        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness);
+        let st = lock(&self.state);
+        let lease = st.leases.lease(key).encode();
+        match st.values.get(key) {
+            Some(v) if fresh => Lookup::Hit(v.clone()),
+            _ => Lookup::Miss { lease },
+        }
+    }
+
+    /// Fill a key; `false` when the lease is older than an invalidation applied to the key.
+    pub fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>, lease: Option<u64>) -> bool {
+        let key = key.into();
+        let mut st = lock(&self.state);
+        let lease = lease
+            .map(Lease::decode)
+            .unwrap_or_else(|| st.leases.lease(&key));
+        if st.leases.check_fill(&key, lease).is_err() {
+            return false;
+        }
+        if st.values.insert(key.clone(), value.into()).is_none() {
+            st.order.push_back(key);
+            while st.order.len() > st.capacity {
+                if let Some(old) = st.order.pop_front() {
+                    st.values.remove(&old);
+                }
+            }
+        }
+        true
+    }
+
+    /// The cached value, or load it and fill under the miss's lease.
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: impl Into<Bytes>,
+        loader: F,
+    ) -> Result<Bytes, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let key = key.into();
+        match self.get(&key) {
+            Lookup::Hit(v) => Ok(v),
+            Lookup::Miss { lease } => {
+                let v = loader().await.map_err(|e| Error::Loader(e.to_string()))?;
+                self.set(key, v.clone(), Some(lease));
+                Ok(v)
+            }
+        }
+    }
+
+    /// Applied (shard, epoch, seq) per shard.
+    pub fn applied(&self) -> Vec<(ShardId, Epoch, Seq)> {
+        lock(&self.state).leases.applied()
+    }
+
+    /// Is it connected and caught up within its staleness bound?
+    pub fn is_fresh(&self) -> bool {
+        lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
+    }
+
+    /// Stop following (every clone stops serving hits once stale).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
