@@ -1,0 +1,163 @@
+//! Fault injection: every failure the system claims to survive, with the checker's verdict.
+//! Each scenario publishes versioned invalidations while the fault happens, heals it, waits for
+//! convergence, and asserts: nothing acknowledged is lost, per-key order holds, no edge served a
+//! value older than an invalidation it had applied, every acknowledged publish is logged once.
+
+mod support;
+
+use std::time::Duration;
+
+use dci_sdk::Lookup;
+use support::{eventually, World};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_and_restarted_mid_stream() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(SECOND).await;
+    w.stop_relay(0).await;
+    tokio::time::sleep(2 * SECOND).await;
+    w.start_relay(0).await;
+    tokio::time::sleep(SECOND).await;
+    w.check("relay killed and restarted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_and_restarted_from_its_log() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(SECOND).await;
+    w.restart_coordinator().await;
+    tokio::time::sleep(SECOND).await;
+    w.restart_coordinator().await;
+    tokio::time::sleep(SECOND).await;
+    w.check("coordinator restarted from its log (twice)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_cut_off_for_ten_seconds_serves_misses_then_repairs() {
+    let mut w = World::start(2, 3, 2 * SECOND).await;
+    w.start_writers(8, 50);
+    tokio::time::sleep(SECOND).await;
+    // A value cached at edge 0, then edge 0 is partitioned from both relays.
+    let edge = w.edges[0].as_ref().unwrap();
+    let cache = dci_sdk::CacheClient::from_urls(vec![edge.url()]).unwrap();
+    assert!(cache.set("cut:key", "v", None).await.unwrap());
+    assert_eq!(cache.get("cut:key").await.unwrap(), Lookup::Hit("v".into()));
+    for p in &w.edge_proxies[0] {
+        p.blackhole(true);
+    }
+    let cut = tokio::time::Instant::now();
+    loop {
+        if matches!(cache.get("cut:key").await.unwrap(), Lookup::Miss { .. }) {
+            break;
+        }
+        assert!(cut.elapsed() < 8 * SECOND, "a cut-off edge kept serving");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bound_hit_after = cut.elapsed();
+    assert!(
+        bound_hit_after >= SECOND,
+        "stopped serving before the bound: {bound_hit_after:?}"
+    );
+    w.start_readers(2);
+    tokio::time::sleep(10 * SECOND - cut.elapsed()).await;
+    for p in &w.edge_proxies[0] {
+        p.blackhole(false);
+    }
+    w.converge().await;
+    let line = w.check("edge cut off 10s").await;
+    println!("  (edge stopped serving {bound_hit_after:?} after the cut)");
+    let _ = line;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_cut_off_from_the_coordinator() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(SECOND).await;
+    w.up_proxies[0].blackhole(true);
+    tokio::time::sleep(3 * SECOND).await;
+    w.up_proxies[0].blackhole(false);
+    tokio::time::sleep(SECOND).await;
+    w.check("relay cut off from coordinator 3s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_edge_does_not_hold_back_the_others() {
+    let mut w = World::start(1, 3, 30 * SECOND).await;
+    for p in &w.edge_proxies[0] {
+        p.bandwidth(4 * 1024);
+    }
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(3 * SECOND).await;
+    // The fast edges keep up with the head while the slow one lags.
+    let head = w.head();
+    for j in 1..3 {
+        let watch = w.watches[j].clone();
+        eventually("a fast edge keeps up", move || {
+            dci_proto::upstream::lock(&watch).last >= head
+        })
+        .await;
+    }
+    let slow = dci_proto::upstream::lock(&w.watches[0]).last;
+    println!("  (at head {head}: slow edge at {slow})");
+    for p in &w.edge_proxies[0] {
+        p.bandwidth(0);
+    }
+    w.check("one bandwidth-capped edge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_dropped_at_random_for_twenty_seconds() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    w.start_writers(8, 50);
+    w.start_readers(2);
+    let started = tokio::time::Instant::now();
+    let mut drops = 0;
+    while started.elapsed() < 20 * SECOND {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(100..500))).await;
+        let all: Vec<&support::proxy::Proxy> = w
+            .up_proxies
+            .iter()
+            .chain(w.edge_proxies.iter().flatten())
+            .collect();
+        all[rand::random_range(0..all.len())].drop_connections();
+        drops += 1;
+    }
+    println!("  ({drops} connection drops)");
+    w.check("connections dropped every 100-500ms for 20s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_and_jittered_links() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    for p in w.up_proxies.iter().chain(w.edge_proxies.iter().flatten()) {
+        p.delay(Duration::from_millis(20), Duration::from_millis(30));
+    }
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(3 * SECOND).await;
+    w.check("every link delayed 20ms + up to 30ms jitter").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restarted() {
+    let mut w = World::start(2, 3, 5 * SECOND).await;
+    w.start_writers(8, 100);
+    w.start_readers(2);
+    tokio::time::sleep(SECOND).await;
+    w.stop_edge(1).await;
+    tokio::time::sleep(SECOND).await;
+    w.start_edge(1).await;
+    let e = w.edges[1].as_ref().unwrap();
+    assert!(e.store.is_empty(), "a restarted edge starts empty");
+    tokio::time::sleep(SECOND).await;
+    w.check("edge restarted").await;
+}
