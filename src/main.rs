@@ -3,6 +3,7 @@
 //! Each subcommand is a thin shell: it reads the YAML file (if any), applies the flags on top,
 //! and hands the result to the library crate that does the work.
 
+mod bench;
 mod demo;
 
 use std::path::PathBuf;
@@ -44,8 +45,8 @@ enum Command {
     Status(StatusArgs),
     /// Run a whole deployment in-process with a workload, and report what it sees.
     Demo(demo::DemoArgs),
-    /// Measure fan-out throughput and latency (not available yet).
-    Bench,
+    /// Measure fan-out throughput, latency, cost and scale (and Redis pub/sub beside it).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -468,7 +469,7 @@ fn main() -> ExitCode {
             Command::Set(a) => set(a).await.map(|_| 0),
             Command::Status(a) => status(a).await.map(|_| 0),
             Command::Demo(a) => demo::run(a, terminated()).await.map(|_| 0),
-            Command::Bench => Err(anyhow!("bench: not available yet")),
+            Command::Bench(a) => bench::run(a).await.map(|_| 0),
         }
     });
     match result {

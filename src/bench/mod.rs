@@ -1,0 +1,457 @@
+//! `dci bench`: fan-out throughput, latency, cost and scale, measured on loopback with real gRPC,
+//! and the same workload through Redis pub/sub in the same run when `redis-server` is on the PATH.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use dci_coordinator::{Coordinator, CoordinatorConfig};
+use dci_edge_cache::{EdgeConfig, EdgeNode};
+use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::{Batch, Epoch, Invalidation, Seq, ShardId};
+use dci_relay::{Relay, RelayConfig};
+use dci_sdk::{Publisher, PublisherOptions};
+use hdrhistogram::Histogram;
+
+mod redis;
+
+/// Bench options.
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Edges (each with its own connection and store), split over two relays.
+    #[arg(long, default_value_t = 8)]
+    pub edges: usize,
+    /// Invalidations published in the saturation run.
+    #[arg(long, default_value_t = 500_000)]
+    pub count: u64,
+    /// Publish rate of the latency run (invalidations per second).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Length of the latency run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub latency_for: Duration,
+    /// Receivers on one relay in the scale run (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub receivers: usize,
+    /// Distinct keys (shaped like `user:123456:profile`).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub keys: u64,
+    /// zstd on the links.
+    #[arg(long)]
+    pub compression: bool,
+    /// Edges take only keys with this prefix (filter at the relay).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Skip the Redis comparison.
+    #[arg(long)]
+    pub no_redis: bool,
+}
+
+/// What the edges applied.
+struct Meter {
+    last: Vec<AtomicU64>,
+    recording: AtomicBool,
+    latency: Mutex<Histogram<u64>>,
+}
+
+fn key(i: u64) -> Bytes {
+    Bytes::from(format!("user:{:06}:profile", i % 1_000_000))
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (t(11) + t(12)) / 100.0
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        if Instant::now() > deadline {
+            anyhow::bail!("bench: timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+fn ratio(ours: f64, theirs: Option<f64>) -> String {
+    match theirs {
+        Some(t) if t > 0.0 => format!("{:.2}x", ours / t),
+        _ => "-".into(),
+    }
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        ..CoordinatorConfig::default()
+    })
+    .await?;
+    let mut relays = Vec::new();
+    for i in 0..2 {
+        relays.push(
+            Relay::start(RelayConfig {
+                listen: "127.0.0.1:0".parse()?,
+                upstream: vec![coordinator.url()],
+                region: format!("bench-{i}"),
+                compression: a.compression,
+                ..RelayConfig::default()
+            })
+            .await?,
+        );
+    }
+    let meter = Arc::new(Meter {
+        last: (0..a.edges).map(|_| AtomicU64::new(0)).collect(),
+        recording: AtomicBool::new(false),
+        latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+    });
+    let mut edges = Vec::new();
+    for j in 0..a.edges {
+        let m = meter.clone();
+        let hook: dci_edge_cache::AppliedHook = Arc::new(move |b: &Batch| {
+            m.last[j].store(b.last_seq, Ordering::Release);
+            if m.recording.load(Ordering::Relaxed) {
+                let now = dci_proto::now_us();
+                let mut h = lock(&m.latency);
+                for e in &b.entries {
+                    let _ = h.record(now.saturating_sub(e.publish_time_us).max(1));
+                }
+            }
+        });
+        edges.push(
+            EdgeNode::start_with(
+                EdgeConfig {
+                    listen: "127.0.0.1:0".parse()?,
+                    relays: vec![relays[j % 2].url()],
+                    region: "bench".into(),
+                    compression: a.compression,
+                    prefixes: a.prefix.iter().cloned().collect(),
+                    ..EdgeConfig::default()
+                },
+                Some(hook),
+            )
+            .await?,
+        );
+    }
+    for e in &edges {
+        let link = e.link.clone();
+        wait_until("edges to connect", Duration::from_secs(10), || {
+            lock(&link).connected_to.is_some()
+        })
+        .await?;
+    }
+    let publisher = Publisher::with_options(
+        vec![coordinator.url()],
+        PublisherOptions {
+            max_batch: 16_384,
+            max_in_flight: 64,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let redis = if a.no_redis {
+        None
+    } else {
+        redis::Redis::start().await
+    };
+    if redis.is_none() && !a.no_redis {
+        println!("redis: redis-server not on the PATH; the Redis comparison is skipped");
+    }
+    println!(
+        "dci bench: {} edges over 2 relays, fsync=always, 35-byte invalidations (19-byte keys), compression={}, prefix filter={:?}",
+        a.edges, a.compression, a.prefix
+    );
+
+    // 1. Saturation.
+    let base = publisher.invalidate("bench:warmup").await?;
+    let m = meter.clone();
+    wait_until("warm-up", Duration::from_secs(30), || {
+        m.last.iter().all(|l| l.load(Ordering::Acquire) >= base)
+    })
+    .await?;
+    let bytes_before: u64 = relays
+        .iter()
+        .map(|r| r.counters.bytes.load(Ordering::Relaxed))
+        .sum();
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let chunk = 2048u64;
+    let mut tasks = Vec::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    for t in 0..4u64 {
+        let (p, sent, count) = (publisher.clone(), sent.clone(), a.count);
+        tasks.push(tokio::spawn(async move {
+            let mut head = 0;
+            let mut i = t * 7_919;
+            loop {
+                let at = sent.fetch_add(chunk, Ordering::Relaxed);
+                if at >= count {
+                    return Ok::<Seq, dci_sdk::Error>(head);
+                }
+                let n = chunk.min(count - at);
+                let now = dci_proto::now_us();
+                let entries = (0..n)
+                    .map(|_| {
+                        i = i
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
+                        Invalidation {
+                            source_version: Some(i >> 8),
+                            publish_time_us: now,
+                            ..Invalidation::key(key(i >> 20))
+                        }
+                    })
+                    .collect();
+                let seqs = p.publish(entries).await?;
+                head = head.max(seqs.last().copied().unwrap_or(0));
+            }
+        }));
+    }
+    let mut head = base;
+    for t in tasks {
+        head = head.max(t.await??);
+    }
+    let published_in = started.elapsed();
+    let m = meter.clone();
+    wait_until(
+        "every edge to apply the head",
+        Duration::from_secs(300),
+        || m.last.iter().all(|l| l.load(Ordering::Acquire) >= head),
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
+    let wire: u64 = relays
+        .iter()
+        .map(|r| r.counters.bytes.load(Ordering::Relaxed))
+        .sum::<u64>()
+        - bytes_before;
+    let published = head - base;
+    let delivered = published * a.edges as u64;
+    let rate = delivered as f64 / elapsed.as_secs_f64();
+    let redis_sat = match &redis {
+        Some(r) => Some(r.saturation(a.edges, a.count.min(500_000)).await?),
+        None => None,
+    };
+    println!("saturation (N={}):", a.edges);
+    println!(
+        "  published {published} in {:.2}s ({:.0}/s through the log, fsync=always); applied at all edges after {:.2}s",
+        published_in.as_secs_f64(),
+        published as f64 / published_in.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  dci:   {:>12.0} delivered/s   lost 0   | redis pub/sub: {:>12} delivered/s  ratio {}",
+        rate,
+        redis_sat.map_or("-".into(), |r| format!("{r:.0}")),
+        ratio(rate, redis_sat)
+    );
+    println!(
+        "  cost:  {:.3} CPU s per million deliveries (whole process: coordinator, relays, edges, publisher); {:.1} wire bytes per delivered invalidation (relay→edge payload)",
+        cpu / (delivered as f64 / 1e6),
+        wire as f64 / delivered as f64
+    );
+
+    // 2. Latency at a fixed rate.
+    let m = meter.clone();
+    lock(&m.latency).reset();
+    m.recording.store(true, Ordering::Relaxed);
+    let tick = Duration::from_millis(1);
+    let per_tick = (a.rate as f64 / 1000.0).max(1.0);
+    let started = Instant::now();
+    let mut due = 0.0f64;
+    let mut n = 0u64;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut last_head = head;
+    let mut pending = Vec::new();
+    while started.elapsed() < a.latency_for {
+        interval.tick().await;
+        due += per_tick;
+        let k = due as u64;
+        due -= k as f64;
+        if k == 0 {
+            continue;
+        }
+        let now = dci_proto::now_us();
+        let entries: Vec<_> = (0..k)
+            .map(|_| {
+                n += 1;
+                Invalidation {
+                    publish_time_us: now,
+                    ..Invalidation::key(key(n * 7_919))
+                }
+            })
+            .collect();
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move { p.publish(entries).await }));
+    }
+    for t in pending {
+        if let Ok(Ok(s)) = t.await {
+            last_head = last_head.max(s.last().copied().unwrap_or(0));
+        }
+    }
+    wait_until("latency run to drain", Duration::from_secs(60), || {
+        m.last
+            .iter()
+            .all(|l| l.load(Ordering::Acquire) >= last_head)
+    })
+    .await?;
+    m.recording.store(false, Ordering::Relaxed);
+    let h = lock(&m.latency).clone();
+    let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+    let redis_lat = match &redis {
+        Some(r) => Some(r.latency(a.edges, a.rate, a.latency_for).await?),
+        None => None,
+    };
+    println!(
+        "latency at {}/s, N={} (publish call → applied at each edge, {} samples):",
+        a.rate,
+        a.edges,
+        h.len()
+    );
+    println!(
+        "  dci:   p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        h.max() as f64 / 1000.0
+    );
+    if let Some((p50, p99, p999)) = redis_lat {
+        println!(
+            "  redis: p50 {p50:.3} ms  p99 {p99:.3} ms  p99.9 {p999:.3} ms   ratio p99 {}",
+            ratio(p99, Some(q(0.99)))
+        );
+    }
+
+    // 3. Scale: many receivers on one relay.
+    if a.receivers > 0 {
+        scale(&a, &relays[0], &publisher).await?;
+    }
+
+    for e in edges {
+        let _ = e.stop().await;
+    }
+    for r in relays {
+        let _ = r.stop().await;
+    }
+    coordinator.stop().await?;
+    if let Some(r) = redis {
+        r.stop();
+    }
+    Ok(())
+}
+
+/// A receiver that only counts (the scale run measures the relay, not a cache).
+struct Counter(Arc<AtomicU64>);
+
+impl Applier for Counter {
+    fn apply(&mut self, b: &Batch) {
+        self.0.store(b.last_seq, Ordering::Release);
+    }
+    fn quarantine(&mut self, _: ShardId, _: &dci_proto::pb::Invalidation, _: &str) {}
+    fn flush(&mut self, _: ShardId, _: Epoch, hwm: Seq, _: &str) {
+        self.0.store(hwm, Ordering::Release);
+    }
+}
+
+async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::Result<()> {
+    let before = rss_bytes();
+    let (halt_tx, halt) = tokio::sync::watch::channel(false);
+    let mut counters = Vec::new();
+    for i in 0..a.receivers {
+        let c = Arc::new(AtomicU64::new(0));
+        counters.push(c.clone());
+        let opts = FollowOptions {
+            urls: vec![relay.url()],
+            node_id: format!("bench-receiver-{i}"),
+            role: "near-cache".into(),
+            heartbeat_interval: Duration::from_secs(1),
+            ..FollowOptions::default()
+        };
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        tokio::spawn(upstream::follow(
+            opts,
+            Arc::new(Mutex::new(Counter(c))),
+            state,
+            halt.clone(),
+        ));
+    }
+    let rc = relay.counters.clone();
+    let want = a.receivers as u64 + (a.edges as u64).div_ceil(2);
+    wait_until("receivers to connect", Duration::from_secs(60), || {
+        rc.receivers.load(Ordering::Relaxed) >= want
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = rss_bytes().saturating_sub(before) as f64 / a.receivers as f64;
+    let count = (a.count / 10).max(10_000);
+    let started = Instant::now();
+    let mut head = 0;
+    let mut i = 0u64;
+    while i < count {
+        let n = 4096.min(count - i);
+        let now = dci_proto::now_us();
+        let entries = (i..i + n)
+            .map(|j| Invalidation {
+                publish_time_us: now,
+                ..Invalidation::key(key(j * 31))
+            })
+            .collect();
+        let seqs = publisher.publish(entries).await?;
+        head = head.max(*seqs.last().unwrap_or(&0));
+        i += n;
+    }
+    wait_until(
+        "every receiver to apply the head",
+        Duration::from_secs(600),
+        || counters.iter().all(|c| c.load(Ordering::Acquire) >= head),
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let delivered = count * a.receivers as u64;
+    println!("scale ({} receivers on one relay):", a.receivers);
+    println!(
+        "  memory per idle receiver {:.1} KiB (process RSS growth / receivers; both ends of each link are in this process)",
+        idle / 1024.0
+    );
+    println!(
+        "  delivered/s {:.0} ({} invalidations to each receiver in {:.2}s)",
+        delivered as f64 / elapsed.as_secs_f64(),
+        count,
+        elapsed.as_secs_f64()
+    );
+    let _ = halt_tx.send(true);
+    Ok(())
+}
