@@ -100,6 +100,8 @@ impl Publisher {
             let ch = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
                 .tcp_nodelay(true)
+                .initial_stream_window_size(Some(2 << 20))
+                .initial_connection_window_size(Some(8 << 20))
                 .connect_timeout(Duration::from_secs(1))
                 .connect_lazy();
             let (tx, rx) = mpsc::channel(16384);

@@ -368,6 +368,9 @@ impl EdgeNode {
         let mut stop = rx;
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
+                // Streams carry batches continuously: windows large enough not to stall on updates.
+                .initial_stream_window_size(Some(2 << 20))
+                .initial_connection_window_size(Some(8 << 20))
                 .tcp_nodelay(true)
                 .add_service(health)
                 .add_service(

@@ -238,7 +238,9 @@ async fn session<A: Applier>(
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad sender url {url:?}: {e}"))?
         .connect_timeout(opts.connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(8 << 20));
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let mut client = SubscribeClient::new(channel).max_decoding_message_size(64 << 20);
     if opts.compression {

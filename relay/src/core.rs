@@ -82,6 +82,8 @@ impl RelayCore {
             .ok()?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            .initial_stream_window_size(Some(2 << 20))
+            .initial_connection_window_size(Some(8 << 20))
             .connect_lazy();
         chans.insert(url.to_string(), c.clone());
         Some(c)
