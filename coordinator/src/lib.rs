@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dci_proto::downstream::{ServeCounters, ServeOptions};
+use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::ring::ShardMap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{ConfigError, CoordinatorConfig};
 pub use wal::FsyncPolicy;
@@ -221,7 +221,7 @@ pub async fn run(
                 .send_compressed(tonic::codec::CompressionEncoding::Zstd),
         )
         .add_service(pb::admin_server::AdminServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     // The services (and their job senders) are gone: the writer drains and closes the log.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dci_proto::incoming;
 use dci_proto::pb;
 use dci_proto::ring::NodeRing;
 use dci_proto::types::RingOwnership;
@@ -21,7 +22,6 @@ use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
 use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 pub use config::{ConfigError, EdgeConfig};
@@ -378,7 +378,7 @@ impl EdgeNode {
                         .max_decoding_message_size(16 << 20),
                 )
                 .add_service(pb::admin_server::AdminServer::new(svc))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming(listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await

@@ -31,6 +31,12 @@ pub mod pb {
 
 pub use types::{coalesce, Batch, Epoch, Filter, Invalidation, Kind, Seq, ShardId};
 
+/// Accepted connections of a bound listener, with Nagle off: batches are small and latency-bound,
+/// and a custom incoming stream does not get the server builder's `tcp_nodelay`.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Microseconds since the Unix epoch, from the system clock (0 if the clock is before 1970).
 pub fn now_us() -> u64 {
     std::time::SystemTime::now()

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dci_proto::downstream::{self, ServeCounters, ServeOptions};
+use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::upstream::{self, lock, FollowOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use config::{ConfigError, RelayConfig};
@@ -176,7 +177,7 @@ impl Relay {
                         .send_compressed(tonic::codec::CompressionEncoding::Zstd),
                 )
                 .add_service(pb::admin_server::AdminServer::new(svc))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming(listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
