@@ -112,6 +112,7 @@ fn script() -> Scripted {
                     entry(3, "", key),
                     entry(4, "boom", key),
                 ],
+                base_time_us: 0,
             },
             pb::Batch {
                 shard: 0,
@@ -119,6 +120,7 @@ fn script() -> Scripted {
                 first_seq: 5,
                 last_seq: 5,
                 entries: vec![entry(5, "after", key)],
+                base_time_us: 0,
             },
         ],
         head: 5,

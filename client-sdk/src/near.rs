@@ -105,10 +105,10 @@ impl Applier for NearApplier {
         let mut st = lock(&self.0);
         for e in &batch.entries {
             match st.leases.apply(batch.shard, e) {
-                Effect::Key(k) => {
-                    st.values.remove(&k);
+                Effect::Key => {
+                    st.values.remove(&e.key);
                 }
-                Effect::Prefix(p) => st.remove_where(|k| k.starts_with(&p)),
+                Effect::Prefix => st.remove_where(|k| k.starts_with(&e.key)),
                 Effect::Shard(s) => {
                     let shard_of: Vec<Bytes> = st
                         .values

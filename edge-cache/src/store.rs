@@ -54,7 +54,7 @@ pub struct StoreCounters {
 
 /// The store.
 pub struct Store {
-    values: Cache<Bytes, Arc<Filled>>,
+    values: Cache<Bytes, Arc<Filled>, foldhash::fast::RandomState>,
     /// Held across a fill's check and insert, and an invalidation's record and removal, so the
     /// two never interleave.
     leases: Mutex<LeaseTable>,
@@ -73,7 +73,7 @@ impl Store {
             })
             .expire_after(FillTtl(ttl))
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Store {
             values,
             leases: Mutex::new(LeaseTable::new(shard_count, max_tombstones as usize)),
@@ -136,8 +136,9 @@ impl Store {
     pub fn apply(&self, shard: ShardId, e: &Invalidation) {
         let mut leases = lock(&self.leases);
         match leases.apply(shard, e) {
-            Effect::Key(k) => self.values.invalidate(&k),
-            Effect::Prefix(p) => {
+            Effect::Key => self.values.invalidate(&e.key),
+            Effect::Prefix => {
+                let p = e.key.clone();
                 let _ = self
                     .values
                     .invalidate_entries_if(move |k, _| k.starts_with(&p));

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::link::retransmit::compress;
 use crate::link::sender::NextRange;
 use crate::link::{Sender, SenderConfig, ShardView, SharedBatch, TxCommand};
 use crate::pb;
@@ -147,7 +148,16 @@ async fn run_link<S: BatchSource>(
     let mut tick = tokio::time::interval(opts.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        pump(source, &mut sender, &filter, tx, stall, counters).await?;
+        pump(
+            source,
+            &mut sender,
+            &filter,
+            hello.zstd_batches,
+            tx,
+            stall,
+            counters,
+        )
+        .await?;
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(()),
@@ -212,10 +222,12 @@ async fn exec(
 }
 
 /// Send whatever the window allows on every shard.
+#[allow(clippy::too_many_arguments)]
 async fn pump<S: BatchSource>(
     source: &Arc<S>,
     sender: &mut Sender,
     filter: &Filter,
+    zstd: bool,
     tx: &Tx,
     stall: Duration,
     counters: &ServeCounters,
@@ -238,14 +250,23 @@ async fn pump<S: BatchSource>(
                                 break;
                             }
                             for b in batches {
-                                let bytes = if filter.is_pass_all() {
+                                let filtered =
+                                    || b.batch.after(from - 1).filtered(filter).encode_shared();
+                                let msg = match (filter.is_pass_all(), zstd) {
                                     // The shared encoding; the receiver trims what it already has.
-                                    b.encoded.clone()
-                                } else {
-                                    b.batch.after(from - 1).filtered(filter).encode_shared()
+                                    (true, false) => pb::downstream::Msg::Batch(b.encoded.clone()),
+                                    (true, true) => pb::downstream::Msg::BatchZstd(b.compressed()),
+                                    (false, false) => pb::downstream::Msg::Batch(filtered()),
+                                    (false, true) => {
+                                        pb::downstream::Msg::BatchZstd(compress(&filtered()))
+                                    }
                                 };
-                                let len = bytes.len();
-                                send(tx, pb::downstream::Msg::Batch(bytes), stall).await?;
+                                let len = match &msg {
+                                    pb::downstream::Msg::Batch(x)
+                                    | pb::downstream::Msg::BatchZstd(x) => x.len(),
+                                    _ => 0,
+                                };
+                                send(tx, msg, stall).await?;
                                 counters.batches.fetch_add(1, Ordering::Relaxed);
                                 counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
                                 sender.on_sent(view.shard, b.batch.last_seq, len, Instant::now());

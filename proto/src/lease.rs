@@ -8,6 +8,11 @@
 //!
 //! [`LeaseTable`] says what an invalidation removes ([`Effect`]) and whether a fill may proceed;
 //! the edge store and the SDK's near cache carry the values themselves.
+//!
+//! Tombstones are kept by a 64-bit hash of the key (randomly seeded per process), not by the key:
+//! they stay small and inline, and the hot path never chases a pointer to compare key bytes. Two
+//! keys that share a hash share a tombstone, which only ever refuses more fills, never fewer; a
+//! second hash tells whether a tombstone is really the key's before an older version is dropped.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -62,10 +67,10 @@ pub enum FillRefused {
 /// What the cache must remove for an applied invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// This key.
-    Key(Bytes),
-    /// Every key with this prefix.
-    Prefix(Bytes),
+    /// The invalidation's key.
+    Key,
+    /// Every key starting with the invalidation's key.
+    Prefix,
     /// Every key of this shard.
     Shard(ShardId),
     /// Nothing: an older version arrived after a newer one.
@@ -77,7 +82,29 @@ struct Tomb {
     shard: ShardId,
     seq: Seq,
     version: Option<u64>,
+    /// A second hash of the key the tombstone belongs to.
+    check: u64,
 }
+
+/// Tombstone maps are keyed by an already-mixed hash: hashing it again would be wasted work.
+#[derive(Clone, Copy, Default)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type TombMap = HashMap<u64, Tomb, std::hash::BuildHasherDefault<PreHashed>>;
 
 #[derive(Debug, Default)]
 struct ShardLeases {
@@ -92,10 +119,12 @@ struct ShardLeases {
 pub struct LeaseTable {
     map: ShardMap,
     shards: HashMap<ShardId, ShardLeases>,
-    tombs: HashMap<Bytes, Tomb>,
-    order: VecDeque<Bytes>,
+    tombs: TombMap,
+    order: VecDeque<u64>,
     max_tombs: usize,
     generation: u64,
+    hash: foldhash::quality::RandomState,
+    check: foldhash::quality::RandomState,
 }
 
 impl LeaseTable {
@@ -104,11 +133,18 @@ impl LeaseTable {
         LeaseTable {
             map: ShardMap::new(shard_count),
             shards: HashMap::new(),
-            tombs: HashMap::new(),
+            tombs: TombMap::default(),
             order: VecDeque::new(),
             max_tombs: max_tombs.max(1),
             generation: 0,
+            hash: foldhash::quality::RandomState::default(),
+            check: foldhash::quality::RandomState::default(),
         }
+    }
+
+    fn hashes(&self, key: &[u8]) -> (u64, u64) {
+        use std::hash::BuildHasher;
+        (self.hash.hash_one(key), self.check.hash_one(key))
     }
 
     /// The shard of a key.
@@ -133,7 +169,8 @@ impl LeaseTable {
         if lease.generation != self.generation {
             return Err(FillRefused::Flushed);
         }
-        let mut newest = self.tombs.get(key).map_or(0, |t| t.seq);
+        // Any tombstone under the key's hash counts, the key's own or a colliding one's.
+        let mut newest = self.tombs.get(&self.hashes(key).0).map_or(0, |t| t.seq);
         if let Some(s) = self.shards.get(&self.shard_of(key)) {
             newest = newest.max(s.floor);
             for (p, seq) in &s.prefix_tombs {
@@ -155,36 +192,39 @@ impl LeaseTable {
     pub fn apply(&mut self, shard: ShardId, e: &Invalidation) -> Effect {
         match e.kind {
             Kind::Key => {
-                if let Some(t) = self.tombs.get_mut(&e.key) {
-                    if let (Some(v), Some(tv)) = (e.source_version, t.version) {
-                        if v < tv {
-                            return Effect::Nothing;
+                let (h, check) = self.hashes(&e.key);
+                match self.tombs.entry(h) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        let t = o.get_mut();
+                        if t.check == check {
+                            if let (Some(v), Some(tv)) = (e.source_version, t.version) {
+                                if v < tv {
+                                    return Effect::Nothing;
+                                }
+                            }
+                            t.version = t.version.max(e.source_version);
+                        } else {
+                            // Another key with the same hash: keep the newest seq for both, and
+                            // no version, so nothing is ever dropped on the other key's account.
+                            t.version = None;
+                            t.check = check;
+                        }
+                        t.seq = t.seq.max(e.seq);
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(Tomb {
+                            shard,
+                            seq: e.seq,
+                            version: e.source_version,
+                            check,
+                        });
+                        self.order.push_back(h);
+                        if self.order.len() > self.max_tombs {
+                            self.evict_oldest();
                         }
                     }
-                    t.seq = t.seq.max(e.seq);
-                    t.version = t.version.max(e.source_version);
-                    return Effect::Key(e.key.clone());
                 }
-                self.tombs.insert(
-                    e.key.clone(),
-                    Tomb {
-                        shard,
-                        seq: e.seq,
-                        version: e.source_version,
-                    },
-                );
-                self.order.push_back(e.key.clone());
-                while self.order.len() > self.max_tombs {
-                    let Some(old) = self.order.pop_front() else {
-                        break;
-                    };
-                    if let Some(t) = self.tombs.remove(&old) {
-                        // Forgetting a tombstone must not forget what it refused.
-                        let st = self.shards.entry(t.shard).or_default();
-                        st.floor = st.floor.max(t.seq);
-                    }
-                }
-                Effect::Key(e.key.clone())
+                Effect::Key
             }
             Kind::Prefix => {
                 let st = self.shards.entry(shard).or_default();
@@ -194,13 +234,23 @@ impl LeaseTable {
                         st.floor = st.floor.max(seq);
                     }
                 }
-                Effect::Prefix(e.key.clone())
+                Effect::Prefix
             }
             Kind::All => {
                 let st = self.shards.entry(shard).or_default();
                 st.floor = st.floor.max(e.seq);
                 st.prefix_tombs.clear();
                 Effect::Shard(shard)
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(old) = self.order.pop_front() {
+            if let Some(t) = self.tombs.remove(&old) {
+                // Forgetting a tombstone must not forget what it refused.
+                let st = self.shards.entry(t.shard).or_default();
+                st.floor = st.floor.max(t.seq);
             }
         }
     }
@@ -225,8 +275,7 @@ impl LeaseTable {
                 prefix_tombs: VecDeque::new(),
             },
         );
-        let map = &self.map;
-        self.tombs.retain(|k, _| map.shard_of(k) != shard);
+        self.tombs.retain(|_, t| t.shard != shard);
         let tombs = &self.tombs;
         self.order.retain(|k| tombs.contains_key(k));
     }
@@ -264,7 +313,7 @@ mod tests {
     fn stale_fill_after_invalidation_is_refused() {
         let mut t = LeaseTable::new(1, 100);
         let lease = t.lease(b"k");
-        assert_eq!(t.apply(0, &inv("k", 5)), Effect::Key(Bytes::from("k")));
+        assert_eq!(t.apply(0, &inv("k", 5)), Effect::Key);
         t.set_applied(0, 1, 5);
         assert_eq!(
             t.check_fill(b"k", lease),

@@ -84,27 +84,7 @@ impl Invalidation {
 
     /// Check an invalidation received from the network.
     pub fn try_from_pb(p: pb::Invalidation, max_key_len: usize) -> Result<Self, InvalidEntry> {
-        let kind = match pb::Kind::try_from(p.kind) {
-            Ok(pb::Kind::Key) => Kind::Key,
-            Ok(pb::Kind::Prefix) => Kind::Prefix,
-            Ok(pb::Kind::All) => Kind::All,
-            Ok(pb::Kind::Unspecified) => return Err(InvalidEntry::KindUnspecified),
-            Err(_) => return Err(InvalidEntry::UnknownKind(p.kind)),
-        };
-        if kind != Kind::All && p.key.is_empty() {
-            return Err(InvalidEntry::EmptyKey);
-        }
-        if p.key.len() > max_key_len {
-            return Err(InvalidEntry::KeyTooLong {
-                len: p.key.len(),
-                max: max_key_len,
-            });
-        }
-        if let Some(t) = &p.trace_id {
-            if t.len() > 64 {
-                return Err(InvalidEntry::TraceIdTooLong(t.len()));
-            }
-        }
+        let kind = check_entry(&p, max_key_len)?;
         Ok(Invalidation {
             key: p.key,
             kind,
@@ -126,6 +106,32 @@ impl Invalidation {
             trace_id: self.trace_id.clone(),
         }
     }
+}
+
+/// The checks of a wire invalidation, without taking it apart: its kind, or why it is invalid.
+fn check_entry(p: &pb::Invalidation, max_key_len: usize) -> Result<Kind, InvalidEntry> {
+    let kind = match pb::Kind::try_from(p.kind) {
+        Ok(pb::Kind::Key) => Kind::Key,
+        Ok(pb::Kind::Prefix) => Kind::Prefix,
+        Ok(pb::Kind::All) => Kind::All,
+        Ok(pb::Kind::Unspecified) => return Err(InvalidEntry::KindUnspecified),
+        Err(_) => return Err(InvalidEntry::UnknownKind(p.kind)),
+    };
+    if kind != Kind::All && p.key.is_empty() {
+        return Err(InvalidEntry::EmptyKey);
+    }
+    if p.key.len() > max_key_len {
+        return Err(InvalidEntry::KeyTooLong {
+            len: p.key.len(),
+            max: max_key_len,
+        });
+    }
+    if let Some(t) = &p.trace_id {
+        if t.len() > 64 {
+            return Err(InvalidEntry::TraceIdTooLong(t.len()));
+        }
+    }
+    Ok(kind)
 }
 
 /// Why an invalidation was refused.
@@ -216,15 +222,28 @@ impl Batch {
         let mut entries = Vec::with_capacity(p.entries.len());
         let mut poisoned = Vec::new();
         let mut prev = p.first_seq - 1;
-        for e in p.entries {
+        for mut e in p.entries {
+            if e.seq == 0 {
+                e.seq = prev + 1;
+            }
+            if p.base_time_us != 0 {
+                e.publish_time_us = p.base_time_us.saturating_add(e.publish_time_us);
+            }
             if e.seq < p.first_seq || e.seq > p.last_seq || e.seq <= prev {
                 let seq = e.seq;
                 poisoned.push((e, InvalidEntry::SeqOutOfRange(seq)));
                 continue;
             }
             prev = e.seq;
-            match Invalidation::try_from_pb(e.clone(), max_key_len) {
-                Ok(inv) => entries.push(inv),
+            match check_entry(&e, max_key_len) {
+                Ok(kind) => entries.push(Invalidation {
+                    key: e.key,
+                    kind,
+                    seq: e.seq,
+                    source_version: e.source_version,
+                    publish_time_us: e.publish_time_us,
+                    trace_id: e.trace_id,
+                }),
                 Err(err) => poisoned.push((e, err)),
             }
         }
@@ -240,14 +259,36 @@ impl Batch {
         })
     }
 
-    /// The wire form.
+    /// The wire form: seqs that follow their predecessor and publish times relative to the
+    /// batch's earliest are left implicit or small (see the `Batch` message).
     pub fn to_pb(&self) -> pb::Batch {
+        let base = self
+            .entries
+            .iter()
+            .map(|e| e.publish_time_us)
+            .min()
+            .unwrap_or(0);
+        let mut prev = self.first_seq.saturating_sub(1);
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut p = e.to_pb();
+                if e.seq == prev + 1 {
+                    p.seq = 0;
+                }
+                prev = e.seq;
+                p.publish_time_us -= base;
+                p
+            })
+            .collect();
         pb::Batch {
             shard: self.shard,
             epoch: self.epoch,
             first_seq: self.first_seq,
             last_seq: self.last_seq,
-            entries: self.entries.iter().map(Invalidation::to_pb).collect(),
+            entries,
+            base_time_us: base,
         }
     }
 
@@ -327,7 +368,8 @@ pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
     if entries.len() < 2 {
         return entries;
     }
-    let mut newest: HashMap<Bytes, usize> = HashMap::with_capacity(entries.len());
+    let mut newest: HashMap<&Bytes, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(entries.len(), Default::default());
     let mut keep = vec![true; entries.len()];
     let mut versions: Vec<Option<u64>> = entries.iter().map(|e| e.source_version).collect();
     for (i, e) in entries.iter().enumerate().rev() {
@@ -343,7 +385,7 @@ pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
                 };
             }
             None => {
-                newest.insert(e.key.clone(), i);
+                newest.insert(&e.key, i);
             }
         }
     }
@@ -520,6 +562,7 @@ mod tests {
             first_seq: 5,
             last_seq: 7,
             entries: vec![good, bad, out_of_range],
+            base_time_us: 0,
         };
         let c = Batch::decode_checked(Bytes::from(b.encode_to_vec()), 1024).unwrap();
         assert_eq!(c.batch.entries.len(), 1);
@@ -531,6 +574,34 @@ mod tests {
             ..Default::default()
         };
         assert!(Batch::decode_checked(Bytes::from(empty.encode_to_vec()), 1024).is_err());
+    }
+
+    #[test]
+    fn compact_encoding_round_trips() {
+        let mk = |seq, t| Invalidation {
+            seq,
+            publish_time_us: 1_795_000_000_000_000 + t,
+            source_version: Some(seq * 3),
+            ..Invalidation::key(format!("user:{seq:06}:profile"))
+        };
+        let b = Batch {
+            shard: 2,
+            epoch: 9,
+            first_seq: 10,
+            last_seq: 20,
+            entries: vec![
+                mk(10, 1_000_000),
+                mk(11, 1_000_050),
+                mk(15, 999_990),
+                mk(16, 1_000_100),
+            ],
+        };
+        let bytes = b.encode_shared();
+        let back = Batch::decode_checked(bytes.clone(), 1024).unwrap();
+        assert!(back.poisoned.is_empty());
+        assert_eq!(back.batch, b);
+        let verbose: usize = b.entries.iter().map(|e| e.to_pb().encoded_len() + 2).sum();
+        assert!(bytes.len() + 16 < verbose, "{} vs {verbose}", bytes.len());
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub struct FollowOptions {
     pub max_key_len: usize,
     /// Where to resume (shard, epoch, hwm), for a node that kept state.
     pub resume: Vec<(ShardId, Epoch, Seq)>,
-    /// Ask for compressed streams (zstd).
+    /// Ask for zstd-compressed batches (compressed once per batch by the sender, shared).
     pub compression: bool,
 }
 
@@ -243,11 +243,6 @@ async fn session<A: Applier>(
         .initial_connection_window_size(Some(8 << 20));
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let mut client = SubscribeClient::new(channel).max_decoding_message_size(64 << 20);
-    if opts.compression {
-        client = client
-            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-            .send_compressed(tonic::codec::CompressionEncoding::Zstd);
-    }
     receiver.on_reconnect();
     let (up, up_rx) = mpsc::channel::<pb::Upstream>(256);
     let hello = pb::Hello {
@@ -256,6 +251,7 @@ async fn session<A: Applier>(
         filter: Some(opts.filter.to_pb()),
         resume: receiver.resume_points(),
         role: opts.role.clone(),
+        zstd_batches: opts.compression,
     };
     up.try_send(pb::Upstream {
         msg: Some(pb::upstream::Msg::Hello(hello)),
@@ -291,7 +287,18 @@ async fn session<A: Applier>(
                 };
                 let now = Instant::now();
                 last_heard = now;
-                let cmds = match msg.msg {
+                let msg = match msg.msg {
+                    Some(pb::downstream::Msg::BatchZstd(z)) => match crate::link::retransmit::decompress(&z) {
+                        Ok(bytes) => Some(pb::downstream::Msg::Batch(bytes)),
+                        Err(e) => {
+                            tracing::warn!(sender = %url, error = %e, "undecompressable batch dropped");
+                            lock(state).bad_batches += 1;
+                            None
+                        }
+                    },
+                    other => other,
+                };
+                let cmds = match msg {
                     Some(pb::downstream::Msg::Batch(bytes)) => {
                         match Batch::decode_checked(bytes, opts.max_key_len) {
                             Ok(mut checked) => {
@@ -329,7 +336,7 @@ async fn session<A: Applier>(
                         lock(applier).on_heads(&h.heads);
                         receiver.on_heartbeat(&h, now)
                     }
-                    None => Vec::new(),
+                    Some(pb::downstream::Msg::BatchZstd(_)) | None => Vec::new(),
                 };
                 execute(cmds, receiver, applier, state, &up, now);
                 let mut st = lock(state);

@@ -141,6 +141,7 @@ impl RelayCore {
                     hwm: from - 1,
                 }],
                 role: "catch-up".into(),
+                zstd_batches: false,
             })),
         })
         .await

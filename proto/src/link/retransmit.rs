@@ -16,6 +16,8 @@ pub struct SharedBatch {
     pub encoded: Bytes,
     /// Publish time of the newest entry (µs since the Unix epoch), for lag in ms.
     pub newest_publish_us: u64,
+    /// zstd of `encoded`, made on first use and shared like `encoded`.
+    zstd: std::sync::OnceLock<Bytes>,
 }
 
 impl SharedBatch {
@@ -32,13 +34,39 @@ impl SharedBatch {
             batch,
             encoded,
             newest_publish_us,
+            zstd: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The zstd-compressed encoding, compressed once for every receiver that takes it.
+    pub fn compressed(&self) -> Bytes {
+        self.zstd.get_or_init(|| compress(&self.encoded)).clone()
     }
 
     /// Bytes this batch holds in memory (roughly: the encoding plus the decoded entries).
     pub fn footprint(&self) -> usize {
         self.encoded.len() * 2 + 64
     }
+}
+
+/// zstd at a fast level: links are CPU-bound long before they are bandwidth-bound.
+pub fn compress(bytes: &[u8]) -> Bytes {
+    match zstd::bulk::compress(bytes, 1) {
+        Ok(c) => Bytes::from(c),
+        // Compression of a valid buffer does not fail; if it ever did, an empty frame would be
+        // dropped by the receiver as undecodable and repaired by a Nack.
+        Err(_) => Bytes::new(),
+    }
+}
+
+/// Largest decompressed batch accepted: a compressed frame cannot make a receiver allocate more.
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// Undo [`compress`], refusing anything that would decompress beyond [`MAX_BATCH_BYTES`].
+pub fn decompress(bytes: &[u8]) -> Result<Bytes, String> {
+    zstd::bulk::decompress(bytes, MAX_BATCH_BYTES)
+        .map(Bytes::from)
+        .map_err(|e| format!("zstd: {e}"))
 }
 
 /// What a read from the ring found.
@@ -258,6 +286,17 @@ mod tests {
         tiny.push(batch(1, 10)).unwrap();
         tiny.push(batch(11, 20)).unwrap();
         assert_eq!(tiny.oldest(), 11, "always keeps the newest batch");
+    }
+
+    #[test]
+    fn compression_is_shared_and_round_trips() {
+        let b = batch(1, 200);
+        let c1 = b.compressed();
+        let c2 = b.compressed();
+        assert_eq!(c1.as_ptr(), c2.as_ptr(), "compressed once, shared");
+        assert!(c1.len() < b.encoded.len() / 2);
+        assert_eq!(decompress(&c1).unwrap(), b.encoded);
+        assert!(decompress(b"not zstd").is_err());
     }
 
     #[test]
