@@ -578,7 +578,7 @@ mod tests {
 
     #[test]
     fn compact_encoding_round_trips() {
-        let mk = |seq, t| Invalidation {
+        let mk = |seq: u64, t: u64| Invalidation {
             seq,
             publish_time_us: 1_795_000_000_000_000 + t,
             source_version: Some(seq * 3),
