@@ -59,7 +59,7 @@ impl Default for EdgeConfig {
             shard_count: 1,
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
             max_value_len: 8 << 20,
-            max_tombstones: 1_000_000,
+            max_tombstones: 262_144,
             prefixes: Vec::new(),
             ring_nodes: Vec::new(),
             replication: 1,

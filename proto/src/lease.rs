@@ -108,43 +108,70 @@ type TombMap = HashMap<u64, Tomb, std::hash::BuildHasherDefault<PreHashed>>;
 
 #[derive(Debug, Default)]
 struct ShardLeases {
+    shard: ShardId,
     epoch: Epoch,
     applied: Seq,
     floor: Seq,
     prefix_tombs: VecDeque<(Bytes, Seq)>,
+    /// Highest tombstone seq in the current generation, then in the previous one.
+    newest_current: Seq,
+    newest_previous: Seq,
 }
 
 /// Tombstones and floors of one cache.
+///
+/// Tombstones live in two generations. New ones go to the current generation; when it is full,
+/// the previous generation is dropped (its shards' floors rise to its newest seq, so nothing it
+/// refused is forgotten) and the current one becomes the previous. No per-entry eviction, no
+/// order queue: one hash and one insert per invalidation.
 #[derive(Debug)]
 pub struct LeaseTable {
     map: ShardMap,
-    shards: HashMap<ShardId, ShardLeases>,
-    tombs: TombMap,
-    order: VecDeque<u64>,
-    max_tombs: usize,
+    shards: Vec<ShardLeases>,
+    current: TombMap,
+    previous: TombMap,
+    generation_size: usize,
     generation: u64,
-    hash: foldhash::quality::RandomState,
-    check: foldhash::quality::RandomState,
+    hash: foldhash::fast::RandomState,
+    check: foldhash::fast::RandomState,
 }
 
 impl LeaseTable {
-    /// A table keeping at most `max_tombs` tombstones (older ones fold into their shard's floor).
+    /// A table keeping at most about `max_tombs` tombstones (older ones fold into their shard's floor).
     pub fn new(shard_count: u32, max_tombs: usize) -> Self {
+        let generation_size = (max_tombs / 2).max(1);
         LeaseTable {
             map: ShardMap::new(shard_count),
-            shards: HashMap::new(),
-            tombs: TombMap::default(),
-            order: VecDeque::new(),
-            max_tombs: max_tombs.max(1),
+            shards: Vec::new(),
+            current: TombMap::default(),
+            previous: TombMap::default(),
+            generation_size,
             generation: 0,
-            hash: foldhash::quality::RandomState::default(),
-            check: foldhash::quality::RandomState::default(),
+            hash: foldhash::fast::RandomState::default(),
+            check: foldhash::fast::RandomState::default(),
         }
     }
 
     fn hashes(&self, key: &[u8]) -> (u64, u64) {
         use std::hash::BuildHasher;
         (self.hash.hash_one(key), self.check.hash_one(key))
+    }
+
+    fn shard(&self, shard: ShardId) -> Option<&ShardLeases> {
+        self.shards.iter().find(|s| s.shard == shard)
+    }
+
+    fn shard_mut(&mut self, shard: ShardId) -> &mut ShardLeases {
+        match self.shards.iter().position(|s| s.shard == shard) {
+            Some(i) => &mut self.shards[i],
+            None => {
+                self.shards.push(ShardLeases {
+                    shard,
+                    ..ShardLeases::default()
+                });
+                self.shards.last_mut().expect("just pushed")
+            }
+        }
     }
 
     /// The shard of a key.
@@ -154,10 +181,7 @@ impl LeaseTable {
 
     /// The lease a miss on `key` hands out now.
     pub fn lease(&self, key: &[u8]) -> Lease {
-        let applied = self
-            .shards
-            .get(&self.shard_of(key))
-            .map_or(0, |s| s.applied);
+        let applied = self.shard(self.shard_of(key)).map_or(0, |s| s.applied);
         Lease {
             generation: self.generation,
             seq: applied,
@@ -170,8 +194,13 @@ impl LeaseTable {
             return Err(FillRefused::Flushed);
         }
         // Any tombstone under the key's hash counts, the key's own or a colliding one's.
-        let mut newest = self.tombs.get(&self.hashes(key).0).map_or(0, |t| t.seq);
-        if let Some(s) = self.shards.get(&self.shard_of(key)) {
+        let h = self.hashes(key).0;
+        let mut newest = self
+            .current
+            .get(&h)
+            .map_or(0, |t| t.seq)
+            .max(self.previous.get(&h).map_or(0, |t| t.seq));
+        if let Some(s) = self.shard(self.shard_of(key)) {
             newest = newest.max(s.floor);
             for (p, seq) in &s.prefix_tombs {
                 if key.starts_with(p) {
@@ -193,41 +222,49 @@ impl LeaseTable {
         match e.kind {
             Kind::Key => {
                 let (h, check) = self.hashes(&e.key);
-                match self.tombs.entry(h) {
-                    std::collections::hash_map::Entry::Occupied(mut o) => {
-                        let t = o.get_mut();
-                        if t.check == check {
-                            if let (Some(v), Some(tv)) = (e.source_version, t.version) {
-                                if v < tv {
-                                    return Effect::Nothing;
-                                }
+                let old = match self.current.get(&h) {
+                    Some(t) => Some(*t),
+                    None => self.previous.get(&h).copied(),
+                };
+                let tomb = match old {
+                    Some(t) if t.check == check => {
+                        if let (Some(v), Some(tv)) = (e.source_version, t.version) {
+                            if v < tv {
+                                return Effect::Nothing;
                             }
-                            t.version = t.version.max(e.source_version);
-                        } else {
-                            // Another key with the same hash: keep the newest seq for both, and
-                            // no version, so nothing is ever dropped on the other key's account.
-                            t.version = None;
-                            t.check = check;
                         }
-                        t.seq = t.seq.max(e.seq);
-                    }
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(Tomb {
+                        Tomb {
                             shard,
-                            seq: e.seq,
-                            version: e.source_version,
+                            seq: t.seq.max(e.seq),
+                            version: t.version.max(e.source_version),
                             check,
-                        });
-                        self.order.push_back(h);
-                        if self.order.len() > self.max_tombs {
-                            self.evict_oldest();
                         }
                     }
+                    // Another key with the same hash: keep the newest seq for both, and no
+                    // version, so nothing is ever dropped on the other key's account.
+                    Some(t) => Tomb {
+                        shard,
+                        seq: t.seq.max(e.seq),
+                        version: None,
+                        check,
+                    },
+                    None => Tomb {
+                        shard,
+                        seq: e.seq,
+                        version: e.source_version,
+                        check,
+                    },
+                };
+                if self.current.len() >= self.generation_size && !self.current.contains_key(&h) {
+                    self.rotate();
                 }
+                self.current.insert(h, tomb);
+                let st = self.shard_mut(shard);
+                st.newest_current = st.newest_current.max(tomb.seq);
                 Effect::Key
             }
             Kind::Prefix => {
-                let st = self.shards.entry(shard).or_default();
+                let st = self.shard_mut(shard);
                 st.prefix_tombs.push_back((e.key.clone(), e.seq));
                 if st.prefix_tombs.len() > MAX_PREFIX_TOMBS {
                     if let Some((_, seq)) = st.prefix_tombs.pop_front() {
@@ -237,7 +274,7 @@ impl LeaseTable {
                 Effect::Prefix
             }
             Kind::All => {
-                let st = self.shards.entry(shard).or_default();
+                let st = self.shard_mut(shard);
                 st.floor = st.floor.max(e.seq);
                 st.prefix_tombs.clear();
                 Effect::Shard(shard)
@@ -245,19 +282,23 @@ impl LeaseTable {
         }
     }
 
-    fn evict_oldest(&mut self) {
-        if let Some(old) = self.order.pop_front() {
-            if let Some(t) = self.tombs.remove(&old) {
-                // Forgetting a tombstone must not forget what it refused.
-                let st = self.shards.entry(t.shard).or_default();
-                st.floor = st.floor.max(t.seq);
-            }
+    /// Drop the previous generation; forgetting its tombstones must not forget what they
+    /// refused, so each shard's floor rises to the newest of them.
+    fn rotate(&mut self) {
+        for st in &mut self.shards {
+            st.floor = st.floor.max(st.newest_previous);
+            st.newest_previous = st.newest_current;
+            st.newest_current = 0;
         }
+        self.previous = std::mem::replace(
+            &mut self.current,
+            TombMap::with_capacity_and_hasher(self.generation_size, Default::default()),
+        );
     }
 
     /// Everything of `shard` up to `seq` in `epoch` is applied.
     pub fn set_applied(&mut self, shard: ShardId, epoch: Epoch, seq: Seq) {
-        let st = self.shards.entry(shard).or_default();
+        let st = self.shard_mut(shard);
         st.epoch = epoch;
         st.applied = st.applied.max(seq);
     }
@@ -266,18 +307,16 @@ impl LeaseTable {
     /// lease handed out before is void.
     pub fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq) {
         self.generation += 1;
-        self.shards.insert(
+        let st = self.shard_mut(shard);
+        *st = ShardLeases {
             shard,
-            ShardLeases {
-                epoch,
-                applied: hwm,
-                floor: hwm,
-                prefix_tombs: VecDeque::new(),
-            },
-        );
-        self.tombs.retain(|_, t| t.shard != shard);
-        let tombs = &self.tombs;
-        self.order.retain(|k| tombs.contains_key(k));
+            epoch,
+            applied: hwm,
+            floor: hwm,
+            ..ShardLeases::default()
+        };
+        self.current.retain(|_, t| t.shard != shard);
+        self.previous.retain(|_, t| t.shard != shard);
     }
 
     /// (shard, epoch, applied) of every shard seen.
@@ -285,7 +324,7 @@ impl LeaseTable {
         let mut v: Vec<_> = self
             .shards
             .iter()
-            .map(|(&k, s)| (k, s.epoch, s.applied))
+            .map(|s| (s.shard, s.epoch, s.applied))
             .collect();
         v.sort();
         v
@@ -293,7 +332,7 @@ impl LeaseTable {
 
     /// Tombstones held.
     pub fn tombstones(&self) -> usize {
-        self.tombs.len()
+        self.current.len() + self.previous.len()
     }
 }
 

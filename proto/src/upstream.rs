@@ -26,6 +26,11 @@ pub trait Applier: Send + 'static {
     /// Apply a contiguous range (entries already validated). A panic here is caught: the batch is
     /// applied entry by entry and the entry that panics is quarantined.
     fn apply(&mut self, batch: &Batch);
+    /// Like [`Applier::apply`], with the batch's encoding exactly as it arrived, for appliers that
+    /// pass batches on (a relay shares these bytes downstream instead of encoding again).
+    fn apply_encoded(&mut self, batch: &Batch, _encoded: &bytes::Bytes) {
+        self.apply(batch)
+    }
     /// An entry that failed validation or panicked: drop what it may have made stale (its key),
     /// record it, count it. The stream goes on.
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
@@ -298,10 +303,16 @@ async fn session<A: Applier>(
                     },
                     other => other,
                 };
+                let mut raw = None;
                 let cmds = match msg {
                     Some(pb::downstream::Msg::Batch(bytes)) => {
+                        let as_received = bytes.clone();
                         match Batch::decode_checked(bytes, opts.max_key_len) {
                             Ok(mut checked) => {
+                                if checked.poisoned.is_empty() {
+                                    let b = &checked.batch;
+                                    raw = Some(((b.shard, b.first_seq, b.last_seq), as_received));
+                                }
                                 if !checked.poisoned.is_empty() {
                                     let mut a = lock(applier);
                                     let mut st = lock(state);
@@ -338,7 +349,7 @@ async fn session<A: Applier>(
                     }
                     Some(pb::downstream::Msg::BatchZstd(_)) | None => Vec::new(),
                 };
-                execute(cmds, receiver, applier, state, &up, now);
+                execute(cmds, raw, receiver, applier, state, &up, now);
                 let mut st = lock(state);
                 st.last_heard = Some(now);
                 st.progress = receiver.progress();
@@ -349,7 +360,7 @@ async fn session<A: Applier>(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let cmds = receiver.tick(now);
-                execute(cmds, receiver, applier, state, &up, now);
+                execute(cmds, None, receiver, applier, state, &up, now);
                 if now.duration_since(last_heard) >= opts.peer_timeout {
                     tracing::warn!(sender = %url, "sender silent; moving on");
                     return Ok(());
@@ -380,8 +391,12 @@ fn quarantine<A: Applier>(
     a.quarantine(shard, entry, &why.to_string());
 }
 
+/// A batch's (shard, first, last) and its bytes as received.
+type Raw = ((ShardId, Seq, Seq), bytes::Bytes);
+
 fn execute<A: Applier>(
     cmds: Vec<RxCommand>,
+    raw: Option<Raw>,
     receiver: &mut Receiver,
     applier: &Arc<Mutex<A>>,
     state: &Arc<Mutex<LinkState>>,
@@ -393,7 +408,12 @@ fn execute<A: Applier>(
             RxCommand::Apply(b) => {
                 let (shard, epoch, last) = (b.shard, b.epoch, b.last_seq);
                 let newest = b.entries.iter().map(|e| e.publish_time_us).max();
-                apply_guarded(applier, state, &b);
+                // The bytes describe this batch only if it was applied whole, as it arrived.
+                let encoded = raw
+                    .as_ref()
+                    .filter(|(range, _)| *range == (b.shard, b.first_seq, b.last_seq))
+                    .map(|(_, bytes)| bytes);
+                apply_guarded(applier, state, &b, encoded);
                 if let Some(t) = newest {
                     set(&mut lock(state).applied_time_us, shard, t);
                 }
@@ -429,8 +449,17 @@ fn send_up(up: &mpsc::Sender<pb::Upstream>, c: RxCommand) {
 }
 
 /// Apply a batch; if the applier panics, apply entry by entry and quarantine the culprits.
-fn apply_guarded<A: Applier>(applier: &Arc<Mutex<A>>, state: &Arc<Mutex<LinkState>>, b: &Batch) {
-    let ok = catch_unwind(AssertUnwindSafe(|| lock(applier).apply(b))).is_ok();
+fn apply_guarded<A: Applier>(
+    applier: &Arc<Mutex<A>>,
+    state: &Arc<Mutex<LinkState>>,
+    b: &Batch,
+    encoded: Option<&bytes::Bytes>,
+) {
+    let ok = catch_unwind(AssertUnwindSafe(|| match encoded {
+        Some(bytes) => lock(applier).apply_encoded(b, bytes),
+        None => lock(applier).apply(b),
+    }))
+    .is_ok();
     if ok {
         return;
     }

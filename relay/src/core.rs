@@ -248,8 +248,8 @@ impl BatchSource for RelayCore {
 /// The upstream follower's view of the core.
 pub struct RelayApplier(pub Arc<RelayCore>);
 
-impl Applier for RelayApplier {
-    fn apply(&mut self, batch: &Batch) {
+impl RelayApplier {
+    fn push(&mut self, batch: &Batch, shared: Arc<SharedBatch>) {
         let core = &self.0;
         {
             let mut rings = lock(&core.rings);
@@ -272,11 +272,25 @@ impl Applier for RelayApplier {
                 );
                 ring.reset(batch.epoch, batch.first_seq - 1);
             }
-            if let Err(e) = ring.push(SharedBatch::new(batch.clone())) {
+            if let Err(e) = ring.push(shared) {
                 tracing::error!(error = %e, "ring refused a batch");
             }
         }
         core.bump();
+    }
+}
+
+impl Applier for RelayApplier {
+    fn apply(&mut self, batch: &Batch) {
+        self.push(batch, SharedBatch::new(batch.clone()));
+    }
+
+    fn apply_encoded(&mut self, batch: &Batch, encoded: &bytes::Bytes) {
+        // Pass upstream's bytes on: this relay encodes nothing for receivers without a filter.
+        self.push(
+            batch,
+            SharedBatch::from_encoded(batch.clone(), encoded.clone()),
+        );
     }
 
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {

@@ -38,6 +38,22 @@ impl SharedBatch {
         })
     }
 
+    /// A batch whose encoding is already at hand (as received from upstream).
+    pub fn from_encoded(batch: Batch, encoded: Bytes) -> Arc<Self> {
+        let newest_publish_us = batch
+            .entries
+            .iter()
+            .map(|e| e.publish_time_us)
+            .max()
+            .unwrap_or(0);
+        Arc::new(SharedBatch {
+            batch,
+            encoded,
+            newest_publish_us,
+            zstd: std::sync::OnceLock::new(),
+        })
+    }
+
     /// The zstd-compressed encoding, compressed once for every receiver that takes it.
     pub fn compressed(&self) -> Bytes {
         self.zstd.get_or_init(|| compress(&self.encoded)).clone()
