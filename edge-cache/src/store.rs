@@ -1,4 +1,4 @@
-//! The edge's store: cached values (moka, bounded in bytes, with TTL) guarded by a
+//! The edge's store: cached values (quick_cache, bounded in bytes, with TTL) guarded by a
 //! [`LeaseTable`]: every value remembers the lease it was filled under, and a fill is refused when
 //! an invalidation newer than its lease touched the key. That closes the stale-set race (miss,
 //! invalidation, late fill). The rule itself lives in `dci_proto::lease`, shared with the SDK's
@@ -6,13 +6,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dci_proto::lease::{Effect, LeaseTable};
 use dci_proto::upstream::lock;
 use dci_proto::{Epoch, Invalidation, Seq, ShardId};
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
 
 pub use dci_proto::lease::{FillRefused, Lease};
 
@@ -20,22 +21,20 @@ pub use dci_proto::lease::{FillRefused, Lease};
 struct Filled {
     value: Bytes,
     lease: Seq,
-    ttl: Option<Duration>,
+    expires: Instant,
 }
 
-/// Time to live per entry: the fill's own, else the store's default.
-struct FillTtl(Duration);
+/// Weight of an entry: its key and value bytes plus bookkeeping.
+#[derive(Clone, Copy)]
+struct ByteWeight;
 
-impl moka::Expiry<Bytes, Arc<Filled>> for FillTtl {
-    fn expire_after_create(
-        &self,
-        _: &Bytes,
-        v: &Arc<Filled>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(v.ttl.unwrap_or(self.0))
+impl Weighter<Bytes, Arc<Filled>> for ByteWeight {
+    fn weight(&self, k: &Bytes, v: &Arc<Filled>) -> u64 {
+        (k.len() + v.value.len() + 64) as u64
     }
 }
+
+type Values = Cache<Bytes, Arc<Filled>, ByteWeight, foldhash::fast::RandomState>;
 
 /// Counters of the store.
 #[derive(Debug, Default)]
@@ -54,7 +53,8 @@ pub struct StoreCounters {
 
 /// The store.
 pub struct Store {
-    values: Cache<Bytes, Arc<Filled>, foldhash::fast::RandomState>,
+    values: Values,
+    ttl: Duration,
     /// Held across a fill's check and insert, and an invalidation's record and removal, so the
     /// two never interleave.
     leases: Mutex<LeaseTable>,
@@ -66,16 +66,18 @@ pub struct Store {
 impl Store {
     /// A store bounded to `capacity` bytes, with `ttl`, keeping up to `max_tombstones`.
     pub fn new(capacity: u64, ttl: Duration, max_tombstones: u64, shard_count: u32) -> Self {
-        let values = Cache::builder()
-            .max_capacity(capacity)
-            .weigher(|k: &Bytes, v: &Arc<Filled>| {
-                (k.len() + v.value.len() + 48).min(u32::MAX as usize) as u32
-            })
-            .expire_after(FillTtl(ttl))
-            .support_invalidation_closures()
-            .build_with_hasher(foldhash::fast::RandomState::default());
+        // Estimated items for the index; the bound that matters is the weight in bytes.
+        let items = (capacity / 1024).clamp(1024, 1 << 20) as usize;
+        let values = Values::with(
+            items,
+            capacity,
+            ByteWeight,
+            foldhash::fast::RandomState::default(),
+            Default::default(),
+        );
         Store {
             values,
+            ttl,
             leases: Mutex::new(LeaseTable::new(shard_count, max_tombstones as usize)),
             shard_count,
             counters: StoreCounters::default(),
@@ -87,14 +89,24 @@ impl Store {
         lock(&self.leases).lease(key)
     }
 
+    fn live(&self, key: &[u8]) -> Option<Arc<Filled>> {
+        let v = self.values.get(key)?;
+        if v.expires <= Instant::now() {
+            // Expired: dropped on the read that notices.
+            self.values.remove_if(key, |x| Arc::ptr_eq(x, &v));
+            return None;
+        }
+        Some(v)
+    }
+
     /// The cached value, if any.
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.values.get(key).map(|v| v.value.clone())
+        self.live(key).map(|v| v.value.clone())
     }
 
     /// The lease seq a value was filled under (for tests and diagnostics).
     pub fn filled_at(&self, key: &[u8]) -> Option<Seq> {
-        self.values.get(key).map(|v| v.lease)
+        self.live(key).map(|v| v.lease)
     }
 
     /// Fill `key` with `value` under `lease` (None: the current lease).
@@ -121,7 +133,7 @@ impl Store {
             Arc::new(Filled {
                 value,
                 lease: lease.seq,
-                ttl,
+                expires: Instant::now() + ttl.unwrap_or(self.ttl),
             }),
         );
         Ok(())
@@ -136,12 +148,12 @@ impl Store {
     pub fn apply(&self, shard: ShardId, e: &Invalidation) {
         let mut leases = lock(&self.leases);
         match leases.apply(shard, e) {
-            Effect::Key => self.values.invalidate(&e.key),
+            Effect::Key => {
+                self.values.remove(&e.key);
+            }
             Effect::Prefix => {
                 let p = e.key.clone();
-                let _ = self
-                    .values
-                    .invalidate_entries_if(move |k, _| k.starts_with(&p));
+                self.values.retain(|k, _| !k.starts_with(&p));
             }
             Effect::Shard(s) => self.invalidate_shard(s),
             Effect::Nothing => {
@@ -154,12 +166,10 @@ impl Store {
 
     fn invalidate_shard(&self, shard: ShardId) {
         if self.shard_count <= 1 {
-            self.values.invalidate_all();
+            self.values.clear();
         } else {
             let map = dci_proto::ring::ShardMap::new(self.shard_count);
-            let _ = self
-                .values
-                .invalidate_entries_if(move |k, _| map.shard_of(k) == shard);
+            self.values.retain(|k, _| map.shard_of(k) != shard);
         }
     }
 
@@ -182,8 +192,7 @@ impl Store {
 
     /// Number of cached values (approximate).
     pub fn len(&self) -> u64 {
-        self.values.run_pending_tasks();
-        self.values.entry_count()
+        self.values.len() as u64
     }
 
     /// True when nothing is cached.

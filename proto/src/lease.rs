@@ -77,13 +77,29 @@ pub enum Effect {
     Nothing,
 }
 
+/// 24 bytes, inline in the map: tombstones are the edge's largest and hottest table.
 #[derive(Clone, Copy, Debug)]
 struct Tomb {
-    shard: ShardId,
     seq: Seq,
-    version: Option<u64>,
-    /// A second hash of the key the tombstone belongs to.
-    check: u64,
+    /// The writer's version; [`NO_VERSION`] when none.
+    version: u64,
+    shard: ShardId,
+    /// A second (32-bit) hash of the key the tombstone belongs to.
+    check: u32,
+}
+
+const NO_VERSION: u64 = u64::MAX;
+
+fn version_of(v: Option<u64>) -> u64 {
+    v.unwrap_or(NO_VERSION)
+}
+
+/// The higher of two versions, where a missing version loses to any present one.
+fn max_version(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (NO_VERSION, x) | (x, NO_VERSION) => x,
+        (a, b) => a.max(b),
+    }
 }
 
 /// Tombstone maps are keyed by an already-mixed hash: hashing it again would be wasted work.
@@ -152,9 +168,9 @@ impl LeaseTable {
         }
     }
 
-    fn hashes(&self, key: &[u8]) -> (u64, u64) {
+    fn hashes(&self, key: &[u8]) -> (u64, u32) {
         use std::hash::BuildHasher;
-        (self.hash.hash_one(key), self.check.hash_one(key))
+        (self.hash.hash_one(key), self.check.hash_one(key) as u32)
     }
 
     fn shard(&self, shard: ShardId) -> Option<&ShardLeases> {
@@ -226,17 +242,16 @@ impl LeaseTable {
                     Some(t) => Some(*t),
                     None => self.previous.get(&h).copied(),
                 };
+                let v = version_of(e.source_version);
                 let tomb = match old {
                     Some(t) if t.check == check => {
-                        if let (Some(v), Some(tv)) = (e.source_version, t.version) {
-                            if v < tv {
-                                return Effect::Nothing;
-                            }
+                        if v != NO_VERSION && t.version != NO_VERSION && v < t.version {
+                            return Effect::Nothing;
                         }
                         Tomb {
                             shard,
                             seq: t.seq.max(e.seq),
-                            version: t.version.max(e.source_version),
+                            version: max_version(t.version, v),
                             check,
                         }
                     }
@@ -245,13 +260,13 @@ impl LeaseTable {
                     Some(t) => Tomb {
                         shard,
                         seq: t.seq.max(e.seq),
-                        version: None,
+                        version: NO_VERSION,
                         check,
                     },
                     None => Tomb {
                         shard,
                         seq: e.seq,
-                        version: e.source_version,
+                        version: v,
                         check,
                     },
                 };
