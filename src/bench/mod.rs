@@ -372,8 +372,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some((p50, p99, p999)) = redis_lat {
         println!(
-            "  redis: p50 {p50:.3} ms  p99 {p99:.3} ms  p99.9 {p999:.3} ms   ratio p99 {}",
-            ratio(p99, Some(q(0.99)))
+            "  redis: p50 {p50:.3} ms  p99 {p99:.3} ms  p99.9 {p999:.3} ms   dci/redis: p50 {} p99 {}",
+            ratio(q(0.5), Some(p50)),
+            ratio(q(0.99), Some(p99))
         );
     }
 
