@@ -170,7 +170,14 @@ impl Publisher {
 
     /// Publish several invalidations; returns their seqs in order. KEY entries go to the shard
     /// that owns the key; PREFIX and ALL entries go to every shard (the seq returned is shard 0's).
-    pub async fn publish(&self, entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
+    pub async fn publish(&self, mut entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
+        // Propagation latency is measured from here, the writer's call.
+        let now = dci_proto::now_us();
+        for e in &mut entries {
+            if e.publish_time_us == 0 {
+                e.publish_time_us = now;
+            }
+        }
         let n = self.shards.len();
         let mut per_shard: Vec<Vec<(usize, Invalidation)>> = vec![Vec::new(); n];
         for (i, e) in entries.into_iter().enumerate() {
