@@ -47,6 +47,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure fan-out throughput, latency, cost and scale (and Redis pub/sub beside it).
     Bench(bench::BenchArgs),
+    /// The receivers of the bench's scale run, in their own process.
+    #[command(hide = true)]
+    BenchReceivers(bench::ReceiversArgs),
 }
 
 #[derive(Args)]
@@ -470,6 +473,7 @@ fn main() -> ExitCode {
             Command::Status(a) => status(a).await.map(|_| 0),
             Command::Demo(a) => demo::run(a, terminated()).await.map(|_| 0),
             Command::Bench(a) => bench::run(a).await.map(|_| 0),
+            Command::BenchReceivers(a) => bench::receivers(a).await.map(|_| 0),
         }
     });
     match result {

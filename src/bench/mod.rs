@@ -409,15 +409,28 @@ impl Applier for Counter {
     }
 }
 
-async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::Result<()> {
-    let before = rss_bytes();
-    let (halt_tx, halt) = tokio::sync::watch::channel(false);
+/// Options of the receivers process the scale run starts (a hidden subcommand).
+#[derive(Args, Clone, Debug)]
+pub struct ReceiversArgs {
+    /// The relay to follow.
+    #[arg(long)]
+    pub relay: String,
+    /// How many receivers.
+    #[arg(long)]
+    pub count: usize,
+}
+
+/// The receivers of the scale run, in their own process so the relay's memory is measured alone.
+/// Each stdin line is a seq; once every receiver applied it, a line "done" goes to stdout.
+pub async fn receivers(a: ReceiversArgs) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (_halt_tx, halt) = tokio::sync::watch::channel(false);
     let mut counters = Vec::new();
-    for i in 0..a.receivers {
+    for i in 0..a.count {
         let c = Arc::new(AtomicU64::new(0));
         counters.push(c.clone());
         let opts = FollowOptions {
-            urls: vec![relay.url()],
+            urls: vec![a.relay.clone()],
             node_id: format!("bench-receiver-{i}"),
             role: "near-cache".into(),
             heartbeat_interval: Duration::from_secs(1),
@@ -431,13 +444,55 @@ async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::R
             halt.clone(),
         ));
     }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    while let Some(line) = lines.next_line().await? {
+        let target: Seq = line.trim().parse()?;
+        wait_until(
+            "every receiver to apply the head",
+            Duration::from_secs(600),
+            || counters.iter().all(|c| c.load(Ordering::Acquire) >= target),
+        )
+        .await?;
+        out.write_all(b"done\n").await?;
+        out.flush().await?;
+    }
+    Ok(())
+}
+
+async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let before = rss_bytes();
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "bench-receivers",
+            "--relay",
+            &relay.url(),
+            "--count",
+            &a.receivers.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut to_child = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin to the receivers"))?;
+    let mut from_child = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout from the receivers"))?,
+    )
+    .lines();
     let rc = relay.counters.clone();
     let want = a.receivers as u64 + (a.edges as u64).div_ceil(2);
-    wait_until("receivers to connect", Duration::from_secs(60), || {
+    wait_until("receivers to connect", Duration::from_secs(120), || {
         rc.receivers.load(Ordering::Relaxed) >= want
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_bytes().saturating_sub(before) as f64 / a.receivers as f64;
     let count = (a.count / 10).max(10_000);
     let started = Instant::now();
@@ -456,17 +511,20 @@ async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::R
         head = head.max(*seqs.last().unwrap_or(&0));
         i += n;
     }
-    wait_until(
-        "every receiver to apply the head",
-        Duration::from_secs(600),
-        || counters.iter().all(|c| c.load(Ordering::Acquire) >= head),
-    )
-    .await?;
+    to_child.write_all(format!("{head}\n").as_bytes()).await?;
+    to_child.flush().await?;
+    match tokio::time::timeout(Duration::from_secs(600), from_child.next_line()).await {
+        Ok(Ok(Some(l))) if l == "done" => {}
+        other => anyhow::bail!("bench: the receivers process did not finish: {other:?}"),
+    }
     let elapsed = started.elapsed();
     let delivered = count * a.receivers as u64;
-    println!("scale ({} receivers on one relay):", a.receivers);
     println!(
-        "  memory per idle receiver {:.1} KiB (process RSS growth / receivers; both ends of each link are in this process)",
+        "scale ({} receivers on one relay, in a separate process):",
+        a.receivers
+    );
+    println!(
+        "  memory per idle receiver on the relay {:.1} KiB (relay process RSS growth / receivers)",
         idle / 1024.0
     );
     println!(
@@ -475,6 +533,7 @@ async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::R
         count,
         elapsed.as_secs_f64()
     );
-    let _ = halt_tx.send(true);
+    drop(to_child);
+    let _ = child.kill().await;
     Ok(())
 }
