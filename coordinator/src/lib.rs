@@ -209,6 +209,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health)
+        .add_service(dci_proto::reflection())
         .add_service(
             pb::publisher_server::PublisherServer::new(svc.clone())
                 .max_decoding_message_size(16 << 20)

@@ -373,6 +373,7 @@ impl EdgeNode {
                 .initial_connection_window_size(Some(8 << 20))
                 .tcp_nodelay(true)
                 .add_service(health)
+                .add_service(dci_proto::reflection())
                 .add_service(
                     pb::cache_server::CacheServer::new(svc.clone())
                         .max_decoding_message_size(16 << 20),

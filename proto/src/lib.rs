@@ -37,6 +37,17 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// The gRPC reflection service for dci's services, so `grpcurl` and friends need no .proto file.
+pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        // The descriptor set is generated at build time from our own .proto; it always parses.
+        .expect("the built-in descriptor set is valid")
+}
+
 /// Microseconds since the Unix epoch, from the system clock (0 if the clock is before 1970).
 pub fn now_us() -> u64 {
     std::time::SystemTime::now()

@@ -171,6 +171,7 @@ impl Relay {
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .add_service(health)
+                .add_service(dci_proto::reflection())
                 .add_service(
                     pb::subscribe_server::SubscribeServer::new(svc.clone())
                         .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
