@@ -18,7 +18,11 @@ async fn health_and_reflection_answer() {
     })
     .await
     .unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(c.url()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(c.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel.clone());
     let status = health
         .check(HealthCheckRequest {
