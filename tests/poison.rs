@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 struct Scripted {
     batches: Vec<pb::Batch>,
     head: Seq,
+    /// Hostile messages sent before the batches.
+    before: Vec<pb::downstream::Msg>,
 }
 
 #[tonic::async_trait]
@@ -32,6 +34,11 @@ impl pb::subscribe_server::Subscribe for Scripted {
         let script = self.clone();
         tokio::spawn(async move {
             let _hello = inbound.message().await;
+            for m in script.before {
+                if tx.send(Ok(pb::Downstream { msg: Some(m) })).await.is_err() {
+                    return;
+                }
+            }
             for b in script.batches {
                 let msg = pb::downstream::Msg::Batch(Bytes::from(b.encode_to_vec()));
                 if tx
@@ -124,6 +131,7 @@ fn script() -> Scripted {
             },
         ],
         head: 5,
+        before: Vec::new(),
     }
 }
 
@@ -237,4 +245,105 @@ async fn an_entry_that_panics_while_applied_is_quarantined_and_the_stream_goes_o
     );
     let _ = halt.send(true);
     let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
+    let mut s = script();
+    let huge = pb::Batch {
+        shard: 0,
+        epoch: 1,
+        first_seq: 1,
+        last_seq: u64::MAX,
+        entries: vec![],
+        base_time_us: 0,
+    };
+    s.before = vec![
+        pb::downstream::Msg::Reset(pb::Reset {
+            shard: 0,
+            epoch: 99,
+            hwm: u64::MAX,
+            reason: "hostile".into(),
+        }),
+        pb::downstream::Msg::Heartbeat(pb::Heartbeat {
+            heads: vec![pb::ShardHead {
+                shard: 0,
+                epoch: 1,
+                head: u64::MAX,
+                head_time_us: u64::MAX,
+            }],
+            ..Default::default()
+        }),
+        pb::downstream::Msg::Batch(Bytes::from(huge.encode_to_vec())),
+        pb::downstream::Msg::BatchZstd(Bytes::from_static(b"\x28\xb5\x2f\xfd garbage")),
+    ];
+    let (url, stop) = serve(s).await;
+    let edge = EdgeNode::start(EdgeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        relays: vec![url],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let store = edge.store.clone();
+    eventually("the good batches after the hostile ones apply", || {
+        store.applied().iter().any(|&(_, _, s)| s >= 5)
+    })
+    .await;
+    assert_eq!(lock(&edge.link).flushes, 0, "an absurd Reset is ignored");
+    let _ = stop.send(true);
+    edge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_resume_point_is_refused_with_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
+        .await
+        .unwrap();
+    let hello = pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "hostile".into(),
+            resume: vec![pb::ResumePoint {
+                shard: 0,
+                epoch: c.epoch,
+                hwm: u64::MAX,
+            }],
+            ..Default::default()
+        })),
+    };
+    let mut stream = raw
+        .subscribe(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // The coordinator is fine.
+    let mut p = pb::publisher_client::PublisherClient::connect(c.url())
+        .await
+        .unwrap();
+    let r = p
+        .publish(pb::PublishRequest {
+            publisher_id: String::new(),
+            request_no: 0,
+            entries: vec![entry(0, "k", pb::Kind::Key as i32)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().seqs, vec![1]);
+    c.stop().await.unwrap();
 }

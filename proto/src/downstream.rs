@@ -136,6 +136,12 @@ async fn run_link<S: BatchSource>(
         Some(_) => return Err(Status::invalid_argument("the first message must be Hello")),
         None => return Ok(()),
     };
+    if let Some(p) = hello.resume.iter().find(|p| p.hwm > crate::types::MAX_SEQ) {
+        return Err(Status::invalid_argument(format!(
+            "resume point of shard {} is out of bounds ({})",
+            p.shard, p.hwm
+        )));
+    }
     let filter = Filter::try_from_pb(hello.filter.clone())
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
     tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");

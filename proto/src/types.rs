@@ -14,6 +14,10 @@ pub type ShardId = u32;
 /// (it is taken from the clock when the log is created), so a receiver can tell old from new.
 pub type Epoch = u64;
 
+/// The largest seq accepted from the network. Far beyond any real log (2^62 entries), and low
+/// enough that `seq + 1` can never overflow anywhere.
+pub const MAX_SEQ: Seq = 1 << 62;
+
 /// Default bound on key length, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 
@@ -184,8 +188,8 @@ pub enum InvalidBatch {
     /// Bytes that do not decode as a `Batch`.
     #[error("batch does not decode: {0}")]
     Decode(String),
-    /// `first_seq` is 0 or after `last_seq`.
-    #[error("batch range [{first}, {last}] is empty or starts at 0")]
+    /// `first_seq` is 0 or after `last_seq`, or beyond [`MAX_SEQ`].
+    #[error("batch range [{first}, {last}] is empty, starts at 0 or is out of bounds")]
     Range {
         /// first_seq seen.
         first: Seq,
@@ -213,7 +217,7 @@ impl Batch {
 
     /// Check a decoded wire batch.
     pub fn check_pb(p: pb::Batch, max_key_len: usize) -> Result<CheckedBatch, InvalidBatch> {
-        if p.first_seq == 0 || p.first_seq > p.last_seq {
+        if p.first_seq == 0 || p.first_seq > p.last_seq || p.last_seq > MAX_SEQ {
             return Err(InvalidBatch::Range {
                 first: p.first_seq,
                 last: p.last_seq,

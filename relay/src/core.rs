@@ -319,7 +319,7 @@ impl Applier for RelayApplier {
         let mut created = false;
         {
             let mut rings = lock(&core.rings);
-            for h in heads {
+            for h in heads.iter().filter(|h| h.head <= dci_proto::types::MAX_SEQ) {
                 rings.entry(h.shard).or_insert_with(|| {
                     created = true;
                     RetransmitRing::new(h.shard, h.epoch, h.head, core.ring_bytes)

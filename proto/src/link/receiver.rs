@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::pb;
-use crate::types::{Batch, Epoch, Seq, ShardId};
+use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ};
 
 /// Tunables of a receiver.
 #[derive(Clone, Debug)]
@@ -246,6 +246,9 @@ impl Receiver {
 
     /// The sender gave up on continuity: flush and resume after `reset.hwm` in `reset.epoch`.
     pub fn on_reset(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
+        if r.hwm > MAX_SEQ {
+            return Vec::new();
+        }
         if let Some(s) = self.shards.get(&r.shard) {
             if r.epoch < s.epoch {
                 return Vec::new();
@@ -268,6 +271,9 @@ impl Receiver {
     pub fn on_heartbeat(&mut self, hb: &pb::Heartbeat, now: Instant) -> Vec<RxCommand> {
         let mut out = Vec::new();
         for h in &hb.heads {
+            if h.head > MAX_SEQ {
+                continue;
+            }
             let Some(s) = self.shards.get_mut(&h.shard) else {
                 continue;
             };
@@ -507,6 +513,30 @@ mod tests {
         let mut old = batch(6, 6);
         old.epoch = 7;
         assert!(r.on_batch(old, now).is_empty());
+    }
+
+    #[test]
+    fn absurd_seqs_from_the_network_are_ignored() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 5)]);
+        let reset = pb::Reset {
+            shard: 0,
+            epoch: 8,
+            hwm: u64::MAX,
+            reason: String::new(),
+        };
+        assert!(r.on_reset(&reset).is_empty());
+        let hb = pb::Heartbeat {
+            heads: vec![pb::ShardHead {
+                shard: 0,
+                epoch: 7,
+                head: u64::MAX,
+                head_time_us: 0,
+            }],
+            ..Default::default()
+        };
+        assert!(r.on_heartbeat(&hb, now).is_empty());
+        assert_eq!(r.applied(0), Some((7, 5)));
     }
 
     #[test]
