@@ -57,6 +57,9 @@ struct CoordinatorArgs {
     /// YAML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Address to listen on [default: 127.0.0.1:7400].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -82,6 +85,9 @@ struct RelayArgs {
     /// YAML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Address to listen on [default: 127.0.0.1:7500].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -104,6 +110,9 @@ struct EdgeArgs {
     /// YAML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Address to listen on [default: 127.0.0.1:7600].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -237,6 +246,9 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(v) = a.max_key_len {
         cfg.max_key_len = v;
     }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
+    }
     let c = dci_coordinator::Coordinator::start(cfg).await?;
     tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
     terminated().await;
@@ -263,6 +275,9 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = a.ring_bytes {
         cfg.ring_bytes = v;
+    }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
     }
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
@@ -292,6 +307,9 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = a.max_staleness {
         cfg.max_staleness = v;
+    }
+    if a.metrics_listen.is_some() {
+        cfg.metrics_listen = a.metrics_listen;
     }
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");

@@ -525,3 +525,84 @@ async fn the_sdk_publishes_single_batch_and_streaming_forms_in_order() {
     assert!(matches!(err, dci_sdk::Error::Refused(_)), "{err}");
     c.stop().await.unwrap();
 }
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: dci\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_prometheus_metrics() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (cm, rm) = (free(), free());
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        metrics_listen: Some(cm),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        metrics_listen: Some(rm),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(EdgeConfig {
+        metrics_listen: Some(any_port()),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..20, "m:")).await;
+    wait_applied(&e, head).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let _ = cache.get("m:1").await.unwrap();
+
+    let edge_metrics = scrape(e.edge.metrics_addr.unwrap()).await;
+    assert!(
+        edge_metrics.contains("dci_propagation_seconds_count 20"),
+        "{edge_metrics}"
+    );
+    assert!(
+        edge_metrics.contains(&format!(
+            "dci_applied_seq{{shard=\"0\",epoch=\"{}\"}} {head}",
+            c.epoch
+        )),
+        "{edge_metrics}"
+    );
+    assert!(
+        edge_metrics.contains("dci_cache_misses_total 1"),
+        "{edge_metrics}"
+    );
+    let relay_metrics = scrape(rm).await;
+    assert!(relay_metrics.contains("dci_receivers 1"), "{relay_metrics}");
+    let coord_metrics = scrape(cm).await;
+    assert!(
+        coord_metrics.contains(&format!(
+            "dci_log_head_seq{{shard=\"0\",epoch=\"{}\"}} {head}",
+            c.epoch
+        )),
+        "{coord_metrics}"
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

@@ -48,6 +48,8 @@ pub struct CoordinatorConfig {
     pub memory_tail_bytes: usize,
     /// Unacked bytes in flight per receiver.
     pub window_bytes: usize,
+    /// Where to serve Prometheus `/metrics` (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -70,6 +72,7 @@ impl Default for CoordinatorConfig {
             max_group_entries: 65_536,
             memory_tail_bytes: 64 << 20,
             window_bytes: 4 << 20,
+            metrics_listen: None,
         }
     }
 }

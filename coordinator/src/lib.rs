@@ -176,6 +176,45 @@ pub async fn run(
         .spawn(move || writer::run(wal, rx, writer_hub, writer_opts))
         .expect("spawn the log writer thread");
 
+    let counters = Arc::new(ServeCounters::default());
+    if let Some(addr) = cfg.metrics_listen {
+        let (hub, counters) = (hub.clone(), counters.clone());
+        let render = Arc::new(move || {
+            let mut out = String::new();
+            let l = format!("shard=\"{}\",epoch=\"{}\"", hub.shard(), hub.epoch());
+            dci_proto::metrics::sample(
+                &mut out,
+                "gauge",
+                "dci_log_head_seq",
+                "Last seq in the log",
+                &l,
+                hub.head() as f64,
+            );
+            dci_proto::metrics::sample(
+                &mut out,
+                "gauge",
+                "dci_log_oldest_seq",
+                "First seq still obtainable",
+                &l,
+                hub.oldest() as f64,
+            );
+            let failed = if hub.failed() { 1.0 } else { 0.0 };
+            dci_proto::metrics::sample(
+                &mut out,
+                "gauge",
+                "dci_log_failed",
+                "1 when the log failed",
+                "",
+                failed,
+            );
+            dci_proto::metrics::render_serve(&mut out, &counters);
+            out
+        });
+        match dci_proto::metrics::serve(addr, render, drain.clone()).await {
+            Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
+            Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
+        }
+    }
     let svc = service::CoordinatorService {
         jobs,
         hub,
@@ -190,7 +229,7 @@ pub async fn run(
             },
             ..ServeOptions::default()
         },
-        counters: Arc::new(ServeCounters::default()),
+        counters,
         shutdown: drain,
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),

@@ -44,6 +44,8 @@ pub struct EdgeConfig {
     pub peer_timeout: Duration,
     /// Ask relays for zstd-compressed streams.
     pub compression: bool,
+    /// Where to serve Prometheus `/metrics` (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for EdgeConfig {
@@ -65,6 +67,7 @@ impl Default for EdgeConfig {
             replication: 1,
             peer_timeout: Duration::from_secs(3),
             compression: false,
+            metrics_listen: None,
         }
     }
 }

@@ -65,14 +65,18 @@ pub type AppliedHook = Arc<dyn Fn(&Batch) + Send + Sync>;
 /// The invalidation consumer's side of the edge.
 pub struct EdgeApplier {
     store: Arc<Store>,
+    propagation: Arc<dci_proto::metrics::LatencyHistogram>,
     quarantine: Arc<Mutex<Vec<Quarantined>>>,
     on_applied: Option<AppliedHook>,
 }
 
 impl Applier for EdgeApplier {
     fn apply(&mut self, batch: &Batch) {
+        let now = dci_proto::now_us();
         for e in &batch.entries {
             self.store.apply(batch.shard, e);
+            self.propagation
+                .observe_us(now.saturating_sub(e.publish_time_us));
         }
         self.store
             .set_applied(batch.shard, batch.epoch, batch.last_seq);
@@ -272,6 +276,8 @@ pub struct EdgeNode {
     pub quarantine: Arc<Mutex<Vec<Quarantined>>>,
     /// Reads answered as misses because the edge was cut off.
     pub stale_misses: Arc<AtomicU64>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), EdgeError>>,
 }
@@ -334,8 +340,10 @@ impl EdgeNode {
         let quarantine = Arc::new(Mutex::new(Vec::new()));
         let stale_misses = Arc::new(AtomicU64::new(0));
         let (shutdown, rx) = watch::channel(false);
+        let propagation = Arc::new(dci_proto::metrics::LatencyHistogram::default());
         let applier = Arc::new(Mutex::new(EdgeApplier {
             store: store.clone(),
+            propagation: propagation.clone(),
             quarantine: quarantine.clone(),
             on_applied,
         }));
@@ -351,6 +359,83 @@ impl EdgeNode {
             ..FollowOptions::default()
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics_listen {
+            let (store, link, stale) = (store.clone(), link.clone(), stale_misses.clone());
+            let render = Arc::new(move || {
+                use dci_proto::metrics::sample;
+                let mut out = String::new();
+                dci_proto::metrics::render_link(&mut out, &lock(&link));
+                let c = &store.counters;
+                let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_cache_hits_total",
+                    "Gets answered with a value",
+                    "",
+                    get(&c.hits),
+                );
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_cache_misses_total",
+                    "Gets answered with a miss",
+                    "",
+                    get(&c.misses),
+                );
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_fills_refused_total",
+                    "Sets refused by their lease",
+                    "",
+                    get(&c.refused),
+                );
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_invalidations_applied_total",
+                    "Invalidations applied",
+                    "",
+                    get(&c.applied),
+                );
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_invalidations_older_version_total",
+                    "Invalidations dropped as older versions",
+                    "",
+                    get(&c.dropped_old),
+                );
+                sample(
+                    &mut out,
+                    "counter",
+                    "dci_stale_misses_total",
+                    "Gets answered as misses because the edge was cut off",
+                    "",
+                    get(&stale),
+                );
+                sample(
+                    &mut out,
+                    "gauge",
+                    "dci_cache_entries",
+                    "Values cached",
+                    "",
+                    store.len() as f64,
+                );
+                propagation.render(
+                    &mut out,
+                    "dci_propagation_seconds",
+                    "Publish to applied at this edge",
+                );
+                out
+            });
+            match dci_proto::metrics::serve(addr, render, rx.clone()).await {
+                Ok(bound) => metrics_addr = Some(bound),
+                Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
+            }
+        }
         let svc = EdgeService {
             store: store.clone(),
             link: link.clone(),
@@ -392,6 +477,7 @@ impl EdgeNode {
             link,
             quarantine,
             stale_misses,
+            metrics_addr,
             shutdown,
             task,
         })

@@ -8,6 +8,7 @@
 //! - [`link`]: the link protocol spoken on every hop, as pure state machines: the receiver's
 //!   high-water mark and gap tracker, the sender's window and resume/reset rules, and the
 //!   byte-bounded retransmit ring. No I/O and no clock reads: time is an argument.
+//! - [`metrics`]: Prometheus text exposition on `/metrics`.
 //! - [`downstream`] and [`upstream`]: the async runtimes that carry the state machines' commands
 //!   over gRPC streams: serving `Subscribe` to receivers from any [`downstream::BatchSource`]
 //!   (coordinator log, relay ring), and following senders with failover into any
@@ -16,6 +17,7 @@
 pub mod downstream;
 pub mod lease;
 pub mod link;
+pub mod metrics;
 pub mod ring;
 pub mod types;
 pub mod upstream;

@@ -28,6 +28,8 @@ pub struct RelayConfig {
     pub compression: bool,
     /// Longest key accepted from upstream.
     pub max_key_len: usize,
+    /// Where to serve Prometheus `/metrics` (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for RelayConfig {
@@ -42,6 +44,7 @@ impl Default for RelayConfig {
             peer_timeout: Duration::from_secs(3),
             compression: false,
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
+            metrics_listen: None,
         }
     }
 }

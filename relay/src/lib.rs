@@ -144,6 +144,37 @@ impl Relay {
             rx.clone(),
         ));
 
+        if let Some(addr) = cfg.metrics_listen {
+            let (core, counters) = (core.clone(), counters.clone());
+            let render = Arc::new(move || {
+                let mut out = String::new();
+                dci_proto::metrics::render_link(&mut out, &lock(&core.link));
+                dci_proto::metrics::render_serve(&mut out, &counters);
+                let ring = core.ring_bytes_used() as f64;
+                dci_proto::metrics::sample(
+                    &mut out,
+                    "gauge",
+                    "dci_ring_bytes",
+                    "Bytes held in the rings",
+                    "",
+                    ring,
+                );
+                let catch_ups = core.catch_ups.load(std::sync::atomic::Ordering::Relaxed) as f64;
+                dci_proto::metrics::sample(
+                    &mut out,
+                    "counter",
+                    "dci_catch_ups_total",
+                    "Ranges fetched from upstream for receivers behind the ring",
+                    "",
+                    catch_ups,
+                );
+                out
+            });
+            match dci_proto::metrics::serve(addr, render, rx.clone()).await {
+                Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
+                Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
+            }
+        }
         let svc = RelayService {
             core: core.clone(),
             serve: ServeOptions {
