@@ -146,7 +146,25 @@ impl Store {
 
     /// Apply one invalidation of `shard`.
     pub fn apply(&self, shard: ShardId, e: &Invalidation) {
+        self.apply_all(shard, std::slice::from_ref(e));
+    }
+
+    /// Apply a batch's invalidations of `shard`, in order, under one lock.
+    pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
         let mut leases = lock(&self.leases);
+        let mut applied = 0;
+        for e in entries {
+            if self.apply_locked(&mut leases, shard, e) {
+                applied += 1;
+            }
+        }
+        self.counters.applied.fetch_add(applied, Ordering::Relaxed);
+        self.counters
+            .dropped_old
+            .fetch_add(entries.len() as u64 - applied, Ordering::Relaxed);
+    }
+
+    fn apply_locked(&self, leases: &mut LeaseTable, shard: ShardId, e: &Invalidation) -> bool {
         match leases.apply(shard, e) {
             Effect::Key => {
                 self.values.remove(&e.key);
@@ -156,12 +174,9 @@ impl Store {
                 self.values.retain(|k, _| !k.starts_with(&p));
             }
             Effect::Shard(s) => self.invalidate_shard(s),
-            Effect::Nothing => {
-                self.counters.dropped_old.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+            Effect::Nothing => return false,
         }
-        self.counters.applied.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn invalidate_shard(&self, shard: ShardId) {
