@@ -228,98 +228,61 @@ async fn terminated() {
 
 const GRACE: Duration = Duration::from_secs(10);
 
-async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
-    if let Some(v) = a.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = a.data_dir {
-        cfg.data_dir = v;
-    }
-    if let Some(v) = a.shard {
-        cfg.shard = v;
-    }
-    if let Some(v) = a.shard_count {
-        cfg.shard_count = v;
-    }
-    if let Some(v) = a.fsync {
-        cfg.fsync = v;
-    }
-    if let Some(v) = a.max_key_len {
-        cfg.max_key_len = v;
-    }
-    if a.metrics_listen.is_some() {
-        cfg.metrics_listen = a.metrics_listen;
-    }
-    let c = dci_coordinator::Coordinator::start(cfg).await?;
-    tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
+/// Flags override the file: each named `Option` flag that was given replaces the config field.
+macro_rules! override_with {
+    ($cfg:ident, $args:ident; $($field:ident),+) => {
+        $(if let Some(v) = $args.$field {
+            $cfg.$field = v;
+        })+
+    };
+}
+
+/// Serve until Ctrl-C or SIGTERM, then drain within the grace period.
+async fn until_terminated<E>(
+    stop: impl std::future::Future<Output = Result<(), E>>,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     terminated().await;
     tracing::info!("draining");
-    tokio::time::timeout(GRACE, c.stop())
+    tokio::time::timeout(GRACE, stop)
         .await
         .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
     Ok(())
+}
+
+async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
+    override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len);
+    cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
+    let c = dci_coordinator::Coordinator::start(cfg).await?;
+    tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
+    until_terminated(c.stop()).await
 }
 
 async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     let mut cfg: dci_relay::RelayConfig = load(&a.config)?;
-    if let Some(v) = a.listen {
-        cfg.listen = v;
-    }
+    override_with!(cfg, a; listen, region, node_id, ring_bytes);
     if !a.upstream.is_empty() {
         cfg.upstream = a.upstream;
     }
-    if let Some(v) = a.region {
-        cfg.region = v;
-    }
-    if let Some(v) = a.node_id {
-        cfg.node_id = v;
-    }
-    if let Some(v) = a.ring_bytes {
-        cfg.ring_bytes = v;
-    }
-    if a.metrics_listen.is_some() {
-        cfg.metrics_listen = a.metrics_listen;
-    }
+    cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
-    terminated().await;
-    tokio::time::timeout(GRACE, r.stop())
-        .await
-        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
-    Ok(())
+    until_terminated(r.stop()).await
 }
 
 async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
-    if let Some(v) = a.listen {
-        cfg.listen = v;
-    }
+    override_with!(cfg, a; listen, region, node_id, capacity, max_staleness);
     if !a.relays.is_empty() {
         cfg.relays = a.relays;
     }
-    if let Some(v) = a.region {
-        cfg.region = v;
-    }
-    if let Some(v) = a.node_id {
-        cfg.node_id = v;
-    }
-    if let Some(v) = a.capacity {
-        cfg.capacity = v;
-    }
-    if let Some(v) = a.max_staleness {
-        cfg.max_staleness = v;
-    }
-    if a.metrics_listen.is_some() {
-        cfg.metrics_listen = a.metrics_listen;
-    }
+    cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
-    terminated().await;
-    tokio::time::timeout(GRACE, e.stop())
-        .await
-        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
-    Ok(())
+    until_terminated(e.stop()).await
 }
 
 fn status_line(s: &tonic::Status) -> String {

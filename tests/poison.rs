@@ -157,12 +157,6 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
     .await
     .unwrap();
     // Cached before the stream starts (a lease of 0 is still valid then).
-    edge.store
-        .set(Bytes::from("poison"), Bytes::from("stale"), None)
-        .unwrap();
-    edge.store
-        .set(Bytes::from("untouched"), Bytes::from("v"), None)
-        .unwrap();
     let store = edge.store.clone();
     eventually("applied through seq 5", || {
         store.applied().iter().any(|&(_, _, s)| s >= 5)
@@ -171,12 +165,19 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
     let q = lock(&edge.quarantine).clone();
     assert_eq!(q.len(), 2, "{q:?}");
     assert!(q.iter().any(|x| x.seq == 2 && x.key.as_ref() == b"poison"));
-    assert_eq!(
-        edge.store.get(b"poison"),
-        None,
-        "the poison entry's key is flushed"
-    );
-    assert_eq!(edge.store.get(b"untouched"), Some(Bytes::from("v")));
+    // The poison entry (seq 2) still invalidated its key: a fill under a lease from seq 1 is refused
+    // for that key, and only for that key.
+    let generation = edge.store.lease(b"any").generation;
+    let at_seq_1 = dci_edge_cache::Lease { generation, seq: 1 };
+    assert!(matches!(
+        edge.store
+            .set(Bytes::from("poison"), Bytes::from("stale"), Some(at_seq_1)),
+        Err(dci_edge_cache::FillRefused::Stale { invalidated: 2, .. })
+    ));
+    assert!(edge
+        .store
+        .set(Bytes::from("untouched"), Bytes::from("v"), Some(at_seq_1))
+        .is_ok());
     assert_eq!(
         lock(&edge.link).bad_batches,
         1,

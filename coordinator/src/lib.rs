@@ -18,9 +18,8 @@ pub mod writer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use dci_proto::downstream::{ServeCounters, ServeOptions};
+use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
 use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
@@ -217,20 +216,12 @@ pub async fn run(
     }
     let svc = service::CoordinatorService {
         jobs,
-        hub,
+        hub: hub.clone(),
         shard_map: ShardMap::new(cfg.shard_count),
         shard_count: cfg.shard_count,
         max_key_len: cfg.max_key_len,
         max_request_entries: cfg.max_request_entries,
-        serve: ServeOptions {
-            sender: SenderConfig {
-                window_bytes: cfg.window_bytes,
-                ..SenderConfig::default()
-            },
-            ..ServeOptions::default()
-        },
-        counters,
-        shutdown: drain,
+        shutdown: drain.clone(),
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),
     };
@@ -241,12 +232,7 @@ pub async fn run(
     if let Some(r) = ready {
         let _ = r.send(epoch);
     }
-    let result = tonic::transport::Server::builder()
-        // Streams carry batches continuously: windows large enough not to stall on updates.
-        .initial_stream_window_size(Some(2 << 20))
-        .initial_connection_window_size(Some(8 << 20))
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+    let result = dci_proto::grpc_server()
         .add_service(health)
         .add_service(dci_proto::reflection())
         .add_service(
@@ -256,9 +242,20 @@ pub async fn run(
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
         )
         .add_service(
-            pb::subscribe_server::SubscribeServer::new(svc.clone())
-                .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-                .send_compressed(tonic::codec::CompressionEncoding::Zstd),
+            pb::subscribe_server::SubscribeServer::new(SubscribeService::new(
+                hub.clone(),
+                ServeOptions {
+                    sender: SenderConfig {
+                        window_bytes: cfg.window_bytes,
+                        ..SenderConfig::default()
+                    },
+                    ..ServeOptions::default()
+                },
+                counters,
+                drain,
+            ))
+            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+            .send_compressed(tonic::codec::CompressionEncoding::Zstd),
         )
         .add_service(pb::admin_server::AdminServer::new(svc))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

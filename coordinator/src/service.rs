@@ -3,7 +3,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dci_proto::downstream::{self, ServeCounters, ServeOptions};
 use dci_proto::pb;
 use dci_proto::ring::ShardMap;
 use dci_proto::{Invalidation, Kind};
@@ -24,8 +23,6 @@ pub struct CoordinatorService {
     pub(crate) shard_count: u32,
     pub(crate) max_key_len: usize,
     pub(crate) max_request_entries: usize,
-    pub(crate) serve: ServeOptions,
-    pub(crate) counters: Arc<ServeCounters>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) node_id: String,
     pub(crate) started: std::time::Instant,
@@ -184,24 +181,6 @@ impl pb::publisher_server::Publisher for CoordinatorService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-#[tonic::async_trait]
-impl pb::subscribe_server::Subscribe for CoordinatorService {
-    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
-
-    async fn subscribe(
-        &self,
-        request: Request<Streaming<pb::Upstream>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Ok(Response::new(downstream::serve(
-            self.hub.clone(),
-            request.into_inner(),
-            self.serve.clone(),
-            self.counters.clone(),
-            self.shutdown.clone(),
-        )))
     }
 }
 

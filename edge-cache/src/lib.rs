@@ -103,7 +103,7 @@ impl Applier for EdgeApplier {
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
-        tracing::warn!(shard, epoch, hwm, reason, "edge flushed");
+        tracing::info!(shard, epoch, hwm, reason, "edge flushed");
         self.store.flush(shard, epoch, hwm);
     }
 }
@@ -452,11 +452,7 @@ impl EdgeNode {
             .await;
         let mut stop = rx;
         let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                // Streams carry batches continuously: windows large enough not to stall on updates.
-                .initial_stream_window_size(Some(2 << 20))
-                .initial_connection_window_size(Some(8 << 20))
-                .tcp_nodelay(true)
+            dci_proto::grpc_server()
                 .add_service(health)
                 .add_service(dci_proto::reflection())
                 .add_service(

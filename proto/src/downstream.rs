@@ -84,6 +84,49 @@ pub struct ServeCounters {
     pub receivers: AtomicU64,
 }
 
+/// The `Subscribe` gRPC service over any batch source (the coordinator's log, a relay's rings).
+pub struct SubscribeService<S> {
+    source: Arc<S>,
+    opts: ServeOptions,
+    counters: Arc<ServeCounters>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<S: BatchSource> SubscribeService<S> {
+    /// Serve `source`; every link ends when `shutdown` turns true.
+    pub fn new(
+        source: Arc<S>,
+        opts: ServeOptions,
+        counters: Arc<ServeCounters>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        SubscribeService {
+            source,
+            opts,
+            counters,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: BatchSource> pb::subscribe_server::Subscribe for SubscribeService<S> {
+    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<Streaming<pb::Upstream>>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, Status> {
+        Ok(tonic::Response::new(serve(
+            self.source.clone(),
+            request.into_inner(),
+            self.opts.clone(),
+            self.counters.clone(),
+            self.shutdown.clone(),
+        )))
+    }
+}
+
 /// Serve one `Subscribe` call: returns the response stream at once and runs the link in a task.
 pub fn serve<S: BatchSource>(
     source: Arc<S>,

@@ -39,6 +39,16 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// The gRPC server settings every dci node uses.
+pub fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        // Streams carry batches continuously: windows large enough not to stall on updates.
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+}
+
 /// The gRPC reflection service for dci's services, so `grpcurl` and friends need no .proto file.
 pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
     impl tonic_reflection::server::v1::ServerReflection,

@@ -421,6 +421,12 @@ fn execute<A: Applier>(
                     send_up(up, ack);
                 }
             }
+            RxCommand::Join { shard, epoch, hwm } => {
+                lock(applier).flush(shard, epoch, hwm, "joined the stream");
+                if let Some(ack) = receiver.on_applied(shard, epoch, hwm, now) {
+                    send_up(up, ack);
+                }
+            }
             RxCommand::Flush {
                 shard,
                 epoch,

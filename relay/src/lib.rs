@@ -11,17 +11,15 @@ pub mod core;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use dci_proto::downstream::{self, ServeCounters, ServeOptions};
+use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
 use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::upstream::{self, lock, FollowOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 pub use config::{ConfigError, RelayConfig};
 pub use core::RelayCore;
@@ -48,29 +46,8 @@ pub enum RelayError {
 #[derive(Clone)]
 struct RelayService {
     core: Arc<RelayCore>,
-    serve: ServeOptions,
-    counters: Arc<ServeCounters>,
-    shutdown: watch::Receiver<bool>,
     node_id: String,
     region: String,
-}
-
-#[tonic::async_trait]
-impl pb::subscribe_server::Subscribe for RelayService {
-    type SubscribeStream = ReceiverStream<Result<pb::Downstream, Status>>;
-
-    async fn subscribe(
-        &self,
-        request: Request<Streaming<pb::Upstream>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Ok(Response::new(downstream::serve(
-            self.core.clone(),
-            request.into_inner(),
-            self.serve.clone(),
-            self.counters.clone(),
-            self.shutdown.clone(),
-        )))
-    }
 }
 
 #[tonic::async_trait]
@@ -177,34 +154,32 @@ impl Relay {
         }
         let svc = RelayService {
             core: core.clone(),
-            serve: ServeOptions {
+            node_id,
+            region: cfg.region.clone(),
+        };
+        let subscribe = SubscribeService::new(
+            core.clone(),
+            ServeOptions {
                 sender: SenderConfig {
                     window_bytes: cfg.window_bytes,
                     ..SenderConfig::default()
                 },
                 ..ServeOptions::default()
             },
-            counters: counters.clone(),
-            shutdown: rx.clone(),
-            node_id,
-            region: cfg.region.clone(),
-        };
+            counters.clone(),
+            rx.clone(),
+        );
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
-            .set_serving::<pb::subscribe_server::SubscribeServer<RelayService>>()
+            .set_serving::<pb::subscribe_server::SubscribeServer<SubscribeService<RelayCore>>>()
             .await;
         let mut stop = rx;
         let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                // Streams carry batches continuously: windows large enough not to stall on updates.
-                .initial_stream_window_size(Some(2 << 20))
-                .initial_connection_window_size(Some(8 << 20))
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            dci_proto::grpc_server()
                 .add_service(health)
                 .add_service(dci_proto::reflection())
                 .add_service(
-                    pb::subscribe_server::SubscribeServer::new(svc.clone())
+                    pb::subscribe_server::SubscribeServer::new(subscribe)
                         .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
                         .send_compressed(tonic::codec::CompressionEncoding::Zstd),
                 )

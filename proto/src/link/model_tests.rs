@@ -214,6 +214,7 @@ impl<'a> Sim<'a> {
                     }
                 }
                 RxCommand::Flush { .. } => self.flushes += 1,
+                RxCommand::Join { .. } => {}
                 RxCommand::Ack(a) => {
                     if a.hwm > self.applied_hwm {
                         self.violations

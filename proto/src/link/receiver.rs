@@ -46,6 +46,18 @@ pub enum RxCommand {
         /// Why (for logs and metrics).
         reason: String,
     },
+    /// The receiver joins a shard it had no position in, at `hwm`: whatever it may hold of that
+    /// shard predates its position (a fill taken before it knew the stream), so it drops it as for
+    /// a Flush, then calls [`Receiver::on_applied`] with `(shard, epoch, hwm)`. Not a Reset: nothing
+    /// was lost.
+    Join {
+        /// The shard.
+        shard: ShardId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// Where the receiver starts.
+        hwm: Seq,
+    },
     /// Send this cumulative ack.
     Ack(pb::Ack),
     /// Ask the sender for a missing range.
@@ -161,10 +173,10 @@ impl Receiver {
     pub fn on_batch(&mut self, b: Batch, now: Instant) -> Vec<RxCommand> {
         let mut out = Vec::new();
         let shard = b.shard;
-        let s = self
-            .shards
-            .entry(shard)
-            .or_insert_with(|| RxShard::new(b.epoch, b.first_seq.saturating_sub(1)));
+        if !self.shards.contains_key(&shard) {
+            out.push(self.join(shard, b.epoch, b.first_seq.saturating_sub(1)));
+        }
+        let s = self.shards.get_mut(&shard).expect("joined above");
         if b.epoch < s.epoch {
             // A leftover of a log that no longer exists.
             return out;
@@ -244,6 +256,15 @@ impl Receiver {
         }
     }
 
+    fn join(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq) -> RxCommand {
+        let mut s = RxShard::new(epoch, hwm);
+        // Nothing counts as applied in this shard until the join is carried out.
+        s.applied = 0;
+        s.acked = 0;
+        self.shards.insert(shard, s);
+        RxCommand::Join { shard, epoch, hwm }
+    }
+
     /// The sender gave up on continuity: flush and resume after `reset.hwm` in `reset.epoch`.
     pub fn on_reset(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
         if r.hwm > MAX_SEQ {
@@ -272,6 +293,11 @@ impl Receiver {
         let mut out = Vec::new();
         for h in &hb.heads {
             if h.head > MAX_SEQ {
+                continue;
+            }
+            if !self.shards.contains_key(&h.shard) {
+                // The sender started this link at its head: that is our position in the shard.
+                out.push(self.join(h.shard, h.epoch, h.head));
                 continue;
             }
             let Some(s) = self.shards.get_mut(&h.shard) else {
@@ -537,6 +563,55 @@ mod tests {
         };
         assert!(r.on_heartbeat(&hb, now).is_empty());
         assert_eq!(r.applied(0), Some((7, 5)));
+    }
+
+    #[test]
+    fn a_receiver_without_a_position_joins_at_the_announced_head() {
+        let now = Instant::now();
+        let mut r = Receiver::new(ReceiverConfig::default());
+        let hb = pb::Heartbeat {
+            heads: vec![pb::ShardHead {
+                shard: 3,
+                epoch: 7,
+                head: 40,
+                head_time_us: 0,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.on_heartbeat(&hb, now),
+            vec![RxCommand::Join {
+                shard: 3,
+                epoch: 7,
+                hwm: 40
+            }]
+        );
+        assert!(
+            r.resume_points().iter().all(|p| p.hwm == 0),
+            "not applied until joined"
+        );
+        r.on_applied(3, 7, 40, now);
+        assert_eq!(
+            r.resume_points(),
+            vec![pb::ResumePoint {
+                shard: 3,
+                epoch: 7,
+                hwm: 40
+            }]
+        );
+        // A first batch on an unknown shard joins just before it.
+        let mut b = batch(11, 12);
+        b.shard = 4;
+        let cmds = r.on_batch(b, now);
+        assert!(matches!(
+            cmds[0],
+            RxCommand::Join {
+                shard: 4,
+                hwm: 10,
+                ..
+            }
+        ));
+        assert!(matches!(cmds[1], RxCommand::Apply(_)));
     }
 
     #[test]
