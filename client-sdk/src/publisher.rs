@@ -181,7 +181,9 @@ impl Publisher {
         let n = self.shards.len();
         let mut per_shard: Vec<Vec<(usize, Invalidation)>> = vec![Vec::new(); n];
         for (i, e) in entries.into_iter().enumerate() {
-            if e.kind == Kind::Key || n == 1 {
+            if n == 1 {
+                per_shard[0].push((i, e));
+            } else if e.kind == Kind::Key {
                 per_shard[self.map.shard_of(&e.key) as usize % n].push((i, e));
             } else {
                 for s in per_shard.iter_mut() {
