@@ -1,6 +1,9 @@
 //! Micro-benchmarks of the hot paths: batch encode/decode, the link state machines, log append,
 //! edge apply. `cargo bench --bench hot_paths`.
 
+// The group function criterion's macro generates has no doc comment of its own.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -186,5 +189,9 @@ fn edge_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode_decode, link, log_append, edge_apply);
+criterion_group!(
+    name = benches;
+    config = Criterion::default();
+    targets = encode_decode, link, log_append, edge_apply
+);
 criterion_main!(benches);

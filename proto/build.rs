@@ -1,3 +1,4 @@
+//! Generates the protobuf and gRPC code of `proto/dci.proto` at build time.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protoc comes from a crate so a fresh machine needs no system package.
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

@@ -1,5 +1,7 @@
 //! Test peers: a recording applier followed through the real link runtime.
 
+#![allow(missing_docs)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! proxies) with a checker that publishes versioned invalidations, reads through the edges, and
 //! verifies what the system promises.
 
-#![allow(dead_code)]
+#![allow(dead_code, missing_docs)]
 
 pub mod proxy;
 
