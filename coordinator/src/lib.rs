@@ -66,19 +66,13 @@ impl Coordinator {
     /// Bind `cfg.listen` and run in the background.
     pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
         let cfg = cfg.validate()?;
-        let listener =
-            TcpListener::bind(cfg.listen)
+        let (listener, addr) =
+            dci_proto::bind(cfg.listen)
                 .await
                 .map_err(|source| CoordinatorError::Bind {
                     addr: cfg.listen,
                     source,
                 })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| CoordinatorError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
         let (shutdown, rx) = watch::channel(false);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut stop = rx.clone();

@@ -20,7 +20,6 @@ use dci_proto::ring::NodeRing;
 use dci_proto::types::RingOwnership;
 use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
 use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -294,16 +293,13 @@ impl EdgeNode {
         on_applied: Option<AppliedHook>,
     ) -> Result<EdgeNode, EdgeError> {
         let cfg = cfg.validate()?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| EdgeError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| EdgeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+        let (listener, addr) =
+            dci_proto::bind(cfg.listen)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
         let node_id = if cfg.node_id.is_empty() {
             format!("edge-{}-{}", cfg.region, addr.port())
         } else {

@@ -51,7 +51,7 @@ pub trait BatchSource: Send + Sync + 'static {
 pub struct ServeOptions {
     /// The sender state machine's tunables.
     pub sender: SenderConfig,
-    /// Maximum key length accepted on filters' prefixes (and for re-checking nothing else).
+    /// How long a new stream may take to send its Hello.
     pub hello_timeout: Duration,
     /// How often the runtime ticks the state machine.
     pub tick: Duration,

@@ -39,6 +39,15 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// Bind a node's listener; returns it with the address it really got (for port 0).
+pub async fn bind(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
+
 /// The gRPC server settings every dci node uses.
 pub fn grpc_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

@@ -36,8 +36,6 @@ pub trait Applier: Send + 'static {
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
     /// Drop everything of `shard` that may be stale; continue after `hwm` in `epoch`.
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str);
-    /// The sender announced its heads (a relay uses this to place its ring before any batch).
-    fn on_heads(&mut self, _heads: &[pb::ShardHead]) {}
     /// The nodes below this one (for the heartbeat's subtree report).
     fn subtree(&self) -> Vec<pb::NodeStatus> {
         Vec::new()
@@ -344,7 +342,6 @@ async fn session<A: Applier>(
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
                         }
                         drop(st);
-                        lock(applier).on_heads(&h.heads);
                         receiver.on_heartbeat(&h, now)
                     }
                     Some(pb::downstream::Msg::BatchZstd(_)) | None => Vec::new(),

@@ -314,23 +314,6 @@ impl Applier for RelayApplier {
         core.bump();
     }
 
-    fn on_heads(&mut self, heads: &[pb::ShardHead]) {
-        let core = &self.0;
-        let mut created = false;
-        {
-            let mut rings = lock(&core.rings);
-            for h in heads.iter().filter(|h| h.head <= dci_proto::types::MAX_SEQ) {
-                rings.entry(h.shard).or_insert_with(|| {
-                    created = true;
-                    RetransmitRing::new(h.shard, h.epoch, h.head, core.ring_bytes)
-                });
-            }
-        }
-        if created {
-            core.bump();
-        }
-    }
-
     fn subtree(&self) -> Vec<pb::NodeStatus> {
         self.0.reported()
     }

@@ -17,7 +17,6 @@ use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::upstream::{self, lock, FollowOptions};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -79,16 +78,13 @@ impl Relay {
     /// Bind `cfg.listen` and run in the background.
     pub async fn start(cfg: RelayConfig) -> Result<Relay, RelayError> {
         let cfg = cfg.validate()?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| RelayError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| RelayError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+        let (listener, addr) =
+            dci_proto::bind(cfg.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
         let node_id = if cfg.node_id.is_empty() {
             format!("relay-{}-{}", cfg.region, addr.port())
         } else {

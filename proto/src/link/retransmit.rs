@@ -24,18 +24,7 @@ impl SharedBatch {
     /// Encode `batch` once.
     pub fn new(batch: Batch) -> Arc<Self> {
         let encoded = batch.encode_shared();
-        let newest_publish_us = batch
-            .entries
-            .iter()
-            .map(|e| e.publish_time_us)
-            .max()
-            .unwrap_or(0);
-        Arc::new(SharedBatch {
-            batch,
-            encoded,
-            newest_publish_us,
-            zstd: std::sync::OnceLock::new(),
-        })
+        Self::from_encoded(batch, encoded)
     }
 
     /// A batch whose encoding is already at hand (as received from upstream).
