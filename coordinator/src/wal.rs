@@ -9,6 +9,12 @@
 //! checksum or seq continuity is wrong is corruption: the log is cut there, later segments are
 //! set aside, and the epoch changes so every receiver flushes what it may have learned from the
 //! lost part. Either way sequencing resumes after the last good record.
+//!
+//! Writing and syncing are separate steps so the writer can stream a group downstream while its
+//! fsync runs: what was written survives a crash of the process (it is in the page cache), and a
+//! crash of the machine is told apart by the kernel's boot id. A log last written under another
+//! boot without a clean stop may have lost a tail that receivers already hold, so it gets a new
+//! epoch; under the same boot nothing written can be gone, whatever the fsync policy.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -205,6 +211,15 @@ fn segment_name(first_seq: Seq) -> String {
     format!("{first_seq:020}.seg")
 }
 
+/// The kernel's id of this boot: the page cache, and so every write not yet synced, lives exactly
+/// as long as it. `None` where the platform does not tell, which makes every unclean stop suspect.
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -279,6 +294,9 @@ impl Wal {
         if was_clean {
             fs::remove_file(&clean_path).map_err(io_err(&clean_path))?;
         }
+        let this_boot = boot_id();
+        let same_boot = this_boot.is_some()
+            && fs::read_to_string(dir.join("boot")).ok().as_deref() == this_boot.as_deref();
 
         let mut names: Vec<(Seq, PathBuf)> = Vec::new();
         for e in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -383,11 +401,12 @@ impl Wal {
             );
         }
 
-        // A lost part (corruption, or a crash without fsync) means receivers may hold seqs the log
-        // no longer has: a new epoch makes them flush instead of trusting reused seqs.
-        let unclean_unsynced = !was_clean && opts.fsync != FsyncPolicy::Always;
+        // A lost part (corruption, or a machine crash that took unsynced writes) means receivers
+        // may hold seqs the log no longer has: a new epoch makes them flush instead of trusting
+        // reused seqs.
+        let maybe_lost = !was_clean && !same_boot;
         let epoch = match stored_epoch {
-            Some(e) if !(corrupt || (unclean_unsynced && head > 0)) => e,
+            Some(e) if !(corrupt || (maybe_lost && head > 0)) => e,
             prev => {
                 recovery.new_epoch = true;
                 let e = new_epoch(prev);
@@ -425,6 +444,14 @@ impl Wal {
         active
             .seek(SeekFrom::End(0))
             .map_err(io_err(&active_path))?;
+        if !was_clean {
+            // What the last run wrote but did not sync is about to be served again: make it
+            // durable before this boot is recorded as the log's.
+            active.sync_all().map_err(io_err(&active_path))?;
+        }
+        if let Some(b) = &this_boot {
+            write_atomically(dir, "boot", b.as_bytes())?;
+        }
         let wal = Wal {
             dir: dir.to_path_buf(),
             opts,
@@ -473,6 +500,24 @@ impl Wal {
     /// Append records (seqs must continue the log). Durable per the fsync policy when this
     /// returns: `always` syncs here, `interval` when the interval has passed.
     pub fn append(&mut self, records: &[LogRecord]) -> Result<(), WalError> {
+        self.write(records)?;
+        self.sync_per_policy()
+    }
+
+    /// Make written records durable as the fsync policy asks.
+    pub fn sync_per_policy(&mut self) -> Result<(), WalError> {
+        match self.opts.fsync {
+            FsyncPolicy::Always => self.sync(),
+            FsyncPolicy::Interval if self.last_sync.elapsed() >= self.opts.fsync_interval => {
+                self.sync()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Write records (seqs must continue the log) without syncing: once this returns they survive
+    /// a crash of the process, and [`Wal::sync_per_policy`] makes them survive the machine's.
+    pub fn write(&mut self, records: &[LogRecord]) -> Result<(), WalError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -508,15 +553,7 @@ impl Wal {
                 rec.entries.len() as u32,
             );
         }
-        self.write_active(&mut buf)?;
-        match self.opts.fsync {
-            FsyncPolicy::Always => self.sync()?,
-            FsyncPolicy::Interval if self.last_sync.elapsed() >= self.opts.fsync_interval => {
-                self.sync()?
-            }
-            _ => {}
-        }
-        Ok(())
+        self.write_active(&mut buf)
     }
 
     fn active_segment(&self) -> (Seq, &Segment) {
@@ -800,23 +837,39 @@ mod tests {
     }
 
     #[test]
-    fn unclean_stop_without_fsync_changes_epoch_clean_stop_keeps_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions {
-            fsync: FsyncPolicy::Never,
-            ..Default::default()
-        };
-        let (mut w, _) = Wal::open(dir.path(), opts.clone()).unwrap();
-        w.append(&[rec(1, 1, "", 0)]).unwrap();
-        let e1 = w.epoch();
-        w.close().unwrap();
-        let (mut w, r) = Wal::open(dir.path(), opts.clone()).unwrap();
-        assert!(!r.new_epoch);
-        assert_eq!(w.epoch(), e1);
-        w.append(&[rec(2, 1, "", 0)]).unwrap();
-        drop(w); // crash: no clean marker
-        let (w, r) = Wal::open(dir.path(), opts).unwrap();
-        assert!(r.new_epoch);
-        assert!(w.epoch() > e1);
+    fn unclean_stop_changes_epoch_only_across_a_reboot() {
+        for fsync in [FsyncPolicy::Never, FsyncPolicy::Always] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = WalOptions {
+                fsync,
+                ..Default::default()
+            };
+            let (mut w, _) = Wal::open(dir.path(), opts.clone()).unwrap();
+            w.append(&[rec(1, 1, "", 0)]).unwrap();
+            let e1 = w.epoch();
+            w.close().unwrap();
+            let (mut w, r) = Wal::open(dir.path(), opts.clone()).unwrap();
+            assert!(!r.new_epoch);
+            assert_eq!(w.epoch(), e1);
+            // Written, not synced, process gone: the page cache still has it.
+            w.write(&[rec(2, 1, "", 0)]).unwrap();
+            drop(w);
+            let (mut w, r) = Wal::open(dir.path(), opts.clone()).unwrap();
+            if boot_id().is_some() {
+                assert!(!r.new_epoch, "{fsync:?}: same boot, nothing lost");
+                assert_eq!(w.epoch(), e1);
+                assert_eq!(w.head(), 2);
+            } else {
+                assert!(r.new_epoch);
+            }
+            let e2 = w.epoch();
+            w.write(&[rec(3, 1, "", 0)]).unwrap();
+            drop(w);
+            // The machine went down: another boot finds the log without a clean stop.
+            fs::write(dir.path().join("boot"), "another-boot").unwrap();
+            let (w, r) = Wal::open(dir.path(), opts).unwrap();
+            assert!(r.new_epoch, "{fsync:?}: a tail sent downstream may be gone");
+            assert!(w.epoch() > e2);
+        }
     }
 }

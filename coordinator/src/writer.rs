@@ -2,8 +2,10 @@
 //!
 //! Publish requests queue on a bounded channel (a full queue makes publishers wait). The writer
 //! takes one, then everything that accumulated meanwhile (up to a cap), assigns consecutive
-//! seqs, writes the whole group with one write and one fsync (group commit), and only then answers
-//! every request in it and hands the group, coalesced and encoded once, to the downstream hub.
+//! seqs and writes the whole group with one write. The group, coalesced and encoded once, goes to
+//! the downstream hub as soon as it is written (it already survives a crash of this process; a
+//! crash of the machine changes the epoch, see [`crate::wal`]); then one fsync (group commit), and
+//! only then is every request in it answered. Publishes arriving meanwhile form the next group.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -176,12 +178,15 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<(), String> {
         ));
     }
     if !records.is_empty() {
-        if let Err(e) = wal.append(&records) {
+        let fail = |answers: Vec<(oneshot::Sender<_>, _)>, e: crate::wal::WalError| {
             let why = e.to_string();
             for (reply, _) in answers {
                 let _ = reply.send(Err(CommitError::Log(why.clone())));
             }
-            return Err(why);
+            why
+        };
+        if let Err(e) = wal.write(&records) {
+            return Err(fail(answers, e));
         }
         let batch = Batch {
             shard: hub.shard(),
@@ -191,6 +196,9 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<(), String> {
             entries: coalesce(group_entries),
         };
         hub.push(SharedBatch::new(batch));
+        if let Err(e) = wal.sync_per_policy() {
+            return Err(fail(answers, e));
+        }
     }
     for (reply, answer) in answers {
         let _ = reply.send(answer);
