@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dci_proto::pb;
@@ -200,11 +201,25 @@ pub struct Wal {
     opts: WalOptions,
     epoch: Epoch,
     segments: BTreeMap<Seq, Segment>,
-    active: File,
+    active: Arc<File>,
     head: Seq,
     unsynced: bool,
     last_sync: std::time::Instant,
     dedup: DedupTable,
+}
+
+/// An fsync of the active segment, handed out so it can run off the writer's thread.
+#[derive(Debug)]
+pub struct PendingSync {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// Push the file's written data to disk.
+    pub fn run(self) -> Result<(), WalError> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
 }
 
 fn segment_name(first_seq: Seq) -> String {
@@ -457,7 +472,7 @@ impl Wal {
             opts,
             epoch,
             segments,
-            active,
+            active: Arc::new(active),
             head,
             unsynced: false,
             last_sync: std::time::Instant::now(),
@@ -506,13 +521,30 @@ impl Wal {
 
     /// Make written records durable as the fsync policy asks.
     pub fn sync_per_policy(&mut self) -> Result<(), WalError> {
-        match self.opts.fsync {
-            FsyncPolicy::Always => self.sync(),
-            FsyncPolicy::Interval if self.last_sync.elapsed() >= self.opts.fsync_interval => {
-                self.sync()
-            }
-            _ => Ok(()),
+        match self.take_sync() {
+            Some(s) => s.run(),
+            None => Ok(()),
         }
+    }
+
+    /// The fsync the policy asks for now, to be run by the caller (on any thread) before it
+    /// acknowledges what was written so far; `None` when no fsync is due. The log counts the
+    /// written records as synced from here on.
+    pub fn take_sync(&mut self) -> Option<PendingSync> {
+        let due = match self.opts.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval => self.last_sync.elapsed() >= self.opts.fsync_interval,
+            FsyncPolicy::Never => false,
+        };
+        if !due || !self.unsynced {
+            return None;
+        }
+        self.unsynced = false;
+        self.last_sync = std::time::Instant::now();
+        Some(PendingSync {
+            file: self.active.clone(),
+            path: self.active_segment().1.path.clone(),
+        })
     }
 
     /// Write records (seqs must continue the log) without syncing: once this returns they survive
@@ -567,7 +599,7 @@ impl Wal {
         }
         let (k, _) = self.active_segment();
         let seg = self.segments.get_mut(&k).expect("active segment");
-        self.active.write_all(buf).map_err(io_err(&seg.path))?;
+        (&*self.active).write_all(buf).map_err(io_err(&seg.path))?;
         seg.len += buf.len() as u64;
         seg.last_write = SystemTime::now();
         self.unsynced = true;
@@ -578,11 +610,13 @@ impl Wal {
     fn roll(&mut self, first_seq: Seq) -> Result<(), WalError> {
         self.sync()?;
         let path = self.dir.join(segment_name(first_seq));
-        self.active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        self.active = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?,
+        );
         fsync_dir(&self.dir)?;
         self.segments.insert(
             first_seq,

@@ -4,8 +4,10 @@
 //! takes one, then everything that accumulated meanwhile (up to a cap), assigns consecutive
 //! seqs and writes the whole group with one write. The group, coalesced and encoded once, goes to
 //! the downstream hub as soon as it is written (it already survives a crash of this process; a
-//! crash of the machine changes the epoch, see [`crate::wal`]); then one fsync (group commit), and
-//! only then is every request in it answered. Publishes arriving meanwhile form the next group.
+//! crash of the machine changes the epoch, see [`crate::wal`]). Its fsync and its answers go to a
+//! second thread, the syncer, so the writer takes the next group while the disk works: a group is
+//! never held behind the previous one's fsync on its way downstream, and every request is answered
+//! only after an fsync that covers it (in order, since the syncer runs the fsyncs in order).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +17,55 @@ use dci_proto::{coalesce, Batch, Invalidation, Seq};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::Hub;
-use crate::wal::{LogRecord, Wal};
+use crate::wal::{LogRecord, PendingSync, Wal};
+
+type Answer = (
+    oneshot::Sender<Result<Acked, CommitError>>,
+    Result<Acked, CommitError>,
+);
+
+/// A written group's fsync (when the policy asks for one) and the answers waiting on it.
+struct SyncJob {
+    sync: Option<PendingSync>,
+    answers: Vec<Answer>,
+}
+
+/// Set once a write or an fsync failed: from then on nothing more is acknowledged, since a later
+/// fsync can report success for a file whose earlier pages were lost.
+type Failed = Arc<std::sync::Mutex<Option<String>>>;
+
+fn failed_with(failed: &Failed) -> Option<String> {
+    failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn fail(failed: &Failed, hub: &Hub, why: String) {
+    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_none() {
+        tracing::error!(error = %why, "log write failed: refusing publishes from now on");
+        *f = Some(why);
+        hub.set_failed();
+    }
+}
+
+fn syncer(rx: std::sync::mpsc::Receiver<SyncJob>, failed: Failed, hub: Arc<Hub>) {
+    for job in rx {
+        if let Some(s) = job.sync {
+            if failed_with(&failed).is_none() {
+                if let Err(e) = s.run() {
+                    fail(&failed, &hub, e.to_string());
+                }
+            }
+        }
+        let why = failed_with(&failed);
+        for (reply, answer) in job.answers {
+            let answer = match (&why, answer) {
+                (Some(w), Ok(_)) => Err(CommitError::Log(w.clone())),
+                (_, a) => a,
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
 
 /// A validated publish request waiting for its seqs.
 #[derive(Debug)]
@@ -64,7 +114,15 @@ pub struct WriterOptions {
 /// Run the writer until every job sender is dropped; then close the log cleanly.
 pub fn run(mut wal: Wal, mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, opts: WriterOptions) {
     let mut last_retention = Instant::now();
-    let mut failed: Option<String> = None;
+    let failed: Failed = Arc::default();
+    let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+    let syncer = {
+        let (failed, hub) = (failed.clone(), hub.clone());
+        std::thread::Builder::new()
+            .name("dci-log-sync".into())
+            .spawn(move || syncer(sync_rx, failed, hub))
+            .expect("spawn the log sync thread")
+    };
     let mut segments = wal.segment_count();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -85,16 +143,23 @@ pub fn run(mut wal: Wal, mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, opts: Write
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        if let Some(why) = &failed {
+        if let Some(why) = failed_with(&failed) {
             for j in jobs {
                 let _ = j.reply.send(Err(CommitError::Log(why.clone())));
             }
             continue;
         }
-        if let Err(e) = commit(&mut wal, jobs, &hub) {
-            tracing::error!(error = %e, "log write failed: refusing publishes from now on");
-            failed = Some(e);
-            hub.set_failed();
+        match commit(&mut wal, jobs, &hub) {
+            Ok(job) => {
+                let _ = sync_tx.send(job);
+            }
+            Err((why, answers)) => {
+                fail(&failed, &hub, why);
+                let _ = sync_tx.send(SyncJob {
+                    sync: None,
+                    answers,
+                });
+            }
         }
         if wal.segment_count() != segments {
             segments = wal.segment_count();
@@ -111,12 +176,18 @@ pub fn run(mut wal: Wal, mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, opts: Write
             }
         }
     }
-    if let Err(e) = wal.close() {
-        tracing::error!(error = %e, "closing the log failed");
+    drop(sync_tx);
+    let _ = syncer.join();
+    if failed_with(&failed).is_none() {
+        if let Err(e) = wal.close() {
+            tracing::error!(error = %e, "closing the log failed");
+        }
     }
 }
 
-fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<(), String> {
+/// Write a group and hand it downstream; what is left is its fsync and its answers. On a write
+/// failure, the reason and the answers (which the syncer turns into errors).
+fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, Vec<Answer>)> {
     let mut records = Vec::with_capacity(jobs.len());
     let mut answers = Vec::with_capacity(jobs.len());
     let mut next = wal.head() + 1;
@@ -177,31 +248,24 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<(), String> {
             }),
         ));
     }
-    if !records.is_empty() {
-        let fail = |answers: Vec<(oneshot::Sender<_>, _)>, e: crate::wal::WalError| {
-            let why = e.to_string();
-            for (reply, _) in answers {
-                let _ = reply.send(Err(CommitError::Log(why.clone())));
-            }
-            why
-        };
-        if let Err(e) = wal.write(&records) {
-            return Err(fail(answers, e));
-        }
-        let batch = Batch {
-            shard: hub.shard(),
-            epoch: hub.epoch(),
-            first_seq: first_of_group,
-            last_seq: next - 1,
-            entries: coalesce(group_entries),
-        };
-        hub.push(SharedBatch::new(batch));
-        if let Err(e) = wal.sync_per_policy() {
-            return Err(fail(answers, e));
-        }
+    if records.is_empty() {
+        return Ok(SyncJob {
+            sync: None,
+            answers,
+        });
     }
-    for (reply, answer) in answers {
-        let _ = reply.send(answer);
+    if let Err(e) = wal.write(&records) {
+        return Err((e.to_string(), answers));
     }
-    Ok(())
+    hub.push(SharedBatch::new(Batch {
+        shard: hub.shard(),
+        epoch: hub.epoch(),
+        first_seq: first_of_group,
+        last_seq: next - 1,
+        entries: coalesce(group_entries),
+    }));
+    Ok(SyncJob {
+        sync: wal.take_sync(),
+        answers,
+    })
 }

@@ -31,7 +31,9 @@ pub struct EdgeConfig {
     pub max_key_len: usize,
     /// Largest value accepted.
     pub max_value_len: usize,
-    /// Tombstones kept (older ones fold into a per-shard floor).
+    /// Tombstone slots per shard (rounded up to a power of two, 32 bytes each): a fill of a key
+    /// sharing a slot with a more recently invalidated key is refused, so more slots, fewer such
+    /// misses.
     pub max_tombstones: u64,
     /// Only take invalidations of keys with these prefixes (empty: all).
     pub prefixes: Vec<String>,

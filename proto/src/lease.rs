@@ -3,18 +3,22 @@
 //! A reader that misses gets a [`Lease`]: the store's flush generation and the applied seq of the
 //! key's shard. A fill under that lease is refused when an invalidation newer than the lease has
 //! been applied to the key (a tombstone), to a prefix of it, to its whole shard, or when old
-//! tombstones that were forgotten might have (the floor). A flush (Reset) bumps the generation,
+//! prefix tombstones that were forgotten might have (the floor). A flush (Reset) bumps the generation,
 //! so every lease taken before it is refused, whatever the seqs of a new epoch.
 //!
 //! [`LeaseTable`] says what an invalidation removes ([`Effect`]) and whether a fill may proceed;
 //! the edge store and the SDK's near cache carry the values themselves.
 //!
-//! Tombstones are kept by a 64-bit hash of the key (randomly seeded per process), not by the key:
-//! they stay small and inline, and the hot path never chases a pointer to compare key bytes. Two
-//! keys that share a hash share a tombstone, which only ever refuses more fills, never fewer; a
-//! second hash tells whether a tombstone is really the key's before an older version is dropped.
+//! Tombstones live in a direct-mapped table per shard: a key's slot is chosen by a hash of it
+//! (randomly seeded per process), and a slot keeps the highest seq of every invalidation that ever
+//! landed in it, whichever key it was for. A fill is checked against its key's slot, so a key
+//! sharing a slot with a recently invalidated one may be refused (more misses, never a stale
+//! value), and nothing needs evicting: one random memory access per invalidation, with no floor
+//! rising under load. The slot also remembers its latest key (by a second, independent 64-bit
+//! hash) and that key's newest `source_version`, so an older version arriving late for the same
+//! key is skipped; when unsure, the invalidation is applied, which is always safe.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
@@ -77,15 +81,16 @@ pub enum Effect {
     Nothing,
 }
 
-/// 24 bytes, inline in the map: tombstones are the edge's largest and hottest table.
-#[derive(Clone, Copy, Debug)]
-struct Tomb {
+/// One slot of the tombstone table: a cache line holds two.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(align(32))]
+struct Slot {
+    /// Highest seq of any invalidation that landed here (0: none).
     seq: Seq,
-    /// The writer's version; [`NO_VERSION`] when none.
+    /// Second hash of the latest key that landed here.
+    id: u64,
+    /// That key's newest writer version; [`NO_VERSION`] when none.
     version: u64,
-    shard: ShardId,
-    /// A second (32-bit) hash of the key the tombstone belongs to.
-    check: u32,
 }
 
 const NO_VERSION: u64 = u64::MAX;
@@ -102,26 +107,6 @@ fn max_version(a: u64, b: u64) -> u64 {
     }
 }
 
-/// Tombstone maps are keyed by an already-mixed hash: hashing it again would be wasted work.
-#[derive(Clone, Copy, Default)]
-struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type TombMap = HashMap<u64, Tomb, std::hash::BuildHasherDefault<PreHashed>>;
-
 #[derive(Debug, Default)]
 struct ShardLeases {
     shard: ShardId,
@@ -129,48 +114,48 @@ struct ShardLeases {
     applied: Seq,
     floor: Seq,
     prefix_tombs: VecDeque<(Bytes, Seq)>,
-    /// Highest tombstone seq in the current generation, then in the previous one.
-    newest_current: Seq,
-    newest_previous: Seq,
+    /// Allocated on the shard's first key invalidation: an edge only pays for shards it hears of.
+    slots: Vec<Slot>,
+    occupied: usize,
 }
 
 /// Tombstones and floors of one cache.
-///
-/// Tombstones live in two generations. New ones go to the current generation; when it is full,
-/// the previous generation is dropped (its shards' floors rise to its newest seq, so nothing it
-/// refused is forgotten) and the current one becomes the previous. No per-entry eviction, no
-/// order queue: one hash and one insert per invalidation.
 #[derive(Debug)]
 pub struct LeaseTable {
     map: ShardMap,
     shards: Vec<ShardLeases>,
-    current: TombMap,
-    previous: TombMap,
-    generation_size: usize,
+    /// Slots per shard, a power of two.
+    slots: usize,
     generation: u64,
-    hash: foldhash::fast::RandomState,
-    check: foldhash::fast::RandomState,
+    hash: foldhash::fast::FixedState,
+    id: foldhash::fast::FixedState,
 }
 
 impl LeaseTable {
-    /// A table keeping at most about `max_tombs` tombstones (older ones fold into their shard's floor).
+    /// A table with about `max_tombs` tombstone slots per shard (rounded up to a power of two).
     pub fn new(shard_count: u32, max_tombs: usize) -> Self {
-        let generation_size = (max_tombs / 2).max(1);
+        use std::hash::BuildHasher;
+        let seed = foldhash::fast::RandomState::default().hash_one(0u64);
+        Self::with_seed(shard_count, max_tombs, seed)
+    }
+
+    /// Like [`LeaseTable::new`], with the hashes seeded by `seed` (reproducible slot choices).
+    pub fn with_seed(shard_count: u32, max_tombs: usize, seed: u64) -> Self {
         LeaseTable {
             map: ShardMap::new(shard_count),
             shards: Vec::new(),
-            current: TombMap::default(),
-            previous: TombMap::default(),
-            generation_size,
+            slots: max_tombs.clamp(1, 1 << 30).next_power_of_two(),
             generation: 0,
-            hash: foldhash::fast::RandomState::default(),
-            check: foldhash::fast::RandomState::default(),
+            hash: foldhash::fast::FixedState::with_seed(seed),
+            id: foldhash::fast::FixedState::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
 
-    fn hashes(&self, key: &[u8]) -> (u64, u32) {
+    /// Slot index and identity of a key.
+    fn hashes(&self, key: &[u8]) -> (usize, u64) {
         use std::hash::BuildHasher;
-        (self.hash.hash_one(key), self.check.hash_one(key) as u32)
+        let slot = self.hash.hash_one(key) as usize & (self.slots - 1);
+        (slot, self.id.hash_one(key) | 1)
     }
 
     fn shard(&self, shard: ShardId) -> Option<&ShardLeases> {
@@ -209,15 +194,11 @@ impl LeaseTable {
         if lease.generation != self.generation {
             return Err(FillRefused::Flushed);
         }
-        // Any tombstone under the key's hash counts, the key's own or a colliding one's.
-        let h = self.hashes(key).0;
-        let mut newest = self
-            .current
-            .get(&h)
-            .map_or(0, |t| t.seq)
-            .max(self.previous.get(&h).map_or(0, |t| t.seq));
+        // The slot's seq counts whichever key put it there: refusing more is safe.
+        let (slot, _) = self.hashes(key);
+        let mut newest = 0;
         if let Some(s) = self.shard(self.shard_of(key)) {
-            newest = newest.max(s.floor);
+            newest = s.slots.get(slot).map_or(0, |t| t.seq).max(s.floor);
             for (p, seq) in &s.prefix_tombs {
                 if key.starts_with(p) {
                     newest = newest.max(*seq);
@@ -237,45 +218,27 @@ impl LeaseTable {
     pub fn apply(&mut self, shard: ShardId, e: &Invalidation) -> Effect {
         match e.kind {
             Kind::Key => {
-                let (h, check) = self.hashes(&e.key);
-                let old = match self.current.get(&h) {
-                    Some(t) => Some(*t),
-                    None => self.previous.get(&h).copied(),
-                };
-                let v = version_of(e.source_version);
-                let tomb = match old {
-                    Some(t) if t.check == check => {
-                        if v != NO_VERSION && t.version != NO_VERSION && v < t.version {
-                            return Effect::Nothing;
-                        }
-                        Tomb {
-                            shard,
-                            seq: t.seq.max(e.seq),
-                            version: max_version(t.version, v),
-                            check,
-                        }
-                    }
-                    // Another key with the same hash: keep the newest seq for both, and no
-                    // version, so nothing is ever dropped on the other key's account.
-                    Some(t) => Tomb {
-                        shard,
-                        seq: t.seq.max(e.seq),
-                        version: NO_VERSION,
-                        check,
-                    },
-                    None => Tomb {
-                        shard,
-                        seq: e.seq,
-                        version: v,
-                        check,
-                    },
-                };
-                if self.current.len() >= self.generation_size && !self.current.contains_key(&h) {
-                    self.rotate();
-                }
-                self.current.insert(h, tomb);
+                let (slot, id) = self.hashes(&e.key);
+                let slots = self.slots;
                 let st = self.shard_mut(shard);
-                st.newest_current = st.newest_current.max(tomb.seq);
+                if st.slots.is_empty() {
+                    st.slots = vec![Slot::default(); slots];
+                }
+                let t = &mut st.slots[slot];
+                let v = version_of(e.source_version);
+                if t.id == id {
+                    if v != NO_VERSION && t.version != NO_VERSION && v < t.version {
+                        return Effect::Nothing;
+                    }
+                    t.version = max_version(t.version, v);
+                } else {
+                    if t.id == 0 {
+                        st.occupied += 1;
+                    }
+                    t.id = id;
+                    t.version = v;
+                }
+                t.seq = t.seq.max(e.seq);
                 Effect::Key
             }
             Kind::Prefix => {
@@ -297,20 +260,6 @@ impl LeaseTable {
         }
     }
 
-    /// Drop the previous generation; forgetting its tombstones must not forget what they
-    /// refused, so each shard's floor rises to the newest of them.
-    fn rotate(&mut self) {
-        for st in &mut self.shards {
-            st.floor = st.floor.max(st.newest_previous);
-            st.newest_previous = st.newest_current;
-            st.newest_current = 0;
-        }
-        self.previous = std::mem::replace(
-            &mut self.current,
-            TombMap::with_capacity_and_hasher(self.generation_size, Default::default()),
-        );
-    }
-
     /// Everything of `shard` up to `seq` in `epoch` is applied.
     pub fn set_applied(&mut self, shard: ShardId, epoch: Epoch, seq: Seq) {
         let st = self.shard_mut(shard);
@@ -330,8 +279,6 @@ impl LeaseTable {
             floor: hwm,
             ..ShardLeases::default()
         };
-        self.current.retain(|_, t| t.shard != shard);
-        self.previous.retain(|_, t| t.shard != shard);
     }
 
     /// (shard, epoch, applied) of every shard seen.
@@ -345,9 +292,9 @@ impl LeaseTable {
         v
     }
 
-    /// Tombstones held.
+    /// Tombstone slots in use.
     pub fn tombstones(&self) -> usize {
-        self.current.len() + self.previous.len()
+        self.shards.iter().map(|s| s.occupied).sum()
     }
 }
 
@@ -440,12 +387,15 @@ mod tests {
         /// tombstone, the two agree exactly.
         #[test]
         fn never_accepts_a_fill_the_full_history_refuses(ops in prop::collection::vec(op(), 1..200), cap in 1usize..40) {
+            let key = |k: u8| format!("g{}:k{k}", k % 3);
             let mut bounded = LeaseTable::new(1, cap);
-            let mut roomy = LeaseTable::new(1, 1_000_000);
+            let mut roomy = LeaseTable::new(1, 1 << 12);
+            // Exact agreement needs the 20 keys in 20 slots; a rare seed that shares one is
+            // still held to never accepting a stale fill.
+            let distinct = (0..20u8).map(|k| roomy.hashes(key(k).as_bytes()).0).collect::<std::collections::HashSet<_>>().len() == 20;
             let mut history: Vec<(Invalidation, Seq)> = Vec::new();
             let mut leases: Vec<(u8, Lease, Lease)> = Vec::new();
             let mut seq = 0;
-            let key = |k: u8| format!("g{}:k{k}", k % 3);
             for o in ops {
                 match o {
                     Op::Invalidate(_) | Op::Prefix(_) | Op::All => {
@@ -470,7 +420,10 @@ mod tests {
                         let b = bounded.check_fill(name.as_bytes(), lb).is_ok();
                         let r = roomy.check_fill(name.as_bytes(), lr).is_ok();
                         prop_assert!(!b || model_ok, "bounded table accepted a stale fill of {}", name);
-                        prop_assert_eq!(r, model_ok);
+                        prop_assert!(!r || model_ok, "roomy table accepted a stale fill of {}", name);
+                        if distinct {
+                            prop_assert_eq!(r, model_ok);
+                        }
                     }
                     Op::Fill(..) => {}
                 }
