@@ -38,10 +38,6 @@ pub struct CoordinatorConfig {
     /// Keep log segments at most this long.
     #[serde(with = "humantime_serde")]
     pub retention_age: Duration,
-    /// Longest a group waits to grow before it is written (0: group only what accumulated while
-    /// the previous write was in flight, which adds no latency when idle).
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
     /// Most entries in one group commit.
     pub max_group_entries: usize,
     /// Bytes of recent batches kept in memory for replay without touching the disk.
@@ -68,7 +64,6 @@ impl Default for CoordinatorConfig {
             segment_bytes: wal.segment_bytes,
             retention_bytes: wal.retention_bytes,
             retention_age: wal.retention_age,
-            linger: Duration::ZERO,
             max_group_entries: 65_536,
             memory_tail_bytes: 64 << 20,
             window_bytes: 4 << 20,
@@ -103,9 +98,6 @@ impl CoordinatorConfig {
         }
         if self.segment_bytes < 4096 {
             return bad("segment_bytes must be at least 4096".into());
-        }
-        if self.linger > Duration::from_millis(100) {
-            return bad("linger above 100ms makes every publish slow".into());
         }
         if self.max_group_entries == 0 || self.max_request_entries == 0 {
             return bad("max_group_entries and max_request_entries must be positive".into());

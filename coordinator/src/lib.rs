@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the configuration with its defaults and validation.
 //! - [`wal`]: the durable log (segments, CRC32C records, group commit, retention, recovery).
-//! - [`writer`]: the sequencer thread that owns the log and commits groups of publishes.
+//! - [`writer`]: the sequencer that owns the log and commits groups of publishes.
 //! - [`hub`]: recent batches in memory plus the log behind them, served downstream.
 //! - [`service`]: the `Publisher`, `Subscribe` and `Admin` gRPC services.
 //!
@@ -25,7 +25,7 @@ use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::ring::ShardMap;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use config::{ConfigError, CoordinatorConfig};
 pub use wal::FsyncPolicy;
@@ -158,16 +158,24 @@ pub async fn run(
         cfg.memory_tail_bytes,
     ));
     let epoch = wal.epoch();
-    let (jobs, rx) = mpsc::channel(8192);
-    let writer_hub = hub.clone();
-    let writer_opts = writer::WriterOptions {
-        max_group_entries: cfg.max_group_entries,
-        linger: cfg.linger,
+    let sequencer = Arc::new(writer::Sequencer::new(
+        wal,
+        hub.clone(),
+        cfg.max_group_entries,
+    ));
+    let housekeeping = {
+        let (sequencer, mut drain) = (sequencer.clone(), drain.clone());
+        let every = cfg.fsync_interval.min(std::time::Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sequencer.tick(),
+                    _ = drain.wait_for(|d| *d) => return,
+                }
+            }
+        })
     };
-    let writer = std::thread::Builder::new()
-        .name(format!("dci-log-{}", cfg.shard))
-        .spawn(move || writer::run(wal, rx, writer_hub, writer_opts))
-        .expect("spawn the log writer thread");
 
     let counters = Arc::new(ServeCounters::default());
     if let Some(addr) = cfg.metrics_listen {
@@ -209,7 +217,7 @@ pub async fn run(
         }
     }
     let svc = service::CoordinatorService {
-        jobs,
+        sequencer: sequencer.clone(),
         hub: hub.clone(),
         shard_map: ShardMap::new(cfg.shard_count),
         shard_count: cfg.shard_count,
@@ -254,8 +262,9 @@ pub async fn run(
         .add_service(pb::admin_server::AdminServer::new(svc))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-    // The services (and their job senders) are gone: the writer drains and closes the log.
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    housekeeping.abort();
+    // Answer what is in flight and close the log cleanly.
+    let _ = tokio::task::spawn_blocking(move || sequencer.close()).await;
     tracing::info!("coordinator stopped");
     result.map_err(CoordinatorError::Server)
 }

@@ -17,7 +17,7 @@ use crate::writer::{Acked, CommitError, Job};
 /// Implements `Publisher`, `Subscribe` and `Admin`.
 #[derive(Clone)]
 pub struct CoordinatorService {
-    pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) sequencer: Arc<crate::writer::Sequencer>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) shard_map: ShardMap,
     pub(crate) shard_count: u32,
@@ -87,10 +87,8 @@ impl CoordinatorService {
                 "the log failed; this coordinator refuses publishes",
             ));
         }
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+        self.sequencer.submit(job);
+        Ok(())
     }
 
     fn answer(

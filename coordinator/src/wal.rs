@@ -216,6 +216,11 @@ pub struct PendingSync {
 }
 
 impl PendingSync {
+    /// Is this an fsync of the same file as `other`?
+    pub fn same_file(&self, other: &PendingSync) -> bool {
+        Arc::ptr_eq(&self.file, &other.file)
+    }
+
     /// Push the file's written data to disk.
     pub fn run(self) -> Result<(), WalError> {
         self.file.sync_data().map_err(io_err(&self.path))

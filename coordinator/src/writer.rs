@@ -1,20 +1,23 @@
-//! The sequencer: one thread owns the log, assigns seqs, and commits groups.
+//! The sequencer: assigns seqs and commits groups of publishes to the log.
 //!
-//! Publish requests queue on a bounded channel (a full queue makes publishers wait). The writer
-//! takes one, then everything that accumulated meanwhile (up to a cap), assigns consecutive
-//! seqs and writes the whole group with one write. The group, coalesced and encoded once, goes to
-//! the downstream hub as soon as it is written (it already survives a crash of this process; a
-//! crash of the machine changes the epoch, see [`crate::wal`]). Its fsync and its answers go to a
-//! second thread, the syncer, so the writer takes the next group while the disk works: a group is
-//! never held behind the previous one's fsync on its way downstream, and every request is answered
-//! only after an fsync that covers it (in order, since the syncer runs the fsyncs in order).
+//! There is no writer thread to hand publishes to: a publish joins a queue, and whichever caller
+//! finds the log free takes everything queued (up to a cap) and commits it as one group, while the
+//! others return at once and wait for their answers (flat combining). A group is sequenced,
+//! written with one write, and handed downstream (coalesced and encoded once) as soon as it is
+//! written: it already survives a crash of this process, and a crash of the machine changes the
+//! epoch (see [`crate::wal`]). Its fsync and its answers go to the syncer thread, which runs the
+//! fsyncs in order, one for everything written since the last, and answers every request only
+//! after an fsync that covers it. So a publish is never held behind a thread hop or the previous
+//! group's fsync on its way downstream, and the disk still sees one fsync per group.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use dci_proto::link::SharedBatch;
+use dci_proto::upstream::lock;
 use dci_proto::{coalesce, Batch, Invalidation, Seq};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::wal::{LogRecord, PendingSync, Wal};
@@ -48,8 +51,19 @@ fn fail(failed: &Failed, hub: &Hub, why: String) {
 }
 
 fn syncer(rx: std::sync::mpsc::Receiver<SyncJob>, failed: Failed, hub: Arc<Hub>) {
-    for job in rx {
-        if let Some(s) = job.sync {
+    while let Ok(first) = rx.recv() {
+        // Everything queued meanwhile rides on the same fsync: one per file written to (a
+        // segment roll already synced the file before it).
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        let mut syncs: Vec<PendingSync> = Vec::new();
+        for j in &mut jobs {
+            if let Some(s) = j.sync.take() {
+                syncs.retain(|p| !p.same_file(&s));
+                syncs.push(s);
+            }
+        }
+        for s in syncs {
             if failed_with(&failed).is_none() {
                 if let Err(e) = s.run() {
                     fail(&failed, &hub, e.to_string());
@@ -57,7 +71,7 @@ fn syncer(rx: std::sync::mpsc::Receiver<SyncJob>, failed: Failed, hub: Arc<Hub>)
             }
         }
         let why = failed_with(&failed);
-        for (reply, answer) in job.answers {
+        for (reply, answer) in jobs.into_iter().flat_map(|j| j.answers) {
             let answer = match (&why, answer) {
                 (Some(w), Ok(_)) => Err(CommitError::Log(w.clone())),
                 (_, a) => a,
@@ -102,85 +116,171 @@ pub enum CommitError {
     Mismatch(u64, u32, u32),
 }
 
-/// Writer tunables.
-#[derive(Debug, Clone)]
-pub struct WriterOptions {
-    /// Most entries per group.
-    pub max_group_entries: usize,
-    /// Longest wait to grow a group.
-    pub linger: Duration,
+/// The log and what goes with it, used by one caller at a time.
+struct Log {
+    /// `None` once closed.
+    wal: Option<Wal>,
+    /// Where fsyncs and answers go; `None` once closed.
+    syncs: Option<std::sync::mpsc::Sender<SyncJob>>,
+    segments: usize,
+    last_retention: Instant,
 }
 
-/// Run the writer until every job sender is dropped; then close the log cleanly.
-pub fn run(mut wal: Wal, mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, opts: WriterOptions) {
-    let mut last_retention = Instant::now();
-    let failed: Failed = Arc::default();
-    let (sync_tx, sync_rx) = std::sync::mpsc::channel();
-    let syncer = {
-        let (failed, hub) = (failed.clone(), hub.clone());
-        std::thread::Builder::new()
-            .name("dci-log-sync".into())
-            .spawn(move || syncer(sync_rx, failed, hub))
-            .expect("spawn the log sync thread")
-    };
-    let mut segments = wal.segment_count();
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        let mut entries = jobs[0].entries.len();
-        let linger_until = Instant::now() + opts.linger;
-        loop {
-            while entries < opts.max_group_entries {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        entries += j.entries.len();
-                        jobs.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if entries >= opts.max_group_entries || Instant::now() >= linger_until {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(50));
+/// Owns the log; see the module documentation.
+pub struct Sequencer {
+    queue: Mutex<Vec<Job>>,
+    log: Mutex<Log>,
+    hub: Arc<Hub>,
+    failed: Failed,
+    max_group_entries: usize,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Sequencer {
+    /// Take over `wal`; committed groups go to `hub`.
+    pub fn new(wal: Wal, hub: Arc<Hub>, max_group_entries: usize) -> Sequencer {
+        let failed: Failed = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let syncer = {
+            let (failed, hub) = (failed.clone(), hub.clone());
+            std::thread::Builder::new()
+                .name("dci-log-sync".into())
+                .spawn(move || syncer(rx, failed, hub))
+                .expect("spawn the log sync thread")
+        };
+        Sequencer {
+            queue: Mutex::new(Vec::new()),
+            log: Mutex::new(Log {
+                segments: wal.segment_count(),
+                wal: Some(wal),
+                syncs: Some(tx),
+                last_retention: Instant::now(),
+            }),
+            hub,
+            failed,
+            max_group_entries: max_group_entries.max(1),
+            syncer: Mutex::new(Some(syncer)),
         }
-        if let Some(why) = failed_with(&failed) {
+    }
+
+    /// Queue a publish; it is answered on its `reply` once durable (or refused).
+    pub fn submit(&self, job: Job) {
+        lock(&self.queue).push(job);
+        loop {
+            // Busy: the caller holding the log takes this job too, as it checks the queue
+            // again after letting go.
+            let Ok(mut log) = self.log.try_lock() else {
+                return;
+            };
+            loop {
+                let jobs = self.take_group();
+                if jobs.is_empty() {
+                    break;
+                }
+                self.commit_group(&mut log, jobs);
+            }
+            drop(log);
+            if lock(&self.queue).is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn take_group(&self) -> Vec<Job> {
+        let mut q = lock(&self.queue);
+        let mut entries = 0;
+        let n = q
+            .iter()
+            .take_while(|j| {
+                let fits = entries == 0 || entries + j.entries.len() <= self.max_group_entries;
+                entries += j.entries.len();
+                fits
+            })
+            .count();
+        q.drain(..n).collect()
+    }
+
+    fn commit_group(&self, log: &mut Log, jobs: Vec<Job>) {
+        let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
+            for j in jobs {
+                let _ = j
+                    .reply
+                    .send(Err(CommitError::Log("the log is closed".into())));
+            }
+            return;
+        };
+        if let Some(why) = failed_with(&self.failed) {
             for j in jobs {
                 let _ = j.reply.send(Err(CommitError::Log(why.clone())));
             }
-            continue;
+            return;
         }
-        match commit(&mut wal, jobs, &hub) {
+        match commit(wal, jobs, &self.hub) {
             Ok(job) => {
-                let _ = sync_tx.send(job);
+                let _ = syncs.send(job);
             }
             Err((why, answers)) => {
-                fail(&failed, &hub, why);
-                let _ = sync_tx.send(SyncJob {
+                fail(&self.failed, &self.hub, why);
+                let _ = syncs.send(SyncJob {
                     sync: None,
                     answers,
                 });
             }
         }
-        if wal.segment_count() != segments {
-            segments = wal.segment_count();
-            hub.set_disk(wal.oldest(), wal.reader());
+        if wal.segment_count() != log.segments {
+            log.segments = wal.segment_count();
+            self.hub.set_disk(wal.oldest(), wal.reader());
         }
-        if last_retention.elapsed() >= Duration::from_secs(1) {
-            last_retention = Instant::now();
+    }
+
+    /// Housekeeping, called periodically: retention, and the fsync `interval` asks for when no
+    /// publish came to trigger it.
+    pub fn tick(&self) {
+        let mut log = lock(&self.log);
+        let log = &mut *log;
+        let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
+            return;
+        };
+        if let Some(sync) = wal.take_sync() {
+            let _ = syncs.send(SyncJob {
+                sync: Some(sync),
+                answers: Vec::new(),
+            });
+        }
+        if log.last_retention.elapsed() >= Duration::from_secs(1) {
+            log.last_retention = Instant::now();
             match wal.enforce_retention(SystemTime::now()) {
-                Ok(oldest) => hub.set_disk(oldest, wal.reader()),
+                Ok(oldest) => {
+                    log.segments = wal.segment_count();
+                    self.hub.set_disk(oldest, wal.reader());
+                }
                 Err(e) => tracing::error!(error = %e, "retention failed"),
-            }
-            if let Err(e) = wal.sync_if_due() {
-                tracing::error!(error = %e, "fsync failed");
             }
         }
     }
-    drop(sync_tx);
-    let _ = syncer.join();
-    if failed_with(&failed).is_none() {
-        if let Err(e) = wal.close() {
-            tracing::error!(error = %e, "closing the log failed");
+
+    /// Answer what is pending, then close the log cleanly (unless it failed). Later publishes
+    /// are refused.
+    pub fn close(&self) {
+        let (wal, syncs) = {
+            let mut log = lock(&self.log);
+            (log.wal.take(), log.syncs.take())
+        };
+        drop(syncs);
+        if let Some(h) = lock(&self.syncer).take() {
+            let _ = h.join();
+        }
+        for j in std::mem::take(&mut *lock(&self.queue)) {
+            let _ = j
+                .reply
+                .send(Err(CommitError::Log("the log is closed".into())));
+        }
+        if let Some(wal) = wal {
+            if failed_with(&self.failed).is_none() {
+                if let Err(e) = wal.close() {
+                    tracing::error!(error = %e, "closing the log failed");
+                }
+            }
         }
     }
 }
@@ -268,4 +368,85 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
         sync: wal.take_sync(),
         answers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{FsyncPolicy, WalOptions};
+
+    fn job(
+        publisher: &str,
+        request_no: u64,
+        n: usize,
+    ) -> (Job, oneshot::Receiver<Result<Acked, CommitError>>) {
+        let (reply, rx) = oneshot::channel();
+        let entries = (0..n)
+            .map(|i| Invalidation::key(format!("k{request_no}:{i}")))
+            .collect();
+        (
+            Job {
+                publisher_id: publisher.into(),
+                request_no,
+                entries,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    /// Callers racing on the log from many threads: each request gets its own contiguous seqs,
+    /// together they cover the log without a gap, a retry
+    /// gets the original seqs, and what was written is what the log holds after a restart.
+    #[test]
+    fn concurrent_submitters_are_all_sequenced_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 16 << 10,
+            ..WalOptions::default()
+        };
+        let (wal, _) = Wal::open(dir.path(), opts.clone()).unwrap();
+        let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
+        let seq = Arc::new(Sequencer::new(wal, hub.clone(), 50));
+        let answers: Vec<_> = (0..8u64)
+            .map(|t| {
+                let seq = seq.clone();
+                std::thread::spawn(move || {
+                    (0..100u64)
+                        .map(|r| {
+                            let (j, rx) = job(&format!("p{t}"), r, 1 + (r % 7) as usize);
+                            seq.submit(j);
+                            let a = rx.blocking_recv().unwrap().unwrap();
+                            assert!(!a.duplicate);
+                            assert_eq!(a.count as u64, 1 + r % 7);
+                            (a.first_seq, a.count)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut ranges: Vec<(Seq, u32)> = answers
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        ranges.sort();
+        let mut next = 1;
+        for (first, count) in &ranges {
+            assert_eq!(*first, next, "seqs are contiguous and never shared");
+            next += *count as u64;
+        }
+        assert_eq!(hub.head(), next - 1);
+        let (j, rx) = job("p3", 42, 1 + 42 % 7);
+        seq.submit(j);
+        let again = rx.blocking_recv().unwrap().unwrap();
+        assert!(again.duplicate);
+        seq.close();
+        let (j, rx) = job("p0", 1000, 1);
+        seq.submit(j);
+        assert!(rx.blocking_recv().unwrap().is_err(), "closed: refused");
+        let (wal, r) = Wal::open(dir.path(), opts).unwrap();
+        assert!(!r.new_epoch);
+        assert_eq!(wal.head(), next - 1);
+    }
 }

@@ -153,7 +153,15 @@ pub fn serve<S: BatchSource>(
 type Tx = mpsc::Sender<Result<pb::Downstream, Status>>;
 
 async fn send(tx: &Tx, msg: pb::downstream::Msg, timeout: Duration) -> Result<(), Status> {
-    match tokio::time::timeout(timeout, tx.send(Ok(pb::Downstream { msg: Some(msg) }))).await {
+    // The common case, room in the queue, needs no timer.
+    let item = match tx.try_send(Ok(pb::Downstream { msg: Some(msg) })) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Err(Status::cancelled("receiver went away"))
+        }
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
+    match tokio::time::timeout(timeout, tx.send(item)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Status::cancelled("receiver went away")),
         Err(_) => Err(Status::deadline_exceeded(
