@@ -437,7 +437,7 @@ mod tests {
             next += *count as u64;
         }
         assert_eq!(hub.head(), next - 1);
-        let (j, rx) = job("p3", 42, 1 + 42 % 7);
+        let (j, rx) = job("p3", 43, 2); // 43 % 7 + 1 entries, as first sent
         seq.submit(j);
         let again = rx.blocking_recv().unwrap().unwrap();
         assert!(again.duplicate);
