@@ -322,9 +322,25 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut last_head = head;
-    let mut pending = Vec::new();
+    // Publishes in flight are polled here, beside the ticks, as an application's task would
+    // await its own: no task spawned per publish.
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut acks = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut acked = |r: Result<(Vec<Seq>, Duration), dci_sdk::Error>, head: &mut Seq| {
+        if let Ok((s, took)) = r {
+            *head = (*head).max(s.last().copied().unwrap_or(0));
+            let _ = acks.record((took.as_micros() as u64).max(1));
+        }
+    };
     while started.elapsed() < a.latency_for {
-        interval.tick().await;
+        tokio::select! {
+            biased;
+            _ = interval.tick() => {}
+            Some(r) = futures::StreamExt::next(&mut pending) => {
+                acked(r, &mut last_head);
+                continue;
+            }
+        }
         due += per_tick;
         let k = due as u64;
         due -= k as f64;
@@ -342,18 +358,15 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         let p = publisher.clone();
-        pending.push(tokio::spawn(async move {
+        pending.push(async move {
             let t = Instant::now();
             p.publish(entries).await.map(|s| (s, t.elapsed()))
-        }));
+        });
     }
-    let mut acks = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for t in pending {
-        if let Ok(Ok((s, took))) = t.await {
-            last_head = last_head.max(s.last().copied().unwrap_or(0));
-            let _ = acks.record((took.as_micros() as u64).max(1));
-        }
+    while let Some(r) = futures::StreamExt::next(&mut pending).await {
+        acked(r, &mut last_head);
     }
+    drop(acked);
     wait_until("latency run to drain", Duration::from_secs(60), || {
         m.last
             .iter()
