@@ -366,7 +366,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     while let Some(r) = futures::StreamExt::next(&mut pending).await {
         acked(r, &mut last_head);
     }
-    drop(acked);
     wait_until("latency run to drain", Duration::from_secs(60), || {
         m.last
             .iter()
