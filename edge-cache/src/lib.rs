@@ -71,12 +71,14 @@ pub struct EdgeApplier {
 
 impl Applier for EdgeApplier {
     fn apply(&mut self, batch: &Batch) {
+        self.store.apply_all(batch.shard, &batch.entries);
         let now = dci_proto::now_us();
-        for e in &batch.entries {
-            self.store.apply(batch.shard, e);
-            self.propagation
-                .observe_us(now.saturating_sub(e.publish_time_us));
-        }
+        self.propagation.observe_many_us(
+            batch
+                .entries
+                .iter()
+                .map(|e| now.saturating_sub(e.publish_time_us)),
+        );
         self.store
             .set_applied(batch.shard, batch.epoch, batch.last_seq);
         if let Some(f) = &self.on_applied {

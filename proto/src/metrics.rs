@@ -26,11 +26,29 @@ pub struct LatencyHistogram {
 impl LatencyHistogram {
     /// Record one observation, in microseconds.
     pub fn observe_us(&self, us: u64) {
-        if let Some(i) = BOUNDS_US.iter().position(|&b| us <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.observe_many_us(std::iter::once(us));
+    }
+
+    /// Record many observations (one batch's), tallied here first: a few shared counter updates
+    /// per batch instead of three per observation.
+    pub fn observe_many_us(&self, values: impl Iterator<Item = u64>) {
+        let mut buckets = [0u64; BOUNDS_US.len()];
+        let (mut count, mut sum) = (0u64, 0u64);
+        for us in values {
+            if let Some(i) = BOUNDS_US.iter().position(|&b| us <= b) {
+                buckets[i] += 1;
+            }
+            count += 1;
+            sum = sum.saturating_add(us);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        if count == 0 {
+            return;
+        }
+        for (i, n) in buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+            self.buckets[i].fetch_add(*n, Ordering::Relaxed);
+        }
+        self.count.fetch_add(count, Ordering::Relaxed);
+        self.sum_us.fetch_add(sum, Ordering::Relaxed);
     }
 
     /// Append the histogram as `name` (seconds).
@@ -226,5 +244,14 @@ mod tests {
         assert!(out.contains("x_seconds_bucket{le=\"0.001\"} 2"));
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(out.contains("x_seconds_count 3"));
+        let many = LatencyHistogram::default();
+        many.observe_many_us([100, 800, 20_000_000].into_iter());
+        many.observe_many_us(std::iter::empty());
+        let mut again = String::new();
+        many.render(&mut again, "x_seconds", "test");
+        assert_eq!(
+            out, again,
+            "a batch tallies like its observations one by one"
+        );
     }
 }
