@@ -242,11 +242,14 @@ fn the_bench_runs_end_to_end() {
         "300ms",
         "--receivers",
         "20",
+        "--key-format",
+        "t:{}",
         "--no-redis",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for part in [
+        "24-byte invalidations (8-byte keys like \"t:123456\")",
         "saturation",
         "delivered/s",
         "lost 0",
@@ -256,4 +259,7 @@ fn the_bench_runs_end_to_end() {
     ] {
         assert!(out.contains(part), "missing {part:?} in:\n{out}");
     }
+    let bad = dci(&["bench", "--key-format", "no-placeholder"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("must contain `{}` exactly once"));
 }

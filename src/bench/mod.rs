@@ -35,9 +35,13 @@ pub struct BenchArgs {
     /// Receivers on one relay in the scale run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     pub receivers: usize,
-    /// Distinct keys (shaped like `user:123456:profile`).
+    /// Distinct keys.
     #[arg(long, default_value_t = 1_000_000)]
     pub keys: u64,
+    /// Shape of the keys: `{}` stands for the key's number, zero-padded to 6 digits (more when
+    /// `--keys` needs them).
+    #[arg(long, default_value = "user:{}:profile", value_parser = parse_key_format)]
+    pub key_format: String,
     /// zstd on the links.
     #[arg(long)]
     pub compression: bool,
@@ -59,8 +63,49 @@ struct Meter {
     latency: Mutex<Histogram<u64>>,
 }
 
-fn key(i: u64) -> Bytes {
-    Bytes::from(format!("user:{:06}:profile", i % 1_000_000))
+fn parse_key_format(s: &str) -> Result<String, String> {
+    if s.matches("{}").count() != 1 {
+        return Err(format!("{s:?} must contain `{{}}` exactly once"));
+    }
+    Ok(s.to_string())
+}
+
+/// Keys of the bench: `prefix`, a zero-padded number below `10^digits`, `suffix`.
+#[derive(Clone, Debug)]
+pub struct KeyShape {
+    prefix: String,
+    suffix: String,
+    digits: usize,
+    modulo: u64,
+}
+
+impl KeyShape {
+    fn new(format: &str, keys: u64) -> KeyShape {
+        let (prefix, suffix) = format.split_once("{}").unwrap_or((format, ""));
+        let digits = keys.saturating_sub(1).max(1).to_string().len().max(6);
+        KeyShape {
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+            digits,
+            modulo: 10u64.checked_pow(digits as u32).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The `i`-th key.
+    pub fn key(&self, i: u64) -> Bytes {
+        Bytes::from(format!(
+            "{}{:0w$}{}",
+            self.prefix,
+            i % self.modulo,
+            self.suffix,
+            w = self.digits
+        ))
+    }
+
+    /// Bytes in every key.
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.digits + self.suffix.len()
+    }
 }
 
 fn cpu_seconds() -> f64 {
@@ -126,6 +171,7 @@ fn ratio(ours: f64, theirs: Option<f64>) -> String {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let shape = KeyShape::new(&a.key_format, a.keys);
     let dir = tempfile::tempdir()?;
     let coordinator = Coordinator::start(CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -199,14 +245,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let redis = if a.no_redis {
         None
     } else {
-        redis::Redis::start().await
+        redis::Redis::start(shape.clone()).await
     };
     if redis.is_none() && !a.no_redis {
         println!("redis: redis-server not on the PATH; the Redis comparison is skipped");
     }
     println!(
-        "dci bench: {} edges over 2 relays, fsync={:?}, 35-byte invalidations (19-byte keys), compression={}, prefix filter={:?}",
-        a.edges, a.fsync, a.compression, a.prefix
+        "dci bench: {} edges over 2 relays, fsync={:?}, {}-byte invalidations ({}-byte keys like {:?}), compression={}, prefix filter={:?}",
+        a.edges, a.fsync, shape.len() + 16, shape.len(), String::from_utf8_lossy(&shape.key(123_456)), a.compression, a.prefix
     );
 
     // 1. Saturation.
@@ -221,7 +267,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|r| r.counters.bytes.load(Ordering::Relaxed))
         .sum();
     // Keys are made before the clock starts: the load generator should not be what is measured.
-    let key_space: Arc<Vec<Bytes>> = Arc::new((0..a.keys.max(1)).map(key).collect());
+    let key_space: Arc<Vec<Bytes>> = Arc::new((0..a.keys.max(1)).map(|i| shape.key(i)).collect());
     let cpu_before = cpu_seconds();
     let lo_before = loopback_bytes();
     let started = Instant::now();
@@ -353,7 +399,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 n += 1;
                 Invalidation {
                     publish_time_us: now,
-                    ..Invalidation::key(key(n * 7_919))
+                    ..Invalidation::key(shape.key(n * 7_919))
                 }
             })
             .collect();
@@ -409,7 +455,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     // 3. Scale: many receivers on one relay.
     if a.receivers > 0 {
-        scale(&a, &relays[0], &publisher).await?;
+        scale(&a, &shape, &relays[0], &publisher).await?;
     }
 
     for e in edges {
@@ -489,7 +535,12 @@ pub async fn receivers(a: ReceiversArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::Result<()> {
+async fn scale(
+    a: &BenchArgs,
+    shape: &KeyShape,
+    relay: &Relay,
+    publisher: &Publisher,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let before = rss_bytes();
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
@@ -533,7 +584,7 @@ async fn scale(a: &BenchArgs, relay: &Relay, publisher: &Publisher) -> anyhow::R
         let entries = (i..i + n)
             .map(|j| Invalidation {
                 publish_time_us: now,
-                ..Invalidation::key(key(j * 31))
+                ..Invalidation::key(shape.key(j * 31))
             })
             .collect();
         let seqs = publisher.publish(entries).await?;

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use super::KeyShape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -14,19 +16,23 @@ use tokio::net::TcpStream;
 pub struct Redis {
     child: Child,
     port: u16,
+    shape: KeyShape,
 }
 
 const CHANNEL: &str = "inv";
-/// 19-byte key + 8-byte version + 8-byte timestamp.
-const PAYLOAD: usize = 35;
-
-fn frame_len() -> usize {
-    // *3\r\n $7\r\nmessage\r\n $3\r\ninv\r\n $35\r\n<35>\r\n
-    4 + 13 + 9 + 5 + PAYLOAD + 2
+/// Key + 8-byte version + 8-byte timestamp.
+fn payload_len(shape: &KeyShape) -> usize {
+    shape.len() + 16
 }
 
-fn publish_cmd(i: u64, now_us: u64) -> Vec<u8> {
-    let mut payload = format!("user:{:06}:profile", i % 1_000_000).into_bytes();
+fn frame_len(shape: &KeyShape) -> usize {
+    // *3\r\n $7\r\nmessage\r\n $3\r\ninv\r\n $<len>\r\n<payload>\r\n
+    let p = payload_len(shape);
+    4 + 13 + 9 + (1 + p.to_string().len() + 2) + p + 2
+}
+
+fn publish_cmd(shape: &KeyShape, i: u64, now_us: u64) -> Vec<u8> {
+    let mut payload = shape.key(i).to_vec();
     payload.extend_from_slice(&i.to_le_bytes());
     payload.extend_from_slice(&now_us.to_le_bytes());
     let mut cmd = format!(
@@ -42,7 +48,7 @@ fn publish_cmd(i: u64, now_us: u64) -> Vec<u8> {
 
 impl Redis {
     /// Start `redis-server` if it is on the PATH.
-    pub async fn start() -> Option<Redis> {
+    pub async fn start(shape: KeyShape) -> Option<Redis> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .ok()?
             .local_addr()
@@ -64,7 +70,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
-        let r = Redis { child, port };
+        let r = Redis { child, port, shape };
         for _ in 0..200 {
             if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Some(r);
@@ -104,8 +110,9 @@ impl Redis {
             let c = Arc::new(AtomicU64::new(0));
             counts.push(c.clone());
             let lat = lat.clone();
+            let shape = self.shape.clone();
             tokio::spawn(async move {
-                let fl = frame_len();
+                let fl = frame_len(&shape);
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut carry: Vec<u8> = Vec::new();
                 loop {
@@ -157,7 +164,7 @@ impl Redis {
         let started = Instant::now();
         let mut batch = Vec::with_capacity(256 * 80);
         for i in 0..count {
-            batch.extend_from_slice(&publish_cmd(i, 0));
+            batch.extend_from_slice(&publish_cmd(&self.shape, i, 0));
             if batch.len() >= 256 * 80 {
                 wr.write_all(&batch).await?;
                 batch.clear();
@@ -208,7 +215,7 @@ impl Redis {
             let now = dci_proto::now_us();
             let mut batch = Vec::new();
             for _ in 0..k {
-                batch.extend_from_slice(&publish_cmd(sent, now));
+                batch.extend_from_slice(&publish_cmd(&self.shape, sent, now));
                 sent += 1;
             }
             wr.write_all(&batch).await?;
