@@ -166,11 +166,19 @@ impl Sequencer {
     /// Queue a publish; it is answered on its `reply` once durable (or refused).
     pub fn submit(&self, job: Job) {
         lock(&self.queue).push(job);
+        self.drain();
+    }
+
+    /// Commit what is queued, unless the log is busy: then its holder does, as it checks the
+    /// queue again after letting go (and so does every other holder, like [`Sequencer::tick`]).
+    fn drain(&self) {
         loop {
             // Busy: the caller holding the log takes this job too, as it checks the queue
             // again after letting go.
-            let Ok(mut log) = self.log.try_lock() else {
-                return;
+            let mut log = match self.log.try_lock() {
+                Ok(log) => log,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
             };
             loop {
                 let jobs = self.take_group();
@@ -236,6 +244,12 @@ impl Sequencer {
     /// Housekeeping, called periodically: retention, and the fsync `interval` asks for when no
     /// publish came to trigger it.
     pub fn tick(&self) {
+        self.housekeeping();
+        // Publishes that found the log busy with housekeeping are waiting in the queue.
+        self.drain();
+    }
+
+    fn housekeeping(&self) {
         let mut log = lock(&self.log);
         let log = &mut *log;
         let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
@@ -393,6 +407,23 @@ mod tests {
             },
             rx,
         )
+    }
+
+    #[test]
+    fn a_publish_that_finds_the_log_busy_is_committed_by_the_next_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
+        let seq = Sequencer::new(wal, hub, 100);
+        let busy = lock(&seq.log);
+        let (j, mut rx) = job("p", 1, 3);
+        seq.submit(j); // returns at once: the log is busy
+        assert!(rx.try_recv().is_err(), "not committed yet");
+        drop(busy);
+        seq.tick(); // housekeeping holds the log too, and drains after
+        let a = rx.blocking_recv().unwrap().unwrap();
+        assert_eq!((a.first_seq, a.count), (1, 3));
+        seq.close();
     }
 
     /// Callers racing on the log from many threads: each request gets its own contiguous seqs,
