@@ -160,17 +160,25 @@ impl Publisher {
         S: futures::Stream<Item = Invalidation> + Send + 'static,
     {
         let this = self.clone();
+        // Handing entries to the shard queues is sequential (`then`), so they are queued in the
+        // stream's order; only the waits for answers overlap.
         entries
-            .map(move |e| {
+            .then(move |e| {
                 let p = this.clone();
-                async move { p.publish(vec![e]).await.map(|s| s[0]) }
+                async move { p.enqueue(vec![e]).await }
             })
+            .map(|queued| async move { queued?.wait().await.map(|s| s[0]) })
             .buffered(depth.max(1))
     }
 
     /// Publish several invalidations; returns their seqs in order. KEY entries go to the shard
     /// that owns the key; PREFIX and ALL entries go to every shard (the seq returned is shard 0's).
-    pub async fn publish(&self, mut entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
+    pub async fn publish(&self, entries: Vec<Invalidation>) -> Result<Vec<Seq>, Error> {
+        self.enqueue(entries).await?.wait().await
+    }
+
+    /// Hand entries to their shards' queues; the answers come through [`Queued::wait`].
+    async fn enqueue(&self, mut entries: Vec<Invalidation>) -> Result<Queued, Error> {
         // Propagation latency is measured from here, the writer's call.
         let now = dci_proto::now_us();
         for e in &mut entries {
@@ -204,6 +212,21 @@ impl Publisher {
                 .map_err(|_| Error::Closed)?;
             waits.push((shard, idx, rx));
         }
+        Ok(Queued { waits })
+    }
+}
+
+/// Entries handed to their shards, waiting for their seqs.
+struct Queued {
+    /// Per shard: the entries' positions and where their seqs come from.
+    waits: Vec<(usize, Vec<usize>, SeqsReply)>,
+}
+
+type SeqsReply = oneshot::Receiver<Result<Vec<Seq>, Error>>;
+
+impl Queued {
+    async fn wait(self) -> Result<Vec<Seq>, Error> {
+        let waits = self.waits;
         let total = waits
             .iter()
             .flat_map(|(_, i, _)| i.iter())

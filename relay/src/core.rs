@@ -299,18 +299,25 @@ impl Applier for RelayApplier {
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
-        tracing::warn!(
-            shard,
-            epoch,
-            hwm,
-            reason,
-            "relay ring flushed; receivers will be reset"
-        );
         let core = &self.0;
-        lock(&core.rings)
+        let mut rings = lock(&core.rings);
+        if rings.contains_key(&shard) {
+            tracing::warn!(
+                shard,
+                epoch,
+                hwm,
+                reason,
+                "relay ring flushed; receivers will be reset"
+            );
+        } else {
+            // A relay's first position in a shard is routine, not a problem.
+            tracing::info!(shard, epoch, hwm, reason, "relay ring starts");
+        }
+        rings
             .entry(shard)
             .and_modify(|r| r.reset(epoch, hwm))
             .or_insert_with(|| RetransmitRing::new(shard, epoch, hwm, core.ring_bytes));
+        drop(rings);
         core.bump();
     }
 
