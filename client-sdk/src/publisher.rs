@@ -155,7 +155,7 @@ impl Publisher {
         &self,
         entries: S,
         depth: usize,
-    ) -> impl futures::Stream<Item = Result<Seq, Error>> + Send + 'static
+    ) -> impl futures::Stream<Item = Result<Seq, Error>> + Send + Unpin + 'static
     where
         S: futures::Stream<Item = Invalidation> + Send + 'static,
     {
@@ -169,6 +169,7 @@ impl Publisher {
             })
             .map(|queued| async move { queued?.wait().await.map(|s| s[0]) })
             .buffered(depth.max(1))
+            .boxed()
     }
 
     /// Publish several invalidations; returns their seqs in order. KEY entries go to the shard
