@@ -186,6 +186,45 @@ fn edge_apply(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // Eight edges' tables, as `dci bench` co-locates them: together larger than the L3 cache.
+    let mut tables: Vec<_> = (0..8)
+        .map(|_| dci_proto::lease::LeaseTable::new(1, 262_144))
+        .collect();
+    let mut next = 1;
+    g.bench_function("lease table apply 1024, 8 tables, one by one", |x| {
+        x.iter_batched(
+            || {
+                let b = batch(next);
+                next += N;
+                b
+            },
+            |b| {
+                for t in tables.iter_mut() {
+                    for e in &b.entries {
+                        black_box(t.apply(0, e));
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("lease table apply 1024, 8 tables, apply_all", |x| {
+        x.iter_batched(
+            || {
+                let b = batch(next);
+                next += N;
+                b
+            },
+            |b| {
+                for t in tables.iter_mut() {
+                    t.apply_all(0, &b.entries, |_, eff| {
+                        black_box(eff);
+                    });
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 }
 

@@ -153,19 +153,20 @@ impl Store {
     pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
         let mut leases = lock(&self.leases);
         let mut applied = 0;
-        for e in entries {
-            if self.apply_locked(&mut leases, shard, e) {
+        leases.apply_all(shard, entries, |e, effect| {
+            if self.remove_for(e, effect) {
                 applied += 1;
             }
-        }
+        });
         self.counters.applied.fetch_add(applied, Ordering::Relaxed);
         self.counters
             .dropped_old
             .fetch_add(entries.len() as u64 - applied, Ordering::Relaxed);
     }
 
-    fn apply_locked(&self, leases: &mut LeaseTable, shard: ShardId, e: &Invalidation) -> bool {
-        match leases.apply(shard, e) {
+    /// Remove what an applied invalidation's `effect` says; false when it removes nothing.
+    fn remove_for(&self, e: &Invalidation, effect: Effect) -> bool {
+        match effect {
             Effect::Key => {
                 self.values.remove(&e.key);
             }

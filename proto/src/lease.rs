@@ -218,28 +218,9 @@ impl LeaseTable {
     pub fn apply(&mut self, shard: ShardId, e: &Invalidation) -> Effect {
         match e.kind {
             Kind::Key => {
-                let (slot, id) = self.hashes(&e.key);
+                let at = self.hashes(&e.key);
                 let slots = self.slots;
-                let st = self.shard_mut(shard);
-                if st.slots.is_empty() {
-                    st.slots = vec![Slot::default(); slots];
-                }
-                let t = &mut st.slots[slot];
-                let v = version_of(e.source_version);
-                if t.id == id {
-                    if v != NO_VERSION && t.version != NO_VERSION && v < t.version {
-                        return Effect::Nothing;
-                    }
-                    t.version = max_version(t.version, v);
-                } else {
-                    if t.id == 0 {
-                        st.occupied += 1;
-                    }
-                    t.id = id;
-                    t.version = v;
-                }
-                t.seq = t.seq.max(e.seq);
-                Effect::Key
+                apply_key(self.shard_mut(shard), slots, e, at)
             }
             Kind::Prefix => {
                 let st = self.shard_mut(shard);
@@ -256,6 +237,47 @@ impl LeaseTable {
                 st.floor = st.floor.max(e.seq);
                 st.prefix_tombs.clear();
                 Effect::Shard(shard)
+            }
+        }
+    }
+
+    /// Record a run of applied invalidations of `shard`, in order, handing each one's [`Effect`]
+    /// to `effect`: the same as [`LeaseTable::apply`] on each, but faster on long runs.
+    pub fn apply_all(
+        &mut self,
+        shard: ShardId,
+        entries: &[Invalidation],
+        mut effect: impl FnMut(&Invalidation, Effect),
+    ) {
+        const CHUNK: usize = 32;
+        let slots = self.slots;
+        for chunk in entries.chunks(CHUNK) {
+            let mut at = [(0usize, 0u64); CHUNK];
+            for (a, e) in at.iter_mut().zip(chunk) {
+                if e.kind == Kind::Key {
+                    *a = self.hashes(&e.key);
+                }
+            }
+            let st = self.shard_mut(shard);
+            if st.slots.is_empty() && chunk.iter().any(|e| e.kind == Kind::Key) {
+                st.slots = vec![Slot::default(); slots];
+            }
+            // Each slot is a likely cache (and TLB) miss. Touching them all first lets those
+            // independent loads overlap instead of being paid one after another below.
+            let mut touched = 0u64;
+            for (a, e) in at.iter().zip(chunk) {
+                if e.kind == Kind::Key {
+                    touched ^= st.slots[a.0].seq;
+                }
+            }
+            std::hint::black_box(touched);
+            for (a, e) in at.iter().zip(chunk) {
+                let done = if e.kind == Kind::Key {
+                    apply_key(self.shard_mut(shard), slots, e, *a)
+                } else {
+                    self.apply(shard, e)
+                };
+                effect(e, done);
             }
         }
     }
@@ -296,6 +318,30 @@ impl LeaseTable {
     pub fn tombstones(&self) -> usize {
         self.shards.iter().map(|s| s.occupied).sum()
     }
+}
+
+/// A key invalidation landing in its slot `at` (index, identity).
+fn apply_key(st: &mut ShardLeases, slots: usize, e: &Invalidation, at: (usize, u64)) -> Effect {
+    let (slot, id) = at;
+    if st.slots.is_empty() {
+        st.slots = vec![Slot::default(); slots];
+    }
+    let t = &mut st.slots[slot];
+    let v = version_of(e.source_version);
+    if t.id == id {
+        if v != NO_VERSION && t.version != NO_VERSION && v < t.version {
+            return Effect::Nothing;
+        }
+        t.version = max_version(t.version, v);
+    } else {
+        if t.id == 0 {
+            st.occupied += 1;
+        }
+        t.id = id;
+        t.version = v;
+    }
+    t.seq = t.seq.max(e.seq);
+    Effect::Key
 }
 
 #[cfg(test)]
@@ -427,6 +473,37 @@ mod tests {
                     }
                     Op::Fill(..) => {}
                 }
+            }
+        }
+
+        /// Applying a run at once is applying its entries one by one: the same effects in the
+        /// same order, and the same answer to every later fill.
+        #[test]
+        fn a_run_applied_at_once_is_the_entries_applied_one_by_one(
+            kinds in prop::collection::vec((0u8..8, 0u8..40, prop::option::of(0u64..6)), 1..120),
+            cap in 1usize..64,
+            seed in any::<u64>(),
+        ) {
+            let key = |k: u8| format!("g{}:k{k}", k % 3);
+            let entries: Vec<Invalidation> = kinds.iter().enumerate().map(|(i, &(kind, k, v))| {
+                let base = Invalidation { source_version: v, ..inv(&key(k), i as Seq + 1) };
+                match kind {
+                    0 => Invalidation { kind: Kind::Prefix, ..inv(&format!("g{}:", k % 3), i as Seq + 1) },
+                    1 if k % 5 == 0 => Invalidation { kind: Kind::All, ..inv("", i as Seq + 1) },
+                    _ => base,
+                }
+            }).collect();
+            let mut one = LeaseTable::with_seed(1, cap, seed);
+            let mut all = LeaseTable::with_seed(1, cap, seed);
+            let lease = one.lease(b"x");
+            let singly: Vec<Effect> = entries.iter().map(|e| one.apply(0, e)).collect();
+            let mut together = Vec::new();
+            all.apply_all(0, &entries, |_, eff| together.push(eff));
+            prop_assert_eq!(singly, together);
+            prop_assert_eq!(one.tombstones(), all.tombstones());
+            for k in 0..40u8 {
+                let name = key(k);
+                prop_assert_eq!(one.check_fill(name.as_bytes(), lease), all.check_fill(name.as_bytes(), lease));
             }
         }
     }
