@@ -445,7 +445,9 @@ fn main() -> ExitCode {
             "info"
         });
     }
-    let result = rt.block_on(async move {
+    // The command runs as a task on the runtime's workers, not on this thread: its wake-ups
+    // (a publish answered, a tick) then stay among the workers instead of crossing threads.
+    let command = async move {
         match cli.command {
             Command::Coordinator(a) => coordinator(a).await.map(|_| 0),
             Command::Relay(a) => relay(a).await.map(|_| 0),
@@ -458,6 +460,11 @@ fn main() -> ExitCode {
             Command::Bench(a) => bench::run(a).await.map(|_| 0),
             Command::BenchReceivers(a) => bench::receivers(a).await.map(|_| 0),
         }
+    };
+    let result = rt.block_on(async move {
+        tokio::spawn(command)
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the command failed: {e}")))
     });
     match result {
         Ok(code) => ExitCode::from(code),
