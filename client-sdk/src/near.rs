@@ -103,8 +103,13 @@ struct NearApplier(Arc<Mutex<State>>);
 impl Applier for NearApplier {
     fn apply(&mut self, batch: &Batch) {
         let mut st = lock(&self.0);
-        for e in &batch.entries {
-            match st.leases.apply(batch.shard, e) {
+        let mut effects = Vec::with_capacity(batch.entries.len());
+        st.leases
+            .apply_all(batch.shard, &batch.entries, |_, effect| {
+                effects.push(effect)
+            });
+        for (e, effect) in batch.entries.iter().zip(effects) {
+            match effect {
                 Effect::Key => {
                     st.values.remove(&e.key);
                 }
