@@ -246,10 +246,27 @@ impl Queued {
     }
 }
 
-/// A request sent (or to resend) on the shard's stream, with the callers it answers.
+/// A request sent (or to resend) on the shard's stream: its number and the callers it answers,
+/// whose entries it carries.
 struct InFlight {
-    request: pb::PublishRequest,
+    request_no: u64,
     callers: Vec<Pending>,
+}
+
+impl InFlight {
+    /// The wire request. The callers keep their entries for a resend, so each send costs one
+    /// reference count per key, not a copy of the request.
+    fn request(&self, publisher_id: &str) -> pb::PublishRequest {
+        pb::PublishRequest {
+            publisher_id: publisher_id.to_string(),
+            request_no: self.request_no,
+            entries: self
+                .callers
+                .iter()
+                .flat_map(|p| p.entries.iter().map(Invalidation::to_pb))
+                .collect(),
+        }
+    }
 }
 
 /// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
@@ -269,7 +286,7 @@ async fn run_shard(
     while open || !unanswered.is_empty() {
         let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(opts.max_in_flight.max(1) * 2);
         for f in &unanswered {
-            let _ = tx.try_send(f.request.clone());
+            let _ = tx.try_send(f.request(&opts.publisher_id));
         }
         let mut c = client.clone();
         let outcome = async {
@@ -289,16 +306,12 @@ async fn run_shard(
                                 Err(_) => break,
                             }
                         }
-                        let request = pb::PublishRequest {
-                            publisher_id: opts.publisher_id.clone(),
-                            request_no: request_no.fetch_add(1, Ordering::Relaxed),
-                            entries: callers.iter().flat_map(|p| p.entries.iter().map(Invalidation::to_pb)).collect(),
-                        };
-                        if tx.send(request.clone()).await.is_err() {
-                            unanswered.push_back(InFlight { request, callers });
+                        let f = InFlight { request_no: request_no.fetch_add(1, Ordering::Relaxed), callers };
+                        let request = f.request(&opts.publisher_id);
+                        unanswered.push_back(f);
+                        if tx.send(request).await.is_err() {
                             return Err(tonic::Status::unavailable("publish stream closed"));
                         }
-                        unanswered.push_back(InFlight { request, callers });
                     }
                     msg = responses.message(), if !unanswered.is_empty() => {
                         match msg? {
