@@ -31,6 +31,14 @@ pub trait Applier: Send + 'static {
     fn apply_encoded(&mut self, batch: &Batch, _encoded: &bytes::Bytes) {
         self.apply(batch)
     }
+    /// Like [`Applier::apply_encoded`] (or [`Applier::apply`] when `encoded` is `None`), with the
+    /// batch shared, for appliers that keep it (a relay's ring holds it without a copy).
+    fn apply_shared(&mut self, batch: &Arc<Batch>, encoded: Option<&bytes::Bytes>) {
+        match encoded {
+            Some(bytes) => self.apply_encoded(batch, bytes),
+            None => self.apply(batch),
+        }
+    }
     /// An entry that failed validation or panicked: drop what it may have made stale (its key),
     /// record it, count it. The stream goes on.
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
@@ -410,7 +418,7 @@ fn execute<A: Applier>(
                     .as_ref()
                     .filter(|(range, _)| *range == (b.shard, b.first_seq, b.last_seq))
                     .map(|(_, bytes)| bytes);
-                apply_guarded(applier, state, &b, encoded);
+                apply_guarded(applier, state, &Arc::new(b), encoded);
                 if let Some(t) = newest {
                     set(&mut lock(state).applied_time_us, shard, t);
                 }
@@ -455,14 +463,10 @@ fn send_up(up: &mpsc::Sender<pb::Upstream>, c: RxCommand) {
 fn apply_guarded<A: Applier>(
     applier: &Arc<Mutex<A>>,
     state: &Arc<Mutex<LinkState>>,
-    b: &Batch,
+    b: &Arc<Batch>,
     encoded: Option<&bytes::Bytes>,
 ) {
-    let ok = catch_unwind(AssertUnwindSafe(|| match encoded {
-        Some(bytes) => lock(applier).apply_encoded(b, bytes),
-        None => lock(applier).apply(b),
-    }))
-    .is_ok();
+    let ok = catch_unwind(AssertUnwindSafe(|| lock(applier).apply_shared(b, encoded))).is_ok();
     if ok {
         return;
     }

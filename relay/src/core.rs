@@ -286,11 +286,20 @@ impl Applier for RelayApplier {
     }
 
     fn apply_encoded(&mut self, batch: &Batch, encoded: &bytes::Bytes) {
-        // Pass upstream's bytes on: this relay encodes nothing for receivers without a filter.
         self.push(
             batch,
             SharedBatch::from_encoded(batch.clone(), encoded.clone()),
         );
+    }
+
+    fn apply_shared(&mut self, batch: &Arc<Batch>, encoded: Option<&bytes::Bytes>) {
+        // The ring keeps the batch as decoded, and upstream's bytes when they describe it: this
+        // relay copies nothing, and encodes nothing for receivers without a filter.
+        let shared = match encoded {
+            Some(bytes) => SharedBatch::from_encoded(batch.clone(), bytes.clone()),
+            None => SharedBatch::new(batch.clone()),
+        };
+        self.push(batch, shared);
     }
 
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {

@@ -10,8 +10,8 @@ use crate::types::{Batch, Epoch, Seq, ShardId};
 /// A batch together with its encoding, made once and shared (by `Arc`) with every receiver.
 #[derive(Debug)]
 pub struct SharedBatch {
-    /// The batch (all entries, unfiltered).
-    pub batch: Batch,
+    /// The batch (all entries, unfiltered), shared with whoever decoded it.
+    pub batch: Arc<Batch>,
     /// `pb::Batch` encoding of `batch`, sent as is to receivers without a filter.
     pub encoded: Bytes,
     /// Publish time of the newest entry (µs since the Unix epoch), for lag in ms.
@@ -22,13 +22,15 @@ pub struct SharedBatch {
 
 impl SharedBatch {
     /// Encode `batch` once.
-    pub fn new(batch: Batch) -> Arc<Self> {
+    pub fn new(batch: impl Into<Arc<Batch>>) -> Arc<Self> {
+        let batch = batch.into();
         let encoded = batch.encode_shared();
         Self::from_encoded(batch, encoded)
     }
 
     /// A batch whose encoding is already at hand (as received from upstream).
-    pub fn from_encoded(batch: Batch, encoded: Bytes) -> Arc<Self> {
+    pub fn from_encoded(batch: impl Into<Arc<Batch>>, encoded: Bytes) -> Arc<Self> {
+        let batch = batch.into();
         let newest_publish_us = batch
             .entries
             .iter()
