@@ -594,7 +594,16 @@ async fn every_node_serves_prometheus_metrics() {
     );
     let relay_metrics = scrape(rm).await;
     assert!(relay_metrics.contains("dci_receivers 1"), "{relay_metrics}");
+    // Every tier times each entry from the publish call to itself.
+    assert!(
+        relay_metrics.contains("dci_propagation_seconds_count 20"),
+        "{relay_metrics}"
+    );
     let coord_metrics = scrape(cm).await;
+    assert!(
+        coord_metrics.contains("dci_propagation_seconds_count 20"),
+        "{coord_metrics}"
+    );
     assert!(
         coord_metrics.contains(&format!(
             "dci_log_head_seq{{shard=\"0\",epoch=\"{}\"}} {head}",

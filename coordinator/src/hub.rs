@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use dci_proto::downstream::{BatchSource, Fetch};
 use dci_proto::link::{Read, RetransmitRing, ShardView, SharedBatch};
+use dci_proto::metrics::LatencyHistogram;
 use dci_proto::pb;
 use dci_proto::upstream::lock;
 use dci_proto::{coalesce, Batch, Epoch, Invalidation, Seq, ShardId};
@@ -24,6 +25,8 @@ pub struct Hub {
     heads: watch::Sender<u64>,
     failed: AtomicBool,
     reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
+    /// Publish (the writer's call) to written in the log and streaming, per entry.
+    pub(crate) propagation: Arc<LatencyHistogram>,
 }
 
 impl Hub {
@@ -44,6 +47,7 @@ impl Hub {
             heads: watch::channel(head).0,
             failed: AtomicBool::new(false),
             reports: Mutex::new(HashMap::new()),
+            propagation: Arc::default(),
         }
     }
 
@@ -68,6 +72,13 @@ impl Hub {
     /// A committed group, to every receiver.
     pub fn push(&self, b: Arc<SharedBatch>) {
         let head = b.batch.last_seq;
+        let now = dci_proto::now_us();
+        self.propagation.observe_many_us(
+            b.batch
+                .entries
+                .iter()
+                .map(|e| now.saturating_sub(e.publish_time_us)),
+        );
         if let Err(e) = lock(&self.tail).push(b) {
             tracing::error!(error = %e, "memory tail refused a batch");
         }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
 use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
+use dci_proto::metrics::LatencyHistogram;
 use dci_proto::pb;
 use dci_proto::ring::ShardMap;
 use tokio::net::TcpListener;
@@ -58,6 +59,8 @@ pub struct Coordinator {
     pub addr: SocketAddr,
     /// The log's epoch.
     pub epoch: u64,
+    /// Publish (the writer's call) to written in the log, per entry (also on `/metrics`).
+    pub propagation: Arc<LatencyHistogram>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
@@ -88,8 +91,8 @@ impl Coordinator {
             )
             .await
         });
-        let epoch = match ready_rx.await {
-            Ok(e) => e,
+        let (epoch, propagation) = match ready_rx.await {
+            Ok(r) => r,
             Err(_) => {
                 return match task.await {
                     Ok(Err(e)) => Err(e),
@@ -102,6 +105,7 @@ impl Coordinator {
         Ok(Coordinator {
             addr,
             epoch,
+            propagation,
             shutdown,
             task,
         })
@@ -136,7 +140,7 @@ pub async fn run(
     listener: TcpListener,
     drain: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: Option<tokio::sync::oneshot::Sender<u64>>,
+    ready: Option<tokio::sync::oneshot::Sender<(u64, Arc<LatencyHistogram>)>>,
 ) -> Result<(), CoordinatorError> {
     let cfg = cfg.validate()?;
     let dir = cfg.data_dir.clone();
@@ -209,6 +213,11 @@ pub async fn run(
                 failed,
             );
             dci_proto::metrics::render_serve(&mut out, &counters);
+            hub.propagation.render(
+                &mut out,
+                "dci_propagation_seconds",
+                "Publish (the writer's call) to written in the log",
+            );
             out
         });
         match dci_proto::metrics::serve(addr, render, drain.clone()).await {
@@ -232,7 +241,7 @@ pub async fn run(
         .set_serving::<pb::publisher_server::PublisherServer<service::CoordinatorService>>()
         .await;
     if let Some(r) = ready {
-        let _ = r.send(epoch);
+        let _ = r.send((epoch, hub.propagation.clone()));
     }
     let result = dci_proto::grpc_server()
         .add_service(health)

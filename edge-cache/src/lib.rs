@@ -279,6 +279,8 @@ pub struct EdgeNode {
     pub stale_misses: Arc<AtomicU64>,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// Publish (the writer's call) to applied at this edge, per entry (also on `/metrics`).
+    pub propagation: Arc<dci_proto::metrics::LatencyHistogram>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), EdgeError>>,
 }
@@ -359,7 +361,12 @@ impl EdgeNode {
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
         let mut metrics_addr = None;
         if let Some(addr) = cfg.metrics_listen {
-            let (store, link, stale) = (store.clone(), link.clone(), stale_misses.clone());
+            let (store, link, stale, propagation) = (
+                store.clone(),
+                link.clone(),
+                stale_misses.clone(),
+                propagation.clone(),
+            );
             let render = Arc::new(move || {
                 use dci_proto::metrics::sample;
                 let mut out = String::new();
@@ -472,6 +479,7 @@ impl EdgeNode {
             quarantine,
             stale_misses,
             metrics_addr,
+            propagation,
             shutdown,
             task,
         })

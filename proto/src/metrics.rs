@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-/// Upper bounds (µs) of the propagation-latency buckets: 250 µs to 10 s.
-const BOUNDS_US: [u64; 14] = [
-    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    5_000_000, 10_000_000,
+/// Upper bounds (µs) of the propagation-latency buckets: 50 µs to 10 s, fine below a millisecond
+/// where one tier's share of the latency lies.
+const BOUNDS_US: [u64; 20] = [
+    50, 100, 150, 200, 300, 400, 500, 750, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000,
+    250_000, 500_000, 1_000_000, 5_000_000, 10_000_000,
 ];
 
 /// A latency histogram with fixed buckets, cheap enough to observe every applied entry.
@@ -35,7 +36,8 @@ impl LatencyHistogram {
         let mut buckets = [0u64; BOUNDS_US.len()];
         let (mut count, mut sum) = (0u64, 0u64);
         for us in values {
-            if let Some(i) = BOUNDS_US.iter().position(|&b| us <= b) {
+            let i = BOUNDS_US.partition_point(|&b| b < us);
+            if i < buckets.len() {
                 buckets[i] += 1;
             }
             count += 1;
@@ -49,6 +51,18 @@ impl LatencyHistogram {
         }
         self.count.fetch_add(count, Ordering::Relaxed);
         self.sum_us.fetch_add(sum, Ordering::Relaxed);
+    }
+
+    /// The counts so far, to compare with later ones.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            count: self.count.load(Ordering::Relaxed),
+        }
     }
 
     /// Append the histogram as `name` (seconds).
@@ -71,6 +85,65 @@ impl LatencyHistogram {
             self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// A histogram's counts at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl HistogramSnapshot {
+    /// What was observed between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| n.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
+    /// Both sets of observations (several nodes of one tier, say).
+    pub fn plus(&self, other: &HistogramSnapshot) -> HistogramSnapshot {
+        let len = self.buckets.len().max(other.buckets.len());
+        let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        HistogramSnapshot {
+            buckets: (0..len)
+                .map(|i| at(&self.buckets, i) + at(&other.buckets, i))
+                .collect(),
+            count: self.count + other.count,
+        }
+    }
+
+    /// Observations counted.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `q` quantile in µs, interpolated within its bucket as Prometheus'
+    /// `histogram_quantile` does; `None` without observations or beyond the last bound.
+    pub fn quantile_us(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let lower = if i == 0 { 0 } else { BOUNDS_US[i - 1] } as f64;
+                let upper = BOUNDS_US[i] as f64;
+                let within = (rank - below as f64).max(0.0) / n as f64;
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+        }
+        None
     }
 }
 
@@ -240,7 +313,7 @@ mod tests {
         h.observe_us(20_000_000);
         let mut out = String::new();
         h.render(&mut out, "x_seconds", "test");
-        assert!(out.contains("x_seconds_bucket{le=\"0.00025\"} 1"));
+        assert!(out.contains("x_seconds_bucket{le=\"0.0001\"} 1"));
         assert!(out.contains("x_seconds_bucket{le=\"0.001\"} 2"));
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(out.contains("x_seconds_count 3"));
@@ -253,5 +326,31 @@ mod tests {
             out, again,
             "a batch tallies like its observations one by one"
         );
+    }
+
+    #[test]
+    fn quantiles_come_from_the_counts_since_a_snapshot() {
+        let h = LatencyHistogram::default();
+        h.observe_many_us([5_000, 5_000, 5_000].into_iter());
+        let before = h.snapshot();
+        // 100 observations spread evenly over (100, 150] µs, then one slow one.
+        h.observe_many_us((0..100).map(|i| 101 + i / 2));
+        h.observe_us(900);
+        let d = h.snapshot().since(&before);
+        assert_eq!(d.count(), 101);
+        let p50 = d.quantile_us(0.5).unwrap();
+        assert!((100.0..=150.0).contains(&p50), "{p50}");
+        let p999 = d.quantile_us(0.999).unwrap();
+        assert!((750.0..=1_000.0).contains(&p999), "{p999}");
+        assert_eq!(
+            LatencyHistogram::default().snapshot().quantile_us(0.5),
+            None
+        );
+        let twice = d.plus(&d);
+        assert_eq!(twice.count(), 202);
+        assert_eq!(twice.quantile_us(0.5), d.quantile_us(0.5));
+        h.observe_us(20_000_000);
+        let beyond = h.snapshot().since(&h.snapshot());
+        assert_eq!(beyond.count(), 0);
     }
 }

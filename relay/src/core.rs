@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dci_proto::downstream::{BatchSource, Fetch};
 use dci_proto::link::{Read, RetransmitRing, ShardView, SharedBatch};
+use dci_proto::metrics::LatencyHistogram;
 use dci_proto::pb;
 use dci_proto::pb::subscribe_client::SubscribeClient;
 use dci_proto::upstream::{lock, Applier, LinkState};
@@ -32,6 +33,8 @@ pub struct RelayCore {
     pub quarantined: AtomicU64,
     /// Catch-up fetches from upstream.
     pub catch_ups: AtomicU64,
+    /// Publish (the writer's call) to held in this relay's ring, per entry.
+    pub propagation: LatencyHistogram,
 }
 
 impl RelayCore {
@@ -54,6 +57,7 @@ impl RelayCore {
             link: Arc::new(Mutex::new(LinkState::default())),
             quarantined: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            propagation: LatencyHistogram::default(),
         }
     }
 
@@ -277,6 +281,13 @@ impl RelayApplier {
             }
         }
         core.bump();
+        let now = dci_proto::now_us();
+        core.propagation.observe_many_us(
+            batch
+                .entries
+                .iter()
+                .map(|e| now.saturating_sub(e.publish_time_us)),
+        );
     }
 }
 

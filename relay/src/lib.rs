@@ -141,6 +141,11 @@ impl Relay {
                     "",
                     catch_ups,
                 );
+                core.propagation.render(
+                    &mut out,
+                    "dci_propagation_seconds",
+                    "Publish (the writer's call) to held in this relay's ring",
+                );
                 out
             });
             match dci_proto::metrics::serve(addr, render, rx.clone()).await {

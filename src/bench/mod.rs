@@ -9,6 +9,7 @@ use bytes::Bytes;
 use clap::Args;
 use dci_coordinator::{Coordinator, CoordinatorConfig};
 use dci_edge_cache::{EdgeConfig, EdgeNode};
+use dci_proto::metrics::HistogramSnapshot;
 use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
 use dci_proto::{Batch, Epoch, Invalidation, Seq, ShardId};
 use dci_relay::{Relay, RelayConfig};
@@ -146,6 +147,18 @@ fn rss_bytes() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Publish-to-here latency so far, per tier: the coordinator's log, the relays, the edges.
+fn tiers(c: &Coordinator, relays: &[Relay], edges: &[EdgeNode]) -> [HistogramSnapshot; 3] {
+    let sum = |it: &mut dyn Iterator<Item = HistogramSnapshot>| {
+        it.fold(HistogramSnapshot::default(), |a, b| a.plus(&b))
+    };
+    [
+        c.propagation.snapshot(),
+        sum(&mut relays.iter().map(|r| r.core.propagation.snapshot())),
+        sum(&mut edges.iter().map(|e| e.propagation.snapshot())),
+    ]
 }
 
 async fn wait_until(
@@ -373,6 +386,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     // 2. Latency at a fixed rate.
     let m = meter.clone();
+    let tiers_before = tiers(&coordinator, &relays, &edges);
     lock(&m.latency).reset();
     m.recording.store(true, Ordering::Relaxed);
     let tick = Duration::from_millis(1);
@@ -434,6 +448,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     })
     .await?;
     m.recording.store(false, Ordering::Relaxed);
+    let tiers_during: Vec<_> = tiers(&coordinator, &relays, &edges)
+        .iter()
+        .zip(&tiers_before)
+        .map(|(after, before)| after.since(before))
+        .collect();
     let h = lock(&m.latency).clone();
     let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
     let redis_lat = match &redis {
@@ -459,6 +478,19 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         acks.value_at_quantile(0.5) as f64 / 1000.0,
         acks.value_at_quantile(0.99) as f64 / 1000.0,
         acks.value_at_quantile(0.999) as f64 / 1000.0
+    );
+    let tier = |t: &HistogramSnapshot| {
+        let q = |x| {
+            t.quantile_us(x)
+                .map_or("-".into(), |us| format!("{:.2}", us / 1000.0))
+        };
+        format!("p50 {} p99 {}", q(0.5), q(0.99))
+    };
+    println!(
+        "  by tier (each node's own dci_propagation_seconds, interpolated in its buckets, ms): in the log {} · at the relays {} · at the edges {}",
+        tier(&tiers_during[0]),
+        tier(&tiers_during[1]),
+        tier(&tiers_during[2])
     );
     if let Some((p50, p99, p999)) = redis_lat {
         println!(
