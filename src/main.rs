@@ -60,6 +60,9 @@ struct CoordinatorArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Push the same metrics to an OpenTelemetry collector (OTLP/gRPC, e.g. http://127.0.0.1:4317).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Address to listen on [default: 127.0.0.1:7400].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -88,6 +91,9 @@ struct RelayArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Push the same metrics to an OpenTelemetry collector (OTLP/gRPC, e.g. http://127.0.0.1:4317).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Address to listen on [default: 127.0.0.1:7500].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -113,6 +119,9 @@ struct EdgeArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Push the same metrics to an OpenTelemetry collector (OTLP/gRPC, e.g. http://127.0.0.1:4317).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Address to listen on [default: 127.0.0.1:7600].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -256,6 +265,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
     override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len);
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
+    cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     let c = dci_coordinator::Coordinator::start(cfg).await?;
     tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
     until_terminated(c.stop()).await
@@ -268,6 +278,7 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
         cfg.upstream = a.upstream;
     }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
+    cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
     until_terminated(r.stop()).await
@@ -280,6 +291,7 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
         cfg.relays = a.relays;
     }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
+    cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
     until_terminated(e.stop()).await

@@ -158,6 +158,20 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o).lines().count(), 1);
 
+    // A collector address that is not a URL: refused before anything starts.
+    let o = dci(&[
+        "relay",
+        "--upstream",
+        &coord,
+        "--listen",
+        "127.0.0.1:0",
+        "--otlp-endpoint",
+        "collector:4317",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("otlp endpoint"), "{}", stderr(&o));
+
     // The tree, as the coordinator learned it from its relay's reports.
     eventually("status shows the edge", || {
         let o = dci(&["status", "--coordinator", &coord, "--json"]);

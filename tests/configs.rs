@@ -26,4 +26,18 @@ fn unknown_keys_and_bad_values_are_refused() {
     assert!(c.validate().unwrap_err().to_string().contains("shard 3"));
     let r: dci_relay::RelayConfig = serde_yaml::from_str("upstream: [localhost:1]").unwrap();
     assert!(r.validate().is_err());
+    let with_otlp =
+        "upstream: [http://127.0.0.1:1]\notlp: { endpoint: http://127.0.0.1:4317, interval: 2s }";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(with_otlp).unwrap();
+    assert_eq!(r.otlp.interval, std::time::Duration::from_secs(2));
+    r.validate().unwrap();
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\notlp: { endpoint: collector }")
+            .unwrap();
+    assert!(e
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("otlp endpoint"));
+    assert!(serde_yaml::from_str::<dci_edge_cache::EdgeConfig>("otlp: { endpiont: x }").is_err());
 }

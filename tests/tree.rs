@@ -615,3 +615,111 @@ async fn every_node_serves_prometheus_metrics() {
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+/// An OpenTelemetry collector's metrics endpoint that keeps what it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    got: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        lock(&self.got).push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// The newest count of `metric` (a histogram) pushed by `service`.
+    fn histogram_count(&self, service: &str, metric: &str) -> Option<u64> {
+        let got = lock(&self.got);
+        got.iter()
+            .rev()
+            .flat_map(|r| &r.resource_metrics)
+            .filter(|rm| {
+                rm.resource.as_ref().is_some_and(|res| {
+                    res.attributes.iter().any(|kv| {
+                        kv.key == "service.name"
+                            && kv.value.as_ref().and_then(|v| v.value.as_ref())
+                                == Some(&any_value::Value::StringValue(service.into()))
+                    })
+                })
+            })
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+            .find(|m| m.name == metric)
+            .and_then(|m| match &m.data {
+                Some(Data::Histogram(h)) => h.data_points.first().map(|p| p.count),
+                _ => None,
+            })
+    }
+}
+
+#[tokio::test]
+async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
+    // The collector comes up only after the nodes: pushes that fail meanwhile are retried.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let otlp = dci_proto::otlp::OtlpConfig {
+        endpoint: Some(format!("http://{addr}")),
+        interval: Duration::from_millis(100),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        otlp: otlp.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        otlp: otlp.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(EdgeConfig {
+        otlp: otlp.clone(),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..20, "o:")).await;
+    wait_applied(&e, head).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let collector = Collector::default();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .serve(addr),
+    );
+    for service in ["dci-coordinator", "dci-relay", "dci-edge"] {
+        eventually(&format!("{service} pushed 20 propagation samples"), || {
+            collector.histogram_count(service, "dci_propagation_seconds") == Some(20)
+        })
+        .await;
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+    server.abort();
+}

@@ -46,6 +46,8 @@ pub struct CoordinatorConfig {
     pub window_bytes: usize,
     /// Where to serve Prometheus `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Pushing the same metrics to an OpenTelemetry collector.
+    pub otlp: dci_proto::otlp::OtlpConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -68,6 +70,7 @@ impl Default for CoordinatorConfig {
             memory_tail_bytes: 64 << 20,
             window_bytes: 4 << 20,
             metrics_listen: None,
+            otlp: Default::default(),
         }
     }
 }
@@ -102,6 +105,7 @@ impl CoordinatorConfig {
         if self.max_group_entries == 0 || self.max_request_entries == 0 {
             return bad("max_group_entries and max_request_entries must be positive".into());
         }
+        self.otlp.check().map_err(ConfigError::Invalid)?;
         if self.node_id.is_empty() {
             self.node_id = format!("coordinator-{}", self.shard);
         }

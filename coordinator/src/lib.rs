@@ -182,9 +182,9 @@ pub async fn run(
     };
 
     let counters = Arc::new(ServeCounters::default());
-    if let Some(addr) = cfg.metrics_listen {
+    let render: dci_proto::metrics::Render = {
         let (hub, counters) = (hub.clone(), counters.clone());
-        let render = Arc::new(move || {
+        Arc::new(move || {
             let mut out = String::new();
             let l = format!("shard=\"{}\",epoch=\"{}\"", hub.shard(), hub.epoch());
             dci_proto::metrics::sample(
@@ -219,11 +219,27 @@ pub async fn run(
                 "Publish (the writer's call) to written in the log",
             );
             out
-        });
-        match dci_proto::metrics::serve(addr, render, drain.clone()).await {
+        })
+    };
+    if let Some(addr) = cfg.metrics_listen {
+        match dci_proto::metrics::serve(addr, render.clone(), drain.clone()).await {
             Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
             Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
         }
+    }
+    if let Some(endpoint) = cfg.otlp.endpoint.clone() {
+        let resource = vec![
+            ("service.name", "dci-coordinator".to_string()),
+            ("service.instance.id", cfg.node_id.clone()),
+            ("dci.shard", cfg.shard.to_string()),
+        ];
+        tokio::spawn(dci_proto::otlp::push(
+            endpoint,
+            cfg.otlp.interval,
+            resource,
+            render,
+            drain.clone(),
+        ));
     }
     let svc = service::CoordinatorService {
         sequencer: sequencer.clone(),

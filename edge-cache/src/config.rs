@@ -48,6 +48,8 @@ pub struct EdgeConfig {
     pub compression: bool,
     /// Where to serve Prometheus `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Pushing the same metrics to an OpenTelemetry collector.
+    pub otlp: dci_proto::otlp::OtlpConfig,
 }
 
 impl Default for EdgeConfig {
@@ -70,6 +72,7 @@ impl Default for EdgeConfig {
             peer_timeout: Duration::from_secs(3),
             compression: false,
             metrics_listen: None,
+            otlp: Default::default(),
         }
     }
 }
@@ -99,6 +102,7 @@ impl EdgeConfig {
         if self.max_staleness.is_zero() {
             return Err(ConfigError("max_staleness must be positive".into()));
         }
+        self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }
 }

@@ -360,14 +360,14 @@ impl EdgeNode {
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
         let mut metrics_addr = None;
-        if let Some(addr) = cfg.metrics_listen {
+        let render: dci_proto::metrics::Render = {
             let (store, link, stale, propagation) = (
                 store.clone(),
                 link.clone(),
                 stale_misses.clone(),
                 propagation.clone(),
             );
-            let render = Arc::new(move || {
+            Arc::new(move || {
                 use dci_proto::metrics::sample;
                 let mut out = String::new();
                 dci_proto::metrics::render_link(&mut out, &lock(&link));
@@ -432,14 +432,30 @@ impl EdgeNode {
                 propagation.render(
                     &mut out,
                     "dci_propagation_seconds",
-                    "Publish to applied at this edge",
+                    "Publish (the writer's call) to applied at this edge",
                 );
                 out
-            });
-            match dci_proto::metrics::serve(addr, render, rx.clone()).await {
+            })
+        };
+        if let Some(addr) = cfg.metrics_listen {
+            match dci_proto::metrics::serve(addr, render.clone(), rx.clone()).await {
                 Ok(bound) => metrics_addr = Some(bound),
                 Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
             }
+        }
+        if let Some(endpoint) = cfg.otlp.endpoint.clone() {
+            let resource = vec![
+                ("service.name", "dci-edge".to_string()),
+                ("service.instance.id", node_id.clone()),
+                ("dci.region", cfg.region.clone()),
+            ];
+            tokio::spawn(dci_proto::otlp::push(
+                endpoint,
+                cfg.otlp.interval,
+                resource,
+                render,
+                rx.clone(),
+            ));
         }
         let svc = EdgeService {
             store: store.clone(),

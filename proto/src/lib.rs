@@ -18,6 +18,7 @@ pub mod downstream;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod otlp;
 pub mod ring;
 pub mod types;
 pub mod upstream;

@@ -272,10 +272,13 @@ pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
     );
 }
 
+/// A node's metrics in the Prometheus text format, made on demand.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serve `GET /metrics` on `addr` until `shutdown` turns true; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
+    render: Render,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -30,6 +30,8 @@ pub struct RelayConfig {
     pub max_key_len: usize,
     /// Where to serve Prometheus `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Pushing the same metrics to an OpenTelemetry collector.
+    pub otlp: dci_proto::otlp::OtlpConfig,
 }
 
 impl Default for RelayConfig {
@@ -45,6 +47,7 @@ impl Default for RelayConfig {
             compression: false,
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
             metrics_listen: None,
+            otlp: Default::default(),
         }
     }
 }
@@ -75,6 +78,7 @@ impl RelayConfig {
         if self.window_bytes < 1024 {
             return Err(ConfigError("window_bytes must be at least 1024".into()));
         }
+        self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }
 }

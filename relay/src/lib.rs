@@ -117,9 +117,9 @@ impl Relay {
             rx.clone(),
         ));
 
-        if let Some(addr) = cfg.metrics_listen {
+        let render: dci_proto::metrics::Render = {
             let (core, counters) = (core.clone(), counters.clone());
-            let render = Arc::new(move || {
+            Arc::new(move || {
                 let mut out = String::new();
                 dci_proto::metrics::render_link(&mut out, &lock(&core.link));
                 dci_proto::metrics::render_serve(&mut out, &counters);
@@ -147,11 +147,27 @@ impl Relay {
                     "Publish (the writer's call) to held in this relay's ring",
                 );
                 out
-            });
-            match dci_proto::metrics::serve(addr, render, rx.clone()).await {
+            })
+        };
+        if let Some(addr) = cfg.metrics_listen {
+            match dci_proto::metrics::serve(addr, render.clone(), rx.clone()).await {
                 Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
                 Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
             }
+        }
+        if let Some(endpoint) = cfg.otlp.endpoint.clone() {
+            let resource = vec![
+                ("service.name", "dci-relay".to_string()),
+                ("service.instance.id", node_id.clone()),
+                ("dci.region", cfg.region.clone()),
+            ];
+            tokio::spawn(dci_proto::otlp::push(
+                endpoint,
+                cfg.otlp.interval,
+                resource,
+                render,
+                rx.clone(),
+            ));
         }
         let svc = RelayService {
             core: core.clone(),
