@@ -72,13 +72,7 @@ impl Hub {
     /// A committed group, to every receiver.
     pub fn push(&self, b: Arc<SharedBatch>) {
         let head = b.batch.last_seq;
-        let now = dci_proto::now_us();
-        self.propagation.observe_many_us(
-            b.batch
-                .entries
-                .iter()
-                .map(|e| now.saturating_sub(e.publish_time_us)),
-        );
+        self.propagation.observe_published(&b.batch.entries);
         if let Err(e) = lock(&self.tail).push(b) {
             tracing::error!(error = %e, "memory tail refused a batch");
         }

@@ -221,26 +221,18 @@ pub async fn run(
             out
         })
     };
-    if let Some(addr) = cfg.metrics_listen {
-        match dci_proto::metrics::serve(addr, render.clone(), drain.clone()).await {
-            Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
-            Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
-        }
-    }
-    if let Some(endpoint) = cfg.otlp.endpoint.clone() {
-        let resource = vec![
+    dci_proto::metrics::expose(
+        cfg.metrics_listen,
+        &cfg.otlp,
+        vec![
             ("service.name", "dci-coordinator".to_string()),
             ("service.instance.id", cfg.node_id.clone()),
             ("dci.shard", cfg.shard.to_string()),
-        ];
-        tokio::spawn(dci_proto::otlp::push(
-            endpoint,
-            cfg.otlp.interval,
-            resource,
-            render,
-            drain.clone(),
-        ));
-    }
+        ],
+        render,
+        drain.clone(),
+    )
+    .await;
     let svc = service::CoordinatorService {
         sequencer: sequencer.clone(),
         hub: hub.clone(),

@@ -72,13 +72,7 @@ pub struct EdgeApplier {
 impl Applier for EdgeApplier {
     fn apply(&mut self, batch: &Batch) {
         self.store.apply_all(batch.shard, &batch.entries);
-        let now = dci_proto::now_us();
-        self.propagation.observe_many_us(
-            batch
-                .entries
-                .iter()
-                .map(|e| now.saturating_sub(e.publish_time_us)),
-        );
+        self.propagation.observe_published(&batch.entries);
         self.store
             .set_applied(batch.shard, batch.epoch, batch.last_seq);
         if let Some(f) = &self.on_applied {
@@ -359,7 +353,6 @@ impl EdgeNode {
             ..FollowOptions::default()
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
-        let mut metrics_addr = None;
         let render: dci_proto::metrics::Render = {
             let (store, link, stale, propagation) = (
                 store.clone(),
@@ -437,26 +430,18 @@ impl EdgeNode {
                 out
             })
         };
-        if let Some(addr) = cfg.metrics_listen {
-            match dci_proto::metrics::serve(addr, render.clone(), rx.clone()).await {
-                Ok(bound) => metrics_addr = Some(bound),
-                Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
-            }
-        }
-        if let Some(endpoint) = cfg.otlp.endpoint.clone() {
-            let resource = vec![
+        let metrics_addr = dci_proto::metrics::expose(
+            cfg.metrics_listen,
+            &cfg.otlp,
+            vec![
                 ("service.name", "dci-edge".to_string()),
                 ("service.instance.id", node_id.clone()),
                 ("dci.region", cfg.region.clone()),
-            ];
-            tokio::spawn(dci_proto::otlp::push(
-                endpoint,
-                cfg.otlp.interval,
-                resource,
-                render,
-                rx.clone(),
-            ));
-        }
+            ],
+            render,
+            rx.clone(),
+        )
+        .await;
         let svc = EdgeService {
             store: store.clone(),
             link: link.clone(),

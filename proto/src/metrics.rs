@@ -53,6 +53,16 @@ impl LatencyHistogram {
         self.sum_us.fetch_add(sum, Ordering::Relaxed);
     }
 
+    /// Record, for each entry, the time from its publish call to now.
+    pub fn observe_published(&self, entries: &[crate::types::Invalidation]) {
+        let now = crate::now_us();
+        self.observe_many_us(
+            entries
+                .iter()
+                .map(|e| now.saturating_sub(e.publish_time_us)),
+        );
+    }
+
     /// The counts so far, to compare with later ones.
     pub fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
@@ -274,6 +284,37 @@ pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
 
 /// A node's metrics in the Prometheus text format, made on demand.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Make a node's metrics available as configured: served on `/metrics` at `listen`, pushed to
+/// the collector of `otlp`. Returns where `/metrics` is served.
+pub async fn expose(
+    listen: Option<SocketAddr>,
+    otlp: &crate::otlp::OtlpConfig,
+    resource: Vec<(&'static str, String)>,
+    render: Render,
+    shutdown: watch::Receiver<bool>,
+) -> Option<SocketAddr> {
+    let mut served = None;
+    if let Some(addr) = listen {
+        match serve(addr, render.clone(), shutdown.clone()).await {
+            Ok(bound) => {
+                tracing::info!(%bound, "metrics on /metrics");
+                served = Some(bound);
+            }
+            Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
+        }
+    }
+    if let Some(endpoint) = otlp.endpoint.clone() {
+        tokio::spawn(crate::otlp::push(
+            endpoint,
+            otlp.interval,
+            resource,
+            render,
+            shutdown,
+        ));
+    }
+    served
+}
 
 /// Serve `GET /metrics` on `addr` until `shutdown` turns true; returns the bound address.
 pub async fn serve(

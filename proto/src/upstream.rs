@@ -26,18 +26,11 @@ pub trait Applier: Send + 'static {
     /// Apply a contiguous range (entries already validated). A panic here is caught: the batch is
     /// applied entry by entry and the entry that panics is quarantined.
     fn apply(&mut self, batch: &Batch);
-    /// Like [`Applier::apply`], with the batch's encoding exactly as it arrived, for appliers that
-    /// pass batches on (a relay shares these bytes downstream instead of encoding again).
-    fn apply_encoded(&mut self, batch: &Batch, _encoded: &bytes::Bytes) {
+    /// Like [`Applier::apply`], with the batch shared and, when it was applied whole as it
+    /// arrived, its encoding: for appliers that pass batches on (a relay's ring holds the batch
+    /// without a copy and sends these bytes downstream instead of encoding again).
+    fn apply_shared(&mut self, batch: &Arc<Batch>, _encoded: Option<&bytes::Bytes>) {
         self.apply(batch)
-    }
-    /// Like [`Applier::apply_encoded`] (or [`Applier::apply`] when `encoded` is `None`), with the
-    /// batch shared, for appliers that keep it (a relay's ring holds it without a copy).
-    fn apply_shared(&mut self, batch: &Arc<Batch>, encoded: Option<&bytes::Bytes>) {
-        match encoded {
-            Some(bytes) => self.apply_encoded(batch, bytes),
-            None => self.apply(batch),
-        }
     }
     /// An entry that failed validation or panicked: drop what it may have made stale (its key),
     /// record it, count it. The stream goes on.

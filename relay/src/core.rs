@@ -281,26 +281,13 @@ impl RelayApplier {
             }
         }
         core.bump();
-        let now = dci_proto::now_us();
-        core.propagation.observe_many_us(
-            batch
-                .entries
-                .iter()
-                .map(|e| now.saturating_sub(e.publish_time_us)),
-        );
+        core.propagation.observe_published(&batch.entries);
     }
 }
 
 impl Applier for RelayApplier {
     fn apply(&mut self, batch: &Batch) {
         self.push(batch, SharedBatch::new(batch.clone()));
-    }
-
-    fn apply_encoded(&mut self, batch: &Batch, encoded: &bytes::Bytes) {
-        self.push(
-            batch,
-            SharedBatch::from_encoded(batch.clone(), encoded.clone()),
-        );
     }
 
     fn apply_shared(&mut self, batch: &Arc<Batch>, encoded: Option<&bytes::Bytes>) {

@@ -149,26 +149,18 @@ impl Relay {
                 out
             })
         };
-        if let Some(addr) = cfg.metrics_listen {
-            match dci_proto::metrics::serve(addr, render.clone(), rx.clone()).await {
-                Ok(bound) => tracing::info!(%bound, "metrics on /metrics"),
-                Err(e) => tracing::error!(%addr, error = %e, "metrics endpoint not started"),
-            }
-        }
-        if let Some(endpoint) = cfg.otlp.endpoint.clone() {
-            let resource = vec![
+        dci_proto::metrics::expose(
+            cfg.metrics_listen,
+            &cfg.otlp,
+            vec![
                 ("service.name", "dci-relay".to_string()),
                 ("service.instance.id", node_id.clone()),
                 ("dci.region", cfg.region.clone()),
-            ];
-            tokio::spawn(dci_proto::otlp::push(
-                endpoint,
-                cfg.otlp.interval,
-                resource,
-                render,
-                rx.clone(),
-            ));
-        }
+            ],
+            render,
+            rx.clone(),
+        )
+        .await;
         let svc = RelayService {
             core: core.clone(),
             node_id,
