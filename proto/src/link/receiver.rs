@@ -9,7 +9,8 @@ use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ};
 /// Tunables of a receiver.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
-    /// Ack at most this often (a cumulative ack covers everything applied so far).
+    /// Ack about this often (a cumulative ack covers everything applied so far); each gap is
+    /// drawn between half and one and a half of it.
     pub ack_interval: Duration,
     /// Ask again for a missing range when it has not arrived after this long.
     pub nack_retry: Duration,
@@ -21,7 +22,9 @@ pub struct ReceiverConfig {
 impl Default for ReceiverConfig {
     fn default() -> Self {
         ReceiverConfig {
-            ack_interval: Duration::from_millis(5),
+            // Acks only let the sender trim its window and report lag; resuming works from the
+            // receiver's own high-water mark. Fewer acks leave the CPU to the batches themselves.
+            ack_interval: Duration::from_millis(20),
             nack_retry: Duration::from_millis(200),
             max_pending_batches: 1024,
         }
@@ -73,7 +76,8 @@ struct RxShard {
     applied: Seq,
     /// Highest seq acked to the sender.
     acked: Seq,
-    last_ack_at: Option<Instant>,
+    /// No ack before this (unless a duplicate asks for one); `None`: ack at once.
+    next_ack_at: Option<Instant>,
     /// Batches that arrived past a gap, by first seq.
     pending: BTreeMap<Seq, Batch>,
     /// The outstanding Nack and when it was sent.
@@ -89,7 +93,7 @@ impl RxShard {
             delivered: hwm,
             applied: hwm,
             acked: hwm,
-            last_ack_at: None,
+            next_ack_at: None,
             pending: BTreeMap::new(),
             nack: None,
             head_seen: hwm,
@@ -102,14 +106,22 @@ impl RxShard {
 pub struct Receiver {
     cfg: ReceiverConfig,
     shards: HashMap<ShardId, RxShard>,
+    /// Draws the spacing of acks; see [`Receiver::ack_sent`].
+    spacing: u64,
 }
+
+/// Seeds of the receivers' ack spacing, so that receivers of one process differ.
+static SPACING_SEEDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Receiver {
     /// A receiver with no history: every shard starts where its sender's head is.
     pub fn new(cfg: ReceiverConfig) -> Self {
+        let seed =
+            SPACING_SEEDS.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
         Receiver {
             cfg,
             shards: HashMap::new(),
+            spacing: seed | 1,
         }
     }
 
@@ -198,7 +210,7 @@ impl Receiver {
             // Duplicate: re-ack so a sender retransmitting on timeout learns we have it.
             if s.applied == s.delivered && s.applied > 0 {
                 out.push(ack(shard, s));
-                s.last_ack_at = Some(now);
+                s.next_ack_at = Some(next_ack_at(&mut self.spacing, self.cfg.ack_interval, now));
             }
             return out;
         }
@@ -239,17 +251,14 @@ impl Receiver {
         seq: Seq,
         now: Instant,
     ) -> Option<RxCommand> {
-        let interval = self.cfg.ack_interval;
         let s = self.shards.get_mut(&shard)?;
         if epoch != s.epoch || seq > s.delivered {
             return None;
         }
         s.applied = s.applied.max(seq);
-        let due = s
-            .last_ack_at
-            .is_none_or(|t| now.duration_since(t) >= interval);
+        let due = s.next_ack_at.is_none_or(|t| now >= t);
         if due && s.applied > s.acked {
-            s.last_ack_at = Some(now);
+            s.next_ack_at = Some(next_ack_at(&mut self.spacing, self.cfg.ack_interval, now));
             Some(ack(shard, s))
         } else {
             None
@@ -328,8 +337,8 @@ impl Receiver {
         shards.sort();
         for shard in shards {
             let s = self.shards.get_mut(&shard).expect("key from map");
-            if s.applied > s.acked && s.applied > 0 {
-                s.last_ack_at = Some(now);
+            if s.applied > s.acked && s.applied > 0 && s.next_ack_at.is_none_or(|t| now >= t) {
+                s.next_ack_at = Some(next_ack_at(&mut self.spacing, self.cfg.ack_interval, now));
                 out.push(ack(shard, s));
             }
             if let Some((from, to, at)) = s.nack {
@@ -389,6 +398,19 @@ fn nack_if_due(
             to_seq: to,
         }));
     }
+}
+
+/// When the next ack may go: between half an interval and one and a half from `now`, drawn
+/// afresh each time. Receivers that applied the same batch at the same moment would otherwise
+/// ack in lockstep forever, and their sender would take every ack of its subtree in one burst.
+fn next_ack_at(spacing: &mut u64, interval: Duration, now: Instant) -> Instant {
+    let mut x = *spacing;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *spacing = x;
+    let fraction = (x >> 11) as f64 / (1u64 << 53) as f64;
+    now + interval.mul_f64(0.5 + fraction)
 }
 
 #[cfg(test)]
@@ -455,6 +477,67 @@ mod tests {
         );
         let cmds = r.on_batch(batch(3, 4), now);
         assert_eq!(applied_ranges(&cmds), vec![(3, 4), (5, 6)]);
+    }
+
+    /// Receivers fed the same batches at the same instants (a relay's edges) must not ack in the
+    /// same instants, or their sender takes all their acks in one burst every interval. Each still
+    /// acks everything it applied, about once an interval.
+    #[test]
+    fn receivers_in_lockstep_spread_their_acks() {
+        let cfg = ReceiverConfig::default();
+        let interval = cfg.ack_interval;
+        let start = Instant::now();
+        let mut rs: Vec<_> = (0..10)
+            .map(|_| Receiver::with_resume(cfg.clone(), &[(0, 7, 0)]))
+            .collect();
+        let mut acks_at: Vec<Vec<u64>> = vec![Vec::new(); rs.len()];
+        let mut acked_hwm = vec![0; rs.len()];
+        let ms = 2_000u64;
+        for t in 1..=ms {
+            let now = start + Duration::from_millis(t);
+            for (i, r) in rs.iter_mut().enumerate() {
+                let mut cmds = r.on_batch(batch(t, t), now);
+                cmds.extend(r.on_applied(0, 7, t, now));
+                cmds.extend(r.tick(now));
+                for c in cmds {
+                    if let RxCommand::Ack(a) = c {
+                        assert!(a.hwm <= t, "never acks what was not applied");
+                        acks_at[i].push(t);
+                        acked_hwm[i] = a.hwm;
+                    }
+                }
+            }
+        }
+        // The first acks come together (all applied their first batch at once); from the second on
+        // they drift apart.
+        let per_ms = acks_at.iter().flat_map(|t| t.iter().skip(1)).fold(
+            std::collections::HashMap::<u64, usize>::new(),
+            |mut m, &t| {
+                *m.entry(t).or_default() += 1;
+                m
+            },
+        );
+        let burst = per_ms.values().copied().max().unwrap_or(0);
+        assert!(
+            burst <= rs.len() / 2,
+            "{burst} of {} acked in one instant",
+            rs.len()
+        );
+        let (lo, hi) = (
+            interval.as_millis() as u64 / 2,
+            interval.as_millis() as u64 * 3 / 2,
+        );
+        for (i, times) in acks_at.iter().enumerate() {
+            let n = times.len() as u64;
+            assert!(
+                n >= ms / hi && n <= ms / lo + 1,
+                "receiver {i} acked {n} times in {ms} ms"
+            );
+            for w in times.windows(2) {
+                assert!((lo..=hi).contains(&(w[1] - w[0])), "gap {:?}", w);
+            }
+            assert!(acked_hwm[i] + hi >= ms, "the last ack is recent");
+        }
     }
 
     #[test]
