@@ -378,6 +378,9 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
         last_seq: next - 1,
         entries: coalesce(group_entries),
     }));
+    // Off the group's way downstream, and before its fsync, which then makes the new zeroed space
+    // part of the file once for the many groups that will be written into it.
+    wal.zero_ahead();
     Ok(SyncJob {
         sync: wal.take_sync(),
         answers,
