@@ -100,6 +100,11 @@ struct RelayArgs {
     /// Upstream senders (coordinator or relays), comma-separated, in failover order.
     #[arg(long, value_delimiter = ',')]
     upstream: Vec<String>,
+    /// Another failover list (comma-separated), followed on a link of its own: with a sharded
+    /// coordinator tier, `--upstream` names shard 0's coordinator and one of these each other's.
+    /// Repeatable.
+    #[arg(long)]
+    upstream_group: Vec<String>,
     /// Region name.
     #[arg(long)]
     region: Option<String>,
@@ -140,6 +145,9 @@ struct EdgeArgs {
     /// Serve misses after this long without contact (e.g. 5s).
     #[arg(long, value_parser = humantime::parse_duration)]
     max_staleness: Option<Duration>,
+    /// Shards of the keyspace, as many as the coordinator tier has (leases are per shard).
+    #[arg(long)]
+    shard_count: Option<u32>,
 }
 
 #[derive(Args)]
@@ -277,6 +285,13 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     if !a.upstream.is_empty() {
         cfg.upstream = a.upstream;
     }
+    if !a.upstream_group.is_empty() {
+        cfg.upstream_groups = a
+            .upstream_group
+            .iter()
+            .map(|g| g.split(',').map(str::to_string).collect())
+            .collect();
+    }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     let r = dci_relay::Relay::start(cfg).await?;
@@ -286,7 +301,7 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
 
 async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
-    override_with!(cfg, a; listen, region, node_id, capacity, max_staleness);
+    override_with!(cfg, a; listen, region, node_id, capacity, max_staleness, shard_count);
     if !a.relays.is_empty() {
         cfg.relays = a.relays;
     }

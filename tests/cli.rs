@@ -171,6 +171,19 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("otlp endpoint"), "{}", stderr(&o));
+    // The same sender in two groups would deliver its shards twice.
+    let o = dci(&[
+        "relay",
+        "--upstream",
+        &coord,
+        "--upstream-group",
+        &format!("http://127.0.0.1:1,{coord}"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("two groups"), "{}", stderr(&o));
 
     // The tree, as the coordinator learned it from its relay's reports.
     eventually("status shows the edge", || {

@@ -41,3 +41,25 @@ fn unknown_keys_and_bad_values_are_refused() {
         .contains("otlp endpoint"));
     assert!(serde_yaml::from_str::<dci_edge_cache::EdgeConfig>("otlp: { endpiont: x }").is_err());
 }
+
+#[test]
+fn a_relay_takes_one_failover_list_per_shard_group() {
+    let yaml = "upstream: [http://c0a:7400, http://c0b:7400]\nupstream_groups: [[http://c1:7400]]";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(
+        r.clone().validate().unwrap().groups(),
+        vec![
+            vec!["http://c0a:7400".to_string(), "http://c0b:7400".to_string()],
+            vec!["http://c1:7400".to_string()],
+        ]
+    );
+    let twice = "upstream: [http://c0:7400]\nupstream_groups: [[http://c0:7400]]";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(twice).unwrap();
+    assert!(r.validate().unwrap_err().to_string().contains("two groups"));
+    let empty = "upstream: [http://c0:7400]\nupstream_groups: [[]]";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(empty).unwrap();
+    assert!(r.validate().unwrap_err().to_string().contains("empty"));
+    let bad = "upstream: [http://c0:7400]\nupstream_groups: [[c1:7400]]";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(bad).unwrap();
+    assert!(r.validate().unwrap_err().to_string().contains("http(s)"));
+}

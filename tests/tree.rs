@@ -723,3 +723,87 @@ async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
     c.stop().await.unwrap();
     server.abort();
 }
+
+/// A sharded coordinator tier: one relay follows each shard's coordinator on a link of its own
+/// (`upstream` for shard 0, `upstream_groups` for shard 1) and serves both shards to its edges.
+/// A shard whose coordinator is gone holds back only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_follows_every_shard_of_a_sharded_tier() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut cs = Vec::new();
+    for (shard, dir) in dirs.iter().enumerate() {
+        cs.push(
+            Coordinator::start(CoordinatorConfig {
+                listen: any_port(),
+                data_dir: dir.path().to_path_buf(),
+                shard: shard as u32,
+                shard_count: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![cs[0].url()],
+        upstream_groups: vec![vec![cs[1].url()]],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(EdgeConfig {
+        shard_count: 2,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
+        .await
+        .unwrap();
+    let map = dci_proto::ring::ShardMap::new(2);
+    let all = keys(0..400, "user:");
+    publish_all(&p, &all).await;
+    let by_shard = |ks: &[String], s: u32| {
+        ks.iter()
+            .filter(|k| map.shard_of(k.as_bytes()) == s)
+            .count()
+    };
+    assert!(by_shard(&all, 0) > 100 && by_shard(&all, 1) > 100);
+    eventually("every key of both shards at the edge", || {
+        let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
+        all.iter().all(|k| got.contains(k.as_bytes()))
+    })
+    .await;
+    let shards: HashSet<_> = e.edge.store.applied().iter().map(|a| a.0).collect();
+    assert_eq!(shards, HashSet::from([0, 1]));
+    let upstream = r.core.upstream();
+    assert!(upstream.connected_to.is_some(), "both links up");
+    assert_eq!(
+        upstream.progress.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+
+    // Shard 1's coordinator goes away: shard 0 goes on through the same relay.
+    let c1 = cs.pop().unwrap();
+    c1.stop().await.unwrap();
+    let more: Vec<String> = keys(400..2_000, "user:")
+        .into_iter()
+        .filter(|k| map.shard_of(k.as_bytes()) == 0)
+        .collect();
+    let p0 = Publisher::connect(vec![cs[0].url()]).await.unwrap();
+    publish_all(&p0, &more).await;
+    eventually("shard 0 goes on without shard 1", || {
+        let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
+        more.iter().all(|k| got.contains(k.as_bytes()))
+    })
+    .await;
+    eventually("the relay tells that one link is down", || {
+        r.core.upstream().connected_to.is_none()
+    })
+    .await;
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    cs.pop().unwrap().stop().await.unwrap();
+}

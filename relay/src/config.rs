@@ -13,6 +13,10 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// Senders to follow (coordinator or relays), in failover order.
     pub upstream: Vec<String>,
+    /// Further failover lists, each followed on a link of its own, for shards that `upstream`
+    /// does not carry: with a sharded coordinator tier, `upstream` lists shard 0's senders and
+    /// each group here another shard's.
+    pub upstream_groups: Vec<Vec<String>>,
     /// The region this relay serves.
     pub region: String,
     /// Node id (default: `relay-<region>-<port>`).
@@ -39,6 +43,7 @@ impl Default for RelayConfig {
         RelayConfig {
             listen: "127.0.0.1:7500".parse().expect("static address"),
             upstream: Vec::new(),
+            upstream_groups: Vec::new(),
             region: "default".into(),
             node_id: String::new(),
             ring_bytes: 64 << 20,
@@ -58,6 +63,13 @@ impl Default for RelayConfig {
 pub struct ConfigError(pub String);
 
 impl RelayConfig {
+    /// The failover lists to follow, one link each: `upstream`, then `upstream_groups`.
+    pub fn groups(&self) -> Vec<Vec<String>> {
+        std::iter::once(self.upstream.clone())
+            .chain(self.upstream_groups.iter().cloned())
+            .collect()
+    }
+
     /// Check the values.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if self.upstream.is_empty() {
@@ -65,11 +77,23 @@ impl RelayConfig {
                 "a relay needs at least one upstream URL".into(),
             ));
         }
-        for u in &self.upstream {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(ConfigError(format!(
-                    "upstream {u:?} is not an http(s):// URL"
-                )));
+        // Which group each sender is in: two links to one sender would take its shards twice.
+        let mut group_of = std::collections::HashMap::new();
+        for (i, group) in self.groups().iter().enumerate() {
+            if group.is_empty() {
+                return Err(ConfigError(format!("upstream group {i} is empty")));
+            }
+            for u in group {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(ConfigError(format!(
+                        "upstream {u:?} is not an http(s):// URL"
+                    )));
+                }
+                if *group_of.entry(u.clone()).or_insert(i) != i {
+                    return Err(ConfigError(format!(
+                        "upstream {u:?} is in two groups (each group is followed on its own link)"
+                    )));
+                }
             }
         }
         if self.ring_bytes < 4096 {

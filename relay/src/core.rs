@@ -1,5 +1,6 @@
-//! The relay's state: one retransmit ring per shard, fed by the upstream link and read by every
-//! downstream link. Ranges older than the ring are fetched from upstream on demand.
+//! The relay's state: one retransmit ring per shard, fed by the upstream links (one per group of
+//! senders, e.g. one per coordinator shard) and read by every downstream link. Ranges older than
+//! the ring are fetched from upstream on demand.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,18 +18,22 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-/// Shared by the upstream follower and every downstream link.
+/// Shared by the upstream followers and every downstream link.
 pub struct RelayCore {
     node_id: String,
-    upstream: Vec<String>,
+    /// The failover lists followed, one link each.
+    groups: Vec<Vec<String>>,
+    /// Which link a shard's batches are taken from: the first to bring it. Another link bringing
+    /// it too (two groups reaching the same shard) would restart its ring at every batch.
+    owners: Mutex<HashMap<ShardId, usize>>,
     ring_bytes: usize,
     max_key_len: usize,
     rings: Mutex<HashMap<ShardId, RetransmitRing>>,
     heads: watch::Sender<u64>,
     reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
     channels: Mutex<HashMap<String, Channel>>,
-    /// The upstream link, for status and for choosing where to catch up from.
-    pub link: Arc<Mutex<LinkState>>,
+    /// The upstream links, one per group: for status and for choosing where to catch up from.
+    pub links: Vec<Arc<Mutex<LinkState>>>,
     /// Entries quarantined.
     pub quarantined: AtomicU64,
     /// Catch-up fetches from upstream.
@@ -38,23 +43,27 @@ pub struct RelayCore {
 }
 
 impl RelayCore {
-    /// A relay core with empty rings.
+    /// A relay core with empty rings, to follow each of `groups` (failover lists) on a link.
     pub fn new(
         node_id: String,
-        upstream: Vec<String>,
+        groups: Vec<Vec<String>>,
         ring_bytes: usize,
         max_key_len: usize,
     ) -> Self {
         RelayCore {
             node_id,
-            upstream,
+            links: groups
+                .iter()
+                .map(|_| Arc::new(Mutex::new(LinkState::default())))
+                .collect(),
+            groups,
+            owners: Mutex::new(HashMap::new()),
             ring_bytes,
             max_key_len,
             rings: Mutex::new(HashMap::new()),
             heads: watch::channel(0).0,
             reports: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
-            link: Arc::new(Mutex::new(LinkState::default())),
             quarantined: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
             propagation: LatencyHistogram::default(),
@@ -70,6 +79,37 @@ impl RelayCore {
         let mut v: Vec<_> = lock(&self.reports).values().flatten().cloned().collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
+    }
+
+    /// All upstream links as one: every shard's progress; connected, and caught up, only while
+    /// every link is.
+    pub fn upstream(&self) -> LinkState {
+        let links: Vec<LinkState> = self.links.iter().map(|l| lock(l).clone()).collect();
+        let mut all = LinkState::default();
+        let every = |f: &dyn Fn(&LinkState) -> Option<std::time::Instant>| {
+            links.iter().map(f).collect::<Option<Vec<_>>>()
+        };
+        all.connected_to = links
+            .iter()
+            .map(|l| l.connected_to.clone())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(" "));
+        all.connected_since = every(&|l| l.connected_since).and_then(|v| v.into_iter().max());
+        all.last_heard = every(&|l| l.last_heard).and_then(|v| v.into_iter().min());
+        all.last_caught_up = every(&|l| l.last_caught_up).and_then(|v| v.into_iter().min());
+        for l in links {
+            all.progress.extend(l.progress);
+            all.applied_time_us.extend(l.applied_time_us);
+            all.head_time_us.extend(l.head_time_us);
+            all.connects += l.connects;
+            all.flushes += l.flushes;
+            all.quarantined += l.quarantined;
+            all.bad_batches += l.bad_batches;
+        }
+        all.progress.sort();
+        all.applied_time_us.sort();
+        all.head_time_us.sort();
+        all
     }
 
     /// Bytes held in rings.
@@ -103,8 +143,10 @@ impl RelayCore {
         budget: usize,
     ) -> Fetch {
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
-        let mut urls = self.upstream.clone();
-        if let Some(current) = lock(&self.link).connected_to.clone() {
+        // The group that brings this shard, starting with the sender its link follows now.
+        let group = lock(&self.owners).get(&shard).copied().unwrap_or(0);
+        let mut urls = self.groups[group].clone();
+        if let Some(current) = lock(&self.links[group]).connected_to.clone() {
             urls.retain(|u| *u != current);
             urls.insert(0, current);
         }
@@ -249,12 +291,43 @@ impl BatchSource for RelayCore {
     }
 }
 
-/// The upstream follower's view of the core.
-pub struct RelayApplier(pub Arc<RelayCore>);
+/// The core as the follower of one upstream group sees it.
+pub struct RelayApplier {
+    core: Arc<RelayCore>,
+    group: usize,
+    /// Shards another group brought first (told once).
+    ignored: std::collections::HashSet<ShardId>,
+}
 
 impl RelayApplier {
+    /// The applier of the link of `group` (an index into the core's groups).
+    pub fn new(core: Arc<RelayCore>, group: usize) -> Self {
+        RelayApplier {
+            core,
+            group,
+            ignored: Default::default(),
+        }
+    }
+
+    /// Is this link the one that brings `shard` (the first to have brought it)?
+    fn owns(&mut self, shard: ShardId) -> bool {
+        let owner = *lock(&self.core.owners).entry(shard).or_insert(self.group);
+        if owner != self.group && self.ignored.insert(shard) {
+            tracing::warn!(
+                shard,
+                group = self.group,
+                owner,
+                "a second upstream group brings this shard; its batches are ignored"
+            );
+        }
+        owner == self.group
+    }
+
     fn push(&mut self, batch: &Batch, shared: Arc<SharedBatch>) {
-        let core = &self.0;
+        if !self.owns(batch.shard) {
+            return;
+        }
+        let core = &self.core;
         {
             let mut rings = lock(&core.rings);
             let ring = rings.entry(batch.shard).or_insert_with(|| {
@@ -301,12 +374,15 @@ impl Applier for RelayApplier {
     }
 
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {
-        self.0.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.core.quarantined.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(shard, seq = entry.seq, %why, "entry quarantined at relay; a stand-in goes on");
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
-        let core = &self.0;
+        if !self.owns(shard) {
+            return;
+        }
+        let core = &self.core;
         let mut rings = lock(&core.rings);
         if rings.contains_key(&shard) {
             tracing::warn!(
@@ -329,6 +405,6 @@ impl Applier for RelayApplier {
     }
 
     fn subtree(&self) -> Vec<pb::NodeStatus> {
-        self.0.reported()
+        self.core.reported()
     }
 }

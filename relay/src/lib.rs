@@ -16,7 +16,7 @@ use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
 use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
-use dci_proto::upstream::{self, lock, FollowOptions};
+use dci_proto::upstream::{self, FollowOptions};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -55,7 +55,10 @@ impl pb::admin_server::Admin for RelayService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let me = lock(&self.core.link).node_status(&self.node_id, "relay", &self.region);
+        let me = self
+            .core
+            .upstream()
+            .node_status(&self.node_id, "relay", &self.region);
         let mut nodes = vec![me];
         nodes.extend(self.core.reported());
         Ok(Response::new(pb::StatusResponse { nodes }))
@@ -92,36 +95,39 @@ impl Relay {
         };
         let core = Arc::new(RelayCore::new(
             node_id.clone(),
-            cfg.upstream.clone(),
+            cfg.groups(),
             cfg.ring_bytes,
             cfg.max_key_len,
         ));
         let counters = Arc::new(ServeCounters::default());
         let (shutdown, rx) = watch::channel(false);
 
-        let follow = FollowOptions {
-            urls: cfg.upstream.clone(),
-            node_id: node_id.clone(),
-            region: cfg.region.clone(),
-            role: "relay".into(),
-            peer_timeout: cfg.peer_timeout,
-            compression: cfg.compression,
-            max_key_len: cfg.max_key_len,
-            ..FollowOptions::default()
-        };
-        let applier = Arc::new(std::sync::Mutex::new(core::RelayApplier(core.clone())));
-        tokio::spawn(upstream::follow(
-            follow,
-            applier,
-            core.link.clone(),
-            rx.clone(),
-        ));
+        // One link per group: a shard's sender that is slow or gone holds back only its own.
+        for (group, urls) in cfg.groups().into_iter().enumerate() {
+            let follow = FollowOptions {
+                urls,
+                node_id: node_id.clone(),
+                region: cfg.region.clone(),
+                role: "relay".into(),
+                peer_timeout: cfg.peer_timeout,
+                compression: cfg.compression,
+                max_key_len: cfg.max_key_len,
+                ..FollowOptions::default()
+            };
+            let applier = core::RelayApplier::new(core.clone(), group);
+            tokio::spawn(upstream::follow(
+                follow,
+                Arc::new(std::sync::Mutex::new(applier)),
+                core.links[group].clone(),
+                rx.clone(),
+            ));
+        }
 
         let render: dci_proto::metrics::Render = {
             let (core, counters) = (core.clone(), counters.clone());
             Arc::new(move || {
                 let mut out = String::new();
-                dci_proto::metrics::render_link(&mut out, &lock(&core.link));
+                dci_proto::metrics::render_link(&mut out, &core.upstream());
                 dci_proto::metrics::render_serve(&mut out, &counters);
                 let ring = core.ring_bytes_used() as f64;
                 dci_proto::metrics::sample(
