@@ -152,9 +152,10 @@ struct EdgeArgs {
 
 #[derive(Args)]
 struct PublishArgs {
-    /// Coordinator URL.
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    /// Coordinator URL; with a sharded tier, every shard's, comma-separated, in shard order (each
+    /// key then goes to its shard, prefixes to all, and the shard is printed beside the seq).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:7400")]
+    coordinator: Vec<String>,
     /// Invalidate every key with these prefixes instead of exact keys.
     #[arg(long)]
     prefix: bool,
@@ -327,35 +328,75 @@ async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 async fn publish(a: PublishArgs) -> anyhow::Result<()> {
-    let mut client = pb::publisher_client::PublisherClient::new(connect(&a.coordinator).await?);
     let kind = if a.prefix {
         pb::Kind::Prefix
     } else {
         pb::Kind::Key
     };
-    let req = pb::PublishRequest {
-        publisher_id: format!("cli-{:016x}", rand::random::<u64>()),
-        request_no: 1,
-        entries: a
+    let shards = a.coordinator.len();
+    let map = dci_proto::ring::ShardMap::new(shards as u32);
+    // A prefix may match keys of every shard.
+    let targets = |k: &str| -> Vec<usize> {
+        if a.prefix {
+            (0..shards).collect()
+        } else {
+            vec![map.shard_of(k.as_bytes()) as usize]
+        }
+    };
+    let publisher_id = format!("cli-{:016x}", rand::random::<u64>());
+    let mut lines = vec![Vec::new(); a.keys.len()];
+    let mut failed = None;
+    for (shard, url) in a.coordinator.iter().enumerate() {
+        let keys: Vec<(usize, &String)> = a
             .keys
             .iter()
-            .map(|k| pb::Invalidation {
-                key: Bytes::from(k.clone()),
-                kind: kind as i32,
-                source_version: a.version,
-                ..Default::default()
-            })
-            .collect(),
-    };
-    let r = client
-        .publish(req)
-        .await
-        .map_err(|s| anyhow!(status_line(&s)))?
-        .into_inner();
-    for (k, s) in a.keys.iter().zip(r.seqs) {
-        println!("{k} {s}");
+            .enumerate()
+            .filter(|(_, k)| targets(k).contains(&shard))
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let client = match connect(url).await {
+            Ok(c) => c,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        let mut client = pb::publisher_client::PublisherClient::new(client);
+        let req = pb::PublishRequest {
+            publisher_id: publisher_id.clone(),
+            request_no: 1,
+            entries: keys
+                .iter()
+                .map(|(_, k)| pb::Invalidation {
+                    key: Bytes::from(k.to_string()),
+                    kind: kind as i32,
+                    source_version: a.version,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let r = match client.publish(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                failed = Some(anyhow!(status_line(&s)));
+                break;
+            }
+        };
+        for ((i, k), seq) in keys.iter().zip(r.seqs) {
+            lines[*i].push(if shards == 1 {
+                format!("{k} {seq}")
+            } else {
+                format!("{k} {seq} shard={shard}")
+            });
+        }
     }
-    Ok(())
+    // What a shard accepted before another failed stays accepted: say so before the error.
+    for l in lines.iter().flatten() {
+        println!("{l}");
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<bool> {

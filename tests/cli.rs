@@ -206,6 +206,61 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     );
 }
 
+/// `dci publish` over a sharded tier: each key goes to its shard's coordinator; when one shard is
+/// down, what the others accepted is still printed, then the error.
+#[test]
+fn publish_routes_keys_to_their_shards() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ports = [free_port(), free_port()];
+    let mut procs: Vec<Proc> = (0..2)
+        .map(|s| {
+            spawn(&[
+                "coordinator",
+                "--listen",
+                &format!("127.0.0.1:{}", ports[s]),
+                "--data-dir",
+                dirs[s].path().to_str().unwrap(),
+                "--shard",
+                &s.to_string(),
+                "--shard-count",
+                "2",
+            ])
+        })
+        .collect();
+    ports.iter().for_each(|&p| wait_port(p));
+    let urls = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports[0], ports[1]
+    );
+    let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
+    let map = dci_proto::ring::ShardMap::new(2);
+    let mut args = vec!["publish", "--coordinator", &urls];
+    args.extend(keys.iter().map(String::as_str));
+    let o = dci(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), keys.len());
+    let mut next = [1u64, 1];
+    for (k, line) in keys.iter().zip(&lines) {
+        let s = map.shard_of(k.as_bytes()) as usize;
+        assert_eq!(*line, format!("{k} {} shard={s}", next[s]));
+        next[s] += 1;
+    }
+    assert!(next[0] > 1 && next[1] > 1, "both shards used: {lines:?}");
+
+    drop(procs.pop()); // shard 1's coordinator is gone
+    let o = dci(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    let accepted = stdout(&o);
+    assert_eq!(
+        accepted.lines().count() as u64,
+        next[0] - 1,
+        "shard 0's keys were accepted and printed: {accepted}"
+    );
+    assert!(accepted.lines().all(|l| l.ends_with("shard=0")));
+}
+
 #[test]
 fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     let dir = tempfile::tempdir().unwrap();
