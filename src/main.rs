@@ -192,9 +192,10 @@ struct SetArgs {
 
 #[derive(Args)]
 struct StatusArgs {
-    /// Coordinator (or any node) URL.
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    /// Coordinator (or any node) URL; with a sharded tier, every shard's, comma-separated (the
+    /// trees are merged: a node appears once per sender it follows).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:7400")]
+    coordinator: Vec<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -431,13 +432,53 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let mut client = pb::admin_client::AdminClient::new(connect(&a.coordinator).await?);
+async fn node_tree(url: &str) -> anyhow::Result<Vec<pb::NodeStatus>> {
+    let mut client = pb::admin_client::AdminClient::new(connect(url).await?);
     let r = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| anyhow!(status_line(&s)))?
-        .into_inner();
+        .map_err(|s| anyhow!(status_line(&s)))?;
+    Ok(r.into_inner().nodes)
+}
+
+/// Add `more` to `nodes`: a node seen again under the same parent (an edge that every shard's
+/// tree reports) is one row per shard, the freshest report of each.
+fn merge_tree(nodes: &mut Vec<pb::NodeStatus>, more: Vec<pb::NodeStatus>) {
+    for n in more {
+        let Some(m) = nodes
+            .iter_mut()
+            .find(|m| m.node_id == n.node_id && m.parent == n.parent)
+        else {
+            nodes.push(n);
+            continue;
+        };
+        for s in n.shards {
+            match m.shards.iter_mut().find(|x| x.shard == s.shard) {
+                Some(x) if x.hwm >= s.hwm => {}
+                Some(x) => *x = s,
+                None => m.shards.push(s),
+            }
+        }
+        m.shards.sort_by_key(|s| s.shard);
+    }
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let mut nodes = Vec::new();
+    let mut failed = None;
+    for url in &a.coordinator {
+        match node_tree(url).await {
+            Ok(more) => merge_tree(&mut nodes, more),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    // With one shard unreachable, the others' trees are still worth seeing before the error.
+    if nodes.is_empty() {
+        return Err(failed.unwrap_or_else(|| anyhow!("no node answered")));
+    }
+    let r = pb::StatusResponse { nodes };
     if a.json {
         let nodes: Vec<_> = r
             .nodes
@@ -456,7 +497,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?
         );
-        return Ok(());
+        return failed.map_or(Ok(()), Err);
     }
     println!(
         "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  parent",
@@ -486,7 +527,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 fn main() -> ExitCode {

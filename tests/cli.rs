@@ -206,10 +206,12 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     );
 }
 
-/// `dci publish` over a sharded tier: each key goes to its shard's coordinator; when one shard is
-/// down, what the others accepted is still printed, then the error.
+/// A sharded tier from the command line: a relay follows both shards' coordinators (one with
+/// `--upstream`, one with `--upstream-group`), `dci publish` sends each key to its shard's
+/// coordinator, `dci status` merges both trees. When one shard is down, what the other accepted
+/// is still printed, then the error.
 #[test]
-fn publish_routes_keys_to_their_shards() {
+fn a_sharded_tier_from_the_command_line() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let ports = [free_port(), free_port()];
     let mut procs: Vec<Proc> = (0..2)
@@ -232,6 +234,31 @@ fn publish_routes_keys_to_their_shards() {
         "http://127.0.0.1:{},http://127.0.0.1:{}",
         ports[0], ports[1]
     );
+    let (rp, ep) = (free_port(), free_port());
+    let _relay = spawn(&[
+        "relay",
+        "--listen",
+        &format!("127.0.0.1:{rp}"),
+        "--upstream",
+        &format!("http://127.0.0.1:{}", ports[0]),
+        "--upstream-group",
+        &format!("http://127.0.0.1:{}", ports[1]),
+        "--region",
+        "eu",
+    ]);
+    wait_port(rp);
+    let _edge = spawn(&[
+        "edge",
+        "--listen",
+        &format!("127.0.0.1:{ep}"),
+        "--relays",
+        &format!("http://127.0.0.1:{rp}"),
+        "--region",
+        "eu",
+        "--shard-count",
+        "2",
+    ]);
+    wait_port(ep);
     let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
     let map = dci_proto::ring::ShardMap::new(2);
     let mut args = vec!["publish", "--coordinator", &urls];
@@ -247,6 +274,25 @@ fn publish_routes_keys_to_their_shards() {
         next[s] += 1;
     }
     assert!(next[0] > 1 && next[1] > 1, "both shards used: {lines:?}");
+    // Both shards reached the edge through the one relay, as both coordinators tell.
+    let rows = |json: &serde_json::Value, role: &str| -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = json["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["role"] == role)
+            .flat_map(|n| n["shards"].as_array().cloned().unwrap_or_default())
+            .map(|s| (s["shard"].as_u64().unwrap(), s["hwm"].as_u64().unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let want = vec![(0, next[0] - 1), (1, next[1] - 1)];
+    eventually("the edge has both shards, in the merged status", || {
+        let o = dci(&["status", "--coordinator", &urls, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        o.status.success() && rows(&v, "edge") == want && rows(&v, "relay") == want
+    });
 
     drop(procs.pop()); // shard 1's coordinator is gone
     let o = dci(&args);
@@ -259,6 +305,14 @@ fn publish_routes_keys_to_their_shards() {
         "shard 0's keys were accepted and printed: {accepted}"
     );
     assert!(accepted.lines().all(|l| l.ends_with("shard=0")));
+    let o = dci(&["status", "--coordinator", &urls]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("coordinator-0"),
+        "the reachable shard's tree is shown: {}",
+        stdout(&o)
+    );
 }
 
 #[test]
