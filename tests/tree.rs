@@ -807,3 +807,50 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
     r.stop().await.unwrap();
     cs.pop().unwrap().stop().await.unwrap();
 }
+
+/// Two groups that reach the same shard (here the coordinator, and a relay in front of it): the
+/// first to bring the shard feeds the ring, the other's copies are ignored, so the ring never
+/// restarts and edges are never reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_brought_by_two_groups_is_taken_from_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let mid = relay(&c).await;
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        upstream_groups: vec![vec![mid.url()]],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_connected(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let mut head = 0;
+    for round in 0..20 {
+        head = publish_all(&p, &keys(round * 100..(round + 1) * 100, "k:")).await;
+    }
+    wait_applied(&e, head).await;
+    eventually("both links up", || r.core.upstream().connected_to.is_some()).await;
+    let head = publish_all(&p, &keys(0..100, "after:")).await;
+    wait_applied(&e, head).await;
+    let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
+    assert!(keys(0..2_000, "k:")
+        .iter()
+        .chain(&keys(0..100, "after:"))
+        .all(|k| got.contains(k.as_bytes())));
+    assert_eq!(lock(&e.edge.link).flushes, 0, "no edge was reset");
+    assert_eq!(
+        r.core
+            .ring_restarts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the ring never restarted"
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    mid.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

@@ -38,6 +38,8 @@ pub struct RelayCore {
     pub quarantined: AtomicU64,
     /// Catch-up fetches from upstream.
     pub catch_ups: AtomicU64,
+    /// Rings started over because a batch did not continue them.
+    pub ring_restarts: AtomicU64,
     /// Publish (the writer's call) to held in this relay's ring, per entry.
     pub propagation: LatencyHistogram,
 }
@@ -66,6 +68,7 @@ impl RelayCore {
             channels: Mutex::new(HashMap::new()),
             quarantined: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            ring_restarts: AtomicU64::new(0),
             propagation: LatencyHistogram::default(),
         }
     }
@@ -348,6 +351,7 @@ impl RelayApplier {
                     "ring restarted"
                 );
                 ring.reset(batch.epoch, batch.first_seq - 1);
+                core.ring_restarts.fetch_add(1, Ordering::Relaxed);
             }
             if let Err(e) = ring.push(shared) {
                 tracing::error!(error = %e, "ring refused a batch");

@@ -138,15 +138,21 @@ impl Relay {
                     "",
                     ring,
                 );
-                let catch_ups = core.catch_ups.load(std::sync::atomic::Ordering::Relaxed) as f64;
-                dci_proto::metrics::sample(
-                    &mut out,
-                    "counter",
-                    "dci_catch_ups_total",
-                    "Ranges fetched from upstream for receivers behind the ring",
-                    "",
-                    catch_ups,
-                );
+                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                for (name, help, value) in [
+                    (
+                        "dci_catch_ups_total",
+                        "Ranges fetched from upstream for receivers behind the ring",
+                        core.catch_ups.load(relaxed),
+                    ),
+                    (
+                        "dci_ring_restarts_total",
+                        "Rings started over because a batch from upstream did not continue them",
+                        core.ring_restarts.load(relaxed),
+                    ),
+                ] {
+                    dci_proto::metrics::sample(&mut out, "counter", name, help, "", value as f64);
+                }
                 core.propagation.render(
                     &mut out,
                     "dci_propagation_seconds",
