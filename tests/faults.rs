@@ -75,6 +75,52 @@ async fn edge_cut_off_for_ten_seconds_serves_misses_then_repairs() {
     let _ = line;
 }
 
+/// The edges still hear their relay, but the relay no longer hears the coordinator, whose writers
+/// go on: past the bound, the edges behind it answer only misses, as if cut off themselves; once
+/// the relay is back and caught up, they serve again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_behind_a_relay_cut_off_from_the_coordinator_stop_serving_at_the_bound() {
+    let mut w = World::start(1, 2, 2 * SECOND).await;
+    w.start_writers(4, 50);
+    tokio::time::sleep(SECOND).await;
+    let edge = w.edges[0].as_ref().unwrap();
+    let cache = dci_sdk::CacheClient::from_urls(vec![edge.url()]).unwrap();
+    assert!(cache.set("behind:key", "v", None).await.unwrap());
+    assert_eq!(
+        cache.get("behind:key").await.unwrap(),
+        Lookup::Hit("v".into())
+    );
+    w.up_proxies[0].blackhole(true);
+    let cut = tokio::time::Instant::now();
+    loop {
+        if matches!(cache.get("behind:key").await.unwrap(), Lookup::Miss { .. }) {
+            break;
+        }
+        assert!(
+            cut.elapsed() < 6 * SECOND,
+            "an edge behind a cut-off relay kept serving"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped_after = cut.elapsed();
+    assert!(
+        stopped_after >= SECOND,
+        "stopped serving before the bound: {stopped_after:?}"
+    );
+    w.up_proxies[0].blackhole(false);
+    w.converge().await;
+    eventually("serving again", || {
+        lock_fresh(w.edges[0].as_ref().unwrap(), 2 * SECOND)
+    })
+    .await;
+    w.check("relay cut off past the bound").await;
+    println!("  (edges stopped serving {stopped_after:?} after the relay's cut)");
+}
+
+fn lock_fresh(edge: &dci_edge_cache::EdgeNode, bound: Duration) -> bool {
+    dci_proto::upstream::lock(&edge.link).fresh_within(std::time::Instant::now(), bound)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_cut_off_from_the_coordinator() {
     let mut w = World::start(2, 3, 5 * SECOND).await;

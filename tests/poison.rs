@@ -59,6 +59,7 @@ impl pb::subscribe_server::Subscribe for Scripted {
                         epoch: 1,
                         head: script.head,
                         head_time_us: 0,
+                        upstream_age_ms: 0,
                     }],
                     ..Default::default()
                 };
@@ -272,6 +273,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
                 epoch: 1,
                 head: u64::MAX,
                 head_time_us: u64::MAX,
+                upstream_age_ms: u64::MAX,
             }],
             ..Default::default()
         }),

@@ -133,9 +133,11 @@ impl EdgeService {
     fn get_one(&self, key: Bytes) -> Result<pb::GetResponse, Status> {
         self.check_key(&key)?;
         let lease = self.store.lease(&key).encode();
-        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness);
+        let shard = self.store.shard_of(&key);
+        let fresh = lock(&self.link).fresh_for(shard, Instant::now(), self.max_staleness);
         if !fresh {
-            // Cut off for longer than the bound: a miss is the only safe answer.
+            // Cut off for longer than the bound, here or anywhere up to the key's coordinator: a
+            // miss is the only safe answer.
             self.stale_misses.fetch_add(1, Ordering::Relaxed);
             self.store.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(pb::GetResponse {

@@ -59,6 +59,7 @@ pub struct Store {
     /// two never interleave.
     leases: Mutex<LeaseTable>,
     shard_count: u32,
+    shards: dci_proto::ring::ShardMap,
     /// Counters.
     pub counters: StoreCounters,
 }
@@ -80,7 +81,17 @@ impl Store {
             ttl,
             leases: Mutex::new(LeaseTable::new(shard_count, max_tombstones as usize)),
             shard_count,
+            shards: dci_proto::ring::ShardMap::new(shard_count),
             counters: StoreCounters::default(),
+        }
+    }
+
+    /// The shard `key` belongs to.
+    pub fn shard_of(&self, key: &[u8]) -> ShardId {
+        if self.shard_count <= 1 {
+            0
+        } else {
+            self.shards.shard_of(key)
         }
     }
 
@@ -184,8 +195,7 @@ impl Store {
         if self.shard_count <= 1 {
             self.values.clear();
         } else {
-            let map = dci_proto::ring::ShardMap::new(self.shard_count);
-            self.values.retain(|k, _| map.shard_of(k) != shard);
+            self.values.retain(|k, _| self.shards.shard_of(k) != shard);
         }
     }
 

@@ -44,6 +44,12 @@ pub trait BatchSource: Send + Sync + 'static {
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>);
     /// The receiver of `link_id` is gone.
     fn forget(&self, link_id: u64);
+    /// How long ago this node was last caught up with its own sender on `shard`, in ms (`u64::MAX`
+    /// if never): told to receivers in heartbeats, since none of them is fresher than that. The
+    /// source of a shard (its coordinator) is always 0.
+    fn upstream_age_ms(&self, _shard: ShardId) -> u64 {
+        0
+    }
 }
 
 /// Downstream serving options.
@@ -199,7 +205,7 @@ async fn run_link<S: BatchSource>(
     let stall = opts.sender.peer_timeout;
     let mut sender = Sender::new(opts.sender.clone(), Instant::now());
     for c in sender.on_hello(&hello.resume, &source.views(), Instant::now()) {
-        exec(c, tx, stall, counters).await?;
+        exec(source.as_ref(), c, tx, stall, counters).await?;
     }
     let mut heads = source.heads();
     let mut tick = tokio::time::interval(opts.tick);
@@ -247,14 +253,15 @@ async fn run_link<S: BatchSource>(
             }
             _ = tick.tick() => {
                 for c in sender.tick(&source.views(), Instant::now()) {
-                    exec(c, tx, stall, counters).await?;
+                    exec(source.as_ref(), c, tx, stall, counters).await?;
                 }
             }
         }
     }
 }
 
-async fn exec(
+async fn exec<S: BatchSource>(
+    source: &S,
     c: TxCommand,
     tx: &Tx,
     stall: Duration,
@@ -266,7 +273,10 @@ async fn exec(
             counters.resets.fetch_add(1, Ordering::Relaxed);
             send(tx, pb::downstream::Msg::Reset(r), stall).await
         }
-        TxCommand::Heartbeat(heads) => {
+        TxCommand::Heartbeat(mut heads) => {
+            for h in &mut heads {
+                h.upstream_age_ms = source.upstream_age_ms(h.shard);
+            }
             let hb = pb::Heartbeat {
                 heads,
                 subtree: Vec::new(),
@@ -294,13 +304,13 @@ async fn pump<S: BatchSource>(
             let now = Instant::now();
             match sender.next_range(&view, now) {
                 NextRange::Idle | NextRange::WindowFull => break,
-                NextRange::Reset(c) => exec(c, tx, stall, counters).await?,
+                NextRange::Reset(c) => exec(source.as_ref(), c, tx, stall, counters).await?,
                 NextRange::Send { from, budget, .. } => {
                     match source.read(view.shard, from, budget).await {
                         Fetch::NotYet => break,
                         Fetch::Gone => {
                             let c = sender.on_gone(&view, now);
-                            exec(c, tx, stall, counters).await?;
+                            exec(source.as_ref(), c, tx, stall, counters).await?;
                         }
                         Fetch::Batches(batches) => {
                             if batches.is_empty() {

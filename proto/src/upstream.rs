@@ -114,6 +114,9 @@ pub struct LinkState {
     pub applied_time_us: Vec<(ShardId, u64)>,
     /// Publish time of the sender's head, per shard, from its heartbeats.
     pub head_time_us: Vec<(ShardId, u64)>,
+    /// Per shard, when the sender was last caught up with its own sender, as its heartbeats tell
+    /// (`None`: never, or longer ago than this clock can say).
+    pub vouched: Vec<(ShardId, Option<Instant>)>,
     /// Links opened so far.
     pub connects: u64,
     /// Flushes (Resets) so far.
@@ -125,10 +128,29 @@ pub struct LinkState {
 }
 
 impl LinkState {
-    /// Has this node been caught up with its sender within `bound`?
+    /// Has this node been caught up, on every shard, within `bound`: with its sender, and its
+    /// sender with its own (and so on up to the coordinator)?
     pub fn fresh_within(&self, now: Instant, bound: Duration) -> bool {
-        self.last_caught_up
+        let within =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) <= bound);
+        within(self.last_caught_up) && self.vouched.iter().all(|&(_, t)| within(t))
+    }
+
+    /// Like [`LinkState::fresh_within`], for one shard: what an edge asks before serving a key.
+    pub fn fresh_for(&self, shard: ShardId, now: Instant, bound: Duration) -> bool {
+        self.caught_up_for(shard)
             .is_some_and(|t| now.saturating_duration_since(t) <= bound)
+    }
+
+    /// When this node was last caught up on `shard` all the way up: the older of its own catching
+    /// up with its sender and the moment its sender last was (a sender that never said is taken
+    /// at its word that it is the source).
+    pub fn caught_up_for(&self, shard: ShardId) -> Option<Instant> {
+        let own = self.last_caught_up?;
+        match self.vouched.iter().find(|(s, _)| *s == shard) {
+            Some(&(_, upstream)) => Some(own.min(upstream?)),
+            None => Some(own),
+        }
     }
 
     /// Status of this node for `dci status`.
@@ -341,6 +363,13 @@ async fn session<A: Applier>(
                         let mut st = lock(state);
                         for head in &h.heads {
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
+                            // The shard's source (age 0) bounds nothing: being caught up with it is
+                            // all there is to being fresh.
+                            st.vouched.retain(|(s, _)| *s != head.shard);
+                            if head.upstream_age_ms > 0 {
+                                let at = now.checked_sub(Duration::from_millis(head.upstream_age_ms));
+                                st.vouched.push((head.shard, at));
+                            }
                         }
                         drop(st);
                         receiver.on_heartbeat(&h, now)
@@ -478,5 +507,49 @@ fn apply_guarded<A: Applier>(
             st.quarantined += 1;
             a.quarantine(b.shard, &e.to_pb(), "panicked while applied");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node is fresh on a shard only while it and every sender up to the shard's source were
+    /// caught up within the bound; a sender that vouches for nothing (the source) bounds nothing.
+    #[test]
+    fn freshness_is_the_oldest_catching_up_on_the_way_to_the_source() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let bound = Duration::from_millis(1_000);
+        let mut st = LinkState {
+            last_caught_up: Some(s(5_000)),
+            ..Default::default()
+        };
+        assert!(
+            st.fresh_for(0, s(5_900), bound),
+            "no vouch: its own catching up"
+        );
+        assert!(!st.fresh_for(0, s(6_100), bound));
+        // The relay above was last caught up at 4.5 s (it told so at some later heartbeat).
+        st.vouched = vec![(0, Some(s(4_500))), (1, None)];
+        assert_eq!(st.caught_up_for(0), Some(s(4_500)));
+        assert!(st.fresh_for(0, s(5_400), bound));
+        assert!(!st.fresh_for(0, s(5_600), bound), "its sender's age counts");
+        assert!(
+            !st.fresh_for(1, s(5_001), bound),
+            "a sender never caught up vouches for nothing"
+        );
+        assert!(
+            st.fresh_for(2, s(5_900), bound),
+            "another shard: its own catching up"
+        );
+        assert!(
+            !st.fresh_within(s(5_001), bound),
+            "every shard must be fresh"
+        );
+        st.vouched.retain(|(shard, _)| *shard == 0);
+        assert!(st.fresh_within(s(5_400), bound));
+        st.last_caught_up = None;
+        assert!(!st.fresh_for(0, s(5_400), bound), "never caught up itself");
     }
 }

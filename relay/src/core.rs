@@ -292,6 +292,14 @@ impl BatchSource for RelayCore {
     fn forget(&self, link_id: u64) {
         lock(&self.reports).remove(&link_id);
     }
+
+    fn upstream_age_ms(&self, shard: ShardId) -> u64 {
+        let Some(group) = lock(&self.owners).get(&shard).copied() else {
+            return u64::MAX;
+        };
+        let caught_up = lock(&self.links[group]).caught_up_for(shard);
+        caught_up.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64)
+    }
 }
 
 /// The core as the follower of one upstream group sees it.

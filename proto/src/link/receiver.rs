@@ -569,6 +569,7 @@ mod tests {
                 epoch: 7,
                 head: 8,
                 head_time_us: 0,
+                upstream_age_ms: 0,
             }],
             ..Default::default()
         };
@@ -641,6 +642,7 @@ mod tests {
                 epoch: 7,
                 head: u64::MAX,
                 head_time_us: 0,
+                upstream_age_ms: 0,
             }],
             ..Default::default()
         };
@@ -658,6 +660,7 @@ mod tests {
                 epoch: 7,
                 head: 40,
                 head_time_us: 0,
+                upstream_age_ms: 0,
             }],
             ..Default::default()
         };

@@ -331,6 +331,8 @@ impl Sender {
                         epoch: v.epoch,
                         head: s.sent,
                         head_time_us: v.head_time_us,
+                        // The runtime knows its own upstream; see `BatchSource::upstream_age_ms`.
+                        upstream_age_ms: 0,
                     })
                 })
                 .collect();
