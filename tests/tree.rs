@@ -755,6 +755,7 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
     .unwrap();
     let e = edge(EdgeConfig {
         shard_count: 2,
+        max_staleness: Duration::from_secs(2),
         ..edge_cfg(vec![r.url()])
     })
     .await;
@@ -785,6 +786,20 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         vec![0, 1]
     );
 
+    // A value of each shard cached at the edge.
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let of_shard = |s: u32| {
+        (0..)
+            .map(|i| format!("cached:{i}"))
+            .find(|k| map.shard_of(k.as_bytes()) == s)
+            .unwrap()
+    };
+    let (k0, k1) = (of_shard(0), of_shard(1));
+    for k in [&k0, &k1] {
+        assert!(cache.set(k.clone(), "v", None).await.unwrap());
+        assert_eq!(cache.get(k.clone()).await.unwrap(), Lookup::Hit("v".into()));
+    }
+
     // Shard 1's coordinator goes away: shard 0 goes on through the same relay.
     let c1 = cs.pop().unwrap();
     c1.stop().await.unwrap();
@@ -803,6 +818,19 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         r.core.upstream().connected_to.is_none()
     })
     .await;
+    // Past the bound, shard 1's keys are misses (nothing vouches for them); shard 0's still hit.
+    let cut = tokio::time::Instant::now();
+    while !matches!(cache.get(k1.clone()).await.unwrap(), Lookup::Miss { .. }) {
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "shard 1 kept being served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cache.get(k0.clone()).await.unwrap(),
+        Lookup::Hit("v".into())
+    );
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     cs.pop().unwrap().stop().await.unwrap();
