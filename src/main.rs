@@ -488,7 +488,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "node_id": n.node_id, "role": n.role, "region": n.region, "parent": n.parent,
                     "connected_ms": n.connected_ms,
                     "shards": n.shards.iter().map(|s| serde_json::json!({
-                        "shard": s.shard, "epoch": s.epoch, "hwm": s.hwm, "lag_seqs": s.lag_seqs, "lag_ms": s.lag_ms,
+                        "shard": s.shard, "epoch": s.epoch, "hwm": s.hwm, "lag_seqs": s.lag_seqs, "lag_ms": s.lag_ms, "caught_up_ms": s.caught_up_ms,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -500,21 +500,26 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         return failed.map_or(Ok(()), Err);
     }
     println!(
-        "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  parent",
-        "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "connected"
+        "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  parent",
+        "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "caught_up", "connected"
     );
     for n in &r.nodes {
         let connected =
             humantime::format_duration(Duration::from_secs(n.connected_ms / 1000)).to_string();
         if n.shards.is_empty() {
             println!(
-                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  {}",
-                n.node_id, n.role, n.region, "-", "-", "-", "-", connected, n.parent
+                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
+                n.node_id, n.role, n.region, "-", "-", "-", "-", "-", connected, n.parent
             );
         }
         for s in &n.shards {
+            // Seconds ago, all the way to the coordinator: what the staleness bound looks at.
+            let caught_up = match s.caught_up_ms {
+                u64::MAX => "never".to_string(),
+                ms => format!("{:.1}s", ms as f64 / 1000.0),
+            };
             println!(
-                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>12}  {}",
+                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
                 n.node_id,
                 n.role,
                 n.region,
@@ -522,6 +527,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 s.hwm,
                 s.lag_seqs,
                 s.lag_ms,
+                caught_up,
                 connected,
                 n.parent
             );

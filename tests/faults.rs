@@ -107,12 +107,22 @@ async fn edges_behind_a_relay_cut_off_from_the_coordinator_stop_serving_at_the_b
         stopped_after >= SECOND,
         "stopped serving before the bound: {stopped_after:?}"
     );
+    // `dci status` shows why: the edge is caught up with its relay, not with the coordinator.
+    let caught_up_ms = |edge: &dci_edge_cache::EdgeNode| {
+        dci_proto::upstream::lock(&edge.link)
+            .node_status("e", "edge", "r")
+            .shards[0]
+            .caught_up_ms
+    };
+    let ms = caught_up_ms(w.edges[0].as_ref().unwrap());
+    assert!(ms >= 2_000 && ms != u64::MAX, "caught up {ms} ms ago");
     w.up_proxies[0].blackhole(false);
     w.converge().await;
     eventually("serving again", || {
         lock_fresh(w.edges[0].as_ref().unwrap(), 2 * SECOND)
     })
     .await;
+    assert!(caught_up_ms(w.edges[0].as_ref().unwrap()) <= 2_000);
     w.check("relay cut off past the bound").await;
     println!("  (edges stopped serving {stopped_after:?} after the relay's cut)");
 }

@@ -200,6 +200,7 @@ impl pb::admin_server::Admin for CoordinatorService {
                 hwm: head,
                 lag_seqs: 0,
                 lag_ms: 0,
+                caught_up_ms: 0,
             }],
             connected_ms: self.started.elapsed().as_millis() as u64,
         };

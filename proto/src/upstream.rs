@@ -156,6 +156,7 @@ impl LinkState {
     /// Status of this node for `dci status`.
     pub fn node_status(&self, node_id: &str, role: &str, region: &str) -> pb::NodeStatus {
         let now_us = crate::now_us();
+        let now = Instant::now();
         pb::NodeStatus {
             node_id: node_id.to_string(),
             role: role.to_string(),
@@ -180,6 +181,9 @@ impl LinkState {
                         hwm,
                         lag_seqs: head.saturating_sub(hwm),
                         lag_ms,
+                        caught_up_ms: self.caught_up_for(shard).map_or(u64::MAX, |t| {
+                            now.saturating_duration_since(t).as_millis() as u64
+                        }),
                     }
                 })
                 .collect(),
