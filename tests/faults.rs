@@ -44,22 +44,19 @@ async fn edge_cut_off_for_ten_seconds_serves_misses_then_repairs() {
     w.start_writers(8, 50);
     tokio::time::sleep(SECOND).await;
     // A value cached at edge 0, then edge 0 is partitioned from both relays.
-    let edge = w.edges[0].as_ref().unwrap();
-    let cache = dci_sdk::CacheClient::from_urls(vec![edge.url()]).unwrap();
-    assert!(cache.set("cut:key", "v", None).await.unwrap());
-    assert_eq!(cache.get("cut:key").await.unwrap(), Lookup::Hit("v".into()));
+    let cache = cached_at(w.edges[0].as_ref().unwrap(), "cut:key").await;
     for p in &w.edge_proxies[0] {
         p.blackhole(true);
     }
     let cut = tokio::time::Instant::now();
-    loop {
-        if matches!(cache.get("cut:key").await.unwrap(), Lookup::Miss { .. }) {
-            break;
-        }
-        assert!(cut.elapsed() < 8 * SECOND, "a cut-off edge kept serving");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let bound_hit_after = cut.elapsed();
+    let bound_hit_after = misses_within(
+        &cache,
+        "cut:key",
+        cut,
+        8 * SECOND,
+        "a cut-off edge kept serving",
+    )
+    .await;
     assert!(
         bound_hit_after >= SECOND,
         "stopped serving before the bound: {bound_hit_after:?}"
@@ -83,26 +80,17 @@ async fn edges_behind_a_relay_cut_off_from_the_coordinator_stop_serving_at_the_b
     let mut w = World::start(1, 2, 2 * SECOND).await;
     w.start_writers(4, 50);
     tokio::time::sleep(SECOND).await;
-    let edge = w.edges[0].as_ref().unwrap();
-    let cache = dci_sdk::CacheClient::from_urls(vec![edge.url()]).unwrap();
-    assert!(cache.set("behind:key", "v", None).await.unwrap());
-    assert_eq!(
-        cache.get("behind:key").await.unwrap(),
-        Lookup::Hit("v".into())
-    );
+    let cache = cached_at(w.edges[0].as_ref().unwrap(), "behind:key").await;
     w.up_proxies[0].blackhole(true);
     let cut = tokio::time::Instant::now();
-    loop {
-        if matches!(cache.get("behind:key").await.unwrap(), Lookup::Miss { .. }) {
-            break;
-        }
-        assert!(
-            cut.elapsed() < 6 * SECOND,
-            "an edge behind a cut-off relay kept serving"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stopped_after = cut.elapsed();
+    let stopped_after = misses_within(
+        &cache,
+        "behind:key",
+        cut,
+        6 * SECOND,
+        "an edge behind a cut-off relay kept serving",
+    )
+    .await;
     assert!(
         stopped_after >= SECOND,
         "stopped serving before the bound: {stopped_after:?}"
@@ -125,6 +113,35 @@ async fn edges_behind_a_relay_cut_off_from_the_coordinator_stop_serving_at_the_b
     assert!(caught_up_ms(w.edges[0].as_ref().unwrap()) <= 2_000);
     w.check("relay cut off past the bound").await;
     println!("  (edges stopped serving {stopped_after:?} after the relay's cut)");
+}
+
+/// A client of `edge` with `key` cached there (and served).
+async fn cached_at(edge: &dci_edge_cache::EdgeNode, key: &str) -> dci_sdk::CacheClient {
+    let cache = dci_sdk::CacheClient::from_urls(vec![edge.url()]).unwrap();
+    assert!(cache.set(key.to_string(), "v", None).await.unwrap());
+    assert_eq!(
+        cache.get(key.to_string()).await.unwrap(),
+        Lookup::Hit("v".into())
+    );
+    cache
+}
+
+/// Ask for `key` until it is a miss, at most `limit` after `since`; how long that took.
+async fn misses_within(
+    cache: &dci_sdk::CacheClient,
+    key: &str,
+    since: tokio::time::Instant,
+    limit: Duration,
+    failure: &str,
+) -> Duration {
+    while !matches!(
+        cache.get(key.to_string()).await.unwrap(),
+        Lookup::Miss { .. }
+    ) {
+        assert!(since.elapsed() < limit, "{failure}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    since.elapsed()
 }
 
 fn lock_fresh(edge: &dci_edge_cache::EdgeNode, bound: Duration) -> bool {
