@@ -148,6 +148,20 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let o = dci(&["publish", "--coordinator", &coord, "next"]);
     assert_eq!(stdout(&o), "next 4\n", "the refused publish took no seq");
 
+    // A second coordinator on the same log would hand out seqs the first already gave.
+    let o = dci(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    let o = dci(&["publish", "--coordinator", &coord, "after"]);
+    assert_eq!(stdout(&o), "after 5\n", "the first coordinator goes on");
+
     // A stale lease is refused.
     let o = dci(&["set", "--edge", &edge_url, "user:2", "old", "--lease", "1"]);
     assert_eq!(o.status.code(), Some(2));

@@ -130,6 +130,9 @@ pub enum WalError {
         /// What.
         source: io::Error,
     },
+    /// Another process has the log open: two writers would hand out the same seqs.
+    #[error("log directory {0} is in use by another process (it holds {0}/LOCK); one coordinator per directory")]
+    InUse(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -219,6 +222,8 @@ pub struct Wal {
     unsynced: bool,
     last_sync: std::time::Instant,
     dedup: DedupTable,
+    /// Held (locked) for as long as this log is open.
+    _lock: File,
 }
 
 /// An fsync of the active segment, handed out so it can run off the writer's thread.
@@ -237,6 +242,23 @@ impl PendingSync {
     /// Push the file's written data to disk.
     pub fn run(self) -> Result<(), WalError> {
         self.file.sync_data().map_err(io_err(&self.path))
+    }
+}
+
+/// Take the directory's lock, or say who has it. The kernel lets go of it when the holder exits,
+/// however it exits, so a crash never leaves the directory locked.
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(WalError::InUse(dir.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
     }
 }
 
@@ -370,6 +392,7 @@ impl Wal {
     /// Open (or create) the log in `dir`, recovering what is there.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery), WalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock_dir(dir)?;
         let mut recovery = Recovery::default();
         let epoch_path = dir.join("epoch");
         let stored_epoch = fs::read_to_string(&epoch_path)
@@ -563,6 +586,7 @@ impl Wal {
             unsynced: false,
             last_sync: std::time::Instant::now(),
             dedup,
+            _lock: lock,
         };
         Ok((wal, recovery))
     }
@@ -911,6 +935,27 @@ mod tests {
         let recs = w.reader().read_from(4, usize::MAX).unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].first_seq, 4);
+    }
+
+    /// Two writers on one directory would both hand out the seqs after the head.
+    #[test]
+    fn a_log_open_elsewhere_is_refused_until_it_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        w.append(&[rec(1, 3, "p", 1)]).unwrap();
+        match Wal::open(dir.path(), WalOptions::default()) {
+            Err(e @ WalError::InUse(_)) => assert!(e.to_string().contains("in use"), "{e}"),
+            other => panic!("a second open must be refused, got {other:?}"),
+        }
+        // The refused open touched nothing: the first goes on, and its records stay.
+        w.append(&[rec(4, 1, "p", 2)]).unwrap();
+        w.close().unwrap();
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(w.head(), 4);
+        assert!(!r.new_epoch, "the first writer's clean close was kept");
+        drop(w);
+        // Dropped without a close, as in a crash: the lock goes with it.
+        assert!(Wal::open(dir.path(), WalOptions::default()).is_ok());
     }
 
     #[test]
