@@ -584,8 +584,45 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("dci: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("dci: {}", one_line(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause its outer message already quotes
+/// (many errors print their source inside their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let io = || std::io::Error::other("No space left on device");
+        let quoted =
+            anyhow::Error::new(io()).context("log I/O on boot.tmp: No space left on device");
+        assert_eq!(
+            one_line(&quoted),
+            "log I/O on boot.tmp: No space left on device"
+        );
+        let plain = anyhow::Error::new(io()).context("opening the log\nat startup");
+        assert_eq!(
+            one_line(&plain),
+            "opening the log at startup: No space left on device"
+        );
     }
 }

@@ -378,6 +378,105 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     );
 }
 
+/// The disk fills under the log (a file-size limit set on the process makes its writes fail as a
+/// full disk would): publishes are refused with a clear error from then on, health says
+/// NOT_SERVING, and a restart with room again keeps every acknowledged seq and reuses none.
+#[test]
+fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = free_port();
+    let coord = format!("http://127.0.0.1:{cp}");
+    let args = [
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{cp}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    // SIGXFSZ ignored (kept across exec), so a write past the limit fails with EFBIG.
+    let mut limited = Command::new("sh");
+    limited
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f 2048; exec \"$0\" \"$@\"",
+            DCI,
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let c = Proc(limited.spawn().unwrap());
+    wait_port(cp);
+
+    let mut last_acked = 0u64;
+    let mut refused = None;
+    for i in 0..200 {
+        let keys: Vec<String> = (0..1000)
+            .map(|k| format!("user:{k:06}:profile:{i}:{}", "x".repeat(40)))
+            .collect();
+        let mut a = vec!["publish", "--coordinator", &coord];
+        a.extend(keys.iter().map(String::as_str));
+        let o = dci(&a);
+        if !o.status.success() {
+            refused = Some(o);
+            break;
+        }
+        let last = stdout(&o).lines().last().unwrap().to_string();
+        last_acked = last.split(' ').nth(1).unwrap().parse().unwrap();
+    }
+    let o = refused.expect("the log filled up within 200 publishes of 1000 keys");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        last_acked > 0,
+        "publishes were acknowledged before the disk filled"
+    );
+    // Refused from now on, even a small one that would still fit.
+    let o = dci(&["publish", "--coordinator", &coord, "small"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("log failed"), "{}", stderr(&o));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let health = |service: &str| {
+        rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(coord.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        })
+    };
+    eventually("health says NOT_SERVING", || {
+        health("") == 2 && health("dci.v1.Publisher") == 2
+    });
+
+    drop(c);
+    let _c = spawn(&args);
+    wait_port(cp);
+    let o = dci(&["publish", "--coordinator", &coord, "after"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seq: u64 = stdout(&o)
+        .trim()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        seq,
+        last_acked + 1,
+        "every acknowledged seq survived, none is reused, the torn group is gone"
+    );
+    assert_eq!(health(""), 1, "SERVING again");
+}
+
 #[test]
 fn the_bench_runs_end_to_end() {
     let o = dci(&[

@@ -167,15 +167,31 @@ pub async fn run(
         hub.clone(),
         cfg.max_group_entries,
     ));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::publisher_server::PublisherServer<service::CoordinatorService>>()
+        .await;
     let housekeeping = {
-        let (sequencer, mut drain) = (sequencer.clone(), drain.clone());
+        let (sequencer, hub, mut drain) = (sequencer.clone(), hub.clone(), drain.clone());
         let every = cfg.fsync_interval.min(std::time::Duration::from_secs(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut reported_failure = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => sequencer.tick(),
                     _ = drain.wait_for(|d| *d) => return,
+                }
+                // A failed log refuses every publish until a restart recovers it: say so to
+                // whatever routes publishes here or restarts nodes.
+                if hub.failed() && !reported_failure {
+                    reported_failure = true;
+                    health_reporter
+                        .set_not_serving::<pb::publisher_server::PublisherServer<service::CoordinatorService>>()
+                        .await;
+                    health_reporter
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
                 }
             }
         })
@@ -244,10 +260,6 @@ pub async fn run(
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),
     };
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<pb::publisher_server::PublisherServer<service::CoordinatorService>>()
-        .await;
     if let Some(r) = ready {
         let _ = r.send((epoch, hub.propagation.clone()));
     }
