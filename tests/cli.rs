@@ -199,6 +199,32 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("two groups"), "{}", stderr(&o));
 
+    // A relay pointed at something that is not a sender says so at the default log level, and
+    // keeps trying.
+    let mut wrong = Command::new(DCI)
+        .args(["relay", "--listen", "127.0.0.1:0", "--upstream", &edge_url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = std::io::BufReader::new(wrong.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wrong = Proc(wrong);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let warned = std::iter::from_fn(|| {
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .find(|l| l.contains("WARN") && l.contains("could not follow sender"));
+    assert!(warned.is_some_and(|l| l.contains(&edge_url)));
+    drop(wrong);
+
     // The tree, as the coordinator learned it from its relay's reports.
     eventually("status shows the edge", || {
         let o = dci(&["status", "--coordinator", &coord, "--json"]);

@@ -210,6 +210,9 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How often a sender that cannot be followed is told at warn level.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// Follow senders until `shutdown` turns true.
 pub async fn follow<A: Applier>(
     opts: FollowOptions,
@@ -224,6 +227,10 @@ pub async fn follow<A: Applier>(
         tracing::error!("no sender to follow");
         return;
     }
+    // Failures since the last link that worked, and when one was last told at warn level.
+    let mut failures = 0u64;
+    let mut failing_since = None::<Instant>;
+    let mut last_warned = None::<Instant>;
     loop {
         if *shutdown.borrow() {
             return;
@@ -242,9 +249,29 @@ pub async fn follow<A: Applier>(
             Ok(()) => {
                 // A session that did work resets the backoff.
                 backoff = opts.backoff_min;
+                (failures, failing_since, last_warned) = (0, None, None);
                 tracing::info!(sender = %url, "link to sender lost; trying the next one");
             }
-            Err(e) => tracing::debug!(sender = %url, error = %e, "could not follow sender"),
+            Err(e) => {
+                failures += 1;
+                let now = Instant::now();
+                let since = *failing_since.get_or_insert(now);
+                // The first failure, then a line every 30 s for as long as none works: a sender
+                // restarting is normal for a moment, a wrong address or service is not, and
+                // either way the operator should not have to turn on debug logs to see it.
+                if last_warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                    last_warned = Some(now);
+                    tracing::warn!(
+                        sender = %url,
+                        error = %e,
+                        failures,
+                        failing_for_s = now.duration_since(since).as_secs(),
+                        "could not follow sender; retrying"
+                    );
+                } else {
+                    tracing::debug!(sender = %url, error = %e, "could not follow sender");
+                }
+            }
         }
         idx += 1;
         let jitter = rand::rng().random_range(0.5..1.5);
