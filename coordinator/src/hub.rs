@@ -1,7 +1,7 @@
 //! The downstream side of the coordinator: the memory tail of recent batches, the on-disk log
 //! behind it, and the reports of the tree below, served to every relay through the link runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -15,6 +15,9 @@ use tokio::sync::watch;
 
 use crate::wal::LogReader;
 
+/// Groups whose logging time is kept (a few seconds' worth at a high publish rate).
+const LOGGED_AT_KEPT: usize = 4096;
+
 /// Shared by the writer (which pushes) and every downstream link (which read).
 #[derive(Debug)]
 pub struct Hub {
@@ -25,6 +28,9 @@ pub struct Hub {
     heads: watch::Sender<u64>,
     failed: AtomicBool,
     reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
+    /// (last seq, when it was logged, µs since the epoch) of the most recent groups, to tell how
+    /// long a node whose report is behind the head has been missing what it lacks.
+    logged_at: Mutex<VecDeque<(Seq, u64)>>,
     /// Publish (the writer's call) to written in the log and streaming, per entry.
     pub(crate) propagation: Arc<LatencyHistogram>,
 }
@@ -47,6 +53,7 @@ impl Hub {
             heads: watch::channel(head).0,
             failed: AtomicBool::new(false),
             reports: Mutex::new(HashMap::new()),
+            logged_at: Mutex::new(VecDeque::new()),
             propagation: Arc::default(),
         }
     }
@@ -77,6 +84,20 @@ impl Hub {
             tracing::error!(error = %e, "memory tail refused a batch");
         }
         self.heads.send_replace(head);
+        let mut times = lock(&self.logged_at);
+        if times.len() == LOGGED_AT_KEPT {
+            times.pop_front();
+        }
+        times.push_back((head, dci_proto::now_us()));
+    }
+
+    /// When `seq` was logged (µs since the epoch), as far as the recent groups tell: for an older
+    /// seq, the oldest time kept (so an age computed from it is a lower bound). `None` for a seq
+    /// not logged yet.
+    pub fn logged_at(&self, seq: Seq) -> Option<u64> {
+        let times = lock(&self.logged_at);
+        let i = times.partition_point(|&(last, _)| last < seq);
+        times.get(i).map(|&(_, t)| t)
     }
 
     /// The log moved (retention, new segments).
@@ -204,5 +225,49 @@ impl BatchSource for Hub {
 
     fn forget(&self, link_id: u64) {
         lock(&self.reports).remove(&link_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{Wal, WalOptions};
+
+    #[test]
+    fn a_seq_is_dated_by_the_group_that_logged_it_and_the_oldest_kept_bounds_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let hub = Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 64 << 20);
+        let group = |first: Seq, last: Seq| {
+            SharedBatch::new(Batch {
+                shard: 0,
+                epoch: hub.epoch(),
+                first_seq: first,
+                last_seq: last,
+                entries: (first..=last)
+                    .map(|s| Invalidation {
+                        seq: s,
+                        ..Invalidation::key(format!("k{s}"))
+                    })
+                    .collect(),
+            })
+        };
+        assert_eq!(hub.logged_at(1), None, "nothing logged yet");
+        let before = dci_proto::now_us();
+        hub.push(group(1, 3));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let middle = dci_proto::now_us();
+        hub.push(group(4, 4));
+        let t1 = hub.logged_at(1).unwrap();
+        assert!(t1 >= before && t1 < middle);
+        assert_eq!(hub.logged_at(3), Some(t1), "the whole group at once");
+        assert!(hub.logged_at(4).unwrap() >= middle);
+        assert_eq!(hub.logged_at(5), None, "beyond the head");
+        for seq in (5..).take(LOGGED_AT_KEPT) {
+            hub.push(group(seq, seq));
+        }
+        // Seqs 1..=4 fell out: the oldest kept time stands for them, a lower bound of their age.
+        assert_eq!(hub.logged_at(1), hub.logged_at(5));
+        assert!(hub.logged_at(1).unwrap() >= middle);
     }
 }

@@ -205,11 +205,20 @@ impl pb::admin_server::Admin for CoordinatorService {
             connected_ms: self.started.elapsed().as_millis() as u64,
         };
         let mut nodes = vec![me];
+        let now_us = dci_proto::now_us();
         for mut n in self.hub.reported() {
-            // Lag in seqs against the root's head, which is the truth.
+            // Lag against the root's head, which is the truth: a report is up to a heartbeat
+            // per level old, and its sender's head may be behind. Seqs logged since the report
+            // was made count too, so its lag in time is at least how long ago the first seq it
+            // lacks was logged.
             for s in &mut n.shards {
                 if s.shard == self.hub.shard() && s.epoch == self.hub.epoch() {
                     s.lag_seqs = head.saturating_sub(s.hwm);
+                    if s.lag_seqs > 0 {
+                        if let Some(t) = self.hub.logged_at(s.hwm + 1) {
+                            s.lag_ms = s.lag_ms.max(now_us.saturating_sub(t) / 1000);
+                        }
+                    }
                 }
             }
             nodes.push(n);
