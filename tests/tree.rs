@@ -540,18 +540,12 @@ async fn scrape(addr: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_prometheus_metrics() {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (cm, rm) = (free(), free());
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(CoordinatorConfig {
         listen: any_port(),
         data_dir: dir.path().to_path_buf(),
-        metrics_listen: Some(cm),
+        // Port 0: a port picked beforehand could be taken by another test meanwhile.
+        metrics_listen: Some(any_port()),
         ..Default::default()
     })
     .await
@@ -559,7 +553,7 @@ async fn every_node_serves_prometheus_metrics() {
     let r = Relay::start(RelayConfig {
         listen: any_port(),
         upstream: vec![c.url()],
-        metrics_listen: Some(rm),
+        metrics_listen: Some(any_port()),
         ..Default::default()
     })
     .await
@@ -592,14 +586,14 @@ async fn every_node_serves_prometheus_metrics() {
         edge_metrics.contains("dci_cache_misses_total 1"),
         "{edge_metrics}"
     );
-    let relay_metrics = scrape(rm).await;
+    let relay_metrics = scrape(r.metrics_addr.unwrap()).await;
     assert!(relay_metrics.contains("dci_receivers 1"), "{relay_metrics}");
     // Every tier times each entry from the publish call to itself.
     assert!(
         relay_metrics.contains("dci_propagation_seconds_count 20"),
         "{relay_metrics}"
     );
-    let coord_metrics = scrape(cm).await;
+    let coord_metrics = scrape(c.metrics_addr.unwrap()).await;
     assert!(
         coord_metrics.contains("dci_propagation_seconds_count 20"),
         "{coord_metrics}"

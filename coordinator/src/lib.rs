@@ -61,6 +61,8 @@ pub struct Coordinator {
     pub epoch: u64,
     /// Publish (the writer's call) to written in the log, per entry (also on `/metrics`).
     pub propagation: Arc<LatencyHistogram>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
@@ -91,7 +93,7 @@ impl Coordinator {
             )
             .await
         });
-        let (epoch, propagation) = match ready_rx.await {
+        let (epoch, propagation, metrics_addr) = match ready_rx.await {
             Ok(r) => r,
             Err(_) => {
                 return match task.await {
@@ -106,6 +108,7 @@ impl Coordinator {
             addr,
             epoch,
             propagation,
+            metrics_addr,
             shutdown,
             task,
         })
@@ -134,13 +137,17 @@ impl Coordinator {
     }
 }
 
+/// What a started coordinator tells its handle: its epoch, its latency histogram, and where
+/// `/metrics` is served.
+pub type Ready = (u64, Arc<LatencyHistogram>, Option<SocketAddr>);
+
 /// Run a coordinator on `listener` until `shutdown` resolves.
 pub async fn run(
     cfg: CoordinatorConfig,
     listener: TcpListener,
     drain: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: Option<tokio::sync::oneshot::Sender<(u64, Arc<LatencyHistogram>)>>,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> Result<(), CoordinatorError> {
     let cfg = cfg.validate()?;
     let dir = cfg.data_dir.clone();
@@ -237,7 +244,7 @@ pub async fn run(
             out
         })
     };
-    dci_proto::metrics::expose(
+    let metrics_addr = dci_proto::metrics::expose(
         cfg.metrics_listen,
         &cfg.otlp,
         vec![
@@ -261,7 +268,7 @@ pub async fn run(
         started: std::time::Instant::now(),
     };
     if let Some(r) = ready {
-        let _ = r.send((epoch, hub.propagation.clone()));
+        let _ = r.send((epoch, hub.propagation.clone(), metrics_addr));
     }
     let result = dci_proto::grpc_server()
         .add_service(health)

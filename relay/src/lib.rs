@@ -73,6 +73,8 @@ pub struct Relay {
     pub core: Arc<RelayCore>,
     /// Downstream counters.
     pub counters: Arc<ServeCounters>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
@@ -161,7 +163,7 @@ impl Relay {
                 out
             })
         };
-        dci_proto::metrics::expose(
+        let metrics_addr = dci_proto::metrics::expose(
             cfg.metrics_listen,
             &cfg.otlp,
             vec![
@@ -215,6 +217,7 @@ impl Relay {
             addr,
             core,
             counters,
+            metrics_addr,
             shutdown,
             task,
         })
