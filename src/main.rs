@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -186,7 +187,7 @@ struct SetArgs {
     lease: Option<u64>,
     /// The key.
     key: String,
-    /// The value.
+    /// The value (`-` reads it from standard input, as bytes).
     value: String,
 }
 
@@ -401,7 +402,9 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<bool> {
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    // The edge bounds the values it stores; none is refused here for its size.
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?)
+        .max_decoding_message_size(usize::MAX);
     let r = client
         .get(pb::GetRequest {
             key: Bytes::from(a.key),
@@ -410,7 +413,11 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
         .map_err(|s| anyhow!(status_line(&s)))?
         .into_inner();
     if r.hit {
-        println!("{}", String::from_utf8_lossy(&r.value));
+        // The value as stored (it need not be text), then a newline.
+        let mut out = std::io::stdout().lock();
+        out.write_all(&r.value)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
     } else {
         eprintln!("miss (lease {})", r.lease);
     }
@@ -418,11 +425,20 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
 }
 
 async fn set(a: SetArgs) -> anyhow::Result<()> {
+    let value = if a.value == "-" {
+        let mut v = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut v)
+            .map_err(|e| anyhow!("reading the value from standard input: {e}"))?;
+        Bytes::from(v)
+    } else {
+        Bytes::from(a.value)
+    };
     let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
     client
         .set(pb::SetRequest {
             key: Bytes::from(a.key),
-            value: Bytes::from(a.value),
+            value,
             lease: a.lease,
             ttl_ms: 0,
         })

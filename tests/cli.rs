@@ -123,6 +123,19 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     });
     let o = dci(&["get", "--edge", &edge_url, "user:1"]);
     assert_eq!(stdout(&o), "hello\n");
+    // A value from standard input, not text, comes back byte for byte.
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let mut set = Command::new(DCI)
+        .args(["set", "--edge", &edge_url, "blob", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), &bytes).unwrap();
+    assert!(set.wait().unwrap().success());
+    let o = dci(&["get", "--edge", &edge_url, "blob"]);
+    assert_eq!(o.stdout.len(), bytes.len() + 1);
+    assert!(o.stdout.starts_with(&bytes) && o.stdout.ends_with(b"\n"));
     let o = dci(&["get", "--edge", &edge_url, "nobody"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).starts_with("miss"));

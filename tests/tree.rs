@@ -308,6 +308,29 @@ async fn the_stale_set_race_is_refused() {
     c.stop().await.unwrap();
 }
 
+/// Values up to the edge's `max_value_len` (8 MiB by default) go in and come back out through
+/// the SDK, whose gRPC limits must not be the smaller ones; a larger one is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_as_large_as_the_edge_takes_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_connected(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let big = Bytes::from(vec![7u8; 8 << 20]);
+    assert!(cache.set("big", big.clone(), None).await.unwrap());
+    assert_eq!(cache.get("big").await.unwrap(), Lookup::Hit(big));
+    let err = cache
+        .set("bigger", vec![7u8; (8 << 20) + 1], None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("more than the maximum"), "{err}");
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_and_ring_filters_deliver_only_what_they_should() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,7 +53,12 @@ impl CacheClient {
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(5))
                 .connect_lazy();
-            map.insert(id.clone(), RawClient::new(ch));
+            // The edge bounds what it stores (`max_value_len`); a value it hands back is never
+            // refused here for its size.
+            map.insert(
+                id.clone(),
+                RawClient::new(ch).max_decoding_message_size(usize::MAX),
+            );
         }
         Ok(CacheClient {
             ring: NodeRing::new(edges.into_iter().map(|(id, _)| id).collect()),

@@ -458,14 +458,20 @@ impl EdgeNode {
         health_reporter
             .set_serving::<pb::cache_server::CacheServer<EdgeService>>()
             .await;
+        let max_request = cfg
+            .max_value_len
+            .saturating_add(cfg.max_key_len)
+            .saturating_add(64 << 10);
         let mut stop = rx;
         let task = tokio::spawn(async move {
             dci_proto::grpc_server()
                 .add_service(health)
                 .add_service(dci_proto::reflection())
                 .add_service(
+                    // Room for the largest value and key this edge stores, so that a Set is
+                    // refused by their limits, named, not by the transport's.
                     pb::cache_server::CacheServer::new(svc.clone())
-                        .max_decoding_message_size(16 << 20),
+                        .max_decoding_message_size(max_request),
                 )
                 .add_service(pb::admin_server::AdminServer::new(svc))
                 .serve_with_incoming_shutdown(incoming(listener), async move {
