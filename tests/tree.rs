@@ -518,6 +518,56 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
     c.stop().await.unwrap();
 }
 
+/// Callers of one `Publisher` share requests. One caller's bad entry must not refuse the others'
+/// good ones that happened to ride in the same request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_entry_is_refused_alone_though_it_shared_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    // One request in flight at a time: everything called meanwhile goes as the next request.
+    let p = dci_sdk::Publisher::with_options(
+        vec![c.url()],
+        dci_sdk::PublisherOptions {
+            max_in_flight: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for round in 0..5 {
+        let calls: Vec<_> = (0..40)
+            .map(|i| {
+                let p = p.clone();
+                let key = if i == 17 {
+                    String::new() // empty: refused
+                } else {
+                    format!("r{round}:k{i}")
+                };
+                tokio::spawn(async move { p.invalidate(key).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for (i, call) in calls.into_iter().enumerate() {
+            match call.await.unwrap() {
+                Ok(seq) => {
+                    assert_ne!(i, 17, "the empty key was accepted");
+                    seqs.push(seq);
+                }
+                Err(e) => {
+                    assert_eq!(i, 17, "a good key was refused: {e}");
+                    assert!(matches!(e, dci_sdk::Error::Refused(_)), "{e}");
+                    assert!(e.to_string().contains("key is empty"), "{e}");
+                }
+            }
+        }
+        assert_eq!(seqs.len(), 39);
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 39, "each good key has its own seq");
+    }
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_publishes_single_batch_and_streaming_forms_in_order() {
     use futures::StreamExt;

@@ -284,7 +284,10 @@ async fn run_shard(
     let mut backoff = Duration::from_millis(20);
     let mut failing_since: Option<tokio::time::Instant> = None;
     while open || !unanswered.is_empty() {
-        let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(opts.max_in_flight.max(1) * 2);
+        // Room for every resend at once (a refused shared request comes back as one per caller).
+        let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(
+            (opts.max_in_flight.max(1) * 2).max(unanswered.len()),
+        );
         for f in &unanswered {
             let _ = tx.try_send(f.request(&opts.publisher_id));
         }
@@ -335,17 +338,34 @@ async fn run_shard(
             Err(status) => {
                 let err = Error::from(status);
                 if let Error::Refused(msg) = &err {
-                    // The coordinator refused the oldest unanswered request; the rest go again.
+                    // The coordinator refused the oldest unanswered request (and logged none of
+                    // it); the rest go again.
                     if let Some(f) = unanswered.pop_front() {
-                        answer(f.callers, Err(Error::Refused(msg.clone())));
+                        if f.callers.len() > 1 {
+                            // Several callers shared it, and the fault may be one caller's only:
+                            // each goes again on its own, so that only the one at fault is
+                            // refused (and its error names the entry in its own call).
+                            for caller in f.callers.into_iter().rev() {
+                                unanswered.push_front(InFlight {
+                                    request_no: request_no.fetch_add(1, Ordering::Relaxed),
+                                    callers: vec![caller],
+                                });
+                            }
+                        } else {
+                            answer(f.callers, Err(Error::Refused(msg.clone())));
+                        }
                     }
                     failing_since = None;
                     continue;
                 }
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= opts.retry_for {
+                    let why = match &err {
+                        Error::Unavailable(m) => m.clone(),
+                        other => other.to_string(),
+                    };
                     for f in unanswered.drain(..) {
-                        answer(f.callers, Err(Error::Unavailable(err.to_string())));
+                        answer(f.callers, Err(Error::Unavailable(why.clone())));
                     }
                     failing_since = None;
                     continue;
@@ -374,13 +394,11 @@ fn answer(callers: Vec<Pending>, result: Result<Vec<Seq>, Error>) {
             }
         }
         Err(e) => {
-            let msg = e.to_string();
-            let refused = matches!(e, Error::Refused(_));
             for p in callers {
-                let err = if refused {
-                    Error::Refused(msg.clone())
-                } else {
-                    Error::Unavailable(msg.clone())
+                let err = match &e {
+                    Error::Refused(m) => Error::Refused(m.clone()),
+                    Error::Unavailable(m) => Error::Unavailable(m.clone()),
+                    other => Error::Unavailable(other.to_string()),
                 };
                 let _ = p.reply.send(Err(err));
             }
