@@ -160,11 +160,14 @@ struct PublishArgs {
     /// Invalidate every key with these prefixes instead of exact keys.
     #[arg(long)]
     prefix: bool,
+    /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
+    #[arg(long, conflicts_with_all = ["prefix", "keys", "version"])]
+    all: bool,
     /// Writer's version for every key.
     #[arg(long)]
     version: Option<u64>,
     /// Keys to invalidate.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "all")]
     keys: Vec<String>,
 }
 
@@ -329,8 +332,11 @@ async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
         .map_err(|e| anyhow!("cannot connect to {url}: {e}"))
 }
 
-async fn publish(a: PublishArgs) -> anyhow::Result<()> {
-    let kind = if a.prefix {
+async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
+    let kind = if a.all {
+        a.keys = vec![String::new()];
+        pb::Kind::All
+    } else if a.prefix {
         pb::Kind::Prefix
     } else {
         pb::Kind::Key
@@ -339,7 +345,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
     let map = dci_proto::ring::ShardMap::new(shards as u32);
     // A prefix may match keys of every shard.
     let targets = |k: &str| -> Vec<usize> {
-        if a.prefix {
+        if a.prefix || a.all {
             (0..shards).collect()
         } else {
             vec![map.shard_of(k.as_bytes()) as usize]
@@ -387,6 +393,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             }
         };
         for ((i, k), seq) in keys.iter().zip(r.seqs) {
+            let k = if a.all { "*" } else { k.as_str() };
             lines[*i].push(if shards == 1 {
                 format!("{k} {seq}")
             } else {

@@ -175,6 +175,21 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert_eq!(stdout(&o), "after 5\n", "the first coordinator goes on");
 
+    // Everything at once: the edge drops what it holds.
+    for k in ["x:1", "y:2"] {
+        assert!(dci(&["set", "--edge", &edge_url, k, "v"]).status.success());
+        assert_eq!(dci(&["get", "--edge", &edge_url, k]).status.code(), Some(0));
+    }
+    let o = dci(&["publish", "--coordinator", &coord, "--all"]);
+    assert_eq!(stdout(&o), "* 6\n", "{}", stderr(&o));
+    eventually("everything dropped", || {
+        ["x:1", "y:2"]
+            .iter()
+            .all(|k| dci(&["get", "--edge", &edge_url, k]).status.code() == Some(1))
+    });
+    let o = dci(&["publish", "--coordinator", &coord, "--all", "x:1"]);
+    assert_eq!(o.status.code(), Some(2), "--all takes no keys");
+
     // A stale lease is refused.
     let o = dci(&["set", "--edge", &edge_url, "user:2", "old", "--lease", "1"]);
     assert_eq!(o.status.code(), Some(2));
