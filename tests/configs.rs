@@ -24,6 +24,13 @@ fn unknown_keys_and_bad_values_are_refused() {
     let c: dci_coordinator::CoordinatorConfig =
         serde_yaml::from_str("shard: 3\nshard_count: 2").unwrap();
     assert!(c.validate().unwrap_err().to_string().contains("shard 3"));
+    // No window: nothing could ever be sent, though heartbeats would still flow.
+    let c: dci_coordinator::CoordinatorConfig = serde_yaml::from_str("window_bytes: 0").unwrap();
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("window_bytes"));
     let r: dci_relay::RelayConfig = serde_yaml::from_str("upstream: [localhost:1]").unwrap();
     assert!(r.validate().is_err());
     let with_otlp =

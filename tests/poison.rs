@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 struct Scripted {
     batches: Vec<pb::Batch>,
     head: Seq,
+    /// What the heartbeats say the sender holds (beyond `head` when it is holding some back).
+    held: Seq,
     /// Hostile messages sent before the batches.
     before: Vec<pb::downstream::Msg>,
 }
@@ -60,6 +62,7 @@ impl pb::subscribe_server::Subscribe for Scripted {
                         head: script.head,
                         head_time_us: 0,
                         upstream_age_ms: 0,
+                        held: script.held,
                     }],
                     ..Default::default()
                 };
@@ -132,6 +135,7 @@ fn script() -> Scripted {
             },
         ],
         head: 5,
+        held: 5,
         before: Vec::new(),
     }
 }
@@ -186,6 +190,61 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
     );
     let _ = stop.send(true);
     edge.stop().await.unwrap();
+}
+
+/// A sender that holds more than it sends (its window full, a range still being fetched) keeps
+/// heartbeating: its receiver is alive but not caught up, and an edge must stop serving at its
+/// staleness bound as if it were cut off. The same sender sending everything it holds is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_sender_holds_back_stops_serving_at_its_bound() {
+    let start = |held: Seq| async move {
+        let (url, stop) = serve(Scripted { held, ..script() }).await;
+        let edge = EdgeNode::start(EdgeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            relays: vec![url],
+            max_staleness: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        (edge, stop)
+    };
+    let (fine, stop_fine) = start(5).await;
+    let (behind, stop_behind) = start(9).await;
+    for e in [&fine, &behind] {
+        let store = e.store.clone();
+        eventually("applied through seq 5", || {
+            store.applied().iter().any(|&(_, _, s)| s >= 5)
+        })
+        .await;
+    }
+    eventually("the held-back edge knows how far the shard goes", || {
+        lock(&behind.link)
+            .progress
+            .iter()
+            .any(|&(_, _, applied, head)| applied == 5 && head == 9)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (e, serves) in [(&fine, true), (&behind, false)] {
+        let cache = dci_sdk::CacheClient::from_urls(vec![e.url()]).unwrap();
+        assert!(cache.set("x", "v", None).await.unwrap());
+        let got = cache.get("x").await.unwrap();
+        assert_eq!(
+            matches!(got, dci_sdk::Lookup::Hit(_)),
+            serves,
+            "fine edge serves, held-back edge does not: {got:?}"
+        );
+    }
+    assert!(
+        behind
+            .stale_misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    let _ = (stop_fine.send(true), stop_behind.send(true));
+    fine.stop().await.unwrap();
+    behind.stop().await.unwrap();
 }
 
 /// An applier that panics on one key, as a bug in apply code would.
@@ -274,6 +333,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
                 head: u64::MAX,
                 head_time_us: u64::MAX,
                 upstream_age_ms: u64::MAX,
+                held: u64::MAX,
             }],
             ..Default::default()
         }),

@@ -102,6 +102,9 @@ impl CoordinatorConfig {
         if self.segment_bytes < 4096 {
             return bad("segment_bytes must be at least 4096".into());
         }
+        if self.window_bytes < 1024 {
+            return bad("window_bytes must be at least 1024".into());
+        }
         if self.max_group_entries == 0 || self.max_request_entries == 0 {
             return bad("max_group_entries and max_request_entries must be positive".into());
         }

@@ -84,6 +84,8 @@ struct RxShard {
     nack: Option<(Seq, Seq, Instant)>,
     /// The highest head a sender announced.
     head_seen: Seq,
+    /// The highest seq a sender said it holds, sent to us or not.
+    held_seen: Seq,
 }
 
 impl RxShard {
@@ -97,6 +99,7 @@ impl RxShard {
             pending: BTreeMap::new(),
             nack: None,
             head_seen: hwm,
+            held_seen: hwm,
         }
     }
 }
@@ -159,12 +162,20 @@ impl Receiver {
         self.shards.get(&shard).map(|s| s.head_seen)
     }
 
-    /// Every shard known, with (epoch, applied, head seen).
+    /// Every shard known, with (epoch, applied, the highest seq known to exist: sent, or held by
+    /// the sender). Caught up means applied that far.
     pub fn progress(&self) -> Vec<(ShardId, Epoch, Seq, Seq)> {
         let mut v: Vec<_> = self
             .shards
             .iter()
-            .map(|(&k, s)| (k, s.epoch, s.applied, s.head_seen.max(s.applied)))
+            .map(|(&k, s)| {
+                (
+                    k,
+                    s.epoch,
+                    s.applied,
+                    s.head_seen.max(s.held_seen).max(s.applied),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -316,6 +327,9 @@ impl Receiver {
                 continue;
             }
             s.head_seen = s.head_seen.max(h.head);
+            if h.held <= MAX_SEQ {
+                s.held_seen = s.held_seen.max(h.held);
+            }
             if h.head > s.delivered {
                 let to = s
                     .pending
@@ -570,6 +584,7 @@ mod tests {
                 head: 8,
                 head_time_us: 0,
                 upstream_age_ms: 0,
+                held: 8,
             }],
             ..Default::default()
         };
@@ -587,6 +602,35 @@ mod tests {
         );
         let later = now + Duration::from_secs(1);
         assert_eq!(r.tick(later).len(), 1, "repeated after nack_retry");
+    }
+
+    /// What the sender holds but has not sent is nothing to repair (no Nack), but the receiver is
+    /// not caught up until it has applied that far; an absurd figure is ignored.
+    #[test]
+    fn what_the_sender_holds_back_counts_as_not_caught_up_and_is_not_nacked() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 7, 0)]);
+        r.on_batch(batch(1, 5), now);
+        r.on_applied(0, 7, 5, now);
+        let hb = |held| pb::Heartbeat {
+            heads: vec![pb::ShardHead {
+                shard: 0,
+                epoch: 7,
+                head: 5,
+                held,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(r.on_heartbeat(&hb(9), now).is_empty(), "nothing was lost");
+        assert_eq!(r.progress(), vec![(0, 7, 5, 9)]);
+        assert!(r.on_heartbeat(&hb(u64::MAX), now).is_empty());
+        assert_eq!(r.progress(), vec![(0, 7, 5, 9)], "absurd: ignored");
+        assert!(r.on_heartbeat(&hb(3), now).is_empty());
+        assert_eq!(r.progress(), vec![(0, 7, 5, 9)], "never goes back");
+        r.on_batch(batch(6, 9), now);
+        r.on_applied(0, 7, 9, now);
+        assert_eq!(r.progress(), vec![(0, 7, 9, 9)], "caught up");
     }
 
     #[test]
@@ -643,6 +687,7 @@ mod tests {
                 head: u64::MAX,
                 head_time_us: 0,
                 upstream_age_ms: 0,
+                held: u64::MAX,
             }],
             ..Default::default()
         };
@@ -661,6 +706,7 @@ mod tests {
                 head: 40,
                 head_time_us: 0,
                 upstream_age_ms: 0,
+                held: 40,
             }],
             ..Default::default()
         };

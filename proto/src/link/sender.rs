@@ -333,6 +333,7 @@ impl Sender {
                         head_time_us: v.head_time_us,
                         // The runtime knows its own upstream; see `BatchSource::upstream_age_ms`.
                         upstream_age_ms: 0,
+                        held: v.head,
                     })
                 })
                 .collect();
