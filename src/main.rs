@@ -42,6 +42,8 @@ enum Command {
     Get(GetArgs),
     /// Store a value on an edge (refused when the lease is stale).
     Set(SetArgs),
+    /// Drop a key from an edge: "deleted" and exit 0, or "absent" on stderr and exit 1.
+    Delete(GetArgs),
     /// Show the tree: every node with its high-water mark and lag.
     Status(StatusArgs),
     /// Run a whole deployment in-process with a workload, and report what it sees.
@@ -431,6 +433,23 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
     Ok(r.hit)
 }
 
+async fn delete(a: GetArgs) -> anyhow::Result<bool> {
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    let r = client
+        .delete(pb::DeleteRequest {
+            key: Bytes::from(a.key),
+        })
+        .await
+        .map_err(|s| anyhow!(status_line(&s)))?
+        .into_inner();
+    if r.existed {
+        println!("deleted");
+    } else {
+        eprintln!("absent");
+    }
+    Ok(r.existed)
+}
+
 async fn set(a: SetArgs) -> anyhow::Result<()> {
     let value = if a.value == "-" {
         let mut v = Vec::new();
@@ -593,6 +612,7 @@ fn main() -> ExitCode {
             Command::Publish(a) => publish(a).await.map(|_| 0),
             Command::Get(a) => get(a).await.map(|hit| if hit { 0 } else { 1 }),
             Command::Set(a) => set(a).await.map(|_| 0),
+            Command::Delete(a) => delete(a).await.map(|existed| if existed { 0 } else { 1 }),
             Command::Status(a) => status(a).await.map(|_| 0),
             Command::Demo(a) => demo::run(a, terminated()).await.map(|_| 0),
             Command::Bench(a) => bench::run(a).await.map(|_| 0),

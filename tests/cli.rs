@@ -136,6 +136,20 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let o = dci(&["get", "--edge", &edge_url, "blob"]);
     assert_eq!(o.stdout.len(), bytes.len() + 1);
     assert!(o.stdout.starts_with(&bytes) && o.stdout.ends_with(b"\n"));
+    let o = dci(&["delete", "--edge", &edge_url, "blob"]);
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(0), "deleted\n")
+    );
+    let o = dci(&["delete", "--edge", &edge_url, "blob"]);
+    assert_eq!(
+        (o.status.code(), stderr(&o).as_str()),
+        (Some(1), "absent\n")
+    );
+    assert_eq!(
+        dci(&["get", "--edge", &edge_url, "blob"]).status.code(),
+        Some(1)
+    );
     let o = dci(&["get", "--edge", &edge_url, "nobody"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).starts_with("miss"));
