@@ -1,18 +1,9 @@
 //! The `dci` binary as a user runs it: separate processes, real ports, exit codes, SIGKILL.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const DCI: &str = env!("CARGO_BIN_EXE_dci");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Proc(Child);
 
@@ -23,23 +14,44 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(DCI)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+/// Run a server command (its `--listen` may say port 0) and wait until it listens; returns it
+/// and its port, as its log line tells. Its stderr is drained meanwhile so that it never blocks.
+fn start_cmd(mut cmd: Command) -> (Proc, u16) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in err.lines().map_while(Result::ok) {
+            // "... coordinator listening addr=127.0.0.1:PORT ..." (field names may be styled).
+            if let Some(at) = line.find("listening").and_then(|i| {
+                line[i..]
+                    .find("127.0.0.1:")
+                    .map(|j| i + j + "127.0.0.1:".len())
+            }) {
+                let digits: String = line[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                let _ = tx.send(digits.parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the server never said it was listening");
+    (proc, port)
 }
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn start(args: &[&str]) -> (Proc, u16) {
+    let mut cmd = Command::new(DCI);
+    cmd.args(args);
+    start_cmd(cmd)
 }
 
 fn dci(args: &[&str]) -> Output {
@@ -79,37 +91,33 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let (cp, rp, ep) = (free_port(), free_port(), free_port());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let edge_url = format!("http://127.0.0.1:{ep}");
-    let _c = spawn(&[
+    let (_c, cp) = start(&[
         "coordinator",
         "--listen",
-        &format!("127.0.0.1:{cp}"),
+        "127.0.0.1:0",
         "--data-dir",
         dir.path().to_str().unwrap(),
     ]);
-    wait_port(cp);
-    let _r = spawn(&[
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_r, rp) = start(&[
         "relay",
         "--listen",
-        &format!("127.0.0.1:{rp}"),
+        "127.0.0.1:0",
         "--upstream",
         &coord,
         "--region",
         "eu",
     ]);
-    wait_port(rp);
-    let _e = spawn(&[
+    let (_e, ep) = start(&[
         "edge",
         "--listen",
-        &format!("127.0.0.1:{ep}"),
+        "127.0.0.1:0",
         "--relays",
         &format!("http://127.0.0.1:{rp}"),
         "--region",
         "eu",
     ]);
-    wait_port(ep);
+    let edge_url = format!("http://127.0.0.1:{ep}");
 
     let o = dci(&["publish", "--coordinator", &coord, "user:1", "user:2"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -295,13 +303,12 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
 #[test]
 fn a_sharded_tier_from_the_command_line() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let ports = [free_port(), free_port()];
-    let mut procs: Vec<Proc> = (0..2)
+    let (mut procs, ports): (Vec<Proc>, Vec<u16>) = (0..2)
         .map(|s| {
-            spawn(&[
+            start(&[
                 "coordinator",
                 "--listen",
-                &format!("127.0.0.1:{}", ports[s]),
+                "127.0.0.1:0",
                 "--data-dir",
                 dirs[s].path().to_str().unwrap(),
                 "--shard",
@@ -310,17 +317,15 @@ fn a_sharded_tier_from_the_command_line() {
                 "2",
             ])
         })
-        .collect();
-    ports.iter().for_each(|&p| wait_port(p));
+        .unzip();
     let urls = format!(
         "http://127.0.0.1:{},http://127.0.0.1:{}",
         ports[0], ports[1]
     );
-    let (rp, ep) = (free_port(), free_port());
-    let _relay = spawn(&[
+    let (_relay, rp) = start(&[
         "relay",
         "--listen",
-        &format!("127.0.0.1:{rp}"),
+        "127.0.0.1:0",
         "--upstream",
         &format!("http://127.0.0.1:{}", ports[0]),
         "--upstream-group",
@@ -328,11 +333,10 @@ fn a_sharded_tier_from_the_command_line() {
         "--region",
         "eu",
     ]);
-    wait_port(rp);
-    let _edge = spawn(&[
+    let _edge = start(&[
         "edge",
         "--listen",
-        &format!("127.0.0.1:{ep}"),
+        "127.0.0.1:0",
         "--relays",
         &format!("http://127.0.0.1:{rp}"),
         "--region",
@@ -340,7 +344,6 @@ fn a_sharded_tier_from_the_command_line() {
         "--shard-count",
         "2",
     ]);
-    wait_port(ep);
     let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
     let map = dci_proto::ring::ShardMap::new(2);
     let mut args = vec!["publish", "--coordinator", &urls];
@@ -400,17 +403,22 @@ fn a_sharded_tier_from_the_command_line() {
 #[test]
 fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = free_port();
+    let (mut c, cp) = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
     let coord = format!("http://127.0.0.1:{cp}");
-    let args = [
+    // Restarted on the same port: publishers know the coordinator by its address.
+    let again = [
         "coordinator",
         "--listen",
         &format!("127.0.0.1:{cp}"),
         "--data-dir",
         dir.path().to_str().unwrap(),
     ];
-    let mut c = spawn(&args);
-    wait_port(cp);
     let mut acked = Vec::new();
     for i in 0..20 {
         let o = dci(&[
@@ -428,8 +436,7 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     // SIGKILL: no clean shutdown, no chance to flush anything more.
     c.0.kill().unwrap();
     c.0.wait().unwrap();
-    let _c = spawn(&args);
-    wait_port(cp);
+    let _c = start(&again);
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let seq: u64 = stdout(&o)
@@ -452,15 +459,6 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
 #[test]
 fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = free_port();
-    let coord = format!("http://127.0.0.1:{cp}");
-    let args = [
-        "coordinator",
-        "--listen",
-        &format!("127.0.0.1:{cp}"),
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ];
     // SIGXFSZ ignored (kept across exec), so a write past the limit fails with EFBIG.
     let mut limited = Command::new("sh");
     limited
@@ -469,11 +467,22 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
             "trap '' XFSZ; ulimit -f 2048; exec \"$0\" \"$@\"",
             DCI,
         ])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let c = Proc(limited.spawn().unwrap());
-    wait_port(cp);
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+    let (c, cp) = start_cmd(limited);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let again = [
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{cp}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
 
     let mut last_acked = 0u64;
     let mut refused = None;
@@ -526,8 +535,7 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     });
 
     drop(c);
-    let _c = spawn(&args);
-    wait_port(cp);
+    let _c = start(&again);
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let seq: u64 = stdout(&o)
