@@ -553,6 +553,37 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     assert_eq!(health(""), 1, "SERVING again");
 }
 
+/// The README's main job, shortened: a whole deployment in one process, a workload, no stale read.
+#[test]
+fn the_demo_runs_and_sees_no_stale_read() {
+    let o = dci(&[
+        "demo",
+        "--duration",
+        "2s",
+        "--rate",
+        "500",
+        "--reads",
+        "2000",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    let done = out
+        .lines()
+        .find(|l| l.starts_with("dci demo: done after"))
+        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+    let numbers: Vec<u64> = done
+        .split([' ', ','])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "done after 2.0s: P publishes, R reads, S stale reads"
+    let [publishes, reads, stale] = numbers[..] else {
+        panic!("{done}")
+    };
+    assert!(publishes > 100 && reads > 100, "{done}");
+    assert_eq!(stale, 0, "{done}");
+    assert!(out.contains("t=   1s"), "a line per second: {out}");
+}
+
 #[test]
 fn the_bench_runs_end_to_end() {
     let o = dci(&[
