@@ -529,9 +529,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "node_id": n.node_id, "role": n.role, "region": n.region, "parent": n.parent,
                     "connected_ms": n.connected_ms,
-                    "shards": n.shards.iter().map(|s| serde_json::json!({
-                        "shard": s.shard, "epoch": s.epoch, "hwm": s.hwm, "lag_seqs": s.lag_seqs, "lag_ms": s.lag_ms, "caught_up_ms": s.caught_up_ms,
-                    })).collect::<Vec<_>>(),
+                    "shards": n.shards.iter().map(shard_json).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -633,6 +631,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// One shard of a node in `dci status --json`; `caught_up_ms` is null for a node never caught up.
+fn shard_json(s: &pb::ShardProgress) -> serde_json::Value {
+    serde_json::json!({
+        "shard": s.shard, "epoch": s.epoch, "hwm": s.hwm, "lag_seqs": s.lag_seqs, "lag_ms": s.lag_ms,
+        "caught_up_ms": (s.caught_up_ms != u64::MAX).then_some(s.caught_up_ms),
+    })
+}
+
 /// The error and its causes on one line, leaving out a cause its outer message already quotes
 /// (many errors print their source inside their own message).
 fn one_line(e: &anyhow::Error) -> String {
@@ -651,7 +657,20 @@ fn one_line(e: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{one_line, pb, shard_json};
+
+    #[test]
+    fn a_node_never_caught_up_has_no_caught_up_time_in_json() {
+        let mut s = pb::ShardProgress {
+            hwm: 7,
+            caught_up_ms: 1500,
+            ..Default::default()
+        };
+        assert_eq!(shard_json(&s)["caught_up_ms"], 1500);
+        s.caught_up_ms = u64::MAX;
+        assert!(shard_json(&s)["caught_up_ms"].is_null());
+        assert_eq!(shard_json(&s)["hwm"], 7);
+    }
 
     #[test]
     fn a_cause_is_printed_once() {
