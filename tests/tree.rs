@@ -94,6 +94,14 @@ async fn wait_connected(e: &Watched) {
     .await;
 }
 
+/// Connected, and in the stream of every shard its relay has: it serves from now on.
+async fn wait_serving(e: &Watched) {
+    eventually("edge serving", || {
+        lock(&e.edge.link).fresh_within(std::time::Instant::now(), Duration::from_secs(5))
+    })
+    .await;
+}
+
 async fn wait_applied(e: &Watched, seq: Seq) {
     let id = e.edge.node_id.clone();
     let applied = e.edge.store.clone();
@@ -308,6 +316,61 @@ async fn the_stale_set_race_is_refused() {
     c.stop().await.unwrap();
 }
 
+/// A relay that has never reached a coordinator (a wrong address at deploy time, a partition)
+/// knows no shard; the edges behind it have nothing vouching for what they hold and answer
+/// misses, until the coordinator is there: then they serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_behind_a_relay_that_never_reached_a_coordinator_do_not_serve() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let r = relay_at(any_port(), vec![format!("http://{addr}")], 64 << 20).await;
+    let e = edge(EdgeConfig {
+        max_staleness: Duration::from_secs(1),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_connected(&e).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("k", "v", None).await.unwrap());
+    assert!(
+        matches!(cache.get("k").await.unwrap(), Lookup::Miss { .. }),
+        "served with no coordinator ever heard of"
+    );
+    assert!(
+        e.edge
+            .stale_misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: addr,
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(cache.set("k", "v", None).await.unwrap());
+        if cache.get("k").await.unwrap() == Lookup::Hit(Bytes::from("v")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served after the coordinator came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// Values up to the edge's `max_value_len` (8 MiB by default) go in and come back out through
 /// the SDK, whose gRPC limits must not be the smaller ones; a larger one is refused by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +379,7 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
     let c = coordinator(dir.path()).await;
     let r = relay(&c).await;
     let e = edge(edge_cfg(vec![r.url()])).await;
-    wait_connected(&e).await;
+    wait_serving(&e).await;
     let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
     let big = Bytes::from(vec![7u8; 8 << 20]);
     assert!(cache.set("big", big.clone(), None).await.unwrap());

@@ -133,7 +133,10 @@ impl LinkState {
     pub fn fresh_within(&self, now: Instant, bound: Duration) -> bool {
         let within =
             |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) <= bound);
-        within(self.last_caught_up) && self.vouched.iter().all(|&(_, t)| within(t))
+        // A node in no shard yet has heard of no coordinator: nothing vouches for what it holds.
+        !self.progress.is_empty()
+            && within(self.last_caught_up)
+            && self.vouched.iter().all(|&(_, t)| within(t))
     }
 
     /// Like [`LinkState::fresh_within`], for one shard: what an edge asks before serving a key.
@@ -146,6 +149,11 @@ impl LinkState {
     /// up with its sender and the moment its sender last was (a sender that never said is taken
     /// at its word that it is the source).
     pub fn caught_up_for(&self, shard: ShardId) -> Option<Instant> {
+        // No position in the shard: no sender ever said it has the shard (one that cannot reach
+        // a coordinator, say), so nothing was ever caught up with.
+        if !self.progress.iter().any(|&(s, ..)| s == shard) {
+            return None;
+        }
         let own = self.last_caught_up?;
         match self.vouched.iter().find(|(s, _)| *s == shard) {
             Some(&(_, upstream)) => Some(own.min(upstream?)),
@@ -557,6 +565,11 @@ mod tests {
             ..Default::default()
         };
         assert!(
+            !st.fresh_for(0, s(5_001), bound) && !st.fresh_within(s(5_001), bound),
+            "in no shard yet: fresh for nothing"
+        );
+        st.progress = (0..3).map(|shard| (shard, 7, 10, 10)).collect();
+        assert!(
             st.fresh_for(0, s(5_900), bound),
             "no vouch: its own catching up"
         );
@@ -573,6 +586,10 @@ mod tests {
         assert!(
             st.fresh_for(2, s(5_900), bound),
             "another shard: its own catching up"
+        );
+        assert!(
+            !st.fresh_for(3, s(5_001), bound),
+            "a shard it has no position in"
         );
         assert!(
             !st.fresh_within(s(5_001), bound),
