@@ -380,6 +380,23 @@ fn a_sharded_tier_from_the_command_line() {
     });
 
     drop(procs.pop()); // shard 1's coordinator is gone
+                       // Its log is shard 1's: started there as shard 0 (volumes swapped), the coordinator refuses.
+    let o = dci(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dirs[1].path().to_str().unwrap(),
+        "--shard-count",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("holds the log of shard 1 of 2"),
+        "{}",
+        stderr(&o)
+    );
     let o = dci(&args);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));

@@ -123,6 +123,7 @@ impl CoordinatorConfig {
             retention_age: self.retention_age,
             fsync: self.fsync,
             fsync_interval: self.fsync_interval,
+            owner: format!("shard {} of {}", self.shard, self.shard_count),
         }
     }
 }

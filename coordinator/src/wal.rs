@@ -105,6 +105,9 @@ pub struct WalOptions {
     pub fsync: FsyncPolicy,
     /// For [`FsyncPolicy::Interval`].
     pub fsync_interval: Duration,
+    /// Whose log this is (the coordinator's shard, say); recorded at the first open, and a later
+    /// open as anyone else is refused. Empty: not checked.
+    pub owner: String,
 }
 
 impl Default for WalOptions {
@@ -115,6 +118,7 @@ impl Default for WalOptions {
             retention_age: Duration::from_secs(24 * 3600),
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(100),
+            owner: String::new(),
         }
     }
 }
@@ -129,6 +133,16 @@ pub enum WalError {
         path: PathBuf,
         /// What.
         source: io::Error,
+    },
+    /// The log belongs to someone else (another shard's log, after volumes were swapped, say).
+    #[error("log directory {dir} holds the log of {holds}, not of {wanted}; a log stays with its owner (start {wanted} on an empty directory)")]
+    NotOurs {
+        /// The directory.
+        dir: PathBuf,
+        /// Whose log it is.
+        holds: String,
+        /// Who opened it.
+        wanted: String,
     },
     /// Another process has the log open: two writers would hand out the same seqs.
     #[error("log directory {0} is in use by another process (it holds {0}/LOCK); one coordinator per directory")]
@@ -259,6 +273,25 @@ fn lock_dir(dir: &Path) -> Result<File, WalError> {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(WalError::InUse(dir.to_path_buf())),
         Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Refuse a log that belongs to someone else; claim one that belongs to nobody yet.
+fn check_owner(dir: &Path, owner: &str) -> Result<(), WalError> {
+    if owner.is_empty() {
+        return Ok(());
+    }
+    match fs::read_to_string(dir.join("owner")) {
+        Ok(holds) if holds.trim() == owner => Ok(()),
+        Ok(holds) => Err(WalError::NotOurs {
+            dir: dir.to_path_buf(),
+            holds: holds.trim().to_string(),
+            wanted: owner.to_string(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            write_atomically(dir, "owner", owner.as_bytes())
+        }
+        Err(e) => Err(io_err(&dir.join("owner"))(e)),
     }
 }
 
@@ -393,6 +426,7 @@ impl Wal {
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery), WalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock = lock_dir(dir)?;
+        check_owner(dir, &opts.owner)?;
         let mut recovery = Recovery::default();
         let epoch_path = dir.join("epoch");
         let stored_epoch = fs::read_to_string(&epoch_path)
@@ -956,6 +990,35 @@ mod tests {
         drop(w);
         // Dropped without a close, as in a crash: the lock goes with it.
         assert!(Wal::open(dir.path(), WalOptions::default()).is_ok());
+    }
+
+    /// Volumes swapped between shards, or the shard count changed over old logs: each log stays
+    /// with the shard that wrote it.
+    #[test]
+    fn a_log_is_refused_to_anyone_but_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let as_owner = |owner: &str| WalOptions {
+            owner: owner.into(),
+            ..WalOptions::default()
+        };
+        let (mut w, _) = Wal::open(dir.path(), as_owner("shard 0 of 2")).unwrap();
+        w.append(&[rec(1, 3, "p", 1)]).unwrap();
+        w.close().unwrap();
+        for other in ["shard 1 of 2", "shard 0 of 3"] {
+            match Wal::open(dir.path(), as_owner(other)) {
+                Err(e @ WalError::NotOurs { .. }) => {
+                    let m = e.to_string();
+                    assert!(
+                        m.contains("holds the log of shard 0 of 2") && m.contains(other),
+                        "{m}"
+                    );
+                }
+                r => panic!("{other} must be refused, got {:?}", r.map(|_| ())),
+            }
+        }
+        let (w, r) = Wal::open(dir.path(), as_owner("shard 0 of 2")).unwrap();
+        assert_eq!(w.head(), 3, "refused opens touched nothing");
+        assert!(!r.new_epoch);
     }
 
     #[test]
