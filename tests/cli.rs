@@ -14,9 +14,10 @@ impl Drop for Proc {
     }
 }
 
-/// Run a server command (its `--listen` may say port 0) and wait until it listens; returns it
-/// and its port, as its log line tells. Its stderr is drained meanwhile so that it never blocks.
-fn start_cmd(mut cmd: Command) -> (Proc, u16) {
+/// Run a server command (its `--listen` may say port 0) and wait until it listens; returns it,
+/// its port as its log line tells, and every line it logs from then on (its stderr is drained
+/// meanwhile, so that it never blocks).
+fn launch(mut cmd: Command) -> (Proc, u16, std::sync::mpsc::Receiver<String>) {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -24,7 +25,8 @@ fn start_cmd(mut cmd: Command) -> (Proc, u16) {
         .unwrap();
     let err = std::io::BufReader::new(child.stderr.take().unwrap());
     let proc = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in err.lines().map_while(Result::ok) {
@@ -38,13 +40,19 @@ fn start_cmd(mut cmd: Command) -> (Proc, u16) {
                     .chars()
                     .take_while(char::is_ascii_digit)
                     .collect();
-                let _ = tx.send(digits.parse::<u16>().unwrap());
+                let _ = port_tx.send(digits.parse::<u16>().unwrap());
             }
+            let _ = lines_tx.send(line);
         }
     });
-    let port = rx
+    let port = port_rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the server never said it was listening");
+    (proc, port, lines)
+}
+
+fn start_cmd(cmd: Command) -> (Proc, u16) {
+    let (proc, port, _) = launch(cmd);
     (proc, port)
 }
 
@@ -52,6 +60,14 @@ fn start(args: &[&str]) -> (Proc, u16) {
     let mut cmd = Command::new(DCI);
     cmd.args(args);
     start_cmd(cmd)
+}
+
+/// The seqs `dci publish` printed, one per line ("KEY SEQ").
+fn seqs(o: &Output) -> Vec<u64> {
+    stdout(o)
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().parse().unwrap())
+        .collect()
 }
 
 fn dci(args: &[&str]) -> Output {
@@ -251,21 +267,9 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
 
     // A relay pointed at something that is not a sender says so at the default log level, and
     // keeps trying.
-    let mut wrong = Command::new(DCI)
-        .args(["relay", "--listen", "127.0.0.1:0", "--upstream", &edge_url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = std::io::BufReader::new(wrong.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in err.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wrong = Proc(wrong);
+    let mut cmd = Command::new(DCI);
+    cmd.args(["relay", "--listen", "127.0.0.1:0", "--upstream", &edge_url]);
+    let (wrong, _, rx) = launch(cmd);
     let deadline = Instant::now() + Duration::from_secs(20);
     let warned = std::iter::from_fn(|| {
         rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -446,9 +450,7 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
             &format!("j{i}"),
         ]);
         assert!(o.status.success());
-        for line in stdout(&o).lines() {
-            acked.push(line.split(' ').nth(1).unwrap().parse::<u64>().unwrap());
-        }
+        acked.extend(seqs(&o));
     }
     // SIGKILL: no clean shutdown, no chance to flush anything more.
     c.0.kill().unwrap();
@@ -456,13 +458,7 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     let _c = start(&again);
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let seq: u64 = stdout(&o)
-        .trim()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let seq = seqs(&o)[0];
     assert_eq!(
         seq,
         *acked.iter().max().unwrap() + 1,
@@ -514,8 +510,7 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
             refused = Some(o);
             break;
         }
-        let last = stdout(&o).lines().last().unwrap().to_string();
-        last_acked = last.split(' ').nth(1).unwrap().parse().unwrap();
+        last_acked = *seqs(&o).last().unwrap();
     }
     let o = refused.expect("the log filled up within 200 publishes of 1000 keys");
     assert_eq!(o.status.code(), Some(2));
@@ -555,13 +550,7 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     let _c = start(&again);
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let seq: u64 = stdout(&o)
-        .trim()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let seq = seqs(&o)[0];
     assert_eq!(
         seq,
         last_acked + 1,
