@@ -133,6 +133,7 @@ fn log_append(c: &mut Criterion) {
                         .iter()
                         .map(Invalidation::to_pb)
                         .collect(),
+                    void_to: 0,
                 };
                 wal.append(&[rec]).unwrap();
             })

@@ -158,7 +158,7 @@ pub async fn run(
     tracing::info!(
         dir = %cfg.data_dir.display(), shard = cfg.shard, epoch = wal.epoch(), head = wal.head(),
         oldest = wal.oldest(), records = recovery.records, torn_bytes = recovery.torn_bytes,
-        corrupt = ?recovery.corrupt_at, new_epoch = recovery.new_epoch, "log recovered"
+        corrupt = ?recovery.corrupt_at, voided = ?recovery.voided, new_epoch = recovery.new_epoch, "log recovered"
     );
     let hub = Arc::new(hub::Hub::new(
         cfg.shard,

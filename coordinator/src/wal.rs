@@ -8,7 +8,11 @@
 //! torn write (never acknowledged under `fsync=always`): it is truncated away. A record whose
 //! checksum or seq continuity is wrong is corruption: the log is cut there, later segments are
 //! set aside, and the epoch changes so every receiver flushes what it may have learned from the
-//! lost part. Either way sequencing resumes after the last good record.
+//! lost part. A torn write resumes sequencing after the last good record. Corruption does not:
+//! the seqs beyond it were given out (and acknowledged), so recovery looks through what it cuts
+//! and sets aside for the highest seq any intact record there holds, and logs a void record that
+//! covers everything up to it, so that no seq is ever given out twice. The bytes cut from a
+//! damaged segment are kept beside it (`.seg.cut-<offset>`).
 //!
 //! The active segment is kept zeroed a little ahead of its last record ([`ZEROED_AHEAD`]), so
 //! that an fsync usually finds only data pages to write: appending past the end of a file also
@@ -57,12 +61,32 @@ pub struct LogRecord {
     /// The entries, seqs filled in.
     #[prost(message, repeated, tag = "4")]
     pub entries: Vec<pb::Invalidation>,
+    /// Set on a void record only (which has no entries): seqs `first_seq..=void_to` were given
+    /// out before a corruption and the log no longer holds them; they are never given out again.
+    #[prost(uint64, tag = "5")]
+    pub void_to: u64,
 }
 
 impl LogRecord {
     /// Last seq of this record.
     pub fn last_seq(&self) -> Seq {
-        self.first_seq + self.entries.len() as u64 - 1
+        if self.entries.is_empty() {
+            self.void_to
+        } else {
+            self.first_seq + self.entries.len() as u64 - 1
+        }
+    }
+
+    fn check(&self) -> Result<(), Damage> {
+        let fits = if self.entries.is_empty() {
+            self.void_to >= self.first_seq
+        } else {
+            self.void_to == 0
+        };
+        if self.first_seq == 0 || !fits {
+            return Err(Damage::Corrupt("record holds no seq".into()));
+        }
+        Ok(())
     }
 }
 
@@ -177,6 +201,9 @@ pub struct Recovery {
     pub corrupt_at: Option<(PathBuf, u64)>,
     /// True when the epoch was changed (new log, corruption, or unclean stop without fsync).
     pub new_epoch: bool,
+    /// Seqs given out before a corruption that the log no longer holds (first, last): a void
+    /// record now covers them, and sequencing goes on after them.
+    pub voided: Option<(Seq, Seq)>,
 }
 
 /// Idempotency memory: the last requests of each publisher.
@@ -356,10 +383,38 @@ fn read_record<R: Read>(r: &mut R, remaining: u64) -> Result<Option<(LogRecord, 
     }
     let rec = LogRecord::decode(payload.as_slice())
         .map_err(|e| Damage::Corrupt(format!("undecodable record: {e}")))?;
-    if rec.entries.is_empty() || rec.first_seq == 0 {
-        return Err(Damage::Corrupt("empty record".into()));
-    }
+    rec.check()?;
     Ok(Some((rec, (HEADER + len) as u64)))
+}
+
+/// The highest seq held by any intact record in `bytes`, which may start and continue anywhere:
+/// past damage, it tries every offset. Tells what a damaged part of the log had given out.
+fn highest_seq_in(bytes: &[u8]) -> Seq {
+    let record_at = |at: usize| -> Option<(Seq, usize)> {
+        let header = bytes.get(at..at + HEADER)?;
+        let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
+        let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+        let payload = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+        // A record starts with its first seq (field 1, a varint): most offsets fail here, before
+        // a checksum over what may be megabytes.
+        if len == 0 || len > MAX_RECORD || payload[0] != 0x08 || crc32c::crc32c(payload) != crc {
+            return None;
+        }
+        let rec = LogRecord::decode(payload).ok()?;
+        rec.check().ok()?;
+        Some((rec.last_seq(), HEADER + len))
+    };
+    let (mut at, mut highest) = (0, 0);
+    while at + HEADER <= bytes.len() {
+        match record_at(at) {
+            Some((last, n)) => {
+                highest = highest.max(last);
+                at += n;
+            }
+            None => at += 1,
+        }
+    }
+    highest
 }
 
 #[derive(Debug)]
@@ -457,18 +512,22 @@ impl Wal {
         let mut head: Seq = 0;
         let mut dedup = DedupTable::default();
         let mut corrupt = false;
+        // The highest seq found given out, in damaged or set-aside parts included.
+        let mut issued: Seq = 0;
         let count = names.len();
         for (i, (first, path)) in names.into_iter().enumerate() {
-            if corrupt {
-                let aside = path.with_extension("seg.corrupt");
-                tracing::error!(segment = %path.display(), "segment after corruption set aside");
-                fs::rename(&path, &aside).map_err(io_err(&path))?;
-                continue;
-            }
-            if head != 0 && first != head + 1 {
-                tracing::error!(segment = %path.display(), expected = head + 1, "segment does not continue the log");
-                corrupt = true;
-                recovery.corrupt_at = Some((path.clone(), 0));
+            let broken = head != 0 && first != head + 1;
+            if corrupt || broken {
+                if broken {
+                    tracing::error!(segment = %path.display(), expected = head + 1, "segment does not continue the log");
+                    corrupt = true;
+                    recovery.corrupt_at = Some((path.clone(), 0));
+                } else {
+                    tracing::error!(segment = %path.display(), "segment after corruption set aside");
+                }
+                // Its name alone says that every seq before `first` was given out.
+                let bytes = fs::read(&path).map_err(io_err(&path))?;
+                issued = issued.max(first - 1).max(highest_seq_in(&bytes));
                 let aside = path.with_extension("seg.corrupt");
                 fs::rename(&path, &aside).map_err(io_err(&path))?;
                 continue;
@@ -506,15 +565,26 @@ impl Wal {
                         recovery.records += 1;
                     }
                     Err(damage) if i + 1 == count => {
+                        // A write cut short ends the log: an intact record after it means the
+                        // damage is elsewhere (a length field, say), and those records count.
+                        let intact_after = || -> Result<bool, WalError> {
+                            let bytes = fs::read(&path).map_err(io_err(&path))?;
+                            Ok(highest_seq_in(&bytes[off as usize..]) > head)
+                        };
                         match (
                             damage,
                             unwritten_tail(&path, off, size).map_err(io_err(&path))?,
                         ) {
                             // The space zeroed ahead of the writes: the end of the log.
                             (_, Tail::Zeros) => {}
-                            (Damage::Torn, _) | (_, Tail::Torn) => {
+                            (Damage::Torn, _) | (_, Tail::Torn) if !intact_after()? => {
                                 recovery.torn_bytes = size - off;
                                 tracing::warn!(segment = %path.display(), offset = off, bytes = size - off, "truncating a torn write at the end of the log");
+                            }
+                            (Damage::Torn, _) | (_, Tail::Torn) => {
+                                tracing::error!(segment = %path.display(), offset = off, last_good_seq = head, "damaged log record with intact records after it: recovering up to it");
+                                corrupt = true;
+                                recovery.corrupt_at = Some((path.clone(), off));
                             }
                             (Damage::Corrupt(why), Tail::Written) => {
                                 tracing::error!(segment = %path.display(), offset = off, %why, last_good_seq = head, "corrupt log record: recovering up to it");
@@ -539,6 +609,17 @@ impl Wal {
                 }
             }
             if off < size {
+                if corrupt {
+                    // Kept for whoever looks into the damage, and read for the seqs it gave out.
+                    let mut cut = Vec::new();
+                    let mut f = File::open(&path).map_err(io_err(&path))?;
+                    f.seek(SeekFrom::Start(off)).map_err(io_err(&path))?;
+                    f.read_to_end(&mut cut).map_err(io_err(&path))?;
+                    issued = issued.max(highest_seq_in(&cut));
+                    let name = format!("{}.cut-{off}", path.display());
+                    let kept = PathBuf::from(name);
+                    fs::write(&kept, &cut).map_err(io_err(&kept))?;
+                }
                 let file = OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -556,6 +637,12 @@ impl Wal {
                     last_write: meta.modified().unwrap_or_else(|_| SystemTime::now()),
                 },
             );
+        }
+
+        // A segment is named after its first seq: those before it were given out (and dropped by
+        // retention), even when damage left none of its own records.
+        if let Some((&first, _)) = segments.first_key_value() {
+            head = head.max(first - 1);
         }
 
         // A lost part (corruption, or a machine crash that took unsynced writes) means receivers
@@ -608,7 +695,7 @@ impl Wal {
         if let Some(b) = &this_boot {
             write_atomically(dir, "boot", b.as_bytes())?;
         }
-        let wal = Wal {
+        let mut wal = Wal {
             dir: dir.to_path_buf(),
             opts,
             epoch,
@@ -622,6 +709,20 @@ impl Wal {
             dedup,
             _lock: lock,
         };
+        if issued > wal.head {
+            let void = LogRecord {
+                first_seq: wal.head + 1,
+                void_to: issued,
+                ..Default::default()
+            };
+            tracing::error!(
+                first = void.first_seq, last = issued,
+                "seqs given out before the corruption are lost: voided, never to be given out again"
+            );
+            recovery.voided = Some((void.first_seq, issued));
+            wal.write(std::slice::from_ref(&void))?;
+            wal.sync()?;
+        }
         Ok((wal, recovery))
     }
 
@@ -950,6 +1051,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            void_to: 0,
         }
     }
 
@@ -1179,9 +1281,9 @@ mod tests {
         bytes[HEADER + first_len..HEADER + first_len + HEADER].fill(0);
         fs::write(&path, &bytes).unwrap();
         let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
-        assert_eq!(w.head(), 2);
         assert!(r.corrupt_at.is_some());
         assert!(r.new_epoch);
+        assert_eq!((w.head(), r.voided), (6, Some((3, 6))));
     }
 
     #[test]
@@ -1197,11 +1299,112 @@ mod tests {
         let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
         bytes[HEADER + first_len + HEADER + 2] ^= 0xff; // inside the second record's payload
         fs::write(&path, &bytes).unwrap();
-        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
-        assert_eq!(w.head(), 2);
+        let (mut w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
         assert!(r.corrupt_at.is_some());
         assert!(r.new_epoch);
         assert!(w.epoch() > epoch);
+        // Seqs 3..=6 were given out: the intact record past the damage says so, and they are
+        // voided rather than given out again.
+        assert_eq!(r.voided, Some((3, 6)));
+        assert_eq!(w.head(), 6);
+        let recs = w.reader().read_from(1, usize::MAX).unwrap();
+        let ranges: Vec<_> = recs
+            .iter()
+            .map(|r| (r.first_seq, r.last_seq(), r.entries.len()))
+            .collect();
+        assert_eq!(ranges, vec![(1, 2, 2), (3, 6, 0)]);
+        // What was cut is kept beside the segment.
+        let kept = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".seg.cut-")
+            })
+            .count();
+        assert_eq!(kept, 1);
+        w.write(&[rec(7, 1, "", 0)]).unwrap();
+        w.close().unwrap();
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(
+            (w.head(), r.corrupt_at, r.voided, r.new_epoch),
+            (7, None, None, false)
+        );
+    }
+
+    /// Damage anywhere: in a length field (the records after it can only be found by trying
+    /// every offset), in a segment that later segments follow (set aside, and read for their
+    /// seqs), or in the only record of the oldest segment (its name still tells where it starts).
+    #[test]
+    fn seqs_past_damage_are_never_given_out_again() {
+        let opts = WalOptions {
+            segment_bytes: 300,
+            ..Default::default()
+        };
+        let open = |dir: &Path| Wal::open(dir, opts.clone()).unwrap();
+        // A length field.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        w.append(&[rec(1, 2, "", 0), rec(3, 2, "", 0), rec(5, 2, "", 0)])
+            .unwrap();
+        let (_, path) = only_segment(&w);
+        drop(w);
+        let mut bytes = fs::read(&path).unwrap();
+        let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+        bytes[HEADER + first_len + 1] = 0x7f;
+        fs::write(&path, &bytes).unwrap();
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!((w.head(), r.voided), (6, Some((3, 6))));
+
+        // A segment followed by others.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open(dir.path());
+        for i in 0..30 {
+            w.append(&[rec(i * 2 + 1, 2, "", 0)]).unwrap();
+        }
+        assert!(w.segment_count() > 3);
+        let first_path = w.segments.values().next().unwrap().path.clone();
+        drop(w);
+        let mut bytes = fs::read(&first_path).unwrap();
+        bytes[HEADER + 3] ^= 0x01;
+        fs::write(&first_path, &bytes).unwrap();
+        let (mut w, r) = open(dir.path());
+        assert_eq!((w.head(), r.voided), (60, Some((1, 60))));
+        assert_eq!(w.segment_count(), 1, "later segments set aside");
+        w.append(&[rec(61, 1, "", 0)]).unwrap();
+        let recs = w.reader().read_from(1, usize::MAX).unwrap();
+        let ranges: Vec<_> = recs.iter().map(|r| (r.first_seq, r.last_seq())).collect();
+        assert_eq!(ranges, vec![(1, 60), (61, 61)]);
+
+        // The oldest segment left by retention, its only record damaged.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open(dir.path());
+        for i in 0..30 {
+            w.append(&[rec(i * 2 + 1, 2, "", 0)]).unwrap();
+        }
+        let (last_first, last_path) = w
+            .segments
+            .iter()
+            .map(|(f, s)| (*f, s.path.clone()))
+            .next_back()
+            .unwrap();
+        drop(w);
+        for e in fs::read_dir(dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "seg") && p != last_path {
+                fs::remove_file(p).unwrap();
+            }
+        }
+        let mut bytes = fs::read(&last_path).unwrap();
+        bytes.truncate(bytes.len().min(HEADER + 4));
+        bytes[HEADER + 2] ^= 0x01;
+        bytes.extend_from_slice(&[1; 64]);
+        fs::write(&last_path, &bytes).unwrap();
+        let (w, r) = open(dir.path());
+        assert!(r.corrupt_at.is_some());
+        assert!(
+            w.head() >= last_first - 1,
+            "seqs before the segment's name are not given out again"
+        );
     }
 
     #[test]

@@ -352,6 +352,7 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
             publisher_id: job.publisher_id,
             request_no: job.request_no,
             entries: pbs,
+            void_to: 0,
         });
         answers.push((
             job.reply,
