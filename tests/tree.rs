@@ -316,6 +316,50 @@ async fn the_stale_set_race_is_refused() {
     c.stop().await.unwrap();
 }
 
+/// The cache only saves loads: a key whose edge is gone (stopped, never there, or stuck past the
+/// deadline) is still read, from the loader, and nothing is filled; the loader's own failure and
+/// a key the edge refuses are still errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_load_reads_through_when_the_edge_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let row = |v: &'static str| move || async move { Ok::<_, std::io::Error>(Bytes::from(v)) };
+    assert_eq!(cache.get_or_load("user:1", row("v1")).await.unwrap(), "v1");
+    assert_eq!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Hit(Bytes::from("v1"))
+    );
+    let refused = cache.get_or_load("", row("x")).await.unwrap_err();
+    assert!(matches!(refused, dci_sdk::Error::Refused(_)), "{refused}");
+
+    e.edge.stop().await.unwrap();
+    assert!(matches!(
+        cache.get("user:1").await,
+        Err(dci_sdk::Error::Unavailable(_))
+    ));
+    assert_eq!(cache.get_or_load("user:1", row("v2")).await.unwrap(), "v2");
+    let failed = cache
+        .get_or_load("user:1", || async {
+            Err::<Bytes, _>(std::io::Error::other("database down"))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(failed, dci_sdk::Error::Loader(_)), "{failed}");
+
+    // Stuck: it takes connections and never answers.
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cache =
+        CacheClient::from_urls(vec![format!("http://{}", stuck.local_addr().unwrap())]).unwrap();
+    assert_eq!(cache.get_or_load("user:1", row("v3")).await.unwrap(), "v3");
+    drop(stuck);
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A relay that has never reached a coordinator (a wrong address at deploy time, a partition)
 /// knows no shard; the edges behind it have nothing vouching for what they hold and answer
 /// misses, until the coordinator is there: then they serve.

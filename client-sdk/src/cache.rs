@@ -122,6 +122,11 @@ impl CacheClient {
 
     /// The cached value, or load it, fill under the miss's lease, and return it. Only one caller
     /// per key (in this client) loads at a time; the others wait and then read the fill.
+    ///
+    /// The cache only saves loads: when the key's edge cannot be reached (down, stuck past the
+    /// deadline), the value comes from the loader and nothing is filled; a fill that fails is
+    /// dropped the same way. Only a refusal of the request itself (a key the edge does not take)
+    /// and the loader's own failure are errors.
     pub async fn get_or_load<F, Fut, E>(
         &self,
         key: impl Into<Bytes>,
@@ -133,8 +138,15 @@ impl CacheClient {
         E: std::fmt::Display,
     {
         let key = key.into();
-        if let Lookup::Hit(v) = self.get(key.clone()).await? {
-            return Ok(v);
+        let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
+        match self.get(key.clone()).await {
+            Ok(Lookup::Hit(v)) => return Ok(v),
+            Ok(Lookup::Miss { .. }) => {}
+            Err(Error::Unavailable(why)) => {
+                tracing::debug!(%why, "edge unavailable: loading without the cache");
+                return load().await;
+            }
+            Err(e) => return Err(e),
         }
         let gate = {
             let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,14 +154,25 @@ impl CacheClient {
         };
         let result = async {
             let _turn = gate.lock().await;
-            let lease = match self.get(key.clone()).await? {
-                Lookup::Hit(v) => return Ok(v),
-                Lookup::Miss { lease } => lease,
+            let lease = match self.get(key.clone()).await {
+                Ok(Lookup::Hit(v)) => return Ok(v),
+                Ok(Lookup::Miss { lease }) => Some(lease),
+                Err(Error::Unavailable(_)) => None,
+                Err(e) => return Err(e),
             };
-            let value = loader().await.map_err(|e| Error::Loader(e.to_string()))?;
-            // A refused fill still returns the loaded value: it was read after the miss, and the
-            // next reader loads again.
-            self.set(key.clone(), value.clone(), Some(lease)).await?;
+            let value = load().await?;
+            // A refused or failed fill still returns the loaded value: it was read after the
+            // miss, and the next reader loads again.
+            if let Some(lease) = lease {
+                match self.set(key.clone(), value.clone(), Some(lease)).await {
+                    Ok(_) => {}
+                    Err(Error::Unavailable(why)) => {
+                        tracing::debug!(%why, "edge unavailable: the loaded value is not filled");
+                    }
+                    // A value the edge does not take (too large, say): worth a look.
+                    Err(e) => tracing::warn!(error = %e, "fill refused by the edge"),
+                }
+            }
             Ok(value)
         }
         .await;
