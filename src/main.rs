@@ -321,17 +321,24 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
 }
 
 fn status_line(s: &tonic::Status) -> String {
+    // The client's own deadline comes back as "cancelled: Timeout expired".
+    if s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired" {
+        return format!("no answer within {}s", REQUEST_TIMEOUT.as_secs());
+    }
     format!("{}: {}", s.code(), s.message())
 }
+
+/// How long a command waits for one answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
     let ep = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| anyhow!("bad url {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
+        .timeout(REQUEST_TIMEOUT);
     ep.connect()
         .await
-        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))
+        .map_err(|e| anyhow!("cannot connect to {url}: {}", dci_proto::with_causes(&e)))
 }
 
 async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
@@ -479,7 +486,7 @@ async fn node_tree(url: &str) -> anyhow::Result<Vec<pb::NodeStatus>> {
     let r = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| anyhow!(status_line(&s)))?;
+        .map_err(|s| anyhow!("{url}: {}", status_line(&s)))?;
     Ok(r.into_inner().nodes)
 }
 

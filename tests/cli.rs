@@ -233,10 +233,11 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
 
-    // Unreachable node: exit 2, one line.
+    // Unreachable node: exit 2, one line that says why.
     let o = dci(&["get", "--edge", "http://127.0.0.1:1", "k"]);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o).lines().count(), 1);
+    assert!(stderr(&o).contains("Connection refused"), "{}", stderr(&o));
 
     // A collector address that is not a URL: refused before anything starts.
     let o = dci(&[

@@ -77,3 +77,41 @@ pub fn now_us() -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
+
+/// An error and its causes on one line ("transport error: tcp connect error: Connection
+/// refused"), each cause once: a transport error's own text says nothing of what went wrong.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_causes;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct E(&'static str, #[source] Option<Box<E>>);
+
+    #[test]
+    fn causes_follow_the_error_each_once() {
+        let refused = E("Connection refused (os error 111)", None);
+        let connect = E("tcp connect error", Some(Box::new(refused)));
+        let e = E("transport error", Some(Box::new(connect)));
+        assert_eq!(
+            with_causes(&e),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+        let repeats = E("cannot open x: denied", Some(Box::new(E("denied", None))));
+        assert_eq!(with_causes(&repeats), "cannot open x: denied");
+    }
+}

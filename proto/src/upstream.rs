@@ -306,7 +306,10 @@ async fn session<A: Applier>(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(2 << 20))
         .initial_connection_window_size(Some(8 << 20));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| crate::with_causes(&e))?;
     let mut client = SubscribeClient::new(channel).max_decoding_message_size(64 << 20);
     receiver.on_reconnect();
     let (up, up_rx) = mpsc::channel::<pb::Upstream>(256);
@@ -325,7 +328,7 @@ async fn session<A: Applier>(
     let mut stream = client
         .subscribe(ReceiverStream::new(up_rx))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| crate::with_causes(&e))?
         .into_inner();
     let now = Instant::now();
     {
