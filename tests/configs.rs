@@ -47,6 +47,21 @@ fn unknown_keys_and_bad_values_are_refused() {
         .to_string()
         .contains("otlp endpoint"));
     assert!(serde_yaml::from_str::<dci_edge_cache::EdgeConfig>("otlp: { endpiont: x }").is_err());
+    // Shorter than two heartbeats: every healthy sender would be dropped as silent, over and over.
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\npeer_timeout: 0s").unwrap();
+    assert!(e
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("peer_timeout"));
+    let r: dci_relay::RelayConfig =
+        serde_yaml::from_str("upstream: [http://127.0.0.1:1]\npeer_timeout: 500ms").unwrap();
+    assert!(r
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("peer_timeout"));
 }
 
 #[test]

@@ -102,6 +102,12 @@ impl EdgeConfig {
         if self.max_staleness.is_zero() {
             return Err(ConfigError("max_staleness must be positive".into()));
         }
+        if self.peer_timeout < dci_proto::upstream::MIN_PEER_TIMEOUT {
+            return Err(ConfigError(format!(
+                "peer_timeout must be at least {:?} (two of a sender's heartbeats)",
+                dci_proto::upstream::MIN_PEER_TIMEOUT
+            )));
+        }
         self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }

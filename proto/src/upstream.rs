@@ -43,6 +43,10 @@ pub trait Applier: Send + 'static {
     }
 }
 
+/// The shortest `peer_timeout` a node takes: two of a sender's heartbeats (500 ms apart), so a
+/// healthy sender is never taken for a silent one.
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How to follow.
 #[derive(Clone, Debug)]
 pub struct FollowOptions {

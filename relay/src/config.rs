@@ -102,6 +102,12 @@ impl RelayConfig {
         if self.window_bytes < 1024 {
             return Err(ConfigError("window_bytes must be at least 1024".into()));
         }
+        if self.peer_timeout < dci_proto::upstream::MIN_PEER_TIMEOUT {
+            return Err(ConfigError(format!(
+                "peer_timeout must be at least {:?} (two of a sender's heartbeats)",
+                dci_proto::upstream::MIN_PEER_TIMEOUT
+            )));
+        }
         self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }
