@@ -626,3 +626,154 @@ fn the_bench_runs_end_to_end() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("must contain `{}` exactly once"));
 }
+
+/// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two
+/// regions), and one pod of every coordinator StatefulSet, relay Deployment and edge StatefulSet
+/// is started with its command line as rendered, but for where things are: `0.0.0.0:PORT` listens
+/// on port 0 of loopback, a Service's URL points at the port its pod got, `$(POD_NAME)` is the pod's
+/// name and `/data` a directory of its own. A publish through both shards reaches the edges of
+/// both regions, which report under their pods' names.
+///
+/// Skipped when `helm` is not on the PATH, unless `DCI_REQUIRE_HELM` is set (CI sets it).
+#[test]
+fn the_helm_chart_starts_a_working_tree() {
+    if !Command::new("helm")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::env::var_os("DCI_REQUIRE_HELM").is_none(),
+            "helm is not on the PATH"
+        );
+        eprintln!("helm is not on the PATH: the chart is not checked");
+        return;
+    }
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
+    let o = Command::new("helm").args(["lint", chart]).output().unwrap();
+    assert!(o.status.success(), "{}", stdout(&o));
+    let o = Command::new("helm")
+        .args(["template", "t", chart, "--set", "coordinator.shards=2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&stdout(&o))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| !d.is_null())
+        .collect();
+    let services: std::collections::HashMap<String, u64> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .map(|d| {
+            let port = d["spec"]["ports"][0]["port"].as_u64().unwrap();
+            (d["metadata"]["name"].as_str().unwrap().to_string(), port)
+        })
+        .collect();
+    // (workload name, role, container args), coordinators first, then relays, then edges.
+    let mut pods: Vec<(String, String, Vec<String>)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        .map(|d| {
+            let spec = &d["spec"]["template"]["spec"];
+            let c = &spec["containers"][0];
+            let args = c["args"].as_sequence().unwrap();
+            let args = args.iter().map(|a| a.as_str().unwrap().to_string());
+            if args.clone().any(|a| a.contains("$(POD_NAME)")) {
+                assert_eq!(c["env"][0]["name"], "POD_NAME");
+                assert_eq!(
+                    c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+                    "metadata.name"
+                );
+            }
+            let role = spec["containers"][0]["name"].as_str().unwrap().to_string();
+            (
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+                role,
+                args.collect(),
+            )
+        })
+        .collect();
+    let rank = |role: &str| {
+        ["coordinator", "relay", "edge"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    pods.sort_by_key(|(_, role, _)| rank(role));
+    assert_eq!(pods.len(), 2 + 2 + 2, "{pods:?}");
+
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut ports: std::collections::HashMap<String, u16> = Default::default();
+    let mut running = Vec::new();
+    for (i, (name, _, args)) in pods.iter().enumerate() {
+        let pod = format!("{name}-0");
+        let local = |arg: &str| -> String {
+            if let Some(port) = arg.strip_prefix("0.0.0.0:") {
+                assert_eq!(
+                    services[name].to_string(),
+                    port,
+                    "{name} listens off its Service's port"
+                );
+                return "127.0.0.1:0".into();
+            }
+            if arg == "/data" {
+                return dirs[i].path().to_str().unwrap().into();
+            }
+            if arg.starts_with("http://") {
+                // Every URL names a Service of the chart, at the Service's port.
+                let urls: Vec<String> = arg
+                    .split(',')
+                    .map(|u| {
+                        let (host, port) = u["http://".len()..].split_once(':').unwrap();
+                        assert_eq!(services[host].to_string(), port, "{u}");
+                        format!("http://127.0.0.1:{}", ports[host])
+                    })
+                    .collect();
+                return urls.join(",");
+            }
+            arg.replace("$(POD_NAME)", &pod)
+        };
+        let mut cmd = Command::new(DCI);
+        cmd.args(args.iter().map(|a| local(a)));
+        let (proc, port) = start_cmd(cmd);
+        ports.insert(name.clone(), port);
+        running.push(proc);
+    }
+
+    let coordinators = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports["t-coordinator-0"], ports["t-coordinator-1"]
+    );
+    let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
+    let mut args = vec!["publish", "--coordinator", &coordinators];
+    args.extend(keys.iter().map(String::as_str));
+    let o = dci(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // (shard, its last seq) from "KEY SEQ shard=N".
+    let mut heads = [0u64; 2];
+    for line in stdout(&o).lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let shard: usize = f[2].trim_start_matches("shard=").parse().unwrap();
+        heads[shard] = heads[shard].max(f[1].parse().unwrap());
+    }
+    assert!(heads.iter().all(|&h| h > 0), "both shards used: {heads:?}");
+    eventually("both regions' edges to apply both shards", || {
+        let o = dci(&["status", "--coordinator", &coordinators, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let mut caught_up: Vec<&str> = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["role"] == "edge")
+            .filter(|n| {
+                n["shards"].as_array().into_iter().flatten().any(|s| {
+                    let shard = s["shard"].as_u64().unwrap_or(9) as usize;
+                    shard < 2 && s["hwm"].as_u64() >= Some(heads[shard])
+                })
+            })
+            .filter_map(|n| n["node_id"].as_str())
+            .collect();
+        caught_up.sort();
+        caught_up.dedup();
+        caught_up == ["t-edge-eu-west-0", "t-edge-us-east-0"]
+    });
+}
