@@ -359,7 +359,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_absurd_resume_point_is_refused_with_invalid_argument() {
+async fn an_absurd_resume_point_or_name_is_refused_with_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -371,30 +371,38 @@ async fn an_absurd_resume_point_is_refused_with_invalid_argument() {
     let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
         .await
         .unwrap();
-    let hello = pb::Upstream {
-        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
-            node_id: "hostile".into(),
-            resume: vec![pb::ResumePoint {
-                shard: 0,
-                epoch: c.epoch,
-                hwm: u64::MAX,
-            }],
-            ..Default::default()
-        })),
+    let absurd_resume = pb::Hello {
+        node_id: "hostile".into(),
+        resume: vec![pb::ResumePoint {
+            shard: 0,
+            epoch: c.epoch,
+            hwm: u64::MAX,
+        }],
+        ..Default::default()
     };
-    let mut stream = raw
-        .subscribe(tokio_stream::iter(vec![hello]))
-        .await
-        .unwrap()
-        .into_inner();
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without a status"),
-            Err(e) => break e,
-        }
+    // A name kept for as long as the link lives, a megabyte long.
+    let absurd_name = pb::Hello {
+        node_id: "x".repeat(1 << 20),
+        ..Default::default()
     };
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    for hello in [absurd_resume, absurd_name] {
+        let hello = pb::Upstream {
+            msg: Some(pb::upstream::Msg::Hello(hello)),
+        };
+        let mut stream = raw
+            .subscribe(tokio_stream::iter(vec![hello]))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
     // The coordinator is fine.
     let mut p = pb::publisher_client::PublisherClient::connect(c.url())
         .await

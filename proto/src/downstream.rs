@@ -21,6 +21,9 @@ use crate::link::{Sender, SenderConfig, ShardView, SharedBatch, TxCommand};
 use crate::pb;
 use crate::types::{Filter, Seq, ShardId};
 
+/// The longest node id, region or role a receiver may give.
+const MAX_NAME: usize = 256;
+
 /// What a source answers to a read.
 #[derive(Debug)]
 pub enum Fetch {
@@ -198,6 +201,19 @@ async fn run_link<S: BatchSource>(
             "resume point of shard {} is out of bounds ({})",
             p.shard, p.hwm
         )));
+    }
+    // Names are logged and kept for `dci status` as long as the link lives.
+    for (what, name) in [
+        ("node_id", &hello.node_id),
+        ("region", &hello.region),
+        ("role", &hello.role),
+    ] {
+        if name.len() > MAX_NAME {
+            return Err(Status::invalid_argument(format!(
+                "{what} is {} bytes, more than the maximum of {MAX_NAME}",
+                name.len()
+            )));
+        }
     }
     let filter = Filter::try_from_pb(hello.filter.clone())
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
