@@ -693,6 +693,20 @@ fn the_helm_chart_starts_a_working_tree() {
             )
         })
         .collect();
+    // The log's volume is writable by the user the image runs as.
+    let dockerfile = include_str!("../deploy/Dockerfile");
+    let user: u64 = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .and_then(|u| u.trim().parse().ok())
+        .expect("the image names a numeric user");
+    for d in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+        let spec = &d["spec"]["template"]["spec"];
+        if spec["containers"][0]["volumeMounts"].is_sequence() {
+            assert_eq!(spec["securityContext"]["fsGroup"].as_u64(), Some(user));
+            assert_eq!(spec["securityContext"]["runAsUser"].as_u64(), Some(user));
+        }
+    }
     let rank = |role: &str| {
         ["coordinator", "relay", "edge"]
             .iter()
