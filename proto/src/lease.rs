@@ -27,6 +27,8 @@ use crate::types::{Epoch, Invalidation, Kind, Seq, ShardId};
 
 const SEQ_BITS: u32 = 48;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+/// A generation is what fits above the seq in a lease's wire form.
+const GENERATION_MASK: u64 = u64::MAX >> SEQ_BITS;
 const MAX_PREFIX_TOMBS: usize = 4096;
 
 /// A lease: the flush generation and the key's shard's applied seq at the time of a miss.
@@ -145,7 +147,10 @@ impl LeaseTable {
             map: ShardMap::new(shard_count),
             shards: Vec::new(),
             slots: max_tombs.clamp(1, 1 << 30).next_power_of_two(),
-            generation: 0,
+            // Not 0: a cache started again (a restarted edge, a replacement at the same address)
+            // would otherwise count its generations as its earlier life did, and could take a
+            // lease that life handed out.
+            generation: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> SEQ_BITS,
             hash: foldhash::fast::FixedState::with_seed(seed),
             id: foldhash::fast::FixedState::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
@@ -292,7 +297,8 @@ impl LeaseTable {
     /// The cache dropped everything of `shard`; it continues after `hwm` in `epoch`. Every
     /// lease handed out before is void.
     pub fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq) {
-        self.generation += 1;
+        // Wrapping as the wire form does: past its width, every lease would be refused for ever.
+        self.generation = (self.generation + 1) & GENERATION_MASK;
         let st = self.shard_mut(shard);
         *st = ShardLeases {
             shard,
@@ -406,6 +412,30 @@ mod tests {
             seq: 123_456,
         };
         assert_eq!(Lease::decode(l.encode()), l);
+    }
+
+    /// A lease goes over the wire and back before it is checked: generations stay within what
+    /// the wire form carries, however many flushes there were.
+    #[test]
+    fn leases_fill_after_more_flushes_than_the_wire_form_counts() {
+        let mut t = LeaseTable::new(1, 100);
+        for i in 0..(GENERATION_MASK + 5) {
+            t.flush(0, 1, i);
+        }
+        let wired = Lease::decode(t.lease(b"k").encode());
+        assert_eq!(t.check_fill(b"k", wired), Ok(()));
+    }
+
+    /// A cache started again does not count its generations as its earlier life did: a lease
+    /// handed out before the restart is refused as flushed, whatever the seqs say.
+    #[test]
+    fn a_cache_started_again_refuses_the_leases_of_its_earlier_life() {
+        let mut before = LeaseTable::with_seed(1, 100, 1);
+        before.flush(0, 1, 10);
+        let lease = before.lease(b"k");
+        let mut after = LeaseTable::with_seed(1, 100, 2);
+        after.flush(0, 1, 10);
+        assert_eq!(after.check_fill(b"k", lease), Err(FillRefused::Flushed));
     }
 
     #[derive(Clone, Debug)]
