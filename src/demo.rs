@@ -34,6 +34,82 @@ pub struct DemoArgs {
     /// Edges' staleness bound.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     max_staleness: Duration,
+    /// Every few seconds (3s, or as given), stop one node for a second and start it again, in
+    /// turn an edge (it comes back empty), a relay and the coordinator (from its log), while
+    /// the workload runs.
+    #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "3s",
+          value_parser = humantime::parse_duration)]
+    chaos: Option<Duration>,
+}
+
+/// The deployment, kept with what it takes to start each node again (`--chaos`).
+struct Nodes {
+    /// `None` only while it is being restarted.
+    coordinator: Option<Coordinator>,
+    coordinator_cfg: CoordinatorConfig,
+    relays: Vec<Relay>,
+    relay_cfgs: Vec<RelayConfig>,
+    edges: Vec<EdgeNode>,
+    edge_cfgs: Vec<(EdgeConfig, dci_edge_cache::AppliedHook)>,
+}
+
+impl Nodes {
+    /// Stop one node, wait `down`, and start it again at the same address: the `round`th of
+    /// edge, relay, coordinator, in turn.
+    async fn restart_one(&mut self, round: usize, down: Duration) -> anyhow::Result<()> {
+        let say = |what: &str| println!("chaos: {what} stopped for {:.1}s", down.as_secs_f64());
+        match round % 3 {
+            0 => {
+                let i = (round / 3) % self.edges.len();
+                let old = self.edges.remove(i);
+                let listen = old.addr;
+                say(&format!("edge {} (it comes back empty)", old.node_id));
+                old.stop().await?;
+                tokio::time::sleep(down).await;
+                let (cfg, hook) = self.edge_cfgs[i].clone();
+                let cfg = EdgeConfig { listen, ..cfg };
+                self.edges
+                    .insert(i, EdgeNode::start_with(cfg, Some(hook)).await?);
+            }
+            1 => {
+                let i = (round / 3) % self.relays.len();
+                let old = self.relays.remove(i);
+                let cfg = RelayConfig {
+                    listen: old.addr,
+                    ..self.relay_cfgs[i].clone()
+                };
+                say(&format!("relay {}", cfg.node_id));
+                old.stop().await?;
+                tokio::time::sleep(down).await;
+                self.relays.insert(i, Relay::start(cfg).await?);
+            }
+            _ => {
+                let old = self.coordinator.take().expect("running");
+                let cfg = CoordinatorConfig {
+                    listen: old.addr,
+                    ..self.coordinator_cfg.clone()
+                };
+                say("the coordinator (it recovers from its log)");
+                old.stop().await?;
+                tokio::time::sleep(down).await;
+                self.coordinator = Some(Coordinator::start(cfg).await?);
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for e in self.edges {
+            let _ = e.stop().await;
+        }
+        for r in self.relays {
+            let _ = r.stop().await;
+        }
+        if let Some(c) = self.coordinator {
+            c.stop().await?;
+        }
+        Ok(())
+    }
 }
 
 /// The "database": a version per key, and when each version's invalidation was acknowledged.
@@ -51,6 +127,10 @@ struct Stats {
     errors: AtomicU64,
 }
 
+/// With `--chaos`: how long a node stays down (less than the default staleness bound, so that
+/// edges behind a restarted relay go on serving meanwhile).
+const CHAOS_DOWN: Duration = Duration::from_secs(1);
+
 /// Publishes the demo's writers keep in flight at most.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
 
@@ -60,27 +140,30 @@ fn key_of(i: u64) -> String {
 
 pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let coordinator = Coordinator::start(CoordinatorConfig {
+    let coordinator_cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         ..CoordinatorConfig::default()
-    })
-    .await?;
+    };
+    let coordinator = Coordinator::start(coordinator_cfg.clone()).await?;
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
     )?));
     let mut relays = Vec::new();
+    let mut relay_cfgs = Vec::new();
     let mut edges = Vec::new();
+    let mut edge_cfgs = Vec::new();
     let mut clients = Vec::new();
     for region in ["eu", "us"] {
-        let relay = Relay::start(RelayConfig {
+        let cfg = RelayConfig {
             listen: "127.0.0.1:0".parse()?,
             upstream: vec![coordinator.url()],
             region: region.into(),
             node_id: format!("relay-{region}"),
             ..RelayConfig::default()
-        })
-        .await?;
+        };
+        let relay = Relay::start(cfg.clone()).await?;
+        relay_cfgs.push(cfg);
         let ids: Vec<String> = (0..3).map(|i| format!("edge-{region}-{i}")).collect();
         let mut members = Vec::new();
         for id in &ids {
@@ -93,21 +176,19 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                         let _ = h.record(now.saturating_sub(e.publish_time_us).max(1));
                     }
                 });
-            let edge = EdgeNode::start_with(
-                EdgeConfig {
-                    listen: "127.0.0.1:0".parse()?,
-                    relays: vec![relay.url()],
-                    region: region.into(),
-                    node_id: id.clone(),
-                    ring_nodes: ids.clone(),
-                    max_staleness: a.max_staleness,
-                    ..EdgeConfig::default()
-                },
-                Some(on_applied),
-            )
-            .await?;
+            let cfg = EdgeConfig {
+                listen: "127.0.0.1:0".parse()?,
+                relays: vec![relay.url()],
+                region: region.into(),
+                node_id: id.clone(),
+                ring_nodes: ids.clone(),
+                max_staleness: a.max_staleness,
+                ..EdgeConfig::default()
+            };
+            let edge = EdgeNode::start_with(cfg.clone(), Some(on_applied.clone())).await?;
             members.push((id.clone(), edge.url()));
             edges.push(edge);
+            edge_cfgs.push((cfg, on_applied));
         }
         clients.push(CacheClient::new(members)?);
         relays.push(relay);
@@ -124,6 +205,14 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
     );
 
     let publisher = Publisher::connect(vec![coordinator.url()]).await?;
+    let nodes = Nodes {
+        coordinator: Some(coordinator),
+        coordinator_cfg,
+        relays,
+        relay_cfgs,
+        edges,
+        edge_cfgs,
+    };
     let db = Arc::new(Database {
         versions: (0..a.keys).map(|_| AtomicU64::new(1)).collect(),
         acked: Mutex::new(HashMap::new()),
@@ -224,6 +313,26 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         }));
     }
 
+    // The nodes live in this task, which (with --chaos) restarts one of them every few seconds
+    // and hands them all back when the demo stops.
+    let restarts = Arc::new(AtomicU64::new(0));
+    let chaos = {
+        let (mut halt, restarts, every) = (halt.clone(), restarts.clone(), a.chaos);
+        let mut nodes = nodes;
+        tokio::spawn(async move {
+            for round in 0.. {
+                tokio::select! {
+                    biased;
+                    _ = halt.changed() => break,
+                    _ = tokio::time::sleep(every.unwrap_or_default()), if every.is_some() => {}
+                }
+                nodes.restart_one(round, CHAOS_DOWN).await?;
+                restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(nodes)
+        })
+    };
+
     let started = Instant::now();
     let mut report = tokio::time::interval(Duration::from_secs(1));
     report.tick().await;
@@ -253,8 +362,13 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         } else {
             (hits - last_hits) as f64 / dr as f64 * 100.0
         };
+        let chaos = if a.chaos.is_some() {
+            format!(" restarts={}", restarts.load(Ordering::Relaxed))
+        } else {
+            String::new()
+        };
         println!(
-            "t={:>4}s publishes/s={:>6} propagation p50={:.2}ms p99={:.2}ms hit ratio={:>5.1}% stale reads={} errors={}",
+            "t={:>4}s publishes/s={:>6} propagation p50={:.2}ms p99={:.2}ms hit ratio={:>5.1}% stale reads={} errors={}{chaos}",
             started.elapsed().as_secs(),
             pubs - last_pub,
             p50 as f64 / 1000.0,
@@ -276,13 +390,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         stats.reads.load(Ordering::Relaxed),
         stats.stale.load(Ordering::Relaxed)
     );
-    for e in edges {
-        let _ = e.stop().await;
-    }
-    for r in relays {
-        let _ = r.stop().await;
-    }
-    coordinator.stop().await?;
+    chaos.await??.stop().await?;
     let stale = stats.stale.load(Ordering::Relaxed);
     if stale > 0 {
         anyhow::bail!("{stale} stale reads seen");

@@ -563,32 +563,38 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
 /// The README's main job, shortened: a whole deployment in one process, a workload, no stale read.
 #[test]
 fn the_demo_runs_and_sees_no_stale_read() {
-    let o = dci(&[
-        "demo",
-        "--duration",
-        "2s",
-        "--rate",
-        "500",
-        "--reads",
-        "2000",
-    ]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let out = stdout(&o);
-    let done = out
-        .lines()
-        .find(|l| l.starts_with("dci demo: done after"))
-        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
-    let numbers: Vec<u64> = done
-        .split([' ', ','])
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    // "done after 2.0s: P publishes, R reads, S stale reads"
-    let [publishes, reads, stale] = numbers[..] else {
-        panic!("{done}")
+    let run = |more: &[&str]| -> String {
+        let mut args = vec!["demo", "--rate", "500", "--reads", "2000"];
+        args.extend(more);
+        let o = dci(&args);
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        let out = stdout(&o);
+        let done = out
+            .lines()
+            .find(|l| l.starts_with("dci demo: done after"))
+            .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+        let numbers: Vec<u64> = done
+            .split([' ', ','])
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // "done after 2.0s: P publishes, R reads, S stale reads"
+        let [publishes, reads, stale] = numbers[..] else {
+            panic!("{done}")
+        };
+        assert!(publishes > 100 && reads > 100, "{done}");
+        assert_eq!(stale, 0, "{done}");
+        assert!(out.contains("t=   1s"), "a line per second: {out}");
+        out
     };
-    assert!(publishes > 100 && reads > 100, "{done}");
-    assert_eq!(stale, 0, "{done}");
-    assert!(out.contains("t=   1s"), "a line per second: {out}");
+    run(&["--duration", "2s"]);
+    // An edge, a relay and the coordinator stopped for a second each, in turn: no read is
+    // stale, no publish or read fails (the SDK retries, a read with its edge down loads).
+    let out = run(&["--duration", "7s", "--chaos", "1s"]);
+    for node in ["chaos: edge", "chaos: relay", "chaos: the coordinator"] {
+        assert!(out.contains(node), "{node} in:\n{out}");
+    }
+    let last = out.lines().rfind(|l| l.starts_with("t=")).unwrap();
+    assert!(last.contains("errors=0"), "{out}");
 }
 
 #[test]
