@@ -320,12 +320,18 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     until_terminated(e.stop()).await
 }
 
-fn status_line(s: &tonic::Status) -> String {
-    // The client's own deadline comes back as "cancelled: Timeout expired".
-    if s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired" {
-        return format!("no answer within {}s", REQUEST_TIMEOUT.as_secs());
+/// A refused call on one line; `serves` says what kind of node should have answered it.
+fn status_line(s: &tonic::Status, serves: &str) -> String {
+    match s.code() {
+        // The client's own deadline comes back as "cancelled: Timeout expired".
+        tonic::Code::Cancelled if s.message() == "Timeout expired" => {
+            format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())
+        }
+        tonic::Code::Unimplemented => {
+            format!("that node does not answer this call: is it {serves}?")
+        }
+        code => format!("{code}: {}", s.message()),
     }
-    format!("{}: {}", s.code(), s.message())
 }
 
 /// How long a command waits for one answer.
@@ -397,7 +403,7 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         let r = match client.publish(req).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                failed = Some(anyhow!(status_line(&s)));
+                failed = Some(anyhow!(status_line(&s, "a coordinator")));
                 break;
             }
         };
@@ -426,7 +432,7 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge")))?
         .into_inner();
     if r.hit {
         // The value as stored (it need not be text), then a newline.
@@ -447,7 +453,7 @@ async fn delete(a: GetArgs) -> anyhow::Result<bool> {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge")))?
         .into_inner();
     if r.existed {
         println!("deleted");
@@ -476,7 +482,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             ttl_ms: 0,
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s)))?;
+        .map_err(|s| anyhow!(status_line(&s, "an edge")))?;
     println!("stored");
     Ok(())
 }
@@ -486,7 +492,7 @@ async fn node_tree(url: &str) -> anyhow::Result<Vec<pb::NodeStatus>> {
     let r = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| anyhow!("{url}: {}", status_line(&s)))?;
+        .map_err(|s| anyhow!("{url}: {}", status_line(&s, "a dci node")))?;
     Ok(r.into_inner().nodes)
 }
 

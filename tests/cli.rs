@@ -233,6 +233,17 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
 
+    // The wrong kind of node: exit 2, one line that says what was expected.
+    let o = dci(&["publish", "--coordinator", &edge_url, "k"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("is it a coordinator?"),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&["get", "--edge", &coord, "k"]);
+    assert!(stderr(&o).contains("is it an edge?"), "{}", stderr(&o));
+
     // Unreachable node: exit 2, one line that says why.
     let o = dci(&["get", "--edge", "http://127.0.0.1:1", "k"]);
     assert_eq!(o.status.code(), Some(2));
