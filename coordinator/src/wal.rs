@@ -527,7 +527,9 @@ impl Wal {
                 }
                 // Its name alone says that every seq before `first` was given out.
                 let bytes = fs::read(&path).map_err(io_err(&path))?;
-                issued = issued.max(first - 1).max(highest_seq_in(&bytes));
+                issued = issued
+                    .max(first.saturating_sub(1))
+                    .max(highest_seq_in(&bytes));
                 let aside = path.with_extension("seg.corrupt");
                 fs::rename(&path, &aside).map_err(io_err(&path))?;
                 continue;
@@ -642,7 +644,7 @@ impl Wal {
         // A segment is named after its first seq: those before it were given out (and dropped by
         // retention), even when damage left none of its own records.
         if let Some((&first, _)) = segments.first_key_value() {
-            head = head.max(first - 1);
+            head = head.max(first.saturating_sub(1));
         }
 
         // A lost part (corruption, or a machine crash that took unsynced writes) means receivers
