@@ -320,7 +320,27 @@ async fn run_shard(
                         match msg? {
                             Some(resp) => {
                                 let Some(f) = unanswered.pop_front() else { continue };
-                                answer(f.callers, Ok(resp.seqs));
+                                if resp.refused_code == 0 && resp.refused.is_empty() {
+                                    answer(f.callers, Ok(resp.seqs));
+                                    continue;
+                                }
+                                // Refused, and nothing of it logged; the stream goes on. When
+                                // several callers shared the request, the fault may be one
+                                // caller's only: each goes again on its own, so that only the
+                                // one at fault is refused (its error naming the entry in its own
+                                // call).
+                                if f.callers.len() == 1 {
+                                    answer(f.callers, Err(Error::Refused(resp.refused)));
+                                    continue;
+                                }
+                                for caller in f.callers {
+                                    let alone = InFlight { request_no: request_no.fetch_add(1, Ordering::Relaxed), callers: vec![caller] };
+                                    let request = alone.request(&opts.publisher_id);
+                                    unanswered.push_back(alone);
+                                    if tx.send(request).await.is_err() {
+                                        return Err(tonic::Status::unavailable("publish stream closed"));
+                                    }
+                                }
                             }
                             None => return Err(tonic::Status::unavailable("publish stream ended")),
                         }
@@ -338,22 +358,10 @@ async fn run_shard(
             Err(status) => {
                 let err = Error::from(status);
                 if let Error::Refused(msg) = &err {
-                    // The coordinator refused the oldest unanswered request (and logged none of
-                    // it); the rest go again.
-                    if let Some(f) = unanswered.pop_front() {
-                        if f.callers.len() > 1 {
-                            // Several callers shared it, and the fault may be one caller's only:
-                            // each goes again on its own, so that only the one at fault is
-                            // refused (and its error names the entry in its own call).
-                            for caller in f.callers.into_iter().rev() {
-                                unanswered.push_front(InFlight {
-                                    request_no: request_no.fetch_add(1, Ordering::Relaxed),
-                                    callers: vec![caller],
-                                });
-                            }
-                        } else {
-                            answer(f.callers, Err(Error::Refused(msg.clone())));
-                        }
+                    // The stream itself was refused (the coordinator refuses a request in its
+                    // answer, and goes on): retrying will not help any of those waiting.
+                    for f in unanswered.drain(..) {
+                        answer(f.callers, Err(Error::Refused(msg.clone())));
                     }
                     failing_since = None;
                     continue;

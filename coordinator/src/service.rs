@@ -9,10 +9,23 @@ use dci_proto::{Invalidation, Kind};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::hub::Hub;
 use crate::writer::{Acked, CommitError, Job};
+
+/// A request of a PublishStream on its way to an answer: its number, and what the log said (or
+/// why it never got there).
+type Answering = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    u64,
+                    Result<Result<Result<Acked, CommitError>, oneshot::error::RecvError>, Status>,
+                ),
+            > + Send,
+    >,
+>;
 
 /// Implements `Publisher`, `Subscribe` and `Admin`.
 #[derive(Clone)]
@@ -91,6 +104,24 @@ impl CoordinatorService {
         Ok(())
     }
 
+    /// A refusal of one request on a PublishStream, answered in band; any other failure ends the
+    /// stream with its status.
+    fn refused(&self, request_no: u64, s: Status) -> Result<pb::PublishResponse, Status> {
+        match s.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+                Ok(pb::PublishResponse {
+                    shard: self.hub.shard(),
+                    epoch: self.hub.epoch(),
+                    request_no,
+                    refused_code: s.code() as i32,
+                    refused: s.message().to_string(),
+                    ..Default::default()
+                })
+            }
+            _ => Err(s),
+        }
+    }
+
     fn answer(
         &self,
         request_no: u64,
@@ -103,6 +134,7 @@ impl CoordinatorService {
                 request_no,
                 seqs: (a.first_seq..a.first_seq + a.count as u64).collect(),
                 duplicate: a.duplicate,
+                ..Default::default()
             }),
             Ok(Err(e @ CommitError::Mismatch(..))) => Err(Status::already_exists(e.to_string())),
             Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
@@ -137,6 +169,8 @@ impl pb::publisher_server::Publisher for CoordinatorService {
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             // Requests are submitted as they arrive (pipelined) and answered in request order.
+            // A request refused for what it holds is answered in its turn, in the response
+            // (`refused`), and the stream goes on: only a failure of this coordinator ends it.
             let mut pending = FuturesOrdered::new();
             let mut open = true;
             loop {
@@ -153,15 +187,14 @@ impl pb::publisher_server::Publisher for CoordinatorService {
                                         let _ = tx.send(Err(s)).await;
                                         return;
                                     }
-                                    pending.push_back(Box::pin(async move { (request_no, rx.await) }));
+                                    pending.push_back(Box::pin(async move {
+                                        (request_no, Ok(rx.await))
+                                    }) as Answering);
                                 }
                                 Err(status) => {
-                                    // Earlier requests are still answered; then the stream ends.
-                                    while let Some((n, r)) = pending.next().await {
-                                        let _ = tx.send(svc.answer(n, r)).await;
-                                    }
-                                    let _ = tx.send(Err(status)).await;
-                                    return;
+                                    pending.push_back(Box::pin(async move {
+                                        (request_no, Err(status))
+                                    }));
                                 }
                             }
                         }
@@ -169,7 +202,9 @@ impl pb::publisher_server::Publisher for CoordinatorService {
                         Err(_) => open = false,
                     },
                     Some((n, r)) = pending.next(), if !pending.is_empty() => {
-                        if tx.send(svc.answer(n, r)).await.is_err() {
+                        let answer = r.and_then(|r| svc.answer(n, r)).or_else(|s| svc.refused(n, s));
+                        let failed = answer.is_err();
+                        if tx.send(answer).await.is_err() || failed {
                             return;
                         }
                     }

@@ -125,6 +125,55 @@ async fn malformed_publish_is_refused_and_logs_nothing() {
     c.stop().await.unwrap();
 }
 
+/// On a PublishStream a refused request is answered in its turn and the stream goes on: a bad
+/// message does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_on_a_publish_stream_is_answered_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let mut p = client(&c).await;
+    let mut empty_key = req("svc", 2, &["ok"]);
+    empty_key.entries.push(key(""));
+    let reqs = vec![
+        req("svc", 1, &["a", "b"]),
+        empty_key,
+        req("svc", 3, &["c"]),
+        // Request 1 again with other content.
+        req("svc", 1, &["x"]),
+        req("svc", 4, &["d"]),
+    ];
+    let mut stream = p
+        .publish_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = Vec::new();
+    while let Some(a) = stream.message().await.unwrap() {
+        answers.push(a);
+    }
+    let seen: Vec<_> = answers
+        .iter()
+        .map(|a| (a.request_no, a.seqs.clone(), a.refused_code))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, vec![1, 2], 0),
+            (2, vec![], Code::InvalidArgument as i32),
+            (3, vec![3], 0),
+            (1, vec![], Code::AlreadyExists as i32),
+            (4, vec![4], 0),
+        ],
+        "nothing of a refused request is logged"
+    );
+    assert!(
+        answers[1].refused.contains("entry 1"),
+        "{}",
+        answers[1].refused
+    );
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_publish_returns_the_original_seqs_even_after_restart() {
     let dir = tempfile::tempdir().unwrap();
