@@ -22,6 +22,8 @@ struct Scripted {
     held: Seq,
     /// Hostile messages sent before the batches.
     before: Vec<pb::downstream::Msg>,
+    /// The tier's shard count, as the heartbeats say it.
+    shard_count: u32,
 }
 
 #[tonic::async_trait]
@@ -63,6 +65,7 @@ impl pb::subscribe_server::Subscribe for Scripted {
                         head_time_us: 0,
                         upstream_age_ms: 0,
                         held: script.held,
+                        shard_count: script.shard_count,
                     }],
                     ..Default::default()
                 };
@@ -137,6 +140,7 @@ fn script() -> Scripted {
         head: 5,
         held: 5,
         before: Vec::new(),
+        shard_count: 1,
     }
 }
 
@@ -247,6 +251,72 @@ async fn an_edge_whose_sender_holds_back_stops_serving_at_its_bound() {
     behind.stop().await.unwrap();
 }
 
+/// An edge told a shard count other than the tier's would map keys to other shards than their
+/// invalidations, and check fills against the wrong tombstones: once its sender says how many
+/// shards there are, it serves misses and refuses fills, saying why. The same edge and sender
+/// agreeing is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_with_another_shard_count_than_its_coordinators_takes_no_fill() {
+    let start = |shard_count: u32| async move {
+        let (url, stop) = serve(Scripted {
+            shard_count,
+            ..script()
+        })
+        .await;
+        let edge = EdgeNode::start(EdgeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            relays: vec![url],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        (edge, stop)
+    };
+    let (agrees, stop_agrees) = start(1).await;
+    let (differs, stop_differs) = start(2).await;
+    for e in [&agrees, &differs] {
+        let link = e.link.clone();
+        eventually("the sender's shard count heard", || {
+            lock(&link).shard_count != 0
+        })
+        .await;
+    }
+    let cache = dci_sdk::CacheClient::from_urls(vec![agrees.url()]).unwrap();
+    assert!(cache.set("x", "v", None).await.unwrap());
+    assert_eq!(
+        cache.get("x").await.unwrap(),
+        dci_sdk::Lookup::Hit(Bytes::from("v"))
+    );
+    let cache = dci_sdk::CacheClient::from_urls(vec![differs.url()]).unwrap();
+    assert!(!cache.set("x", "v", None).await.unwrap(), "fill refused");
+    let mut raw = pb::cache_client::CacheClient::connect(differs.url())
+        .await
+        .unwrap();
+    let err = raw
+        .set(pb::SetRequest {
+            key: Bytes::from("x"),
+            value: Bytes::from("v"),
+            lease: None,
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("shard_count"), "{}", err.message());
+    // Whatever it held before it knew is not served either.
+    differs
+        .store
+        .set(Bytes::from("y"), Bytes::from("v"), None)
+        .unwrap();
+    assert!(matches!(
+        cache.get("y").await.unwrap(),
+        dci_sdk::Lookup::Miss { .. }
+    ));
+    let _ = (stop_agrees.send(true), stop_differs.send(true));
+    agrees.stop().await.unwrap();
+    differs.stop().await.unwrap();
+}
+
 /// An applier that panics on one key, as a bug in apply code would.
 #[derive(Default)]
 struct Fragile {
@@ -334,6 +404,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
                 head_time_us: u64::MAX,
                 upstream_age_ms: u64::MAX,
                 held: u64::MAX,
+                shard_count: u32::MAX,
             }],
             ..Default::default()
         }),

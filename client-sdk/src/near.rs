@@ -168,10 +168,19 @@ pub struct NearCache {
     state: Arc<Mutex<State>>,
     link: Arc<Mutex<LinkState>>,
     max_staleness: Duration,
+    shard_count: u32,
     stop: Arc<watch::Sender<bool>>,
 }
 
 impl NearCache {
+    /// Does the coordinator tier have the shard count this cache maps keys with (or has it not
+    /// said yet)? With another, fills would be checked against the wrong shard's tombstones: such
+    /// a cache serves nothing and takes no fill.
+    fn agrees_on_shards(&self) -> bool {
+        let told = lock(&self.link).shard_count;
+        told == 0 || told == self.shard_count
+    }
+
     /// Start following the relays (needs a tokio runtime).
     pub fn start(opts: NearCacheOptions) -> Result<NearCache, Error> {
         if opts.relays.is_empty() {
@@ -206,13 +215,15 @@ impl NearCache {
             state,
             link,
             max_staleness: opts.max_staleness,
+            shard_count: opts.shard_count.max(1),
             stop: Arc::new(stop),
         })
     }
 
     /// Look a key up; a miss carries the lease for the fill.
     pub fn get(&self, key: &[u8]) -> Lookup {
-        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness);
+        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
+            && self.agrees_on_shards();
         let st = lock(&self.state);
         let lease = st.leases.lease(key).encode();
         match st.values.get(key) {
@@ -224,6 +235,9 @@ impl NearCache {
     /// Fill a key; `false` when the lease is older than an invalidation applied to the key.
     pub fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>, lease: Option<u64>) -> bool {
         let key = key.into();
+        if !self.agrees_on_shards() {
+            return false;
+        }
         let mut st = lock(&self.state);
         let lease = lease
             .map(Lease::decode)

@@ -22,6 +22,8 @@ const LOGGED_AT_KEPT: usize = 4096;
 #[derive(Debug)]
 pub struct Hub {
     shard: ShardId,
+    /// How many shards the tier has (told to receivers; 0 until set).
+    shard_count: u32,
     epoch: Epoch,
     tail: Mutex<RetransmitRing>,
     disk: RwLock<(Seq, LogReader)>,
@@ -47,6 +49,7 @@ impl Hub {
     ) -> Self {
         Hub {
             shard,
+            shard_count: 0,
             epoch,
             tail: Mutex::new(RetransmitRing::new(shard, epoch, head, tail_bytes)),
             disk: RwLock::new((oldest_on_disk, reader)),
@@ -62,6 +65,14 @@ impl Hub {
     pub fn shard(&self) -> ShardId {
         self.shard
     }
+    /// The hub of a tier of `n` shards, which its receivers are told.
+    pub fn with_shard_count(self, n: u32) -> Self {
+        Hub {
+            shard_count: n,
+            ..self
+        }
+    }
+
     /// The log's epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
@@ -176,6 +187,10 @@ impl Hub {
 }
 
 impl BatchSource for Hub {
+    fn shard_count(&self) -> u32 {
+        self.shard_count
+    }
+
     fn views(&self) -> Vec<ShardView> {
         let tail = lock(&self.tail);
         let disk = self.disk.read().unwrap_or_else(|e| e.into_inner()).0;

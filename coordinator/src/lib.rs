@@ -160,14 +160,17 @@ pub async fn run(
         oldest = wal.oldest(), records = recovery.records, torn_bytes = recovery.torn_bytes,
         corrupt = ?recovery.corrupt_at, voided = ?recovery.voided, new_epoch = recovery.new_epoch, "log recovered"
     );
-    let hub = Arc::new(hub::Hub::new(
-        cfg.shard,
-        wal.epoch(),
-        wal.head(),
-        wal.oldest(),
-        wal.reader(),
-        cfg.memory_tail_bytes,
-    ));
+    let hub = Arc::new(
+        hub::Hub::new(
+            cfg.shard,
+            wal.epoch(),
+            wal.head(),
+            wal.oldest(),
+            wal.reader(),
+            cfg.memory_tail_bytes,
+        )
+        .with_shard_count(cfg.shard_count),
+    );
     let epoch = wal.epoch();
     let sequencer = Arc::new(writer::Sequencer::new(
         wal,

@@ -113,9 +113,38 @@ struct EdgeService {
     node_id: String,
     region: String,
     stale_misses: Arc<AtomicU64>,
+    /// How many shards this edge maps keys to (its config).
+    shard_count: u32,
+    /// When a wrong shard count was last logged (seconds since the Unix epoch).
+    warned_shard_count: Arc<AtomicU64>,
 }
 
 impl EdgeService {
+    /// The tier's shard count, when its coordinators say one other than this edge's: keys would
+    /// be mapped to other shards than their invalidations, and fills checked against the wrong
+    /// tombstones. Such an edge serves only misses and takes no fill until its config is mended.
+    fn wrong_shard_count(&self) -> Option<u32> {
+        let told = lock(&self.link).shard_count;
+        if told == 0 || told == self.shard_count {
+            return None;
+        }
+        let now = dci_proto::now_us() / 1_000_000;
+        let last = self.warned_shard_count.load(Ordering::Relaxed);
+        if now >= last + 30
+            && self
+                .warned_shard_count
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                configured = self.shard_count,
+                coordinators = told,
+                "shard_count differs from the coordinator tier's: serving misses and refusing fills"
+            );
+        }
+        Some(told)
+    }
+
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
         if key.is_empty() {
             return Err(Status::invalid_argument("key is empty"));
@@ -135,7 +164,7 @@ impl EdgeService {
         let lease = self.store.lease(&key).encode();
         let shard = self.store.shard_of(&key);
         let fresh = lock(&self.link).fresh_for(shard, Instant::now(), self.max_staleness);
-        if !fresh {
+        if !fresh || self.wrong_shard_count().is_some() {
             // Cut off for longer than the bound, here or anywhere up to the key's coordinator: a
             // miss is the only safe answer.
             self.stale_misses.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +202,13 @@ impl EdgeService {
                 "value is {} bytes, more than the maximum of {}",
                 r.value.len(),
                 self.max_value_len
+            )));
+        }
+        if let Some(told) = self.wrong_shard_count() {
+            return Err(Status::failed_precondition(format!(
+                "fill refused: this edge maps keys to {} shards, its coordinators have {told} \
+                 (set shard_count)",
+                self.shard_count
             )));
         }
         let ttl = (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms));
@@ -453,6 +489,8 @@ impl EdgeNode {
             node_id: node_id.clone(),
             region: cfg.region.clone(),
             stale_misses: stale_misses.clone(),
+            shard_count: cfg.shard_count,
+            warned_shard_count: Arc::default(),
         };
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter

@@ -53,6 +53,10 @@ pub trait BatchSource: Send + Sync + 'static {
     fn upstream_age_ms(&self, _shard: ShardId) -> u64 {
         0
     }
+    /// How many shards the coordinator tier has (0: not known), told to receivers in heartbeats.
+    fn shard_count(&self) -> u32 {
+        0
+    }
 }
 
 /// Downstream serving options.
@@ -290,8 +294,10 @@ async fn exec<S: BatchSource>(
             send(tx, pb::downstream::Msg::Reset(r), stall).await
         }
         TxCommand::Heartbeat(mut heads) => {
+            let shard_count = source.shard_count();
             for h in &mut heads {
                 h.upstream_age_ms = source.upstream_age_ms(h.shard);
+                h.shard_count = shard_count;
             }
             let hb = pb::Heartbeat {
                 heads,

@@ -129,6 +129,8 @@ pub struct LinkState {
     pub quarantined: u64,
     /// Batches that did not decode.
     pub bad_batches: u64,
+    /// How many shards the coordinator tier has, as the sender last said (0: not said).
+    pub shard_count: u32,
 }
 
 impl LinkState {
@@ -409,6 +411,9 @@ async fn session<A: Applier>(
                         let mut st = lock(state);
                         for head in &h.heads {
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
+                            if head.shard_count > 0 {
+                                st.shard_count = head.shard_count;
+                            }
                             // The shard's source (age 0) bounds nothing: being caught up with it is
                             // all there is to being fresh.
                             st.vouched.retain(|(s, _)| *s != head.shard);

@@ -293,6 +293,14 @@ impl BatchSource for RelayCore {
         lock(&self.reports).remove(&link_id);
     }
 
+    fn shard_count(&self) -> u32 {
+        self.links
+            .iter()
+            .map(|l| lock(l).shard_count)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn upstream_age_ms(&self, shard: ShardId) -> u64 {
         let Some(group) = lock(&self.owners).get(&shard).copied() else {
             return u64::MAX;

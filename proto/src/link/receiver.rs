@@ -585,6 +585,7 @@ mod tests {
                 head_time_us: 0,
                 upstream_age_ms: 0,
                 held: 8,
+                shard_count: 0,
             }],
             ..Default::default()
         };
@@ -688,6 +689,7 @@ mod tests {
                 head_time_us: 0,
                 upstream_age_ms: 0,
                 held: u64::MAX,
+                shard_count: 0,
             }],
             ..Default::default()
         };
@@ -707,6 +709,7 @@ mod tests {
                 head_time_us: 0,
                 upstream_age_ms: 0,
                 held: 40,
+                shard_count: 0,
             }],
             ..Default::default()
         };

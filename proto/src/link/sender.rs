@@ -331,9 +331,10 @@ impl Sender {
                         epoch: v.epoch,
                         head: s.sent,
                         head_time_us: v.head_time_us,
-                        // The runtime knows its own upstream; see `BatchSource::upstream_age_ms`.
+                        // The runtime knows its own upstream and tier; see `BatchSource`.
                         upstream_age_ms: 0,
                         held: v.head,
+                        shard_count: 0,
                     })
                 })
                 .collect();
