@@ -352,8 +352,9 @@ async fn get_or_load_reads_through_when_the_edge_is_gone() {
 
     // Stuck: it takes connections and never answers.
     let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", stuck.local_addr().unwrap());
     let cache =
-        CacheClient::from_urls(vec![format!("http://{}", stuck.local_addr().unwrap())]).unwrap();
+        CacheClient::with_timeout(vec![(url.clone(), url)], Duration::from_millis(300)).unwrap();
     assert_eq!(cache.get_or_load("user:1", row("v3")).await.unwrap(), "v3");
     drop(stuck);
     r.stop().await.unwrap();

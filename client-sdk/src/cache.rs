@@ -40,8 +40,28 @@ impl CacheClient {
     }
 
     /// Edges as (node id, URL): node ids place them on the ring, and must match the `ring_nodes`
-    /// the edges filter with.
+    /// the edges filter with. Each call waits at most 5 s for its answer (see
+    /// [`CacheClient::with_timeout`]).
     pub fn new(edges: Vec<(String, String)>) -> Result<CacheClient, Error> {
+        Self::with_timeout(edges, Duration::from_secs(5))
+    }
+
+    /// Like [`CacheClient::new`], each call waiting at most `timeout` (and connecting within it):
+    /// past it, an edge counts as unavailable, and [`CacheClient::get_or_load`] goes to the loader.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let c = dci_sdk::CacheClient::with_timeout(
+    ///     vec![("edge-0".into(), "http://127.0.0.1:7600".into())],
+    ///     std::time::Duration::from_millis(50),
+    /// );
+    /// # let _ = c;
+    /// # }
+    /// ```
+    pub fn with_timeout(
+        edges: Vec<(String, String)>,
+        timeout: Duration,
+    ) -> Result<CacheClient, Error> {
         if edges.is_empty() {
             return Err(Error::Url(String::new(), "no edge URL".into()));
         }
@@ -50,8 +70,8 @@ impl CacheClient {
             let ch = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(5))
+                .connect_timeout(timeout.min(Duration::from_secs(1)))
+                .timeout(timeout)
                 .connect_lazy();
             // The edge bounds what it stores (`max_value_len`); a value it hands back is never
             // refused here for its size.
