@@ -5,7 +5,8 @@
 //! Segments are named after the first seq they hold, so finding a seq is a lookup by name.
 //!
 //! Recovery reads every segment in order. A record cut short at the end of the last segment is a
-//! torn write (never acknowledged under `fsync=always`): it is truncated away. A record whose
+//! torn write (never acknowledged under `fsync=always`): it is truncated away. Only a record whose
+//! end is missing can be one; a last record written whole and damaged since is corruption. A record whose
 //! checksum or seq continuity is wrong is corruption: the log is cut there, later segments are
 //! set aside, and the epoch changes so every receiver flushes what it may have learned from the
 //! lost part. A torn write resumes sequencing after the last good record. Corruption does not:
@@ -387,34 +388,81 @@ fn read_record<R: Read>(r: &mut R, remaining: u64) -> Result<Option<(LogRecord, 
     Ok(Some((rec, (HEADER + len) as u64)))
 }
 
-/// The highest seq held by any intact record in `bytes`, which may start and continue anywhere:
-/// past damage, it tries every offset. Tells what a damaged part of the log had given out.
-fn highest_seq_in(bytes: &[u8]) -> Seq {
-    let record_at = |at: usize| -> Option<(Seq, usize)> {
-        let header = bytes.get(at..at + HEADER)?;
-        let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
-        let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
-        let payload = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
-        // A record starts with its first seq (field 1, a varint): most offsets fail here, before
-        // a checksum over what may be megabytes.
-        if len == 0 || len > MAX_RECORD || payload[0] != 0x08 || crc32c::crc32c(payload) != crc {
-            return None;
-        }
-        let rec = LogRecord::decode(payload).ok()?;
-        rec.check().ok()?;
-        Some((rec.last_seq(), HEADER + len))
-    };
-    let (mut at, mut highest) = (0, 0);
-    while at + HEADER <= bytes.len() {
-        match record_at(at) {
+/// Fewer bytes than any entry takes in a record: what bounds how many seqs damaged bytes held.
+const MIN_ENTRY_BYTES: u64 = 4;
+
+/// The highest seq a damaged part of the log (`bytes`, which may start and continue anywhere;
+/// `before` the last seq known before it) may have given out: the highest of its intact records,
+/// found past damage by trying every offset, and beyond that as many seqs as the damaged bytes
+/// after the last of them could have held (zeros are space never written).
+fn seqs_given_out(bytes: &[u8], before: Seq) -> Seq {
+    let (highest, damaged) = scan(bytes);
+    highest.max(before) + damaged.div_ceil(MIN_ENTRY_BYTES)
+}
+
+/// The highest seq of the intact records in `bytes` (0: none), and how many non-zero bytes
+/// follow the last of them.
+fn scan(bytes: &[u8]) -> (Seq, u64) {
+    let (mut highest, mut damaged) = (0, 0u64);
+    let mut at = 0;
+    while at < bytes.len() {
+        match record_at(bytes, at) {
             Some((last, n)) => {
                 highest = highest.max(last);
+                damaged = 0;
                 at += n;
             }
-            None => at += 1,
+            None => {
+                damaged += u64::from(bytes[at] != 0);
+                at += 1;
+            }
         }
     }
-    highest
+    (highest, damaged)
+}
+
+/// The intact record at `at` in `bytes`, if there is one: (its last seq, its length).
+fn record_at(bytes: &[u8], at: usize) -> Option<(Seq, usize)> {
+    let header = bytes.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    let payload = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+    // A record starts with its first seq (field 1, a varint): most offsets fail here, before a
+    // checksum over what may be megabytes.
+    if len == 0 || len > MAX_RECORD || payload[0] != 0x08 || crc32c::crc32c(payload) != crc {
+        return None;
+    }
+    let rec = LogRecord::decode(payload).ok()?;
+    rec.check().ok()?;
+    Some((rec.last_seq(), HEADER + len))
+}
+
+/// Could the damaged record at `off` be a write cut short? Its length must be one a write could
+/// have begun (a cut only leaves zeros where the rest was to go), and its end must be missing:
+/// past the end of the file, or zero. A record whose last byte is there was written whole (a
+/// record never ends in a zero byte: its last field is a varint that is not 0), so its damage
+/// came after, to a record that may have been acknowledged.
+fn may_be_torn(path: &Path, off: u64, size: u64) -> io::Result<bool> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(off))?;
+    let mut header = [0u8; HEADER];
+    let got = f.read(&mut header)?;
+    if got < HEADER {
+        return Ok(true);
+    }
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
+    if len == 0 || len > MAX_RECORD as u64 {
+        // Zeros are not a record begun; more than any record is not a length ever written.
+        return Ok(header[0..4] == [0; 4] && header[4..8] == [0; 4]);
+    }
+    let end = off + HEADER as u64 + len;
+    if end > size {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::Start(end - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == 0)
 }
 
 #[derive(Debug)]
@@ -527,9 +575,7 @@ impl Wal {
                 }
                 // Its name alone says that every seq before `first` was given out.
                 let bytes = fs::read(&path).map_err(io_err(&path))?;
-                issued = issued
-                    .max(first.saturating_sub(1))
-                    .max(highest_seq_in(&bytes));
+                issued = issued.max(seqs_given_out(&bytes, first.saturating_sub(1)));
                 let aside = path.with_extension("seg.corrupt");
                 fs::rename(&path, &aside).map_err(io_err(&path))?;
                 continue;
@@ -571,7 +617,7 @@ impl Wal {
                         // damage is elsewhere (a length field, say), and those records count.
                         let intact_after = || -> Result<bool, WalError> {
                             let bytes = fs::read(&path).map_err(io_err(&path))?;
-                            Ok(highest_seq_in(&bytes[off as usize..]) > head)
+                            Ok(scan(&bytes[off as usize..]).0 > head)
                         };
                         match (
                             damage,
@@ -579,12 +625,15 @@ impl Wal {
                         ) {
                             // The space zeroed ahead of the writes: the end of the log.
                             (_, Tail::Zeros) => {}
-                            (Damage::Torn, _) | (_, Tail::Torn) if !intact_after()? => {
+                            (Damage::Torn, _) | (_, Tail::Torn)
+                                if !intact_after()?
+                                    && may_be_torn(&path, off, size).map_err(io_err(&path))? =>
+                            {
                                 recovery.torn_bytes = size - off;
                                 tracing::warn!(segment = %path.display(), offset = off, bytes = size - off, "truncating a torn write at the end of the log");
                             }
                             (Damage::Torn, _) | (_, Tail::Torn) => {
-                                tracing::error!(segment = %path.display(), offset = off, last_good_seq = head, "damaged log record with intact records after it: recovering up to it");
+                                tracing::error!(segment = %path.display(), offset = off, last_good_seq = head, "damaged log record, written whole or with intact records after it: recovering up to it");
                                 corrupt = true;
                                 recovery.corrupt_at = Some((path.clone(), off));
                             }
@@ -617,7 +666,7 @@ impl Wal {
                     let mut f = File::open(&path).map_err(io_err(&path))?;
                     f.seek(SeekFrom::Start(off)).map_err(io_err(&path))?;
                     f.read_to_end(&mut cut).map_err(io_err(&path))?;
-                    issued = issued.max(highest_seq_in(&cut));
+                    issued = issued.max(seqs_given_out(&cut, head));
                     let name = format!("{}.cut-{off}", path.display());
                     let kept = PathBuf::from(name);
                     fs::write(&kept, &cut).map_err(io_err(&kept))?;
@@ -1190,6 +1239,44 @@ mod tests {
         drop(w);
         let (w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
         assert_eq!(w.head(), 4);
+    }
+
+    /// The last record damaged after it was written whole (its end is there, not zeros): that is
+    /// no torn write, and it may have been acknowledged. Its seqs are voided, never given out
+    /// again, whether the log was closed (cut to its records) or not (zeroed ahead).
+    #[test]
+    fn a_last_record_damaged_after_it_was_written_is_corruption_not_a_torn_write() {
+        for close in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+            w.append(&[rec(1, 2, "", 0), rec(3, 2, "", 0), rec(5, 2, "", 0)])
+                .unwrap();
+            let (len, path) = only_segment(&w);
+            if close {
+                w.close().unwrap();
+            } else {
+                drop(w);
+            }
+            let mut bytes = fs::read(&path).unwrap();
+            let mut at = 0;
+            let mut starts = Vec::new();
+            while at < len as usize {
+                starts.push(at);
+                at += HEADER + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            }
+            let last = *starts.last().unwrap();
+            bytes[last + HEADER + 3] ^= 0x10;
+            fs::write(&path, &bytes).unwrap();
+            let (mut w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+            assert!(r.corrupt_at.is_some(), "close={close}");
+            assert_eq!(r.torn_bytes, 0);
+            assert!(r.new_epoch);
+            let (first, to) = r.voided.expect("voided");
+            assert!(first == 5 && to >= 6, "{:?}", r.voided);
+            assert!(w.head() >= 6);
+            let next = w.head() + 1;
+            w.write(&[rec(next, 1, "", 0)]).unwrap();
+        }
     }
 
     /// A write cut short inside the zeroed space: the file is as long as ever, the record's end
