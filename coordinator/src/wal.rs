@@ -440,7 +440,8 @@ fn record_at(bytes: &[u8], at: usize) -> Option<(Seq, usize)> {
 /// Could the damaged record at `off` be a write cut short? Its length must be one a write could
 /// have begun (a cut only leaves zeros where the rest was to go), and its end must be missing:
 /// past the end of the file, or zero. A record whose last byte is there was written whole (a
-/// record never ends in a zero byte: its last field is a varint that is not 0), so its damage
+/// record ends in a zero byte only if its last entry carries a trace id that does: otherwise its
+/// last field is a publish time, or a void record's end, varints that are not 0), so its damage
 /// came after, to a record that may have been acknowledged.
 fn may_be_torn(path: &Path, off: u64, size: u64) -> io::Result<bool> {
     let mut f = File::open(path)?;
