@@ -120,11 +120,11 @@ struct EdgeService {
 }
 
 impl EdgeService {
-    /// The tier's shard count, when its coordinators say one other than this edge's: keys would
-    /// be mapped to other shards than their invalidations, and fills checked against the wrong
-    /// tombstones. Such an edge serves only misses and takes no fill until its config is mended.
-    fn wrong_shard_count(&self) -> Option<u32> {
-        let told = lock(&self.link).shard_count;
+    /// Is `told`, the tier's shard count as its coordinators say it, another than this edge's?
+    /// Keys would be mapped to other shards than their invalidations, and fills checked against
+    /// the wrong tombstones: such an edge serves only misses and takes no fill until its config
+    /// is mended.
+    fn wrong_shard_count(&self, told: u32) -> Option<u32> {
         if told == 0 || told == self.shard_count {
             return None;
         }
@@ -163,11 +163,17 @@ impl EdgeService {
         self.check_key(&key)?;
         let lease = self.store.lease(&key).encode();
         let shard = self.store.shard_of(&key);
-        let fresh = lock(&self.link).fresh_for(shard, Instant::now(), self.max_staleness);
-        if !fresh || self.wrong_shard_count().is_some() {
-            // Cut off for longer than the bound, here or anywhere up to the key's coordinator: a
-            // miss is the only safe answer.
-            self.stale_misses.fetch_add(1, Ordering::Relaxed);
+        let (fresh, told) = {
+            let link = lock(&self.link);
+            let fresh = link.fresh_for(shard, Instant::now(), self.max_staleness);
+            (fresh, link.shard_count)
+        };
+        if !fresh || self.wrong_shard_count(told).is_some() {
+            // Cut off for longer than the bound, here or anywhere up to the key's coordinator, or
+            // mapping keys to the wrong shards: a miss is the only safe answer.
+            if !fresh {
+                self.stale_misses.fetch_add(1, Ordering::Relaxed);
+            }
             self.store.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(pb::GetResponse {
                 hit: false,
@@ -204,7 +210,7 @@ impl EdgeService {
                 self.max_value_len
             )));
         }
-        if let Some(told) = self.wrong_shard_count() {
+        if let Some(told) = self.wrong_shard_count(lock(&self.link).shard_count) {
             return Err(Status::failed_precondition(format!(
                 "fill refused: this edge maps keys to {} shards, its coordinators have {told} \
                  (set shard_count)",
