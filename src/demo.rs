@@ -256,7 +256,8 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                                 per_key.pop_first();
                             }
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            tracing::warn!(key = %key_of(k), error = %e, "publish failed");
                             stats.errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -289,9 +290,13 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                     })
                     .await;
                 stats.reads.fetch_add(1, Ordering::Relaxed);
-                let Ok(value) = got else {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                let value = match got {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(key = %key_of(k), error = %e, "read failed");
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                 };
                 if loaded.load(Ordering::Relaxed) == 0 {
                     stats.hits.fetch_add(1, Ordering::Relaxed);

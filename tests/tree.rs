@@ -361,6 +361,55 @@ async fn get_or_load_reads_through_when_the_edge_is_gone() {
     c.stop().await.unwrap();
 }
 
+/// A publisher rides out one coordinator restart after another, however long it has lived:
+/// each outage has its own `retry_for`, counted from when that outage began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_ride_out_coordinator_restarts_far_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = coordinator(dir.path()).await;
+    let (addr, url) = (first.addr, first.url());
+    let retry_for = Duration::from_millis(1500);
+    let p = Publisher::with_options(
+        vec![url],
+        dci_sdk::PublisherOptions {
+            retry_for,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut running = Some(first);
+    for round in 0..2 {
+        // Publishes go on all through the outage.
+        let load = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                for i in 0..60 {
+                    p.invalidate(format!("k{round}-{i}")).await?;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok::<_, dci_sdk::Error>(())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        running.take().unwrap().stop().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running = Some(
+            Coordinator::start(CoordinatorConfig {
+                listen: addr,
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+        load.await.unwrap().unwrap();
+        // More than `retry_for` before the next outage.
+        tokio::time::sleep(retry_for + Duration::from_millis(500)).await;
+    }
+    running.unwrap().stop().await.unwrap();
+}
+
 /// A relay that has never reached a coordinator (a wrong address at deploy time, a partition)
 /// knows no shard; the edges behind it have nothing vouching for what they hold and answer
 /// misses, until the coordinator is there: then they serve.
@@ -633,7 +682,7 @@ async fn a_bad_entry_is_refused_alone_though_it_shared_a_request() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     // One request in flight at a time: everything called meanwhile goes as the next request.
-    let p = dci_sdk::Publisher::with_options(
+    let p = Publisher::with_options(
         vec![c.url()],
         dci_sdk::PublisherOptions {
             max_in_flight: 1,

@@ -292,6 +292,9 @@ async fn run_shard(
             let _ = tx.try_send(f.request(&opts.publisher_id));
         }
         let mut c = client.clone();
+        // A session that got answers was a working stream: its end is a new failure, with the
+        // whole `retry_for` and the shortest backoff ahead of it, not the tail of an old one.
+        let mut answered = false;
         let outcome = async {
             let mut responses = c
                 .publish_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
@@ -319,6 +322,7 @@ async fn run_shard(
                     msg = responses.message(), if !unanswered.is_empty() => {
                         match msg? {
                             Some(resp) => {
+                                answered = true;
                                 let Some(f) = unanswered.pop_front() else { continue };
                                 if resp.refused_code == 0 && resp.refused.is_empty() {
                                     answer(f.callers, Ok(resp.seqs));
@@ -353,6 +357,10 @@ async fn run_shard(
             }
         }
         .await;
+        if answered {
+            failing_since = None;
+            backoff = Duration::from_millis(20);
+        }
         match outcome {
             Ok(()) => failing_since = None,
             Err(status) => {
