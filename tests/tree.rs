@@ -368,7 +368,7 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
     let dir = tempfile::tempdir().unwrap();
     let first = coordinator(dir.path()).await;
     let (addr, url) = (first.addr, first.url());
-    let retry_for = Duration::from_millis(1500);
+    let retry_for = Duration::from_millis(2500);
     let p = Publisher::with_options(
         vec![url],
         dci_sdk::PublisherOptions {
