@@ -139,6 +139,13 @@ fn key_of(i: u64) -> String {
 }
 
 pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Checked before anything starts, like every edge's config.
+    EdgeConfig {
+        max_staleness: a.max_staleness,
+        relays: vec!["http://127.0.0.1:7500".into()],
+        ..EdgeConfig::default()
+    }
+    .validate()?;
     let dir = tempfile::tempdir()?;
     let coordinator_cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,

@@ -62,6 +62,14 @@ fn unknown_keys_and_bad_values_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("peer_timeout"));
+    // A bound shorter than two heartbeats: an idle edge would answer misses most of the time.
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\nmax_staleness: 200ms").unwrap();
+    assert!(e
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("max_staleness"));
 }
 
 #[test]

@@ -99,8 +99,13 @@ impl EdgeConfig {
         if self.shard_count == 0 {
             return Err(ConfigError("shard_count must be at least 1".into()));
         }
-        if self.max_staleness.is_zero() {
-            return Err(ConfigError("max_staleness must be positive".into()));
+        // Heartbeats come every 500 ms: with a shorter bound an idle edge would be out of it
+        // between any two, and answer misses most of the time.
+        if self.max_staleness < dci_proto::upstream::MIN_PEER_TIMEOUT {
+            return Err(ConfigError(format!(
+                "max_staleness must be at least {:?} (two of a sender's heartbeats)",
+                dci_proto::upstream::MIN_PEER_TIMEOUT
+            )));
         }
         if self.peer_timeout < dci_proto::upstream::MIN_PEER_TIMEOUT {
             return Err(ConfigError(format!(
