@@ -642,6 +642,18 @@ fn the_bench_runs_end_to_end() {
     let bad = dci(&["bench", "--key-format", "no-placeholder"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("must contain `{}` exactly once"));
+    // Nothing to measure: refused before anything starts (it printed infinities and NaNs).
+    for (flag, zero) in [
+        ("--edges", "0"),
+        ("--count", "0"),
+        ("--rate", "0"),
+        ("--keys", "0"),
+        ("--latency-for", "0s"),
+    ] {
+        let bad = dci(&["bench", flag, zero]);
+        assert_eq!(bad.status.code(), Some(2), "{flag} {zero}");
+        assert!(stderr(&bad).contains(flag), "{}", stderr(&bad));
+    }
 }
 
 /// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two

@@ -22,22 +22,23 @@ mod redis;
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Edges (each with its own connection and store), split over two relays.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub edges: usize,
     /// Invalidations published in the saturation run.
-    #[arg(long, default_value_t = 500_000)]
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
     /// Publish rate of the latency run (invalidations per second).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
     /// Length of the latency run.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = positive_duration, default_value = "5s")]
     pub latency_for: Duration,
     /// Receivers on one relay in the scale run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     pub receivers: usize,
     /// Distinct keys.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub keys: u64,
     /// Shape of the keys: `{}` stands for the key's number, zero-padded to 6 digits (more when
     /// `--keys` needs them).
@@ -62,6 +63,14 @@ struct Meter {
     last: Vec<AtomicU64>,
     recording: AtomicBool,
     latency: Mutex<Histogram<u64>>,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_key_format(s: &str) -> Result<String, String> {
