@@ -168,10 +168,13 @@ struct PublishArgs {
     /// Writer's version for every key.
     #[arg(long)]
     version: Option<u64>,
-    /// Keys to invalidate.
+    /// Keys to invalidate; `-` reads them from standard input, one per line.
     #[arg(required_unless_present = "all")]
     keys: Vec<String>,
 }
+
+/// Most keys `dci publish` sends in one request (far below the coordinator's limits).
+const PUBLISH_CHUNK: usize = 4096;
 
 #[derive(Args)]
 struct GetArgs {
@@ -348,6 +351,21 @@ async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
+    if a.keys == ["-"] {
+        let mut keys = String::new();
+        std::io::stdin()
+            .read_to_string(&mut keys)
+            .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
+        a.keys = keys
+            .lines()
+            .map(str::trim_end)
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .collect();
+        if a.keys.is_empty() {
+            anyhow::bail!("no keys on standard input");
+        }
+    }
     let kind = if a.all {
         a.keys = vec![String::new()];
         pb::Kind::All
@@ -387,33 +405,38 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
             }
         };
         let mut client = pb::publisher_client::PublisherClient::new(client);
-        let req = pb::PublishRequest {
-            publisher_id: publisher_id.clone(),
-            request_no: 1,
-            entries: keys
-                .iter()
-                .map(|(_, k)| pb::Invalidation {
-                    key: Bytes::from(k.to_string()),
-                    kind: kind as i32,
-                    source_version: a.version,
-                    ..Default::default()
-                })
-                .collect(),
-        };
-        let r = match client.publish(req).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                failed = Some(anyhow!(status_line(&s, "a coordinator")));
-                break;
+        for (n, chunk) in keys.chunks(PUBLISH_CHUNK).enumerate() {
+            let req = pb::PublishRequest {
+                publisher_id: publisher_id.clone(),
+                request_no: n as u64 + 1,
+                entries: chunk
+                    .iter()
+                    .map(|(_, k)| pb::Invalidation {
+                        key: Bytes::from(k.to_string()),
+                        kind: kind as i32,
+                        source_version: a.version,
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            let r = match client.publish(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    failed = Some(anyhow!(status_line(&s, "a coordinator")));
+                    break;
+                }
+            };
+            for ((i, k), seq) in chunk.iter().zip(r.seqs) {
+                let k = if a.all { "*" } else { k.as_str() };
+                lines[*i].push(if shards == 1 {
+                    format!("{k} {seq}")
+                } else {
+                    format!("{k} {seq} shard={shard}")
+                });
             }
-        };
-        for ((i, k), seq) in keys.iter().zip(r.seqs) {
-            let k = if a.all { "*" } else { k.as_str() };
-            lines[*i].push(if shards == 1 {
-                format!("{k} {seq}")
-            } else {
-                format!("{k} {seq} shard={shard}")
-            });
+        }
+        if failed.is_some() {
+            break;
         }
     }
     // What a shard accepted before another failed stays accepted: say so before the error.

@@ -74,6 +74,24 @@ fn dci(args: &[&str]) -> Output {
     Command::new(DCI).args(args).output().unwrap()
 }
 
+/// `dci` with `input` on its standard input.
+fn dci_fed(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(DCI)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // Written from a thread: a large input must not wait on output nobody reads yet.
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    out
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
@@ -149,14 +167,8 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(stdout(&o), "hello\n");
     // A value from standard input, not text, comes back byte for byte.
     let bytes: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
-    let mut set = Command::new(DCI)
-        .args(["set", "--edge", &edge_url, "blob", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut set.stdin.take().unwrap(), &bytes).unwrap();
-    assert!(set.wait().unwrap().success());
+    let o = dci_fed(&["set", "--edge", &edge_url, "blob", "-"], &bytes);
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = dci(&["get", "--edge", &edge_url, "blob"]);
     assert_eq!(o.stdout.len(), bytes.len() + 1);
     assert!(o.stdout.starts_with(&bytes) && o.stdout.ends_with(b"\n"));
@@ -316,6 +328,35 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
 /// `--upstream`, one with `--upstream-group`), `dci publish` sends each key to its shard's
 /// coordinator, `dci status` merges both trees. When one shard is down, what the other accepted
 /// is still printed, then the error.
+/// Keys from standard input, one per line, as many as an operator has: sent in several requests,
+/// printed in input order with their seqs.
+#[test]
+fn publish_takes_keys_from_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let keys: Vec<String> = (0..10_000).map(|i| format!("user:{i}:profile")).collect();
+    let input = keys.join("\n") + "\n\n";
+    let o = dci_fed(&["publish", "--coordinator", &coord, "-"], input.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    let expected: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{k} {}", i + 1))
+        .collect();
+    assert_eq!(lines, expected);
+    let o = dci_fed(&["publish", "--coordinator", &coord, "-"], b"\n");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no keys"), "{}", stderr(&o));
+}
+
 #[test]
 fn a_sharded_tier_from_the_command_line() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
