@@ -410,6 +410,43 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
     running.unwrap().stop().await.unwrap();
 }
 
+/// An edge whose first relay answers but is cut off itself (it never reached a coordinator)
+/// moves on to its next relay, and serves through it, instead of answering misses for as long
+/// as the first one lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let cut_off = relay_at(any_port(), vec![format!("http://{nowhere}")], 64 << 20).await;
+    let healthy = relay(&c).await;
+    let e = edge(EdgeConfig {
+        max_staleness: Duration::from_secs(2),
+        ..edge_cfg(vec![cut_off.url(), healthy.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = p.invalidate("k").await.unwrap();
+    let link = e.edge.link.clone();
+    let to = healthy.url();
+    eventually("the edge on its second relay", || {
+        lock(&link).connected_to.as_deref() == Some(to.as_str())
+    })
+    .await;
+    wait_applied(&e, seq).await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("k", "v", None).await.unwrap());
+    assert_eq!(cache.get("k").await.unwrap(), Lookup::Hit(Bytes::from("v")));
+    e.edge.stop().await.unwrap();
+    cut_off.stop().await.unwrap();
+    healthy.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A relay that has never reached a coordinator (a wrong address at deploy time, a partition)
 /// knows no shard; the edges behind it have nothing vouching for what they hold and answer
 /// misses, until the coordinator is there: then they serve.

@@ -212,6 +212,24 @@ fn lookup(v: &[(ShardId, u64)], shard: ShardId) -> u64 {
     v.iter().find(|(s, _)| *s == shard).map_or(0, |(_, t)| *t)
 }
 
+/// Is the sender followed since `connected_at` cut off itself, for `bound` or longer: it has said
+/// of no shard (it never reached a coordinator), or it last was caught up with its own sender on
+/// some shard it carries (`announced`: when, as its heartbeats say; `None`: never) `bound` ago or
+/// more? Then a node with another sender to try moves on: this one answers, but what it sends
+/// cannot be vouched for, and its receivers would serve misses for as long as it lasts.
+pub fn sender_cut_off(
+    announced: &[(ShardId, Option<Instant>)],
+    connected_at: Instant,
+    now: Instant,
+    bound: Duration,
+) -> bool {
+    let old = |t: Instant| now.saturating_duration_since(t) >= bound;
+    if !old(connected_at) {
+        return false;
+    }
+    announced.is_empty() || announced.iter().any(|&(_, t)| t.is_none_or(old))
+}
+
 fn set(v: &mut Vec<(ShardId, u64)>, shard: ShardId, t: u64) {
     match v.iter_mut().find(|(s, _)| *s == shard) {
         Some(e) => e.1 = e.1.max(t),
@@ -346,6 +364,9 @@ async fn session<A: Applier>(
     tracing::info!(sender = %url, "following sender");
     let mut last_heard = now;
     let mut last_hb_sent = now;
+    let connected_at = now;
+    // What this sender says of each shard it carries: when it last was caught up with its own.
+    let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
     let mut tick = tokio::time::interval(opts.receiver.ack_interval.max(Duration::from_millis(2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -417,9 +438,13 @@ async fn session<A: Applier>(
                             // The shard's source (age 0) bounds nothing: being caught up with it is
                             // all there is to being fresh.
                             st.vouched.retain(|(s, _)| *s != head.shard);
+                            announced.retain(|(s, _)| *s != head.shard);
                             if head.upstream_age_ms > 0 {
                                 let at = now.checked_sub(Duration::from_millis(head.upstream_age_ms));
                                 st.vouched.push((head.shard, at));
+                                announced.push((head.shard, at));
+                            } else {
+                                announced.push((head.shard, Some(now)));
                             }
                         }
                         drop(st);
@@ -441,6 +466,12 @@ async fn session<A: Applier>(
                 execute(cmds, None, receiver, applier, state, &up, now);
                 if now.duration_since(last_heard) >= opts.peer_timeout {
                     tracing::warn!(sender = %url, "sender silent; moving on");
+                    return Ok(());
+                }
+                if opts.urls.len() > 1
+                    && sender_cut_off(&announced, connected_at, now, opts.peer_timeout)
+                {
+                    tracing::warn!(sender = %url, "sender cut off from its own sender; moving on");
                     return Ok(());
                 }
                 if now.duration_since(last_hb_sent) >= opts.heartbeat_interval {
@@ -564,6 +595,28 @@ fn apply_guarded<A: Applier>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sender is left for the next one when, connected for the bound, it has said of no shard,
+    /// or it has been out of touch with its own sender on some shard for the bound.
+    #[test]
+    fn a_sender_cut_off_itself_is_left_once_the_bound_has_passed() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let bound = Duration::from_secs(3);
+        assert!(
+            !sender_cut_off(&[], t0, s(2_999), bound),
+            "too early to tell"
+        );
+        assert!(sender_cut_off(&[], t0, s(3_000), bound), "said of no shard");
+        let fresh = [(0, Some(s(9_000))), (1, Some(s(9_500)))];
+        assert!(!sender_cut_off(&fresh, t0, s(10_000), bound));
+        let one_behind = [(0, Some(s(9_000))), (1, Some(s(6_000)))];
+        assert!(sender_cut_off(&one_behind, t0, s(10_000), bound));
+        assert!(
+            sender_cut_off(&[(0, None)], t0, s(10_000), bound),
+            "never caught up"
+        );
+    }
 
     /// A node is fresh on a shard only while it and every sender up to the shard's source were
     /// caught up within the bound; a sender that vouches for nothing (the source) bounds nothing.
