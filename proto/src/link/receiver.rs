@@ -531,10 +531,14 @@ mod tests {
                 m
             },
         );
+        // Drawn at random, more than half may meet in some instant now and then (about one run in
+        // two hundred); in lockstep, all would meet in every one.
         let burst = per_ms.values().copied().max().unwrap_or(0);
+        assert!(burst < rs.len(), "all {burst} acked in one instant");
+        let crowded = per_ms.values().filter(|&&n| n > rs.len() / 2).count();
         assert!(
-            burst <= rs.len() / 2,
-            "{burst} of {} acked in one instant",
+            crowded <= 2,
+            "{crowded} instants with more than half of {} acking at once",
             rs.len()
         );
         let (lo, hi) = (
