@@ -324,10 +324,6 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     );
 }
 
-/// A sharded tier from the command line: a relay follows both shards' coordinators (one with
-/// `--upstream`, one with `--upstream-group`), `dci publish` sends each key to its shard's
-/// coordinator, `dci status` merges both trees. When one shard is down, what the other accepted
-/// is still printed, then the error.
 /// Keys from standard input, one per line, as many as an operator has: sent in several requests,
 /// printed in input order with their seqs.
 #[test]
@@ -357,6 +353,10 @@ fn publish_takes_keys_from_standard_input() {
     assert!(stderr(&o).contains("no keys"), "{}", stderr(&o));
 }
 
+/// A sharded tier from the command line: a relay follows both shards' coordinators (one with
+/// `--upstream`, one with `--upstream-group`), `dci publish` sends each key to its shard's
+/// coordinator, `dci status` merges both trees. When one shard is down, what the other accepted
+/// is still printed, then the error.
 #[test]
 fn a_sharded_tier_from_the_command_line() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];

@@ -88,6 +88,20 @@ impl pb::subscribe_server::Subscribe for Scripted {
     }
 }
 
+/// An edge (`cfg`, on a port of its own) following a sender that plays `script`; and what stops
+/// the sender.
+async fn edge_behind(script: Scripted, cfg: EdgeConfig) -> (EdgeNode, watch::Sender<bool>) {
+    let (url, stop) = serve(script).await;
+    let edge = EdgeNode::start(EdgeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        relays: vec![url],
+        ..cfg
+    })
+    .await
+    .unwrap();
+    (edge, stop)
+}
+
 async fn serve(script: Scripted) -> (String, watch::Sender<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -157,14 +171,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
-    let (url, stop) = serve(script()).await;
-    let edge = EdgeNode::start(EdgeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        relays: vec![url],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (edge, stop) = edge_behind(script(), EdgeConfig::default()).await;
     // Cached before the stream starts (a lease of 0 is still valid then).
     let store = edge.store.clone();
     eventually("applied through seq 5", || {
@@ -201,17 +208,12 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
 /// staleness bound as if it were cut off. The same sender sending everything it holds is fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_whose_sender_holds_back_stops_serving_at_its_bound() {
-    let start = |held: Seq| async move {
-        let (url, stop) = serve(Scripted { held, ..script() }).await;
-        let edge = EdgeNode::start(EdgeConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relays: vec![url],
+    let start = |held: Seq| {
+        let cfg = EdgeConfig {
             max_staleness: Duration::from_secs(1),
             ..Default::default()
-        })
-        .await
-        .unwrap();
-        (edge, stop)
+        };
+        edge_behind(Scripted { held, ..script() }, cfg)
     };
     let (fine, stop_fine) = start(5).await;
     let (behind, stop_behind) = start(9).await;
@@ -257,20 +259,12 @@ async fn an_edge_whose_sender_holds_back_stops_serving_at_its_bound() {
 /// agreeing is fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_with_another_shard_count_than_its_coordinators_takes_no_fill() {
-    let start = |shard_count: u32| async move {
-        let (url, stop) = serve(Scripted {
+    let start = |shard_count: u32| {
+        let script = Scripted {
             shard_count,
             ..script()
-        })
-        .await;
-        let edge = EdgeNode::start(EdgeConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relays: vec![url],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        (edge, stop)
+        };
+        edge_behind(script, EdgeConfig::default())
     };
     let (agrees, stop_agrees) = start(1).await;
     let (differs, stop_differs) = start(2).await;
@@ -411,14 +405,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
         pb::downstream::Msg::Batch(Bytes::from(huge.encode_to_vec())),
         pb::downstream::Msg::BatchZstd(Bytes::from_static(b"\x28\xb5\x2f\xfd garbage")),
     ];
-    let (url, stop) = serve(s).await;
-    let edge = EdgeNode::start(EdgeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        relays: vec![url],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (edge, stop) = edge_behind(s, EdgeConfig::default()).await;
     let store = edge.store.clone();
     eventually("the good batches after the hostile ones apply", || {
         store.applied().iter().any(|&(_, _, s)| s >= 5)

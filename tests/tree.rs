@@ -18,6 +18,14 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// An address on loopback that nothing listens on (until a test starts something there).
+fn nowhere() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 async fn coordinator(dir: &std::path::Path) -> Coordinator {
     Coordinator::start(CoordinatorConfig {
         listen: any_port(),
@@ -415,10 +423,7 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
 /// as the first one lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let nowhere = nowhere();
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let cut_off = relay_at(any_port(), vec![format!("http://{nowhere}")], 64 << 20).await;
@@ -452,10 +457,7 @@ async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
 /// misses, until the coordinator is there: then they serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_behind_a_relay_that_never_reached_a_coordinator_do_not_serve() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = nowhere();
     let r = relay_at(any_port(), vec![format!("http://{addr}")], 64 << 20).await;
     let e = edge(EdgeConfig {
         max_staleness: Duration::from_secs(1),

@@ -1218,6 +1218,18 @@ mod tests {
     }
 
     /// Length of the records of the only segment, and its file.
+    /// (offset, payload length) of each record in the first `len` bytes of a segment.
+    fn records_in(bytes: &[u8], len: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + HEADER <= len {
+            let n = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            out.push((at, n));
+            at += HEADER + n;
+        }
+        out
+    }
+
     fn only_segment(w: &Wal) -> (u64, PathBuf) {
         let seg = w.segments.values().next().unwrap();
         (seg.len, seg.path.clone())
@@ -1259,13 +1271,7 @@ mod tests {
                 drop(w);
             }
             let mut bytes = fs::read(&path).unwrap();
-            let mut at = 0;
-            let mut starts = Vec::new();
-            while at < len as usize {
-                starts.push(at);
-                at += HEADER + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            }
-            let last = *starts.last().unwrap();
+            let (last, _) = *records_in(&bytes, len as usize).last().unwrap();
             bytes[last + HEADER + 3] ^= 0x10;
             fs::write(&path, &bytes).unwrap();
             let (mut w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
@@ -1528,11 +1534,8 @@ mod tests {
                 let mut payloads = Vec::new();
                 for seg in w.segments.values() {
                     let bytes = fs::read(&seg.path).unwrap();
-                    let mut at = 0;
-                    while at + HEADER <= seg.len as usize {
-                        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+                    for (at, len) in records_in(&bytes, seg.len as usize) {
                         payloads.push((seg.path.clone(), at + HEADER, at + HEADER + len));
-                        at += HEADER + len;
                     }
                 }
                 if close {
