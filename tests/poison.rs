@@ -476,3 +476,107 @@ async fn an_absurd_resume_point_or_name_is_refused_with_invalid_argument() {
     assert_eq!(r.into_inner().seqs, vec![1]);
     c.stop().await.unwrap();
 }
+
+/// A receiver that asks for the same range again and again, far faster than any receiver repeats a
+/// Nack, gets it resent at most once per guard interval: it cannot turn its sender into a firehose
+/// at the cost of the sender's other receivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_nacks_without_end_gets_a_bounded_number_of_resends() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut p = pb::publisher_client::PublisherClient::connect(c.url())
+        .await
+        .unwrap();
+    let entries: Vec<_> = (0..5_000)
+        .map(|i| entry(0, &format!("user:{i:06}:profile"), pb::Kind::Key as i32))
+        .collect();
+    p.publish(pb::PublishRequest {
+        publisher_id: String::new(),
+        request_no: 0,
+        entries,
+    })
+    .await
+    .unwrap();
+
+    let (tx, rx) = mpsc::channel(16);
+    let hello = pb::Hello {
+        node_id: "nacker".into(),
+        resume: vec![pb::ResumePoint {
+            shard: 0,
+            epoch: c.epoch,
+            hwm: 0,
+        }],
+        ..Default::default()
+    };
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let mut stream = raw
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = stream.message().await {
+                if let Some(pb::downstream::Msg::Batch(b)) = m.msg {
+                    received.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let load = || received.load(std::sync::atomic::Ordering::Relaxed);
+    eventually("the history arrives once", || load() > 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let history = load();
+
+    let nack = pb::Upstream {
+        msg: Some(pb::upstream::Msg::Nack(pb::Nack {
+            shard: 0,
+            from_seq: 1,
+            to_seq: 1,
+        })),
+    };
+    let started = std::time::Instant::now();
+    let mut nacks = 0u64;
+    while started.elapsed() < Duration::from_secs(1) {
+        tx.send(nack.clone()).await.unwrap();
+        nacks += 1;
+        tokio::task::yield_now().await;
+    }
+    let spent = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resends = (load() - history) as f64 / history as f64;
+    // One resend per 100 ms guard, and one more for where the clock falls.
+    let allowed = (spent.as_secs_f64() + 0.3) / 0.1 + 1.0;
+    eprintln!("{nacks} nacks in {spent:?}: {resends:.1} resends of {history} bytes");
+    assert!(
+        nacks > 200 * allowed as u64,
+        "the test sent too few Nacks to tell"
+    );
+    assert!(
+        resends >= 1.0,
+        "a Nack is still answered ({resends:.1} resends)"
+    );
+    assert!(
+        resends <= allowed,
+        "{resends:.1} resends of the history for {nacks} Nacks in {spent:?} (at most {allowed:.0})"
+    );
+    drop(tx);
+    reader.abort();
+    c.stop().await.unwrap();
+}

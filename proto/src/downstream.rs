@@ -250,8 +250,9 @@ async fn run_link<S: BatchSource>(
                     Ok(Some(pb::Upstream { msg: Some(m) })) => match m {
                         pb::upstream::Msg::Ack(a) => sender.on_ack(&a, now),
                         pb::upstream::Msg::Nack(n) => {
-                            sender.on_nack(&n, now);
-                            counters.retransmits.fetch_add(1, Ordering::Relaxed);
+                            if sender.on_nack(&n, now) {
+                                counters.retransmits.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         pb::upstream::Msg::Heartbeat(h) => {
                             sender.on_heard(now);

@@ -129,6 +129,7 @@ fn sender_cfg() -> SenderConfig {
         retransmit_timeout: Duration::from_millis(1000),
         heartbeat_interval: Duration::from_millis(300),
         peer_timeout: Duration::from_secs(3600),
+        nack_guard: Duration::from_millis(100),
     }
 }
 
@@ -239,7 +240,9 @@ impl<'a> Sim<'a> {
     fn deliver_up(&mut self, m: Up) {
         match m {
             Up::Ack(a) => self.sender.on_ack(&a, self.now),
-            Up::Nack(n) => self.sender.on_nack(&n, self.now),
+            Up::Nack(n) => {
+                self.sender.on_nack(&n, self.now);
+            }
         }
     }
 

@@ -19,6 +19,12 @@ pub struct SenderConfig {
     pub heartbeat_interval: Duration,
     /// Drop a receiver not heard from (no ack, no heartbeat) for this long.
     pub peer_timeout: Duration,
+    /// A Nack less than this after the sender last went back on the shard is ignored: the
+    /// resend is on its way, and a receiver's Nacks only move forward (each starts past what it
+    /// has applied), so the go-back covers it. A receiver repeating Nacks faster than resends can
+    /// arrive (a broken or hostile one) thus costs at most one resend of its window per interval.
+    /// Shorter than a receiver's own Nack repeat, so a repeat after a lost resend is honoured.
+    pub nack_guard: Duration,
 }
 
 impl Default for SenderConfig {
@@ -28,6 +34,7 @@ impl Default for SenderConfig {
             retransmit_timeout: Duration::from_secs(2),
             heartbeat_interval: Duration::from_millis(500),
             peer_timeout: Duration::from_secs(10),
+            nack_guard: Duration::from_millis(100),
         }
     }
 }
@@ -75,6 +82,8 @@ struct TxShard {
     inflight_bytes: usize,
     /// Last time an ack moved forward (or the first send after quiet).
     last_progress: Instant,
+    /// When the sender last went back (Nack or timeout).
+    went_back: Option<Instant>,
 }
 
 /// The sender state machine of one link (one receiver), over every shard the sender serves.
@@ -175,6 +184,7 @@ impl Sender {
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             last_progress: now,
+            went_back: None,
         }
     }
 
@@ -280,18 +290,25 @@ impl Sender {
         }
     }
 
-    /// The receiver misses `[from, to]`: go back to `from` (receivers drop what they already have).
-    pub fn on_nack(&mut self, nack: &pb::Nack, now: Instant) {
+    /// The receiver misses `[from, to]`: go back to `from` (receivers drop what they already
+    /// have). True when it did; false when the Nack asks for nothing that is not already on its
+    /// way again.
+    pub fn on_nack(&mut self, nack: &pb::Nack, now: Instant) -> bool {
         self.last_heard = now;
         let Some(s) = self.shards.get_mut(&nack.shard) else {
-            return;
+            return false;
         };
         if nack.from_seq == 0 || nack.from_seq > nack.to_seq || nack.from_seq >= s.next {
-            return;
+            return false;
         }
-        let from = nack.from_seq.max(s.acked + 1);
-        go_back(s, from, now);
+        if s.went_back
+            .is_some_and(|at| now.saturating_duration_since(at) < self.cfg.nack_guard)
+        {
+            return false;
+        }
+        go_back(s, nack.from_seq.max(s.acked + 1), now);
         self.retransmits += 1;
+        true
     }
 
     /// Anything arrived from the receiver (it is alive).
@@ -355,6 +372,7 @@ fn go_back(s: &mut TxShard, from: Seq, now: Instant) {
         s.inflight_bytes -= bytes;
     }
     s.last_progress = now;
+    s.went_back = Some(now);
 }
 
 /// The answer of [`Sender::next_range`].
@@ -510,6 +528,45 @@ mod tests {
             NextRange::Send { from: 1, .. }
         ));
         assert_eq!(s.retransmits(), 2);
+    }
+
+    #[test]
+    fn nacks_repeated_faster_than_the_guard_go_back_once() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        for last in [10, 20, 30] {
+            s.on_sent(0, last, 10, now);
+        }
+        let nack = |from| pb::Nack {
+            shard: 0,
+            from_seq: from,
+            to_seq: 30,
+        };
+        assert!(s.on_nack(&nack(11), now));
+        s.on_sent(0, 30, 20, now);
+        let soon = now + Duration::from_millis(99);
+        // The same range, a later one, an earlier one: all on their way already.
+        for from in [11, 21, 1] {
+            assert!(!s.on_nack(&nack(from), soon), "from {from}");
+        }
+        assert_eq!(s.next_range(&view(1, 30), soon), NextRange::Idle);
+        // A repeat after the guard is answered (the resend may have been lost).
+        let later = now + Duration::from_millis(100);
+        assert!(s.on_nack(&nack(21), later));
+        assert!(matches!(
+            s.next_range(&view(1, 30), later),
+            NextRange::Send { from: 21, .. }
+        ));
+        assert_eq!(s.retransmits(), 2);
+        // A timeout's go-back counts too.
+        s.on_sent(0, 30, 10, later);
+        let timeout = later + Duration::from_secs(3);
+        s.on_heard(timeout);
+        s.tick(&[view(1, 30)], timeout);
+        s.on_sent(0, 30, 30, timeout);
+        assert!(!s.on_nack(&nack(11), timeout + Duration::from_millis(50)));
+        assert_eq!(s.retransmits(), 3);
     }
 
     #[test]
