@@ -418,6 +418,37 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
     running.unwrap().stop().await.unwrap();
 }
 
+/// A service that names its publisher and restarts keeps its name: what it publishes after the
+/// restart is logged, not answered with the seqs of what its earlier life published under the
+/// same request numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_restarted_under_its_fixed_id_has_its_publishes_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let named = || {
+        Publisher::with_options(
+            vec![c.url()],
+            dci_sdk::PublisherOptions {
+                publisher_id: "billing-7".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let mut seqs = Vec::new();
+    for life in 0..3 {
+        let p = named().await.unwrap();
+        for i in 0..3 {
+            seqs.push(p.invalidate(format!("life{life}:k{i}")).await.unwrap());
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=9).collect::<Vec<_>>(),
+        "each publish logged once"
+    );
+    c.stop().await.unwrap();
+}
+
 /// An edge whose first relay answers but is cut off itself (it never reached a coordinator)
 /// moves on to its next relay, and serves through it, instead of answering misses for as long
 /// as the first one lasts.

@@ -19,7 +19,10 @@ use crate::Error;
 /// Publisher tunables.
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
-    /// Stable id of this process for idempotent retries (default: random).
+    /// Id under which the coordinators deduplicate retried requests (default: random). A fixed
+    /// one names the publisher in the log; requests are numbered from the clock (microseconds),
+    /// so a process that restarts with the same id does not reuse the numbers of its earlier
+    /// life (the coordinators refuse a number already logged with other entries).
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { publisher_id: "billing-7".into(), ..Default::default() };
@@ -95,7 +98,9 @@ impl Publisher {
             return Err(Error::Url(String::new(), "no coordinator URL".into()));
         }
         let mut shards = Vec::new();
-        let request_no = Arc::new(AtomicU64::new(1));
+        // Numbers from the clock: an earlier process with this id numbered fewer requests
+        // than microseconds went by since it started.
+        let request_no = Arc::new(AtomicU64::new(dci_proto::now_us().max(1)));
         for url in &urls {
             let ch = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?

@@ -207,10 +207,47 @@ pub struct Recovery {
     pub voided: Option<(Seq, Seq)>,
 }
 
+/// What a retry must repeat to be taken for its original request: every entry's kind, key and
+/// version, in order (not its publish time, which a client may stamp anew). Counting entries is
+/// not enough: a publisher that restarts with a fixed id and numbers its requests from 1 again
+/// sends other keys under numbers already logged, and taking those for retries would acknowledge
+/// invalidations that were never logged. Computed again from the log on recovery, so it only
+/// needs to be stable within one build.
+pub fn request_digest<'a>(
+    entries: impl IntoIterator<Item = (pb::Kind, &'a [u8], Option<u64>)>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for (kind, key, version) in entries {
+        (kind as i32, key, version).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// [`request_digest`] of a logged record.
+fn record_digest(rec: &LogRecord) -> u64 {
+    request_digest(
+        rec.entries
+            .iter()
+            .map(|e| (e.kind(), &e.key[..], e.source_version)),
+    )
+}
+
+/// A logged request, as remembered for its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logged {
+    /// Seq of its first entry.
+    pub first_seq: Seq,
+    /// Its number of entries.
+    pub count: u32,
+    /// [`request_digest`] of its entries.
+    pub digest: u64,
+}
+
 /// Idempotency memory: the last requests of each publisher.
 #[derive(Debug, Default)]
 pub struct DedupTable {
-    by_publisher: HashMap<String, VecDeque<(u64, Seq, u32)>>,
+    by_publisher: HashMap<String, VecDeque<(u64, Logged)>>,
     order: VecDeque<String>,
 }
 
@@ -218,17 +255,17 @@ const DEDUP_PER_PUBLISHER: usize = 256;
 const DEDUP_PUBLISHERS: usize = 10_000;
 
 impl DedupTable {
-    /// The seqs of an already logged request, if remembered: (first seq, count).
-    pub fn lookup(&self, publisher: &str, request_no: u64) -> Option<(Seq, u32)> {
+    /// An already logged request, if remembered.
+    pub fn lookup(&self, publisher: &str, request_no: u64) -> Option<Logged> {
         self.by_publisher
             .get(publisher)?
             .iter()
-            .find(|(r, _, _)| *r == request_no)
-            .map(|&(_, s, n)| (s, n))
+            .find(|(r, _)| *r == request_no)
+            .map(|&(_, l)| l)
     }
 
     /// Remember a logged request.
-    pub fn remember(&mut self, publisher: &str, request_no: u64, first: Seq, count: u32) {
+    pub fn remember(&mut self, publisher: &str, request_no: u64, logged: Logged) {
         if publisher.is_empty() {
             return;
         }
@@ -244,7 +281,7 @@ impl DedupTable {
         if q.len() >= DEDUP_PER_PUBLISHER {
             q.pop_front();
         }
-        q.push_back((request_no, first, count));
+        q.push_back((request_no, logged));
     }
 }
 
@@ -605,8 +642,11 @@ impl Wal {
                         dedup.remember(
                             &rec.publisher_id,
                             rec.request_no,
-                            rec.first_seq,
-                            rec.entries.len() as u32,
+                            Logged {
+                                first_seq: rec.first_seq,
+                                count: rec.entries.len() as u32,
+                                digest: record_digest(&rec),
+                            },
                         );
                         head = rec.last_seq();
                         expected = head + 1;
@@ -896,12 +936,17 @@ impl Wal {
             buf.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
             self.head = rec.last_seq();
-            self.dedup.remember(
-                &rec.publisher_id,
-                rec.request_no,
-                rec.first_seq,
-                rec.entries.len() as u32,
-            );
+            if !rec.publisher_id.is_empty() {
+                self.dedup.remember(
+                    &rec.publisher_id,
+                    rec.request_no,
+                    Logged {
+                        first_seq: rec.first_seq,
+                        count: rec.entries.len() as u32,
+                        digest: record_digest(rec),
+                    },
+                );
+            }
         }
         self.write_active(&mut buf)
     }
@@ -1119,7 +1164,10 @@ mod tests {
         assert_eq!(w.head(), 5);
         assert_eq!(w.epoch(), epoch);
         assert!(!r.new_epoch);
-        assert_eq!(w.dedup().lookup("p", 2), Some((4, 2)));
+        assert_eq!(
+            w.dedup().lookup("p", 2).map(|l| (l.first_seq, l.count)),
+            Some((4, 2))
+        );
         let recs = w.reader().read_from(4, usize::MAX).unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].first_seq, 4);
@@ -1347,7 +1395,10 @@ mod tests {
         if boot_id().is_some() {
             assert_eq!(w.epoch(), epoch);
         }
-        assert_eq!(w.dedup().lookup("p", 299), Some((next - 3, 3)));
+        assert_eq!(
+            w.dedup().lookup("p", 299).map(|l| (l.first_seq, l.count)),
+            Some((next - 3, 3))
+        );
         w.append(&[rec(next, 1, "p", 300)]).unwrap();
         w.close().unwrap();
         let (w, r) = Wal::open(dir.path(), opts).unwrap();

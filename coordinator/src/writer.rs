@@ -20,7 +20,7 @@ use dci_proto::{coalesce, Batch, Invalidation, Seq};
 use tokio::sync::oneshot;
 
 use crate::hub::Hub;
-use crate::wal::{LogRecord, PendingSync, Wal};
+use crate::wal::{request_digest, LogRecord, Logged, PendingSync, Wal};
 
 type Answer = (
     oneshot::Sender<Result<Acked, CommitError>>,
@@ -111,9 +111,13 @@ pub enum CommitError {
     /// The log failed; the coordinator stops accepting publishes.
     #[error("log write failed: {0}")]
     Log(String),
-    /// A retry reused a request number with different content.
-    #[error("request {0} was already logged with {1} entries, not {2}")]
-    Mismatch(u64, u32, u32),
+    /// A request number already logged with other entries: not a retry of it.
+    #[error(
+        "request {0} of this publisher id was already logged with other entries: a retry must \
+         repeat its request, and a new request needs a new number (a publisher id restarted \
+         with its numbering from the start?)"
+    )]
+    Mismatch(u64),
 }
 
 /// The log and what goes with it, used by one caller at a time.
@@ -299,6 +303,14 @@ impl Sequencer {
     }
 }
 
+fn digest_of(entries: &[Invalidation]) -> u64 {
+    request_digest(
+        entries
+            .iter()
+            .map(|e| (e.kind.into(), &e.key[..], e.source_version)),
+    )
+}
+
 /// Write a group and hand it downstream; what is left is its fsync and its answers. On a write
 /// failure, the reason and the answers (which the syncer turns into errors).
 fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, Vec<Answer>)> {
@@ -308,7 +320,7 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
     let first_of_group = next;
     let mut group_entries = Vec::new();
     // Requests seen in this very group, for a retry that races its original.
-    let mut in_group: Vec<(String, u64, Seq, u32)> = Vec::new();
+    let mut in_group: Vec<(String, u64, Logged)> = Vec::new();
     for job in jobs {
         let n = job.entries.len() as u32;
         let known = if job.publisher_id.is_empty() {
@@ -319,19 +331,19 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
                 .or_else(|| {
                     in_group
                         .iter()
-                        .find(|(p, r, _, _)| *p == job.publisher_id && *r == job.request_no)
-                        .map(|&(_, _, s, c)| (s, c))
+                        .find(|(p, r, _)| *p == job.publisher_id && *r == job.request_no)
+                        .map(|&(_, _, l)| l)
                 })
         };
-        if let Some((first_seq, count)) = known {
-            let answer = if count == n {
+        if let Some(logged) = known {
+            let answer = if logged.count == n && logged.digest == digest_of(&job.entries) {
                 Ok(Acked {
-                    first_seq,
-                    count,
+                    first_seq: logged.first_seq,
+                    count: n,
                     duplicate: true,
                 })
             } else {
-                Err(CommitError::Mismatch(job.request_no, count, n))
+                Err(CommitError::Mismatch(job.request_no))
             };
             answers.push((job.reply, answer));
             continue;
@@ -345,7 +357,12 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
             group_entries.push(e);
         }
         if !job.publisher_id.is_empty() {
-            in_group.push((job.publisher_id.clone(), job.request_no, first_seq, n));
+            let logged = Logged {
+                first_seq,
+                count: n,
+                digest: digest_of(&group_entries[group_entries.len() - n as usize..]),
+            };
+            in_group.push((job.publisher_id.clone(), job.request_no, logged));
         }
         records.push(LogRecord {
             first_seq,

@@ -197,6 +197,13 @@ async fn retried_publish_returns_the_original_seqs_even_after_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(other.seqs, vec![3], "another publisher's request 1 is new");
+    // The same number and as many entries, but other keys (a publisher restarted with a fixed id
+    // and its numbering from the start): not a retry, and not acknowledged as one.
+    for keys in [&["a", "c"][..], &["b", "a"], &["a", "b", "c"]] {
+        let e = p.publish(req("svc-a", 1, keys)).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{keys:?}: {e}");
+        assert!(e.message().contains("request 1"), "{}", e.message());
+    }
     c.stop().await.unwrap();
 
     let c = Coordinator::start(cfg(dir.path())).await.unwrap();
@@ -208,6 +215,8 @@ async fn retried_publish_returns_the_original_seqs_even_after_restart() {
         .into_inner();
     assert_eq!(after.seqs, first.seqs);
     assert!(after.duplicate);
+    let e = p.publish(req("svc-a", 1, &["a", "c"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "recovered from the log: {e}");
     let next = p
         .publish(req("svc-a", 2, &["c"]))
         .await
