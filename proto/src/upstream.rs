@@ -47,6 +47,33 @@ pub trait Applier: Send + 'static {
 /// healthy sender is never taken for a silent one.
 pub const MIN_PEER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most bytes of node reports in one heartbeat: well below the 4 MiB a gRPC server takes in one
+/// message by default, so however many nodes sit below a relay, its heartbeats never grow into
+/// a message its sender refuses (which would break the link, over and over). Beyond it, `dci
+/// status` lists the nodes that fit (several thousand).
+pub const MAX_SUBTREE_BYTES: usize = 1 << 20;
+
+/// The reports that fit in [`MAX_SUBTREE_BYTES`], in order, and how many were left out.
+pub fn bounded_subtree(
+    mut nodes: Vec<pb::NodeStatus>,
+    max_bytes: usize,
+) -> (Vec<pb::NodeStatus>, usize) {
+    use prost::Message;
+    let mut bytes = 0;
+    let fit = nodes
+        .iter()
+        .take_while(|n| {
+            // Each is a length-delimited field of the heartbeat.
+            let len = n.encoded_len();
+            bytes += len + prost::encoding::encoded_len_varint(len as u64) + 1;
+            bytes <= max_bytes
+        })
+        .count();
+    let left_out = nodes.len() - fit;
+    nodes.truncate(fit);
+    (nodes, left_out)
+}
+
 /// How to follow.
 #[derive(Clone, Debug)]
 pub struct FollowOptions {
@@ -364,6 +391,7 @@ async fn session<A: Applier>(
     tracing::info!(sender = %url, "following sender");
     let mut last_heard = now;
     let mut last_hb_sent = now;
+    let mut said_left_out = false;
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
     let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
@@ -478,6 +506,11 @@ async fn session<A: Applier>(
                     last_hb_sent = now;
                     let mut subtree = vec![lock(state).node_status(&opts.node_id, &opts.role, &opts.region)];
                     subtree.extend(lock(applier).subtree());
+                    let (subtree, left_out) = bounded_subtree(subtree, MAX_SUBTREE_BYTES);
+                    if left_out > 0 && !said_left_out {
+                        said_left_out = true;
+                        tracing::warn!(left_out, "too many nodes below to report them all; `dci status` lists those that fit");
+                    }
                     let hb = pb::Heartbeat { heads: Vec::new(), subtree, now_us: crate::now_us() };
                     // A full queue means the sender is not reading; acks are cumulative, so
                     // dropping one is harmless.
@@ -595,6 +628,46 @@ fn apply_guarded<A: Applier>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many nodes sit below, a heartbeat stays within the bound: the first reports (this
+    /// node's own first) are kept in order, and the count of those left out is told.
+    #[test]
+    fn a_heartbeat_reports_as_many_nodes_as_fit_and_no_more() {
+        use prost::Message;
+        let node = |i: usize| pb::NodeStatus {
+            node_id: format!("edge-eu-west-1-{i:06}"),
+            role: "edge".into(),
+            region: "eu-west-1".into(),
+            parent: "http://relay-eu-west-1-0.relay.dci.svc.cluster.local:7500".into(),
+            shards: (0..4)
+                .map(|s| pb::ShardProgress {
+                    shard: s,
+                    epoch: u64::MAX / 3,
+                    hwm: u64::MAX / 5,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let few: Vec<_> = (0..100).map(node).collect();
+        assert_eq!(bounded_subtree(few.clone(), MAX_SUBTREE_BYTES), (few, 0));
+
+        let many: Vec<_> = (0..30_000).map(node).collect();
+        let (kept, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES);
+        assert!(left_out > 0 && kept.len() + left_out == many.len());
+        assert_eq!(kept[..], many[..kept.len()], "the first ones, in order");
+        let hb = pb::Heartbeat {
+            heads: Vec::new(),
+            subtree: kept,
+            now_us: u64::MAX,
+        };
+        let len = hb.encoded_len();
+        assert!(len <= MAX_SUBTREE_BYTES + 16, "{len} bytes");
+        assert!(
+            len > MAX_SUBTREE_BYTES - 1024,
+            "{len} bytes: as many as fit"
+        );
+    }
 
     /// A sender is left for the next one when, connected for the bound, it has said of no shard,
     /// or it has been out of touch with its own sender on some shard for the bound.
