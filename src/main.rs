@@ -333,6 +333,15 @@ fn status_line(s: &tonic::Status, serves: &str) -> String {
         tonic::Code::Unimplemented => {
             format!("that node does not answer this call: is it {serves}?")
         }
+        // Refusals: the node's own message says what was wrong, the code's wording adds nothing.
+        tonic::Code::InvalidArgument
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::AlreadyExists
+        | tonic::Code::OutOfRange
+            if !s.message().is_empty() =>
+        {
+            s.message().to_string()
+        }
         code => format!("{code}: {}", s.message()),
     }
 }

@@ -624,6 +624,27 @@ async fn prefix_and_ring_filters_deliver_only_what_they_should() {
         .find(|e| e.edge.store.get(b"user:7").is_some())
         .unwrap();
     assert!(lock(&holder.keys).iter().any(|k| k.as_ref() == b"user:7"));
+    // A key an edge gets no invalidations for is neither served nor stored there (nothing would
+    // ever remove it): refused with the reason, on reads and fills alike.
+    let elsewhere = ring.iter().find(|e| !std::ptr::eq(*e, holder)).unwrap();
+    for (e, key, why) in [
+        (&users, "item:1", "prefixes \"user:\""),
+        (elsewhere, "user:7", "owns on its ring"),
+    ] {
+        let direct = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+        let load = || async { Ok::<_, String>(Bytes::from("v")) };
+        for result in [
+            direct.get(key).await.map(|_| ()),
+            direct.get_or_load(key, load).await.map(|_| ()),
+        ] {
+            match result {
+                Err(dci_sdk::Error::Refused(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("{key} on {}: {other:?}", e.edge.node_id),
+            }
+        }
+        assert!(!direct.set(key, "v", None).await.unwrap(), "not stored");
+        assert!(e.edge.store.get(key.as_bytes()).is_none());
+    }
     users.edge.stop().await.unwrap();
     for e in ring {
         e.edge.stop().await.unwrap();
@@ -698,6 +719,7 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
     let r = relay(&c).await;
     let near = NearCache::start(NearCacheOptions {
         relays: vec![r.url()],
+        prefixes: vec!["user:".into()],
         ..Default::default()
     })
     .unwrap();
@@ -740,6 +762,16 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
         .unwrap();
     assert_eq!(v, Bytes::from("fresh"));
     assert_eq!(near.get(b"user:2"), Lookup::Hit(Bytes::from("fresh")));
+    // Outside its prefixes no invalidation reaches it: such a key is loaded, never kept.
+    assert!(!near.set("item:1", "v", None));
+    let v = near
+        .get_or_load("item:1", || async {
+            Ok::<_, std::io::Error>(Bytes::from("row"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("row"));
+    assert!(matches!(near.get(b"item:1"), Lookup::Miss { .. }));
     near.stop();
     r.stop().await.unwrap();
     c.stop().await.unwrap();

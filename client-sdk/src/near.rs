@@ -169,6 +169,8 @@ pub struct NearCache {
     link: Arc<Mutex<LinkState>>,
     max_staleness: Duration,
     shard_count: u32,
+    /// What it follows: the keys it may cache.
+    follows: Arc<Filter>,
     stop: Arc<watch::Sender<bool>>,
 }
 
@@ -194,19 +196,20 @@ impl NearCache {
         }));
         let link = Arc::new(Mutex::new(LinkState::default()));
         let (stop, rx) = watch::channel(false);
+        let follows = Filter {
+            prefixes: opts
+                .prefixes
+                .iter()
+                .map(|p| Bytes::from(p.clone()))
+                .collect(),
+            ring: None,
+        };
         let follow = FollowOptions {
             urls: opts.relays.clone(),
             node_id: opts.node_id.clone(),
             region: opts.region.clone(),
             role: "near-cache".into(),
-            filter: Filter {
-                prefixes: opts
-                    .prefixes
-                    .iter()
-                    .map(|p| Bytes::from(p.clone()))
-                    .collect(),
-                ring: None,
-            },
+            filter: follows.clone(),
             ..FollowOptions::default()
         };
         let applier = Arc::new(Mutex::new(NearApplier(state.clone())));
@@ -216,14 +219,17 @@ impl NearCache {
             link,
             max_staleness: opts.max_staleness,
             shard_count: opts.shard_count.max(1),
+            follows: Arc::new(follows),
             stop: Arc::new(stop),
         })
     }
 
-    /// Look a key up; a miss carries the lease for the fill.
+    /// Look a key up; a miss carries the lease for the fill. A key outside `prefixes` is always
+    /// a miss (and its fill is refused): no invalidation of it reaches this cache.
     pub fn get(&self, key: &[u8]) -> Lookup {
         let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
-            && self.agrees_on_shards();
+            && self.agrees_on_shards()
+            && self.follows.takes_key(key);
         let st = lock(&self.state);
         let lease = st.leases.lease(key).encode();
         match st.values.get(key) {
@@ -235,7 +241,7 @@ impl NearCache {
     /// Fill a key; `false` when the lease is older than an invalidation applied to the key.
     pub fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>, lease: Option<u64>) -> bool {
         let key = key.into();
-        if !self.agrees_on_shards() {
+        if !self.agrees_on_shards() || !self.follows.takes_key(&key) {
             return false;
         }
         let mut st = lock(&self.state);

@@ -117,6 +117,9 @@ struct EdgeService {
     shard_count: u32,
     /// When a wrong shard count was last logged (seconds since the Unix epoch).
     warned_shard_count: Arc<AtomicU64>,
+    /// What this edge follows (its Hello's filter): a key outside it is neither served nor
+    /// stored, since no invalidation of it would ever reach this edge.
+    follows: Filter,
 }
 
 impl EdgeService {
@@ -159,8 +162,22 @@ impl EdgeService {
         Ok(())
     }
 
+    /// A key this edge gets no invalidations for is refused, not cached for ever.
+    fn check_followed(&self, key: &[u8]) -> Result<(), Status> {
+        if self.follows.takes_key(key) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "key {:?} is not followed by this edge, which gets invalidations only of {}: \
+             route it to an edge that does",
+            String::from_utf8_lossy(key),
+            self.follows.describe()
+        )))
+    }
+
     fn get_one(&self, key: Bytes) -> Result<pb::GetResponse, Status> {
         self.check_key(&key)?;
+        self.check_followed(&key)?;
         let lease = self.store.lease(&key).encode();
         let shard = self.store.shard_of(&key);
         let (fresh, told) = {
@@ -203,6 +220,7 @@ impl EdgeService {
 
     fn set_one(&self, r: pb::SetRequest) -> Result<Result<(), FillRefused>, Status> {
         self.check_key(&r.key)?;
+        self.check_followed(&r.key)?;
         if r.value.len() > self.max_value_len {
             return Err(Status::invalid_argument(format!(
                 "value is {} bytes, more than the maximum of {}",
@@ -347,7 +365,7 @@ impl EdgeNode {
         } else {
             cfg.node_id.clone()
         };
-        let filter = Filter {
+        let follows = Filter {
             prefixes: cfg
                 .prefixes
                 .iter()
@@ -390,7 +408,7 @@ impl EdgeNode {
             node_id: node_id.clone(),
             region: cfg.region.clone(),
             role: "edge".into(),
-            filter,
+            filter: follows.clone(),
             peer_timeout: cfg.peer_timeout,
             compression: cfg.compression,
             max_key_len: cfg.max_key_len,
@@ -497,6 +515,7 @@ impl EdgeNode {
             stale_misses: stale_misses.clone(),
             shard_count: cfg.shard_count,
             warned_shard_count: Arc::default(),
+            follows,
         };
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter

@@ -451,15 +451,43 @@ impl Filter {
                         .iter()
                         .any(|p| p.starts_with(&e.key) || e.key.starts_with(p))
             }
-            Kind::Key => {
-                let by_prefix =
-                    self.prefixes.is_empty() || self.prefixes.iter().any(|p| e.key.starts_with(p));
-                by_prefix
-                    && self
-                        .ring
-                        .as_ref()
-                        .is_none_or(|r| r.ring.is_owner(&e.key, &r.self_id, r.replication))
-            }
+            Kind::Key => self.takes_key(&e.key),
+        }
+    }
+
+    /// Does the receiver get the invalidations of `key`? A cache must neither serve nor store a
+    /// key it does not: nothing would ever remove it.
+    pub fn takes_key(&self, key: &[u8]) -> bool {
+        let by_prefix =
+            self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p));
+        by_prefix
+            && self
+                .ring
+                .as_ref()
+                .is_none_or(|r| r.ring.is_owner(key, &r.self_id, r.replication))
+    }
+
+    /// What the filter keeps, for an error about a key it does not.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.prefixes.is_empty() {
+            let list: Vec<_> = self
+                .prefixes
+                .iter()
+                .map(|p| format!("{:?}", String::from_utf8_lossy(p)))
+                .collect();
+            parts.push(format!("keys with the prefixes {}", list.join(", ")));
+        }
+        if let Some(r) = &self.ring {
+            parts.push(format!(
+                "keys {} owns on its ring (replication {})",
+                r.self_id, r.replication
+            ));
+        }
+        if parts.is_empty() {
+            "every key".into()
+        } else {
+            parts.join(" and ")
         }
     }
 
