@@ -639,15 +639,17 @@ impl Wal {
                             index.push((rec.first_seq, off));
                             last_indexed = Some(off);
                         }
-                        dedup.remember(
-                            &rec.publisher_id,
-                            rec.request_no,
-                            Logged {
-                                first_seq: rec.first_seq,
-                                count: rec.entries.len() as u32,
-                                digest: record_digest(&rec),
-                            },
-                        );
+                        if !rec.publisher_id.is_empty() {
+                            dedup.remember(
+                                &rec.publisher_id,
+                                rec.request_no,
+                                Logged {
+                                    first_seq: rec.first_seq,
+                                    count: rec.entries.len() as u32,
+                                    digest: record_digest(&rec),
+                                },
+                            );
+                        }
                         head = rec.last_seq();
                         expected = head + 1;
                         off += n;

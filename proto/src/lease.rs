@@ -376,7 +376,12 @@ mod tests {
             })
         );
         assert_eq!(t.check_fill(b"k", t.lease(b"k")), Ok(()));
-        assert_eq!(t.check_fill(b"other", lease), Ok(()));
+        // Another key, in another slot (one sharing the slot is refused too, by design).
+        let other = (0..)
+            .map(|i| format!("other{i}"))
+            .find(|o| t.hashes(o.as_bytes()).0 != t.hashes(b"k").0)
+            .unwrap();
+        assert_eq!(t.check_fill(other.as_bytes(), lease), Ok(()));
     }
 
     #[test]
