@@ -379,6 +379,9 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         a.keys = vec![String::new()];
         pb::Kind::All
     } else if a.prefix {
+        if a.keys.iter().any(String::is_empty) {
+            anyhow::bail!("an empty prefix would be every key: say --all for that");
+        }
         pb::Kind::Prefix
     } else {
         pb::Kind::Key

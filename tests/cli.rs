@@ -239,6 +239,9 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     });
     let o = dci(&["publish", "--coordinator", &coord, "--all", "x:1"]);
     assert_eq!(o.status.code(), Some(2), "--all takes no keys");
+    let o = dci(&["publish", "--coordinator", &coord, "--prefix", ""]);
+    assert_eq!(o.status.code(), Some(2), "an empty prefix is not --all");
+    assert!(stderr(&o).contains("--all"), "{}", stderr(&o));
 
     // A stale lease is refused.
     let o = dci(&["set", "--edge", &edge_url, "user:2", "old", "--lease", "1"]);

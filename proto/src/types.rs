@@ -121,7 +121,10 @@ fn check_entry(p: &pb::Invalidation, max_key_len: usize) -> Result<Kind, Invalid
         Ok(pb::Kind::Unspecified) => return Err(InvalidEntry::KindUnspecified),
         Err(_) => return Err(InvalidEntry::UnknownKind(p.kind)),
     };
-    if kind != Kind::All && p.key.is_empty() {
+    if kind == Kind::Prefix && p.key.is_empty() {
+        return Err(InvalidEntry::EmptyPrefix);
+    }
+    if kind == Kind::Key && p.key.is_empty() {
         return Err(InvalidEntry::EmptyKey);
     }
     if p.key.len() > max_key_len {
@@ -147,9 +150,12 @@ pub enum InvalidEntry {
     /// The kind is not one we know.
     #[error("unknown kind {0}")]
     UnknownKind(i32),
-    /// KEY and PREFIX need a key.
+    /// KEY needs a key.
     #[error("key is empty")]
     EmptyKey,
+    /// An empty prefix would be every key: that is what ALL says, on purpose.
+    #[error("prefix is empty (to invalidate every key, use kind ALL)")]
+    EmptyPrefix,
     /// The key is over the configured bound.
     #[error("key is {len} bytes, more than the maximum of {max}")]
     KeyTooLong {
@@ -562,6 +568,10 @@ mod tests {
         assert_eq!(
             Invalidation::try_from_pb(inv("", pb::Kind::Key), 8),
             Err(InvalidEntry::EmptyKey)
+        );
+        assert_eq!(
+            Invalidation::try_from_pb(inv("", pb::Kind::Prefix), 8),
+            Err(InvalidEntry::EmptyPrefix)
         );
         assert_eq!(
             Invalidation::try_from_pb(inv("abc", pb::Kind::Unspecified), 8),
