@@ -169,6 +169,9 @@ pub enum WalError {
         /// Who opened it.
         wanted: String,
     },
+    /// The data directory is a file.
+    #[error("log directory {0} is a file, not a directory")]
+    NotADirectory(PathBuf),
     /// Another process has the log open: two writers would hand out the same seqs.
     #[error("log directory {0} is in use by another process (it holds {0}/LOCK); one coordinator per directory")]
     InUse(PathBuf),
@@ -565,6 +568,9 @@ fn unwritten_tail(path: &Path, off: u64, size: u64) -> io::Result<Tail> {
 impl Wal {
     /// Open (or create) the log in `dir`, recovering what is there.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery), WalError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(WalError::NotADirectory(dir.to_path_buf()));
+        }
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock = lock_dir(dir)?;
         check_owner(dir, &opts.owner)?;
@@ -1194,6 +1200,13 @@ mod tests {
         drop(w);
         // Dropped without a close, as in a crash: the lock goes with it.
         assert!(Wal::open(dir.path(), WalOptions::default()).is_ok());
+        // A file where the directory should be is named as such.
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"x").unwrap();
+        match Wal::open(&file, WalOptions::default()) {
+            Err(e @ WalError::NotADirectory(_)) => assert!(e.to_string().contains("is a file")),
+            other => panic!("got {other:?}"),
+        }
     }
 
     /// Volumes swapped between shards, or the shard count changed over old logs: each log stays
