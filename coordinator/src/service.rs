@@ -62,6 +62,14 @@ impl CoordinatorService {
                 "publisher_id is longer than 256 bytes",
             ));
         }
+        // Left at its default, the number would make every request of the publisher look like
+        // a retry of its first: repeats of an invalidation would be answered, never logged.
+        if req.request_no == 0 && !req.publisher_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "request_no is 0: with a publisher_id, number requests from 1, a new number for \
+                 each new request (or leave publisher_id empty: no deduplication)",
+            ));
+        }
         let now = dci_proto::now_us();
         let mut entries = Vec::with_capacity(req.entries.len());
         for (i, p) in req.entries.into_iter().enumerate() {

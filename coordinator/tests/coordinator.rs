@@ -118,6 +118,15 @@ async fn malformed_publish_is_refused_and_logs_nothing() {
         p.publish(req("", 0, &[])).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // A publisher id with its request number left at 0: every request would look like a retry
+    // of the first.
+    let err = p.publish(req("svc", 0, &["k"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("request_no is 0"),
+        "{}",
+        err.message()
+    );
 
     // Nothing of the refused requests reached the log: the next seq is 2.
     let r = p.publish(req("", 0, &["next"])).await.unwrap().into_inner();
