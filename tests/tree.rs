@@ -553,6 +553,27 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("more than the maximum"), "{err}");
+    // SetMany is all or nothing: the good entry beside the refused one is not stored either.
+    let mut raw = pb::cache_client::CacheClient::connect(e.edge.url())
+        .await
+        .unwrap();
+    let set = |key: &str, len: usize| pb::SetRequest {
+        key: Bytes::from(key.to_string()),
+        value: Bytes::from(vec![1u8; len]),
+        lease: None,
+        ttl_ms: 0,
+    };
+    let err = raw
+        .set_many(pb::SetManyRequest {
+            entries: vec![set("good", 10), set("bigger", (8 << 20) + 1)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(matches!(
+        cache.get("good").await.unwrap(),
+        Lookup::Miss { .. }
+    ));
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();

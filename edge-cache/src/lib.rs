@@ -218,7 +218,8 @@ impl EdgeService {
         }
     }
 
-    fn set_one(&self, r: pb::SetRequest) -> Result<Result<(), FillRefused>, Status> {
+    /// What would refuse a Set whatever the lease says.
+    fn check_set(&self, r: &pb::SetRequest) -> Result<(), Status> {
         self.check_key(&r.key)?;
         self.check_followed(&r.key)?;
         if r.value.len() > self.max_value_len {
@@ -235,6 +236,11 @@ impl EdgeService {
                 self.shard_count
             )));
         }
+        Ok(())
+    }
+
+    fn set_one(&self, r: pb::SetRequest) -> Result<Result<(), FillRefused>, Status> {
+        self.check_set(&r)?;
         let ttl = (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms));
         Ok(self
             .store
@@ -297,8 +303,9 @@ impl pb::cache_server::Cache for EdgeService {
                 "at most 10000 entries per SetMany",
             ));
         }
+        // All or nothing: a refused entry stores none of the others.
         for e in &entries {
-            self.check_key(&e.key)?;
+            self.check_set(e)?;
         }
         let stored = entries
             .into_iter()
