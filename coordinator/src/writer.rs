@@ -447,6 +447,39 @@ mod tests {
         seq.close();
     }
 
+    /// A request number seen twice in one group: the same entries are a retry (the original's
+    /// seqs), other entries, even as many, are refused and logged nowhere.
+    #[test]
+    fn a_number_reused_in_one_group_is_a_retry_only_with_the_same_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
+        let seq = Sequencer::new(wal, hub.clone(), 100);
+        let busy = lock(&seq.log);
+        let (original, rx1) = job("p", 1, 2);
+        let (mut other, rx2) = job("p", 1, 2);
+        other.entries[1] = Invalidation::key("another key");
+        let (retry, rx3) = job("p", 1, 2);
+        for j in [original, other, retry] {
+            seq.submit(j);
+        }
+        drop(busy);
+        seq.tick();
+        let first = rx1.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            (first.first_seq, first.count, first.duplicate),
+            (1, 2, false)
+        );
+        assert!(matches!(
+            rx2.blocking_recv().unwrap(),
+            Err(CommitError::Mismatch(1))
+        ));
+        let again = rx3.blocking_recv().unwrap().unwrap();
+        assert_eq!((again.first_seq, again.duplicate), (1, true));
+        assert_eq!(hub.head(), 2, "only the original was logged");
+        seq.close();
+    }
+
     /// Callers racing on the log from many threads: each request gets its own contiguous seqs,
     /// together they cover the log without a gap, a retry
     /// gets the original seqs, and what was written is what the log holds after a restart.
