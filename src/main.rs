@@ -84,6 +84,36 @@ struct CoordinatorArgs {
     /// Longest key in bytes [default: 1024].
     #[arg(long)]
     max_key_len: Option<usize>,
+    /// Name in `dci status` [default: coordinator-<shard>].
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Most entries in one publish request [default: 65536].
+    #[arg(long)]
+    max_request_entries: Option<usize>,
+    /// Time between fsyncs under `--fsync interval` [default: 100ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fsync_interval: Option<Duration>,
+    /// Log segment size in bytes [default: 64 MiB].
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// Log retention by size, in bytes [default: 1 GiB].
+    #[arg(long)]
+    retention_bytes: Option<u64>,
+    /// Log retention by age (e.g. 24h) [default: 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention_age: Option<Duration>,
+    /// Most entries written as one group [default: 65536].
+    #[arg(long)]
+    max_group_entries: Option<usize>,
+    /// Bytes of recent batches kept in memory for replay [default: 64 MiB].
+    #[arg(long)]
+    memory_tail_bytes: Option<usize>,
+    /// Unacked bytes in flight per receiver [default: 4 MiB].
+    #[arg(long)]
+    window_bytes: Option<usize>,
+    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    otlp_interval: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -117,6 +147,21 @@ struct RelayArgs {
     /// Ring buffer bytes per shard.
     #[arg(long)]
     ring_bytes: Option<usize>,
+    /// Unacked bytes in flight per receiver [default: 4 MiB].
+    #[arg(long)]
+    window_bytes: Option<usize>,
+    /// Give up on a silent sender after this long (at least 1s) [default: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    peer_timeout: Option<Duration>,
+    /// Ask upstream for zstd-compressed streams (`--compression=false` overrides a file's true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    compression: Option<bool>,
+    /// Longest key in bytes [default: 1024].
+    #[arg(long)]
+    max_key_len: Option<usize>,
+    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    otlp_interval: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -151,6 +196,36 @@ struct EdgeArgs {
     /// Shards of the keyspace, as many as the coordinator tier has (leases are per shard).
     #[arg(long)]
     shard_count: Option<u32>,
+    /// Default time to live of a cached value (e.g. 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Longest key in bytes [default: 1024].
+    #[arg(long)]
+    max_key_len: Option<usize>,
+    /// Largest value in bytes [default: 8 MiB].
+    #[arg(long)]
+    max_value_len: Option<usize>,
+    /// Tombstone slots per shard [default: 262144].
+    #[arg(long)]
+    max_tombstones: Option<u64>,
+    /// Follow only keys with these prefixes, comma-separated (others are refused).
+    #[arg(long, value_delimiter = ',')]
+    prefixes: Vec<String>,
+    /// Follow only the keys this edge owns on this ring of node ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    ring_nodes: Vec<String>,
+    /// Owners per key on the ring [default: 1].
+    #[arg(long)]
+    replication: Option<u32>,
+    /// Give up on a silent relay after this long (at least 1s) [default: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    peer_timeout: Option<Duration>,
+    /// Ask relays for zstd-compressed streams (`--compression=false` overrides a file's true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    compression: Option<bool>,
+    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    otlp_interval: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -282,9 +357,12 @@ where
 
 async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
-    override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len);
+    override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len, node_id,
+        max_request_entries, fsync_interval, segment_bytes, retention_bytes, retention_age,
+        max_group_entries, memory_tail_bytes, window_bytes);
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
+    cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
     let c = dci_coordinator::Coordinator::start(cfg).await?;
     tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
     until_terminated(c.stop()).await
@@ -292,7 +370,8 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 
 async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     let mut cfg: dci_relay::RelayConfig = load(&a.config)?;
-    override_with!(cfg, a; listen, region, node_id, ring_bytes);
+    override_with!(cfg, a; listen, region, node_id, ring_bytes, window_bytes, peer_timeout,
+        compression, max_key_len);
     if !a.upstream.is_empty() {
         cfg.upstream = a.upstream;
     }
@@ -305,6 +384,7 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
+    cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
     until_terminated(r.stop()).await
@@ -312,12 +392,20 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
 
 async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
-    override_with!(cfg, a; listen, region, node_id, capacity, max_staleness, shard_count);
-    if !a.relays.is_empty() {
-        cfg.relays = a.relays;
+    override_with!(cfg, a; listen, region, node_id, capacity, max_staleness, shard_count, ttl,
+        max_key_len, max_value_len, max_tombstones, replication, peer_timeout, compression);
+    for (list, given) in [
+        (&mut cfg.relays, a.relays),
+        (&mut cfg.prefixes, a.prefixes),
+        (&mut cfg.ring_nodes, a.ring_nodes),
+    ] {
+        if !given.is_empty() {
+            *list = given;
+        }
     }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
+    cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
     until_terminated(e.stop()).await

@@ -864,3 +864,68 @@ fn the_helm_chart_starts_a_working_tree() {
         caught_up == ["t-edge-eu-west-0", "t-edge-us-east-0"]
     });
 }
+
+/// Every key of every config file is also a flag, and a flag overrides the file.
+#[test]
+fn every_config_key_is_also_a_flag() {
+    fn keys<T: serde::Serialize>(config: T) -> Vec<String> {
+        match serde_yaml::to_value(config).unwrap() {
+            serde_yaml::Value::Mapping(m) => {
+                m.keys().map(|k| k.as_str().unwrap().to_string()).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for (role, keys) in [
+        (
+            "coordinator",
+            keys(dci_coordinator::CoordinatorConfig::default()),
+        ),
+        ("relay", keys(dci_relay::RelayConfig::default())),
+        ("edge", keys(dci_edge_cache::EdgeConfig::default())),
+    ] {
+        let help = stdout(&dci(&[role, "--help"]));
+        for key in keys {
+            let flags = match key.as_str() {
+                "otlp" => vec!["--otlp-endpoint".to_string(), "--otlp-interval".into()],
+                "upstream_groups" => vec!["--upstream-group".into()],
+                k => vec![format!("--{}", k.replace('_', "-"))],
+            };
+            for flag in flags {
+                assert!(
+                    help.contains(&format!("{flag} ")),
+                    "dci {role}: no {flag} for `{key}`"
+                );
+            }
+        }
+    }
+
+    // The file says one thing, the flags another: the flags win.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.yaml");
+    std::fs::write(
+        &file,
+        "relays: [http://127.0.0.1:1]\nprefixes: [\"item:\"]\ncompression: true\n",
+    )
+    .unwrap();
+    let (_edge, port) = start(&[
+        "edge",
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--prefixes",
+        "user:,session:",
+        "--compression=false",
+    ]);
+    let url = format!("http://127.0.0.1:{port}");
+    let o = dci(&["get", "--edge", &url, "item:1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("\"user:\", \"session:\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&["get", "--edge", &url, "session:1"]);
+    assert_eq!(o.status.code(), Some(1), "a miss: {}", stderr(&o));
+}
