@@ -418,6 +418,85 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
     running.unwrap().stop().await.unwrap();
 }
 
+/// With the edges' replication, a key lives on two edges that both receive its invalidations: the
+/// client reads and fills on the second while the first is down (the fill under the second's own
+/// lease), the second applies the key's invalidation, and a delete reaches every owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_fills_go_to_the_next_owner_while_the_first_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let ids: Vec<String> = (0..3).map(|i| format!("replica-{i}")).collect();
+    let mut edges = Vec::new();
+    for id in &ids {
+        let e = edge(EdgeConfig {
+            node_id: id.clone(),
+            ring_nodes: ids.clone(),
+            replication: 2,
+            ..edge_cfg(vec![r.url()])
+        })
+        .await;
+        wait_serving(&e).await;
+        edges.push(Some(e));
+    }
+    let client = CacheClient::with_timeout(
+        ids.iter()
+            .cloned()
+            .zip(edges.iter().map(|e| e.as_ref().unwrap().edge.url()))
+            .collect(),
+        Duration::from_secs(1),
+    )
+    .unwrap()
+    .with_replication(2);
+    let owners: Vec<usize> = dci_proto::ring::NodeRing::new(ids.clone())
+        .owners(b"user:42", 2)
+        .iter()
+        .map(|o| ids.iter().position(|i| i == o).unwrap())
+        .collect();
+    let (first, second) = (owners[0], owners[1]);
+    edges[first].take().unwrap().edge.stop().await.unwrap();
+
+    let v = client
+        .get_or_load("user:42", || async { Ok::<_, String>(Bytes::from("v1")) })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("v1"));
+    let replica = edges[second].as_ref().unwrap();
+    assert_eq!(
+        replica.edge.store.get(b"user:42"),
+        Some(Bytes::from("v1")),
+        "filled there"
+    );
+    assert_eq!(
+        client.get("user:42").await.unwrap(),
+        Lookup::Hit(Bytes::from("v1"))
+    );
+
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    p.invalidate("user:42").await.unwrap();
+    let store = replica.edge.store.clone();
+    eventually("the replica applies the key's invalidation", || {
+        store.get(b"user:42").is_none()
+    })
+    .await;
+    assert!(matches!(
+        client.get("user:42").await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+
+    assert!(client.set("user:42", "v2", None).await.unwrap());
+    assert!(client.delete("user:42").await.unwrap());
+    assert!(
+        store.get(b"user:42").is_none(),
+        "deleted on the owner that answers"
+    );
+    for e in edges.into_iter().flatten() {
+        e.edge.stop().await.unwrap();
+    }
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A service that names its publisher and restarts keeps its name: what it publishes after the
 /// restart is logged, not answered with the seqs of what its earlier life published under the
 /// same request numbers.

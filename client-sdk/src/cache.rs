@@ -29,6 +29,8 @@ pub enum Lookup {
 #[derive(Clone)]
 pub struct CacheClient {
     ring: NodeRing,
+    /// Owners per key: the edges' `replication`.
+    replication: usize,
     edges: Arc<HashMap<String, RawClient<Channel>>>,
     loading: Arc<Mutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -82,29 +84,79 @@ impl CacheClient {
         }
         Ok(CacheClient {
             ring: NodeRing::new(edges.into_iter().map(|(id, _)| id).collect()),
+            replication: 1,
             edges: Arc::new(map),
             loading: Arc::default(),
         })
     }
 
-    fn edge(&self, key: &[u8]) -> RawClient<Channel> {
-        let id = self.ring.primary(key).expect("ring is never empty");
-        self.edges[id].clone()
+    /// Keys live on `replication` edges, as the edges' own `replication` (with `ring_nodes`) says:
+    /// every one of them receives the key's invalidations, so when the first owner of a key
+    /// cannot be reached, reads and fills go to the next, and a delete goes to all of them.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let ids = ["edge-0", "edge-1", "edge-2"];
+    /// let c = dci_sdk::CacheClient::new(
+    ///     ids.iter().enumerate().map(|(i, id)| (id.to_string(), format!("http://10.0.0.{i}:7600"))).collect(),
+    /// )
+    /// .unwrap()
+    /// .with_replication(2);
+    /// # let _ = c;
+    /// # }
+    /// ```
+    pub fn with_replication(mut self, replication: usize) -> CacheClient {
+        self.replication = replication.max(1);
+        self
+    }
+
+    /// Ask the key's owners in turn, while they cannot be reached: the first answer, or refusal,
+    /// stands. Returns the owner that answered, with the answer.
+    async fn first_owner<T, F, Fut>(&self, key: &[u8], mut call: F) -> Result<(String, T), Error>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut why = String::new();
+        for id in self.ring.owners(key, self.replication) {
+            match call(id.to_string()).await {
+                Ok(v) => return Ok((id.to_string(), v)),
+                Err(Error::Unavailable(w)) => why = w,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable(why))
     }
 
     /// Look a key up.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Lookup, Error> {
-        let key = key.into();
-        let r = self
-            .edge(&key)
-            .get(pb::GetRequest { key })
-            .await?
-            .into_inner();
-        Ok(if r.hit {
+        Ok(self.get_at(key.into()).await?.1)
+    }
+
+    /// Look a key up; also which edge answered (its lease is good there only).
+    async fn get_at(&self, key: Bytes) -> Result<(String, Lookup), Error> {
+        let (at, r) = self
+            .first_owner(&key, |id| {
+                let (mut edge, key) = (self.edges[&id].clone(), key.clone());
+                async move { edge.get(pb::GetRequest { key }).await.map_err(Error::from) }
+            })
+            .await?;
+        let r = r.into_inner();
+        let found = if r.hit {
             Lookup::Hit(r.value)
         } else {
             Lookup::Miss { lease: r.lease }
-        })
+        };
+        Ok((at, found))
+    }
+
+    /// Fill on one edge: `Ok(false)` when it refuses the fill (stale lease, say).
+    async fn set_on(&self, at: &str, req: pb::SetRequest) -> Result<bool, Error> {
+        match self.edges[at].clone().set(req).await {
+            Ok(r) => Ok(r.into_inner().stored),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
+            Err(s) => Err(s.into()),
+        }
     }
 
     /// Store a value; with the lease of a miss, it is refused (`Ok(false)`) when an invalidation
@@ -115,29 +167,46 @@ impl CacheClient {
         value: impl Into<Bytes>,
         lease: Option<u64>,
     ) -> Result<bool, Error> {
-        let key = key.into();
         let req = pb::SetRequest {
-            key: key.clone(),
+            key: key.into(),
             value: value.into(),
             lease,
             ttl_ms: 0,
         };
-        match self.edge(&key).set(req).await {
-            Ok(r) => Ok(r.into_inner().stored),
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
-            Err(s) => Err(s.into()),
-        }
+        let (_, stored) = self
+            .first_owner(&req.key, |id| {
+                let req = req.clone();
+                async move { self.set_on(&id, req).await }
+            })
+            .await?;
+        Ok(stored)
     }
 
-    /// Remove a key from its edge.
+    /// Remove a key from its edges (every owner that answers): true when one of them held it.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
-        Ok(self
-            .edge(&key)
-            .delete(pb::DeleteRequest { key })
-            .await?
-            .into_inner()
-            .existed)
+        let (mut answered, mut existed, mut why) = (false, false, String::new());
+        for id in self.ring.owners(&key, self.replication) {
+            let req = pb::DeleteRequest { key: key.clone() };
+            match self.edges[id]
+                .clone()
+                .delete(req)
+                .await
+                .map_err(Error::from)
+            {
+                Ok(r) => {
+                    answered = true;
+                    existed |= r.into_inner().existed;
+                }
+                Err(Error::Unavailable(w)) => why = w,
+                Err(e) => return Err(e),
+            }
+        }
+        if answered {
+            Ok(existed)
+        } else {
+            Err(Error::Unavailable(why))
+        }
     }
 
     /// The cached value, or load it, fill under the miss's lease, and return it. Only one caller
@@ -159,7 +228,7 @@ impl CacheClient {
     {
         let key = key.into();
         let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
-        match self.get(key.clone()).await {
+        match self.get_at(key.clone()).await.map(|(_, found)| found) {
             Ok(Lookup::Hit(v)) => return Ok(v),
             Ok(Lookup::Miss { .. }) => {}
             Err(Error::Unavailable(why)) => {
@@ -174,17 +243,24 @@ impl CacheClient {
         };
         let result = async {
             let _turn = gate.lock().await;
-            let lease = match self.get(key.clone()).await {
-                Ok(Lookup::Hit(v)) => return Ok(v),
-                Ok(Lookup::Miss { lease }) => Some(lease),
+            // The fill goes where the miss came from: a lease is good on its own edge only.
+            let lease = match self.get_at(key.clone()).await {
+                Ok((_, Lookup::Hit(v))) => return Ok(v),
+                Ok((at, Lookup::Miss { lease })) => Some((at, lease)),
                 Err(Error::Unavailable(_)) => None,
                 Err(e) => return Err(e),
             };
             let value = load().await?;
             // A refused or failed fill still returns the loaded value: it was read after the
             // miss, and the next reader loads again.
-            if let Some(lease) = lease {
-                match self.set(key.clone(), value.clone(), Some(lease)).await {
+            if let Some((at, lease)) = lease {
+                let req = pb::SetRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    lease: Some(lease),
+                    ttl_ms: 0,
+                };
+                match self.set_on(&at, req).await {
                     Ok(_) => {}
                     Err(Error::Unavailable(why)) => {
                         tracing::debug!(%why, "edge unavailable: the loaded value is not filled");
