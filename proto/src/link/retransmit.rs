@@ -18,6 +18,8 @@ pub struct SharedBatch {
     pub newest_publish_us: u64,
     /// zstd of `encoded`, made on first use and shared like `encoded`.
     zstd: std::sync::OnceLock<Bytes>,
+    /// See [`SharedBatch::footprint`].
+    footprint: usize,
 }
 
 impl SharedBatch {
@@ -37,11 +39,21 @@ impl SharedBatch {
             .map(|e| e.publish_time_us)
             .max()
             .unwrap_or(0);
+        // The decoded entries weigh several times their encoding (a 35-byte invalidation encodes
+        // to about 20 bytes and decodes to over 100): a bound on the encoding alone let a ring
+        // of 64 MiB hold 200 MiB. Keys are counted apart although a relay's are slices of the
+        // encoding, so the bound is an upper one.
+        let footprint = encoded.len()
+            + std::mem::size_of::<SharedBatch>()
+            + std::mem::size_of::<Batch>()
+            + batch.entries.capacity() * std::mem::size_of::<crate::types::Invalidation>()
+            + batch.entries.iter().map(|e| e.key.len()).sum::<usize>();
         Arc::new(SharedBatch {
             batch,
             encoded,
             newest_publish_us,
             zstd: std::sync::OnceLock::new(),
+            footprint,
         })
     }
 
@@ -50,9 +62,10 @@ impl SharedBatch {
         self.zstd.get_or_init(|| compress(&self.encoded)).clone()
     }
 
-    /// Bytes this batch holds in memory (roughly: the encoding plus the decoded entries).
+    /// Bytes this batch holds in memory: its encoding, its decoded entries and their keys (not
+    /// a zstd encoding made later for compressing receivers).
     pub fn footprint(&self) -> usize {
-        self.encoded.len() * 2 + 64
+        self.footprint
     }
 }
 
@@ -307,6 +320,22 @@ mod tests {
                 first: 11,
                 last: 12
             })
+        );
+    }
+
+    /// A ring's bound is on the memory its batches hold, decoded entries included, not on their
+    /// encoding alone (a fraction of it).
+    #[test]
+    fn a_batch_weighs_its_decoded_entries_too() {
+        let b = batch(1, 1000);
+        let entries = 1000 * std::mem::size_of::<Invalidation>();
+        let keys: usize = b.batch.entries.iter().map(|e| e.key.len()).sum();
+        assert!(b.footprint() >= b.encoded.len() + entries + keys);
+        assert!(
+            b.footprint() > 4 * b.encoded.len(),
+            "{} vs {}",
+            b.footprint(),
+            b.encoded.len()
         );
     }
 
