@@ -705,7 +705,8 @@ fn the_bench_runs_end_to_end() {
 /// is started with its command line as rendered, but for where things are: `0.0.0.0:PORT` listens
 /// on port 0 of loopback, a Service's URL points at the port its pod got, `$(POD_NAME)` is the pod's
 /// name and `/data` a directory of its own. A publish through both shards reaches the edges of
-/// both regions, which report under their pods' names.
+/// both regions, which report under their pods' names (edges on a ring of their pods' names,
+/// two owners per key).
 ///
 /// Skipped when `helm` is not on the PATH, unless `DCI_REQUIRE_HELM` is set (CI sets it).
 #[test]
@@ -727,6 +728,7 @@ fn the_helm_chart_starts_a_working_tree() {
     assert!(o.status.success(), "{}", stdout(&o));
     let o = Command::new("helm")
         .args(["template", "t", chart, "--set", "coordinator.shards=2"])
+        .args(["--set", "edge.replication=2"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -766,6 +768,24 @@ fn the_helm_chart_starts_a_working_tree() {
             )
         })
         .collect();
+    // A region's edges share a ring of exactly their pods' names.
+    for d in docs
+        .iter()
+        .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["name"] == "edge")
+    {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let after = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        let replicas = d["spec"]["replicas"].as_u64().unwrap();
+        let pods: Vec<String> = (0..replicas).map(|i| format!("{name}-{i}")).collect();
+        assert_eq!(after("--ring-nodes"), pods.join(","));
+        assert_eq!(after("--replication"), "2");
+    }
     // The log's volume is writable by the user the image runs as.
     let dockerfile = include_str!("../deploy/Dockerfile");
     let user: u64 = dockerfile
