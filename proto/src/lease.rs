@@ -219,8 +219,22 @@ impl LeaseTable {
         Ok(())
     }
 
+    /// Is `shard` one this table maps keys to? Of any other, no lease is ever handed out or
+    /// checked: its invalidations still remove what they name, but leave no bookkeeping (a
+    /// sender naming many such shards would otherwise have a tombstone table allocated for each).
+    fn keeps(&self, shard: ShardId) -> bool {
+        shard < self.map.count()
+    }
+
     /// Record an applied invalidation of `shard`; returns what the cache must remove.
     pub fn apply(&mut self, shard: ShardId, e: &Invalidation) -> Effect {
+        if !self.keeps(shard) {
+            return match e.kind {
+                Kind::Key => Effect::Key,
+                Kind::Prefix => Effect::Prefix,
+                Kind::All => Effect::Shard(shard),
+            };
+        }
         match e.kind {
             Kind::Key => {
                 let at = self.hashes(&e.key);
@@ -255,6 +269,12 @@ impl LeaseTable {
         mut effect: impl FnMut(&Invalidation, Effect),
     ) {
         const CHUNK: usize = 32;
+        if !self.keeps(shard) {
+            for e in entries {
+                effect(e, self.apply(shard, e));
+            }
+            return;
+        }
         let slots = self.slots;
         for chunk in entries.chunks(CHUNK) {
             let mut at = [(0usize, 0u64); CHUNK];
@@ -289,6 +309,9 @@ impl LeaseTable {
 
     /// Everything of `shard` up to `seq` in `epoch` is applied.
     pub fn set_applied(&mut self, shard: ShardId, epoch: Epoch, seq: Seq) {
+        if !self.keeps(shard) {
+            return;
+        }
         let st = self.shard_mut(shard);
         st.epoch = epoch;
         st.applied = st.applied.max(seq);
@@ -299,6 +322,9 @@ impl LeaseTable {
     pub fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq) {
         // Wrapping as the wire form does: past its width, every lease would be refused for ever.
         self.generation = (self.generation + 1) & GENERATION_MASK;
+        if !self.keeps(shard) {
+            return;
+        }
         let st = self.shard_mut(shard);
         *st = ShardLeases {
             shard,
@@ -382,6 +408,26 @@ mod tests {
             .find(|o| t.hashes(o.as_bytes()).0 != t.hashes(b"k").0)
             .unwrap();
         assert_eq!(t.check_fill(other.as_bytes(), lease), Ok(()));
+    }
+
+    /// A shard this table does not map keys to (a sender's mistake, or worse) removes what its
+    /// entries name but allocates nothing: a thousand such shards cost no tombstone table each.
+    #[test]
+    fn shards_beyond_the_count_leave_no_bookkeeping() {
+        let mut t = LeaseTable::new(2, 1 << 16);
+        for shard in 2..1000 {
+            assert_eq!(t.apply(shard, &inv("k", 5)), Effect::Key);
+            t.apply_all(shard, &[inv("a", 6), inv("b", 7)], |_, e| {
+                assert_eq!(e, Effect::Key)
+            });
+            t.set_applied(shard, 1, 7);
+        }
+        assert_eq!(t.tombstones(), 0);
+        assert!(t.shards.is_empty(), "{:?}", t.applied());
+        // The shards it does map keys to are kept as ever.
+        let lease = t.lease(b"k");
+        t.apply(t.shard_of(b"k"), &inv("k", 9));
+        assert!(t.check_fill(b"k", lease).is_err());
     }
 
     #[test]

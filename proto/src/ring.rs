@@ -120,6 +120,11 @@ impl ShardMap {
         }
     }
 
+    /// How many shards there are.
+    pub fn count(&self) -> u32 {
+        self.ring.nodes().len() as u32
+    }
+
     /// The shard that owns `key`.
     pub fn shard_of(&self, key: &[u8]) -> u32 {
         self.ring
