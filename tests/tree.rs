@@ -499,7 +499,7 @@ async fn reads_and_fills_go_to_the_next_owner_while_the_first_is_down() {
 
 /// A service that names its publisher and restarts keeps its name: what it publishes after the
 /// restart is logged, not answered with the seqs of what its earlier life published under the
-/// same request numbers.
+/// same request numbers; likewise two publishers under one name at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_restarted_under_its_fixed_id_has_its_publishes_logged() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,6 +525,25 @@ async fn a_publisher_restarted_under_its_fixed_id_has_its_publishes_logged() {
         (1..=9).collect::<Vec<_>>(),
         "each publish logged once"
     );
+    // Two at once under the name, each invalidating the same key as its first request: two
+    // invalidations, each logged.
+    let (a, b) = (named().await.unwrap(), named().await.unwrap());
+    let (sa, sb) = (
+        a.invalidate("same").await.unwrap(),
+        b.invalidate("same").await.unwrap(),
+    );
+    assert_eq!((sa, sb), (10, 11));
+    // A name as long as the coordinators take still leaves room for the tag.
+    let long = Publisher::with_options(
+        vec![c.url()],
+        dci_sdk::PublisherOptions {
+            publisher_id: "n".repeat(256),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(long.invalidate("k").await.unwrap(), 12);
     c.stop().await.unwrap();
 }
 

@@ -19,10 +19,12 @@ use crate::Error;
 /// Publisher tunables.
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
-    /// Id under which the coordinators deduplicate retried requests (default: random). A fixed
-    /// one names the publisher in the log; requests are numbered from the clock (microseconds),
-    /// so a process that restarts with the same id does not reuse the numbers of its earlier
-    /// life (the coordinators refuse a number already logged with other entries).
+    /// Names the publisher in the coordinators' logs (default: `pub-` and a random number). Each
+    /// [`Publisher`] adds a tag of its own (`billing-7#1f2e3d4c5b6a7988`), under which the
+    /// coordinators deduplicate its retried requests: retries never leave the `Publisher` that
+    /// made them, so two of them with one name, or a process started again under it, never
+    /// share request numbers (a number shared with other entries would be refused; with the
+    /// same entries, taken for a retry and not logged).
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { publisher_id: "billing-7".into(), ..Default::default() };
@@ -98,9 +100,16 @@ impl Publisher {
             return Err(Error::Url(String::new(), "no coordinator URL".into()));
         }
         let mut shards = Vec::new();
-        // Numbers from the clock: an earlier process with this id numbered fewer requests
-        // than microseconds went by since it started.
-        let request_no = Arc::new(AtomicU64::new(dci_proto::now_us().max(1)));
+        // The name is cut to leave room for the tag within the coordinators' 256 bytes.
+        let mut name = opts.publisher_id.clone();
+        while name.len() > 256 - 17 {
+            name.pop();
+        }
+        let opts = PublisherOptions {
+            publisher_id: format!("{name}#{:016x}", rand::random::<u64>()),
+            ..opts
+        };
+        let request_no = Arc::new(AtomicU64::new(1));
         for url in &urls {
             let ch = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
