@@ -228,7 +228,7 @@ impl CacheClient {
     {
         let key = key.into();
         let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
-        match self.get_at(key.clone()).await.map(|(_, found)| found) {
+        match self.get(key.clone()).await {
             Ok(Lookup::Hit(v)) => return Ok(v),
             Ok(Lookup::Miss { .. }) => {}
             Err(Error::Unavailable(why)) => {
