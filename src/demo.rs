@@ -289,6 +289,10 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 let loaded = Arc::new(AtomicU64::new(0));
                 let l2 = loaded.clone();
                 let db2 = db.clone();
+                // Only what was acknowledged before the read began can be asked of it: a read
+                // that takes long (a fill waiting on an edge being stopped) returns a value as
+                // of its start.
+                let began = Instant::now();
                 let got = client
                     .get_or_load(key_of(k), move || async move {
                         l2.store(1, Ordering::Relaxed);
@@ -315,9 +319,19 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 // Stale: a newer version's invalidation was acknowledged more than the bound ago.
                 let acked = dci_proto::upstream::lock(&db.acked);
                 if let Some(per_key) = acked.get(&k) {
-                    if let Some((_, at)) = per_key.range(seen + 1..).next() {
-                        if at.elapsed() > bound {
+                    if let Some((newer, at)) = per_key.range(seen + 1..).next() {
+                        let before = began.saturating_duration_since(*at);
+                        if before > bound {
                             stats.stale.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                key = %key_of(k),
+                                read = seen,
+                                acknowledged = newer,
+                                acked_before_read_ms = before.as_millis() as u64,
+                                read_ms = began.elapsed().as_millis() as u64,
+                                loaded = loaded.load(Ordering::Relaxed) == 1,
+                                "stale read"
+                            );
                         }
                     }
                 }

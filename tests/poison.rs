@@ -24,6 +24,8 @@ struct Scripted {
     before: Vec<pb::downstream::Msg>,
     /// The tier's shard count, as the heartbeats say it.
     shard_count: u32,
+    /// How long after the batches the first heartbeat comes.
+    first_heartbeat_after: Duration,
 }
 
 #[tonic::async_trait]
@@ -56,6 +58,7 @@ impl pb::subscribe_server::Subscribe for Scripted {
             // Garbage that is not a batch at all must not stop the stream either.
             let junk = pb::downstream::Msg::Batch(Bytes::from_static(b"\x0a\xff\xff\xff\xff"));
             let _ = tx.send(Ok(pb::Downstream { msg: Some(junk) })).await;
+            tokio::time::sleep(script.first_heartbeat_after).await;
             loop {
                 let hb = pb::Heartbeat {
                     heads: vec![pb::ShardHead {
@@ -155,6 +158,7 @@ fn script() -> Scripted {
         held: 5,
         before: Vec::new(),
         shard_count: 1,
+        first_heartbeat_after: Duration::ZERO,
     }
 }
 
@@ -251,6 +255,42 @@ async fn an_edge_whose_sender_holds_back_stops_serving_at_its_bound() {
     let _ = (stop_fine.send(true), stop_behind.send(true));
     fine.stop().await.unwrap();
     behind.stop().await.unwrap();
+}
+
+/// Caught up means applied as far as the sender has said the shard goes, in a heartbeat of this
+/// session: the highest seq that has arrived is not that. A relay just started replays from far
+/// back and sends batches before its first heartbeat; an edge that took the last of those for
+/// the head served values whose invalidations were still to come, past its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_is_not_caught_up_before_its_sender_says_how_far_the_shard_goes() {
+    let cfg = EdgeConfig {
+        max_staleness: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let script = Scripted {
+        first_heartbeat_after: Duration::from_secs(2),
+        ..script()
+    };
+    let (e, stop) = edge_behind(script, cfg).await;
+    let store = e.store.clone();
+    eventually("applied through seq 5", || {
+        store.applied().iter().any(|&(_, _, s)| s >= 5)
+    })
+    .await;
+    let cache = dci_sdk::CacheClient::from_urls(vec![e.url()]).unwrap();
+    assert!(cache.set("x", "v", None).await.unwrap());
+    assert!(
+        matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Miss { .. }),
+        "no word yet from the sender on how far the shard goes"
+    );
+    // Its heartbeat says the shard goes to 5, which the edge has: now it serves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Hit(_)) {
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(true);
+    e.stop().await.unwrap();
 }
 
 /// An edge told a shard count other than the tier's would map keys to other shards than their

@@ -257,6 +257,19 @@ pub fn sender_cut_off(
     announced.is_empty() || announced.iter().any(|&(_, t)| t.is_none_or(old))
 }
 
+/// Has the node applied, on every shard it is in, as far as its sender has said the shard goes?
+/// Only a heartbeat of this session says that: until one names a shard, the highest seq seen
+/// is only what has arrived so far (from a sender replaying from far back, say, or one that has
+/// just started itself), not how far the shard goes.
+pub fn caught_up(
+    progress: &[(ShardId, Epoch, Seq, Seq)],
+    announced: &[(ShardId, Option<Instant>)],
+) -> bool {
+    progress.iter().all(|&(shard, _, applied, head)| {
+        applied >= head && announced.iter().any(|&(s, _)| s == shard)
+    })
+}
+
 fn set(v: &mut Vec<(ShardId, u64)>, shard: ShardId, t: u64) {
     match v.iter_mut().find(|(s, _)| *s == shard) {
         Some(e) => e.1 = e.1.max(t),
@@ -484,7 +497,7 @@ async fn session<A: Applier>(
                 let mut st = lock(state);
                 st.last_heard = Some(now);
                 st.progress = receiver.progress();
-                if st.progress.iter().all(|&(_, _, applied, head)| applied >= head) {
+                if caught_up(&st.progress, &announced) {
                     st.last_caught_up = Some(now);
                 }
             }
@@ -628,6 +641,22 @@ fn apply_guarded<A: Applier>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Applied as far as the highest seq seen is not caught up until a heartbeat of the session
+    /// has named the shard; then applied must reach the head it said.
+    #[test]
+    fn caught_up_only_as_far_as_the_sender_has_said() {
+        let t = Some(Instant::now());
+        let progress = [(0, 1, 50, 50), (1, 1, 9, 9)];
+        assert!(!caught_up(&progress, &[]), "no heartbeat yet");
+        assert!(!caught_up(&progress, &[(0, t)]), "shard 1 not named yet");
+        assert!(caught_up(&progress, &[(0, t), (1, None)]));
+        assert!(
+            !caught_up(&[(0, 1, 50, 60)], &[(0, t)]),
+            "behind the head it said"
+        );
+        assert!(caught_up(&[], &[]), "in no shard: nothing to be behind on");
+    }
 
     /// However many nodes sit below, a heartbeat stays within the bound: the first reports (this
     /// node's own first) are kept in order, and the count of those left out is told.
