@@ -127,6 +127,10 @@ struct Stats {
     errors: AtomicU64,
 }
 
+/// How long, beyond the staleness bound, every acknowledged version of a key is remembered for
+/// the stale-read check: longer than any read takes (the client's deadline is 5 s).
+const ACKED_HORIZON: Duration = Duration::from_secs(10);
+
 /// With `--chaos`: how long a node stays down (less than the default staleness bound, so that
 /// edges behind a restarted relay go on serving meanwhile).
 const CHAOS_DOWN: Duration = Duration::from_secs(1);
@@ -237,7 +241,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let (p, db, stats, mut halt) = (publisher.clone(), db.clone(), stats.clone(), halt.clone());
         let in_flight = in_flight.clone();
         let period = Duration::from_secs_f64(writers as f64 / a.rate.max(1) as f64);
-        let keys = a.keys;
+        let (keys, bound) = (a.keys, a.max_staleness);
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -256,11 +260,24 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                     match p.invalidate_version(key_of(k), version).await {
                         Ok(_) => {
                             stats.publishes.fetch_add(1, Ordering::Relaxed);
+                            let now = Instant::now();
                             let mut acked = dci_proto::upstream::lock(&db.acked);
                             let per_key = acked.entry(k).or_default();
-                            per_key.insert(version, Instant::now());
-                            while per_key.len() > 32 {
-                                per_key.pop_first();
+                            per_key.insert(version, now);
+                            // Of the versions acknowledged before the horizon, the newest
+                            // stands for them all: any read older than it began long after
+                            // it was acknowledged. So memory follows the rate, not the run.
+                            if let Some(horizon) = now.checked_sub(ACKED_HORIZON + bound) {
+                                let old: Vec<u64> = per_key
+                                    .iter()
+                                    .filter(|(_, at)| **at < horizon)
+                                    .map(|(v, _)| *v)
+                                    .collect();
+                                if let Some((_, older)) = old.split_last() {
+                                    for v in older {
+                                        per_key.remove(v);
+                                    }
+                                }
                             }
                         }
                         Err(e) => {
@@ -319,7 +336,9 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 // Stale: a newer version's invalidation was acknowledged more than the bound ago.
                 let acked = dci_proto::upstream::lock(&db.acked);
                 if let Some(per_key) = acked.get(&k) {
-                    if let Some((newer, at)) = per_key.range(seen + 1..).next() {
+                    // The newer version acknowledged first (acks of one key can come out of order).
+                    if let Some((newer, at)) = per_key.range(seen + 1..).min_by_key(|(_, at)| **at)
+                    {
                         let before = began.saturating_duration_since(*at);
                         if before > bound {
                             stats.stale.fetch_add(1, Ordering::Relaxed);
