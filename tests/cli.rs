@@ -62,6 +62,17 @@ fn start(args: &[&str]) -> (Proc, u16) {
     start_cmd(cmd)
 }
 
+/// A coordinator process on a port of its own, its log in `dir`; and its port.
+fn start_coordinator(dir: &std::path::Path) -> (Proc, u16) {
+    start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
 /// The seqs `dci publish` printed, one per line ("KEY SEQ").
 fn seqs(o: &Output) -> Vec<u64> {
     stdout(o)
@@ -125,13 +136,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let (_c, cp) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cp}");
     let (_r, rp) = start(&[
         "relay",
@@ -332,13 +337,7 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
 #[test]
 fn publish_takes_keys_from_standard_input() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let (_c, cp) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cp}");
     let keys: Vec<String> = (0..10_000).map(|i| format!("user:{i}:profile")).collect();
     let input = keys.join("\n") + "\n\n";
@@ -480,13 +479,7 @@ fn a_sharded_tier_from_the_command_line() {
 #[test]
 fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut c, cp) = start(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let (mut c, cp) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cp}");
     // Restarted on the same port: publishers know the coordinator by its address.
     let again = [

@@ -162,6 +162,17 @@ fn script() -> Scripted {
     }
 }
 
+/// A coordinator on a port of its own, its log in `dir`.
+async fn coordinator(dir: &std::path::Path) -> dci_coordinator::Coordinator {
+    dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -459,13 +470,7 @@ async fn absurd_seqs_from_a_sender_neither_panic_nor_stop_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absurd_resume_point_or_name_is_refused_with_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let c = coordinator(dir.path()).await;
     let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
         .await
         .unwrap();
@@ -523,13 +528,7 @@ async fn an_absurd_resume_point_or_name_is_refused_with_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_nacks_without_end_gets_a_bounded_number_of_resends() {
     let dir = tempfile::tempdir().unwrap();
-    let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let c = coordinator(dir.path()).await;
     let mut p = pb::publisher_client::PublisherClient::connect(c.url())
         .await
         .unwrap();

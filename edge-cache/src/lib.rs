@@ -239,12 +239,11 @@ impl EdgeService {
         Ok(())
     }
 
-    fn set_one(&self, r: pb::SetRequest) -> Result<Result<(), FillRefused>, Status> {
-        self.check_set(&r)?;
+    /// Store a checked Set; refused only by its lease.
+    fn store_checked(&self, r: pb::SetRequest) -> Result<(), FillRefused> {
         let ttl = (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms));
-        Ok(self
-            .store
-            .set_with_ttl(r.key, r.value, r.lease.map(Lease::decode), ttl))
+        self.store
+            .set_with_ttl(r.key, r.value, r.lease.map(Lease::decode), ttl)
     }
 }
 
@@ -261,7 +260,9 @@ impl pb::cache_server::Cache for EdgeService {
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
-        match self.set_one(request.into_inner())? {
+        let r = request.into_inner();
+        self.check_set(&r)?;
+        match self.store_checked(r) {
             Ok(()) => Ok(Response::new(pb::SetResponse { stored: true })),
             Err(why) => Err(Status::failed_precondition(format!("fill refused: {why}"))),
         }
@@ -309,8 +310,8 @@ impl pb::cache_server::Cache for EdgeService {
         }
         let stored = entries
             .into_iter()
-            .map(|e| self.set_one(e).map(|r| r.is_ok()))
-            .collect::<Result<_, _>>()?;
+            .map(|e| self.store_checked(e).is_ok())
+            .collect();
         Ok(Response::new(pb::SetManyResponse { stored }))
     }
 }
