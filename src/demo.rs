@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 #[derive(Args, Clone)]
 pub struct DemoArgs {
     /// How long to run (e.g. 30s); runs until Ctrl-C when absent.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::duration)]
     duration: Option<Duration>,
     /// Invalidations published per second (all writers together).
     #[arg(long, default_value_t = 1000)]
@@ -32,13 +32,13 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
     /// Edges' staleness bound.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = crate::duration, default_value = "5s")]
     max_staleness: Duration,
     /// Every few seconds (3s, or as given), stop one node for a second and start it again, in
     /// turn an edge (it comes back empty), a relay and the coordinator (from its log), while
     /// the workload runs.
     #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "3s",
-          value_parser = humantime::parse_duration)]
+          value_parser = crate::duration)]
     chaos: Option<Duration>,
 }
 

@@ -91,7 +91,7 @@ struct CoordinatorArgs {
     #[arg(long)]
     max_request_entries: Option<usize>,
     /// Time between fsyncs under `--fsync interval` [default: 100ms].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     fsync_interval: Option<Duration>,
     /// Log segment size in bytes [default: 64 MiB].
     #[arg(long)]
@@ -100,7 +100,7 @@ struct CoordinatorArgs {
     #[arg(long)]
     retention_bytes: Option<u64>,
     /// Log retention by age (e.g. 24h) [default: 24h].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     retention_age: Option<Duration>,
     /// Most entries written as one group [default: 65536].
     #[arg(long)]
@@ -112,7 +112,7 @@ struct CoordinatorArgs {
     #[arg(long)]
     window_bytes: Option<usize>,
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
 }
 
@@ -151,7 +151,7 @@ struct RelayArgs {
     #[arg(long)]
     window_bytes: Option<usize>,
     /// Give up on a silent sender after this long (at least 1s) [default: 3s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     peer_timeout: Option<Duration>,
     /// Ask upstream for zstd-compressed streams (`--compression=false` overrides a file's true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -160,7 +160,7 @@ struct RelayArgs {
     #[arg(long)]
     max_key_len: Option<usize>,
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
 }
 
@@ -191,13 +191,13 @@ struct EdgeArgs {
     #[arg(long)]
     capacity: Option<u64>,
     /// Serve misses after this long without contact (e.g. 5s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     max_staleness: Option<Duration>,
     /// Shards of the keyspace, as many as the coordinator tier has (leases are per shard).
     #[arg(long)]
     shard_count: Option<u32>,
     /// Default time to live of a cached value (e.g. 1h).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     ttl: Option<Duration>,
     /// Longest key in bytes [default: 1024].
     #[arg(long)]
@@ -218,13 +218,13 @@ struct EdgeArgs {
     #[arg(long)]
     replication: Option<u32>,
     /// Give up on a silent relay after this long (at least 1s) [default: 3s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     peer_timeout: Option<Duration>,
     /// Ask relays for zstd-compressed streams (`--compression=false` overrides a file's true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     compression: Option<bool>,
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
 }
 
@@ -327,6 +327,15 @@ async fn terminated() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A duration flag in humantime's forms ("500ms", "2m"), no longer than any setting may be.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > dci_proto::types::MAX_DURATION {
+        return Err("must be at most 100 years".into());
+    }
+    Ok(d)
 }
 
 const GRACE: Duration = Duration::from_secs(10);

@@ -296,6 +296,19 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("two groups"), "{}", stderr(&o));
+    // A duration past what a clock can add (a fill would have panicked the edge): refused by the
+    // flag itself, and clap's usage hint is the second line.
+    let o = dci(&[
+        "edge",
+        "--relays",
+        &coord,
+        "--listen",
+        "127.0.0.1:0",
+        "--ttl",
+        "18446744073709551615s",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("at most 100 years"), "{}", stderr(&o));
 
     // A relay pointed at something that is not a sender says so at the default log level, and
     // keeps trying.

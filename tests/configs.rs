@@ -72,6 +72,52 @@ fn unknown_keys_and_bad_values_are_refused() {
         .contains("max_staleness"));
 }
 
+/// Longer than any clock can be moved by: a fill would have panicked the edge, the demo's
+/// bookkeeping too. A key length of 0 would refuse every key.
+#[test]
+fn durations_beyond_a_century_and_an_empty_key_bound_are_refused() {
+    let huge = "18446744073709551615s";
+    for key in ["ttl", "max_staleness", "peer_timeout"] {
+        let e: dci_edge_cache::EdgeConfig =
+            serde_yaml::from_str(&format!("relays: [http://127.0.0.1:1]\n{key}: {huge}")).unwrap();
+        let err = e.validate().unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("100 years"), "{err}");
+    }
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\nttl: 99years").unwrap();
+    e.validate().unwrap();
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\nmax_key_len: 0").unwrap();
+    assert!(e
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("max_key_len"));
+    for key in ["fsync_interval", "retention_age"] {
+        let c: dci_coordinator::CoordinatorConfig =
+            serde_yaml::from_str(&format!("{key}: {huge}")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains(key));
+    }
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(&format!(
+        "upstream: [http://127.0.0.1:1]\npeer_timeout: {huge}"
+    ))
+    .unwrap();
+    assert!(r
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("peer_timeout"));
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(&format!(
+        "upstream: [http://127.0.0.1:1]\notlp: {{ interval: {huge} }}"
+    ))
+    .unwrap();
+    assert!(r
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("otlp interval"));
+}
+
 #[test]
 fn a_relay_takes_one_failover_list_per_shard_group() {
     let yaml = "upstream: [http://c0a:7400, http://c0b:7400]\nupstream_groups: [[http://c1:7400]]";

@@ -108,6 +108,12 @@ impl CoordinatorConfig {
         if self.max_group_entries == 0 || self.max_request_entries == 0 {
             return bad("max_group_entries and max_request_entries must be positive".into());
         }
+        for (what, d) in [
+            ("fsync_interval", self.fsync_interval),
+            ("retention_age", self.retention_age),
+        ] {
+            dci_proto::types::check_duration(what, d).map_err(ConfigError::Invalid)?;
+        }
         self.otlp.check().map_err(ConfigError::Invalid)?;
         if self.node_id.is_empty() {
             self.node_id = format!("coordinator-{}", self.shard);

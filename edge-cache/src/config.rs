@@ -113,6 +113,18 @@ impl EdgeConfig {
                 dci_proto::upstream::MIN_PEER_TIMEOUT
             )));
         }
+        if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
+            return Err(ConfigError(
+                "max_key_len must be between 1 and 65536".into(),
+            ));
+        }
+        for (what, d) in [
+            ("ttl", self.ttl),
+            ("max_staleness", self.max_staleness),
+            ("peer_timeout", self.peer_timeout),
+        ] {
+            dci_proto::types::check_duration(what, d).map_err(ConfigError)?;
+        }
         self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }

@@ -241,7 +241,8 @@ impl EdgeService {
 
     /// Store a checked Set; refused only by its lease.
     fn store_checked(&self, r: pb::SetRequest) -> Result<(), FillRefused> {
-        let ttl = (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms));
+        let ttl = (r.ttl_ms > 0)
+            .then(|| Duration::from_millis(r.ttl_ms).min(dci_proto::types::MAX_DURATION));
         self.store
             .set_with_ttl(r.key, r.value, r.lease.map(Lease::decode), ttl)
     }

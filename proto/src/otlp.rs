@@ -50,6 +50,7 @@ impl OtlpConfig {
         if self.interval < Duration::from_millis(10) {
             return Err("otlp interval must be at least 10ms".into());
         }
+        crate::types::check_duration("otlp interval", self.interval)?;
         Ok(())
     }
 }

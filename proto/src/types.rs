@@ -18,6 +18,21 @@ pub type Epoch = u64;
 /// enough that `seq + 1` can never overflow anywhere.
 pub const MAX_SEQ: Seq = 1 << 62;
 
+/// The longest duration a setting may hold: far beyond any useful timeout or retention, and short
+/// enough that adding it to a clock reading, or multiplying it by a small factor, cannot overflow.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
+/// Refuse a setting longer than [`MAX_DURATION`], naming it.
+pub fn check_duration(what: &str, d: std::time::Duration) -> Result<(), String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{what} must be at most 100 years, not {}s",
+            d.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// Default bound on key length, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 

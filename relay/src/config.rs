@@ -108,6 +108,7 @@ impl RelayConfig {
                 dci_proto::upstream::MIN_PEER_TIMEOUT
             )));
         }
+        dci_proto::types::check_duration("peer_timeout", self.peer_timeout).map_err(ConfigError)?;
         self.otlp.check().map_err(ConfigError)?;
         Ok(self)
     }
