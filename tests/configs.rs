@@ -73,9 +73,10 @@ fn unknown_keys_and_bad_values_are_refused() {
 }
 
 /// Longer than any clock can be moved by: a fill would have panicked the edge, the demo's
-/// bookkeeping too. A key length of 0 would refuse every key.
+/// bookkeeping too. A key length of 0 would refuse every key; a tombstone table too large to
+/// allocate took the edge down at its first invalidation.
 #[test]
-fn durations_beyond_a_century_and_an_empty_key_bound_are_refused() {
+fn durations_beyond_a_century_and_sizes_that_cannot_work_are_refused() {
     let huge = "18446744073709551615s";
     for key in ["ttl", "max_staleness", "peer_timeout"] {
         let e: dci_edge_cache::EdgeConfig =
@@ -93,6 +94,19 @@ fn durations_beyond_a_century_and_an_empty_key_bound_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("max_key_len"));
+    // 2^30 slots asked for 32 GiB at the first invalidation, and the edge aborted then.
+    for (n, ok) in [
+        (0, false),
+        (1 << 24, true),
+        (1 << 25, false),
+        (u64::MAX, false),
+    ] {
+        let e: dci_edge_cache::EdgeConfig = serde_yaml::from_str(&format!(
+            "relays: [http://127.0.0.1:1]\nmax_tombstones: {n}"
+        ))
+        .unwrap();
+        assert_eq!(e.validate().is_ok(), ok, "max_tombstones {n}");
+    }
     for key in ["fsync_interval", "retention_age"] {
         let c: dci_coordinator::CoordinatorConfig =
             serde_yaml::from_str(&format!("{key}: {huge}")).unwrap();

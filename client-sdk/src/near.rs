@@ -189,7 +189,10 @@ impl NearCache {
             return Err(Error::Url(String::new(), "no relay URL".into()));
         }
         let state = Arc::new(Mutex::new(State {
-            leases: LeaseTable::new(opts.shard_count.max(1), opts.capacity.max(1024) * 4),
+            leases: LeaseTable::new(
+                opts.shard_count.max(1),
+                opts.capacity.max(1024).saturating_mul(4),
+            ),
             values: HashMap::new(),
             order: VecDeque::new(),
             capacity: opts.capacity.max(1),

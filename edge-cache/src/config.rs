@@ -113,6 +113,13 @@ impl EdgeConfig {
                 dci_proto::upstream::MIN_PEER_TIMEOUT
             )));
         }
+        if self.max_tombstones == 0 || self.max_tombstones > dci_proto::lease::MAX_TOMBSTONES as u64
+        {
+            return Err(ConfigError(format!(
+                "max_tombstones must be between 1 and {} (32 bytes each, per shard)",
+                dci_proto::lease::MAX_TOMBSTONES
+            )));
+        }
         if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
             return Err(ConfigError(
                 "max_key_len must be between 1 and 65536".into(),

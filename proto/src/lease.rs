@@ -121,6 +121,9 @@ struct ShardLeases {
     occupied: usize,
 }
 
+/// Most tombstone slots per shard (32 bytes each: 512 MiB).
+pub const MAX_TOMBSTONES: usize = 1 << 24;
+
 /// Tombstones and floors of one cache.
 #[derive(Debug)]
 pub struct LeaseTable {
@@ -146,7 +149,7 @@ impl LeaseTable {
         LeaseTable {
             map: ShardMap::new(shard_count),
             shards: Vec::new(),
-            slots: max_tombs.clamp(1, 1 << 30).next_power_of_two(),
+            slots: max_tombs.clamp(1, MAX_TOMBSTONES).next_power_of_two(),
             // Not 0: a cache started again (a restarted edge, a replacement at the same address)
             // would otherwise count its generations as its earlier life did, and could take a
             // lease that life handed out.
