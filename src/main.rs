@@ -246,6 +246,11 @@ struct PublishArgs {
     /// Keys to invalidate; `-` reads them from standard input, one per line.
     #[arg(required_unless_present = "all")]
     keys: Vec<String>,
+    /// Resend a request left without an answer (a coordinator restarting, a connection lost)
+    /// for this long before giving up; the coordinator takes a resend for the request it
+    /// repeats, never as a second one.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    retry_for: Duration,
 }
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
@@ -506,14 +511,7 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         if keys.is_empty() {
             continue;
         }
-        let client = match connect(url).await {
-            Ok(c) => c,
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        };
-        let mut client = pb::publisher_client::PublisherClient::new(client);
+        let mut client = None;
         for (n, chunk) in keys.chunks(PUBLISH_CHUNK).enumerate() {
             let req = pb::PublishRequest {
                 publisher_id: publisher_id.clone(),
@@ -528,10 +526,10 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
                     })
                     .collect(),
             };
-            let r = match client.publish(req).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    failed = Some(anyhow!(status_line(&s, "a coordinator")));
+            let r = match publish_one(url, &mut client, req, a.retry_for).await {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = Some(e);
                     break;
                 }
             };
@@ -553,6 +551,57 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         println!("{l}");
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Send one publish request, resending it (same publisher id and request number: the
+/// coordinator answers a resend with the seqs it gave the first) while its answer does not come,
+/// for up to `retry_for`; a refusal is final at once.
+async fn publish_one(
+    url: &str,
+    client: &mut Option<pb::publisher_client::PublisherClient<tonic::transport::Channel>>,
+    req: pb::PublishRequest,
+    retry_for: Duration,
+) -> anyhow::Result<pb::PublishResponse> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let err = match client {
+            Some(c) => match c.publish(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => {
+                    let line = anyhow!(status_line(&s, "a coordinator"));
+                    if !resendable(s.code()) {
+                        return Err(line);
+                    }
+                    // A fresh connection: the old one may be the one a restarted node closed.
+                    *client = None;
+                    line
+                }
+            },
+            None => match connect(url).await {
+                Ok(ch) => {
+                    *client = Some(pb::publisher_client::PublisherClient::new(ch));
+                    continue;
+                }
+                Err(e) => e,
+            },
+        };
+        if started.elapsed() + backoff > retry_for {
+            return Err(err);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Whether a request that failed this way may be sent again: not when the node refused it for
+/// what it is (sending it again would be refused again).
+fn resendable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | Internal | Unknown | Cancelled | DeadlineExceeded | Aborted
+    )
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<bool> {

@@ -528,6 +528,100 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     );
 }
 
+/// A rolling restart under a long `dci publish -`: the coordinator drains (SIGTERM) while
+/// requests are in flight, comes back a moment later on the same address and log, and is then
+/// SIGKILLed and restarted again. The command resends what was left unanswered and exits 0;
+/// every key has its seq, and the seqs are exactly 1..=N: nothing acknowledged was lost and no
+/// resend was logged twice. (It ended with "h2 protocol error" at the first restart.)
+#[test]
+fn dci_publish_rides_out_coordinator_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let again = [
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{cp}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    const N: u64 = 400_000;
+    let keys: String = (0..N).map(|i| format!("key:{i}\n")).collect();
+    let publishing = {
+        let coord = coord.clone();
+        std::thread::spawn(move || {
+            dci_fed(
+                &[
+                    "publish",
+                    "--coordinator",
+                    &coord,
+                    "--retry-for",
+                    "30s",
+                    "-",
+                ],
+                keys.as_bytes(),
+            )
+        })
+    };
+    let head = |coord: &str| -> u64 {
+        let o = dci(&["status", "--coordinator", coord, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["nodes"][0]["shards"][0]["hwm"].as_u64().unwrap_or(0)
+    };
+    eventually("publishing started", || head(&coord) > 0);
+    let pid = c.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut c = c;
+    assert!(
+        c.0.wait().unwrap().success(),
+        "a drained coordinator exits 0"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut c, _, lines) = launch({
+        let mut cmd = Command::new(DCI);
+        cmd.args(again);
+        cmd
+    });
+    let recovered = lines
+        .recv_timeout(Duration::from_secs(5))
+        .into_iter()
+        .chain(lines.try_iter())
+        .find(|l| l.contains("log recovered"))
+        .expect("the restarted coordinator says what it recovered");
+    let at: String = recovered[recovered.find("head=").unwrap() + 5..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(
+        at.parse::<u64>().unwrap() < N,
+        "the restart came while the command was still publishing: {recovered}"
+    );
+    eventually("publishing went on", || head(&coord) > at.parse().unwrap());
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _c = start(&again);
+    let o = publishing.join().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let mut seen: Vec<u64> = seqs(&o);
+    assert_eq!(seen.len() as u64, N);
+    for (i, line) in out.lines().enumerate() {
+        assert!(line.starts_with(&format!("key:{i} ")), "{line}");
+    }
+    seen.sort_unstable();
+    assert!(
+        seen.iter().copied().eq(1..=N),
+        "the seqs are exactly 1..=N (first {:?}, last {:?})",
+        seen.first(),
+        seen.last()
+    );
+}
+
 /// The disk fills under the log (a file-size limit set on the process makes its writes fail as a
 /// full disk would): publishes are refused with a clear error from then on, health says
 /// NOT_SERVING, and a restart with room again keeps every acknowledged seq and reuses none.

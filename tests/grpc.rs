@@ -1,4 +1,4 @@
-//! gRPC conventions on every node: health and reflection.
+//! gRPC conventions on every node: health, reflection, graceful shutdown.
 
 use dci_coordinator::{Coordinator, CoordinatorConfig};
 use tonic_health::pb::health_client::HealthClient;
@@ -57,5 +57,71 @@ async fn health_and_reflection_answer() {
     ] {
         assert!(names.contains(&s.to_string()), "{names:?}");
     }
+    c.stop().await.unwrap();
+}
+
+/// A coordinator stopped with a publish stream open (a rolling restart): every request it took
+/// is answered, the stream then ends with `UNAVAILABLE` (not a plain end a publisher could take
+/// for "all done", nor a broken connection), and what it answered is in the log when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_coordinator_answers_what_it_took_then_says_unavailable() {
+    use dci_proto::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let c = Coordinator::start(cfg.clone()).await.unwrap();
+    let mut client = pb::publisher_client::PublisherClient::connect(c.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let request = |n: u64| pb::PublishRequest {
+        publisher_id: "drain".into(),
+        request_no: n,
+        entries: vec![pb::Invalidation {
+            key: format!("k{n}").into(),
+            kind: pb::Kind::Key as i32,
+            ..Default::default()
+        }],
+    };
+    for n in 1..=2000 {
+        tx.send(request(n)).await.unwrap();
+    }
+    let mut answers = client
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.seqs, vec![1]);
+    // The request stream stays open: only the drain can end the answers.
+    let stopping = tokio::spawn(c.stop());
+    let mut last = 1;
+    let end = loop {
+        match answers.message().await {
+            Ok(Some(a)) => {
+                assert_eq!(a.seqs, vec![last + 1], "answered in order, one seq each");
+                last += 1;
+            }
+            Ok(None) => panic!("the stream ended without saying why, after seq {last}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    stopping.await.unwrap().unwrap();
+    drop(tx);
+
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut client = pb::publisher_client::PublisherClient::connect(c.url())
+        .await
+        .unwrap();
+    // A resend of an answered request gets its seq again; the next new one comes after all.
+    let again = client.publish(request(last)).await.unwrap().into_inner();
+    assert_eq!(again.seqs, vec![last]);
+    let next = client.publish(request(5000)).await.unwrap().into_inner();
+    assert!(next.seqs[0] > last, "{next:?} after {last}");
     c.stop().await.unwrap();
 }

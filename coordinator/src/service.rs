@@ -181,8 +181,14 @@ impl pb::publisher_server::Publisher for CoordinatorService {
             // (`refused`), and the stream goes on: only a failure of this coordinator ends it.
             let mut pending = FuturesOrdered::new();
             let mut open = true;
+            let mut draining = false;
             loop {
                 if !open && pending.is_empty() {
+                    if draining {
+                        let _ = tx
+                            .send(Err(Status::unavailable("coordinator is shutting down")))
+                            .await;
+                    }
                     return;
                 }
                 tokio::select! {
@@ -216,7 +222,13 @@ impl pb::publisher_server::Publisher for CoordinatorService {
                             return;
                         }
                     }
-                    _ = shutdown.changed() => return,
+                    // Draining: what was taken is answered (it is in the log, and acknowledged
+                    // as its fsync completes), then the stream ends with a status that says why,
+                    // so that the publisher resends the rest elsewhere or after the restart.
+                    _ = shutdown.changed(), if open => {
+                        open = false;
+                        draining = true;
+                    }
                     else => return,
                 }
             }
