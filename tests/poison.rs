@@ -26,6 +26,8 @@ struct Scripted {
     shard_count: u32,
     /// How long after the batches the first heartbeat comes.
     first_heartbeat_after: Duration,
+    /// While set, no heartbeat is sent on any stream (the streams stay open).
+    silent: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -60,6 +62,10 @@ impl pb::subscribe_server::Subscribe for Scripted {
             let _ = tx.send(Ok(pb::Downstream { msg: Some(junk) })).await;
             tokio::time::sleep(script.first_heartbeat_after).await;
             loop {
+                if script.silent.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 let hb = pb::Heartbeat {
                     heads: vec![pb::ShardHead {
                         shard: 0,
@@ -159,6 +165,7 @@ fn script() -> Scripted {
         before: Vec::new(),
         shard_count: 1,
         first_heartbeat_after: Duration::ZERO,
+        silent: Default::default(),
     }
 }
 
@@ -302,6 +309,90 @@ async fn an_edge_is_not_caught_up_before_its_sender_says_how_far_the_shard_goes(
     }
     let _ = stop.send(true);
     e.stop().await.unwrap();
+}
+
+/// An edge paused (a frozen VM, a stopped process) finds, when it runs again, the heartbeats its
+/// sender sent early in the pause waiting in its socket, and then nothing more. Stamped on arrival
+/// they would pass for fresh news, and the edge would serve for another staleness bound what it
+/// held from before the pause. A message after a silence longer than the peer timeout ends the
+/// link instead, whichever the follower sees first, the message or its own timer; so the edge
+/// serves misses until a sender speaks again.
+#[test]
+fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fresh_ones() {
+    let cfg = EdgeConfig {
+        max_staleness: Duration::from_secs(1),
+        peer_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let script = script();
+    let silent = script.silent.clone();
+    // The sender lives on the test's runtime; the edge on a single thread of its own, which a
+    // blocking sleep can freeze whole (its timers, its follower, its gRPC server).
+    let outer = tokio::runtime::Runtime::new().unwrap();
+    let (url, stop) = outer.block_on(serve(script));
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let edge_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let edge = EdgeNode::start(EdgeConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                relays: vec![url],
+                ..cfg
+            })
+            .await
+            .unwrap();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            handle_tx
+                .send((tokio::runtime::Handle::current(), edge.url(), done_tx))
+                .unwrap();
+            let _ = done_rx.await;
+            edge.stop().await.unwrap();
+        });
+    });
+    let (edge_rt, edge_url, done) = handle_rx.recv().unwrap();
+    outer.block_on(async {
+        let cache = dci_sdk::CacheClient::from_urls(vec![edge_url]).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = cache.set("x", "v", None).await;
+            if matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Hit(_)) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Frozen for 3 s; heartbeats pile up in its socket for the first second, then stop.
+        let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel();
+        edge_rt.spawn(async move {
+            let _ = frozen_tx.send(());
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        frozen_rx.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        silent.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Awake again: its last news from a sender is 2 s old, more than its bound.
+        for _ in 0..10 {
+            assert!(
+                matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Miss { .. }),
+                "served on the strength of heartbeats that waited out the pause"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A sender speaking again brings it back.
+        silent.store(false, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Hit(_)) {
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let _ = done.send(());
+    edge_thread.join().unwrap();
+    let _ = stop.send(true);
 }
 
 /// An edge told a shard count other than the tier's would map keys to other shards than their

@@ -422,6 +422,14 @@ async fn session<A: Applier>(
                     }
                 };
                 let now = Instant::now();
+                // Nothing came for longer than the peer timeout: this node was paused (a frozen
+                // VM, a stopped process) or the sender was. What waited in the socket meanwhile is
+                // old news, and its heartbeats, stamped on arrival, would pass for fresh ones:
+                // this link ended by its own rule, whichever branch noticed first.
+                if now.duration_since(last_heard) >= opts.peer_timeout {
+                    tracing::warn!(sender = %url, silent_ms = now.duration_since(last_heard).as_millis() as u64, "sender silent; moving on");
+                    return Ok(());
+                }
                 last_heard = now;
                 let msg = match msg.msg {
                     Some(pb::downstream::Msg::BatchZstd(z)) => match crate::link::retransmit::decompress(&z) {
