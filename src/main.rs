@@ -337,9 +337,7 @@ async fn terminated() {
 /// A duration flag in humantime's forms ("500ms", "2m"), no longer than any setting may be.
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d > dci_proto::types::MAX_DURATION {
-        return Err("must be at most 100 years".into());
-    }
+    dci_proto::types::check_duration("a duration", d)?;
     Ok(d)
 }
 

@@ -121,6 +121,13 @@ fn durations_beyond_a_century_and_sizes_that_cannot_work_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("peer_timeout"));
+    let r: dci_relay::RelayConfig =
+        serde_yaml::from_str("upstream: [http://127.0.0.1:1]\nmax_key_len: 0").unwrap();
+    assert!(r
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("max_key_len"));
     let r: dci_relay::RelayConfig = serde_yaml::from_str(&format!(
         "upstream: [http://127.0.0.1:1]\notlp: {{ interval: {huge} }}"
     ))
