@@ -62,15 +62,23 @@ fn start(args: &[&str]) -> (Proc, u16) {
     start_cmd(cmd)
 }
 
-/// A coordinator process on a port of its own, its log in `dir`; and its port.
-fn start_coordinator(dir: &std::path::Path) -> (Proc, u16) {
-    start(&[
+/// A coordinator command on `port` (0: a port of its own), its log in `dir`: a restart on the
+/// same port and log is the same command again (publishers know a coordinator by its address).
+fn coordinator_cmd(dir: &std::path::Path, port: u16) -> Command {
+    let mut cmd = Command::new(DCI);
+    cmd.args([
         "coordinator",
         "--listen",
-        "127.0.0.1:0",
+        &format!("127.0.0.1:{port}"),
         "--data-dir",
-        dir.to_str().unwrap(),
     ])
+    .arg(dir);
+    cmd
+}
+
+/// A coordinator process on a port of its own, its log in `dir`; and its port.
+fn start_coordinator(dir: &std::path::Path) -> (Proc, u16) {
+    start_cmd(coordinator_cmd(dir, 0))
 }
 
 /// The seqs `dci publish` printed, one per line ("KEY SEQ").
@@ -111,15 +119,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// The edge's high-water mark as `dci status --json` reports it (0 until it is known).
-fn edge_hwm(coord: &str) -> u64 {
+/// The highest high-water mark of a node of `role` as `dci status --json` reports it (0 until
+/// it is known).
+fn hwm(coord: &str, role: &str) -> u64 {
     let o = dci(&["status", "--coordinator", coord, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     v["nodes"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|n| n["role"] == "edge")
+        .filter(|n| n["role"] == role)
         .filter_map(|n| n["shards"][0]["hwm"].as_u64())
         .max()
         .unwrap_or(0)
@@ -163,7 +172,7 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     assert_eq!(stdout(&o), "user:1 1\nuser:2 2\n");
 
     // Edge: a miss is exit 1 with "miss" on stderr; a stored value is a hit.
-    eventually("edge applied seq 2", || edge_hwm(&coord) >= 2);
+    eventually("edge applied seq 2", || hwm(&coord, "edge") >= 2);
     eventually("edge serving", || {
         let o = dci(&["set", "--edge", &edge_url, "user:1", "hello"]);
         o.status.success() && dci(&["get", "--edge", &edge_url, "user:1"]).status.code() == Some(0)
@@ -494,14 +503,6 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     let dir = tempfile::tempdir().unwrap();
     let (mut c, cp) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cp}");
-    // Restarted on the same port: publishers know the coordinator by its address.
-    let again = [
-        "coordinator",
-        "--listen",
-        &format!("127.0.0.1:{cp}"),
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ];
     let mut acked = Vec::new();
     for i in 0..20 {
         let o = dci(&[
@@ -517,7 +518,7 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     // SIGKILL: no clean shutdown, no chance to flush anything more.
     c.0.kill().unwrap();
     c.0.wait().unwrap();
-    let _c = start(&again);
+    let _c = start_cmd(coordinator_cmd(dir.path(), cp));
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let seq = seqs(&o)[0];
@@ -538,13 +539,6 @@ fn dci_publish_rides_out_coordinator_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let (c, cp) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cp}");
-    let again = [
-        "coordinator",
-        "--listen",
-        &format!("127.0.0.1:{cp}"),
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ];
     const N: u64 = 400_000;
     let keys: String = (0..N).map(|i| format!("key:{i}\n")).collect();
     let publishing = {
@@ -563,12 +557,7 @@ fn dci_publish_rides_out_coordinator_restarts() {
             )
         })
     };
-    let head = |coord: &str| -> u64 {
-        let o = dci(&["status", "--coordinator", coord, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        v["nodes"][0]["shards"][0]["hwm"].as_u64().unwrap_or(0)
-    };
-    eventually("publishing started", || head(&coord) > 0);
+    eventually("publishing started", || hwm(&coord, "coordinator") > 0);
     let pid = c.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -581,11 +570,7 @@ fn dci_publish_rides_out_coordinator_restarts() {
         "a drained coordinator exits 0"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let (mut c, _, lines) = launch({
-        let mut cmd = Command::new(DCI);
-        cmd.args(again);
-        cmd
-    });
+    let (mut c, _, lines) = launch(coordinator_cmd(dir.path(), cp));
     let recovered = lines
         .recv_timeout(Duration::from_secs(5))
         .into_iter()
@@ -600,11 +585,13 @@ fn dci_publish_rides_out_coordinator_restarts() {
         at.parse::<u64>().unwrap() < N,
         "the restart came while the command was still publishing: {recovered}"
     );
-    eventually("publishing went on", || head(&coord) > at.parse().unwrap());
+    eventually("publishing went on", || {
+        hwm(&coord, "coordinator") > at.parse().unwrap()
+    });
     c.0.kill().unwrap();
     c.0.wait().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let _c = start(&again);
+    let _c = start_cmd(coordinator_cmd(dir.path(), cp));
     let o = publishing.join().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
@@ -645,13 +632,6 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
         ]);
     let (c, cp) = start_cmd(limited);
     let coord = format!("http://127.0.0.1:{cp}");
-    let again = [
-        "coordinator",
-        "--listen",
-        &format!("127.0.0.1:{cp}"),
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ];
 
     let mut last_acked = 0u64;
     let mut refused = None;
@@ -703,7 +683,7 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     });
 
     drop(c);
-    let _c = start(&again);
+    let _c = start_cmd(coordinator_cmd(dir.path(), cp));
     let o = dci(&["publish", "--coordinator", &coord, "after"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let seq = seqs(&o)[0];

@@ -101,14 +101,18 @@ impl pb::subscribe_server::Subscribe for Scripted {
 /// the sender.
 async fn edge_behind(script: Scripted, cfg: EdgeConfig) -> (EdgeNode, watch::Sender<bool>) {
     let (url, stop) = serve(script).await;
-    let edge = EdgeNode::start(EdgeConfig {
+    (edge_following(url, cfg).await, stop)
+}
+
+/// An edge (`cfg`, on a port of its own) following the sender at `url`.
+async fn edge_following(url: String, cfg: EdgeConfig) -> EdgeNode {
+    EdgeNode::start(EdgeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         relays: vec![url],
         ..cfg
     })
     .await
-    .unwrap();
-    (edge, stop)
+    .unwrap()
 }
 
 async fn serve(script: Scripted) -> (String, watch::Sender<bool>) {
@@ -337,13 +341,7 @@ fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fres
             .build()
             .unwrap();
         rt.block_on(async move {
-            let edge = EdgeNode::start(EdgeConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                relays: vec![url],
-                ..cfg
-            })
-            .await
-            .unwrap();
+            let edge = edge_following(url, cfg).await;
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
             handle_tx
                 .send((tokio::runtime::Handle::current(), edge.url(), done_tx))

@@ -96,9 +96,7 @@ impl CoordinatorConfig {
                 self.shard, self.shard_count
             ));
         }
-        if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
-            return bad("max_key_len must be between 1 and 65536".into());
-        }
+        dci_proto::types::check_max_key_len(self.max_key_len).map_err(ConfigError::Invalid)?;
         if self.segment_bytes < 4096 {
             return bad("segment_bytes must be at least 4096".into());
         }

@@ -120,11 +120,7 @@ impl EdgeConfig {
                 dci_proto::lease::MAX_TOMBSTONES
             )));
         }
-        if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
-            return Err(ConfigError(
-                "max_key_len must be between 1 and 65536".into(),
-            ));
-        }
+        dci_proto::types::check_max_key_len(self.max_key_len).map_err(ConfigError)?;
         for (what, d) in [
             ("ttl", self.ttl),
             ("max_staleness", self.max_staleness),

@@ -36,6 +36,15 @@ pub fn check_duration(what: &str, d: std::time::Duration) -> Result<(), String> 
 /// Default bound on key length, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 
+/// Refuse a key-length bound that cannot work: 0 refuses every key (a relay would take every
+/// entry for poison), and beyond 64 KiB is past what the wire format is meant to carry.
+pub fn check_max_key_len(n: usize) -> Result<(), String> {
+    if n == 0 || n > 64 << 10 {
+        return Err("max_key_len must be between 1 and 65536".into());
+    }
+    Ok(())
+}
+
 /// What an invalidation removes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {

@@ -108,12 +108,7 @@ impl RelayConfig {
                 dci_proto::upstream::MIN_PEER_TIMEOUT
             )));
         }
-        // 0 would take every key for poison, and quarantine the whole stream.
-        if self.max_key_len == 0 || self.max_key_len > 64 << 10 {
-            return Err(ConfigError(
-                "max_key_len must be between 1 and 65536".into(),
-            ));
-        }
+        dci_proto::types::check_max_key_len(self.max_key_len).map_err(ConfigError)?;
         dci_proto::types::check_duration("peer_timeout", self.peer_timeout).map_err(ConfigError)?;
         self.otlp.check().map_err(ConfigError)?;
         Ok(self)
