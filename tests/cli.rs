@@ -780,13 +780,165 @@ fn the_bench_runs_end_to_end() {
     }
 }
 
+/// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.
+fn helm_template(release: &str, settings: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
+    let o = Command::new("helm")
+        .args(["template", release, chart])
+        .args(settings)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    Ok(serde_yaml::Deserializer::from_str(&stdout(&o))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| !d.is_null())
+        .collect())
+}
+
+/// The Services of rendered documents: name → port.
+fn helm_services(docs: &[serde_yaml::Value]) -> std::collections::HashMap<String, u64> {
+    docs.iter()
+        .filter(|d| d["kind"] == "Service")
+        .map(|d| {
+            let port = d["spec"]["ports"][0]["port"].as_u64().unwrap();
+            (d["metadata"]["name"].as_str().unwrap().to_string(), port)
+        })
+        .collect()
+}
+
+/// A workload's container args.
+fn helm_args(d: &serde_yaml::Value) -> Vec<String> {
+    d["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The value after `flag` in a command line.
+fn after<'a>(args: &'a [String], flag: &str) -> &'a str {
+    &args[args.iter().position(|a| a == flag).unwrap() + 1]
+}
+
+/// Start one pod of every workload of rendered documents, coordinators first, then relays,
+/// then edges, each with its command line as rendered but for where things are: `0.0.0.0:PORT`
+/// listens on port 0 of loopback, a URL naming a Service (of `services`) points at the port its
+/// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name and `/data`
+/// a directory of its own (in `dirs`). Returns the processes.
+fn start_pods(
+    docs: &[serde_yaml::Value],
+    services: &std::collections::HashMap<String, u64>,
+    ports: &mut std::collections::HashMap<String, u16>,
+    dirs: &mut Vec<tempfile::TempDir>,
+) -> Vec<Proc> {
+    // (workload name, role, container args).
+    let mut pods: Vec<(String, String, Vec<String>)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        .map(|d| {
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            let args = helm_args(d);
+            if args.iter().any(|a| a.contains("$(POD_NAME)")) {
+                assert_eq!(c["env"][0]["name"], "POD_NAME");
+                assert_eq!(
+                    c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+                    "metadata.name"
+                );
+            }
+            let role = c["name"].as_str().unwrap().to_string();
+            (
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+                role,
+                args,
+            )
+        })
+        .collect();
+    let rank = |role: &str| {
+        ["coordinator", "relay", "edge"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    pods.sort_by_key(|(_, role, _)| rank(role));
+    let mut running = Vec::new();
+    for (name, _, args) in &pods {
+        let pod = format!("{name}-0");
+        let mut local = |arg: &str| -> String {
+            if let Some(port) = arg.strip_prefix("0.0.0.0:") {
+                assert_eq!(
+                    services[name].to_string(),
+                    port,
+                    "{name} listens off its Service's port"
+                );
+                return "127.0.0.1:0".into();
+            }
+            if arg == "/data" {
+                dirs.push(tempfile::tempdir().unwrap());
+                return dirs.last().unwrap().path().to_str().unwrap().into();
+            }
+            if arg.starts_with("http://") {
+                // Every URL names a Service, at the Service's port.
+                let urls: Vec<String> = arg
+                    .split(',')
+                    .map(|u| {
+                        let (host, port) = u["http://".len()..].split_once(':').unwrap();
+                        assert_eq!(services[host].to_string(), port, "{u}");
+                        format!("http://127.0.0.1:{}", ports[host])
+                    })
+                    .collect();
+                return urls.join(",");
+            }
+            arg.replace("$(POD_NAME)", &pod)
+        };
+        let args: Vec<String> = args.iter().map(|a| local(a)).collect();
+        let mut cmd = Command::new(DCI);
+        cmd.args(args);
+        let (proc, port) = start_cmd(cmd);
+        ports.insert(name.clone(), port);
+        running.push(proc);
+    }
+    running
+}
+
+/// The edges of `coordinators`' tree (`dci status`) that have applied each shard up to its
+/// head in `heads`.
+fn edges_caught_up(coordinators: &str, heads: &[u64]) -> Vec<String> {
+    let o = dci(&["status", "--coordinator", coordinators, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let mut caught_up: Vec<String> = v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["role"] == "edge")
+        .filter(|n| {
+            let hwm = |shard: usize| {
+                n["shards"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["shard"].as_u64() == Some(shard as u64))
+                    .filter_map(|s| s["hwm"].as_u64())
+                    .max()
+                    .unwrap_or(0)
+            };
+            heads.iter().enumerate().all(|(shard, &h)| hwm(shard) >= h)
+        })
+        .filter_map(|n| n["node_id"].as_str().map(str::to_string))
+        .collect();
+    caught_up.sort();
+    caught_up.dedup();
+    caught_up
+}
+
 /// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two
 /// regions), and one pod of every coordinator StatefulSet, relay Deployment and edge StatefulSet
-/// is started with its command line as rendered, but for where things are: `0.0.0.0:PORT` listens
-/// on port 0 of loopback, a Service's URL points at the port its pod got, `$(POD_NAME)` is the pod's
-/// name and `/data` a directory of its own. A publish through both shards reaches the edges of
-/// both regions, which report under their pods' names (edges on a ring of their pods' names,
-/// two owners per key).
+/// is started from its command line as rendered (see `start_pods`). A publish through both
+/// shards reaches the edges of both regions, which report under their pods' names (edges on a
+/// ring of their pods' names, two owners per key). Then a region in a cluster of its own: a
+/// release without coordinators whose relays follow the first release's (`coordinator.enabled:
+/// false`, `coordinator.upstreams`), started the same way, has its edge apply both shards too.
 ///
 /// Skipped when `helm` is not on the PATH, unless `DCI_REQUIRE_HELM` is set (CI sets it).
 #[test]
@@ -806,65 +958,28 @@ fn the_helm_chart_starts_a_working_tree() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
     let o = Command::new("helm").args(["lint", chart]).output().unwrap();
     assert!(o.status.success(), "{}", stdout(&o));
-    let o = Command::new("helm")
-        .args(["template", "t", chart, "--set", "coordinator.shards=2"])
-        .args(["--set", "edge.replication=2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&stdout(&o))
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|d: &serde_yaml::Value| !d.is_null())
-        .collect();
-    let services: std::collections::HashMap<String, u64> = docs
-        .iter()
-        .filter(|d| d["kind"] == "Service")
-        .map(|d| {
-            let port = d["spec"]["ports"][0]["port"].as_u64().unwrap();
-            (d["metadata"]["name"].as_str().unwrap().to_string(), port)
-        })
-        .collect();
-    // (workload name, role, container args), coordinators first, then relays, then edges.
-    let mut pods: Vec<(String, String, Vec<String>)> = docs
-        .iter()
-        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
-        .map(|d| {
-            let spec = &d["spec"]["template"]["spec"];
-            let c = &spec["containers"][0];
-            let args = c["args"].as_sequence().unwrap();
-            let args = args.iter().map(|a| a.as_str().unwrap().to_string());
-            if args.clone().any(|a| a.contains("$(POD_NAME)")) {
-                assert_eq!(c["env"][0]["name"], "POD_NAME");
-                assert_eq!(
-                    c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
-                    "metadata.name"
-                );
-            }
-            let role = spec["containers"][0]["name"].as_str().unwrap().to_string();
-            (
-                d["metadata"]["name"].as_str().unwrap().to_string(),
-                role,
-                args.collect(),
-            )
-        })
-        .collect();
+    let docs = helm_template(
+        "t",
+        &[
+            "--set",
+            "coordinator.shards=2",
+            "--set",
+            "edge.replication=2",
+        ],
+    )
+    .unwrap();
+    let mut services = helm_services(&docs);
     // A region's edges share a ring of exactly their pods' names.
     for d in docs
         .iter()
         .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["name"] == "edge")
     {
         let name = d["metadata"]["name"].as_str().unwrap();
-        let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
-        let after = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        let args = helm_args(d);
         let replicas = d["spec"]["replicas"].as_u64().unwrap();
         let pods: Vec<String> = (0..replicas).map(|i| format!("{name}-{i}")).collect();
-        assert_eq!(after("--ring-nodes"), pods.join(","));
-        assert_eq!(after("--replication"), "2");
+        assert_eq!(after(&args, "--ring-nodes"), pods.join(","));
+        assert_eq!(after(&args, "--replication"), "2");
     }
     // The log's volume is writable by the user the image runs as.
     let dockerfile = include_str!("../deploy/Dockerfile");
@@ -880,89 +995,117 @@ fn the_helm_chart_starts_a_working_tree() {
             assert_eq!(spec["securityContext"]["runAsUser"].as_u64(), Some(user));
         }
     }
-    let rank = |role: &str| {
-        ["coordinator", "relay", "edge"]
-            .iter()
-            .position(|r| *r == role)
-    };
-    pods.sort_by_key(|(_, role, _)| rank(role));
-    assert_eq!(pods.len(), 2 + 2 + 2, "{pods:?}");
+    let workloads = docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        .count();
+    assert_eq!(workloads, 2 + 2 + 2);
 
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut ports: std::collections::HashMap<String, u16> = Default::default();
-    let mut running = Vec::new();
-    for (i, (name, _, args)) in pods.iter().enumerate() {
-        let pod = format!("{name}-0");
-        let local = |arg: &str| -> String {
-            if let Some(port) = arg.strip_prefix("0.0.0.0:") {
-                assert_eq!(
-                    services[name].to_string(),
-                    port,
-                    "{name} listens off its Service's port"
-                );
-                return "127.0.0.1:0".into();
-            }
-            if arg == "/data" {
-                return dirs[i].path().to_str().unwrap().into();
-            }
-            if arg.starts_with("http://") {
-                // Every URL names a Service of the chart, at the Service's port.
-                let urls: Vec<String> = arg
-                    .split(',')
-                    .map(|u| {
-                        let (host, port) = u["http://".len()..].split_once(':').unwrap();
-                        assert_eq!(services[host].to_string(), port, "{u}");
-                        format!("http://127.0.0.1:{}", ports[host])
-                    })
-                    .collect();
-                return urls.join(",");
-            }
-            arg.replace("$(POD_NAME)", &pod)
-        };
-        let mut cmd = Command::new(DCI);
-        cmd.args(args.iter().map(|a| local(a)));
-        let (proc, port) = start_cmd(cmd);
-        ports.insert(name.clone(), port);
-        running.push(proc);
-    }
+    let mut dirs = Vec::new();
+    let mut ports = std::collections::HashMap::new();
+    let mut running = start_pods(&docs, &services, &mut ports, &mut dirs);
 
     let coordinators = format!(
         "http://127.0.0.1:{},http://127.0.0.1:{}",
         ports["t-coordinator-0"], ports["t-coordinator-1"]
     );
-    let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
-    let mut args = vec!["publish", "--coordinator", &coordinators];
-    args.extend(keys.iter().map(String::as_str));
-    let o = dci(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    // (shard, its last seq) from "KEY SEQ shard=N".
-    let mut heads = [0u64; 2];
-    for line in stdout(&o).lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let shard: usize = f[2].trim_start_matches("shard=").parse().unwrap();
-        heads[shard] = heads[shard].max(f[1].parse().unwrap());
-    }
-    assert!(heads.iter().all(|&h| h > 0), "both shards used: {heads:?}");
+    let publish = || {
+        let keys: Vec<String> = (0..8).map(|i| format!("user:{i}")).collect();
+        let mut args = vec!["publish", "--coordinator", &coordinators];
+        args.extend(keys.iter().map(String::as_str));
+        let o = dci(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        // (shard, its last seq) from "KEY SEQ shard=N".
+        let mut heads = vec![0u64; 2];
+        for line in stdout(&o).lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let shard: usize = f[2].trim_start_matches("shard=").parse().unwrap();
+            heads[shard] = heads[shard].max(f[1].parse().unwrap());
+        }
+        assert!(heads.iter().all(|&h| h > 0), "both shards used: {heads:?}");
+        heads
+    };
+    let heads = publish();
     eventually("both regions' edges to apply both shards", || {
-        let o = dci(&["status", "--coordinator", &coordinators, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        let mut caught_up: Vec<&str> = v["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|n| n["role"] == "edge")
-            .filter(|n| {
-                n["shards"].as_array().into_iter().flatten().any(|s| {
-                    let shard = s["shard"].as_u64().unwrap_or(9) as usize;
-                    shard < 2 && s["hwm"].as_u64() >= Some(heads[shard])
-                })
-            })
-            .filter_map(|n| n["node_id"].as_str())
-            .collect();
-        caught_up.sort();
-        caught_up.dedup();
-        caught_up == ["t-edge-eu-west-0", "t-edge-us-east-0"]
+        edges_caught_up(&coordinators, &heads) == ["t-edge-eu-west-0", "t-edge-us-east-0"]
     });
+
+    // A region of its own, following the first release's coordinators as another cluster would
+    // (here by their in-cluster names; across clusters, by what `coordinator.exposeAs` gives).
+    let region = [
+        "--set",
+        "coordinator.enabled=false",
+        "--set",
+        "coordinator.upstreams={http://t-coordinator-0:7400,http://t-coordinator-1:7400}",
+        "--set-json",
+        r#"regions=[{"name":"ap-south","relays":1,"edges":1}]"#,
+    ];
+    let docs = helm_template("u", &region).unwrap();
+    assert!(
+        !docs.iter().any(|d| d["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("coordinator"))),
+        "a release without coordinators makes none"
+    );
+    let kinds = |docs: &[serde_yaml::Value], kind: &str| -> Vec<Vec<String>> {
+        docs.iter()
+            .filter(|d| d["kind"] == kind)
+            .map(helm_args)
+            .collect()
+    };
+    let edge = &kinds(&docs, "StatefulSet")[0];
+    assert_eq!(after(edge, "--shard-count"), "2", "{edge:?}");
+    services.extend(helm_services(&docs));
+    running.extend(start_pods(&docs, &services, &mut ports, &mut dirs));
+    let heads = publish();
+    eventually("the other cluster's edge to apply both shards", || {
+        edges_caught_up(&coordinators, &heads).contains(&"u-edge-ap-south-0".to_string())
+    });
+    drop(running);
+
+    // Failover lists per shard, and what cannot work is refused with a message.
+    let docs = helm_template(
+        "v",
+        &[
+            "--set",
+            "coordinator.enabled=false",
+            "--set",
+            r"coordinator.upstreams={http://a:7400\,http://b:7400,http://c:7400}",
+        ],
+    )
+    .unwrap();
+    for relay in kinds(&docs, "Deployment") {
+        assert_eq!(after(&relay, "--upstream"), "http://a:7400,http://b:7400");
+        assert_eq!(after(&relay, "--upstream-group"), "http://c:7400");
+    }
+    let err = helm_template("v", &["--set", "coordinator.enabled=false"]).unwrap_err();
+    assert!(err.contains("coordinator.upstreams"), "{err}");
+    let err = helm_template("v", &["--set", "coordinator.upstreams={http://a:7400}"]).unwrap_err();
+    assert!(err.contains("coordinator.enabled=false"), "{err}");
+    // Coordinators reachable from other clusters: one more Service per shard, of the type asked.
+    let docs = helm_template(
+        "w",
+        &[
+            "--set",
+            "coordinator.shards=2",
+            "--set",
+            "coordinator.exposeAs=LoadBalancer",
+            "--set-json",
+            r#"coordinator.exposeAnnotations={"example.com/internal":"true"}"#,
+        ],
+    )
+    .unwrap();
+    for shard in 0..2 {
+        let name = format!("w-coordinator-{shard}-external");
+        let s = docs
+            .iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"].as_str() == Some(&name))
+            .unwrap_or_else(|| panic!("no Service {name}"));
+        assert_eq!(s["spec"]["type"], "LoadBalancer");
+        assert_eq!(s["spec"]["selector"]["shard"], shard.to_string().as_str());
+        assert_eq!(s["spec"]["ports"][0]["port"].as_u64(), Some(7400));
+        assert_eq!(s["metadata"]["annotations"]["example.com/internal"], "true");
+    }
 }
 
 /// Every key of every config file is also a flag, and a flag overrides the file.
