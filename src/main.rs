@@ -131,7 +131,7 @@ struct RelayArgs {
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Upstream senders (coordinator or relays), comma-separated, in failover order.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = url_item)]
     upstream: Vec<String>,
     /// Another failover list (comma-separated), followed on a link of its own: with a sharded
     /// coordinator tier, `--upstream` names shard 0's coordinator and one of these each other's.
@@ -179,7 +179,7 @@ struct EdgeArgs {
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Relays, comma-separated, in failover order.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = url_item)]
     relays: Vec<String>,
     /// Region name.
     #[arg(long)]
@@ -232,7 +232,7 @@ struct EdgeArgs {
 struct PublishArgs {
     /// Coordinator URL; with a sharded tier, every shard's, comma-separated, in shard order (each
     /// key then goes to its shard, prefixes to all, and the shard is printed beside the seq).
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:7400")]
+    #[arg(long, value_delimiter = ',', value_parser = url_item, default_value = "http://127.0.0.1:7400")]
     coordinator: Vec<String>,
     /// Invalidate every key with these prefixes instead of exact keys.
     #[arg(long)]
@@ -283,7 +283,7 @@ struct SetArgs {
 struct StatusArgs {
     /// Coordinator (or any node) URL; with a sharded tier, every shard's, comma-separated (the
     /// trees are merged: a node appears once per sender it follows).
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:7400")]
+    #[arg(long, value_delimiter = ',', value_parser = url_item, default_value = "http://127.0.0.1:7400")]
     coordinator: Vec<String>,
     /// Print JSON.
     #[arg(long)]
@@ -332,6 +332,11 @@ async fn terminated() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A URL of a comma-separated list: "a, b" is two URLs, as it reads, not one with a space.
+fn url_item(s: &str) -> Result<String, String> {
+    Ok(s.trim().to_string())
 }
 
 /// A duration flag in humantime's forms ("500ms", "2m"), no longer than any setting may be.
@@ -391,7 +396,7 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
         cfg.upstream_groups = a
             .upstream_group
             .iter()
-            .map(|g| g.split(',').map(str::to_string).collect())
+            .map(|g| g.split(',').map(|u| u.trim().to_string()).collect())
             .collect();
     }
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);

@@ -399,8 +399,9 @@ fn a_sharded_tier_from_the_command_line() {
             ])
         })
         .unzip();
+    // Lists as people type them, with a space after each comma.
     let urls = format!(
-        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        "http://127.0.0.1:{}, http://127.0.0.1:{}",
         ports[0], ports[1]
     );
     let (_relay, rp) = start(&[
@@ -410,7 +411,7 @@ fn a_sharded_tier_from_the_command_line() {
         "--upstream",
         &format!("http://127.0.0.1:{}", ports[0]),
         "--upstream-group",
-        &format!("http://127.0.0.1:{}", ports[1]),
+        &format!(" http://127.0.0.1:{}, http://127.0.0.1:1", ports[1]),
         "--region",
         "eu",
     ]);
@@ -419,7 +420,7 @@ fn a_sharded_tier_from_the_command_line() {
         "--listen",
         "127.0.0.1:0",
         "--relays",
-        &format!("http://127.0.0.1:{rp}"),
+        &format!("http://127.0.0.1:{rp} , http://127.0.0.1:1"),
         "--region",
         "eu",
         "--shard-count",
