@@ -1,5 +1,5 @@
-//! `dci demo`: a whole deployment in one process — a coordinator, two regions each with a relay
-//! and three edges — under a workload of writers and readers, reporting every second what a user
+//! `dci demo`: a whole deployment in one process — a coordinator (or one per shard), two regions
+//! each with a relay and three edges — under a workload of writers and readers, reporting every second what a user
 //! cares about: publishes/s, propagation latency, hit ratio, and stale reads (which must stay 0).
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,13 +40,21 @@ pub struct DemoArgs {
     #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "3s",
           value_parser = crate::duration)]
     chaos: Option<Duration>,
+    /// Coordinator shards (each with its log; the relays follow every one, keys go to their
+    /// shard's).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    shards: u32,
+    /// Edges of a region that own each key (of three): 2 or 3 keep a key readable and filled on
+    /// its next owner while the first is down.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    replication: u32,
 }
 
 /// The deployment, kept with what it takes to start each node again (`--chaos`).
 struct Nodes {
-    /// `None` only while it is being restarted.
-    coordinator: Option<Coordinator>,
-    coordinator_cfg: CoordinatorConfig,
+    /// One per shard; `None` only while it is being restarted.
+    coordinators: Vec<Option<Coordinator>>,
+    coordinator_cfgs: Vec<CoordinatorConfig>,
     relays: Vec<Relay>,
     relay_cfgs: Vec<RelayConfig>,
     edges: Vec<EdgeNode>,
@@ -55,7 +63,7 @@ struct Nodes {
 
 impl Nodes {
     /// Stop one node, wait `down`, and start it again at the same address: the `round`th of
-    /// edge, relay, coordinator, in turn.
+    /// edge, relay, coordinator (each shard's in turn), in turn.
     async fn restart_one(&mut self, round: usize, down: Duration) -> anyhow::Result<()> {
         let say = |what: &str| println!("chaos: {what} stopped for {:.1}s", down.as_secs_f64());
         match round % 3 {
@@ -84,15 +92,22 @@ impl Nodes {
                 self.relays.insert(i, Relay::start(cfg).await?);
             }
             _ => {
-                let old = self.coordinator.take().expect("running");
+                let i = (round / 3) % self.coordinators.len();
+                let old = self.coordinators[i].take().expect("running");
                 let cfg = CoordinatorConfig {
                     listen: old.addr,
-                    ..self.coordinator_cfg.clone()
+                    ..self.coordinator_cfgs[i].clone()
                 };
-                say("the coordinator (it recovers from its log)");
+                if self.coordinators.len() == 1 {
+                    say("the coordinator (it recovers from its log)");
+                } else {
+                    say(&format!(
+                        "the coordinator of shard {i} (it recovers from its log)"
+                    ));
+                }
                 old.stop().await?;
                 tokio::time::sleep(down).await;
-                self.coordinator = Some(Coordinator::start(cfg).await?);
+                self.coordinators[i] = Some(Coordinator::start(cfg).await?);
             }
         }
         Ok(())
@@ -105,7 +120,7 @@ impl Nodes {
         for r in self.relays {
             let _ = r.stop().await;
         }
-        if let Some(c) = self.coordinator {
+        for c in self.coordinators.into_iter().flatten() {
             c.stop().await?;
         }
         Ok(())
@@ -151,12 +166,20 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
     }
     .validate()?;
     let dir = tempfile::tempdir()?;
-    let coordinator_cfg = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        ..CoordinatorConfig::default()
-    };
-    let coordinator = Coordinator::start(coordinator_cfg.clone()).await?;
+    let mut coordinators = Vec::new();
+    let mut coordinator_cfgs = Vec::new();
+    for shard in 0..a.shards {
+        let cfg = CoordinatorConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().join(format!("shard-{shard}")),
+            shard,
+            shard_count: a.shards,
+            ..CoordinatorConfig::default()
+        };
+        coordinators.push(Coordinator::start(cfg.clone()).await?);
+        coordinator_cfgs.push(cfg);
+    }
+    let urls: Vec<String> = coordinators.iter().map(Coordinator::url).collect();
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
     )?));
@@ -168,7 +191,8 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
     for region in ["eu", "us"] {
         let cfg = RelayConfig {
             listen: "127.0.0.1:0".parse()?,
-            upstream: vec![coordinator.url()],
+            upstream: vec![urls[0].clone()],
+            upstream_groups: urls[1..].iter().map(|u| vec![u.clone()]).collect(),
             region: region.into(),
             node_id: format!("relay-{region}"),
             ..RelayConfig::default()
@@ -193,6 +217,8 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 region: region.into(),
                 node_id: id.clone(),
                 ring_nodes: ids.clone(),
+                replication: a.replication,
+                shard_count: a.shards,
                 max_staleness: a.max_staleness,
                 ..EdgeConfig::default()
             };
@@ -201,12 +227,13 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
             edges.push(edge);
             edge_cfgs.push((cfg, on_applied));
         }
-        clients.push(CacheClient::new(members)?);
+        clients.push(CacheClient::new(members)?.with_replication(a.replication as usize));
         relays.push(relay);
     }
     println!(
-        "dci demo: coordinator {} (log in {}), relays {}, {} edges; {} writes/s, {} reads/s over {} keys",
-        coordinator.url(),
+        "dci demo: coordinator{} {} (log in {}), relays {}, {} edges; {} writes/s, {} reads/s over {} keys",
+        if urls.len() > 1 { "s" } else { "" },
+        urls.join(" "),
         dir.path().display(),
         relays.iter().map(|r| r.url()).collect::<Vec<_>>().join(" "),
         edges.len(),
@@ -215,10 +242,10 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         a.keys
     );
 
-    let publisher = Publisher::connect(vec![coordinator.url()]).await?;
+    let publisher = Publisher::connect(urls).await?;
     let nodes = Nodes {
-        coordinator: Some(coordinator),
-        coordinator_cfg,
+        coordinators: coordinators.into_iter().map(Some).collect(),
+        coordinator_cfgs,
         relays,
         relay_cfgs,
         edges,

@@ -731,6 +731,37 @@ fn the_demo_runs_and_sees_no_stale_read() {
     }
     let last = out.lines().rfind(|l| l.starts_with("t=")).unwrap();
     assert!(last.contains("errors=0"), "{out}");
+    // The same with two shards, each coordinator stopped in its turn, and keys on two edges of
+    // their region: the edges serve (they would only miss with the wrong shard count).
+    let out = run(&[
+        "--duration",
+        "7s",
+        "--chaos",
+        "1s",
+        "--shards",
+        "2",
+        "--replication",
+        "2",
+    ]);
+    assert!(out.contains("chaos: the coordinator of shard 0"), "{out}");
+    let hits = |l: &str| -> f64 {
+        let at = l.find("hit ratio=").unwrap() + "hit ratio=".len();
+        l[at..]
+            .trim_start()
+            .split('%')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        out.lines()
+            .filter(|l| l.starts_with("t="))
+            .any(|l| hits(l) > 10.0),
+        "{out}"
+    );
+    let last = out.lines().rfind(|l| l.starts_with("t=")).unwrap();
+    assert!(last.contains("errors=0"), "{out}");
 }
 
 #[test]
