@@ -427,3 +427,80 @@ async fn a_stuck_receiver_does_not_slow_publishing_or_the_others() {
     drop(tx);
     c.stop().await.unwrap();
 }
+
+/// A receiver that asks for a smaller window in its Hello (a relay fetching one range) is sent
+/// about that much until it acks, however far behind it is; an ack opens the window again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_gets_no_more_in_flight_than_the_window_its_hello_asks_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(cfg(dir.path())).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    for n in 0..1000u64 {
+        let keys: Vec<String> = (0..10).map(|i| format!("user:{n}:{i}:profile")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        p.publish(req("", 0, &keys)).await.unwrap();
+    }
+    // Batch bytes received for `long`, and the last seq they reach: shorter than the sender's
+    // retransmit timeout (2 s), after which it would send the unacknowledged window again.
+    async fn take(stream: &mut tonic::Streaming<pb::Downstream>, long: Duration) -> (usize, u64) {
+        let (mut bytes, mut last) = (0, 0);
+        let until = tokio::time::Instant::now() + long;
+        while let Ok(Ok(Some(m))) = tokio::time::timeout_at(until, stream.message()).await {
+            if let Some(pb::downstream::Msg::Batch(b)) = m.msg {
+                let batch = dci_proto::Batch::decode_checked(b.clone(), 1024)
+                    .unwrap()
+                    .batch;
+                bytes += b.len();
+                last = last.max(batch.last_seq);
+            }
+        }
+        (bytes, last)
+    }
+    let window = 2_000u64;
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "catch-up".into(),
+            resume: vec![pb::ResumePoint {
+                shard: 0,
+                epoch,
+                hwm: 0,
+            }],
+            window_bytes: window,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = raw
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (bytes, last) = take(&mut stream, Duration::from_millis(500)).await;
+    // At least one batch; past the window only by the last batch sent into it (each of these
+    // is one 10-entry publish, a few hundred bytes).
+    assert!(bytes > 0 && bytes < 2 * window as usize, "{bytes} bytes");
+    assert!(last > 0 && last < 10_000, "{last}");
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Ack(pb::Ack {
+            shard: 0,
+            epoch,
+            hwm: last,
+        })),
+    })
+    .await
+    .unwrap();
+    let (more, next) = take(&mut stream, Duration::from_millis(500)).await;
+    assert!(more > 0 && more < 2 * window as usize, "{more} bytes");
+    assert!(next > last, "{next} after {last}");
+    // Without one, the sender's own window (4 MiB) holds everything published.
+    let f = Follower::start(vec![c.url()], vec![(0, epoch, 0)]);
+    f.wait_for_seq(10_000).await;
+    drop(tx);
+    c.stop().await.unwrap();
+}

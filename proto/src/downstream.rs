@@ -223,7 +223,13 @@ async fn run_link<S: BatchSource>(
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
     tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");
     let stall = opts.sender.peer_timeout;
-    let mut sender = Sender::new(opts.sender.clone(), Instant::now());
+    let mut cfg = opts.sender.clone();
+    if hello.window_bytes > 0 {
+        cfg.window_bytes = cfg
+            .window_bytes
+            .min(usize::try_from(hello.window_bytes).unwrap_or(usize::MAX));
+    }
+    let mut sender = Sender::new(cfg, Instant::now());
     for c in sender.on_hello(&hello.resume, &source.views(), Instant::now()) {
         exec(source.as_ref(), c, tx, stall, counters).await?;
     }

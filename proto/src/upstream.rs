@@ -384,6 +384,7 @@ async fn session<A: Applier>(
         resume: receiver.resume_points(),
         role: opts.role.clone(),
         zstd_batches: opts.compression,
+        window_bytes: 0,
     };
     up.try_send(pb::Upstream {
         msg: Some(pb::upstream::Msg::Hello(hello)),

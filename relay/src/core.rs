@@ -191,6 +191,7 @@ impl RelayCore {
                 }],
                 role: "catch-up".into(),
                 zstd_batches: false,
+                window_bytes: budget.max(1) as u64,
             })),
         })
         .await
