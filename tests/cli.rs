@@ -792,6 +792,7 @@ fn the_bench_runs_end_to_end() {
         "latency at 2000/s",
         "p99",
         "memory per idle receiver",
+        "catch-up (a receiver",
     ] {
         assert!(out.contains(part), "missing {part:?} in:\n{out}");
     }

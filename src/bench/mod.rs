@@ -508,7 +508,52 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    // 3. Scale: many receivers on one relay.
+    // 3. Catch-up: a receiver that comes back far behind (it was stopped, say) resumes at its
+    // high-water mark, before everything published so far; its relay holds only the newest
+    // part in its ring and fetches the rest from the coordinator (its memory, then its log).
+    let caught = Arc::new(AtomicU64::new(0));
+    let flushed = Arc::new(AtomicBool::new(false));
+    let (stop_catch_up, halt) = tokio::sync::watch::channel(false);
+    let fetches_before = relays[0].core.catch_ups.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::spawn(upstream::follow(
+        FollowOptions {
+            urls: vec![relays[0].url()],
+            node_id: "bench-catch-up".into(),
+            resume: vec![(0, coordinator.epoch, base)],
+            ..FollowOptions::default()
+        },
+        Arc::new(Mutex::new(CatchUp {
+            last: caught.clone(),
+            flushed: flushed.clone(),
+        })),
+        Arc::new(Mutex::new(LinkState::default())),
+        halt,
+    ));
+    let (c, f) = (caught.clone(), flushed.clone());
+    wait_until(
+        "the catch-up receiver to apply the head",
+        Duration::from_secs(300),
+        || c.load(Ordering::Acquire) >= last_head || f.load(Ordering::Relaxed),
+    )
+    .await?;
+    let took = started.elapsed();
+    let _ = stop_catch_up.send(true);
+    if flushed.load(Ordering::Relaxed) {
+        anyhow::bail!("bench: the catch-up receiver was reset: the range was gone");
+    }
+    println!(
+        "catch-up (a receiver {} invalidations behind, resumed through a relay: {} fetches from the coordinator):",
+        last_head - base,
+        relays[0].core.catch_ups.load(Ordering::Relaxed) - fetches_before
+    );
+    println!(
+        "  applied all in {:.2}s ({:.0}/s)",
+        took.as_secs_f64(),
+        (last_head - base) as f64 / took.as_secs_f64()
+    );
+
+    // 4. Scale: many receivers on one relay.
     if a.receivers > 0 {
         scale(&a, &shape, &relays[0], &publisher).await?;
     }
@@ -536,6 +581,23 @@ impl Applier for Counter {
     fn quarantine(&mut self, _: ShardId, _: &dci_proto::pb::Invalidation, _: &str) {}
     fn flush(&mut self, _: ShardId, _: Epoch, hwm: Seq, _: &str) {
         self.0.store(hwm, Ordering::Release);
+    }
+}
+
+/// The catch-up receiver: how far it has applied, and whether it was reset instead.
+struct CatchUp {
+    last: Arc<AtomicU64>,
+    flushed: Arc<AtomicBool>,
+}
+
+impl Applier for CatchUp {
+    fn apply(&mut self, b: &Batch) {
+        self.last.store(b.last_seq, Ordering::Release);
+    }
+    fn quarantine(&mut self, _: ShardId, _: &dci_proto::pb::Invalidation, _: &str) {}
+    fn flush(&mut self, _: ShardId, _: Epoch, _: Seq, _: &str) {
+        // It resumes with a resume point: any flush means it was not caught up but reset.
+        self.flushed.store(true, Ordering::Relaxed);
     }
 }
 
