@@ -965,6 +965,95 @@ fn edges_caught_up(coordinators: &str, heads: &[u64]) -> Vec<String> {
     caught_up
 }
 
+/// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).
+fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
+    let o = dci(&["status", "--coordinator", coord, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    let n = v["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node_id"] == node_id)?;
+    let s = &n["shards"][0];
+    Some((
+        s["hwm"].as_u64()?,
+        s["lag_seqs"].as_u64()?,
+        s["caught_up_ms"].as_u64()?,
+    ))
+}
+
+/// An edge that stops (SIGSTOP: a frozen process, a stuck host) stays in `dci status` with
+/// what it has not applied and since when it has not been caught up, growing, rather than with
+/// its last report's numbers until its relay gives up on it; asked of the relay too. When it
+/// runs again, it catches up.
+#[test]
+fn a_stopped_edge_shows_its_lag_growing_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_relay, rp) = start(&[
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &coord,
+        "--region",
+        "eu",
+    ]);
+    let relay = format!("http://127.0.0.1:{rp}");
+    let edge = |id: &str| {
+        start(&[
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--relays",
+            &relay,
+            "--region",
+            "eu",
+            "--node-id",
+            id,
+        ])
+    };
+    let (_running, _) = edge("running");
+    let (stopped, _) = edge("stopped");
+    assert!(dci(&["publish", "--coordinator", &coord, "a"])
+        .status
+        .success());
+    eventually("both edges to apply seq 1", || {
+        ["running", "stopped"]
+            .iter()
+            .all(|id| progress(&coord, id).is_some_and(|(hwm, lag, _)| hwm == 1 && lag == 0))
+    });
+    let pid = stopped.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(dci(&["publish", "--coordinator", &coord, "b", "c"])
+        .status
+        .success());
+    // Its last report said it was caught up well under a second before; the relay keeps the
+    // link for 10 s of silence.
+    for node in [&coord, &relay] {
+        eventually("the stopped edge's lag and last catch-up to grow", || {
+            progress(node, "stopped")
+                .is_some_and(|(hwm, lag, caught_up)| hwm == 1 && lag == 2 && caught_up >= 2_500)
+        });
+    }
+    assert_eq!(
+        progress(&coord, "running").map(|(h, l, _)| (h, l)),
+        Some((3, 0))
+    );
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the edge to catch up once it runs again", || {
+        progress(&coord, "stopped").is_some_and(|(hwm, lag, _)| hwm == 3 && lag == 0)
+    });
+}
+
 /// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two
 /// regions), and one pod of every coordinator StatefulSet, relay Deployment and edge StatefulSet
 /// is started from its command line as rendered (see `start_pods`). A publish through both

@@ -29,7 +29,8 @@ pub struct Hub {
     disk: RwLock<(Seq, LogReader)>,
     heads: watch::Sender<u64>,
     failed: AtomicBool,
-    reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
+    /// What each link's receiver last reported of itself and its subtree, and when.
+    reports: Mutex<HashMap<u64, (std::time::Instant, Vec<pb::NodeStatus>)>>,
     /// (last seq, when it was logged, µs since the epoch) of the most recent groups, to tell how
     /// long a node whose report is behind the head has been missing what it lacks.
     logged_at: Mutex<VecDeque<(Seq, u64)>>,
@@ -127,7 +128,16 @@ impl Hub {
 
     /// Every node reported below this one.
     pub fn reported(&self) -> Vec<pb::NodeStatus> {
-        let mut v: Vec<_> = lock(&self.reports).values().flatten().cloned().collect();
+        let head = (self.epoch, lock(&self.tail).head());
+        let now = std::time::Instant::now();
+        let mut v: Vec<_> = lock(&self.reports)
+            .values()
+            .flat_map(|(at, nodes)| {
+                dci_proto::upstream::aged_reports(nodes, now.saturating_duration_since(*at), |s| {
+                    (s == self.shard).then_some(head)
+                })
+            })
+            .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
     }
@@ -235,7 +245,7 @@ impl BatchSource for Hub {
     }
 
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
-        lock(&self.reports).insert(link_id, nodes);
+        lock(&self.reports).insert(link_id, (std::time::Instant::now(), nodes));
     }
 
     fn forget(&self, link_id: u64) {

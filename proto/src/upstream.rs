@@ -74,6 +74,39 @@ pub fn bounded_subtree(
     (nodes, left_out)
 }
 
+/// Reports of the nodes below a sender as they stand `age` after they arrived, given the
+/// sender's `(epoch, head)` of each shard now: a node that went silent (stopped, stuck, cut off
+/// but not yet dropped) shows its last catch-up receding and what it lacks of the head growing,
+/// rather than the numbers of its last report. Each level of relays adds the age of what it
+/// holds, so a report from deep in the tree is aged by every hop. The lag in time is left as
+/// reported: how long a node has lacked a seq needs when the seq was logged, which the root
+/// knows (and uses), while the report's age alone would overstate it for every healthy node.
+pub fn aged_reports(
+    nodes: &[pb::NodeStatus],
+    age: Duration,
+    head_of: impl Fn(ShardId) -> Option<(Epoch, Seq)>,
+) -> Vec<pb::NodeStatus> {
+    let age_ms = age.as_millis().min(u64::MAX as u128) as u64;
+    nodes
+        .iter()
+        .map(|n| {
+            let mut n = n.clone();
+            n.connected_ms = n.connected_ms.saturating_add(age_ms);
+            for s in &mut n.shards {
+                if s.caught_up_ms != u64::MAX {
+                    s.caught_up_ms = s.caught_up_ms.saturating_add(age_ms);
+                }
+                if let Some((epoch, head)) = head_of(s.shard) {
+                    if epoch == s.epoch {
+                        s.lag_seqs = s.lag_seqs.max(head.saturating_sub(s.hwm));
+                    }
+                }
+            }
+            n
+        })
+        .collect()
+}
+
 /// How to follow.
 #[derive(Clone, Debug)]
 pub struct FollowOptions {
@@ -650,6 +683,53 @@ fn apply_guarded<A: Applier>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(hwm: Seq, lag_seqs: u64, lag_ms: u64, caught_up_ms: u64) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node_id: "edge".into(),
+            shards: vec![pb::ShardProgress {
+                shard: 0,
+                epoch: 7,
+                hwm,
+                lag_seqs,
+                lag_ms,
+                caught_up_ms,
+            }],
+            connected_ms: 1_000,
+            ..Default::default()
+        }
+    }
+
+    /// A report ages: its last catch-up recedes, what it lacks of the head now counts (not of
+    /// another epoch's head), a node that never caught up stays so, and its lag in time is left
+    /// as reported.
+    #[test]
+    fn reports_age_with_the_time_since_they_arrived() {
+        let age = Duration::from_millis(4_000);
+        let heads = |s: ShardId| (s == 0).then_some((7, 500));
+        let shard = |n: &pb::NodeStatus| n.shards[0];
+
+        let aged = aged_reports(&[report(500, 0, 0, 100)], age, heads);
+        let s = shard(&aged[0]);
+        assert_eq!((s.lag_seqs, s.lag_ms, s.caught_up_ms), (0, 0, 4_100));
+        assert_eq!(aged[0].connected_ms, 5_000);
+
+        let s = shard(&aged_reports(&[report(400, 0, 0, 100)], age, heads)[0]);
+        assert_eq!((s.lag_seqs, s.lag_ms, s.caught_up_ms), (100, 0, 4_100));
+
+        let s = shard(&aged_reports(&[report(300, 150, 2_000, 9_000)], age, heads)[0]);
+        assert_eq!((s.lag_seqs, s.lag_ms, s.caught_up_ms), (200, 2_000, 13_000));
+
+        let s = shard(&aged_reports(&[report(0, 0, 0, u64::MAX)], age, heads)[0]);
+        assert_eq!((s.lag_seqs, s.caught_up_ms), (500, u64::MAX));
+
+        let other_epoch = |_| Some((8, 900));
+        let s = shard(&aged_reports(&[report(500, 0, 0, 100)], age, other_epoch)[0]);
+        assert_eq!(s.lag_seqs, 0);
+
+        let s = shard(&aged_reports(&[report(500, 0, 0, 100)], Duration::ZERO, heads)[0]);
+        assert_eq!((s.lag_seqs, s.lag_ms, s.caught_up_ms), (0, 0, 100));
+    }
 
     /// Applied as far as the highest seq seen is not caught up until a heartbeat of the session
     /// has named the shard; then applied must reach the head it said.

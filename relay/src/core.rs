@@ -30,7 +30,8 @@ pub struct RelayCore {
     max_key_len: usize,
     rings: Mutex<HashMap<ShardId, RetransmitRing>>,
     heads: watch::Sender<u64>,
-    reports: Mutex<HashMap<u64, Vec<pb::NodeStatus>>>,
+    /// What each link's receiver last reported of itself and its subtree, and when.
+    reports: Mutex<HashMap<u64, (std::time::Instant, Vec<pb::NodeStatus>)>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// The upstream links, one per group: for status and for choosing where to catch up from.
     pub links: Vec<Arc<Mutex<LinkState>>>,
@@ -79,7 +80,19 @@ impl RelayCore {
 
     /// Every node reported below this relay.
     pub fn reported(&self) -> Vec<pb::NodeStatus> {
-        let mut v: Vec<_> = lock(&self.reports).values().flatten().cloned().collect();
+        let heads: HashMap<ShardId, (Epoch, Seq)> = lock(&self.rings)
+            .values()
+            .map(|r| (r.shard(), (r.epoch(), r.head())))
+            .collect();
+        let now = std::time::Instant::now();
+        let mut v: Vec<_> = lock(&self.reports)
+            .values()
+            .flat_map(|(at, nodes)| {
+                dci_proto::upstream::aged_reports(nodes, now.saturating_duration_since(*at), |s| {
+                    heads.get(&s).copied()
+                })
+            })
+            .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
     }
@@ -287,7 +300,7 @@ impl BatchSource for RelayCore {
     }
 
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
-        lock(&self.reports).insert(link_id, nodes);
+        lock(&self.reports).insert(link_id, (std::time::Instant::now(), nodes));
     }
 
     fn forget(&self, link_id: u64) {
