@@ -114,6 +114,15 @@ struct CoordinatorArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
+    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -162,6 +171,15 @@ struct RelayArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
+    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -226,6 +244,15 @@ struct EdgeArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
+    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -251,6 +278,9 @@ struct PublishArgs {
     /// repeats, never as a second one.
     #[arg(long, value_parser = duration, default_value = "10s")]
     retry_for: Duration,
+    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
@@ -261,6 +291,9 @@ struct GetArgs {
     /// Edge URL.
     #[arg(long, default_value = "http://127.0.0.1:7600")]
     edge: String,
+    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// The key.
     key: String,
 }
@@ -270,6 +303,9 @@ struct SetArgs {
     /// Edge URL.
     #[arg(long, default_value = "http://127.0.0.1:7600")]
     edge: String,
+    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// Lease from a miss.
     #[arg(long)]
     lease: Option<u64>,
@@ -288,6 +324,9 @@ struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 fn load<T: DeserializeOwned + Default>(path: &Option<PathBuf>) -> anyhow::Result<T> {
@@ -380,6 +419,9 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
+    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
+    cfg.tls.key = a.tls_key.or(cfg.tls.key);
+    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
     let c = dci_coordinator::Coordinator::start(cfg).await?;
     tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
     until_terminated(c.stop()).await
@@ -402,6 +444,9 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
+    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
+    cfg.tls.key = a.tls_key.or(cfg.tls.key);
+    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
     until_terminated(r.stop()).await
@@ -423,6 +468,9 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
+    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
+    cfg.tls.key = a.tls_key.or(cfg.tls.key);
+    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
     until_terminated(e.stop()).await
@@ -447,15 +495,45 @@ fn status_line(s: &tonic::Status, serves: &str) -> String {
         {
             s.message().to_string()
         }
-        code => format!("{code}: {}", s.message()),
+        // A transport failure says what failed only in its causes.
+        code => {
+            let mut line = format!("{code}: {}", s.message());
+            let mut cause = std::error::Error::source(s);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !line.contains(&text) {
+                    line = format!("{line}: {text}");
+                }
+                cause = c.source();
+            }
+            // What a plaintext client makes of a TLS server: its first bytes read as a bad
+            // frame, or the connection closed on it.
+            if line.contains("frame with invalid size") || line.contains("connection closed") {
+                line.push_str(" (if the node serves TLS, its URL is https://)");
+            }
+            line
+        }
     }
 }
 
 /// How long a command waits for one answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+/// How a command speaks TLS to `https://` URLs (`--tls-ca`).
+fn client_tls(ca: &Option<PathBuf>) -> anyhow::Result<dci_proto::tls::ClientTls> {
+    let tls = dci_proto::tls::TlsConfig {
+        ca: ca.clone(),
+        ..Default::default()
+    };
+    Ok(tls.client()?)
+}
+
+async fn connect(
+    url: &str,
+    tls: &dci_proto::tls::ClientTls,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let ep = tls
+        .endpoint(url)
         .map_err(|e| anyhow!("bad url {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(REQUEST_TIMEOUT);
@@ -465,6 +543,7 @@ async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
+    let tls = client_tls(&a.tls_ca)?;
     if a.keys == ["-"] {
         let mut keys = String::new();
         std::io::stdin()
@@ -529,7 +608,7 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
                     })
                     .collect(),
             };
-            let r = match publish_one(url, &mut client, req, a.retry_for).await {
+            let r = match publish_one(url, &tls, &mut client, req, a.retry_for).await {
                 Ok(r) => r,
                 Err(e) => {
                     failed = Some(e);
@@ -561,6 +640,7 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
 /// for up to `retry_for`; a refusal is final at once.
 async fn publish_one(
     url: &str,
+    tls: &dci_proto::tls::ClientTls,
     client: &mut Option<pb::publisher_client::PublisherClient<tonic::transport::Channel>>,
     req: pb::PublishRequest,
     retry_for: Duration,
@@ -581,7 +661,7 @@ async fn publish_one(
                     line
                 }
             },
-            None => match connect(url).await {
+            None => match connect(url, tls).await {
                 Ok(ch) => {
                     *client = Some(pb::publisher_client::PublisherClient::new(ch));
                     continue;
@@ -609,8 +689,9 @@ fn resendable(code: tonic::Code) -> bool {
 
 async fn get(a: GetArgs) -> anyhow::Result<bool> {
     // The edge bounds the values it stores; none is refused here for its size.
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?)
-        .max_decoding_message_size(usize::MAX);
+    let mut client =
+        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?)
+            .max_decoding_message_size(usize::MAX);
     let r = client
         .get(pb::GetRequest {
             key: Bytes::from(a.key),
@@ -631,7 +712,8 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
 }
 
 async fn delete(a: GetArgs) -> anyhow::Result<bool> {
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    let mut client =
+        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?);
     let r = client
         .delete(pb::DeleteRequest {
             key: Bytes::from(a.key),
@@ -657,7 +739,8 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
     } else {
         Bytes::from(a.value)
     };
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge).await?);
+    let mut client =
+        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?);
     client
         .set(pb::SetRequest {
             key: Bytes::from(a.key),
@@ -671,8 +754,11 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn node_tree(url: &str) -> anyhow::Result<Vec<pb::NodeStatus>> {
-    let mut client = pb::admin_client::AdminClient::new(connect(url).await?);
+async fn node_tree(
+    url: &str,
+    tls: &dci_proto::tls::ClientTls,
+) -> anyhow::Result<Vec<pb::NodeStatus>> {
+    let mut client = pb::admin_client::AdminClient::new(connect(url, tls).await?);
     let r = client
         .status(pb::StatusRequest {})
         .await
@@ -703,10 +789,11 @@ fn merge_tree(nodes: &mut Vec<pb::NodeStatus>, more: Vec<pb::NodeStatus>) {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let tls = client_tls(&a.tls_ca)?;
     let mut nodes = Vec::new();
     let mut failed = None;
     for url in &a.coordinator {
-        match node_tree(url).await {
+        match node_tree(url, &tls).await {
             Ok(more) => merge_tree(&mut nodes, more),
             Err(e) => {
                 failed.get_or_insert(e);

@@ -965,6 +965,147 @@ fn edges_caught_up(coordinators: &str, heads: &[u64]) -> Vec<String> {
     caught_up
 }
 
+/// Test certificates (`tests/tls`): a CA, a node certificate it signed for 127.0.0.1 and
+/// localhost, and another CA that signed nothing here.
+fn tls_file(name: &str) -> String {
+    format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A whole tree over TLS: every node serves TLS with its certificate and follows its sender at
+/// an `https://` URL trusting the CA; the CLI publishes, reads status and fills and reads an
+/// edge the same way. A client that does not trust the node's CA, or speaks plaintext to it, is
+/// refused with one line; a certificate without its key is refused at start.
+#[test]
+fn a_tree_over_tls() {
+    let (ca, cert, key) = (
+        tls_file("ca.pem"),
+        tls_file("node.pem"),
+        tls_file("node.key"),
+    );
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir"];
+    args.push(dir.path().to_str().unwrap());
+    args.extend(&tls[..4]);
+    let (_c, cp) = start(&args);
+    let coord = format!("https://127.0.0.1:{cp}");
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--upstream", &coord]);
+    args.extend(tls);
+    let (_r, rp) = start(&args);
+    let relay = format!("https://127.0.0.1:{rp}");
+    let mut args = vec!["edge", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--relays", &relay]);
+    args.extend(tls);
+    let (_e, ep) = start(&args);
+    let edge = format!("https://127.0.0.1:{ep}");
+
+    let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let lease = stderr(&o)
+        .split("lease ")
+        .nth(1)
+        .and_then(|l| l.trim().trim_end_matches(')').parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no lease in {}", stderr(&o)));
+    let o = dci(&[
+        "set",
+        "--edge",
+        &edge,
+        "--tls-ca",
+        &ca,
+        "--lease",
+        &lease.to_string(),
+        "user:1",
+        "v1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--tls-ca",
+        &ca,
+        "user:1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "user:1 1\n");
+    eventually("the edge to apply seq 1 (dci status over TLS)", || {
+        let o = dci(&["status", "--coordinator", &coord, "--tls-ca", &ca, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(1))
+    });
+    let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
+    assert_eq!(o.status.code(), Some(1), "invalidated: {}", stdout(&o));
+
+    // Not trusted, plaintext, unreadable: one line each, exit 2.
+    let other = tls_file("other-ca.pem");
+    for (args, says) in [
+        (
+            vec![
+                "publish",
+                "--coordinator",
+                &coord,
+                "--tls-ca",
+                &other,
+                "--retry-for",
+                "0s",
+                "k",
+            ],
+            "invalid peer certificate",
+        ),
+        (
+            vec![
+                "publish",
+                "--coordinator",
+                &coord.replace("https", "http"),
+                "--retry-for",
+                "0s",
+                "k",
+            ],
+            "if the node serves TLS, its URL is https://",
+        ),
+        (
+            vec![
+                "get",
+                "--edge",
+                &edge,
+                "--tls-ca",
+                "/nonexistent/ca.pem",
+                "k",
+            ],
+            "cannot read tls.ca /nonexistent/ca.pem",
+        ),
+        (
+            vec!["get", "--edge", &edge, "--tls-ca", &key, "k"],
+            "holds no PEM certificate",
+        ),
+    ] {
+        let o = dci(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    let o = dci(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &relay,
+        "--tls-cert",
+        &cert,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("tls.cert needs tls.key"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).
 fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
     let o = dci(&["status", "--coordinator", coord, "--json"]);
@@ -1253,6 +1394,7 @@ fn every_config_key_is_also_a_flag() {
         for key in keys {
             let flags = match key.as_str() {
                 "otlp" => vec!["--otlp-endpoint".to_string(), "--otlp-interval".into()],
+                "tls" => vec!["--tls-cert".into(), "--tls-key".into(), "--tls-ca".into()],
                 "upstream_groups" => vec!["--upstream-group".into()],
                 k => vec![format!("--{}", k.replace('_', "-"))],
             };

@@ -1327,3 +1327,143 @@ async fn a_shard_brought_by_two_groups_is_taken_from_one() {
     mid.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+/// The SDK over TLS: a coordinator, a relay and an edge serving TLS with the test CA's node
+/// certificate and following each other at `https://` URLs; a `Publisher`, a `CacheClient` and a
+/// `NearCache` that trust that CA publish, fill, read and follow through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_publishes_reads_and_follows_over_tls() {
+    use dci_proto::tls::TlsConfig;
+    use dci_sdk::{ClientTls, NearCache, NearCacheOptions, PublisherOptions};
+    let file = |name: &str| format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR")).into();
+    let tls = TlsConfig {
+        cert: Some(file("node.pem")),
+        key: Some(file("node.key")),
+        ca: Some(file("ca.pem")),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        tls: tls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(c.url().starts_with("https://"), "{}", c.url());
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        region: "r".into(),
+        tls: tls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = EdgeNode::start(EdgeConfig {
+        listen: any_port(),
+        relays: vec![r.url()],
+        region: "r".into(),
+        tls: tls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client_tls = ClientTls::with_ca_pem(std::fs::read(file("ca.pem")).unwrap()).unwrap();
+    let p = Publisher::with_options(
+        vec![c.url()],
+        PublisherOptions {
+            tls: client_tls.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        tls: client_tls.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let cache = CacheClient::with_tls(
+        vec![(e.url(), e.url())],
+        Duration::from_secs(5),
+        &client_tls,
+    )
+    .unwrap();
+    let warm = p.invalidate("warm").await.unwrap();
+    let (link, n) = (e.link.clone(), near.clone());
+    eventually(
+        "the edge and the near cache to follow over TLS",
+        move || {
+            let edge_at = lock(&link)
+                .progress
+                .iter()
+                .any(|&(_, _, hwm, _)| hwm >= warm);
+            edge_at && n.applied().iter().any(|&(_, _, s)| s >= warm)
+        },
+    )
+    .await;
+    let v = cache
+        .get_or_load("user:1", || async {
+            Ok::<_, std::io::Error>(Bytes::from("v1"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("v1"));
+    assert_eq!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Hit(Bytes::from("v1"))
+    );
+    let seq = p.invalidate("user:1").await.unwrap();
+    let link = e.link.clone();
+    eventually("the invalidation to reach the edge", move || {
+        lock(&link)
+            .progress
+            .iter()
+            .any(|&(_, _, hwm, _)| hwm >= seq)
+    })
+    .await;
+    assert!(matches!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+    // Without the CA, the publisher cannot verify the coordinator: it gives up, it never
+    // sends in the clear.
+    let untrusting = Publisher::with_options(
+        vec![c.url()],
+        PublisherOptions {
+            retry_for: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(untrusting.invalidate("user:2").await.is_err());
+    near.stop();
+    e.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// A publisher whose coordinator cannot be reached at all (nothing listens there) answers each
+/// call with an error once it has retried for `retry_for`, rather than leaving it waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_never_reaches_its_coordinator_gives_up_after_retry_for() {
+    use dci_sdk::PublisherOptions;
+    let p = Publisher::with_options(
+        vec![format!("http://{}", nowhere())],
+        PublisherOptions {
+            retry_for: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for key in ["a", "b"] {
+        let r = tokio::time::timeout(Duration::from_secs(30), p.invalidate(key))
+            .await
+            .expect("the call was left waiting");
+        assert!(matches!(r, Err(dci_sdk::Error::Unavailable(_))), "{r:?}");
+    }
+}

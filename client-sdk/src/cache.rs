@@ -9,9 +9,9 @@ use bytes::Bytes;
 use dci_proto::pb;
 use dci_proto::pb::cache_client::CacheClient as RawClient;
 use dci_proto::ring::NodeRing;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::Error;
+use crate::{ClientTls, Error};
 
 /// The answer to a get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,12 +64,35 @@ impl CacheClient {
         edges: Vec<(String, String)>,
         timeout: Duration,
     ) -> Result<CacheClient, Error> {
+        Self::with_tls(edges, timeout, &ClientTls::default())
+    }
+
+    /// Like [`CacheClient::with_timeout`], speaking TLS to `https://` edges as `tls` says (the
+    /// CA to trust; by default the system's roots).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let tls = dci_sdk::ClientTls::with_ca_pem(std::fs::read("ca.pem").unwrap()).unwrap();
+    /// let c = dci_sdk::CacheClient::with_tls(
+    ///     vec![("edge-0".into(), "https://edge-0.example:7600".into())],
+    ///     std::time::Duration::from_secs(5),
+    ///     &tls,
+    /// );
+    /// # let _ = c;
+    /// # }
+    /// ```
+    pub fn with_tls(
+        edges: Vec<(String, String)>,
+        timeout: Duration,
+        tls: &ClientTls,
+    ) -> Result<CacheClient, Error> {
         if edges.is_empty() {
             return Err(Error::Url(String::new(), "no edge URL".into()));
         }
         let mut map = HashMap::new();
         for (id, url) in &edges {
-            let ch = Endpoint::from_shared(url.clone())
+            let ch = tls
+                .endpoint(url)
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
                 .tcp_nodelay(true)
                 .connect_timeout(timeout.min(Duration::from_secs(1)))

@@ -25,6 +25,7 @@ mod near;
 mod publisher;
 
 pub use cache::{CacheClient, Lookup};
+pub use dci_proto::tls::ClientTls;
 pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Publisher, PublisherOptions};
 

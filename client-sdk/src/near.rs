@@ -13,7 +13,7 @@ use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
 use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
 use tokio::sync::watch;
 
-use crate::{Error, Lookup};
+use crate::{ClientTls, Error, Lookup};
 
 /// Options of a near cache.
 #[derive(Clone, Debug)]
@@ -67,6 +67,8 @@ pub struct NearCacheOptions {
     /// # let _ = o;
     /// ```
     pub shard_count: u32,
+    /// How to speak TLS to `https://` relays: the CA to trust (default: the system's roots).
+    pub tls: ClientTls,
 }
 
 impl Default for NearCacheOptions {
@@ -79,6 +81,7 @@ impl Default for NearCacheOptions {
             max_staleness: Duration::from_secs(5),
             prefixes: Vec::new(),
             shard_count: 1,
+            tls: ClientTls::default(),
         }
     }
 }
@@ -213,6 +216,7 @@ impl NearCache {
             region: opts.region.clone(),
             role: "near-cache".into(),
             filter: follows.clone(),
+            tls: opts.tls.clone(),
             ..FollowOptions::default()
         };
         let applier = Arc::new(Mutex::new(NearApplier(state.clone())));

@@ -12,9 +12,9 @@ use dci_proto::ring::ShardMap;
 use dci_proto::{Invalidation, Kind, Seq};
 use futures::stream::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::Error;
+use crate::{ClientTls, Error};
 
 /// Publisher tunables.
 #[derive(Clone, Debug)]
@@ -59,6 +59,14 @@ pub struct PublisherOptions {
     /// # let _ = o;
     /// ```
     pub timeout: Duration,
+    /// How to speak TLS to `https://` coordinators: the CA to trust (default: the system's roots).
+    ///
+    /// ```no_run
+    /// let ca = std::fs::read("ca.pem").unwrap();
+    /// let o = dci_sdk::PublisherOptions { tls: dci_sdk::ClientTls::with_ca_pem(ca).unwrap(), ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub tls: ClientTls,
 }
 
 impl Default for PublisherOptions {
@@ -69,6 +77,7 @@ impl Default for PublisherOptions {
             max_in_flight: 32,
             retry_for: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
+            tls: ClientTls::default(),
         }
     }
 }
@@ -111,7 +120,9 @@ impl Publisher {
         };
         let request_no = Arc::new(AtomicU64::new(1));
         for url in &urls {
-            let ch = Endpoint::from_shared(url.clone())
+            let ch = opts
+                .tls
+                .endpoint(url)
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(2 << 20))
@@ -396,6 +407,12 @@ async fn run_shard(
                     };
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Unavailable(why.clone())));
+                    }
+                    // So are the callers still queued: with no stream to be had (nothing
+                    // listening, a certificate not trusted), none of them was ever taken into a
+                    // request, and they would wait for ever.
+                    while let Ok(p) = rx.try_recv() {
+                        answer(vec![p], Err(Error::Unavailable(why.clone())));
                     }
                     failing_since = None;
                     continue;

@@ -48,6 +48,8 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Pushing the same metrics to an OpenTelemetry collector.
     pub otlp: dci_proto::otlp::OtlpConfig,
+    /// TLS: served with `cert` and `key`; `ca` trusted for `https://` senders.
+    pub tls: dci_proto::tls::TlsConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -71,6 +73,7 @@ impl Default for CoordinatorConfig {
             window_bytes: 4 << 20,
             metrics_listen: None,
             otlp: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -113,6 +116,9 @@ impl CoordinatorConfig {
             dci_proto::types::check_duration(what, d).map_err(ConfigError::Invalid)?;
         }
         self.otlp.check().map_err(ConfigError::Invalid)?;
+        self.tls
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.node_id.is_empty() {
             self.node_id = format!("coordinator-{}", self.shard);
         }

@@ -51,6 +51,9 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// A TLS setting cannot be used (a file missing or not PEM).
+    #[error(transparent)]
+    Tls(#[from] dci_proto::tls::TlsError),
 }
 
 /// A running coordinator.
@@ -63,6 +66,8 @@ pub struct Coordinator {
     pub propagation: Arc<LatencyHistogram>,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// "https" when it serves TLS, else "http".
+    scheme: &'static str,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
@@ -71,6 +76,7 @@ impl Coordinator {
     /// Bind `cfg.listen` and run in the background.
     pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
         let cfg = cfg.validate()?;
+        let scheme = cfg.tls.scheme();
         let (listener, addr) =
             dci_proto::bind(cfg.listen)
                 .await
@@ -109,14 +115,15 @@ impl Coordinator {
             epoch,
             propagation,
             metrics_addr,
+            scheme,
             shutdown,
             task,
         })
     }
 
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` over TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stop: refuse new work, end streams, close the log cleanly.
@@ -270,10 +277,11 @@ pub async fn run(
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),
     };
+    let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
     if let Some(r) = ready {
         let _ = r.send((epoch, hub.propagation.clone(), metrics_addr));
     }
-    let result = dci_proto::grpc_server()
+    let result = server
         .add_service(health)
         .add_service(dci_proto::reflection())
         .add_service(

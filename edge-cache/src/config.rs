@@ -50,6 +50,8 @@ pub struct EdgeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Pushing the same metrics to an OpenTelemetry collector.
     pub otlp: dci_proto::otlp::OtlpConfig,
+    /// TLS: served with `cert` and `key`; `ca` trusted for `https://` senders.
+    pub tls: dci_proto::tls::TlsConfig,
 }
 
 impl Default for EdgeConfig {
@@ -73,6 +75,7 @@ impl Default for EdgeConfig {
             compression: false,
             metrics_listen: None,
             otlp: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -129,6 +132,9 @@ impl EdgeConfig {
             dci_proto::types::check_duration(what, d).map_err(ConfigError)?;
         }
         self.otlp.check().map_err(ConfigError)?;
+        self.tls
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
         Ok(self)
     }
 }

@@ -43,6 +43,9 @@ pub enum EdgeError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// A TLS setting cannot be used (a file missing or not PEM).
+    #[error(transparent)]
+    Tls(#[from] dci_proto::tls::TlsError),
 }
 
 /// A quarantined entry, kept for inspection.
@@ -346,6 +349,8 @@ pub struct EdgeNode {
     pub metrics_addr: Option<SocketAddr>,
     /// Publish (the writer's call) to applied at this edge, per entry (also on `/metrics`).
     pub propagation: Arc<dci_proto::metrics::LatencyHistogram>,
+    /// "https" when it serves TLS, else "http".
+    scheme: &'static str,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), EdgeError>>,
 }
@@ -421,6 +426,7 @@ impl EdgeNode {
             peer_timeout: cfg.peer_timeout,
             compression: cfg.compression,
             max_key_len: cfg.max_key_len,
+            tls: cfg.tls.client()?,
             ..FollowOptions::default()
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
@@ -534,9 +540,10 @@ impl EdgeNode {
             .max_value_len
             .saturating_add(cfg.max_key_len)
             .saturating_add(64 << 10);
+        let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {
-            dci_proto::grpc_server()
+            server
                 .add_service(health)
                 .add_service(dci_proto::reflection())
                 .add_service(
@@ -561,14 +568,15 @@ impl EdgeNode {
             stale_misses,
             metrics_addr,
             propagation,
+            scheme: cfg.tls.scheme(),
             shutdown,
             task,
         })
     }
 
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` over TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Applied (epoch, seq) of a shard.

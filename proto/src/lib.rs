@@ -20,6 +20,7 @@ pub mod link;
 pub mod metrics;
 pub mod otlp;
 pub mod ring;
+pub mod tls;
 pub mod types;
 pub mod upstream;
 

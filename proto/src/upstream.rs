@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::link::{Receiver, ReceiverConfig, RxCommand};
 use crate::pb;
@@ -138,6 +137,8 @@ pub struct FollowOptions {
     pub resume: Vec<(ShardId, Epoch, Seq)>,
     /// Ask for zstd-compressed batches (compressed once per batch by the sender, shared).
     pub compression: bool,
+    /// How to speak TLS to `https://` senders.
+    pub tls: crate::tls::ClientTls,
 }
 
 impl Default for FollowOptions {
@@ -157,6 +158,7 @@ impl Default for FollowOptions {
             max_key_len: crate::types::DEFAULT_MAX_KEY_LEN,
             resume: Vec::new(),
             compression: false,
+            tls: Default::default(),
         }
     }
 }
@@ -397,8 +399,10 @@ async fn session<A: Applier>(
     applier: &Arc<Mutex<A>>,
     state: &Arc<Mutex<LinkState>>,
 ) -> Result<(), String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad sender url {url:?}: {e}"))?
+    let endpoint = opts
+        .tls
+        .endpoint(url)
+        .map_err(|e| e.to_string())?
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(2 << 20))

@@ -36,6 +36,8 @@ pub struct RelayConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Pushing the same metrics to an OpenTelemetry collector.
     pub otlp: dci_proto::otlp::OtlpConfig,
+    /// TLS: served with `cert` and `key`; `ca` trusted for `https://` senders.
+    pub tls: dci_proto::tls::TlsConfig,
 }
 
 impl Default for RelayConfig {
@@ -53,6 +55,7 @@ impl Default for RelayConfig {
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
             metrics_listen: None,
             otlp: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -111,6 +114,9 @@ impl RelayConfig {
         dci_proto::types::check_max_key_len(self.max_key_len).map_err(ConfigError)?;
         dci_proto::types::check_duration("peer_timeout", self.peer_timeout).map_err(ConfigError)?;
         self.otlp.check().map_err(ConfigError)?;
+        self.tls
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
         Ok(self)
     }
 }

@@ -16,7 +16,7 @@ use dci_proto::upstream::{lock, Applier, LinkState};
 use dci_proto::{Batch, Epoch, Seq, ShardId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Shared by the upstream followers and every downstream link.
 pub struct RelayCore {
@@ -33,6 +33,8 @@ pub struct RelayCore {
     /// What each link's receiver last reported of itself and its subtree, and when.
     reports: Mutex<HashMap<u64, (std::time::Instant, Vec<pb::NodeStatus>)>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// How catch-up fetches speak TLS to `https://` senders.
+    tls: dci_proto::tls::ClientTls,
     /// The upstream links, one per group: for status and for choosing where to catch up from.
     pub links: Vec<Arc<Mutex<LinkState>>>,
     /// Entries quarantined.
@@ -52,8 +54,10 @@ impl RelayCore {
         groups: Vec<Vec<String>>,
         ring_bytes: usize,
         max_key_len: usize,
+        tls: dci_proto::tls::ClientTls,
     ) -> Self {
         RelayCore {
+            tls,
             node_id,
             links: groups
                 .iter()
@@ -138,7 +142,9 @@ impl RelayCore {
         if let Some(c) = chans.get(url) {
             return Some(c.clone());
         }
-        let c = Endpoint::from_shared(url.to_string())
+        let c = self
+            .tls
+            .endpoint(url)
             .ok()?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)

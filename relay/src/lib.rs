@@ -40,6 +40,9 @@ pub enum RelayError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// A TLS setting cannot be used (a file missing or not PEM).
+    #[error(transparent)]
+    Tls(#[from] dci_proto::tls::TlsError),
 }
 
 #[derive(Clone)]
@@ -75,6 +78,8 @@ pub struct Relay {
     pub counters: Arc<ServeCounters>,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// "https" when it serves TLS, else "http".
+    scheme: &'static str,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
@@ -100,6 +105,7 @@ impl Relay {
             cfg.groups(),
             cfg.ring_bytes,
             cfg.max_key_len,
+            cfg.tls.client()?,
         ));
         let counters = Arc::new(ServeCounters::default());
         let (shutdown, rx) = watch::channel(false);
@@ -114,6 +120,7 @@ impl Relay {
                 peer_timeout: cfg.peer_timeout,
                 compression: cfg.compression,
                 max_key_len: cfg.max_key_len,
+                tls: cfg.tls.client()?,
                 ..FollowOptions::default()
             };
             let applier = core::RelayApplier::new(core.clone(), group);
@@ -196,9 +203,10 @@ impl Relay {
         health_reporter
             .set_serving::<pb::subscribe_server::SubscribeServer<SubscribeService<RelayCore>>>()
             .await;
+        let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {
-            dci_proto::grpc_server()
+            server
                 .add_service(health)
                 .add_service(dci_proto::reflection())
                 .add_service(
@@ -218,14 +226,15 @@ impl Relay {
             core,
             counters,
             metrics_addr,
+            scheme: cfg.tls.scheme(),
             shutdown,
             task,
         })
     }
 
-    /// `http://addr`, for receivers.
+    /// `http://addr` (`https://` over TLS), for receivers.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stop: end every stream and the upstream link.
