@@ -243,7 +243,8 @@ pub async fn push(
     render: crate::metrics::Render,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+    // An https:// collector is verified against the system's roots.
+    let channel = match crate::tls::ClientTls::default().endpoint(&endpoint) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(2))
             .timeout(interval.max(Duration::from_secs(1)))
