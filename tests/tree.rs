@@ -1467,3 +1467,40 @@ async fn a_publisher_that_never_reaches_its_coordinator_gives_up_after_retry_for
         assert!(matches!(r, Err(dci_sdk::Error::Unavailable(_))), "{r:?}");
     }
 }
+
+/// A URL of the wrong kind of node (a relay given as a coordinator, a coordinator given as an
+/// edge) is refused with an error that says so, for every call, not retried as if it were down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_pointed_at_the_wrong_kind_of_node_says_so() {
+    use dci_sdk::PublisherOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let p = Publisher::with_options(
+        vec![r.url()],
+        PublisherOptions {
+            retry_for: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for key in ["a", "b"] {
+        let got = tokio::time::timeout(Duration::from_secs(30), p.invalidate(key))
+            .await
+            .expect("the call was left waiting");
+        match got {
+            Err(dci_sdk::Error::Refused(why)) => {
+                assert!(why.contains("right kind of node"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let cache = CacheClient::from_urls(vec![c.url()]).unwrap();
+    match cache.get("k").await {
+        Err(dci_sdk::Error::Refused(why)) => assert!(why.contains("right kind of node"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

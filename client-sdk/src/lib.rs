@@ -55,6 +55,12 @@ impl From<tonic::Status> for Error {
         match s.code() {
             InvalidArgument | FailedPrecondition | AlreadyExists | OutOfRange
             | PermissionDenied | Unauthenticated => Error::Refused(s.message().to_string()),
+            // Another kind of node at that URL (a relay given as a coordinator, say): asking
+            // again will not change what it is.
+            Unimplemented => Error::Refused(format!(
+                "that node does not answer this call ({}): is the URL the right kind of node?",
+                s.message()
+            )),
             _ => Error::Unavailable(format!("{}: {}", s.code(), s.message())),
         }
     }

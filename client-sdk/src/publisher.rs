@@ -396,7 +396,14 @@ async fn run_shard(
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Refused(msg.clone())));
                     }
+                    while let Ok(p) = rx.try_recv() {
+                        answer(vec![p], Err(Error::Refused(msg.clone())));
+                    }
                     failing_since = None;
+                    // Not at once again: the next callers are told after a pause, so a node
+                    // that refuses the stream is not asked in a tight loop.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
