@@ -1504,3 +1504,31 @@ async fn the_sdk_pointed_at_the_wrong_kind_of_node_says_so() {
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+/// A `get_or_load` dropped while it loads (a caller's timeout around it) leaves nothing behind:
+/// no key stays counted as loading, and the next caller loads and fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_or_load_dropped_midway_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    for key in ["user:1", "user:2", "user:1"] {
+        let never = || futures::future::pending::<Result<Bytes, std::io::Error>>();
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(200), cache.get_or_load(key, never)).await;
+        assert!(dropped.is_err(), "the loader never finishes");
+        assert_eq!(cache.loads_in_progress(), 0, "{key} left behind");
+    }
+    let v = cache
+        .get_or_load("user:1", || async {
+            Ok::<_, std::io::Error>(Bytes::from("v1"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Bytes::from("v1"));
+    assert_eq!(cache.loads_in_progress(), 0);
+    assert_eq!(cache.get("user:1").await.unwrap(), Lookup::Hit(v));
+}

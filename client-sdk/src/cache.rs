@@ -25,6 +25,47 @@ pub enum Lookup {
     },
 }
 
+/// Keys being loaded, each with the gate its loaders take in turn.
+type Loading = Mutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>;
+
+/// A caller's place among the loaders of a key. The key's gate leaves the map with its last
+/// holder when that one is done, however it ends: finished, failed, or dropped midway (a
+/// caller's timeout), which would otherwise leave the key in the map for good.
+struct Turn<'a> {
+    loading: &'a Loading,
+    key: Bytes,
+    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> Turn<'a> {
+    fn take(loading: &'a Loading, key: Bytes) -> Self {
+        let gate = {
+            let mut l = loading.lock().unwrap_or_else(|e| e.into_inner());
+            l.entry(key.clone()).or_default().clone()
+        };
+        Turn {
+            loading,
+            key,
+            gate: Some(gate),
+        }
+    }
+
+    fn gate(&self) -> &tokio::sync::Mutex<()> {
+        self.gate.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and this one: nobody else waits on the key.
+        if l.get(&self.key).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            l.remove(&self.key);
+        }
+        self.gate = None;
+    }
+}
+
 /// Talks to the edges of one region; clone it freely.
 #[derive(Clone)]
 pub struct CacheClient {
@@ -32,7 +73,7 @@ pub struct CacheClient {
     /// Owners per key: the edges' `replication`.
     replication: usize,
     edges: Arc<HashMap<String, RawClient<Channel>>>,
-    loading: Arc<Mutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>>,
+    loading: Arc<Loading>,
 }
 
 impl CacheClient {
@@ -151,6 +192,12 @@ impl CacheClient {
         Err(Error::Unavailable(why))
     }
 
+    /// Keys whose [`CacheClient::get_or_load`] is loading now (or waiting for another caller's
+    /// load of the same key): for a service's own metrics.
+    pub fn loads_in_progress(&self) -> usize {
+        self.loading.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Look a key up.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Lookup, Error> {
         Ok(self.get_at(key.into()).await?.1)
@@ -260,12 +307,9 @@ impl CacheClient {
             }
             Err(e) => return Err(e),
         }
-        let gate = {
-            let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-            l.entry(key.clone()).or_default().clone()
-        };
-        let result = async {
-            let _turn = gate.lock().await;
+        let turn = Turn::take(&self.loading, key.clone());
+        async {
+            let _turn = turn.gate().lock().await;
             // The fill goes where the miss came from: a lease is good on its own edge only.
             let lease = match self.get_at(key.clone()).await {
                 Ok((_, Lookup::Hit(v))) => return Ok(v),
@@ -294,11 +338,6 @@ impl CacheClient {
             }
             Ok(value)
         }
-        .await;
-        let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-        if l.get(&key).is_some_and(|g| Arc::strong_count(g) <= 2) {
-            l.remove(&key);
-        }
-        result
+        .await
     }
 }
