@@ -477,7 +477,7 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
 }
 
 /// A refused call on one line; `serves` says what kind of node should have answered it.
-fn status_line(s: &tonic::Status, serves: &str) -> String {
+fn status_line(s: &tonic::Status, serves: &str, url: &str) -> String {
     match s.code() {
         // The client's own deadline comes back as "cancelled: Timeout expired".
         tonic::Code::Cancelled if s.message() == "Timeout expired" => {
@@ -507,8 +507,8 @@ fn status_line(s: &tonic::Status, serves: &str) -> String {
                 cause = c.source();
             }
             // What a plaintext client makes of a TLS server: its first bytes read as a bad
-            // frame, or the connection closed on it.
-            if line.contains("frame with invalid size") || line.contains("connection closed") {
+            // frame, the connection closed or broken.
+            if url.starts_with("http://") && line.contains("transport error") {
                 line.push_str(" (if the node serves TLS, its URL is https://)");
             }
             line
@@ -537,9 +537,14 @@ async fn connect(
         .map_err(|e| anyhow!("bad url {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(REQUEST_TIMEOUT);
-    ep.connect()
-        .await
-        .map_err(|e| anyhow!("cannot connect to {url}: {}", dci_proto::with_causes(&e)))
+    ep.connect().await.map_err(|e| {
+        let mut why = dci_proto::with_causes(&e);
+        // What a TLS client makes of a plaintext server's answer.
+        if why.contains("InvalidContentType") {
+            why.push_str(" (if the node serves plaintext, its URL is http://)");
+        }
+        anyhow!("cannot connect to {url}: {why}")
+    })
 }
 
 async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
@@ -652,7 +657,7 @@ async fn publish_one(
             Some(c) => match c.publish(req.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
-                    let line = anyhow!(status_line(&s, "a coordinator"));
+                    let line = anyhow!(status_line(&s, "a coordinator", url));
                     if !resendable(s.code()) {
                         return Err(line);
                     }
@@ -697,7 +702,7 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge")))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?
         .into_inner();
     if r.hit {
         // The value as stored (it need not be text), then a newline.
@@ -719,7 +724,7 @@ async fn delete(a: GetArgs) -> anyhow::Result<bool> {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge")))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?
         .into_inner();
     if r.existed {
         println!("deleted");
@@ -749,7 +754,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             ttl_ms: 0,
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge")))?;
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?;
     println!("stored");
     Ok(())
 }
@@ -762,7 +767,7 @@ async fn node_tree(
     let r = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| anyhow!("{url}: {}", status_line(&s, "a dci node")))?;
+        .map_err(|s| anyhow!("{url}: {}", status_line(&s, "a dci node", url)))?;
     Ok(r.into_inner().nodes)
 }
 

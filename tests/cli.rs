@@ -999,6 +999,25 @@ fn a_tree_over_tls() {
     args.extend(tls);
     let (_e, ep) = start(&args);
     let edge = format!("https://127.0.0.1:{ep}");
+    let publish = |key: &str| {
+        let o = dci(&["publish", "--coordinator", &coord, "--tls-ca", &ca, key]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let edge_at = |seq: u64| {
+        eventually("the edge to apply it (dci status over TLS)", || {
+            let o = dci(&["status", "--coordinator", &coord, "--tls-ca", &ca, "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(seq))
+        })
+    };
+    // In the stream first: a lease handed out before the edge joins it is void after.
+    assert_eq!(publish("warm"), "warm 1\n");
+    edge_at(1);
 
     let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -1019,30 +1038,18 @@ fn a_tree_over_tls() {
         "v1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = dci(&[
-        "publish",
-        "--coordinator",
-        &coord,
-        "--tls-ca",
-        &ca,
-        "user:1",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o), "user:1 1\n");
-    eventually("the edge to apply seq 1 (dci status over TLS)", || {
-        let o = dci(&["status", "--coordinator", &coord, "--tls-ca", &ca, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        v["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(1))
-    });
+    let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
+    assert_eq!(stdout(&o), "v1\n", "{}", stderr(&o));
+    assert_eq!(publish("user:1"), "user:1 2\n");
+    edge_at(2);
     let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
     assert_eq!(o.status.code(), Some(1), "invalidated: {}", stdout(&o));
 
-    // Not trusted, plaintext, unreadable: one line each, exit 2.
+    // Not trusted, plaintext either way, unreadable: one line each, exit 2.
     let other = tls_file("other-ca.pem");
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (_plain, pp) = start_coordinator(plain_dir.path());
+    let plain = format!("https://127.0.0.1:{pp}");
     for (args, says) in [
         (
             vec![
@@ -1078,6 +1085,10 @@ fn a_tree_over_tls() {
                 "k",
             ],
             "cannot read tls.ca /nonexistent/ca.pem",
+        ),
+        (
+            vec!["status", "--coordinator", &plain, "--tls-ca", &ca],
+            "if the node serves plaintext, its URL is http://",
         ),
         (
             vec!["get", "--edge", &edge, "--tls-ca", &key, "k"],
