@@ -1,7 +1,7 @@
 //! The downstream side of the coordinator: the memory tail of recent batches, the on-disk log
 //! behind it, and the reports of the tree below, served to every relay through the link runtime.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -29,8 +29,7 @@ pub struct Hub {
     disk: RwLock<(Seq, LogReader)>,
     heads: watch::Sender<u64>,
     failed: AtomicBool,
-    /// What each link's receiver last reported of itself and its subtree, and when.
-    reports: Mutex<HashMap<u64, (std::time::Instant, Vec<pb::NodeStatus>)>>,
+    reports: dci_proto::upstream::Reports,
     /// (last seq, when it was logged, µs since the epoch) of the most recent groups, to tell how
     /// long a node whose report is behind the head has been missing what it lacks.
     logged_at: Mutex<VecDeque<(Seq, u64)>>,
@@ -56,7 +55,7 @@ impl Hub {
             disk: RwLock::new((oldest_on_disk, reader)),
             heads: watch::channel(head).0,
             failed: AtomicBool::new(false),
-            reports: Mutex::new(HashMap::new()),
+            reports: Default::default(),
             logged_at: Mutex::new(VecDeque::new()),
             propagation: Arc::default(),
         }
@@ -129,17 +128,7 @@ impl Hub {
     /// Every node reported below this one.
     pub fn reported(&self) -> Vec<pb::NodeStatus> {
         let head = (self.epoch, lock(&self.tail).head());
-        let now = std::time::Instant::now();
-        let mut v: Vec<_> = lock(&self.reports)
-            .values()
-            .flat_map(|(at, nodes)| {
-                dci_proto::upstream::aged_reports(nodes, now.saturating_duration_since(*at), |s| {
-                    (s == self.shard).then_some(head)
-                })
-            })
-            .collect();
-        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        v
+        self.reports.aged(|s| (s == self.shard).then_some(head))
     }
 
     fn read_disk(
@@ -245,11 +234,11 @@ impl BatchSource for Hub {
     }
 
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
-        lock(&self.reports).insert(link_id, (std::time::Instant::now(), nodes));
+        self.reports.insert(link_id, nodes);
     }
 
     fn forget(&self, link_id: u64) {
-        lock(&self.reports).remove(&link_id);
+        self.reports.forget(link_id);
     }
 }
 

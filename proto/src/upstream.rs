@@ -106,6 +106,36 @@ pub fn aged_reports(
         .collect()
 }
 
+/// What each receiver of a sender last reported of itself and its subtree, and when, by link.
+#[derive(Debug, Default)]
+pub struct Reports(Mutex<std::collections::HashMap<u64, (Instant, Vec<pb::NodeStatus>)>>);
+
+impl Reports {
+    /// A link's receiver reported these nodes, now.
+    pub fn insert(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
+        lock(&self.0).insert(link_id, (Instant::now(), nodes));
+    }
+
+    /// The link ended: its nodes are no longer below this sender.
+    pub fn forget(&self, link_id: u64) {
+        lock(&self.0).remove(&link_id);
+    }
+
+    /// Every node reported, as it stands now ([`aged_reports`], against the sender's heads),
+    /// by node id.
+    pub fn aged(&self, head_of: impl Fn(ShardId) -> Option<(Epoch, Seq)>) -> Vec<pb::NodeStatus> {
+        let now = Instant::now();
+        let mut v: Vec<_> = lock(&self.0)
+            .values()
+            .flat_map(|(at, nodes)| {
+                aged_reports(nodes, now.saturating_duration_since(*at), &head_of)
+            })
+            .collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+}
+
 /// How to follow.
 #[derive(Clone, Debug)]
 pub struct FollowOptions {

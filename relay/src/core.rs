@@ -30,8 +30,7 @@ pub struct RelayCore {
     max_key_len: usize,
     rings: Mutex<HashMap<ShardId, RetransmitRing>>,
     heads: watch::Sender<u64>,
-    /// What each link's receiver last reported of itself and its subtree, and when.
-    reports: Mutex<HashMap<u64, (std::time::Instant, Vec<pb::NodeStatus>)>>,
+    reports: dci_proto::upstream::Reports,
     channels: Mutex<HashMap<String, Channel>>,
     /// How catch-up fetches speak TLS to `https://` senders.
     tls: dci_proto::tls::ClientTls,
@@ -69,7 +68,7 @@ impl RelayCore {
             max_key_len,
             rings: Mutex::new(HashMap::new()),
             heads: watch::channel(0).0,
-            reports: Mutex::new(HashMap::new()),
+            reports: Default::default(),
             channels: Mutex::new(HashMap::new()),
             quarantined: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
@@ -88,17 +87,7 @@ impl RelayCore {
             .values()
             .map(|r| (r.shard(), (r.epoch(), r.head())))
             .collect();
-        let now = std::time::Instant::now();
-        let mut v: Vec<_> = lock(&self.reports)
-            .values()
-            .flat_map(|(at, nodes)| {
-                dci_proto::upstream::aged_reports(nodes, now.saturating_duration_since(*at), |s| {
-                    heads.get(&s).copied()
-                })
-            })
-            .collect();
-        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        v
+        self.reports.aged(|s| heads.get(&s).copied())
     }
 
     /// All upstream links as one: every shard's progress; connected, and caught up, only while
@@ -306,11 +295,11 @@ impl BatchSource for RelayCore {
     }
 
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
-        lock(&self.reports).insert(link_id, (std::time::Instant::now(), nodes));
+        self.reports.insert(link_id, nodes);
     }
 
     fn forget(&self, link_id: u64) {
-        lock(&self.reports).remove(&link_id);
+        self.reports.forget(link_id);
     }
 
     fn shard_count(&self) -> u32 {
