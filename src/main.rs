@@ -114,15 +114,8 @@ struct CoordinatorArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
-    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -171,15 +164,8 @@ struct RelayArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
-    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -244,6 +230,13 @@ struct EdgeArgs {
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// A server's TLS flags (the config file's `tls` section).
+#[derive(Args)]
+struct TlsArgs {
     /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -253,6 +246,15 @@ struct EdgeArgs {
     /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Flags override the file.
+    fn apply(self, tls: &mut dci_proto::tls::TlsConfig) {
+        tls.cert = self.tls_cert.or(tls.cert.take());
+        tls.key = self.tls_key.or(tls.key.take());
+        tls.ca = self.tls_ca.or(tls.ca.take());
+    }
 }
 
 #[derive(Args)]
@@ -419,9 +421,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
-    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
-    cfg.tls.key = a.tls_key.or(cfg.tls.key);
-    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
+    a.tls.apply(&mut cfg.tls);
     let c = dci_coordinator::Coordinator::start(cfg).await?;
     tracing::info!(addr = %c.addr, epoch = c.epoch, "coordinator listening");
     until_terminated(c.stop()).await
@@ -444,9 +444,7 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
-    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
-    cfg.tls.key = a.tls_key.or(cfg.tls.key);
-    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
+    a.tls.apply(&mut cfg.tls);
     let r = dci_relay::Relay::start(cfg).await?;
     tracing::info!(addr = %r.addr, "relay listening");
     until_terminated(r.stop()).await
@@ -468,9 +466,7 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
-    cfg.tls.cert = a.tls_cert.or(cfg.tls.cert);
-    cfg.tls.key = a.tls_key.or(cfg.tls.key);
-    cfg.tls.ca = a.tls_ca.or(cfg.tls.ca);
+    a.tls.apply(&mut cfg.tls);
     let e = dci_edge_cache::EdgeNode::start(cfg).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
     until_terminated(e.stop()).await
@@ -498,13 +494,10 @@ fn status_line(s: &tonic::Status, serves: &str, url: &str) -> String {
         // A transport failure says what failed only in its causes.
         code => {
             let mut line = format!("{code}: {}", s.message());
-            let mut cause = std::error::Error::source(s);
-            while let Some(c) = cause {
-                let text = c.to_string();
-                if !line.contains(&text) {
-                    line = format!("{line}: {text}");
+            if let Some(causes) = std::error::Error::source(s).map(dci_proto::with_causes) {
+                if !line.contains(&causes) {
+                    line = format!("{line}: {causes}");
                 }
-                cause = c.source();
             }
             // What a plaintext client makes of a TLS server: its first bytes read as a bad
             // frame, the connection closed or broken.
