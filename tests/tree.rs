@@ -1428,12 +1428,13 @@ async fn the_sdk_publishes_reads_and_follows_over_tls() {
         cache.get("user:1").await.unwrap(),
         Lookup::Miss { .. }
     ));
-    // Without the CA, the publisher cannot verify the coordinator: it gives up, it never
+    // Trusting another CA, the publisher cannot verify the coordinator: it gives up, it never
     // sends in the clear.
     let untrusting = Publisher::with_options(
         vec![c.url()],
         PublisherOptions {
             retry_for: Duration::from_millis(500),
+            tls: ClientTls::with_ca_pem(std::fs::read(file("other-ca.pem")).unwrap()).unwrap(),
             ..Default::default()
         },
     )
