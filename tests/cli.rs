@@ -119,15 +119,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// The nodes `dci status --json` reports of `coord`'s tree (none while it fails); `more` are
+/// further flags (`--tls-ca`).
+fn status_nodes(coord: &str, more: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["status", "--coordinator", coord, "--json"];
+    args.extend(more);
+    let o = dci(&args);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["nodes"].as_array().cloned().unwrap_or_default()
+}
+
 /// The highest high-water mark of a node of `role` as `dci status --json` reports it (0 until
 /// it is known).
 fn hwm(coord: &str, role: &str) -> u64 {
-    let o = dci(&["status", "--coordinator", coord, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    v["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    status_nodes(coord, &[])
+        .iter()
         .filter(|n| n["role"] == role)
         .filter_map(|n| n["shards"][0]["hwm"].as_u64())
         .max()
@@ -335,13 +341,10 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
 
     // The tree, as the coordinator learned it from its relay's reports.
     eventually("status shows the edge", || {
-        let o = dci(&["status", "--coordinator", &coord, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        let roles: Vec<String> = v["nodes"].as_array().map_or(vec![], |n| {
-            n.iter()
-                .map(|x| x["role"].as_str().unwrap_or("").to_string())
-                .collect()
-        });
+        let roles: Vec<String> = status_nodes(&coord, &[])
+            .iter()
+            .map(|x| x["role"].as_str().unwrap_or("").to_string())
+            .collect();
         roles.contains(&"coordinator".into())
             && roles.contains(&"relay".into())
             && roles.contains(&"edge".into())
@@ -938,12 +941,8 @@ fn start_pods(
 /// The edges of `coordinators`' tree (`dci status`) that have applied each shard up to its
 /// head in `heads`.
 fn edges_caught_up(coordinators: &str, heads: &[u64]) -> Vec<String> {
-    let o = dci(&["status", "--coordinator", coordinators, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    let mut caught_up: Vec<String> = v["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let mut caught_up: Vec<String> = status_nodes(coordinators, &[])
+        .iter()
         .filter(|n| n["role"] == "edge")
         .filter(|n| {
             let hwm = |shard: usize| {
@@ -1006,12 +1005,8 @@ fn a_tree_over_tls() {
     };
     let edge_at = |seq: u64| {
         eventually("the edge to apply it (dci status over TLS)", || {
-            let o = dci(&["status", "--coordinator", &coord, "--tls-ca", &ca, "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-            v["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            status_nodes(&coord, &["--tls-ca", &ca])
+                .iter()
                 .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(seq))
         })
     };
@@ -1119,12 +1114,8 @@ fn a_tree_over_tls() {
 
 /// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).
 fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
-    let o = dci(&["status", "--coordinator", coord, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    let n = v["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["node_id"] == node_id)?;
+    let nodes = status_nodes(coord, &[]);
+    let n = nodes.iter().find(|n| n["node_id"] == node_id)?;
     let s = &n["shards"][0];
     Some((
         s["hwm"].as_u64()?,

@@ -1451,46 +1451,40 @@ async fn the_sdk_publishes_reads_and_follows_over_tls() {
 /// call with an error once it has retried for `retry_for`, rather than leaving it waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_that_never_reaches_its_coordinator_gives_up_after_retry_for() {
-    use dci_sdk::PublisherOptions;
-    let p = Publisher::with_options(
-        vec![format!("http://{}", nowhere())],
-        PublisherOptions {
-            retry_for: Duration::from_millis(300),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let p =
+        publisher_retrying_for(format!("http://{}", nowhere()), Duration::from_millis(300)).await;
     for key in ["a", "b"] {
-        let r = tokio::time::timeout(Duration::from_secs(30), p.invalidate(key))
-            .await
-            .expect("the call was left waiting");
+        let r = answer_of(&p, key).await;
         assert!(matches!(r, Err(dci_sdk::Error::Unavailable(_))), "{r:?}");
     }
+}
+
+/// A publisher to `url` that retries for `retry_for`.
+async fn publisher_retrying_for(url: String, retry_for: Duration) -> Publisher {
+    let opts = dci_sdk::PublisherOptions {
+        retry_for,
+        ..Default::default()
+    };
+    Publisher::with_options(vec![url], opts).await.unwrap()
+}
+
+/// What `invalidate(key)` answers; the test fails if the call is left waiting.
+async fn answer_of(p: &Publisher, key: &str) -> Result<Seq, dci_sdk::Error> {
+    tokio::time::timeout(Duration::from_secs(30), p.invalidate(key.to_string()))
+        .await
+        .expect("the call was left waiting")
 }
 
 /// A URL of the wrong kind of node (a relay given as a coordinator, a coordinator given as an
 /// edge) is refused with an error that says so, for every call, not retried as if it were down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_pointed_at_the_wrong_kind_of_node_says_so() {
-    use dci_sdk::PublisherOptions;
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let r = relay(&c).await;
-    let p = Publisher::with_options(
-        vec![r.url()],
-        PublisherOptions {
-            retry_for: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let p = publisher_retrying_for(r.url(), Duration::from_secs(3600)).await;
     for key in ["a", "b"] {
-        let got = tokio::time::timeout(Duration::from_secs(30), p.invalidate(key))
-            .await
-            .expect("the call was left waiting");
-        match got {
+        match answer_of(&p, key).await {
             Err(dci_sdk::Error::Refused(why)) => {
                 assert!(why.contains("right kind of node"), "{why}")
             }

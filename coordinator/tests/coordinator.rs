@@ -41,6 +41,32 @@ async fn client(c: &Coordinator) -> PublisherClient<Channel> {
     PublisherClient::connect(c.url()).await.unwrap()
 }
 
+/// A raw `Subscribe` stream that has said `hello`: where the test sends its acks, and what the
+/// coordinator sends.
+async fn subscribe_raw(
+    c: &Coordinator,
+    hello: pb::Hello,
+) -> (
+    tokio::sync::mpsc::Sender<pb::Upstream>,
+    tonic::Streaming<pb::Downstream>,
+) {
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let stream = raw
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_every_acknowledged_publish_and_never_reuses_a_seq() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,12 +402,9 @@ async fn a_stuck_receiver_does_not_slow_publishing_or_the_others() {
     let c = Coordinator::start(config).await.unwrap();
     let epoch = c.epoch;
     // A receiver that says hello and then never reads nor acks.
-    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::Upstream {
-        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+    let (tx, _stuck) = subscribe_raw(
+        &c,
+        pb::Hello {
             node_id: "stuck".into(),
             resume: vec![pb::ResumePoint {
                 shard: 0,
@@ -389,14 +412,9 @@ async fn a_stuck_receiver_does_not_slow_publishing_or_the_others() {
                 hwm: 0,
             }],
             ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let _stuck = raw
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let healthy = Follower::start(vec![c.url()], vec![(0, epoch, 0)]);
 
     let mut p = client(&c).await;
@@ -458,12 +476,9 @@ async fn a_receiver_gets_no_more_in_flight_than_the_window_its_hello_asks_for() 
         (bytes, last)
     }
     let window = 2_000u64;
-    let mut raw = pb::subscribe_client::SubscribeClient::connect(c.url())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::Upstream {
-        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+    let (tx, mut stream) = subscribe_raw(
+        &c,
+        pb::Hello {
             node_id: "catch-up".into(),
             resume: vec![pb::ResumePoint {
                 shard: 0,
@@ -472,15 +487,9 @@ async fn a_receiver_gets_no_more_in_flight_than_the_window_its_hello_asks_for() 
             }],
             window_bytes: window,
             ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = raw
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let (bytes, last) = take(&mut stream, Duration::from_millis(500)).await;
     // At least one batch; past the window only by the last batch sent into it (each of these
     // is one 10-entry publish, a few hundred bytes).
