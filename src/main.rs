@@ -246,6 +246,10 @@ struct TlsArgs {
     /// PEM CA certificate(s) trusted for `https://` senders (default: the system's roots).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Serve only clients presenting a certificate signed by these PEM CA certificate(s)
+    /// (mutual TLS; needs --tls-cert).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
@@ -254,6 +258,34 @@ impl TlsArgs {
         tls.cert = self.tls_cert.or(tls.cert.take());
         tls.key = self.tls_key.or(tls.key.take());
         tls.ca = self.tls_ca.or(tls.ca.take());
+        tls.client_ca = self.tls_client_ca.or(tls.client_ca.take());
+    }
+}
+
+/// A client command's TLS flags.
+#[derive(Args)]
+struct ClientTlsArgs {
+    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate for nodes that require one (mutual TLS; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// How the command speaks TLS to `https://` URLs.
+    fn client(&self) -> anyhow::Result<dci_proto::tls::ClientTls> {
+        let tls = dci_proto::tls::TlsConfig {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: None,
+        };
+        Ok(tls.client()?)
     }
 }
 
@@ -280,9 +312,8 @@ struct PublishArgs {
     /// repeats, never as a second one.
     #[arg(long, value_parser = duration, default_value = "10s")]
     retry_for: Duration,
-    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
@@ -293,9 +324,8 @@ struct GetArgs {
     /// Edge URL.
     #[arg(long, default_value = "http://127.0.0.1:7600")]
     edge: String,
-    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// The key.
     key: String,
 }
@@ -305,9 +335,8 @@ struct SetArgs {
     /// Edge URL.
     #[arg(long, default_value = "http://127.0.0.1:7600")]
     edge: String,
-    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Lease from a miss.
     #[arg(long)]
     lease: Option<u64>,
@@ -326,9 +355,8 @@ struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// PEM CA certificate(s) trusted for `https://` URLs (default: the system's roots).
-    #[arg(long)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
 fn load<T: DeserializeOwned + Default>(path: &Option<PathBuf>) -> anyhow::Result<T> {
@@ -473,7 +501,12 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
 }
 
 /// A refused call on one line; `serves` says what kind of node should have answered it.
-fn status_line(s: &tonic::Status, serves: &str, url: &str) -> String {
+fn status_line(
+    s: &tonic::Status,
+    serves: &str,
+    url: &str,
+    tls: &dci_proto::tls::ClientTls,
+) -> String {
     match s.code() {
         // The client's own deadline comes back as "cancelled: Timeout expired".
         tonic::Code::Cancelled if s.message() == "Timeout expired" => {
@@ -499,11 +532,7 @@ fn status_line(s: &tonic::Status, serves: &str, url: &str) -> String {
                     line = format!("{line}: {causes}");
                 }
             }
-            // What a plaintext client makes of a TLS server: its first bytes read as a bad
-            // frame, the connection closed or broken.
-            if url.starts_with("http://") && line.contains("transport error") {
-                line.push_str(" (if the node serves TLS, its URL is https://)");
-            }
+            line.push_str(dci_proto::tls::mismatch_hint(&line, url, tls));
             line
         }
     }
@@ -511,15 +540,6 @@ fn status_line(s: &tonic::Status, serves: &str, url: &str) -> String {
 
 /// How long a command waits for one answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How a command speaks TLS to `https://` URLs (`--tls-ca`).
-fn client_tls(ca: &Option<PathBuf>) -> anyhow::Result<dci_proto::tls::ClientTls> {
-    let tls = dci_proto::tls::TlsConfig {
-        ca: ca.clone(),
-        ..Default::default()
-    };
-    Ok(tls.client()?)
-}
 
 async fn connect(
     url: &str,
@@ -531,17 +551,16 @@ async fn connect(
         .connect_timeout(Duration::from_secs(3))
         .timeout(REQUEST_TIMEOUT);
     ep.connect().await.map_err(|e| {
-        let mut why = dci_proto::with_causes(&e);
-        // What a TLS client makes of a plaintext server's answer.
-        if why.contains("InvalidContentType") {
-            why.push_str(" (if the node serves plaintext, its URL is http://)");
-        }
-        anyhow!("cannot connect to {url}: {why}")
+        let why = dci_proto::with_causes(&e);
+        anyhow!(
+            "cannot connect to {url}: {why}{}",
+            dci_proto::tls::mismatch_hint(&why, url, tls)
+        )
     })
 }
 
 async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
-    let tls = client_tls(&a.tls_ca)?;
+    let tls = a.tls.client()?;
     if a.keys == ["-"] {
         let mut keys = String::new();
         std::io::stdin()
@@ -650,7 +669,7 @@ async fn publish_one(
             Some(c) => match c.publish(req.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
-                    let line = anyhow!(status_line(&s, "a coordinator", url));
+                    let line = anyhow!(status_line(&s, "a coordinator", url, tls));
                     if !resendable(s.code()) {
                         return Err(line);
                     }
@@ -687,15 +706,15 @@ fn resendable(code: tonic::Code) -> bool {
 
 async fn get(a: GetArgs) -> anyhow::Result<bool> {
     // The edge bounds the values it stores; none is refused here for its size.
-    let mut client =
-        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?)
-            .max_decoding_message_size(usize::MAX);
+    let tls = a.tls.client()?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?)
+        .max_decoding_message_size(usize::MAX);
     let r = client
         .get(pb::GetRequest {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?
         .into_inner();
     if r.hit {
         // The value as stored (it need not be text), then a newline.
@@ -710,14 +729,14 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
 }
 
 async fn delete(a: GetArgs) -> anyhow::Result<bool> {
-    let mut client =
-        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?);
+    let tls = a.tls.client()?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?);
     let r = client
         .delete(pb::DeleteRequest {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?
         .into_inner();
     if r.existed {
         println!("deleted");
@@ -737,8 +756,8 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
     } else {
         Bytes::from(a.value)
     };
-    let mut client =
-        pb::cache_client::CacheClient::new(connect(&a.edge, &client_tls(&a.tls_ca)?).await?);
+    let tls = a.tls.client()?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?);
     client
         .set(pb::SetRequest {
             key: Bytes::from(a.key),
@@ -747,7 +766,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             ttl_ms: 0,
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge)))?;
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?;
     println!("stored");
     Ok(())
 }
@@ -760,7 +779,7 @@ async fn node_tree(
     let r = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| anyhow!("{url}: {}", status_line(&s, "a dci node", url)))?;
+        .map_err(|s| anyhow!("{url}: {}", status_line(&s, "a dci node", url, tls)))?;
     Ok(r.into_inner().nodes)
 }
 
@@ -787,7 +806,7 @@ fn merge_tree(nodes: &mut Vec<pb::NodeStatus>, more: Vec<pb::NodeStatus>) {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let tls = client_tls(&a.tls_ca)?;
+    let tls = a.tls.client()?;
     let mut nodes = Vec::new();
     let mut failed = None;
     for url in &a.coordinator {

@@ -51,6 +51,38 @@ fn launch(mut cmd: Command) -> (Proc, u16, std::sync::mpsc::Receiver<String>) {
     (proc, port, lines)
 }
 
+/// The port a node serves `/metrics` and `/healthz` on, from its log (`lines` of `launch`).
+fn metrics_port(lines: &std::sync::mpsc::Receiver<String>) -> u16 {
+    let line = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|l| l.contains("metrics on /metrics"))
+        .expect("the node never said where its metrics are");
+    let at = line.find("127.0.0.1:").expect("a loopback address") + "127.0.0.1:".len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+/// `GET path` of loopback's `port` over HTTP/1.1: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: dci\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
 fn start_cmd(cmd: Command) -> (Proc, u16) {
     let (proc, port, _) = launch(cmd);
     (proc, port)
@@ -631,11 +663,15 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
             "coordinator",
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--data-dir",
             dir.path().to_str().unwrap(),
         ]);
-    let (c, cp) = start_cmd(limited);
+    let (c, cp, lines) = launch(limited);
     let coord = format!("http://127.0.0.1:{cp}");
+    let metrics = metrics_port(&lines);
+    assert_eq!(http_get(metrics, "/healthz"), (200, "serving\n".into()));
 
     let mut last_acked = 0u64;
     let mut refused = None;
@@ -685,6 +721,9 @@ fn a_coordinator_whose_disk_fills_refuses_publishes_and_restarts_intact() {
     eventually("health says NOT_SERVING", || {
         health("") == 2 && health("dci.v1.Publisher") == 2
     });
+    let (code, body) = http_get(metrics, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("the log failed"), "{body}");
 
     drop(c);
     let _c = start_cmd(coordinator_cmd(dir.path(), cp));
@@ -1107,6 +1146,107 @@ fn a_tree_over_tls() {
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("tls.cert needs tls.key"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Mutual TLS: a coordinator given `--tls-client-ca` serves only clients presenting a
+/// certificate that CA signed. A relay presenting its own follows it and an edge follows the
+/// relay; the CLI publishes and reads status with `--tls-cert`/`--tls-key`. Without a
+/// certificate, or with one of another CA, a command is refused with one line saying what to
+/// check, and a relay says so in its log; a client CA on a node not serving TLS is refused at start.
+#[test]
+fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
+    let (ca, cert, key) = (
+        tls_file("ca.pem"),
+        tls_file("node.pem"),
+        tls_file("node.key"),
+    );
+    let (other_cert, other_key) = (tls_file("other-node.pem"), tls_file("other-node.key"));
+    let serve = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir"];
+    args.push(dir.path().to_str().unwrap());
+    args.extend(&serve[..4]);
+    args.extend(["--tls-client-ca", &ca]);
+    let (_c, cp) = start(&args);
+    let coord = format!("https://127.0.0.1:{cp}");
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--upstream", &coord]);
+    args.extend(serve);
+    let (_r, rp) = start(&args);
+    let relay = format!("https://127.0.0.1:{rp}");
+    let mut args = vec!["edge", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--relays", &relay]);
+    args.extend(serve);
+    let (_e, _) = start(&args);
+
+    let mine = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    // `dci publish` of `key` with `tls` flags, refusals final at once.
+    let publish = |tls: &[&str], key: &str| {
+        let mut args = vec!["publish", "--coordinator", &coord, "--retry-for", "0s"];
+        args.extend(tls);
+        args.push(key);
+        dci(&args)
+    };
+    let o = publish(&mine, "k");
+    assert_eq!(stdout(&o), "k 1\n", "{}", stderr(&o));
+    eventually("the edge to apply it (dci status over mutual TLS)", || {
+        status_nodes(&coord, &mine)
+            .iter()
+            .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(1))
+    });
+
+    let refused = [
+        (vec!["--tls-ca", &ca], "give --tls-cert and --tls-key"),
+        (
+            vec![
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &other_cert,
+                "--tls-key",
+                &other_key,
+            ],
+            "is this one signed by its --tls-client-ca?",
+        ),
+    ];
+    for (tls, says) in refused {
+        let o = publish(&tls, "k");
+        assert_eq!(o.status.code(), Some(2), "{tls:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{tls:?}: {}", stderr(&o));
+    }
+
+    let mut cmd = Command::new(DCI);
+    cmd.args(["relay", "--listen", "127.0.0.1:0", "--region", "eu"])
+        .args(["--upstream", &coord, "--tls-ca", &ca]);
+    let (_bare, _, lines) = launch(cmd);
+    let warned = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|l| l.contains("could not follow sender"))
+        .expect("the relay without a certificate never warned");
+    assert!(warned.contains("give --tls-cert and --tls-key"), "{warned}");
+    let o = publish(&mine, "after");
+    assert_eq!(
+        stdout(&o),
+        "after 2\n",
+        "nothing refused was logged: {}",
+        stderr(&o)
+    );
+
+    let o = dci(&[
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &coord,
+        "--tls-client-ca",
+        &ca,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("tls.client_ca needs tls.cert and tls.key"),
         "{}",
         stderr(&o)
     );

@@ -1328,11 +1328,14 @@ async fn a_shard_brought_by_two_groups_is_taken_from_one() {
     c.stop().await.unwrap();
 }
 
-/// The SDK over TLS: a coordinator, a relay and an edge serving TLS with the test CA's node
-/// certificate and following each other at `https://` URLs; a `Publisher`, a `CacheClient` and a
-/// `NearCache` that trust that CA publish, fill, read and follow through it.
+/// The SDK over mutual TLS: a coordinator, a relay and an edge serving TLS with the test CA's
+/// node certificate, requiring client certificates that CA signed, and following each other at
+/// `https://` URLs (presenting their own certificate); a `Publisher`, a `CacheClient` and a
+/// `NearCache` that trust that CA and present a certificate it signed publish, fill, read and
+/// follow through it. Clients that do not trust the CA, present no certificate or one of another
+/// CA are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sdk_publishes_reads_and_follows_over_tls() {
+async fn the_sdk_publishes_reads_and_follows_over_mutual_tls() {
     use dci_proto::tls::TlsConfig;
     use dci_sdk::{ClientTls, NearCache, NearCacheOptions, PublisherOptions};
     let file = |name: &str| format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR")).into();
@@ -1340,6 +1343,7 @@ async fn the_sdk_publishes_reads_and_follows_over_tls() {
         cert: Some(file("node.pem")),
         key: Some(file("node.key")),
         ca: Some(file("ca.pem")),
+        client_ca: Some(file("ca.pem")),
     };
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(CoordinatorConfig {
@@ -1369,7 +1373,12 @@ async fn the_sdk_publishes_reads_and_follows_over_tls() {
     })
     .await
     .unwrap();
-    let client_tls = ClientTls::with_ca_pem(std::fs::read(file("ca.pem")).unwrap()).unwrap();
+    let read = |name: &str| std::fs::read(file(name)).unwrap();
+    let trusting = ClientTls::with_ca_pem(read("ca.pem")).unwrap();
+    let client_tls = trusting
+        .clone()
+        .with_identity_pem(read("node.pem"), read("node.key"))
+        .unwrap();
     let p = Publisher::with_options(
         vec![c.url()],
         PublisherOptions {
@@ -1429,18 +1438,42 @@ async fn the_sdk_publishes_reads_and_follows_over_tls() {
         Lookup::Miss { .. }
     ));
     // Trusting another CA, the publisher cannot verify the coordinator: it gives up, it never
-    // sends in the clear.
-    let untrusting = Publisher::with_options(
-        vec![c.url()],
-        PublisherOptions {
-            retry_for: Duration::from_millis(500),
-            tls: ClientTls::with_ca_pem(std::fs::read(file("other-ca.pem")).unwrap()).unwrap(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert!(untrusting.invalidate("user:2").await.is_err());
+    // sends in the clear. Without a certificate, or with one of another CA, the coordinator
+    // and the edge refuse the client.
+    let other = ClientTls::with_ca_pem(read("other-ca.pem")).unwrap();
+    let strangers = [
+        ("untrusting", other),
+        ("no certificate", trusting.clone()),
+        (
+            "another CA's certificate",
+            trusting
+                .with_identity_pem(read("other-node.pem"), read("other-node.key"))
+                .unwrap(),
+        ),
+    ];
+    for (who, tls) in strangers {
+        let publisher = Publisher::with_options(
+            vec![c.url()],
+            PublisherOptions {
+                retry_for: Duration::from_millis(500),
+                tls: tls.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let r = publisher.invalidate("user:2").await;
+        assert!(r.is_err(), "{who}: {r:?}");
+        let cache =
+            CacheClient::with_tls(vec![(e.url(), e.url())], Duration::from_secs(2), &tls).unwrap();
+        let r = cache.get("user:1").await;
+        assert!(r.is_err(), "{who}: {r:?}");
+    }
+    assert_eq!(
+        lock(&e.link).progress[0].2,
+        seq,
+        "nothing more was published"
+    );
     near.stop();
     e.stop().await.unwrap();
     r.stop().await.unwrap();

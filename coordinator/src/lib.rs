@@ -263,6 +263,16 @@ pub async fn run(
             ("dci.shard", cfg.shard.to_string()),
         ],
         render,
+        {
+            let hub = hub.clone();
+            Arc::new(move || {
+                if hub.failed() {
+                    Err("the log failed; a restart recovers it".into())
+                } else {
+                    Ok(())
+                }
+            })
+        },
         drain.clone(),
     )
     .await;

@@ -516,6 +516,7 @@ impl EdgeNode {
                 ("dci.region", cfg.region.clone()),
             ],
             render,
+            dci_proto::metrics::always_healthy(),
             rx.clone(),
         )
         .await;

@@ -285,18 +285,27 @@ pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
 /// A node's metrics in the Prometheus text format, made on demand.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Make a node's metrics available as configured: served on `/metrics` at `listen`, pushed to
-/// the collector of `otlp`. Returns where `/metrics` is served.
+/// The health of a node that serves for as long as it runs.
+pub fn always_healthy() -> Health {
+    Arc::new(|| Ok(()))
+}
+
+/// Whether a node serves (what its gRPC health service says), or why not.
+pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Make a node's metrics available as configured: served on `/metrics` at `listen` (with its
+/// health on `/healthz`), pushed to the collector of `otlp`. Returns where `/metrics` is served.
 pub async fn expose(
     listen: Option<SocketAddr>,
     otlp: &crate::otlp::OtlpConfig,
     resource: Vec<(&'static str, String)>,
     render: Render,
+    health: Health,
     shutdown: watch::Receiver<bool>,
 ) -> Option<SocketAddr> {
     let mut served = None;
     if let Some(addr) = listen {
-        match serve(addr, render.clone(), shutdown.clone()).await {
+        match serve(addr, render.clone(), health, shutdown.clone()).await {
             Ok(bound) => {
                 tracing::info!(%bound, "metrics on /metrics");
                 served = Some(bound);
@@ -316,21 +325,41 @@ pub async fn expose(
     served
 }
 
-/// Serve `GET /metrics` on `addr` until `shutdown` turns true; returns the bound address.
+/// Serve `GET /metrics`, and `GET /healthz` (200, or 503 saying why not), on `addr` until
+/// `shutdown` turns true; returns the bound address. Plain HTTP whether or not the node's gRPC
+/// port is TLS, so that a Kubernetes probe can reach it.
 pub async fn serve(
     addr: SocketAddr,
     render: Render,
+    health: Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
+    use axum::http::StatusCode;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], render()) }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let render = render.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], render()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let health = health.clone();
+                async move {
+                    match health() {
+                        Ok(()) => (StatusCode::OK, "serving\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not serving: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
     tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;

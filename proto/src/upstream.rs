@@ -398,9 +398,11 @@ pub async fn follow<A: Applier>(
                 // either way the operator should not have to turn on debug logs to see it.
                 if last_warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
                     last_warned = Some(now);
+                    let why = e.to_string();
+                    let hint = crate::tls::mismatch_hint(&why, &url, &opts.tls);
                     tracing::warn!(
                         sender = %url,
-                        error = %e,
+                        error = %format_args!("{why}{hint}"),
                         failures,
                         failing_for_s = now.duration_since(since).as_secs(),
                         "could not follow sender; retrying"

@@ -179,6 +179,7 @@ impl Relay {
                 ("dci.region", cfg.region.clone()),
             ],
             render,
+            dci_proto::metrics::always_healthy(),
             rx.clone(),
         )
         .await;
