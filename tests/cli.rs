@@ -901,8 +901,9 @@ fn after<'a>(args: &'a [String], flag: &str) -> &'a str {
 /// Start one pod of every workload of rendered documents, coordinators first, then relays,
 /// then edges, each with its command line as rendered but for where things are: `0.0.0.0:PORT`
 /// listens on port 0 of loopback, a URL naming a Service (of `services`) points at the port its
-/// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name and `/data`
-/// a directory of its own (in `dirs`). Returns the processes.
+/// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name, `/data` a
+/// directory of its own (in `dirs`) and the TLS Secret's files at `/tls` the test certificates.
+/// Each pod's probes ask `/healthz` on its metrics port, and get 200 there. Returns the processes.
 fn start_pods(
     docs: &[serde_yaml::Value],
     services: &std::collections::HashMap<String, u64>,
@@ -923,6 +924,25 @@ fn start_pods(
                     "metadata.name"
                 );
             }
+            // The probes ask /healthz of the port the node serves its metrics on.
+            let metrics = c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "metrics")
+                .and_then(|p| p["containerPort"].as_u64())
+                .expect("a metrics port");
+            assert_eq!(
+                after(&args, "--metrics-listen"),
+                format!("0.0.0.0:{metrics}")
+            );
+            for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                if !c[probe].is_null() {
+                    assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+                    assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{probe}");
+                }
+            }
+            assert!(!c["readinessProbe"].is_null());
             let role = c["name"].as_str().unwrap().to_string();
             (
                 d["metadata"]["name"].as_str().unwrap().to_string(),
@@ -940,7 +960,10 @@ fn start_pods(
     let mut running = Vec::new();
     for (name, _, args) in &pods {
         let pod = format!("{name}-0");
-        let mut local = |arg: &str| -> String {
+        let mut local = |flag: &str, arg: &str| -> String {
+            if flag == "--metrics-listen" {
+                return "127.0.0.1:0".into();
+            }
             if let Some(port) = arg.strip_prefix("0.0.0.0:") {
                 assert_eq!(
                     services[name].to_string(),
@@ -953,34 +976,49 @@ fn start_pods(
                 dirs.push(tempfile::tempdir().unwrap());
                 return dirs.last().unwrap().path().to_str().unwrap().into();
             }
-            if arg.starts_with("http://") {
+            if let Some(file) = arg.strip_prefix("/tls/") {
+                let test_file = match file {
+                    "tls.crt" => "node.pem",
+                    "tls.key" => "node.key",
+                    "ca.crt" => "ca.pem",
+                    other => panic!("no such file in a TLS Secret: {other}"),
+                };
+                return tls_file(test_file);
+            }
+            if let Some((scheme, _)) = arg.split_once("://") {
                 // Every URL names a Service, at the Service's port.
                 let urls: Vec<String> = arg
                     .split(',')
                     .map(|u| {
-                        let (host, port) = u["http://".len()..].split_once(':').unwrap();
+                        let (host, port) = u[scheme.len() + 3..].split_once(':').unwrap();
                         assert_eq!(services[host].to_string(), port, "{u}");
-                        format!("http://127.0.0.1:{}", ports[host])
+                        format!("{scheme}://127.0.0.1:{}", ports[host])
                     })
                     .collect();
                 return urls.join(",");
             }
             arg.replace("$(POD_NAME)", &pod)
         };
-        let args: Vec<String> = args.iter().map(|a| local(a)).collect();
+        let args: Vec<String> = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| local(if i > 0 { &args[i - 1] } else { "" }, a))
+            .collect();
         let mut cmd = Command::new(DCI);
         cmd.args(args);
-        let (proc, port) = start_cmd(cmd);
+        let (proc, port, lines) = launch(cmd);
+        let metrics = metrics_port(&lines);
+        assert_eq!(http_get(metrics, "/healthz").0, 200, "{name}'s probe");
         ports.insert(name.clone(), port);
         running.push(proc);
     }
     running
 }
 
-/// The edges of `coordinators`' tree (`dci status`) that have applied each shard up to its
-/// head in `heads`.
-fn edges_caught_up(coordinators: &str, heads: &[u64]) -> Vec<String> {
-    let mut caught_up: Vec<String> = status_nodes(coordinators, &[])
+/// The edges of `coordinators`' tree (`dci status`, with `more` flags) that have applied each
+/// shard up to its head in `heads`.
+fn edges_caught_up(coordinators: &str, more: &[&str], heads: &[u64]) -> Vec<String> {
+    let mut caught_up: Vec<String> = status_nodes(coordinators, more)
         .iter()
         .filter(|n| n["role"] == "edge")
         .filter(|n| {
@@ -1432,7 +1470,7 @@ fn the_helm_chart_starts_a_working_tree() {
     };
     let heads = publish();
     eventually("both regions' edges to apply both shards", || {
-        edges_caught_up(&coordinators, &heads) == ["t-edge-eu-west-0", "t-edge-us-east-0"]
+        edges_caught_up(&coordinators, &[], &heads) == ["t-edge-eu-west-0", "t-edge-us-east-0"]
     });
 
     // A region of its own, following the first release's coordinators as another cluster would
@@ -1464,7 +1502,7 @@ fn the_helm_chart_starts_a_working_tree() {
     running.extend(start_pods(&docs, &services, &mut ports, &mut dirs));
     let heads = publish();
     eventually("the other cluster's edge to apply both shards", || {
-        edges_caught_up(&coordinators, &heads).contains(&"u-edge-ap-south-0".to_string())
+        edges_caught_up(&coordinators, &[], &heads).contains(&"u-edge-ap-south-0".to_string())
     });
     drop(running);
 
@@ -1511,6 +1549,56 @@ fn the_helm_chart_starts_a_working_tree() {
         assert_eq!(s["spec"]["ports"][0]["port"].as_u64(), Some(7400));
         assert_eq!(s["metadata"]["annotations"]["example.com/internal"], "true");
     }
+
+    // Mutual TLS from a Secret: every node serves its files and follows at https:// URLs
+    // presenting its certificate; a publish with a certificate reaches the edge.
+    let docs = helm_template(
+        "x",
+        &[
+            "--set",
+            "tls.secret=dci-tls",
+            "--set",
+            "tls.mutual=true",
+            "--set-json",
+            r#"regions=[{"name":"eu","relays":1,"edges":1}]"#,
+        ],
+    )
+    .unwrap();
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "StatefulSet" || d["kind"] == "Deployment")
+    {
+        let spec = &d["spec"]["template"]["spec"];
+        assert_eq!(spec["volumes"][0]["secret"]["secretName"], "dci-tls");
+        let mounts = spec["containers"][0]["volumeMounts"].as_sequence().unwrap();
+        assert!(mounts
+            .iter()
+            .any(|m| m["mountPath"] == "/tls" && m["readOnly"] == true));
+        let args = helm_args(d);
+        assert_eq!(after(&args, "--tls-client-ca"), "/tls/ca.crt");
+    }
+    let services = helm_services(&docs);
+    let running = start_pods(&docs, &services, &mut ports, &mut dirs);
+    let coordinator = format!("https://127.0.0.1:{}", ports["x-coordinator-0"]);
+    let (ca, cert, key) = (
+        tls_file("ca.pem"),
+        tls_file("node.pem"),
+        tls_file("node.key"),
+    );
+    let mine = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    let o = dci(&[
+        &["publish", "--coordinator", &coordinator][..],
+        &mine,
+        &["k"],
+    ]
+    .concat());
+    assert_eq!(stdout(&o), "k 1\n", "{}", stderr(&o));
+    eventually("the edge to apply it over mutual TLS", || {
+        edges_caught_up(&coordinator, &mine, &[1]) == ["x-edge-eu-0"]
+    });
+    drop(running);
+    let err = helm_template("x", &["--set", "tls.mutual=true"]).unwrap_err();
+    assert!(err.contains("tls.mutual needs tls.secret"), "{err}");
 }
 
 /// Every key of every config file is also a flag, and a flag overrides the file.

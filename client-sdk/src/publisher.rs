@@ -59,11 +59,15 @@ pub struct PublisherOptions {
     /// # let _ = o;
     /// ```
     pub timeout: Duration,
-    /// How to speak TLS to `https://` coordinators: the CA to trust (default: the system's roots).
+    /// How to speak TLS to `https://` coordinators: the CA to trust (default: the system's roots)
+    /// and, for coordinators that require one (mutual TLS), the client certificate to present.
     ///
     /// ```no_run
-    /// let ca = std::fs::read("ca.pem").unwrap();
-    /// let o = dci_sdk::PublisherOptions { tls: dci_sdk::ClientTls::with_ca_pem(ca).unwrap(), ..Default::default() };
+    /// let read = |f: &str| std::fs::read(f).unwrap();
+    /// let tls = dci_sdk::ClientTls::with_ca_pem(read("ca.pem"))
+    ///     .and_then(|t| t.with_identity_pem(read("me.pem"), read("me.key")))
+    ///     .unwrap();
+    /// let o = dci_sdk::PublisherOptions { tls, ..Default::default() };
     /// # let _ = o;
     /// ```
     pub tls: ClientTls,
