@@ -1480,6 +1480,79 @@ async fn the_sdk_publishes_reads_and_follows_over_mutual_tls() {
     c.stop().await.unwrap();
 }
 
+/// Certificates renewed while nodes run (a Secret's files rewritten): the coordinator serves
+/// the new certificate from the next handshake on, without a restart, and a client made from
+/// files (as nodes make theirs) trusts the CA now in its file from its next connection on. A
+/// connection made before keeps working; a client holding only the old CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_tls_files_are_used_from_the_next_connection() {
+    use dci_proto::tls::TlsConfig;
+    use dci_sdk::{ClientTls, PublisherOptions};
+    let test_file = |name: &str| format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let files = tempfile::tempdir().unwrap();
+    let at = |name: &str| files.path().join(name);
+    let put = |name: &str, from: &str| std::fs::copy(test_file(from), at(name)).unwrap();
+    put("tls.crt", "node.pem");
+    put("tls.key", "node.key");
+    put("ca.crt", "ca.pem");
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        tls: TlsConfig {
+            cert: Some(at("tls.crt")),
+            key: Some(at("tls.key")),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let from_files = TlsConfig {
+        ca: Some(at("ca.crt")),
+        ..Default::default()
+    }
+    .client()
+    .unwrap();
+    let publisher = |tls: ClientTls| {
+        let url = c.url();
+        async move {
+            let opts = PublisherOptions {
+                retry_for: Duration::from_millis(300),
+                tls,
+                ..Default::default()
+            };
+            Publisher::with_options(vec![url], opts).await.unwrap()
+        }
+    };
+    let before = publisher(from_files.clone()).await;
+    assert_eq!(answer_of(&before, "a").await.unwrap(), 1);
+
+    // Renewed by another CA (the key first: a half-written pair keeps the old one served).
+    put("tls.key", "other-node.key");
+    put("tls.crt", "other-node.pem");
+    put("ca.crt", "other-ca.pem");
+    let mut renewed = None;
+    for _ in 0..50 {
+        let p = publisher(from_files.clone()).await;
+        if let Ok(seq) = answer_of(&p, "b").await {
+            renewed = Some(seq);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(renewed, Some(2), "the renewed certificate was never served");
+    let old_ca = ClientTls::with_ca_pem(std::fs::read(test_file("ca.pem")).unwrap()).unwrap();
+    let r = answer_of(&publisher(old_ca).await, "c").await;
+    assert!(r.is_err(), "trusting the old CA only: {r:?}");
+    assert_eq!(
+        answer_of(&before, "d").await.unwrap(),
+        3,
+        "the connection made before still works"
+    );
+    c.stop().await.unwrap();
+}
+
 /// A publisher whose coordinator cannot be reached at all (nothing listens there) answers each
 /// call with an error once it has retried for `retry_for`, rather than leaving it waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

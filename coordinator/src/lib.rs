@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
-use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::metrics::LatencyHistogram;
 use dci_proto::pb;
@@ -288,6 +287,7 @@ pub async fn run(
         started: std::time::Instant::now(),
     };
     let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+    let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
     if let Some(r) = ready {
         let _ = r.send((epoch, hub.propagation.clone(), metrics_addr));
     }
@@ -317,7 +317,7 @@ pub async fn run(
             .send_compressed(tonic::codec::CompressionEncoding::Zstd),
         )
         .add_service(pb::admin_server::AdminServer::new(svc))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     housekeeping.abort();
     // Answer what is in flight and close the log cleanly.

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dci_proto::incoming;
 use dci_proto::pb;
 use dci_proto::ring::NodeRing;
 use dci_proto::types::RingOwnership;
@@ -542,6 +541,7 @@ impl EdgeNode {
             .saturating_add(cfg.max_key_len)
             .saturating_add(64 << 10);
         let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+        let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {
             server
@@ -554,7 +554,7 @@ impl EdgeNode {
                         .max_decoding_message_size(max_request),
                 )
                 .add_service(pb::admin_server::AdminServer::new(svc))
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await

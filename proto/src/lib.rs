@@ -35,12 +35,6 @@ pub mod pb {
 
 pub use types::{coalesce, Batch, Epoch, Filter, Invalidation, Kind, Seq, ShardId};
 
-/// Accepted connections of a bound listener, with Nagle off: batches are small and latency-bound,
-/// and a custom incoming stream does not get the server builder's `tcp_nodelay`.
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// Bind a node's listener; returns it with the address it really got (for port 0).
 pub async fn bind(
     addr: std::net::SocketAddr,

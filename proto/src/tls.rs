@@ -3,12 +3,27 @@
 //! trusting the CA it is given or, without one, the system's roots. A node given a client CA
 //! serves only clients that present a certificate it signed (mutual TLS); nodes present their
 //! own certificate when they follow a sender.
+//!
+//! Certificates are renewed while nodes run (cert-manager rewrites a Secret's files): a server
+//! looks at its files' modification times at most once a second as connections arrive and,
+//! when they changed, serves the new ones from the next handshake on (keeping the old ones if
+//! the new cannot be used, as in the middle of a rewrite); a node reads its files anew each
+//! time it connects to a sender.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The `tls` section of a node's config (flags `--tls-cert`, `--tls-key`, `--tls-ca`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,26 +72,77 @@ impl TlsConfig {
         }
     }
 
-    /// The server side: `None` serves plaintext.
-    pub fn server(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
+    /// The server side as its files are now: `None` serves plaintext.
+    pub fn server(&self) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
         self.validate()?;
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
             return Ok(None);
         };
-        let identity = identity(read("tls.cert", cert)?, read("tls.key", key)?)?;
-        let server = ServerTlsConfig::new().identity(identity);
-        Ok(Some(match &self.client_ca {
-            Some(ca) => server.client_ca_root(Certificate::from_pem(certificates(
-                "tls.client_ca",
-                read("tls.client_ca", ca)?,
-            )?)),
-            None => server,
-        }))
+        let chain = read("tls.cert", cert)?;
+        let chain = CertificateDer::pem_slice_iter(&certificates("tls.cert", chain)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError(format!("tls.cert {}: {e}", cert.display())))?;
+        let key = PrivateKeyDer::from_pem_slice(&read("tls.key", key)?).map_err(|e| {
+            TlsError(format!(
+                "tls.key {} holds no PEM private key: {e}",
+                key.display()
+            ))
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let pem = certificates("tls.client_ca", read("tls.client_ca", ca)?)?;
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(&pem) {
+                    let c = c.map_err(|e| TlsError(format!("tls.client_ca: {e}")))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| TlsError(format!("tls.client_ca: {e}")))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()
+                .map_err(|e| TlsError(format!("tls.client_ca: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError(format!("tls.cert and tls.key: {e}")))?;
+        // gRPC is HTTP/2 only.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Some(Arc::new(config)))
     }
 
-    /// The client side, read once: the CA trusted for `https://` senders and, when this node has
-    /// a certificate, that certificate to present to senders that ask for one.
+    /// When each of this node's TLS files last changed (`None`: not readable).
+    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+        [&self.cert, &self.key, &self.client_ca]
+            .into_iter()
+            .map(|p| {
+                let m = std::fs::metadata(p.as_ref()?).ok()?;
+                Some((m.modified().ok()?, m.len()))
+            })
+            .collect()
+    }
+
+    /// The client side: the CA trusted for `https://` senders and, when this node has a
+    /// certificate, that certificate to present to senders that ask for one; read now, and again
+    /// for each connection (the files may have been renewed).
     pub fn client(&self) -> Result<ClientTls, TlsError> {
+        let mut tls = self.read_client()?;
+        if self.ca.is_some() || self.cert.is_some() {
+            tls.files = Some(Arc::new(self.clone()));
+        }
+        Ok(tls)
+    }
+
+    fn read_client(&self) -> Result<ClientTls, TlsError> {
         self.validate()?;
         let tls = match &self.ca {
             Some(ca) => ClientTls::with_ca_pem(read("tls.ca", ca)?)?,
@@ -99,8 +165,8 @@ fn certificates(what: &str, pem: Vec<u8>) -> Result<Vec<u8>, TlsError> {
     }
 }
 
-/// A certificate chain and its key, checked for the PEM blocks rustls will look for, so that a
-/// swapped or empty file is named at start rather than failing every handshake.
+/// A client's certificate chain and its key, checked for the PEM blocks rustls will look for, so
+/// that a swapped or empty file is named at start rather than failing every handshake.
 fn identity(cert: Vec<u8>, key: Vec<u8>) -> Result<Identity, TlsError> {
     let cert = certificates("the certificate file", cert)?;
     if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
@@ -115,6 +181,8 @@ fn identity(cert: Vec<u8>, key: Vec<u8>) -> Result<Identity, TlsError> {
 pub struct ClientTls {
     ca_pem: Option<Arc<Vec<u8>>>,
     identity: Option<Identity>,
+    /// Where `ca_pem` and `identity` were read from, to read them again.
+    files: Option<Arc<TlsConfig>>,
 }
 
 // By hand: the derived form would print the private key.
@@ -132,7 +200,7 @@ impl ClientTls {
     pub fn with_ca_pem(pem: Vec<u8>) -> Result<ClientTls, TlsError> {
         Ok(ClientTls {
             ca_pem: Some(Arc::new(certificates("the CA file", pem)?)),
-            identity: None,
+            ..Default::default()
         })
     }
 
@@ -157,13 +225,26 @@ impl ClientTls {
         if !url.starts_with("https://") {
             return Ok(ep);
         }
-        let cfg = match &self.ca_pem {
+        let renewed;
+        let this = match self.files.as_ref().map(|f| f.read_client()) {
+            Some(Ok(tls)) => {
+                renewed = tls;
+                &renewed
+            }
+            // Files in the middle of being rewritten: what was read before.
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "TLS files cannot be read again; using those read before");
+                self
+            }
+            None => self,
+        };
+        let cfg = match &this.ca_pem {
             Some(pem) => {
                 ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem.as_slice()))
             }
             None => ClientTlsConfig::new().with_native_roots(),
         };
-        let cfg = match &self.identity {
+        let cfg = match &this.identity {
             Some(id) => cfg.identity(id.clone()),
             None => cfg,
         };
@@ -199,15 +280,191 @@ pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
     }
 }
 
-/// The gRPC server settings every dci node uses, over TLS when `tls` has a certificate.
+/// The gRPC server settings every dci node uses (TLS, when configured, is in [`incoming`]).
 pub fn grpc_server(tls: &TlsConfig) -> Result<tonic::transport::Server, TlsError> {
-    let server = crate::grpc_server();
-    match tls.server()? {
-        Some(cfg) => server
-            .tls_config(cfg)
-            .map_err(|e| TlsError(format!("TLS: {}", crate::with_causes(&e)))),
-        None => Ok(server),
+    tls.validate()?;
+    Ok(crate::grpc_server())
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often, at most, a server looks whether its TLS files changed.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// A server's TLS settings, reloaded when their files change.
+struct ServerTls {
+    files: TlsConfig,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    stamp: Vec<Option<(SystemTime, u64)>>,
+    checked: Instant,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl ServerTls {
+    /// What the next handshake uses: the files as they are, or as last usable.
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut st = crate::upstream::lock(&self.state);
+        if st.checked.elapsed() >= RELOAD_CHECK {
+            st.checked = Instant::now();
+            let stamp = self.files.stamp();
+            if stamp != st.stamp {
+                st.stamp = stamp;
+                match self.files.server() {
+                    Ok(Some(config)) => {
+                        st.config = config;
+                        tracing::info!("TLS files changed: serving them from now on");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "TLS files changed but cannot be used; serving the ones read before"
+                    ),
+                }
+            }
+        }
+        tokio_rustls::TlsAcceptor::from(st.config.clone())
     }
+}
+
+/// A connection a node accepted: plaintext, or TLS once its handshake is done.
+pub enum Conn {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The connections of a bound listener as a gRPC server takes them, with Nagle off (batches
+/// are small and latency-bound) and, with a certificate in `tls`, after a TLS handshake each
+/// (done apart, so a slow client delays no other). Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: &TlsConfig,
+) -> Result<tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>, TlsError> {
+    let server = tls.server()?.map(|config| {
+        Arc::new(ServerTls {
+            files: tls.clone(),
+            state: Mutex::new(Loaded {
+                stamp: tls.stamp(),
+                checked: Instant::now(),
+                config,
+            }),
+        })
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    // Out of file descriptors, a connection reset before it was taken: the
+                    // listener still works.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(server) = &server else {
+                if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let (acceptor, tx) = (server.acceptor(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                    }
+                    // A refused certificate is worth an operator's eye; a probe that opened
+                    // and closed a connection is not.
+                    Ok(Err(e)) if e.to_string().contains("certificate") => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused")
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
-use dci_proto::incoming;
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
 use dci_proto::upstream::{self, FollowOptions};
@@ -205,6 +204,7 @@ impl Relay {
             .set_serving::<pb::subscribe_server::SubscribeServer<SubscribeService<RelayCore>>>()
             .await;
         let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+        let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {
             server
@@ -216,7 +216,7 @@ impl Relay {
                         .send_compressed(tonic::codec::CompressionEncoding::Zstd),
                 )
                 .add_service(pb::admin_server::AdminServer::new(svc))
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
