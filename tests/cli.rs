@@ -1247,7 +1247,7 @@ fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
                 "--tls-key",
                 &other_key,
             ],
-            "is this one signed by its --tls-client-ca?",
+            "is this one signed by its --tls-client-ca, for client authentication?",
         ),
     ];
     for (tls, says) in refused {

@@ -271,7 +271,7 @@ pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
         // A node requiring client certificates sends an alert and ends the connection after
         // the handshake; which of these the client sees first depends on timing.
         if tls.has_identity() {
-            " (if the node requires client certificates: is this one signed by its --tls-client-ca?)"
+            " (if the node requires client certificates: is this one signed by its --tls-client-ca, for client authentication? The node logs why it refused one)"
         } else {
             " (if the node requires a client certificate, give --tls-cert and --tls-key)"
         }
@@ -570,13 +570,13 @@ mod tests {
                 "https://h:1",
                 &with_cert,
                 "received fatal alert: UnknownCA",
-                "--tls-client-ca?",
+                "signed by its --tls-client-ca",
             ),
             (
                 "https://h:1",
                 &with_cert,
                 "connection closed",
-                "--tls-client-ca?",
+                "signed by its --tls-client-ca",
             ),
             (
                 "https://h:1",
