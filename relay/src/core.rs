@@ -170,7 +170,12 @@ impl RelayCore {
                 .await
             {
                 Ok(f) => return f,
-                Err(e) => tracing::debug!(upstream = %url, error = %e, "catch-up failed"),
+                Err(e) => {
+                    tracing::debug!(upstream = %url, error = %e, "catch-up failed");
+                    // The next fetch makes a new channel: a lazy one would reconnect with what
+                    // it was made with (an address, TLS files since renewed).
+                    lock(&self.channels).remove(&url);
+                }
             }
         }
         Fetch::NotYet
