@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-/// Sends the scripted batches after the Hello, then heartbeats; ignores acks.
+/// Sends the scripted batches after the Hello, then heartbeats echoing the receiver's probes;
+/// ignores acks.
 #[derive(Clone)]
 struct Scripted {
     batches: Vec<pb::Batch>,
@@ -61,6 +62,8 @@ impl pb::subscribe_server::Subscribe for Scripted {
             let junk = pb::downstream::Msg::Batch(Bytes::from_static(b"\x0a\xff\xff\xff\xff"));
             let _ = tx.send(Ok(pb::Downstream { msg: Some(junk) })).await;
             tokio::time::sleep(script.first_heartbeat_after).await;
+            // The receiver's newest probe, echoed as a sender does.
+            let mut echo = 0;
             loop {
                 if script.silent.load(std::sync::atomic::Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -76,6 +79,7 @@ impl pb::subscribe_server::Subscribe for Scripted {
                         held: script.held,
                         shard_count: script.shard_count,
                     }],
+                    echo_us: echo,
                     ..Default::default()
                 };
                 if tx
@@ -87,9 +91,12 @@ impl pb::subscribe_server::Subscribe for Scripted {
                 {
                     return;
                 }
-                while let Ok(Ok(Some(_))) =
+                while let Ok(Ok(Some(m))) =
                     tokio::time::timeout(Duration::from_millis(100), inbound.message()).await
                 {
+                    if let Some(pb::upstream::Msg::Heartbeat(h)) = m.msg {
+                        echo = echo.max(h.probe_us);
+                    }
                 }
             }
         });
@@ -387,6 +394,83 @@ fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fres
             assert!(tokio::time::Instant::now() < deadline, "never served again");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    });
+    let _ = done.send(());
+    edge_thread.join().unwrap();
+    let _ = stop.send(true);
+}
+
+/// An edge paused for less than its peer timeout but longer than its staleness bound finds the
+/// heartbeats its sender sent early in the pause waiting in its socket, and then nothing more
+/// (the sender fell silent meanwhile). The link does not end (the silence was shorter than the
+/// peer timeout), and stamped on arrival those heartbeats would pass for fresh news: the edge
+/// would serve what it held from before the pause for another bound. They echo the edge's last
+/// probe before the pause, and that is how fresh they make it: too old, it serves misses until
+/// the sender answers a probe again.
+#[test]
+fn an_edge_paused_shorter_than_its_peer_timeout_is_as_fresh_as_its_last_answered_probe() {
+    let cfg = EdgeConfig {
+        max_staleness: Duration::from_secs(1),
+        peer_timeout: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let script = script();
+    let silent = script.silent.clone();
+    // The edge on a single thread of its own, which a blocking sleep freezes whole.
+    let outer = tokio::runtime::Runtime::new().unwrap();
+    let (url, stop) = outer.block_on(serve(script));
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let edge_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let edge = edge_following(url, cfg).await;
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            handle_tx
+                .send((tokio::runtime::Handle::current(), edge.url(), done_tx))
+                .unwrap();
+            let _ = done_rx.await;
+            edge.stop().await.unwrap();
+        });
+    });
+    let (edge_rt, edge_url, done) = handle_rx.recv().unwrap();
+    outer.block_on(async {
+        let cache = dci_sdk::CacheClient::from_urls(vec![edge_url]).unwrap();
+        let served = || async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let _ = cache.set("x", "v", None).await;
+                if matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Hit(_)) {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never served");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        served().await;
+        // Frozen for 2.5 s; heartbeats pile up in its socket for the first second, then stop.
+        let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel();
+        edge_rt.spawn(async move {
+            let _ = frozen_tx.send(());
+            std::thread::sleep(Duration::from_millis(2500));
+        });
+        frozen_rx.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        silent.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        // Awake again: its last answered probe left before the pause, more than its bound ago.
+        for _ in 0..10 {
+            assert!(
+                matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Miss { .. }),
+                "served on the strength of heartbeats that waited out the pause"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The sender answering probes again brings it back.
+        silent.store(false, std::sync::atomic::Ordering::SeqCst);
+        served().await;
     });
     let _ = done.send(());
     edge_thread.join().unwrap();

@@ -265,6 +265,12 @@ async fn run_link<S: BatchSource>(
                             if !h.subtree.is_empty() {
                                 source.report(link_id, h.subtree);
                             }
+                            if h.probe_us > 0 {
+                                sender.on_probe(h.probe_us);
+                                for c in sender.tick(&source.views(), now) {
+                                    exec(source.as_ref(), c, tx, stall, counters).await?;
+                                }
+                            }
                         }
                         pb::upstream::Msg::Hello(_) => sender.on_heard(now),
                     },
@@ -300,7 +306,7 @@ async fn exec<S: BatchSource>(
             counters.resets.fetch_add(1, Ordering::Relaxed);
             send(tx, pb::downstream::Msg::Reset(r), stall).await
         }
-        TxCommand::Heartbeat(mut heads) => {
+        TxCommand::Heartbeat(mut heads, echo_us) => {
             let shard_count = source.shard_count();
             for h in &mut heads {
                 h.upstream_age_ms = source.upstream_age_ms(h.shard);
@@ -310,6 +316,8 @@ async fn exec<S: BatchSource>(
                 heads,
                 subtree: Vec::new(),
                 now_us: crate::now_us(),
+                probe_us: 0,
+                echo_us,
             };
             send(tx, pb::downstream::Msg::Heartbeat(hb), stall).await
         }

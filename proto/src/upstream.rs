@@ -304,6 +304,27 @@ fn lookup(v: &[(ShardId, u64)], shard: ShardId) -> u64 {
     v.iter().find(|(s, _)| *s == shard).map_or(0, |(_, t)| *t)
 }
 
+/// A probe of a link opened at `opened`, sent at `now`: microseconds since, plus one (0 is none).
+pub fn probe_us(opened: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(opened).as_micros())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
+}
+
+/// The moment a heartbeat is known to describe its sender at or after: when the probe it echoes
+/// (`echo_us`, of a link opened at `opened`) left this node. Not when it arrived, which may be
+/// long after it was sent (it waited in a queue, a socket, a paused process). A sender that
+/// echoes none (an older one) has only its arrival; an echo of a probe never sent, no later
+/// than that either.
+pub fn heartbeat_stamp(opened: Instant, echo_us: u64, now: Instant) -> Instant {
+    match echo_us.checked_sub(1) {
+        None => now,
+        Some(us) => opened
+            .checked_add(Duration::from_micros(us))
+            .map_or(now, |t| t.min(now)),
+    }
+}
+
 /// Is the sender followed since `connected_at` cut off itself, for `bound` or longer: it has said
 /// of no shard (it never reached a coordinator), or it last was caught up with its own sender on
 /// some shard it carries (`announced`: when, as its heartbeats say; `None`: never) `bound` ago or
@@ -455,10 +476,24 @@ async fn session<A: Applier>(
         zstd_batches: opts.compression,
         window_bytes: 0,
     };
+    // Probes are timed from here; the first follows the hello, so that the sender's first
+    // heartbeats already echo one.
+    let opened = Instant::now();
+    let probe = |now: Instant, subtree: Vec<pb::NodeStatus>| pb::Upstream {
+        msg: Some(pb::upstream::Msg::Heartbeat(pb::Heartbeat {
+            heads: Vec::new(),
+            subtree,
+            now_us: crate::now_us(),
+            probe_us: probe_us(opened, now),
+            echo_us: 0,
+        })),
+    };
     up.try_send(pb::Upstream {
         msg: Some(pb::upstream::Msg::Hello(hello)),
     })
     .map_err(|e| e.to_string())?;
+    up.try_send(probe(opened, Vec::new()))
+        .map_err(|e| e.to_string())?;
     let mut stream = client
         .subscribe(ReceiverStream::new(up_rx))
         .await
@@ -478,6 +513,9 @@ async fn session<A: Applier>(
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
     let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
+    // When the sender was as its newest heartbeat describes it, at the latest (what being caught
+    // up with that heartbeat's heads makes this node fresh as of).
+    let mut described = now;
     let mut tick = tokio::time::interval(opts.receiver.ack_interval.max(Duration::from_millis(2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -548,6 +586,8 @@ async fn session<A: Applier>(
                         receiver.on_reset(&r)
                     }
                     Some(pb::downstream::Msg::Heartbeat(h)) => {
+                        let at = heartbeat_stamp(opened, h.echo_us, now);
+                        described = at;
                         let mut st = lock(state);
                         for head in &h.heads {
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
@@ -559,11 +599,11 @@ async fn session<A: Applier>(
                             st.vouched.retain(|(s, _)| *s != head.shard);
                             announced.retain(|(s, _)| *s != head.shard);
                             if head.upstream_age_ms > 0 {
-                                let at = now.checked_sub(Duration::from_millis(head.upstream_age_ms));
+                                let at = at.checked_sub(Duration::from_millis(head.upstream_age_ms));
                                 st.vouched.push((head.shard, at));
                                 announced.push((head.shard, at));
                             } else {
-                                announced.push((head.shard, Some(now)));
+                                announced.push((head.shard, Some(at)));
                             }
                         }
                         drop(st);
@@ -576,7 +616,7 @@ async fn session<A: Applier>(
                 st.last_heard = Some(now);
                 st.progress = receiver.progress();
                 if caught_up(&st.progress, &announced) {
-                    st.last_caught_up = Some(now);
+                    st.last_caught_up = Some(described);
                 }
             }
             _ = tick.tick() => {
@@ -602,10 +642,9 @@ async fn session<A: Applier>(
                         said_left_out = true;
                         tracing::warn!(left_out, "too many nodes below to report them all; `dci status` lists those that fit");
                     }
-                    let hb = pb::Heartbeat { heads: Vec::new(), subtree, now_us: crate::now_us() };
-                    // A full queue means the sender is not reading; acks are cumulative, so
-                    // dropping one is harmless.
-                    let _ = up.try_send(pb::Upstream { msg: Some(pb::upstream::Msg::Heartbeat(hb)) });
+                    // A full queue means the sender is not reading; acks are cumulative and
+                    // probes repeated, so dropping one is harmless.
+                    let _ = up.try_send(probe(now, subtree));
                 }
             }
         }
@@ -717,6 +756,40 @@ fn apply_guarded<A: Applier>(
 }
 
 #[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_heartbeat_is_as_fresh_as_the_probe_it_echoes() {
+        let opened = Instant::now();
+        let sent = opened + Duration::from_millis(1500);
+        let now = opened + Duration::from_secs(4);
+        let probe = probe_us(opened, sent);
+        assert_eq!(heartbeat_stamp(opened, probe, now), sent);
+        // No echo (an older sender): its arrival.
+        assert_eq!(heartbeat_stamp(opened, 0, now), now);
+        // An echo of a probe not yet sent: no later than now.
+        let future = probe_us(opened, now + Duration::from_secs(60));
+        assert_eq!(heartbeat_stamp(opened, future, now), now);
+        assert_eq!(heartbeat_stamp(opened, u64::MAX, now), now);
+    }
+
+    proptest! {
+        /// Whatever a sender echoes, the stamp is never later than now, and for a probe this
+        /// link sent, never later than when it was sent.
+        #[test]
+        fn stamps_are_never_fresher_than_the_probe(sent_ms in 0u64..1_000_000, late_ms in 0u64..1_000_000, echo in any::<u64>()) {
+            let opened = Instant::now();
+            let sent = opened + Duration::from_millis(sent_ms);
+            let now = sent + Duration::from_millis(late_ms);
+            prop_assert!(heartbeat_stamp(opened, echo, now) <= now);
+            prop_assert_eq!(heartbeat_stamp(opened, probe_us(opened, sent), now), sent);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -814,9 +887,11 @@ mod tests {
             heads: Vec::new(),
             subtree: kept,
             now_us: u64::MAX,
+            probe_us: u64::MAX,
+            echo_us: 0,
         };
         let len = hb.encoded_len();
-        assert!(len <= MAX_SUBTREE_BYTES + 16, "{len} bytes");
+        assert!(len <= MAX_SUBTREE_BYTES + 32, "{len} bytes");
         assert!(
             len > MAX_SUBTREE_BYTES - 1024,
             "{len} bytes: as many as fit"

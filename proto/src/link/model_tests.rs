@@ -167,7 +167,7 @@ impl<'a> Sim<'a> {
     fn tx(&mut self, c: TxCommand) {
         match c {
             TxCommand::Reset(r) => self.down.push_back(Down::Reset(r)),
-            TxCommand::Heartbeat(heads) => self.down.push_back(Down::Heartbeat(pb::Heartbeat {
+            TxCommand::Heartbeat(heads, _) => self.down.push_back(Down::Heartbeat(pb::Heartbeat {
                 heads,
                 ..Default::default()
             })),

@@ -62,8 +62,8 @@ pub struct ShardView {
 pub enum TxCommand {
     /// Send this Reset (the receiver flushes the shard and resumes after `hwm`).
     Reset(pb::Reset),
-    /// Send a heartbeat with these heads.
-    Heartbeat(Vec<pb::ShardHead>),
+    /// Send a heartbeat with these heads, echoing this probe of the receiver's (0: none).
+    Heartbeat(Vec<pb::ShardHead>, u64),
     /// Close the link: the receiver is gone.
     Disconnect(String),
 }
@@ -94,6 +94,8 @@ pub struct Sender {
     /// The receiver's resume points, for shards this sender learns of after the Hello.
     resume: Vec<pb::ResumePoint>,
     last_heartbeat: Option<Instant>,
+    /// The receiver's newest probe.
+    echo: u64,
     last_heard: Instant,
     resets: u64,
     retransmits: u64,
@@ -107,6 +109,7 @@ impl Sender {
             shards: BTreeMap::new(),
             resume: Vec::new(),
             last_heartbeat: None,
+            echo: 0,
             last_heard: now,
             resets: 0,
             retransmits: 0,
@@ -316,6 +319,14 @@ impl Sender {
         self.last_heard = now;
     }
 
+    /// The receiver probed: the next tick answers with a heartbeat echoing the newest probe.
+    pub fn on_probe(&mut self, probe_us: u64) {
+        if probe_us > self.echo {
+            self.echo = probe_us;
+            self.last_heartbeat = None;
+        }
+    }
+
     /// Time passed: heartbeats, retransmit timeouts, dead receivers.
     pub fn tick(&mut self, views: &[ShardView], now: Instant) -> Vec<TxCommand> {
         let mut out = Vec::new();
@@ -355,7 +366,7 @@ impl Sender {
                     })
                 })
                 .collect();
-            out.push(TxCommand::Heartbeat(heads));
+            out.push(TxCommand::Heartbeat(heads, self.echo));
         }
         out
     }
@@ -576,9 +587,37 @@ mod tests {
         s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
         s.on_sent(0, 42, 10, now);
         let cmds = s.tick(&[view(1, 100)], now);
-        assert!(matches!(&cmds[0], TxCommand::Heartbeat(h) if h[0].head == 42));
+        assert!(matches!(&cmds[0], TxCommand::Heartbeat(h, 0) if h[0].head == 42));
         let cmds = s.tick(&[view(1, 100)], now + Duration::from_secs(11));
         assert!(matches!(cmds[0], TxCommand::Disconnect(_)));
+    }
+
+    #[test]
+    fn a_probe_is_answered_at_once_and_echoed_until_a_newer_one() {
+        let now = Instant::now();
+        let mut s = Sender::new(SenderConfig::default(), now);
+        s.on_hello(&[point(5, 0)], &[view(1, 100)], now);
+        assert!(matches!(
+            s.tick(&[view(1, 100)], now)[..],
+            [TxCommand::Heartbeat(_, 0)]
+        ));
+        // Not due again for a heartbeat interval, unless probed.
+        let soon = now + Duration::from_millis(10);
+        assert!(s.tick(&[view(1, 100)], soon).is_empty());
+        s.on_probe(700);
+        assert!(matches!(
+            s.tick(&[view(1, 100)], soon)[..],
+            [TxCommand::Heartbeat(_, 700)]
+        ));
+        assert!(s.tick(&[view(1, 100)], soon).is_empty(), "answered once");
+        // An older probe (reordered, repeated) neither lowers the echo nor asks for an answer.
+        s.on_probe(500);
+        assert!(s.tick(&[view(1, 100)], soon).is_empty());
+        let later = now + Duration::from_secs(1);
+        assert!(matches!(
+            s.tick(&[view(1, 100)], later)[..],
+            [TxCommand::Heartbeat(_, 700)]
+        ));
     }
 
     #[test]
