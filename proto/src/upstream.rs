@@ -368,6 +368,10 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How often a receiver probes its sender between its reports: how much older than a round trip
+/// its freshness may be at each level (a report, every heartbeat interval, probes too).
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
 /// How often a sender that cannot be followed is told at warn level.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -509,6 +513,7 @@ async fn session<A: Applier>(
     tracing::info!(sender = %url, "following sender");
     let mut last_heard = now;
     let mut last_hb_sent = now;
+    let mut last_probe = now;
     let mut said_left_out = false;
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
@@ -645,6 +650,10 @@ async fn session<A: Applier>(
                     // A full queue means the sender is not reading; acks are cumulative and
                     // probes repeated, so dropping one is harmless.
                     let _ = up.try_send(probe(now, subtree));
+                    last_probe = now;
+                } else if now.duration_since(last_probe) >= PROBE_INTERVAL {
+                    last_probe = now;
+                    let _ = up.try_send(probe(now, Vec::new()));
                 }
             }
         }
