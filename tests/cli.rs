@@ -1288,6 +1288,25 @@ fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
         "{}",
         stderr(&o)
     );
+    // A key that is not the certificate's: refused before a log is made.
+    let fresh = dir.path().join("never-made");
+    let o = dci(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &other_key,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not be consistent"), "{}", stderr(&o));
+    assert!(
+        !fresh.exists(),
+        "a log was made for a coordinator that could not start"
+    );
 }
 
 /// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).

@@ -75,6 +75,8 @@ impl Coordinator {
     /// Bind `cfg.listen` and run in the background.
     pub async fn start(cfg: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
         let cfg = cfg.validate()?;
+        // Unusable TLS files are refused before the log is opened (or made).
+        cfg.tls.server()?;
         let scheme = cfg.tls.scheme();
         let (listener, addr) =
             dci_proto::bind(cfg.listen)
