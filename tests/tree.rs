@@ -1388,6 +1388,38 @@ async fn an_edge_two_relays_deep_stays_fresh_within_a_one_second_bound() {
     c.stop().await.unwrap();
 }
 
+/// A relay given its own URL to follow refuses itself (its Hello carries the number the relay
+/// drew at start), and a stream refused before a word is a failure to follow, retried with
+/// backoff: a few attempts in two seconds, not a busy loop (it reconnected every few
+/// milliseconds, logging each time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_given_its_own_url_refuses_itself_and_backs_off() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let own = format!("http://127.0.0.1:{port}");
+    let r = Relay::start(RelayConfig {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        upstream: vec![own.clone()],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.url(), own);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = lock(&r.core.links[0]).clone();
+    assert!(st.progress.is_empty(), "followed itself: {:?}", st.progress);
+    assert!(
+        (2..=10).contains(&st.connects),
+        "{} attempts in 2 s",
+        st.connects
+    );
+    r.stop().await.unwrap();
+}
+
 /// The SDK over mutual TLS: a coordinator, a relay and an edge serving TLS with the test CA's
 /// node certificate, requiring client certificates that CA signed, and following each other at
 /// `https://` URLs (presenting their own certificate); a `Publisher`, a `CacheClient` and a

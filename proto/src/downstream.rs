@@ -68,6 +68,8 @@ pub struct ServeOptions {
     pub hello_timeout: Duration,
     /// How often the runtime ticks the state machine.
     pub tick: Duration,
+    /// This node's random number (0: none): a Hello carrying it comes from this node itself.
+    pub instance: u64,
 }
 
 impl Default for ServeOptions {
@@ -76,6 +78,7 @@ impl Default for ServeOptions {
             sender: SenderConfig::default(),
             hello_timeout: Duration::from_secs(10),
             tick: Duration::from_millis(50),
+            instance: 0,
         }
     }
 }
@@ -200,6 +203,11 @@ async fn run_link<S: BatchSource>(
         Some(_) => return Err(Status::invalid_argument("the first message must be Hello")),
         None => return Ok(()),
     };
+    if hello.instance != 0 && hello.instance == opts.instance {
+        return Err(Status::failed_precondition(
+            "this node was given its own URL to follow (--upstream): a node cannot follow itself",
+        ));
+    }
     if let Some(p) = hello.resume.iter().find(|p| p.hwm > crate::types::MAX_SEQ) {
         return Err(Status::invalid_argument(format!(
             "resume point of shard {} is out of bounds ({})",

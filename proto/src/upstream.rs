@@ -169,6 +169,9 @@ pub struct FollowOptions {
     pub compression: bool,
     /// How to speak TLS to `https://` senders.
     pub tls: crate::tls::ClientTls,
+    /// This node's random number (`Hello.instance`; 0: none), by which a node that serves
+    /// streams too knows itself when given its own URL to follow.
+    pub instance: u64,
 }
 
 impl Default for FollowOptions {
@@ -189,6 +192,7 @@ impl Default for FollowOptions {
             resume: Vec::new(),
             compression: false,
             tls: Default::default(),
+            instance: 0,
         }
     }
 }
@@ -479,6 +483,7 @@ async fn session<A: Applier>(
         role: opts.role.clone(),
         zstd_batches: opts.compression,
         window_bytes: 0,
+        instance: opts.instance,
     };
     // Probes are timed from here; the first follows the hello, so that the sender's first
     // heartbeats already echo one.
@@ -514,6 +519,7 @@ async fn session<A: Applier>(
     let mut last_heard = now;
     let mut last_hb_sent = now;
     let mut last_probe = now;
+    let mut heard_any = false;
     let mut said_left_out = false;
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
@@ -529,11 +535,17 @@ async fn session<A: Applier>(
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => return Ok(()),
+                    // Refused before it said anything (a Hello it will not take): a failure to
+                    // follow it, retried with backoff, not a link that worked.
+                    Err(status) if !heard_any => {
+                        return Err(format!("{}: {}", status.code(), status.message()));
+                    }
                     Err(status) => {
                         tracing::info!(sender = %url, %status, "sender ended the stream");
                         return Ok(());
                     }
                 };
+                heard_any = true;
                 let now = Instant::now();
                 // Nothing came for longer than the peer timeout: this node was paused (a frozen
                 // VM, a stopped process) or the sender was. What waited in the socket meanwhile is

@@ -34,6 +34,8 @@ pub struct RelayCore {
     channels: Mutex<HashMap<String, Channel>>,
     /// How catch-up fetches speak TLS to `https://` senders.
     tls: dci_proto::tls::ClientTls,
+    /// This relay's random number (`Hello.instance`).
+    instance: u64,
     /// The upstream links, one per group: for status and for choosing where to catch up from.
     pub links: Vec<Arc<Mutex<LinkState>>>,
     /// Entries quarantined.
@@ -54,9 +56,11 @@ impl RelayCore {
         ring_bytes: usize,
         max_key_len: usize,
         tls: dci_proto::tls::ClientTls,
+        instance: u64,
     ) -> Self {
         RelayCore {
             tls,
+            instance,
             node_id,
             links: groups
                 .iter()
@@ -205,6 +209,7 @@ impl RelayCore {
                 role: "catch-up".into(),
                 zstd_batches: false,
                 window_bytes: budget.max(1) as u64,
+                instance: self.instance,
             })),
         })
         .await

@@ -99,12 +99,15 @@ impl Relay {
         } else {
             cfg.node_id.clone()
         };
+        // Drawn anew at each start: what tells this relay's own streams from others'.
+        let instance = rand::random::<u64>().max(1);
         let core = Arc::new(RelayCore::new(
             node_id.clone(),
             cfg.groups(),
             cfg.ring_bytes,
             cfg.max_key_len,
             cfg.tls.client()?,
+            instance,
         ));
         let counters = Arc::new(ServeCounters::default());
         let (shutdown, rx) = watch::channel(false);
@@ -120,6 +123,7 @@ impl Relay {
                 compression: cfg.compression,
                 max_key_len: cfg.max_key_len,
                 tls: cfg.tls.client()?,
+                instance,
                 ..FollowOptions::default()
             };
             let applier = core::RelayApplier::new(core.clone(), group);
@@ -194,6 +198,7 @@ impl Relay {
                     window_bytes: cfg.window_bytes,
                     ..SenderConfig::default()
                 },
+                instance,
                 ..ServeOptions::default()
             },
             counters.clone(),
