@@ -901,6 +901,14 @@ fn main() -> ExitCode {
             "info"
         });
     }
+    if server || matches!(cli.command, Command::Bench(_) | Command::BenchReceivers(_)) {
+        // A node holds a descriptor per connection (a relay, one per receiver) and the usual
+        // soft limit is 1024: up to the hard limit, as the system allows without privileges.
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
     // The command runs as a task on the runtime's workers, not on this thread: its wake-ups
     // (a publish answered, a tick) then stay among the workers instead of crossing threads.
     let command = async move {

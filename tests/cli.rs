@@ -1309,6 +1309,33 @@ fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
     );
 }
 
+/// A node raises its open-file limit to the hard limit (a relay holds a descriptor per
+/// receiver, and the usual soft limit of 1024 would refuse the thousand-and-first edge).
+#[test]
+fn a_node_raises_its_open_file_limit() {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -Sn 256; exec \"$0\" \"$@\"", DCI])
+        .args([
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:1",
+        ]);
+    let (relay, _) = start_cmd(cmd);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit not raised to the hard: {line}"
+    );
+    assert_ne!(numbers[0], "256", "{line}");
+}
+
 /// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).
 fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
     let nodes = status_nodes(coord, &[]);
