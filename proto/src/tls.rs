@@ -426,15 +426,19 @@ pub fn incoming(
     });
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let mut warned = None::<Instant>;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     // Out of file descriptors, a connection reset before it was taken: the
-                    // listener still works.
+                    // listener still works. Said once in a while, not per attempt.
                     Err(e) => {
-                        tracing::warn!(error = %e, "accepting a connection failed");
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            warned = Some(Instant::now());
+                            tracing::warn!(error = %e, "accepting a connection failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
