@@ -1047,6 +1047,37 @@ fn tls_file(name: &str) -> String {
     format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A coordinator (its log in `dir`, `more` flags beside), a relay of region "eu" following it
+/// and an edge following the relay, each serving TLS with the test node certificate and
+/// trusting the test CA: the processes, and the coordinator's, relay's and edge's URLs.
+fn start_tls_tree(dir: &std::path::Path, more: &[&str]) -> (Vec<Proc>, [String; 3]) {
+    let (ca, cert, key) = (
+        tls_file("ca.pem"),
+        tls_file("node.pem"),
+        tls_file("node.key"),
+    );
+    let serve = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
+    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir"];
+    args.push(dir.to_str().unwrap());
+    args.extend(&serve[..4]);
+    args.extend(more);
+    let (c, cp) = start(&args);
+    let coord = format!("https://127.0.0.1:{cp}");
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--upstream", &coord]);
+    args.extend(serve);
+    let (r, rp) = start(&args);
+    let relay = format!("https://127.0.0.1:{rp}");
+    let mut args = vec!["edge", "--listen", "127.0.0.1:0", "--region", "eu"];
+    args.extend(["--relays", &relay]);
+    args.extend(serve);
+    let (e, ep) = start(&args);
+    (
+        vec![c, r, e],
+        [coord, relay, format!("https://127.0.0.1:{ep}")],
+    )
+}
+
 /// A whole tree over TLS: every node serves TLS with its certificate and follows its sender at
 /// an `https://` URL trusting the CA; the CLI publishes, reads status and fills and reads an
 /// edge the same way. A client that does not trust the node's CA, or speaks plaintext to it, is
@@ -1058,23 +1089,8 @@ fn a_tree_over_tls() {
         tls_file("node.pem"),
         tls_file("node.key"),
     );
-    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir"];
-    args.push(dir.path().to_str().unwrap());
-    args.extend(&tls[..4]);
-    let (_c, cp) = start(&args);
-    let coord = format!("https://127.0.0.1:{cp}");
-    let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--region", "eu"];
-    args.extend(["--upstream", &coord]);
-    args.extend(tls);
-    let (_r, rp) = start(&args);
-    let relay = format!("https://127.0.0.1:{rp}");
-    let mut args = vec!["edge", "--listen", "127.0.0.1:0", "--region", "eu"];
-    args.extend(["--relays", &relay]);
-    args.extend(tls);
-    let (_e, ep) = start(&args);
-    let edge = format!("https://127.0.0.1:{ep}");
+    let (_tree, [coord, relay, edge]) = start_tls_tree(dir.path(), &[]);
     let publish = |key: &str| {
         let o = dci(&["publish", "--coordinator", &coord, "--tls-ca", &ca, key]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -1202,23 +1218,8 @@ fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
         tls_file("node.key"),
     );
     let (other_cert, other_key) = (tls_file("other-node.pem"), tls_file("other-node.key"));
-    let serve = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca];
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--data-dir"];
-    args.push(dir.path().to_str().unwrap());
-    args.extend(&serve[..4]);
-    args.extend(["--tls-client-ca", &ca]);
-    let (_c, cp) = start(&args);
-    let coord = format!("https://127.0.0.1:{cp}");
-    let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--region", "eu"];
-    args.extend(["--upstream", &coord]);
-    args.extend(serve);
-    let (_r, rp) = start(&args);
-    let relay = format!("https://127.0.0.1:{rp}");
-    let mut args = vec!["edge", "--listen", "127.0.0.1:0", "--region", "eu"];
-    args.extend(["--relays", &relay]);
-    args.extend(serve);
-    let (_e, _) = start(&args);
+    let (_tree, [coord, _, _]) = start_tls_tree(dir.path(), &["--tls-client-ca", &ca]);
 
     let mine = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
     // `dci publish` of `key` with `tls` flags, refusals final at once.

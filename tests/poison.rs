@@ -322,23 +322,15 @@ async fn an_edge_is_not_caught_up_before_its_sender_says_how_far_the_shard_goes(
     e.stop().await.unwrap();
 }
 
-/// An edge paused (a frozen VM, a stopped process) finds, when it runs again, the heartbeats its
-/// sender sent early in the pause waiting in its socket, and then nothing more. Stamped on arrival
-/// they would pass for fresh news, and the edge would serve for another staleness bound what it
-/// held from before the pause. A message after a silence longer than the peer timeout ends the
-/// link instead, whichever the follower sees first, the message or its own timer; so the edge
-/// serves misses until a sender speaks again.
-#[test]
-fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fresh_ones() {
-    let cfg = EdgeConfig {
-        max_staleness: Duration::from_secs(1),
-        peer_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let script = script();
-    let silent = script.silent.clone();
-    // The sender lives on the test's runtime; the edge on a single thread of its own, which a
-    // blocking sleep can freeze whole (its timers, its follower, its gRPC server).
+/// Runs `test` beside an edge (`cfg`) following a sender that plays `script`. The sender and
+/// `test` live on the test's runtime; the edge on a single thread of its own, which a blocking
+/// sleep spawned on `edge_rt` (the first argument of `test`) freezes whole: its timers, its
+/// follower, its gRPC server. The second argument is the edge's URL.
+fn with_a_freezable_edge<F, Fut>(script: Scripted, cfg: EdgeConfig, test: F)
+where
+    F: FnOnce(tokio::runtime::Handle, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let outer = tokio::runtime::Runtime::new().unwrap();
     let (url, stop) = outer.block_on(serve(script));
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -358,7 +350,28 @@ fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fres
         });
     });
     let (edge_rt, edge_url, done) = handle_rx.recv().unwrap();
-    outer.block_on(async {
+    outer.block_on(test(edge_rt, edge_url));
+    let _ = done.send(());
+    edge_thread.join().unwrap();
+    let _ = stop.send(true);
+}
+
+/// An edge paused (a frozen VM, a stopped process) finds, when it runs again, the heartbeats its
+/// sender sent early in the pause waiting in its socket, and then nothing more. Stamped on arrival
+/// they would pass for fresh news, and the edge would serve for another staleness bound what it
+/// held from before the pause. A message after a silence longer than the peer timeout ends the
+/// link instead, whichever the follower sees first, the message or its own timer; so the edge
+/// serves misses until a sender speaks again.
+#[test]
+fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fresh_ones() {
+    let cfg = EdgeConfig {
+        max_staleness: Duration::from_secs(1),
+        peer_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let script = script();
+    let silent = script.silent.clone();
+    with_a_freezable_edge(script, cfg, |edge_rt, edge_url| async move {
         let cache = dci_sdk::CacheClient::from_urls(vec![edge_url]).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -395,9 +408,6 @@ fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fres
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    let _ = done.send(());
-    edge_thread.join().unwrap();
-    let _ = stop.send(true);
 }
 
 /// An edge paused for less than its peer timeout but longer than its staleness bound finds the
@@ -416,27 +426,7 @@ fn an_edge_paused_shorter_than_its_peer_timeout_is_as_fresh_as_its_last_answered
     };
     let script = script();
     let silent = script.silent.clone();
-    // The edge on a single thread of its own, which a blocking sleep freezes whole.
-    let outer = tokio::runtime::Runtime::new().unwrap();
-    let (url, stop) = outer.block_on(serve(script));
-    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let edge_thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let edge = edge_following(url, cfg).await;
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-            handle_tx
-                .send((tokio::runtime::Handle::current(), edge.url(), done_tx))
-                .unwrap();
-            let _ = done_rx.await;
-            edge.stop().await.unwrap();
-        });
-    });
-    let (edge_rt, edge_url, done) = handle_rx.recv().unwrap();
-    outer.block_on(async {
+    with_a_freezable_edge(script, cfg, |edge_rt, edge_url| async move {
         let cache = dci_sdk::CacheClient::from_urls(vec![edge_url]).unwrap();
         let served = || async {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -472,9 +462,6 @@ fn an_edge_paused_shorter_than_its_peer_timeout_is_as_fresh_as_its_last_answered
         silent.store(false, std::sync::atomic::Ordering::SeqCst);
         served().await;
     });
-    let _ = done.send(());
-    edge_thread.join().unwrap();
-    let _ = stop.send(true);
 }
 
 /// An edge told a shard count other than the tier's would map keys to other shards than their
