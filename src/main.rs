@@ -758,6 +758,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
     };
     let tls = a.tls.client()?;
     let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?);
+    let len = value.len();
     client
         .set(pb::SetRequest {
             key: Bytes::from(a.key),
@@ -766,7 +767,15 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             ttl_ms: 0,
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?;
+        .map_err(|s| {
+            // A request beyond what the edge decodes at all is refused by its transport, whose
+            // wording names neither the value nor the setting.
+            if s.code() == tonic::Code::OutOfRange && s.message().contains("length too large") {
+                anyhow!("value is {len} bytes, more than that edge takes (its max_value_len)")
+            } else {
+                anyhow!(status_line(&s, "an edge", &a.edge, &tls))
+            }
+        })?;
     println!("stored");
     Ok(())
 }

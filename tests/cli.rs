@@ -224,6 +224,16 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let o = dci(&["get", "--edge", &edge_url, "blob"]);
     assert_eq!(o.stdout.len(), bytes.len() + 1);
     assert!(o.stdout.starts_with(&bytes) && o.stdout.ends_with(b"\n"));
+    // A value beyond anything the edge decodes: one line naming the size and the setting.
+    let o = dci_fed(
+        &["set", "--edge", &edge_url, "huge", "-"],
+        &vec![b'x'; 12 << 20],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "dci: value is 12582912 bytes, more than that edge takes (its max_value_len)\n"
+    );
     let o = dci(&["delete", "--edge", &edge_url, "blob"]);
     assert_eq!(
         (o.status.code(), stdout(&o).as_str()),
