@@ -525,13 +525,8 @@ fn status_line(
             s.message().to_string()
         }
         // A transport failure says what failed only in its causes.
-        code => {
-            let mut line = format!("{code}: {}", s.message());
-            if let Some(causes) = std::error::Error::source(s).map(dci_proto::with_causes) {
-                if !line.contains(&causes) {
-                    line = format!("{line}: {causes}");
-                }
-            }
+        _ => {
+            let mut line = dci_proto::status_with_causes(s);
             line.push_str(dci_proto::tls::mismatch_hint(&line, url, tls));
             line
         }

@@ -61,7 +61,9 @@ impl From<tonic::Status> for Error {
                 "that node does not answer this call ({}): is the URL the right kind of node?",
                 s.message()
             )),
-            _ => Error::Unavailable(format!("{}: {}", s.code(), s.message())),
+            // A transport failure says what failed only in its causes ("tcp connect error":
+            // refused? timed out? a certificate?).
+            _ => Error::Unavailable(dci_proto::status_with_causes(&s)),
         }
     }
 }

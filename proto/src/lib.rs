@@ -76,8 +76,20 @@ pub fn now_us() -> u64 {
 /// An error and its causes on one line ("transport error: tcp connect error: Connection
 /// refused"), each cause once: a transport error's own text says nothing of what went wrong.
 pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
+    causes_after(e.to_string(), e.source())
+}
+
+/// A refused or failed call as "code: message", then the causes the message leaves out (a
+/// transport failure's message is only "transport error"), each once.
+pub fn status_with_causes(s: &tonic::Status) -> String {
+    causes_after(
+        format!("{}: {}", s.code(), s.message()),
+        std::error::Error::source(s),
+    )
+}
+
+fn causes_after(mut line: String, first: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut cause = first;
     while let Some(c) = cause {
         let text = c.to_string();
         if !line.contains(&text) {
@@ -108,5 +120,24 @@ mod tests {
         );
         let repeats = E("cannot open x: denied", Some(Box::new(E("denied", None))));
         assert_eq!(with_causes(&repeats), "cannot open x: denied");
+    }
+
+    #[test]
+    fn a_status_shows_the_causes_its_message_leaves_out() {
+        let alert = E("received fatal alert: CertificateRequired", None);
+        let conn = E("connection error", Some(Box::new(alert)));
+        let inner = E("transport error", Some(Box::new(conn)));
+        let outer = E("transport error", Some(Box::new(inner)));
+        let mut s = tonic::Status::unknown("transport error");
+        s.set_source(std::sync::Arc::new(outer));
+        assert_eq!(
+            super::status_with_causes(&s),
+            "Unknown error: transport error: connection error: received fatal alert: CertificateRequired"
+        );
+        let plain = tonic::Status::invalid_argument("key is empty");
+        assert_eq!(
+            super::status_with_causes(&plain),
+            "Client specified an invalid argument: key is empty"
+        );
     }
 }
