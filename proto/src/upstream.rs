@@ -515,7 +515,6 @@ async fn session<A: Applier>(
         st.connected_since = Some(now);
         st.connects += 1;
     }
-    tracing::info!(sender = %url, "following sender");
     let mut last_heard = now;
     let mut last_hb_sent = now;
     let mut last_probe = now;
@@ -545,7 +544,11 @@ async fn session<A: Applier>(
                         return Ok(());
                     }
                 };
-                heard_any = true;
+                if !heard_any {
+                    // Only now: a sender that refuses the stream answers the subscribe first.
+                    tracing::info!(sender = %url, "following sender");
+                    heard_any = true;
+                }
                 let now = Instant::now();
                 // Nothing came for longer than the peer timeout: this node was paused (a frozen
                 // VM, a stopped process) or the sender was. What waited in the socket meanwhile is
