@@ -20,4 +20,6 @@ pub use retransmit::{Read, RetransmitRing, SharedBatch};
 pub use sender::{Sender, SenderConfig, ShardView, TxCommand};
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod model_tests;
