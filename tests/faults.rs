@@ -234,3 +234,122 @@ async fn an_edge_restarted() {
     tokio::time::sleep(SECOND).await;
     w.check("edge restarted").await;
 }
+
+/// A partition that swallows packets (no reset, no close) between an edge and one relay, then
+/// both, then heals only on the second: the edge moves to the relay it can still reach, and a
+/// connection attempt into the silence never keeps it from the one that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_partitioned_from_its_relay_moves_to_the_one_it_can_reach() {
+    let mut w = World::start(2, 1, 3 * SECOND).await;
+    w.start_writers(4, 50);
+    tokio::time::sleep(SECOND).await;
+    let [first, second] = [w.edge_proxies[0][0].url(), w.edge_proxies[0][1].url()];
+    let link = w.edges[0].as_ref().unwrap().link.clone();
+    let on = |url: &str| dci_proto::upstream::lock(&link).connected_to.as_deref() == Some(url);
+    assert!(on(&first));
+    w.edge_proxies[0][0].blackhole(true);
+    let cut = tokio::time::Instant::now();
+    eventually("the edge on the second relay", || on(&second)).await;
+    let moved_after = cut.elapsed();
+    // It never stopped serving: the move took less than its staleness bound.
+    eventually("the edge fresh on the second relay", || {
+        lock_fresh(w.edges[0].as_ref().unwrap(), 3 * SECOND)
+    })
+    .await;
+    // Now both are cut: it tries each in turn, each attempt into silence.
+    w.edge_proxies[0][1].blackhole(true);
+    tokio::time::sleep(5 * SECOND).await;
+    // The second heals, the first does not: whatever attempt it was in, it reaches the second.
+    w.edge_proxies[0][1].blackhole(false);
+    let healed = tokio::time::Instant::now();
+    let deadline = healed + 10 * SECOND;
+    while !(on(&second) && lock_fresh(w.edges[0].as_ref().unwrap(), 3 * SECOND)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge did not come back through the healed relay within 10 s (connected to {:?})",
+            dci_proto::upstream::lock(&link).connected_to
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "  (moved {moved_after:?} after the first cut; back {:?} after the heal)",
+        healed.elapsed()
+    );
+    w.edge_proxies[0][0].blackhole(false);
+    w.converge().await;
+    w.check("an edge partitioned from one relay, then both")
+        .await;
+}
+
+/// A coordinator behind a partition that swallows packets: a publisher's callers are answered
+/// `Unavailable` after its `retry_for`, not left waiting for ever; once the partition heals, the
+/// same publisher publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_behind_a_silent_partition_gives_up_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dci_coordinator::Coordinator::start(dci_coordinator::CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let proxy = support::proxy::Proxy::start(c.addr).await;
+    proxy.blackhole(true);
+    let p = dci_sdk::Publisher::with_options(
+        vec![proxy.url()],
+        dci_sdk::PublisherOptions {
+            timeout: Duration::from_millis(500),
+            retry_for: 2 * SECOND,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(20 * SECOND, p.invalidate("k"))
+        .await
+        .expect("a caller was left waiting behind the partition");
+    match r {
+        Err(dci_sdk::Error::Unavailable(why)) => assert!(why.contains("no answer"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    proxy.blackhole(false);
+    let seq = tokio::time::timeout(20 * SECOND, p.invalidate("k"))
+        .await
+        .expect("no answer once healed")
+        .unwrap();
+    assert_eq!(seq, 1, "nothing of the first call was logged");
+    c.stop().await.unwrap();
+}
+
+/// An edge behind a partition that swallows packets: a cache client's calls fail within its
+/// timeout, and once the partition heals the same client reads again (its connection, stuck
+/// mid-handshake, is not kept for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_client_behind_a_silent_partition_fails_fast_then_recovers() {
+    let w = World::start(1, 1, 5 * SECOND).await;
+    let edge = w.edges[0].as_ref().unwrap();
+    let proxy = support::proxy::Proxy::start(edge.addr).await;
+    proxy.blackhole(true);
+    let cache = dci_sdk::CacheClient::with_timeout(
+        vec![("e".into(), proxy.url())],
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let r = tokio::time::timeout(10 * SECOND, cache.get("k"))
+            .await
+            .expect("a call was left waiting behind the partition");
+        assert!(matches!(r, Err(dci_sdk::Error::Unavailable(_))), "{r:?}");
+    }
+    proxy.blackhole(false);
+    let healed = tokio::time::Instant::now();
+    while !matches!(cache.get("k").await, Ok(Lookup::Miss { .. })) {
+        assert!(
+            healed.elapsed() < 10 * SECOND,
+            "the client did not read again within 10 s of the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("  (reading again {:?} after the heal)", healed.elapsed());
+}

@@ -124,18 +124,11 @@ impl Publisher {
         };
         let request_no = Arc::new(AtomicU64::new(1));
         for url in &urls {
-            let ch = opts
-                .tls
-                .endpoint(url)
-                .map_err(|e| Error::Url(url.clone(), e.to_string()))?
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(2 << 20))
-                .initial_connection_window_size(Some(8 << 20))
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
+            let client = shard_client(url, &opts)?;
             let (tx, rx) = mpsc::channel(16384);
             tokio::spawn(run_shard(
-                PublisherClient::new(ch),
+                url.clone(),
+                client,
                 rx,
                 opts.clone(),
                 request_no.clone(),
@@ -298,12 +291,27 @@ impl InFlight {
     }
 }
 
+/// A client of the coordinator at `url`, connecting when first used.
+fn shard_client(url: &str, opts: &PublisherOptions) -> Result<PublisherClient<Channel>, Error> {
+    let ch = opts
+        .tls
+        .endpoint(url)
+        .map_err(|e| Error::Url(url.to_string(), e.to_string()))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    Ok(PublisherClient::new(ch))
+}
+
 /// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
 /// so one publisher's invalidations get increasing seqs. Whatever queues while requests are in
 /// flight goes out as the next request. If the stream breaks, unanswered requests are resent in
 /// order with their request numbers, so the coordinator logs each at most once.
 async fn run_shard(
-    client: PublisherClient<Channel>,
+    url: String,
+    mut client: PublisherClient<Channel>,
     mut rx: mpsc::Receiver<Pending>,
     opts: PublisherOptions,
     request_no: Arc<AtomicU64>,
@@ -325,10 +333,20 @@ async fn run_shard(
         // whole `retry_for` and the shortest backoff ahead of it, not the tail of an old one.
         let mut answered = false;
         let outcome = async {
-            let mut responses = c
-                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-                .await?
-                .into_inner();
+            // Bounded: a coordinator behind a partition that swallows packets would hold the
+            // handshake for ever, and every caller queued behind it.
+            let mut responses = tokio::time::timeout(
+                opts.timeout,
+                c.publish_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx)),
+            )
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!(
+                    "no answer from the coordinator within {:?} (a partition, or a coordinator that hangs)",
+                    opts.timeout
+                ))
+            })??
+            .into_inner();
             loop {
                 tokio::select! {
                     first = rx.recv(), if open && unanswered.len() < opts.max_in_flight => {
@@ -393,6 +411,12 @@ async fn run_shard(
         match outcome {
             Ok(()) => failing_since = None,
             Err(status) => {
+                // The next attempt on a connection of its own: the one that failed may be
+                // stuck for good (a handshake whose bytes a partition swallowed), and the TLS
+                // files may have been renewed since.
+                if let Ok(fresh) = shard_client(&url, &opts) {
+                    client = fresh;
+                }
                 let err = Error::from(status);
                 if let Error::Refused(msg) = &err {
                     // The stream itself was refused (the coordinator refuses a request in its

@@ -468,9 +468,15 @@ async fn session<A: Applier>(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(2 << 20))
         .initial_connection_window_size(Some(8 << 20));
-    let channel = endpoint
-        .connect()
+    // The connect timeout covers the TCP connect only: a sender behind a partition that swallows
+    // packets (a load balancer's port still open, a half-dead host) would hold the HTTP/2 or
+    // TLS handshake, or the subscribe's answer, for ever, and this node with it, never trying the
+    // next sender. A sender silent that long is dead by this node's own rule.
+    let establish = opts.peer_timeout.max(opts.connect_timeout);
+    let silent = || format!("no answer within {establish:?} (a partition, or a sender that hangs)");
+    let channel = tokio::time::timeout(establish, endpoint.connect())
         .await
+        .map_err(|_| silent())?
         .map_err(|e| crate::with_causes(&e))?;
     let mut client = SubscribeClient::new(channel).max_decoding_message_size(64 << 20);
     receiver.on_reconnect();
@@ -503,9 +509,9 @@ async fn session<A: Applier>(
     .map_err(|e| e.to_string())?;
     up.try_send(probe(opened, Vec::new()))
         .map_err(|e| e.to_string())?;
-    let mut stream = client
-        .subscribe(ReceiverStream::new(up_rx))
+    let mut stream = tokio::time::timeout(establish, client.subscribe(ReceiverStream::new(up_rx)))
         .await
+        .map_err(|_| silent())?
         .map_err(|e| crate::with_causes(&e))?
         .into_inner();
     let now = Instant::now();

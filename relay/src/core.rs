@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// Longest an upstream may stay silent during a catch-up fetch before the fetch is given up.
+const CATCH_UP_SILENCE: Duration = Duration::from_secs(5);
+
 /// Shared by the upstream followers and every downstream link.
 pub struct RelayCore {
     node_id: String,
@@ -214,16 +217,19 @@ impl RelayCore {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let mut stream = client
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        // Bounded as each message is: an upstream behind a partition that swallows packets
+        // would otherwise hold the handshake, and this receiver's catch-up, for ever.
+        let mut stream =
+            tokio::time::timeout(CATCH_UP_SILENCE, client.subscribe(ReceiverStream::new(rx)))
+                .await
+                .map_err(|_| "upstream catch-up: no answer".to_string())?
+                .map_err(|e| e.to_string())?
+                .into_inner();
         let mut out = Vec::new();
         let mut used = 0usize;
         let mut next = from;
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            let msg = tokio::time::timeout(CATCH_UP_SILENCE, stream.message())
                 .await
                 .map_err(|_| "upstream catch-up timed out".to_string())?
                 .map_err(|e| e.to_string())?;
