@@ -353,3 +353,38 @@ async fn a_cache_client_behind_a_silent_partition_fails_fast_then_recovers() {
     }
     println!("  (reading again {:?} after the heal)", healed.elapsed());
 }
+
+/// An asymmetric partition: the relay's batches and heartbeats still reach the edge, but nothing
+/// the edge sends (acks, probes) reaches the relay. The edge cannot learn that it is fresh (its
+/// probes go unanswered), so it serves misses past its bound, and it leaves that relay for the
+/// next one once its probes have gone unanswered for its peer timeout, instead of waiting for the
+/// relay to give up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_probes_go_unanswered_moves_to_the_next_relay() {
+    let mut w = World::start(2, 1, 3 * SECOND).await;
+    w.start_writers(4, 50);
+    tokio::time::sleep(SECOND).await;
+    let [first, second] = [w.edge_proxies[0][0].url(), w.edge_proxies[0][1].url()];
+    let link = w.edges[0].as_ref().unwrap().link.clone();
+    let on = |url: &str| dci_proto::upstream::lock(&link).connected_to.as_deref() == Some(url);
+    assert!(on(&first));
+    w.edge_proxies[0][0].blackhole_to_server(true);
+    let cut = tokio::time::Instant::now();
+    let deadline = cut + 4 * SECOND;
+    while !on(&second) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge stayed on a relay that hears nothing from it for 4 s (its peer timeout is 1 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved_after = cut.elapsed();
+    eventually("the edge fresh on the second relay", || {
+        lock_fresh(w.edges[0].as_ref().unwrap(), 3 * SECOND)
+    })
+    .await;
+    println!("  (moved {moved_after:?} after the one-way cut)");
+    w.edge_proxies[0][0].blackhole_to_server(false);
+    w.converge().await;
+    w.check("an edge whose probes go unanswered").await;
+}

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy for tests: placed between any two tiers, switched by the test.
 //!
 //! Faults: added delay (fixed and jittered, per chunk, order kept), dropped connections, a
-//! blackhole (connections are accepted but nothing passes: a partition), and a bandwidth cap.
+//! blackhole (connections are accepted but nothing passes: a partition; or only what the client
+//! sends is held: an asymmetric one), and a bandwidth cap.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,8 @@ use tokio::sync::watch;
 #[derive(Default)]
 struct Faults {
     blackhole: AtomicBool,
+    /// Only what the client sends is held (an asymmetric partition).
+    blackhole_to_server: AtomicBool,
     /// Bytes per second each direction of each connection may carry (0: unlimited).
     bandwidth: AtomicU64,
     delay: Mutex<(Duration, Duration)>,
@@ -55,8 +58,8 @@ impl Proxy {
                     let (sr, sw) = server.into_split();
                     drop_rx.mark_unchanged();
                     tokio::select! {
-                        _ = pump(cr, sw, f.clone()) => {}
-                        _ = pump(sr, cw, f.clone()) => {}
+                        _ = pump(cr, sw, f.clone(), true) => {}
+                        _ = pump(sr, cw, f.clone(), false) => {}
                         _ = drop_rx.changed() => {}
                         _ = stop_rx.changed() => {}
                     }
@@ -78,6 +81,11 @@ impl Proxy {
     /// A partition: nothing passes (connections stay open and silent) until switched off.
     pub fn blackhole(&self, on: bool) {
         self.faults.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// An asymmetric partition: what the client sends is held, what the server sends passes.
+    pub fn blackhole_to_server(&self, on: bool) {
+        self.faults.blackhole_to_server.store(on, Ordering::SeqCst);
     }
 
     /// Close every open connection (new ones are accepted).
@@ -111,6 +119,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     f: Arc<Faults>,
+    to_server: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -118,7 +127,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while f.blackhole.load(Ordering::SeqCst) {
+        while f.blackhole.load(Ordering::SeqCst)
+            || (to_server && f.blackhole_to_server.load(Ordering::SeqCst))
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (fixed, jitter) = *f.delay.lock().unwrap();
