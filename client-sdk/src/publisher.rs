@@ -52,7 +52,8 @@ pub struct PublisherOptions {
     /// # let _ = o;
     /// ```
     pub retry_for: Duration,
-    /// Longest wait for the next answer while requests are in flight, before reconnecting.
+    /// Longest wait for the next answer while requests are in flight, and for the coordinator to
+    /// open a stream, before reconnecting (on a new connection).
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { timeout: std::time::Duration::from_secs(2), ..Default::default() };
