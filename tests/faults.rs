@@ -388,3 +388,53 @@ async fn an_edge_whose_probes_go_unanswered_moves_to_the_next_relay() {
     w.converge().await;
     w.check("an edge whose probes go unanswered").await;
 }
+
+/// A cache client reading through an edge that went silent (a partition that swallows packets):
+/// the first read waits for its timeout, and then the edge is passed over (its keys read from
+/// their next owner at once) instead of every read waiting in turn; after the partition heals,
+/// the edge is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_edge_costs_one_timeout_not_one_per_read() {
+    let w = World::start(1, 2, 5 * SECOND).await;
+    let proxy = support::proxy::Proxy::start(w.edges[0].as_ref().unwrap().addr).await;
+    let ids = vec!["e0".to_string(), "e1".to_string()];
+    let cache = dci_sdk::CacheClient::with_timeout(
+        vec![
+            (ids[0].clone(), proxy.url()),
+            (ids[1].clone(), w.edges[1].as_ref().unwrap().url()),
+        ],
+        3 * SECOND,
+    )
+    .unwrap()
+    .with_replication(2);
+    let ring = dci_proto::ring::NodeRing::new(ids.clone());
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("user:{i}"))
+        .filter(|k| ring.owners(k.as_bytes(), 2)[0] == "e0")
+        .take(10)
+        .collect();
+    for k in &keys {
+        assert!(cache.get(k.clone()).await.is_ok());
+    }
+    let before = proxy.passed();
+    proxy.blackhole(true);
+    let started = tokio::time::Instant::now();
+    for k in &keys {
+        let r = cache.get(k.clone()).await;
+        assert!(matches!(r, Ok(Lookup::Miss { .. })), "{r:?}");
+    }
+    // Ten reads waiting 3 s each would take 30 s; passed over, one wait and nine at once.
+    let took = started.elapsed();
+    assert!(took < 15 * SECOND, "ten reads took {took:?}");
+    proxy.blackhole(false);
+    tokio::time::sleep(3 * SECOND).await;
+    let asked = proxy.passed();
+    for k in &keys {
+        assert!(cache.get(k.clone()).await.is_ok());
+    }
+    assert!(
+        proxy.passed() > asked && asked >= before,
+        "the healed edge was not asked again"
+    );
+    println!("  (ten reads behind the silent edge took {took:?})");
+}

@@ -66,6 +66,11 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// How long an edge that could not be reached is passed over for reads and fills: a dead or
+/// stuck edge costs one caller the timeout, not every caller in turn (the next owner answers,
+/// or `get_or_load` goes to its loader at once).
+const PASSED_OVER_FOR: Duration = Duration::from_secs(2);
+
 /// Talks to the edges of one region; clone it freely.
 #[derive(Clone)]
 pub struct CacheClient {
@@ -74,6 +79,8 @@ pub struct CacheClient {
     replication: usize,
     edges: Arc<HashMap<String, RawClient<Channel>>>,
     loading: Arc<Loading>,
+    /// Edges that could not be reached lately, and until when they are passed over.
+    unreachable: Arc<Mutex<HashMap<String, (std::time::Instant, String)>>>,
 }
 
 impl CacheClient {
@@ -91,6 +98,8 @@ impl CacheClient {
 
     /// Like [`CacheClient::new`], each call waiting at most `timeout` (and connecting within it):
     /// past it, an edge counts as unavailable, and [`CacheClient::get_or_load`] goes to the loader.
+    /// An edge that could not be reached is then passed over for 2 s: reads and fills go to the
+    /// key's next owner, or `get_or_load` to its loader, without waiting on it again.
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() {
@@ -151,6 +160,7 @@ impl CacheClient {
             replication: 1,
             edges: Arc::new(map),
             loading: Arc::default(),
+            unreachable: Arc::default(),
         })
     }
 
@@ -183,9 +193,35 @@ impl CacheClient {
     {
         let mut why = String::new();
         for id in self.ring.owners(key, self.replication) {
+            let now = std::time::Instant::now();
+            let passed_over = {
+                let mut u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+                match u.get(id) {
+                    Some((until, w)) if now < *until => Some(w.clone()),
+                    Some(_) => {
+                        u.remove(id);
+                        None
+                    }
+                    None => None,
+                }
+            };
+            if let Some(w) = passed_over {
+                why =
+                    format!("{id} not asked: unreachable less than {PASSED_OVER_FOR:?} ago ({w})");
+                continue;
+            }
             match call(id.to_string()).await {
                 Ok(v) => return Ok((id.to_string(), v)),
-                Err(Error::Unavailable(w)) => why = w,
+                Err(Error::Unavailable(w)) => {
+                    self.unreachable
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            id.to_string(),
+                            (std::time::Instant::now() + PASSED_OVER_FOR, w.clone()),
+                        );
+                    why = w;
+                }
                 Err(e) => return Err(e),
             }
         }
