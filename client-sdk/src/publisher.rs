@@ -88,6 +88,8 @@ impl Default for PublisherOptions {
 }
 
 struct Pending {
+    /// When the caller handed its entries over.
+    queued_at: tokio::time::Instant,
     entries: Vec<Invalidation>,
     reply: oneshot::Sender<Result<Vec<Seq>, Error>>,
 }
@@ -231,7 +233,11 @@ impl Publisher {
             let (idx, entries): (Vec<usize>, Vec<Invalidation>) = list.into_iter().unzip();
             let (reply, rx) = oneshot::channel();
             self.shards[shard]
-                .send(Pending { entries, reply })
+                .send(Pending {
+                    queued_at: tokio::time::Instant::now(),
+                    entries,
+                    reply,
+                })
                 .await
                 .map_err(|_| Error::Closed)?;
             waits.push((shard, idx, rx));
@@ -321,7 +327,9 @@ async fn run_shard(
     let mut open = true;
     let mut backoff = Duration::from_millis(20);
     let mut failing_since: Option<tokio::time::Instant> = None;
-    while open || !unanswered.is_empty() {
+    // A caller taken off the queue but not into a request yet: it goes first.
+    let mut held: Option<Pending> = None;
+    while open || !unanswered.is_empty() || held.is_some() {
         // Room for every resend at once (a refused shared request comes back as one per caller).
         let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(
             (opts.max_in_flight.max(1) * 2).max(unanswered.len()),
@@ -350,7 +358,7 @@ async fn run_shard(
             .into_inner();
             loop {
                 tokio::select! {
-                    first = rx.recv(), if open && unanswered.len() < opts.max_in_flight => {
+                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < opts.max_in_flight => {
                         let Some(first) = first else { open = false; if unanswered.is_empty() { return Ok(()) } continue };
                         let mut callers = vec![first];
                         let mut n = callers[0].entries.len();
@@ -437,6 +445,7 @@ async fn run_shard(
                 }
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= opts.retry_for {
+                    let decided = tokio::time::Instant::now();
                     let why = match &err {
                         Error::Unavailable(m) => m.clone(),
                         other => other.to_string(),
@@ -444,10 +453,15 @@ async fn run_shard(
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Unavailable(why.clone())));
                     }
-                    // So are the callers still queued: with no stream to be had (nothing
+                    // So are the callers queued meanwhile: with no stream to be had (nothing
                     // listening, a certificate not trusted), none of them was ever taken into a
-                    // request, and they would wait for ever.
-                    while let Ok(p) = rx.try_recv() {
+                    // request, and they would wait for ever. One who came after this decision
+                    // (having seen the answers it sent, say) gets its own retries.
+                    while let Some(p) = next_queued(&mut held, &mut rx) {
+                        if p.queued_at > decided {
+                            held = Some(p);
+                            break;
+                        }
                         answer(vec![p], Err(Error::Unavailable(why.clone())));
                     }
                     failing_since = None;
@@ -461,6 +475,22 @@ async fn run_shard(
         }
         backoff = Duration::from_millis(20);
     }
+}
+
+/// The next caller: the one held back, else the next queued (waiting for one).
+async fn next_caller(
+    held: &mut Option<Pending>,
+    rx: &mut mpsc::Receiver<Pending>,
+) -> Option<Pending> {
+    match held.take() {
+        Some(p) => Some(p),
+        None => rx.recv().await,
+    }
+}
+
+/// The next caller without waiting: the one held back, else the next queued, if any.
+fn next_queued(held: &mut Option<Pending>, rx: &mut mpsc::Receiver<Pending>) -> Option<Pending> {
+    held.take().or_else(|| rx.try_recv().ok())
 }
 
 fn answer(callers: Vec<Pending>, result: Result<Vec<Seq>, Error>) {
