@@ -235,15 +235,22 @@ async fn an_edge_restarted() {
     w.check("edge restarted").await;
 }
 
+/// A coordinator under writers, two relays and one edge (3 s bound) following the first: the
+/// world, and the URLs of the edge's proxies to its two relays.
+async fn one_edge_on_two_relays() -> (World, [String; 2]) {
+    let mut w = World::start(2, 1, 3 * SECOND).await;
+    w.start_writers(4, 50);
+    tokio::time::sleep(SECOND).await;
+    let urls = [w.edge_proxies[0][0].url(), w.edge_proxies[0][1].url()];
+    (w, urls)
+}
+
 /// A partition that swallows packets (no reset, no close) between an edge and one relay, then
 /// both, then heals only on the second: the edge moves to the relay it can still reach, and a
 /// connection attempt into the silence never keeps it from the one that answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_partitioned_from_its_relay_moves_to_the_one_it_can_reach() {
-    let mut w = World::start(2, 1, 3 * SECOND).await;
-    w.start_writers(4, 50);
-    tokio::time::sleep(SECOND).await;
-    let [first, second] = [w.edge_proxies[0][0].url(), w.edge_proxies[0][1].url()];
+    let (w, [first, second]) = one_edge_on_two_relays().await;
     let link = w.edges[0].as_ref().unwrap().link.clone();
     let on = |url: &str| dci_proto::upstream::lock(&link).connected_to.as_deref() == Some(url);
     assert!(on(&first));
@@ -361,10 +368,7 @@ async fn a_cache_client_behind_a_silent_partition_fails_fast_then_recovers() {
 /// relay to give up on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_whose_probes_go_unanswered_moves_to_the_next_relay() {
-    let mut w = World::start(2, 1, 3 * SECOND).await;
-    w.start_writers(4, 50);
-    tokio::time::sleep(SECOND).await;
-    let [first, second] = [w.edge_proxies[0][0].url(), w.edge_proxies[0][1].url()];
+    let (w, [first, second]) = one_edge_on_two_relays().await;
     let link = w.edges[0].as_ref().unwrap().link.clone();
     let on = |url: &str| dci_proto::upstream::lock(&link).connected_to.as_deref() == Some(url);
     assert!(on(&first));

@@ -268,6 +268,30 @@ async fn hostile_streams(url: &str, r: &mut StdRng, streams: usize) {
     }
 }
 
+/// A relay of region "r" following `upstream`, on a port of its own.
+async fn relay_following(upstream: String) -> Relay {
+    Relay::start(RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: vec![upstream],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// An edge of region "r" following `sender`, on a port of its own.
+async fn edge_following(sender: String) -> EdgeNode {
+    EdgeNode::start(EdgeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        relays: vec![sender],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_messages_on_every_api_neither_panic_nor_stop_a_node() {
     count_panics();
@@ -281,22 +305,8 @@ async fn random_messages_on_every_api_neither_panic_nor_stop_a_node() {
     })
     .await
     .unwrap();
-    let relay = Relay::start(RelayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: vec![c.url()],
-        region: "r".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let e = EdgeNode::start(EdgeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        relays: vec![relay.url()],
-        region: "r".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let relay = relay_following(c.url()).await;
+    let e = edge_following(relay.url()).await;
 
     hostile_streams(&c.url(), &mut r, 60).await;
     hostile_streams(&relay.url(), &mut r, 60).await;
@@ -477,32 +487,11 @@ async fn random_messages_from_a_sender_neither_panic_nor_stop_its_receivers() {
             }))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let relay = Relay::start(RelayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        upstream: vec![url.clone()],
-        region: "r".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let relay = relay_following(url.clone()).await;
     let edges = [
-        EdgeNode::start(EdgeConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relays: vec![url.clone()],
-            region: "r".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
+        edge_following(url.clone()).await,
         // Behind the relay: whatever the random sender made it hold, it passes on.
-        EdgeNode::start(EdgeConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relays: vec![relay.url()],
-            region: "r".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
+        edge_following(relay.url()).await,
     ];
     // Long enough for every message to have gone out and been taken.
     tokio::time::sleep(Duration::from_secs(3)).await;

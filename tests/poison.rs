@@ -322,6 +322,31 @@ async fn an_edge_is_not_caught_up_before_its_sender_says_how_far_the_shard_goes(
     e.stop().await.unwrap();
 }
 
+/// Freeze the edge's runtime (its one thread blocked, as in a stopped process) for `pause`;
+/// returns once the freeze has begun.
+async fn freeze(edge_rt: &tokio::runtime::Handle, pause: Duration) {
+    let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel();
+    edge_rt.spawn(async move {
+        let _ = frozen_tx.send(());
+        std::thread::sleep(pause);
+    });
+    frozen_rx.await.unwrap();
+}
+
+/// Ten reads of `key` a little apart, every one a miss.
+async fn only_misses(cache: &dci_sdk::CacheClient, key: &str) {
+    for _ in 0..10 {
+        assert!(
+            matches!(
+                cache.get(key.to_string()).await.unwrap(),
+                dci_sdk::Lookup::Miss { .. }
+            ),
+            "served on the strength of heartbeats that waited out the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs `test` beside an edge (`cfg`) following a sender that plays `script`. The sender and
 /// `test` live on the test's runtime; the edge on a single thread of its own, which a blocking
 /// sleep spawned on `edge_rt` (the first argument of `test`) freezes whole: its timers, its
@@ -383,23 +408,12 @@ fn an_edge_paused_longer_than_its_bound_does_not_take_queued_heartbeats_for_fres
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Frozen for 3 s; heartbeats pile up in its socket for the first second, then stop.
-        let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel();
-        edge_rt.spawn(async move {
-            let _ = frozen_tx.send(());
-            std::thread::sleep(Duration::from_secs(3));
-        });
-        frozen_rx.await.unwrap();
+        freeze(&edge_rt, Duration::from_secs(3)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         silent.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(2500)).await;
         // Awake again: its last news from a sender is 2 s old, more than its bound.
-        for _ in 0..10 {
-            assert!(
-                matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Miss { .. }),
-                "served on the strength of heartbeats that waited out the pause"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        only_misses(&cache, "x").await;
         // A sender speaking again brings it back.
         silent.store(false, std::sync::atomic::Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -441,23 +455,12 @@ fn an_edge_paused_shorter_than_its_peer_timeout_is_as_fresh_as_its_last_answered
         };
         served().await;
         // Frozen for 2.5 s; heartbeats pile up in its socket for the first second, then stop.
-        let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel();
-        edge_rt.spawn(async move {
-            let _ = frozen_tx.send(());
-            std::thread::sleep(Duration::from_millis(2500));
-        });
-        frozen_rx.await.unwrap();
+        freeze(&edge_rt, Duration::from_millis(2500)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         silent.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(2000)).await;
         // Awake again: its last answered probe left before the pause, more than its bound ago.
-        for _ in 0..10 {
-            assert!(
-                matches!(cache.get("x").await.unwrap(), dci_sdk::Lookup::Miss { .. }),
-                "served on the strength of heartbeats that waited out the pause"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        only_misses(&cache, "x").await;
         // The sender answering probes again brings it back.
         silent.store(false, std::sync::atomic::Ordering::SeqCst);
         served().await;
