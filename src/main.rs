@@ -111,6 +111,9 @@ struct CoordinatorArgs {
     /// Unacked bytes in flight per receiver [default: 4 MiB].
     #[arg(long)]
     window_bytes: Option<usize>,
+    /// Receivers served at once; one more is refused and follows its next sender [default: 0, no limit].
+    #[arg(long)]
+    max_receivers: Option<u64>,
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
@@ -152,6 +155,9 @@ struct RelayArgs {
     /// Unacked bytes in flight per receiver [default: 4 MiB].
     #[arg(long)]
     window_bytes: Option<usize>,
+    /// Receivers served at once; one more is refused and follows its next sender [default: 0, no limit].
+    #[arg(long)]
+    max_receivers: Option<u64>,
     /// Give up on a silent sender after this long (at least 1s) [default: 3s].
     #[arg(long, value_parser = duration)]
     peer_timeout: Option<Duration>,
@@ -445,7 +451,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
     override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len, node_id,
         max_request_entries, fsync_interval, segment_bytes, retention_bytes, retention_age,
-        max_group_entries, memory_tail_bytes, window_bytes);
+        max_group_entries, memory_tail_bytes, window_bytes, max_receivers);
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
@@ -458,7 +464,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     let mut cfg: dci_relay::RelayConfig = load(&a.config)?;
     override_with!(cfg, a; listen, region, node_id, ring_bytes, window_bytes, peer_timeout,
-        compression, max_key_len);
+        compression, max_key_len, max_receivers);
     if !a.upstream.is_empty() {
         cfg.upstream = a.upstream;
     }

@@ -1465,10 +1465,18 @@ fn the_helm_chart_starts_a_working_tree() {
             "coordinator.shards=2",
             "--set",
             "edge.replication=2",
+            "--set",
+            "relay.maxReceivers=100",
         ],
     )
     .unwrap();
     let mut services = helm_services(&docs);
+    for d in docs
+        .iter()
+        .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["name"] == "relay")
+    {
+        assert_eq!(after(&helm_args(d), "--max-receivers"), "100");
+    }
     // A region's edges share a ring of exactly their pods' names.
     for d in docs
         .iter()

@@ -1754,3 +1754,93 @@ async fn a_get_or_load_dropped_midway_leaves_nothing_behind() {
     assert_eq!(cache.loads_in_progress(), 0);
     assert_eq!(cache.get("user:1").await.unwrap(), Lookup::Hit(v));
 }
+
+/// A relay at its `max_receivers` refuses one more before it costs anything: an edge with
+/// another relay on its list follows that one, an edge without waits (refused, retrying) until
+/// a place frees, and the receivers the relay has go on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_at_max_receivers_sends_the_next_one_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let full = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        region: "r".into(),
+        max_receivers: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let other = relay(&c).await;
+    let first = edge(edge_cfg(vec![full.url()])).await;
+    wait_serving(&first).await;
+    let second = edge(edge_cfg(vec![full.url(), other.url()])).await;
+    let waiting = edge(edge_cfg(vec![full.url()])).await;
+    let on = |e: &Watched, url: &str| lock(&e.edge.link).connected_to.as_deref() == Some(url);
+    eventually("the second edge on the other relay", || {
+        on(&second, &other.url())
+    })
+    .await;
+    let refused = || {
+        full.counters
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    eventually("the waiting edge refused more than once", || refused() >= 3).await;
+    assert!(lock(&waiting.edge.link).connected_to.is_none());
+    assert_eq!(
+        full.counters
+            .receivers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let mut metrics = String::new();
+    dci_proto::metrics::render_serve(&mut metrics, &full.counters);
+    assert!(
+        metrics.contains("dci_receivers_refused_total "),
+        "{metrics}"
+    );
+
+    // What a receiver is told: why, in so many words.
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(full.url())
+        .await
+        .unwrap();
+    let hello = pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "one-too-many".into(),
+            ..Default::default()
+        })),
+    };
+    let status = raw
+        .subscribe(tokio_stream::iter(vec![hello]))
+        .await
+        .expect_err("a relay at its limit refuses");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("max_receivers"), "{status:?}");
+
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = publish_all(&p, &keys(0..200, "k")).await;
+    wait_applied(&first, seq).await;
+    wait_applied(&second, seq).await;
+    assert!(lock(&waiting.keys).is_empty());
+
+    // A place frees: the waiting edge takes it and catches up.
+    first.edge.stop().await.unwrap();
+    eventually("the waiting edge on the relay", || {
+        on(&waiting, &full.url())
+    })
+    .await;
+    wait_applied(&waiting, seq).await;
+    assert_eq!(
+        full.counters
+            .receivers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    for e in [second, waiting] {
+        e.edge.stop().await.unwrap();
+    }
+    full.stop().await.unwrap();
+    other.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

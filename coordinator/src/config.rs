@@ -44,6 +44,9 @@ pub struct CoordinatorConfig {
     pub memory_tail_bytes: usize,
     /// Unacked bytes in flight per receiver.
     pub window_bytes: usize,
+    /// Receivers served at once (0: no limit); one more is refused and goes to the next sender
+    /// on its list. Each idle receiver costs about 30 KiB.
+    pub max_receivers: u64,
     /// Where to serve Prometheus `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
     /// Pushing the same metrics to an OpenTelemetry collector.
@@ -71,6 +74,7 @@ impl Default for CoordinatorConfig {
             max_group_entries: 65_536,
             memory_tail_bytes: 64 << 20,
             window_bytes: 4 << 20,
+            max_receivers: 0,
             metrics_listen: None,
             otlp: Default::default(),
             tls: Default::default(),

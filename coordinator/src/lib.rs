@@ -310,6 +310,7 @@ pub async fn run(
                         window_bytes: cfg.window_bytes,
                         ..SenderConfig::default()
                     },
+                    max_receivers: cfg.max_receivers,
                     ..ServeOptions::default()
                 },
                 counters,

@@ -70,6 +70,9 @@ pub struct ServeOptions {
     pub tick: Duration,
     /// This node's random number (0: none): a Hello carrying it comes from this node itself.
     pub instance: u64,
+    /// Receivers served at once (0: no limit). One more is refused with `RESOURCE_EXHAUSTED`
+    /// before it costs anything, and goes to the next sender on its list.
+    pub max_receivers: u64,
 }
 
 impl Default for ServeOptions {
@@ -79,6 +82,7 @@ impl Default for ServeOptions {
             hello_timeout: Duration::from_secs(10),
             tick: Duration::from_millis(50),
             instance: 0,
+            max_receivers: 0,
         }
     }
 }
@@ -98,6 +102,31 @@ pub struct ServeCounters {
     pub retransmits: AtomicU64,
     /// Receivers connected now.
     pub receivers: AtomicU64,
+    /// Receivers refused because `max_receivers` were connected.
+    pub refused: AtomicU64,
+}
+
+/// A receiver's place among those served, given back when its link ends.
+struct Slot(Arc<ServeCounters>);
+
+impl Slot {
+    /// A place, unless `max` (0: no limit) are taken. Taken and counted in one step, so that
+    /// receivers connecting at once cannot all slip in under the limit.
+    fn take(counters: &Arc<ServeCounters>, max: u64) -> Option<Slot> {
+        counters
+            .receivers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(counters.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.receivers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The `Subscribe` gRPC service over any batch source (the coordinator's log, a relay's rings).
@@ -133,30 +162,38 @@ impl<S: BatchSource> pb::subscribe_server::Subscribe for SubscribeService<S> {
         &self,
         request: tonic::Request<Streaming<pb::Upstream>>,
     ) -> Result<tonic::Response<Self::SubscribeStream>, Status> {
+        let max = self.opts.max_receivers;
+        let Some(slot) = Slot::take(&self.counters, max) else {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(max, "receiver refused: max_receivers reached");
+            return Err(Status::resource_exhausted(format!(
+                "this node serves its maximum of {max} receivers (max_receivers); follow another sender"
+            )));
+        };
         Ok(tonic::Response::new(serve(
             self.source.clone(),
             request.into_inner(),
             self.opts.clone(),
-            self.counters.clone(),
+            slot,
             self.shutdown.clone(),
         )))
     }
 }
 
 /// Serve one `Subscribe` call: returns the response stream at once and runs the link in a task.
-pub fn serve<S: BatchSource>(
+fn serve<S: BatchSource>(
     source: Arc<S>,
     inbound: Streaming<pb::Upstream>,
     opts: ServeOptions,
-    counters: Arc<ServeCounters>,
+    slot: Slot,
     shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<pb::Downstream, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let link_id = LINK_IDS.fetch_add(1, Ordering::Relaxed);
-        counters.receivers.fetch_add(1, Ordering::Relaxed);
-        let result = run_link(&source, inbound, &tx, &opts, &counters, shutdown, link_id).await;
-        counters.receivers.fetch_sub(1, Ordering::Relaxed);
+        let counters = &slot.0;
+        let result = run_link(&source, inbound, &tx, &opts, counters, shutdown, link_id).await;
+        drop(slot);
         source.forget(link_id);
         if let Err(status) = result {
             tracing::debug!(link_id, %status, "link ended");

@@ -251,6 +251,14 @@ pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
     sample(
         out,
         "counter",
+        "dci_receivers_refused_total",
+        "Receivers refused because max_receivers were connected",
+        "",
+        get(&c.refused),
+    );
+    sample(
+        out,
+        "counter",
         "dci_batches_sent_total",
         "Batches sent to receivers",
         "",

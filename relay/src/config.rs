@@ -25,6 +25,9 @@ pub struct RelayConfig {
     pub ring_bytes: usize,
     /// Unacked bytes in flight per receiver.
     pub window_bytes: usize,
+    /// Receivers served at once (0: no limit); one more is refused and goes to the next sender
+    /// on its list. Each idle receiver costs about 30 KiB.
+    pub max_receivers: u64,
     /// Give up on a silent upstream after this long.
     #[serde(with = "humantime_serde")]
     pub peer_timeout: Duration,
@@ -50,6 +53,7 @@ impl Default for RelayConfig {
             node_id: String::new(),
             ring_bytes: 64 << 20,
             window_bytes: 4 << 20,
+            max_receivers: 0,
             peer_timeout: Duration::from_secs(3),
             compression: false,
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,

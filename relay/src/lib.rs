@@ -199,6 +199,7 @@ impl Relay {
                     ..SenderConfig::default()
                 },
                 instance,
+                max_receivers: cfg.max_receivers,
                 ..ServeOptions::default()
             },
             counters.clone(),
