@@ -1844,3 +1844,114 @@ async fn a_relay_at_max_receivers_sends_the_next_one_elsewhere() {
     other.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+/// The disk refuses a write (as a full disk does; here the log's next segment is `/dev/full`,
+/// which answers every write with ENOSPC): the coordinator acknowledges nothing from then on,
+/// says why, and reports itself unhealthy; what it acknowledged before reaches the edges. Restarted
+/// on the same directory with the space back, it has every acknowledged entry, goes on after the
+/// last of them under a new epoch (its receivers may hold a tail it no longer has), and the edge
+/// follows it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_write_the_disk_refuses_stops_acks_until_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = nowhere();
+    let cfg = CoordinatorConfig {
+        listen: addr,
+        data_dir: dir.path().to_path_buf(),
+        segment_bytes: 4096,
+        ..Default::default()
+    };
+    let c = Coordinator::start(cfg.clone()).await.unwrap();
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    let p = Publisher::with_options(
+        vec![c.url()],
+        dci_sdk::PublisherOptions {
+            retry_for: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = p.invalidate("before").await.unwrap();
+    // Every segment the log could roll to next, until well past what 4 KiB segments need.
+    let full: Vec<_> = (first + 1..first + 400)
+        .map(|s| dir.path().join(format!("{s:020}.seg")))
+        .collect();
+    for f in &full {
+        std::os::unix::fs::symlink("/dev/full", f).unwrap();
+    }
+    let mut acked = vec![first];
+    let refused = loop {
+        match p.invalidate(format!("k{}", acked.len())).await {
+            Ok(seq) => acked.push(seq),
+            Err(err) => break err,
+        }
+        assert!(acked.len() < 400, "the log never rolled onto the full disk");
+    };
+    assert!(
+        matches!(&refused, dci_sdk::Error::Unavailable(m) if m.contains("No space left on device")),
+        "{refused}"
+    );
+    let last = *acked.last().unwrap();
+    assert!(
+        acked.len() > 10,
+        "a 4 KiB segment holds more than {acked:?}"
+    );
+    // Nothing more is taken, whatever is asked.
+    let again = p.invalidate("after").await.unwrap_err();
+    assert!(matches!(again, dci_sdk::Error::Unavailable(_)), "{again}");
+    let channel = tonic::transport::Endpoint::from_shared(c.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    // Told at the coordinator's next housekeeping tick.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "dci.v1.Publisher".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == 2 {
+            break; // NOT_SERVING
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still healthy: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_applied(&e, last).await;
+    let before = lock(&e.keys).len();
+    assert_eq!(before, acked.len(), "every acknowledged entry, once");
+
+    let old_epoch = c.epoch;
+    c.stop().await.unwrap();
+    for f in &full {
+        std::fs::remove_file(f).unwrap();
+    }
+    let c = Coordinator::start(cfg).await.unwrap();
+    assert_ne!(c.epoch, old_epoch);
+    let next = p.invalidate("after the restart").await.unwrap();
+    assert_eq!(
+        next,
+        last + 1,
+        "acknowledged seqs are kept, and none is skipped"
+    );
+    wait_applied(&e, next).await;
+    assert!(e
+        .edge
+        .store
+        .applied()
+        .iter()
+        .any(|&(_, ep, s)| ep == c.epoch && s == next));
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

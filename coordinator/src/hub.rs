@@ -2,7 +2,6 @@
 //! behind it, and the reports of the tree below, served to every relay through the link runtime.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dci_proto::downstream::{BatchSource, Fetch};
@@ -28,7 +27,8 @@ pub struct Hub {
     tail: Mutex<RetransmitRing>,
     disk: RwLock<(Seq, LogReader)>,
     heads: watch::Sender<u64>,
-    failed: AtomicBool,
+    /// Why the log failed, once it has.
+    failed: std::sync::OnceLock<String>,
     reports: dci_proto::upstream::Reports,
     /// (last seq, when it was logged, µs since the epoch) of the most recent groups, to tell how
     /// long a node whose report is behind the head has been missing what it lacks.
@@ -54,7 +54,7 @@ impl Hub {
             tail: Mutex::new(RetransmitRing::new(shard, epoch, head, tail_bytes)),
             disk: RwLock::new((oldest_on_disk, reader)),
             heads: watch::channel(head).0,
-            failed: AtomicBool::new(false),
+            failed: std::sync::OnceLock::new(),
             reports: Default::default(),
             logged_at: Mutex::new(VecDeque::new()),
             propagation: Arc::default(),
@@ -116,13 +116,17 @@ impl Hub {
         *self.disk.write().unwrap_or_else(|e| e.into_inner()) = (oldest, reader);
     }
 
-    /// The log failed; publishes are refused.
-    pub fn set_failed(&self) {
-        self.failed.store(true, Ordering::SeqCst);
+    /// The log failed (the first failure is the one told); publishes are refused.
+    pub fn set_failed(&self, why: String) {
+        let _ = self.failed.set(why);
     }
     /// Has the log failed?
     pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
+        self.failed.get().is_some()
+    }
+    /// Why the log failed, if it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Every node reported below this one.

@@ -267,8 +267,8 @@ pub async fn run(
         {
             let hub = hub.clone();
             Arc::new(move || {
-                if hub.failed() {
-                    Err("the log failed; a restart recovers it".into())
+                if let Some(why) = hub.failure() {
+                    Err(format!("the log failed ({why}); a restart recovers it"))
                 } else {
                     Ok(())
                 }

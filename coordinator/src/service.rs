@@ -103,10 +103,10 @@ impl CoordinatorService {
     }
 
     async fn submit(&self, job: Job) -> Result<(), Status> {
-        if self.hub.failed() {
-            return Err(Status::unavailable(
-                "the log failed; this coordinator refuses publishes",
-            ));
+        if let Some(why) = self.hub.failure() {
+            return Err(Status::unavailable(format!(
+                "the log failed ({why}); this coordinator refuses publishes until it is restarted"
+            )));
         }
         self.sequencer.submit(job);
         Ok(())

@@ -398,6 +398,16 @@ fn new_epoch(previous: Option<Epoch>) -> Epoch {
     now.max(previous.map_or(0, |p| p + 1))
 }
 
+/// After a write or fsync of the log failed: what was written and not synced may be lost even
+/// under this boot (a failed writeback can drop the pages), so the next start must take the log
+/// as it takes one left by a crash of the machine, and give it a new epoch.
+pub fn distrust_unsynced(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join("boot")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Read the record at the reader's position. `Ok(None)` at a clean end; `Err(kind)` for a torn
 /// or corrupt record.
 fn read_record<R: Read>(r: &mut R, remaining: u64) -> Result<Option<(LogRecord, u64)>, Damage> {
@@ -1673,5 +1683,26 @@ mod tests {
             assert!(r.new_epoch, "{fsync:?}: a tail sent downstream may be gone");
             assert!(w.epoch() > e2);
         }
+    }
+
+    /// A failed write or fsync may have cost pages the page cache no longer holds, under this
+    /// very boot: the next start gives the log a new epoch, as after a crash of the machine, and
+    /// sequencing goes on after the last record there is.
+    #[test]
+    fn a_log_whose_writes_failed_gets_a_new_epoch_at_its_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        w.append(&[rec(1, 1, "", 0)]).unwrap();
+        let e1 = w.epoch();
+        w.write(&[rec(2, 1, "", 0)]).unwrap();
+        distrust_unsynced(dir.path()).unwrap();
+        drop(w);
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert!(r.new_epoch);
+        assert!(w.epoch() > e1);
+        assert_eq!(w.head(), 2);
+        // Marking a log twice, or one that was never started, is no error.
+        distrust_unsynced(dir.path()).unwrap();
+        distrust_unsynced(dir.path()).unwrap();
     }
 }

@@ -35,18 +35,30 @@ struct SyncJob {
 
 /// Set once a write or an fsync failed: from then on nothing more is acknowledged, since a later
 /// fsync can report success for a file whose earlier pages were lost.
-type Failed = Arc<std::sync::Mutex<Option<String>>>;
+type Failed = Arc<FailState>;
+
+#[derive(Default)]
+struct FailState {
+    why: std::sync::Mutex<Option<String>>,
+    /// The log's directory.
+    dir: std::path::PathBuf,
+}
 
 fn failed_with(failed: &Failed) -> Option<String> {
-    failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    failed.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 fn fail(failed: &Failed, hub: &Hub, why: String) {
-    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = failed.why.lock().unwrap_or_else(|p| p.into_inner());
     if f.is_none() {
         tracing::error!(error = %why, "log write failed: refusing publishes from now on");
+        // What was written but not synced may be gone from the page cache already (a failed
+        // writeback can drop it) while receivers hold it: the next start must not trust it.
+        if let Err(e) = crate::wal::distrust_unsynced(&failed.dir) {
+            tracing::error!(error = %e, "could not mark the log for a new epoch at its next start");
+        }
+        hub.set_failed(why.clone());
         *f = Some(why);
-        hub.set_failed();
     }
 }
 
@@ -143,7 +155,10 @@ pub struct Sequencer {
 impl Sequencer {
     /// Take over `wal`; committed groups go to `hub`.
     pub fn new(wal: Wal, hub: Arc<Hub>, max_group_entries: usize) -> Sequencer {
-        let failed: Failed = Arc::default();
+        let failed: Failed = Arc::new(FailState {
+            why: Default::default(),
+            dir: wal.dir().to_path_buf(),
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let syncer = {
             let (failed, hub) = (failed.clone(), hub.clone());
