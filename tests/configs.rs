@@ -107,6 +107,19 @@ fn durations_beyond_a_century_and_sizes_that_cannot_work_are_refused() {
         .unwrap();
         assert_eq!(e.validate().is_ok(), ok, "max_tombstones {n}");
     }
+    // Shard ids from the network are below 65,536; a tier of more could not be followed.
+    for (n, ok) in [(0u64, false), (1, true), (65_536, true), (65_537, false)] {
+        let e: dci_edge_cache::EdgeConfig =
+            serde_yaml::from_str(&format!("relays: [http://127.0.0.1:1]\nshard_count: {n}"))
+                .unwrap();
+        assert_eq!(e.validate().is_ok(), ok, "edge shard_count {n}");
+        let c: dci_coordinator::CoordinatorConfig =
+            serde_yaml::from_str(&format!("shard_count: {n}")).unwrap();
+        match c.validate() {
+            Ok(_) => assert!(ok, "coordinator shard_count {n}"),
+            Err(e) => assert!(!ok && e.to_string().contains("shard_count"), "{n}: {e}"),
+        }
+    }
     for key in ["fsync_interval", "retention_age"] {
         let c: dci_coordinator::CoordinatorConfig =
             serde_yaml::from_str(&format!("{key}: {huge}")).unwrap();

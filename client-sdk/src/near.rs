@@ -191,6 +191,13 @@ impl NearCache {
         if opts.relays.is_empty() {
             return Err(Error::Url(String::new(), "no relay URL".into()));
         }
+        if opts.shard_count > dci_proto::types::MAX_SHARDS {
+            return Err(Error::Refused(format!(
+                "shard_count {} is more than a tier can have ({})",
+                opts.shard_count,
+                dci_proto::types::MAX_SHARDS
+            )));
+        }
         let state = Arc::new(Mutex::new(State {
             leases: LeaseTable::new(
                 opts.shard_count.max(1),

@@ -94,8 +94,11 @@ impl CoordinatorConfig {
     /// Check the values; fill in what derives from others.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.shard_count == 0 {
-            return bad("shard_count must be at least 1".into());
+        if self.shard_count == 0 || self.shard_count > dci_proto::types::MAX_SHARDS {
+            return bad(format!(
+                "shard_count must be between 1 and {}",
+                dci_proto::types::MAX_SHARDS
+            ));
         }
         if self.shard >= self.shard_count {
             return bad(format!(

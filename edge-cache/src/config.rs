@@ -99,8 +99,11 @@ impl EdgeConfig {
         if self.capacity < 1024 {
             return Err(ConfigError("capacity must be at least 1024 bytes".into()));
         }
-        if self.shard_count == 0 {
-            return Err(ConfigError("shard_count must be at least 1".into()));
+        if self.shard_count == 0 || self.shard_count > dci_proto::types::MAX_SHARDS {
+            return Err(ConfigError(format!(
+                "shard_count must be between 1 and {}",
+                dci_proto::types::MAX_SHARDS
+            )));
         }
         // Heartbeats come every 500 ms: with a shorter bound an idle edge would be out of it
         // between any two, and answer misses most of the time.

@@ -18,6 +18,11 @@ pub type Epoch = u64;
 /// enough that `seq + 1` can never overflow anywhere.
 pub const MAX_SEQ: Seq = 1 << 62;
 
+/// Shard ids are below this: a coordinator tier has at most this many shards, and an id from the
+/// network at or beyond it is refused, so a sender that names ids at random cannot make a
+/// receiver keep state for more than this many.
+pub const MAX_SHARDS: u32 = 65_536;
+
 /// The longest duration a setting may hold: far beyond any useful timeout or retention, and short
 /// enough that adding it to a clock reading, or multiplying it by a small factor, cannot overflow.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
@@ -226,6 +231,9 @@ pub enum InvalidBatch {
         /// last_seq seen.
         last: Seq,
     },
+    /// A shard id at or beyond [`MAX_SHARDS`].
+    #[error("shard {0} is out of bounds (shard ids are below {MAX_SHARDS})")]
+    Shard(ShardId),
 }
 
 /// A batch that decoded and has a sane range, with per-entry verdicts: a bad entry does not sink the
@@ -252,6 +260,9 @@ impl Batch {
                 first: p.first_seq,
                 last: p.last_seq,
             });
+        }
+        if p.shard >= MAX_SHARDS {
+            return Err(InvalidBatch::Shard(p.shard));
         }
         let mut entries = Vec::with_capacity(p.entries.len());
         let mut poisoned = Vec::new();

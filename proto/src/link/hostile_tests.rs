@@ -18,7 +18,7 @@ use super::receiver::{Receiver, ReceiverConfig, RxCommand};
 use super::retransmit::decompress;
 use super::sender::{NextRange, Sender, SenderConfig, ShardView, TxCommand};
 use crate::pb;
-use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ};
+use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ, MAX_SHARDS};
 
 /// Seqs where arithmetic breaks: small ones, the bound and its neighbours, the top of u64.
 fn num() -> impl Strategy<Value = u64> {
@@ -31,7 +31,7 @@ fn num() -> impl Strategy<Value = u64> {
 }
 
 fn shard() -> impl Strategy<Value = ShardId> {
-    prop_oneof![8 => 0u32..3, 1 => Just(u32::MAX)]
+    prop_oneof![16 => 0u32..3, 1 => Just(MAX_SHARDS - 1), 1 => Just(MAX_SHARDS), 1 => Just(u32::MAX)]
 }
 
 fn epoch() -> impl Strategy<Value = Epoch> {
@@ -112,6 +112,7 @@ proptest! {
             if let Ok(c) = Batch::decode_checked(bytes, 16) {
                 let b = &c.batch;
                 prop_assert!(1 <= b.first_seq && b.first_seq <= b.last_seq && b.last_seq <= MAX_SEQ);
+                prop_assert!(b.shard < MAX_SHARDS);
                 let mut prev = b.first_seq - 1;
                 for e in &b.entries {
                     prop_assert!(e.seq > prev && e.seq <= b.last_seq, "{e:?} in {b:?}");
@@ -166,15 +167,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
     /// Whatever a sender sends, the receiver hands out ranges in order (each starts right after
-    /// what it handed out before in that shard, or after a flush's or join's position), and acks
-    /// no more than the runtime said it applied.
+    /// what it handed out before in that shard, or after a flush's or join's position), acks
+    /// no more than the runtime said it applied, keeps state for no shard id out of bounds, and
+    /// holds no more out-of-order batches than its bound.
     #[test]
     fn a_receiver_fed_anything_applies_in_order_and_acks_only_what_was_applied(
         events in prop::collection::vec(rx_event(), 0..120),
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut rx = Receiver::new(ReceiverConfig::default());
+        // A bound small enough for these batches to reach it.
+        let cfg = ReceiverConfig { max_pending_bytes: 200, ..ReceiverConfig::default() };
+        let max_pending = cfg.max_pending_bytes;
+        let mut rx = Receiver::new(cfg);
         // Per shard: the epoch and last seq handed out (for applying, or as a flush's position).
         let mut handed: HashMap<ShardId, (Epoch, Seq)> = HashMap::new();
         // The most the runtime confirmed, per shard and epoch.
@@ -226,9 +231,13 @@ proptest! {
                         }
                     }
                     to_confirm.clear();
+                    prop_assert_eq!(rx.pending_bytes(), 0);
                     Vec::new()
                 }
             };
+            prop_assert!(rx.pending_bytes() <= max_pending);
+            prop_assert_eq!(rx.pending_bytes(), rx.pending_bytes_counted());
+            prop_assert!(rx.progress().iter().all(|p| p.0 < MAX_SHARDS));
             for c in cmds {
                 match c {
                     RxCommand::Apply(b) => {

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::pb;
-use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ};
+use crate::types::{Batch, Epoch, Seq, ShardId, MAX_SEQ, MAX_SHARDS};
 
 /// Tunables of a receiver.
 #[derive(Clone, Debug)]
@@ -17,6 +17,9 @@ pub struct ReceiverConfig {
     /// Out-of-order batches held while a gap is repaired; beyond that they are dropped and
     /// fetched again (the sender goes back to the gap anyway).
     pub max_pending_batches: usize,
+    /// The same, in bytes (about: keys and their bookkeeping), over all shards. A sender keeps
+    /// within its window; this bounds one that does not.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -27,6 +30,7 @@ impl Default for ReceiverConfig {
             ack_interval: Duration::from_millis(20),
             nack_retry: Duration::from_millis(200),
             max_pending_batches: 1024,
+            max_pending_bytes: 64 << 20,
         }
     }
 }
@@ -80,6 +84,8 @@ struct RxShard {
     next_ack_at: Option<Instant>,
     /// Batches that arrived past a gap, by first seq.
     pending: BTreeMap<Seq, Batch>,
+    /// Their size, as [`held_size`] counts it.
+    pending_bytes: usize,
     /// The outstanding Nack and when it was sent.
     nack: Option<(Seq, Seq, Instant)>,
     /// The highest head a sender announced.
@@ -97,6 +103,7 @@ impl RxShard {
             acked: hwm,
             next_ack_at: None,
             pending: BTreeMap::new(),
+            pending_bytes: 0,
             nack: None,
             head_seen: hwm,
             held_seen: hwm,
@@ -111,6 +118,13 @@ pub struct Receiver {
     shards: HashMap<ShardId, RxShard>,
     /// Draws the spacing of acks; see [`Receiver::ack_sent`].
     spacing: u64,
+    /// The sum of the shards' `pending_bytes`.
+    pending_bytes: usize,
+}
+
+/// What a held batch counts for against `max_pending_bytes`.
+fn held_size(b: &Batch) -> usize {
+    64 + b.entries.iter().map(|e| e.approx_size()).sum::<usize>()
 }
 
 /// Seeds of the receivers' ack spacing, so that receivers of one process differ.
@@ -125,6 +139,7 @@ impl Receiver {
             cfg,
             shards: HashMap::new(),
             spacing: seed | 1,
+            pending_bytes: 0,
         }
     }
 
@@ -188,7 +203,32 @@ impl Receiver {
             s.delivered = s.applied;
             s.acked = s.applied;
             s.pending.clear();
+            s.pending_bytes = 0;
             s.nack = None;
+        }
+        self.pending_bytes = 0;
+    }
+
+    /// Bytes of out-of-order batches held now (as `max_pending_bytes` counts them).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// `pending_bytes`, counted again from what is held.
+    #[cfg(test)]
+    pub(crate) fn pending_bytes_counted(&self) -> usize {
+        let per_shard = |s: &RxShard| s.pending.values().map(held_size).sum::<usize>();
+        debug_assert!(self
+            .shards
+            .values()
+            .all(|s| s.pending_bytes == per_shard(s)));
+        self.shards.values().map(per_shard).sum()
+    }
+
+    /// Put `s` in place of `shard`'s state, letting go of what the old one held.
+    fn replace(&mut self, shard: ShardId, s: RxShard) {
+        if let Some(old) = self.shards.insert(shard, s) {
+            self.pending_bytes -= old.pending_bytes;
         }
     }
 
@@ -196,6 +236,9 @@ impl Receiver {
     pub fn on_batch(&mut self, b: Batch, now: Instant) -> Vec<RxCommand> {
         let mut out = Vec::new();
         let shard = b.shard;
+        if shard >= MAX_SHARDS {
+            return out;
+        }
         if !self.shards.contains_key(&shard) {
             out.push(self.join(shard, b.epoch, b.first_seq.saturating_sub(1)));
         }
@@ -207,6 +250,7 @@ impl Receiver {
         if b.epoch > s.epoch {
             // The log was replaced without an explicit Reset reaching us: same rule.
             let hwm = b.first_seq.saturating_sub(1);
+            self.pending_bytes -= s.pending_bytes;
             *s = RxShard::new(b.epoch, hwm);
             s.applied = 0;
             out.push(RxCommand::Flush {
@@ -227,8 +271,16 @@ impl Receiver {
         }
         if b.first_seq > s.delivered + 1 {
             let (from, to) = (s.delivered + 1, b.first_seq - 1);
-            if s.pending.len() < self.cfg.max_pending_batches {
-                s.pending.insert(b.first_seq, b);
+            let size = held_size(&b);
+            if s.pending.len() < self.cfg.max_pending_batches
+                && self.pending_bytes + size <= self.cfg.max_pending_bytes
+            {
+                if let Some(old) = s.pending.insert(b.first_seq, b) {
+                    s.pending_bytes -= held_size(&old);
+                    self.pending_bytes -= held_size(&old);
+                }
+                s.pending_bytes += size;
+                self.pending_bytes += size;
             }
             nack_if_due(shard, s, from, to, now, self.cfg.nack_retry, &mut out);
             return out;
@@ -240,6 +292,9 @@ impl Receiver {
                 break;
             }
             let (_, p) = s.pending.pop_first().expect("checked non-empty");
+            let size = held_size(&p);
+            s.pending_bytes -= size;
+            self.pending_bytes -= size;
             if p.last_seq > s.delivered {
                 deliver(shard, s, p, &mut out);
             }
@@ -281,13 +336,13 @@ impl Receiver {
         // Nothing counts as applied in this shard until the join is carried out.
         s.applied = 0;
         s.acked = 0;
-        self.shards.insert(shard, s);
+        self.replace(shard, s);
         RxCommand::Join { shard, epoch, hwm }
     }
 
     /// The sender gave up on continuity: flush and resume after `reset.hwm` in `reset.epoch`.
     pub fn on_reset(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
-        if r.hwm > MAX_SEQ {
+        if r.hwm > MAX_SEQ || r.shard >= MAX_SHARDS {
             return Vec::new();
         }
         if let Some(s) = self.shards.get(&r.shard) {
@@ -299,7 +354,7 @@ impl Receiver {
         // Nothing is applied in the new epoch until the flush is confirmed.
         s.applied = 0;
         s.acked = 0;
-        self.shards.insert(r.shard, s);
+        self.replace(r.shard, s);
         vec![RxCommand::Flush {
             shard: r.shard,
             epoch: r.epoch,
@@ -312,7 +367,7 @@ impl Receiver {
     pub fn on_heartbeat(&mut self, hb: &pb::Heartbeat, now: Instant) -> Vec<RxCommand> {
         let mut out = Vec::new();
         for h in &hb.heads {
-            if h.head > MAX_SEQ {
+            if h.head > MAX_SEQ || h.shard >= MAX_SHARDS {
                 continue;
             }
             if !self.shards.contains_key(&h.shard) {
