@@ -512,7 +512,7 @@ async fn session<A: Applier>(
     let mut stream = tokio::time::timeout(establish, client.subscribe(ReceiverStream::new(up_rx)))
         .await
         .map_err(|_| silent())?
-        .map_err(|e| crate::with_causes(&e))?
+        .map_err(|s| crate::status_with_causes(&s))?
         .into_inner();
     let now = Instant::now();
     {
