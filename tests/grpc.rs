@@ -125,3 +125,36 @@ async fn a_draining_coordinator_answers_what_it_took_then_says_unavailable() {
     assert!(next.seqs[0] > last, "{next:?} after {last}");
     c.stop().await.unwrap();
 }
+
+/// Connections that open and say nothing (a port scanner, a client stuck before its first
+/// write, many of them at once) are closed after a while instead of holding a descriptor each
+/// for ever; a client that speaks meanwhile is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_speak_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(tokio::net::TcpStream::connect(c.addr).await.unwrap());
+    }
+    let p = dci_sdk::Publisher::connect(vec![c.url()]).await.unwrap();
+    assert_eq!(p.invalidate("k").await.unwrap(), 1);
+    for mut s in silent {
+        let closed = async {
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = s.read(&mut buf).await {}
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), closed)
+            .await
+            .expect("a silent connection was kept open");
+    }
+    assert_eq!(p.invalidate("k2").await.unwrap(), 2);
+    c.stop().await.unwrap();
+}

@@ -286,7 +286,7 @@ pub fn grpc_server(tls: &TlsConfig) -> Result<tonic::transport::Server, TlsError
     Ok(crate::grpc_server())
 }
 
-/// How long a client may take over its TLS handshake.
+/// How long a client may take over its TLS handshake, or to send its first bytes without TLS.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often, at most, a server looks whether its TLS files changed.
@@ -446,9 +446,22 @@ pub fn incoming(
             };
             let _ = stream.set_nodelay(true);
             let Some(server) = &server else {
-                if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
-                    return;
-                }
+                // A connection that says nothing would hold its descriptor for ever (HTTP/2's
+                // pings start only after the client's preface): enough of them, from anywhere,
+                // and no relay or publisher could connect any more. A client speaks first.
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            let _ = tx.send(Ok(Conn::Plain(stream))).await;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            tracing::debug!(%peer, "connection silent since it opened; closed")
+                        }
+                    }
+                });
                 continue;
             };
             let (acceptor, tx) = (server.acceptor(), tx.clone());
