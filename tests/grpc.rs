@@ -127,22 +127,32 @@ async fn a_draining_coordinator_answers_what_it_took_then_says_unavailable() {
 }
 
 /// Connections that open and say nothing (a port scanner, a client stuck before its first
-/// write, many of them at once) are closed after a while instead of holding a descriptor each
-/// for ever; a client that speaks meanwhile is served as usual.
+/// write, many of them at once), on the gRPC port and on the metrics port, and connections that
+/// send half a request head and stop, are closed after a while instead of holding a descriptor
+/// each for ever; a client that speaks meanwhile is served as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_speak_are_closed() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
     })
     .await
     .unwrap();
+    let metrics = c.metrics_addr.unwrap();
     let mut silent = Vec::new();
-    for _ in 0..50 {
-        silent.push(tokio::net::TcpStream::connect(c.addr).await.unwrap());
+    for i in 0..60 {
+        let at = if i % 3 == 0 { metrics } else { c.addr };
+        let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+        if i % 6 == 0 {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d")
+                .await
+                .unwrap();
+        }
+        silent.push(s);
     }
     let p = dci_sdk::Publisher::connect(vec![c.url()]).await.unwrap();
     assert_eq!(p.invalidate("k").await.unwrap(), 1);
@@ -156,5 +166,14 @@ async fn connections_that_never_speak_are_closed() {
             .expect("a silent connection was kept open");
     }
     assert_eq!(p.invalidate("k2").await.unwrap(), 2);
+    // The metrics endpoint still answers whole requests.
+    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("dci_receivers"), "{page}");
     c.stop().await.unwrap();
 }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -369,18 +370,55 @@ pub async fn serve(
             }),
         );
     tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "metrics endpoint failed");
+        let mut warned = None::<std::time::Instant>;
+        loop {
+            let stream = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    // Out of file descriptors, a connection reset before it was taken: the
+                    // listener still works.
+                    Err(e) => {
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            warned = Some(std::time::Instant::now());
+                            tracing::warn!(error = %e, "metrics endpoint: accepting a connection failed");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                // A request's head must come within the timeout, on a new connection and on an
+                // idle kept-alive one alike: a client that opens connections and says nothing,
+                // or says it a byte at a time, cannot hold descriptors for ever.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stopped(&mut shutdown) => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
         }
     });
     Ok(bound)
 }
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// How long the metrics endpoint waits for a request's head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
