@@ -836,6 +836,15 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let r = relay(&c).await;
+    let too_many = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        shard_count: dci_proto::types::MAX_SHARDS + 1,
+        ..Default::default()
+    });
+    assert!(
+        matches!(&too_many, Err(dci_sdk::Error::Refused(m)) if m.contains("shard_count")),
+        "a shard count no tier can have is refused"
+    );
     let near = NearCache::start(NearCacheOptions {
         relays: vec![r.url()],
         prefixes: vec!["user:".into()],
