@@ -105,6 +105,9 @@ struct CoordinatorArgs {
     /// Most entries written as one group [default: 65536].
     #[arg(long)]
     max_group_entries: Option<usize>,
+    /// Bytes of publishes waiting for the log at most; more wait for room [default: 256 MiB].
+    #[arg(long)]
+    max_queued_bytes: Option<usize>,
     /// Bytes of recent batches kept in memory for replay [default: 64 MiB].
     #[arg(long)]
     memory_tail_bytes: Option<usize>,
@@ -451,7 +454,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
     override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len, node_id,
         max_request_entries, fsync_interval, segment_bytes, retention_bytes, retention_age,
-        max_group_entries, memory_tail_bytes, window_bytes, max_receivers);
+        max_group_entries, max_queued_bytes, memory_tail_bytes, window_bytes, max_receivers);
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);

@@ -40,6 +40,9 @@ pub struct CoordinatorConfig {
     pub retention_age: Duration,
     /// Most entries in one group commit.
     pub max_group_entries: usize,
+    /// Bytes of accepted publishes waiting for the log at most (about: keys and bookkeeping);
+    /// while a write is stuck, further publishes wait for room (a stream is not read on).
+    pub max_queued_bytes: usize,
     /// Bytes of recent batches kept in memory for replay without touching the disk.
     pub memory_tail_bytes: usize,
     /// Unacked bytes in flight per receiver.
@@ -72,6 +75,7 @@ impl Default for CoordinatorConfig {
             retention_bytes: wal.retention_bytes,
             retention_age: wal.retention_age,
             max_group_entries: 65_536,
+            max_queued_bytes: 256 << 20,
             memory_tail_bytes: 64 << 20,
             window_bytes: 4 << 20,
             max_receivers: 0,
@@ -112,6 +116,9 @@ impl CoordinatorConfig {
         }
         if self.window_bytes < 1024 {
             return bad("window_bytes must be at least 1024".into());
+        }
+        if self.max_queued_bytes < 1 << 20 {
+            return bad("max_queued_bytes must be at least 1 MiB".into());
         }
         if self.max_group_entries == 0 || self.max_request_entries == 0 {
             return bad("max_group_entries and max_request_entries must be positive".into());

@@ -184,6 +184,7 @@ pub async fn run(
         wal,
         hub.clone(),
         cfg.max_group_entries,
+        cfg.max_queued_bytes,
     ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

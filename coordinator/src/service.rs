@@ -108,7 +108,7 @@ impl CoordinatorService {
                 "the log failed ({why}); this coordinator refuses publishes until it is restarted"
             )));
         }
-        self.sequencer.submit(job);
+        self.sequencer.submit(job).await;
         Ok(())
     }
 

@@ -142,9 +142,20 @@ struct Log {
     last_retention: Instant,
 }
 
+/// A job in the queue, with the room it takes there.
+struct Queued {
+    job: Job,
+    _room: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Owns the log; see the module documentation.
 pub struct Sequencer {
-    queue: Mutex<Vec<Job>>,
+    queue: Mutex<Vec<Queued>>,
+    /// Bytes of publishes queued and not yet written (in units of [`job_bytes`]): while a write
+    /// is stuck (a disk that stalls, dirty pages throttled), publishers wait for room instead of
+    /// piling up in memory.
+    room: Arc<tokio::sync::Semaphore>,
+    room_bytes: u32,
     log: Mutex<Log>,
     hub: Arc<Hub>,
     failed: Failed,
@@ -153,8 +164,10 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    /// Take over `wal`; committed groups go to `hub`.
-    pub fn new(wal: Wal, hub: Arc<Hub>, max_group_entries: usize) -> Sequencer {
+    /// Take over `wal`; committed groups go to `hub`; at most `queue_bytes` of publishes wait
+    /// for the log at a time.
+    pub fn new(wal: Wal, hub: Arc<Hub>, max_group_entries: usize, queue_bytes: usize) -> Sequencer {
+        let room_bytes = u32::try_from(queue_bytes).unwrap_or(u32::MAX).max(1);
         let failed: Failed = Arc::new(FailState {
             why: Default::default(),
             dir: wal.dir().to_path_buf(),
@@ -169,6 +182,8 @@ impl Sequencer {
         };
         Sequencer {
             queue: Mutex::new(Vec::new()),
+            room: Arc::new(tokio::sync::Semaphore::new(room_bytes as usize)),
+            room_bytes,
             log: Mutex::new(Log {
                 segments: wal.segment_count(),
                 wal: Some(wal),
@@ -182,9 +197,18 @@ impl Sequencer {
         }
     }
 
-    /// Queue a publish; it is answered on its `reply` once durable (or refused).
-    pub fn submit(&self, job: Job) {
-        lock(&self.queue).push(job);
+    /// Queue a publish, once there is room in the queue; it is answered on its `reply` once
+    /// durable (or refused).
+    pub async fn submit(&self, job: Job) {
+        // One request larger than the whole queue still goes, alone.
+        let bytes = job_bytes(&job).min(self.room_bytes);
+        let Ok(room) = self.room.clone().acquire_many_owned(bytes).await else {
+            let _ = job
+                .reply
+                .send(Err(CommitError::Log("the log is closed".into())));
+            return;
+        };
+        lock(&self.queue).push(Queued { job, _room: room });
         self.drain();
     }
 
@@ -213,21 +237,25 @@ impl Sequencer {
         }
     }
 
-    fn take_group(&self) -> Vec<Job> {
+    fn take_group(&self) -> Vec<Queued> {
         let mut q = lock(&self.queue);
         let mut entries = 0;
         let n = q
             .iter()
-            .take_while(|j| {
-                let fits = entries == 0 || entries + j.entries.len() <= self.max_group_entries;
-                entries += j.entries.len();
+            .take_while(|q| {
+                let n = q.job.entries.len();
+                let fits = entries == 0 || entries + n <= self.max_group_entries;
+                entries += n;
                 fits
             })
             .count();
         q.drain(..n).collect()
     }
 
-    fn commit_group(&self, log: &mut Log, jobs: Vec<Job>) {
+    /// Commit a group; its room in the queue is given back once it is written (or refused).
+    fn commit_group(&self, log: &mut Log, queued: Vec<Queued>) {
+        let (jobs, _room): (Vec<Job>, Vec<_>) =
+            queued.into_iter().map(|q| (q.job, q._room)).unzip();
         let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
             for j in jobs {
                 let _ = j
@@ -303,7 +331,8 @@ impl Sequencer {
         if let Some(h) = lock(&self.syncer).take() {
             let _ = h.join();
         }
-        for j in std::mem::take(&mut *lock(&self.queue)) {
+        self.room.close();
+        for Queued { job: j, .. } in std::mem::take(&mut *lock(&self.queue)) {
             let _ = j
                 .reply
                 .send(Err(CommitError::Log("the log is closed".into())));
@@ -316,6 +345,12 @@ impl Sequencer {
             }
         }
     }
+}
+
+/// What a job counts for in the queue: about the memory it holds.
+fn job_bytes(job: &Job) -> u32 {
+    let bytes = 64 + job.entries.iter().map(|e| e.approx_size()).sum::<usize>();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 fn digest_of(entries: &[Invalidation]) -> u64 {
@@ -450,10 +485,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
         let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
-        let seq = Sequencer::new(wal, hub, 100);
+        let seq = Sequencer::new(wal, hub, 100, 1 << 20);
         let busy = lock(&seq.log);
         let (j, mut rx) = job("p", 1, 3);
-        seq.submit(j); // returns at once: the log is busy
+        futures::executor::block_on(seq.submit(j)); // returns at once: the log is busy
         assert!(rx.try_recv().is_err(), "not committed yet");
         drop(busy);
         seq.tick(); // housekeeping holds the log too, and drains after
@@ -469,14 +504,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
         let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
-        let seq = Sequencer::new(wal, hub.clone(), 100);
+        let seq = Sequencer::new(wal, hub.clone(), 100, 1 << 20);
         let busy = lock(&seq.log);
         let (original, rx1) = job("p", 1, 2);
         let (mut other, rx2) = job("p", 1, 2);
         other.entries[1] = Invalidation::key("another key");
         let (retry, rx3) = job("p", 1, 2);
         for j in [original, other, retry] {
-            seq.submit(j);
+            futures::executor::block_on(seq.submit(j));
         }
         drop(busy);
         seq.tick();
@@ -508,7 +543,7 @@ mod tests {
         };
         let (wal, _) = Wal::open(dir.path(), opts.clone()).unwrap();
         let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
-        let seq = Arc::new(Sequencer::new(wal, hub.clone(), 50));
+        let seq = Arc::new(Sequencer::new(wal, hub.clone(), 50, 1 << 20));
         let answers: Vec<_> = (0..8u64)
             .map(|t| {
                 let seq = seq.clone();
@@ -516,7 +551,7 @@ mod tests {
                     (0..100u64)
                         .map(|r| {
                             let (j, rx) = job(&format!("p{t}"), r, 1 + (r % 7) as usize);
-                            seq.submit(j);
+                            futures::executor::block_on(seq.submit(j));
                             let a = rx.blocking_recv().unwrap().unwrap();
                             assert!(!a.duplicate);
                             assert_eq!(a.count as u64, 1 + r % 7);
@@ -538,15 +573,67 @@ mod tests {
         }
         assert_eq!(hub.head(), next - 1);
         let (j, rx) = job("p3", 43, 2); // 43 % 7 + 1 entries, as first sent
-        seq.submit(j);
+        futures::executor::block_on(seq.submit(j));
         let again = rx.blocking_recv().unwrap().unwrap();
         assert!(again.duplicate);
         seq.close();
         let (j, rx) = job("p0", 1000, 1);
-        seq.submit(j);
+        futures::executor::block_on(seq.submit(j));
         assert!(rx.blocking_recv().unwrap().is_err(), "closed: refused");
         let (wal, r) = Wal::open(dir.path(), opts).unwrap();
         assert!(!r.new_epoch);
         assert_eq!(wal.head(), next - 1);
+    }
+
+    /// While the log is stuck, publishes queue only up to the queue's bytes; the next waits for
+    /// room (it is not queued, so it holds no memory there) and goes once a write makes room.
+    /// One larger than the whole queue still goes, alone.
+    #[test]
+    fn a_stuck_log_makes_publishers_wait_once_the_queue_is_full() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 20));
+        let seq = Sequencer::new(wal, hub, 1_000_000, 4096);
+        let stuck = lock(&seq.log);
+        let mut answers = Vec::new();
+        let mut n = 0;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let waiting = loop {
+            n += 1;
+            let (j, rx) = job("p", n, 10);
+            let mut submit = Box::pin(seq.submit(j));
+            match submit.as_mut().poll(&mut cx) {
+                Poll::Ready(()) => answers.push(rx),
+                Poll::Pending => break (submit, rx),
+            }
+            assert!(n < 100, "the queue never filled");
+        };
+        let queued = lock(&seq.queue).len();
+        assert_eq!(queued as u64, n - 1);
+        let per_job = job_bytes(&job("p", 1, 10).0) as usize;
+        assert!(queued * per_job <= 4096 && (queued + 1) * per_job > 4096);
+        let (mut submit, rx) = waiting;
+        assert!(submit.as_mut().poll(&mut cx).is_pending(), "still no room");
+        drop(stuck);
+        seq.tick(); // the log moves: the queue is written, and makes room
+        assert!(
+            submit.as_mut().poll(&mut cx).is_ready(),
+            "room once written"
+        );
+        seq.tick();
+        answers.push(rx);
+        let (big, big_rx) = job("p", 1000, 400);
+        assert!(job_bytes(&big) > 4096);
+        futures::executor::block_on(seq.submit(big));
+        answers.push(big_rx);
+        let mut next = 1;
+        for rx in answers {
+            let a = rx.blocking_recv().unwrap().unwrap();
+            assert_eq!(a.first_seq, next);
+            next += a.count as u64;
+        }
+        seq.close();
     }
 }
