@@ -442,3 +442,70 @@ async fn a_silent_edge_costs_one_timeout_not_one_per_read() {
     );
     println!("  (ten reads behind the silent edge took {took:?})");
 }
+
+/// The answers to a publisher are held (as while the coordinator's disk is slow to sync, or a
+/// link is slow one way): its invalidations still go to the log, and on to the caches, as far as
+/// its in-flight window reaches; a window in bytes bounds what it keeps for a resend. Once the
+/// answers come, every call has its own seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
+    let w = World::start(1, 1, 3 * SECOND).await;
+    let proxy = support::proxy::Proxy::start(w.coord_addr).await;
+    let edge = w.edges[0].as_ref().unwrap();
+    let applied = || {
+        edge.store
+            .applied()
+            .iter()
+            .map(|&(_, _, s)| s)
+            .max()
+            .unwrap_or(0)
+    };
+    for window in [32 << 20, 1024] {
+        let p = dci_sdk::Publisher::with_options(
+            vec![proxy.url()],
+            dci_sdk::PublisherOptions {
+                max_in_flight_bytes: window,
+                // One caller per request, so the window is counted in single entries.
+                max_batch: 1,
+                timeout: 60 * SECOND,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let base = p.invalidate("warm").await.unwrap();
+        eventually("the edge has the warm-up", || applied() >= base).await;
+        proxy.blackhole_to_client(true);
+        let calls: Vec<_> = (0..200)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { p.invalidate(format!("k{i}")).await })
+            })
+            .collect();
+        if window > 1 << 20 {
+            eventually("every invalidation at the edge, unanswered", || {
+                applied() >= base + 200
+            })
+            .await;
+        } else {
+            // About 28 entries of these keys fit in 1 KiB: the window stops the rest.
+            eventually("the window's worth at the edge", || applied() > base + 5).await;
+            tokio::time::sleep(SECOND).await;
+            let through = applied() - base;
+            assert!((6..=40).contains(&through), "{through} went out");
+        }
+        assert!(
+            calls.iter().all(|c| !c.is_finished()),
+            "answered while held"
+        );
+        proxy.blackhole_to_client(false);
+        let mut seqs = Vec::new();
+        for c in calls {
+            seqs.push(c.await.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 200);
+        assert_eq!(*seqs.last().unwrap(), base + 200, "logged once each");
+    }
+}

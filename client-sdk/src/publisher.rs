@@ -39,12 +39,23 @@ pub struct PublisherOptions {
     /// ```
     pub max_batch: usize,
     /// Requests in flight per shard (pipelined on one stream); more accumulate into the next one.
+    /// An invalidation reaches the caches as soon as it is written to the log, its answer comes
+    /// once it is fsync'd: a deep pipeline keeps invalidations flowing to the caches while a
+    /// disk is slow to sync. A coordinator reads at most 1024 ahead of its answers.
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { max_in_flight: 8, ..Default::default() };
     /// # let _ = o;
     /// ```
     pub max_in_flight: usize,
+    /// Bytes of entries in flight per shard at most (about: keys and bookkeeping), kept until
+    /// answered to be sent again after a failure; beyond, callers wait as for `max_in_flight`.
+    ///
+    /// ```
+    /// let o = dci_sdk::PublisherOptions { max_in_flight_bytes: 8 << 20, ..Default::default() };
+    /// # let _ = o;
+    /// ```
+    pub max_in_flight_bytes: usize,
     /// Give up after retrying this long.
     ///
     /// ```
@@ -79,7 +90,8 @@ impl Default for PublisherOptions {
         PublisherOptions {
             publisher_id: format!("pub-{:016x}", rand::random::<u64>()),
             max_batch: 4096,
-            max_in_flight: 32,
+            max_in_flight: 1024,
+            max_in_flight_bytes: 32 << 20,
             retry_for: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
             tls: ClientTls::default(),
@@ -280,9 +292,24 @@ impl Queued {
 struct InFlight {
     request_no: u64,
     callers: Vec<Pending>,
+    /// What its entries count for against `max_in_flight_bytes`.
+    bytes: usize,
 }
 
 impl InFlight {
+    fn new(request_no: u64, callers: Vec<Pending>) -> InFlight {
+        let bytes = callers
+            .iter()
+            .flat_map(|p| &p.entries)
+            .map(Invalidation::approx_size)
+            .sum();
+        InFlight {
+            request_no,
+            callers,
+            bytes,
+        }
+    }
+
     /// The wire request. The callers keep their entries for a resend, so each send costs one
     /// reference count per key, not a copy of the request.
     fn request(&self, publisher_id: &str) -> pb::PublishRequest {
@@ -324,6 +351,8 @@ async fn run_shard(
     request_no: Arc<AtomicU64>,
 ) {
     let mut unanswered: VecDeque<InFlight> = VecDeque::new();
+    // The sum of their `bytes`.
+    let mut in_flight_bytes = 0usize;
     let mut open = true;
     let mut backoff = Duration::from_millis(20);
     let mut failing_since: Option<tokio::time::Instant> = None;
@@ -358,7 +387,7 @@ async fn run_shard(
             .into_inner();
             loop {
                 tokio::select! {
-                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < opts.max_in_flight => {
+                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < opts.max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
                         let Some(first) = first else { open = false; if unanswered.is_empty() { return Ok(()) } continue };
                         let mut callers = vec![first];
                         let mut n = callers[0].entries.len();
@@ -368,8 +397,9 @@ async fn run_shard(
                                 Err(_) => break,
                             }
                         }
-                        let f = InFlight { request_no: request_no.fetch_add(1, Ordering::Relaxed), callers };
+                        let f = InFlight::new(request_no.fetch_add(1, Ordering::Relaxed), callers);
                         let request = f.request(&opts.publisher_id);
+                        in_flight_bytes += f.bytes;
                         unanswered.push_back(f);
                         if tx.send(request).await.is_err() {
                             return Err(tonic::Status::unavailable("publish stream closed"));
@@ -380,6 +410,7 @@ async fn run_shard(
                             Some(resp) => {
                                 answered = true;
                                 let Some(f) = unanswered.pop_front() else { continue };
+                                in_flight_bytes -= f.bytes;
                                 if resp.refused_code == 0 && resp.refused.is_empty() {
                                     answer(f.callers, Ok(resp.seqs));
                                     continue;
@@ -394,8 +425,9 @@ async fn run_shard(
                                     continue;
                                 }
                                 for caller in f.callers {
-                                    let alone = InFlight { request_no: request_no.fetch_add(1, Ordering::Relaxed), callers: vec![caller] };
+                                    let alone = InFlight::new(request_no.fetch_add(1, Ordering::Relaxed), vec![caller]);
                                     let request = alone.request(&opts.publisher_id);
+                                    in_flight_bytes += alone.bytes;
                                     unanswered.push_back(alone);
                                     if tx.send(request).await.is_err() {
                                         return Err(tonic::Status::unavailable("publish stream closed"));
@@ -430,6 +462,7 @@ async fn run_shard(
                 if let Error::Refused(msg) = &err {
                     // The stream itself was refused (the coordinator refuses a request in its
                     // answer, and goes on): retrying will not help any of those waiting.
+                    in_flight_bytes = 0;
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Refused(msg.clone())));
                     }
@@ -450,6 +483,7 @@ async fn run_shard(
                         Error::Unavailable(m) => m.clone(),
                         other => other.to_string(),
                     };
+                    in_flight_bytes = 0;
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Unavailable(why.clone())));
                     }

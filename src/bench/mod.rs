@@ -258,7 +258,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         vec![coordinator.url()],
         PublisherOptions {
             max_batch: 16_384,
-            max_in_flight: 64,
             ..Default::default()
         },
     )

@@ -1,7 +1,7 @@
 //! A fault-injecting TCP proxy for tests: placed between any two tiers, switched by the test.
 //!
 //! Faults: added delay (fixed and jittered, per chunk, order kept), dropped connections, a
-//! blackhole (connections are accepted but nothing passes: a partition; or only what the client
+//! blackhole (connections are accepted but nothing passes: a partition; or only what one side
 //! sends is held: an asymmetric one), and a bandwidth cap.
 
 use std::net::SocketAddr;
@@ -18,6 +18,8 @@ struct Faults {
     blackhole: AtomicBool,
     /// Only what the client sends is held (an asymmetric partition).
     blackhole_to_server: AtomicBool,
+    /// Only what the server sends is held.
+    blackhole_to_client: AtomicBool,
     /// Bytes per second each direction of each connection may carry (0: unlimited).
     bandwidth: AtomicU64,
     delay: Mutex<(Duration, Duration)>,
@@ -88,6 +90,12 @@ impl Proxy {
         self.faults.blackhole_to_server.store(on, Ordering::SeqCst);
     }
 
+    /// The other asymmetric partition: what the server sends is held, what the client sends
+    /// passes.
+    pub fn blackhole_to_client(&self, on: bool) {
+        self.faults.blackhole_to_client.store(on, Ordering::SeqCst);
+    }
+
     /// Close every open connection (new ones are accepted).
     pub fn drop_connections(&self) {
         self.drops.send_modify(|g| *g += 1);
@@ -129,6 +137,7 @@ async fn pump(
         };
         while f.blackhole.load(Ordering::SeqCst)
             || (to_server && f.blackhole_to_server.load(Ordering::SeqCst))
+            || (!to_server && f.blackhole_to_client.load(Ordering::SeqCst))
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
