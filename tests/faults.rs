@@ -445,8 +445,10 @@ async fn a_silent_edge_costs_one_timeout_not_one_per_read() {
 
 /// The answers to a publisher are held (as while the coordinator's disk is slow to sync, or a
 /// link is slow one way): its invalidations still go to the log, and on to the caches, as far as
-/// its in-flight window reaches; a window in bytes bounds what it keeps for a resend. Once the
-/// answers come, every call has its own seq.
+/// its in-flight window reaches: 256 requests at most, whatever it is asked for, and a window
+/// in bytes bounds what it keeps for a resend. The stream breaks meanwhile: everything in flight
+/// is resent, and each is logged once (the coordinator remembers as many requests per publisher
+/// as may be in flight). Once the answers come, every call has its own seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
     let w = World::start(1, 1, 3 * SECOND).await;
@@ -460,12 +462,20 @@ async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
             .max()
             .unwrap_or(0)
     };
-    for window in [32 << 20, 1024] {
+    // (requests asked for in flight, bytes, calls, how many go out before an answer).
+    let cases = [
+        (dci_proto::types::RETRY_WINDOW, 32 << 20, 200, 200..=200),
+        // About 28 entries of these keys fit in 1 KiB.
+        (dci_proto::types::RETRY_WINDOW, 1024, 200, 6..=40),
+        (10_000, 32 << 20, 400, 256..=256),
+    ];
+    for (max_in_flight, max_in_flight_bytes, calls, out) in cases {
         let p = dci_sdk::Publisher::with_options(
             vec![proxy.url()],
             dci_sdk::PublisherOptions {
-                max_in_flight_bytes: window,
-                // One caller per request, so the window is counted in single entries.
+                max_in_flight,
+                max_in_flight_bytes,
+                // One caller per request, so the windows count single entries.
                 max_batch: 1,
                 timeout: 60 * SECOND,
                 ..Default::default()
@@ -476,28 +486,27 @@ async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
         let base = p.invalidate("warm").await.unwrap();
         eventually("the edge has the warm-up", || applied() >= base).await;
         proxy.blackhole_to_client(true);
-        let calls: Vec<_> = (0..200)
+        let calls: Vec<_> = (0..calls)
             .map(|i| {
                 let p = p.clone();
                 tokio::spawn(async move { p.invalidate(format!("k{i}")).await })
             })
             .collect();
-        if window > 1 << 20 {
-            eventually("every invalidation at the edge, unanswered", || {
-                applied() >= base + 200
-            })
-            .await;
-        } else {
-            // About 28 entries of these keys fit in 1 KiB: the window stops the rest.
-            eventually("the window's worth at the edge", || applied() > base + 5).await;
-            tokio::time::sleep(SECOND).await;
-            let through = applied() - base;
-            assert!((6..=40).contains(&through), "{through} went out");
-        }
+        let n = calls.len() as u64;
+        eventually("the window's worth at the edge", || {
+            applied() >= base + out.start()
+        })
+        .await;
+        tokio::time::sleep(SECOND).await;
+        let through = applied() - base;
+        assert!(out.contains(&through), "{through} went out");
         assert!(
             calls.iter().all(|c| !c.is_finished()),
             "answered while held"
         );
+        // The stream breaks: what is in flight goes again, on a new one.
+        proxy.drop_connections();
+        tokio::time::sleep(SECOND).await;
         proxy.blackhole_to_client(false);
         let mut seqs = Vec::new();
         for c in calls {
@@ -505,7 +514,9 @@ async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
         }
         seqs.sort_unstable();
         seqs.dedup();
-        assert_eq!(seqs.len(), 200);
-        assert_eq!(*seqs.last().unwrap(), base + 200, "logged once each");
+        assert_eq!(seqs.len() as u64, n);
+        assert_eq!(*seqs.last().unwrap(), base + n, "logged once each");
+        eventually("the edge has them all", || applied() >= base + n).await;
+        assert_eq!(applied(), base + n, "nothing logged twice");
     }
 }

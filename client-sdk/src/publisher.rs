@@ -41,7 +41,9 @@ pub struct PublisherOptions {
     /// Requests in flight per shard (pipelined on one stream); more accumulate into the next one.
     /// An invalidation reaches the caches as soon as it is written to the log, its answer comes
     /// once it is fsync'd: a deep pipeline keeps invalidations flowing to the caches while a
-    /// disk is slow to sync. A coordinator reads at most 1024 ahead of its answers.
+    /// disk is slow to sync. At most [`dci_proto::types::RETRY_WINDOW`] (256, the default): a
+    /// coordinator remembers that many of a publisher's requests, so that each one resent after
+    /// a broken stream is logged once.
     ///
     /// ```
     /// let o = dci_sdk::PublisherOptions { max_in_flight: 8, ..Default::default() };
@@ -90,7 +92,7 @@ impl Default for PublisherOptions {
         PublisherOptions {
             publisher_id: format!("pub-{:016x}", rand::random::<u64>()),
             max_batch: 4096,
-            max_in_flight: 1024,
+            max_in_flight: dci_proto::types::RETRY_WINDOW,
             max_in_flight_bytes: 32 << 20,
             retry_for: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
@@ -353,6 +355,7 @@ async fn run_shard(
     let mut unanswered: VecDeque<InFlight> = VecDeque::new();
     // The sum of their `bytes`.
     let mut in_flight_bytes = 0usize;
+    let max_in_flight = opts.max_in_flight.clamp(1, dci_proto::types::RETRY_WINDOW);
     let mut open = true;
     let mut backoff = Duration::from_millis(20);
     let mut failing_since: Option<tokio::time::Instant> = None;
@@ -360,9 +363,8 @@ async fn run_shard(
     let mut held: Option<Pending> = None;
     while open || !unanswered.is_empty() || held.is_some() {
         // Room for every resend at once (a refused shared request comes back as one per caller).
-        let (tx, req_rx) = mpsc::channel::<pb::PublishRequest>(
-            (opts.max_in_flight.max(1) * 2).max(unanswered.len()),
-        );
+        let (tx, req_rx) =
+            mpsc::channel::<pb::PublishRequest>((max_in_flight * 2).max(unanswered.len()));
         for f in &unanswered {
             let _ = tx.try_send(f.request(&opts.publisher_id));
         }
@@ -387,7 +389,7 @@ async fn run_shard(
             .into_inner();
             loop {
                 tokio::select! {
-                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < opts.max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
+                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
                         let Some(first) = first else { open = false; if unanswered.is_empty() { return Ok(()) } continue };
                         let mut callers = vec![first];
                         let mut n = callers[0].entries.len();

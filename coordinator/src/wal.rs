@@ -254,7 +254,7 @@ pub struct DedupTable {
     order: VecDeque<String>,
 }
 
-const DEDUP_PER_PUBLISHER: usize = 256;
+const DEDUP_PER_PUBLISHER: usize = dci_proto::types::RETRY_WINDOW;
 const DEDUP_PUBLISHERS: usize = 10_000;
 
 impl DedupTable {

@@ -23,6 +23,11 @@ pub const MAX_SEQ: Seq = 1 << 62;
 /// receiver keep state for more than this many.
 pub const MAX_SHARDS: u32 = 65_536;
 
+/// How many of a publisher's latest requests a coordinator remembers, to answer a resend with
+/// the seqs it logged them under instead of logging them again; a publisher keeps no more than
+/// this in flight, so whatever it resends after a broken stream is remembered.
+pub const RETRY_WINDOW: usize = 256;
+
 /// The longest duration a setting may hold: far beyond any useful timeout or retention, and short
 /// enough that adding it to a clock reading, or multiplying it by a small factor, cannot overflow.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
