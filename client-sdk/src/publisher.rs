@@ -356,12 +356,15 @@ async fn run_shard(
     // The sum of their `bytes`.
     let mut in_flight_bytes = 0usize;
     let max_in_flight = opts.max_in_flight.clamp(1, dci_proto::types::RETRY_WINDOW);
+    // Callers of a refused shared request, each to go again in a request of its own, within the
+    // window like any other (a coordinator remembers only so many requests for a resend).
+    let mut alone: VecDeque<Pending> = VecDeque::new();
     let mut open = true;
     let mut backoff = Duration::from_millis(20);
     let mut failing_since: Option<tokio::time::Instant> = None;
     // A caller taken off the queue but not into a request yet: it goes first.
     let mut held: Option<Pending> = None;
-    while open || !unanswered.is_empty() || held.is_some() {
+    while open || !unanswered.is_empty() || held.is_some() || !alone.is_empty() {
         // Room for every resend at once (a refused shared request comes back as one per caller).
         let (tx, req_rx) =
             mpsc::channel::<pb::PublishRequest>((max_in_flight * 2).max(unanswered.len()));
@@ -389,8 +392,18 @@ async fn run_shard(
             .into_inner();
             loop {
                 tokio::select! {
-                    first = next_caller(&mut held, &mut rx), if open && unanswered.len() < max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
-                        let Some(first) = first else { open = false; if unanswered.is_empty() { return Ok(()) } continue };
+                    _ = std::future::ready(()), if !alone.is_empty() && unanswered.len() < max_in_flight => {
+                        let caller = alone.pop_front().expect("checked non-empty");
+                        let f = InFlight::new(request_no.fetch_add(1, Ordering::Relaxed), vec![caller]);
+                        let request = f.request(&opts.publisher_id);
+                        in_flight_bytes += f.bytes;
+                        unanswered.push_back(f);
+                        if tx.send(request).await.is_err() {
+                            return Err(tonic::Status::unavailable("publish stream closed"));
+                        }
+                    }
+                    first = next_caller(&mut held, &mut rx), if open && alone.is_empty() && unanswered.len() < max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
+                        let Some(first) = first else { open = false; if unanswered.is_empty() && alone.is_empty() { return Ok(()) } continue };
                         let mut callers = vec![first];
                         let mut n = callers[0].entries.len();
                         while n < opts.max_batch {
@@ -426,15 +439,7 @@ async fn run_shard(
                                     answer(f.callers, Err(Error::Refused(resp.refused)));
                                     continue;
                                 }
-                                for caller in f.callers {
-                                    let alone = InFlight::new(request_no.fetch_add(1, Ordering::Relaxed), vec![caller]);
-                                    let request = alone.request(&opts.publisher_id);
-                                    in_flight_bytes += alone.bytes;
-                                    unanswered.push_back(alone);
-                                    if tx.send(request).await.is_err() {
-                                        return Err(tonic::Status::unavailable("publish stream closed"));
-                                    }
-                                }
+                                alone.extend(f.callers);
                             }
                             None => return Err(tonic::Status::unavailable("publish stream ended")),
                         }
@@ -468,6 +473,7 @@ async fn run_shard(
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Refused(msg.clone())));
                     }
+                    answer(alone.drain(..).collect(), Err(Error::Refused(msg.clone())));
                     while let Ok(p) = rx.try_recv() {
                         answer(vec![p], Err(Error::Refused(msg.clone())));
                     }
@@ -489,6 +495,10 @@ async fn run_shard(
                     for f in unanswered.drain(..) {
                         answer(f.callers, Err(Error::Unavailable(why.clone())));
                     }
+                    answer(
+                        alone.drain(..).collect(),
+                        Err(Error::Unavailable(why.clone())),
+                    );
                     // So are the callers queued meanwhile: with no stream to be had (nothing
                     // listening, a certificate not trusted), none of them was ever taken into a
                     // request, and they would wait for ever. One who came after this decision
