@@ -365,7 +365,7 @@ async fn run_shard(
     // A caller taken off the queue but not into a request yet: it goes first.
     let mut held: Option<Pending> = None;
     while open || !unanswered.is_empty() || held.is_some() || !alone.is_empty() {
-        // Room for every resend at once (a refused shared request comes back as one per caller).
+        // Room for every resend at once, and the window's worth of new requests.
         let (tx, req_rx) =
             mpsc::channel::<pb::PublishRequest>((max_in_flight * 2).max(unanswered.len()));
         for f in &unanswered {

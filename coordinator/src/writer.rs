@@ -37,7 +37,6 @@ struct SyncJob {
 /// fsync can report success for a file whose earlier pages were lost.
 type Failed = Arc<FailState>;
 
-#[derive(Default)]
 struct FailState {
     why: std::sync::Mutex<Option<String>>,
     /// The log's directory.
@@ -145,7 +144,7 @@ struct Log {
 /// A job in the queue, with the room it takes there.
 struct Queued {
     job: Job,
-    _room: tokio::sync::OwnedSemaphorePermit,
+    room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Owns the log; see the module documentation.
@@ -208,7 +207,7 @@ impl Sequencer {
                 .send(Err(CommitError::Log("the log is closed".into())));
             return;
         };
-        lock(&self.queue).push(Queued { job, _room: room });
+        lock(&self.queue).push(Queued { job, room });
         self.drain();
     }
 
@@ -254,8 +253,7 @@ impl Sequencer {
 
     /// Commit a group; its room in the queue is given back once it is written (or refused).
     fn commit_group(&self, log: &mut Log, queued: Vec<Queued>) {
-        let (jobs, _room): (Vec<Job>, Vec<_>) =
-            queued.into_iter().map(|q| (q.job, q._room)).unzip();
+        let (jobs, _room): (Vec<Job>, Vec<_>) = queued.into_iter().map(|q| (q.job, q.room)).unzip();
         let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
             for j in jobs {
                 let _ = j
