@@ -520,3 +520,59 @@ async fn invalidations_reach_the_caches_while_answers_lag_within_the_window() {
         assert_eq!(applied(), base + n, "nothing logged twice");
     }
 }
+
+/// A relay restarts while its edges were caught up: its new ring starts at the head, and each
+/// edge resumes where it was, behind it. The first fetches that range from the coordinator; the
+/// others are served what it fetched, and ask the coordinator nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_behind_a_restarted_relay_share_one_catch_up() {
+    let mut w = World::start(1, 3, 3 * SECOND).await;
+    let applied = |w: &World, j: usize| {
+        w.edges[j]
+            .as_ref()
+            .unwrap()
+            .store
+            .applied()
+            .iter()
+            .map(|&(_, _, s)| s)
+            .max()
+            .unwrap_or(0)
+    };
+    let first = w.publisher.invalidate("before").await.unwrap();
+    for j in 0..3 {
+        eventually("every edge caught up", || applied(&w, j) >= first).await;
+    }
+    w.stop_relay(0).await;
+    let mut head = first;
+    for chunk in 0..10 {
+        let keys = (0..300)
+            .map(|i| dci_proto::Invalidation::key(format!("while-down-{chunk}-{i}")))
+            .collect();
+        head = *w.publisher.publish(keys).await.unwrap().last().unwrap();
+    }
+    // Edges 1 and 2 stay away until edge 0 has caught up through the new relay.
+    w.edge_proxies[1][0].blackhole(true);
+    w.edge_proxies[2][0].blackhole(true);
+    w.start_relay(0).await;
+    let last = w.publisher.invalidate("after").await.unwrap();
+    eventually("edge 0 caught up", || applied(&w, 0) >= last).await;
+    let core = w.relays[0].as_ref().unwrap().core.clone();
+    let fetches = core.catch_ups.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(fetches > 0, "the range was older than the new ring");
+    for j in 1..3 {
+        w.edge_proxies[j][0].blackhole(false);
+        eventually("the edge caught up", || applied(&w, j) >= last).await;
+    }
+    assert_eq!(
+        core.catch_ups.load(std::sync::atomic::Ordering::Relaxed),
+        fetches,
+        "the later edges were served what the first fetched"
+    );
+    assert!(
+        core.catch_up_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert!(head < last);
+    w.converge().await;
+}

@@ -45,6 +45,10 @@ pub struct RelayCore {
     pub quarantined: AtomicU64,
     /// Catch-up fetches from upstream.
     pub catch_ups: AtomicU64,
+    /// Catch-ups served from what an earlier one fetched.
+    pub catch_up_hits: AtomicU64,
+    /// What catch-ups fetched, for the next receiver behind at the same place.
+    fetched: Mutex<crate::fetched::Fetched>,
     /// Rings started over because a batch did not continue them.
     pub ring_restarts: AtomicU64,
     /// Publish (the writer's call) to held in this relay's ring, per entry.
@@ -79,6 +83,9 @@ impl RelayCore {
             channels: Mutex::new(HashMap::new()),
             quarantined: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            catch_up_hits: AtomicU64::new(0),
+            // A quarter of the ring: enough for the ranges edges resume from after a restart.
+            fetched: Mutex::new(crate::fetched::Fetched::new(ring_bytes / 4)),
             ring_restarts: AtomicU64::new(0),
             propagation: LatencyHistogram::default(),
         }
@@ -160,6 +167,11 @@ impl RelayCore {
         until: Seq,
         budget: usize,
     ) -> Fetch {
+        let kept = lock(&self.fetched).read(shard, epoch, from, budget);
+        if !kept.is_empty() {
+            self.catch_up_hits.fetch_add(1, Ordering::Relaxed);
+            return Fetch::Batches(kept);
+        }
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
         // The group that brings this shard, starting with the sender its link follows now.
         let group = lock(&self.owners).get(&shard).copied().unwrap_or(0);
@@ -176,7 +188,12 @@ impl RelayCore {
                 .catch_up_from(ch, shard, epoch, from, until, budget)
                 .await
             {
-                Ok(f) => return f,
+                Ok(f) => {
+                    if let Fetch::Batches(b) = &f {
+                        lock(&self.fetched).keep(shard, epoch, b);
+                    }
+                    return f;
+                }
                 Err(e) => {
                     tracing::debug!(upstream = %url, error = %e, "catch-up failed");
                     // The next fetch makes a new channel: a lazy one would reconnect with what

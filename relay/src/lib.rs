@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod core;
+mod fetched;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -156,6 +157,11 @@ impl Relay {
                         "dci_catch_ups_total",
                         "Ranges fetched from upstream for receivers behind the ring",
                         core.catch_ups.load(relaxed),
+                    ),
+                    (
+                        "dci_catch_up_hits_total",
+                        "Ranges for receivers behind the ring served from what an earlier catch-up fetched",
+                        core.catch_up_hits.load(relaxed),
                     ),
                     (
                         "dci_ring_restarts_total",
