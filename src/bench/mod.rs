@@ -249,8 +249,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     for e in &edges {
         let link = e.link.clone();
-        wait_until("edges to connect", Duration::from_secs(10), || {
-            lock(&link).connected_to.is_some()
+        // In the shard's stream, not only connected: an edge that joins the shard after the
+        // warm-up was published starts past it, and would never be seen to apply it.
+        wait_until("edges to join the stream", Duration::from_secs(30), || {
+            let l = lock(&link);
+            l.connected_to.is_some() && !l.progress.is_empty()
         })
         .await?;
     }
