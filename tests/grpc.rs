@@ -1,5 +1,7 @@
 //! gRPC conventions on every node: health, reflection, graceful shutdown.
 
+mod support;
+
 use dci_coordinator::{Coordinator, CoordinatorConfig};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -167,13 +169,7 @@ async fn connections_that_never_speak_are_closed() {
     }
     assert_eq!(p.invalidate("k2").await.unwrap(), 2);
     // The metrics endpoint still answers whole requests.
-    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    s.read_to_string(&mut page).await.unwrap();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let page = support::scrape(metrics).await;
     assert!(page.contains("dci_receivers"), "{page}");
     c.stop().await.unwrap();
 }

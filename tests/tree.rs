@@ -1,5 +1,7 @@
 //! The whole tree in-process over real gRPC on loopback: coordinator, relays, edges.
 
+mod support;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use dci_proto::upstream::lock;
 use dci_proto::{Batch, Seq};
 use dci_relay::{Relay, RelayConfig};
 use dci_sdk::{CacheClient, Lookup, Publisher};
+use support::scrape;
 
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -984,18 +987,6 @@ async fn the_sdk_publishes_single_batch_and_streaming_forms_in_order() {
     let err = p.invalidate("").await.unwrap_err();
     assert!(matches!(err, dci_sdk::Error::Refused(_)), "{err}");
     c.stop().await.unwrap();
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: dci\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
