@@ -230,6 +230,78 @@ async fn an_edge_that_missed_ten_thousand_entries_catches_up_through_a_restarted
     c.stop().await.unwrap();
 }
 
+/// Receivers behind a relay's ring at the same place at the same time (edges reconnecting to a
+/// restarted relay) share one fetch from upstream; and one whose fetch others wait on may leave
+/// without leaving them stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_behind_at_once_share_one_fetch_even_if_its_first_leaves() {
+    use dci_proto::downstream::{BatchSource, Fetch};
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..3_000, "before:")).await;
+    // Slow enough that every read below starts while the first fetch is under way.
+    let proxy = support::proxy::Proxy::start(c.addr).await;
+    let r = relay_at(any_port(), vec![proxy.url()], 64 << 20).await;
+    let core = r.core.clone();
+    eventually("the relay's ring follows the shard", || {
+        core.views()
+            .iter()
+            .any(|v| v.shard == 0 && v.held_from > head)
+    })
+    .await;
+    proxy.delay(Duration::from_millis(300), Duration::ZERO);
+    let contiguous_from_one = |f: &Fetch| match f {
+        Fetch::Batches(b) => {
+            let mut next = 1;
+            for x in b {
+                assert!(x.batch.first_seq <= next && x.batch.last_seq >= next);
+                next = x.batch.last_seq + 1;
+            }
+            next > 1
+        }
+        _ => false,
+    };
+
+    // The first reader leaves while another waits on its fetch.
+    let from = head - 500;
+    let first = tokio::spawn({
+        let core = core.clone();
+        async move { core.read(0, from, 1 << 20).await }
+    });
+    eventually("the first fetch under way", || {
+        core.catch_ups.load(Relaxed) == 1
+    })
+    .await;
+    let second = tokio::spawn({
+        let core = core.clone();
+        async move { core.read(0, from, 1 << 20).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.abort();
+    match second.await.unwrap() {
+        Fetch::Batches(b) => {
+            assert!(b[0].batch.first_seq <= from && b[0].batch.last_seq >= from);
+            assert_eq!(b.last().unwrap().batch.last_seq, head);
+        }
+        f => panic!("the waiting reader got {f:?}"),
+    }
+    assert_eq!(
+        core.catch_ups.load(Relaxed),
+        2,
+        "the waiting reader fetched it itself"
+    );
+
+    // Another place, not kept yet: eight readers at once.
+    let reads = futures::future::join_all((0..8).map(|_| core.read(0, 1, 1 << 20))).await;
+    assert!(reads.iter().all(contiguous_from_one), "{reads:?}");
+    assert_eq!(core.catch_ups.load(Relaxed), 3, "one fetch for all eight");
+    assert_eq!(core.catch_up_hits.load(Relaxed), 7);
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_gone_everywhere_ends_in_reset_and_flush() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,7 +25,7 @@ use crate::types::{Filter, Seq, ShardId};
 const MAX_NAME: usize = 256;
 
 /// What a source answers to a read.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Fetch {
     /// Batches from the requested seq on (the first may start before it).
     Batches(Vec<Arc<SharedBatch>>),

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use dci_proto::downstream::{BatchSource, Fetch};
@@ -20,6 +20,9 @@ use tonic::transport::Channel;
 
 /// Longest an upstream may stay silent during a catch-up fetch before the fetch is given up.
 const CATCH_UP_SILENCE: Duration = Duration::from_secs(5);
+
+/// A catch-up fetch, answered once for every receiver waiting on it.
+type UnderWay = tokio::sync::OnceCell<Fetch>;
 
 /// Shared by the upstream followers and every downstream link.
 pub struct RelayCore {
@@ -49,6 +52,10 @@ pub struct RelayCore {
     pub catch_up_hits: AtomicU64,
     /// What catch-ups fetched, for the next receiver behind at the same place.
     fetched: Mutex<crate::fetched::Fetched>,
+    /// Catch-ups under way, by where they start: a receiver behind at the same place meanwhile
+    /// waits for that fetch instead of starting its own (edges reconnecting to a restarted relay
+    /// arrive together).
+    under_way: Mutex<HashMap<(ShardId, Epoch, Seq), Weak<UnderWay>>>,
     /// Rings started over because a batch did not continue them.
     pub ring_restarts: AtomicU64,
     /// Publish (the writer's call) to held in this relay's ring, per entry.
@@ -86,6 +93,7 @@ impl RelayCore {
             catch_up_hits: AtomicU64::new(0),
             // A quarter of the ring: enough for the ranges edges resume from after a restart.
             fetched: Mutex::new(crate::fetched::Fetched::new(ring_bytes / 4)),
+            under_way: Mutex::new(HashMap::new()),
             ring_restarts: AtomicU64::new(0),
             propagation: LatencyHistogram::default(),
         }
@@ -158,7 +166,9 @@ impl RelayCore {
         Some(c)
     }
 
-    /// Fetch `[from, until]` of a shard from upstream, for a receiver behind this relay's ring.
+    /// Fetch `[from, until]` of a shard from upstream, for a receiver behind this relay's ring:
+    /// from what an earlier catch-up fetched, or with the fetch under way from the same place, or
+    /// else by a fetch of its own.
     async fn catch_up(
         &self,
         shard: ShardId,
@@ -172,6 +182,49 @@ impl RelayCore {
             self.catch_up_hits.fetch_add(1, Ordering::Relaxed);
             return Fetch::Batches(kept);
         }
+        let cell = {
+            let mut under_way = lock(&self.under_way);
+            match under_way.get(&(shard, epoch, from)).and_then(Weak::upgrade) {
+                Some(cell) => cell,
+                None => {
+                    // Fetches whose every receiver went away leave only dead entries.
+                    under_way.retain(|_, w| w.strong_count() > 0);
+                    let cell = Arc::new(UnderWay::new());
+                    under_way.insert((shard, epoch, from), Arc::downgrade(&cell));
+                    cell
+                }
+            }
+        };
+        // Whoever waits runs the fetch if the one running it went away (its receiver left).
+        let fetched_here = std::sync::atomic::AtomicBool::new(false);
+        let f = cell
+            .get_or_init(|| {
+                fetched_here.store(true, Ordering::Relaxed);
+                self.fetch(shard, epoch, from, until, budget)
+            })
+            .await;
+        if fetched_here.load(Ordering::Relaxed) {
+            return f.clone();
+        }
+        self.catch_up_hits.fetch_add(1, Ordering::Relaxed);
+        // What was fetched was kept: read it within this receiver's own budget.
+        let kept = lock(&self.fetched).read(shard, epoch, from, budget);
+        if kept.is_empty() {
+            f.clone()
+        } else {
+            Fetch::Batches(kept)
+        }
+    }
+
+    /// Fetch `[from, until]` from the group that brings the shard, and keep what came.
+    async fn fetch(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        from: Seq,
+        until: Seq,
+        budget: usize,
+    ) -> Fetch {
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
         // The group that brings this shard, starting with the sender its link follows now.
         let group = lock(&self.owners).get(&shard).copied().unwrap_or(0);
