@@ -259,6 +259,19 @@ struct TlsArgs {
     /// (mutual TLS; needs --tls-cert).
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// Under mutual TLS, names (DNS or URI, in the client certificate; `*` any run of characters)
+    /// allowed to call Publisher, comma-separated (default: any client --tls-client-ca signed).
+    #[arg(long, value_delimiter = ',')]
+    tls_allow_publish: Option<Vec<String>>,
+    /// As --tls-allow-publish, for Subscribe (relays, edges, near caches following this node).
+    #[arg(long, value_delimiter = ',')]
+    tls_allow_subscribe: Option<Vec<String>>,
+    /// As --tls-allow-publish, for Cache (reads and fills through an edge).
+    #[arg(long, value_delimiter = ',')]
+    tls_allow_cache: Option<Vec<String>>,
+    /// As --tls-allow-publish, for Admin (`dci status`).
+    #[arg(long, value_delimiter = ',')]
+    tls_allow_admin: Option<Vec<String>>,
 }
 
 impl TlsArgs {
@@ -268,6 +281,19 @@ impl TlsArgs {
         tls.key = self.tls_key.or(tls.key.take());
         tls.ca = self.tls_ca.or(tls.ca.take());
         tls.client_ca = self.tls_client_ca.or(tls.client_ca.take());
+        let allow = &mut tls.allow;
+        allow.publish = self
+            .tls_allow_publish
+            .unwrap_or(std::mem::take(&mut allow.publish));
+        allow.subscribe = self
+            .tls_allow_subscribe
+            .unwrap_or(std::mem::take(&mut allow.subscribe));
+        allow.cache = self
+            .tls_allow_cache
+            .unwrap_or(std::mem::take(&mut allow.cache));
+        allow.admin = self
+            .tls_allow_admin
+            .unwrap_or(std::mem::take(&mut allow.admin));
     }
 }
 
@@ -292,7 +318,7 @@ impl ClientTlsArgs {
             ca: self.tls_ca.clone(),
             cert: self.tls_cert.clone(),
             key: self.tls_key.clone(),
-            client_ca: None,
+            ..Default::default()
         };
         Ok(tls.client()?)
     }

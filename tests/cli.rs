@@ -1320,6 +1320,95 @@ fn mutual_tls_serves_only_clients_presenting_a_certificate_its_ca_signed() {
     );
 }
 
+/// `--tls-allow-*`: each API of a node serves only the certificates named for it. The writer's
+/// certificate publishes; the nodes' follows and reads status; each is refused the other's API
+/// with one line naming the list to look at, and nothing refused is logged.
+#[test]
+fn allow_lists_give_each_api_to_the_certificates_named() {
+    let (ca, cert, key) = (
+        tls_file("ca.pem"),
+        tls_file("node.pem"),
+        tls_file("node.key"),
+    );
+    let (writer_cert, writer_key) = (tls_file("writer.pem"), tls_file("writer.key"));
+    let dir = tempfile::tempdir().unwrap();
+    let allow = [
+        "--tls-client-ca",
+        &ca,
+        "--tls-allow-publish",
+        "orders.svc.*,billing.svc.example",
+        "--tls-allow-subscribe",
+        "localhost",
+        "--tls-allow-admin",
+        "localhost",
+    ];
+    let (_tree, [coord, _, _]) = start_tls_tree(dir.path(), &allow);
+    let node = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    let writer = [
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &writer_cert,
+        "--tls-key",
+        &writer_key,
+    ];
+    let publish = |tls: &[&str], key: &str| {
+        dci(&[&["publish", "--coordinator", &coord][..], tls, &[key]].concat())
+    };
+    let o = publish(&writer, "k");
+    assert_eq!(stdout(&o), "k 1\n", "{}", stderr(&o));
+    eventually(
+        "the edge to apply it (status read with the nodes' certificate)",
+        || {
+            status_nodes(&coord, &node)
+                .iter()
+                .any(|n| n["role"] == "edge" && n["shards"][0]["hwm"].as_u64() == Some(1))
+        },
+    );
+    let o = publish(&node, "k");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("tls.allow.publish"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("its names: localhost"),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&[&["status", "--coordinator", &coord][..], &writer].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tls.allow.admin")
+            && stderr(&o).contains("orders.svc.example, spiffe://example.test/ns/orders/sa/writer"),
+        "{}",
+        stderr(&o)
+    );
+    let o = publish(&writer, "after");
+    assert_eq!(stdout(&o), "after 2\n", "nothing refused was logged");
+
+    // A list without a client CA to check certificates against cannot work.
+    let o = dci(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().join("never-made").to_str().unwrap(),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-allow-publish",
+        "orders.svc.example",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tls.allow needs tls.client_ca"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// A node raises its open-file limit to the hard limit (a relay holds a descriptor per
 /// receiver, and the usual soft limit of 1024 would refuse the thousand-and-first edge).
 #[test]
@@ -1625,6 +1714,8 @@ fn the_helm_chart_starts_a_working_tree() {
             "--set",
             "tls.mutual=true",
             "--set-json",
+            r#"tls.allow={"publish":["orders.svc.*","localhost"],"subscribe":["localhost"]}"#,
+            "--set-json",
             r#"regions=[{"name":"eu","relays":1,"edges":1}]"#,
         ],
     )
@@ -1641,6 +1732,12 @@ fn the_helm_chart_starts_a_working_tree() {
             .any(|m| m["mountPath"] == "/tls" && m["readOnly"] == true));
         let args = helm_args(d);
         assert_eq!(after(&args, "--tls-client-ca"), "/tls/ca.crt");
+        assert_eq!(
+            after(&args, "--tls-allow-publish"),
+            "orders.svc.*,localhost"
+        );
+        assert_eq!(after(&args, "--tls-allow-subscribe"), "localhost");
+        assert!(!args.iter().any(|a| a == "--tls-allow-cache"), "{args:?}");
     }
     let services = helm_services(&docs);
     let running = start_pods(&docs, &services, &mut ports, &mut dirs);
@@ -1664,6 +1761,17 @@ fn the_helm_chart_starts_a_working_tree() {
     drop(running);
     let err = helm_template("x", &["--set", "tls.mutual=true"]).unwrap_err();
     assert!(err.contains("tls.mutual needs tls.secret"), "{err}");
+    let err = helm_template(
+        "x",
+        &[
+            "--set",
+            "tls.secret=dci-tls",
+            "--set",
+            "tls.allow.cache={a}",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("tls.allow.cache needs tls.mutual"), "{err}");
 }
 
 /// Every key of every config file is also a flag, and a flag overrides the file.
@@ -1689,7 +1797,19 @@ fn every_config_key_is_also_a_flag() {
         for key in keys {
             let flags = match key.as_str() {
                 "otlp" => vec!["--otlp-endpoint".to_string(), "--otlp-interval".into()],
-                "tls" => vec!["--tls-cert".into(), "--tls-key".into(), "--tls-ca".into()],
+                "tls" => [
+                    "cert",
+                    "key",
+                    "ca",
+                    "client-ca",
+                    "allow-publish",
+                    "allow-subscribe",
+                    "allow-cache",
+                    "allow-admin",
+                ]
+                .iter()
+                .map(|f| format!("--tls-{f}"))
+                .collect(),
                 "upstream_groups" => vec!["--upstream-group".into()],
                 k => vec![format!("--{}", k.replace('_', "-"))],
             };

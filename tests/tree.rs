@@ -1508,6 +1508,7 @@ async fn the_sdk_publishes_reads_and_follows_over_mutual_tls() {
         key: Some(file("node.key")),
         ca: Some(file("ca.pem")),
         client_ca: Some(file("ca.pem")),
+        ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(CoordinatorConfig {
@@ -1657,6 +1658,133 @@ async fn the_sdk_publishes_reads_and_follows_over_mutual_tls() {
     );
     near.stop();
     e.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// Under mutual TLS, each API serves only the clients its `tls.allow` list names: the writer's
+/// certificate publishes and reads status, the nodes' certificate follows; each refused the
+/// other's API with `PERMISSION_DENIED`, saying which list to look at, and health answers all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_lets_each_api_only_the_names_its_allow_list_gives() {
+    use dci_proto::tls::{Allow, TlsConfig};
+    use dci_sdk::{ClientTls, PublisherOptions};
+    let file = |name: &str| format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR")).into();
+    let tls = TlsConfig {
+        cert: Some(file("node.pem")),
+        key: Some(file("node.key")),
+        ca: Some(file("ca.pem")),
+        client_ca: Some(file("ca.pem")),
+        allow: Allow {
+            publish: vec!["orders.svc.*".into()],
+            subscribe: vec!["localhost".into()],
+            admin: vec!["spiffe://example.test/ns/*/sa/writer".into()],
+            cache: vec![],
+        },
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        tls: tls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        region: "r".into(),
+        tls: tls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let read = |name: &str| std::fs::read(file(name)).unwrap();
+    let trusting = ClientTls::with_ca_pem(read("ca.pem")).unwrap();
+    let as_writer = trusting
+        .clone()
+        .with_identity_pem(read("writer.pem"), read("writer.key"))
+        .unwrap();
+    let as_node = trusting
+        .with_identity_pem(read("node.pem"), read("node.key"))
+        .unwrap();
+    let publisher = |tls: ClientTls| {
+        Publisher::with_options(
+            vec![c.url()],
+            PublisherOptions {
+                tls,
+                retry_for: Duration::from_secs(2),
+                ..Default::default()
+            },
+        )
+    };
+
+    let seq = publisher(as_writer.clone())
+        .await
+        .unwrap()
+        .invalidate("user:1")
+        .await
+        .unwrap();
+    let link = r.core.links[0].clone();
+    eventually("the relay, a node, follows the coordinator", || {
+        lock(&link).progress.iter().any(|p| p.2 >= seq)
+    })
+    .await;
+    match publisher(as_node.clone())
+        .await
+        .unwrap()
+        .invalidate("user:2")
+        .await
+    {
+        Err(dci_sdk::Error::Refused(why)) => {
+            assert!(why.contains("Publisher/PublishStream"), "{why}");
+            assert!(why.contains("its names: localhost"), "{why}");
+            assert!(why.contains("tls.allow.publish"), "{why}");
+        }
+        other => panic!("a node's certificate published: {other:?}"),
+    }
+
+    let channel = |tls: &ClientTls| tls.endpoint(&c.url()).unwrap().connect_lazy();
+    let status = |tls: &ClientTls| {
+        let mut admin = pb::admin_client::AdminClient::new(channel(tls));
+        async move { admin.status(pb::StatusRequest::default()).await }
+    };
+    assert!(status(&as_writer).await.is_ok());
+    let refused = status(&as_node).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("tls.allow.admin"), "{refused:?}");
+
+    let mut follow = pb::subscribe_client::SubscribeClient::new(channel(&as_writer));
+    let hello = pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "impostor".into(),
+            ..Default::default()
+        })),
+    };
+    let refused = follow
+        .subscribe(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("tls.allow.subscribe"),
+        "{refused:?}"
+    );
+
+    for tls in [&as_writer, &as_node] {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(tls));
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(answer.into_inner().status, 1, "SERVING");
+    }
+    assert_eq!(
+        lock(&link).progress.iter().map(|p| p.2).max(),
+        Some(seq),
+        "nothing more was published"
+    );
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }

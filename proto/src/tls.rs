@@ -38,6 +38,100 @@ pub struct TlsConfig {
     /// PEM CA certificate(s) whose client certificates this node requires (mutual TLS): a client
     /// that presents none signed by them is refused during the handshake.
     pub client_ca: Option<PathBuf>,
+    /// Under mutual TLS, which clients may call which API, by the names their certificates
+    /// carry; an empty list lets every client `client_ca` signed.
+    pub allow: Allow,
+}
+
+/// Which clients may call each API: patterns of the DNS and URI names (subject alternative
+/// names) a client certificate carries, where `*` stands for any run of characters
+/// (`relay-*.eu.example`, `spiffe://prod/ns/orders/*`). An empty list lets every client that
+/// `client_ca` signed; a list of an API the node does not serve is not used. Health and
+/// reflection answer every client.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allow {
+    /// `Publisher` (writers, `dci publish`).
+    pub publish: Vec<String>,
+    /// `Subscribe` (relays, edges, near caches following this node).
+    pub subscribe: Vec<String>,
+    /// `Cache` (applications reading through an edge, `dci get/set/delete`).
+    pub cache: Vec<String>,
+    /// `Admin` (`dci status`).
+    pub admin: Vec<String>,
+}
+
+impl Allow {
+    fn is_empty(&self) -> bool {
+        self.lists().iter().all(|(_, l)| l.is_empty())
+    }
+
+    fn lists(&self) -> [(&'static str, &[String]); 4] {
+        [
+            ("publish", &self.publish),
+            ("subscribe", &self.subscribe),
+            ("cache", &self.cache),
+            ("admin", &self.admin),
+        ]
+    }
+
+    /// The list that guards a gRPC method's path, and its key, if any.
+    fn guarding(&self, path: &str) -> Option<(&'static str, &[String])> {
+        let service = path.strip_prefix("/dci.v1.")?.split('/').next()?;
+        let i = match service {
+            "Publisher" => 0,
+            "Subscribe" => 1,
+            "Cache" => 2,
+            "Admin" => 3,
+            _ => return None,
+        };
+        let (key, list) = self.lists()[i];
+        (!list.is_empty()).then_some((key, list))
+    }
+
+    /// Why a call to `path` by a client whose certificate carries `names` is refused, if it is.
+    pub fn refuses(&self, path: &str, names: Option<&[String]>) -> Option<String> {
+        let (key, list) = self.guarding(path)?;
+        let names = names.unwrap_or_default();
+        if names
+            .iter()
+            .any(|n| list.iter().any(|p| name_matches(p, n)))
+        {
+            return None;
+        }
+        let shown = if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        };
+        Some(format!(
+            "this client's certificate is not allowed to call {} here (its names: {shown}; \
+             see the node's tls.allow.{key})",
+            path.trim_start_matches('/')
+        ))
+    }
+}
+
+/// Does `name` match `pattern`, where `*` in the pattern stands for any run of characters?
+/// Names are compared without regard to ASCII case, as DNS names are.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.to_ascii_lowercase(), name.to_ascii_lowercase());
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Why a TLS setting cannot be used.
@@ -59,7 +153,17 @@ impl TlsConfig {
                 "tls.client_ca needs tls.cert and tls.key (client certificates are asked for only over TLS)"
                     .into(),
             )),
-            _ => Ok(()),
+            _ if !self.allow.is_empty() && self.client_ca.is_none() => Err(TlsError(
+                "tls.allow needs tls.client_ca (clients are known by their certificates)".into(),
+            )),
+            _ => {
+                for (key, list) in self.allow.lists() {
+                    if list.iter().any(|p| p.trim().is_empty()) {
+                        return Err(TlsError(format!("tls.allow.{key} holds an empty name")));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -280,10 +384,97 @@ pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
     }
 }
 
-/// The gRPC server settings every dci node uses (TLS, when configured, is in [`incoming`]).
-pub fn grpc_server(tls: &TlsConfig) -> Result<tonic::transport::Server, TlsError> {
+/// The gRPC server settings every dci node uses (TLS, when configured, is in [`incoming`]), with
+/// the `tls.allow` lists enforced.
+pub fn grpc_server(
+    tls: &TlsConfig,
+) -> Result<
+    tonic::transport::Server<
+        tower::layer::util::Stack<AuthorizeLayer, tower::layer::util::Identity>,
+    >,
+    TlsError,
+> {
     tls.validate()?;
-    Ok(crate::grpc_server())
+    Ok(crate::grpc_server().layer(AuthorizeLayer {
+        allow: Arc::new(tls.allow.clone()),
+    }))
+}
+
+/// Refuses, with `PERMISSION_DENIED`, a call whose client is not on its API's `tls.allow` list.
+#[derive(Clone, Debug)]
+pub struct AuthorizeLayer {
+    allow: Arc<Allow>,
+}
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            allow: self.allow.clone(),
+        }
+    }
+}
+
+/// See [`AuthorizeLayer`].
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+    allow: Arc<Allow>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<S::Future, futures::future::Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let names = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.names.as_deref());
+        match self.allow.refuses(req.uri().path(), names) {
+            None => futures::future::Either::Left(self.inner.call(req)),
+            Some(why) => {
+                tracing::debug!(path = req.uri().path(), %why, "call refused");
+                let status = tonic::Status::permission_denied(why);
+                futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+/// What a server knows of a connection's client: its address and, over TLS, the names its
+/// certificate carries.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The TCP connection.
+    pub tcp: TcpConnectInfo,
+    /// DNS and URI subject alternative names of the client's certificate (`None`: no TLS, or
+    /// no certificate).
+    pub names: Option<Arc<[String]>>,
+}
+
+/// The DNS and URI names a certificate carries (none if it does not parse).
+fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
+    match webpki::EndEntityCert::try_from(der) {
+        Ok(cert) => cert
+            .valid_dns_names()
+            .chain(cert.valid_uri_names())
+            .map(str::to_string)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// How long a client may take over its TLS handshake, or to send its first bytes without TLS.
@@ -339,12 +530,24 @@ pub enum Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> PeerInfo {
         match self {
-            Conn::Plain(s) => s.connect_info(),
-            Conn::Tls(s) => s.get_ref().0.connect_info(),
+            Conn::Plain(s) => PeerInfo {
+                tcp: s.connect_info(),
+                names: None,
+            },
+            Conn::Tls(s) => {
+                let (tcp, tls) = s.get_ref();
+                PeerInfo {
+                    tcp: tcp.connect_info(),
+                    names: tls
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| certificate_names(c).into()),
+                }
+            }
         }
     }
 }
@@ -534,6 +737,129 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("tls.client_ca holds no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn names_match_patterns_where_a_star_is_any_run() {
+        let cases = [
+            ("orders.svc.example", "orders.svc.example", true),
+            ("orders.svc.example", "ORDERS.svc.example", true),
+            ("orders.svc.example", "orders.svc.example.evil", false),
+            ("orders.svc.example", "xorders.svc.example", false),
+            ("relay-*.eu.example", "relay-0.eu.example", true),
+            ("relay-*.eu.example", "relay-.eu.example", true),
+            ("relay-*.eu.example", "relay-0.us.example", false),
+            ("relay-*.eu.example", "relay-0.eu.example.us", false),
+            (
+                "spiffe://prod/ns/*/sa/writer",
+                "spiffe://prod/ns/orders/sa/writer",
+                true,
+            ),
+            (
+                "spiffe://prod/ns/*/sa/writer",
+                "spiffe://prod/ns/orders/sa/reader",
+                false,
+            ),
+            ("*", "anything", true),
+            ("*", "", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "a-b-b-c", true),
+            ("a*b*c", "acb", false),
+            // The last part must not reuse what the middle ones took.
+            ("*ab*ab", "ab", false),
+            ("*ab*ab", "abab", true),
+            ("", "", true),
+            ("", "x", false),
+        ];
+        for (pattern, name, want) in cases {
+            assert_eq!(name_matches(pattern, name), want, "{pattern} ~ {name}");
+        }
+    }
+
+    #[test]
+    fn each_api_is_refused_to_names_off_its_list() {
+        let allow = Allow {
+            publish: vec!["orders.svc.example".into()],
+            admin: vec!["spiffe://example.test/*".into()],
+            ..Default::default()
+        };
+        let writer = ["orders.svc.example".to_string()];
+        let node = ["localhost".to_string()];
+        let publish = "/dci.v1.Publisher/PublishStream";
+        assert_eq!(allow.refuses(publish, Some(&writer)), None);
+        let why = allow.refuses(publish, Some(&node)).unwrap();
+        assert!(why.contains("dci.v1.Publisher/PublishStream"), "{why}");
+        assert!(why.contains("its names: localhost"), "{why}");
+        assert!(why.contains("tls.allow.publish"), "{why}");
+        let why = allow.refuses(publish, None).unwrap();
+        assert!(why.contains("its names: none"), "{why}");
+        assert!(allow
+            .refuses("/dci.v1.Admin/Status", Some(&writer))
+            .is_some());
+        // Empty lists, health and reflection: every client.
+        assert_eq!(allow.refuses("/dci.v1.Subscribe/Subscribe", None), None);
+        assert_eq!(allow.refuses("/grpc.health.v1.Health/Check", None), None);
+        assert_eq!(
+            allow.refuses(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                None
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn allow_lists_need_a_client_ca_and_certificates_give_their_names() {
+        let mutual = TlsConfig {
+            cert: Some(file("node.pem")),
+            key: Some(file("node.key")),
+            client_ca: Some(file("ca.pem")),
+            ..Default::default()
+        };
+        let listed = Allow {
+            cache: vec!["localhost".into()],
+            ..Default::default()
+        };
+        let e = TlsConfig {
+            client_ca: None,
+            allow: listed.clone(),
+            ..mutual.clone()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls.allow needs tls.client_ca"), "{e}");
+        let e = TlsConfig {
+            allow: Allow {
+                admin: vec![" ".into()],
+                ..Default::default()
+            },
+            ..mutual.clone()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls.allow.admin holds an empty name"), "{e}");
+        TlsConfig {
+            allow: listed,
+            ..mutual
+        }
+        .validate()
+        .unwrap();
+
+        let pem = std::fs::read(file("writer.pem")).unwrap();
+        let der = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            certificate_names(&der),
+            [
+                "orders.svc.example",
+                "spiffe://example.test/ns/orders/sa/writer"
+            ]
+        );
+        assert!(certificate_names(&CertificateDer::from(vec![0u8; 10])).is_empty());
     }
 
     #[test]

@@ -8,7 +8,9 @@ files mounted at /tls. */}}
 {{- define "dci.tlsArgs" -}}
 {{- if .Values.tls.secret -}}
 , "--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key", "--tls-ca", "/tls/ca.crt"
-{{- if .Values.tls.mutual }}, "--tls-client-ca", "/tls/ca.crt"{{ end }}
+{{- if .Values.tls.mutual }}, "--tls-client-ca", "/tls/ca.crt"
+{{- range $api, $names := .Values.tls.allow }}{{ if $names }}, "--tls-allow-{{ $api }}", {{ join "," $names | quote }}{{ end }}{{ end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
