@@ -489,12 +489,17 @@ fn record_at(bytes: &[u8], at: usize) -> Option<(Seq, usize)> {
     Some((rec.last_seq(), HEADER + len))
 }
 
+/// Ends every record written: field 15 (unknown to [`LogRecord`], so skipped when read) set to 1.
+/// A record's last byte is then never zero, whatever its entries carry, so recovery can tell a
+/// write cut short (its end reads back as zeros) from a whole record damaged since.
+const END_MARK: [u8; 2] = [15 << 3, 1];
+
 /// Could the damaged record at `off` be a write cut short? Its length must be one a write could
 /// have begun (a cut only leaves zeros where the rest was to go), and its end must be missing:
-/// past the end of the file, or zero. A record whose last byte is there was written whole (a
-/// record ends in a zero byte only if its last entry carries a trace id that does: otherwise its
-/// last field is a publish time, or a void record's end, varints that are not 0), so its damage
-/// came after, to a record that may have been acknowledged.
+/// past the end of the file, or zero. A record whose last byte is there was written whole
+/// ([`END_MARK`]; records written before it ended in a zero byte only when their last entry
+/// carried a trace id that did), so its damage came after, to a record that may have been
+/// acknowledged.
 fn may_be_torn(path: &Path, off: u64, size: u64) -> io::Result<bool> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::Start(off))?;
@@ -942,7 +947,9 @@ impl Wal {
                 self.roll(rec.first_seq)?;
                 seg_first = rec.first_seq;
             }
-            let payload = rec.encode_to_vec();
+            let mut payload = Vec::with_capacity(rec.encoded_len() + END_MARK.len());
+            rec.encode(&mut payload).expect("a Vec grows");
+            payload.extend_from_slice(&END_MARK);
             let off = self.segments[&seg_first].len + buf.len() as u64;
             let seg = self.segments.get_mut(&seg_first).expect("active segment");
             if seg
@@ -1359,6 +1366,29 @@ mod tests {
             let next = w.head() + 1;
             w.write(&[rec(next, 1, "", 0)]).unwrap();
         }
+    }
+
+    /// The same whatever a record's last entry carries: a trace id ending in a zero byte once
+    /// made a whole record look like one whose end was never written.
+    #[test]
+    fn a_damaged_last_record_whose_entries_end_in_zero_is_still_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let mut last = rec(3, 2, "", 0);
+        last.entries[1].trace_id = Some(Bytes::from_static(&[7, 7, 0]));
+        w.append(&[rec(1, 2, "", 0), last]).unwrap();
+        let (len, path) = only_segment(&w);
+        drop(w);
+        let mut bytes = fs::read(&path).unwrap();
+        let (at, _) = *records_in(&bytes, len as usize).last().unwrap();
+        bytes[at + HEADER + 3] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        let (w, r) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        assert!(r.corrupt_at.is_some());
+        assert_eq!(r.torn_bytes, 0);
+        assert!(r.new_epoch);
+        assert_eq!(r.voided.map(|v| v.0), Some(3));
+        assert!(w.head() >= 4, "seqs 3 and 4 are never given out again");
     }
 
     /// A write cut short inside the zeroed space: the file is as long as ever, the record's end
