@@ -1409,6 +1409,34 @@ fn allow_lists_give_each_api_to_the_certificates_named() {
     );
 }
 
+/// Arguments the command line cannot take are errors like any other: one line saying what is
+/// wrong, exit 2; help and version still print in full.
+#[test]
+fn usage_errors_are_one_line() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["publish", "--bogus"], "unexpected argument '--bogus'"),
+        (&["nonsense"], "unrecognized subcommand 'nonsense'"),
+        (&["get"], "required arguments were not provided: <KEY>"),
+        (
+            &["coordinator", "--fsync", "sometimes"],
+            "unknown fsync policy \"sometimes\" (always, interval, never)",
+        ),
+        (&["demo", "--shards", "0"], "'0' for '--shards <SHARDS>'"),
+    ];
+    for (args, says) in cases {
+        let o = dci(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert_eq!(stderr(&o).lines().count(), 1, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).starts_with("dci: "), "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    let o = dci(&["publish", "--help"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("--coordinator"), "{}", stdout(&o));
+    let o = dci(&["--version"]);
+    assert_eq!(stdout(&o), "dci 0.1.0\n");
+}
+
 /// A node raises its open-file limit to the hard limit (a relay holds a descriptor per
 /// receiver, and the usual soft limit of 1024 would refuse the thousand-and-first edge).
 #[test]
