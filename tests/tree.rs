@@ -232,7 +232,8 @@ async fn an_edge_that_missed_ten_thousand_entries_catches_up_through_a_restarted
 
 /// Receivers behind a relay's ring at the same place at the same time (edges reconnecting to a
 /// restarted relay) share one fetch from upstream; and one whose fetch others wait on may leave
-/// without leaving them stranded.
+/// without leaving them stranded. Each read is polled once before any answer can come, so every
+/// one starts while the first fetch is under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_behind_at_once_share_one_fetch_even_if_its_first_leaves() {
     use dci_proto::downstream::{BatchSource, Fetch};
@@ -241,9 +242,7 @@ async fn receivers_behind_at_once_share_one_fetch_even_if_its_first_leaves() {
     let c = coordinator(dir.path()).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..3_000, "before:")).await;
-    // Slow enough that every read below starts while the first fetch is under way.
-    let proxy = support::proxy::Proxy::start(c.addr).await;
-    let r = relay_at(any_port(), vec![proxy.url()], 64 << 20).await;
+    let r = relay(&c).await;
     let core = r.core.clone();
     eventually("the relay's ring follows the shard", || {
         core.views()
@@ -251,7 +250,6 @@ async fn receivers_behind_at_once_share_one_fetch_even_if_its_first_leaves() {
             .any(|v| v.shard == 0 && v.held_from > head)
     })
     .await;
-    proxy.delay(Duration::from_millis(300), Duration::ZERO);
     let contiguous_from_one = |f: &Fetch| match f {
         Fetch::Batches(b) => {
             let mut next = 1;
@@ -266,21 +264,18 @@ async fn receivers_behind_at_once_share_one_fetch_even_if_its_first_leaves() {
 
     // The first reader leaves while another waits on its fetch.
     let from = head - 500;
-    let first = tokio::spawn({
-        let core = core.clone();
-        async move { core.read(0, from, 1 << 20).await }
-    });
-    eventually("the first fetch under way", || {
-        core.catch_ups.load(Relaxed) == 1
-    })
-    .await;
-    let second = tokio::spawn({
-        let core = core.clone();
-        async move { core.read(0, from, 1 << 20).await }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    first.abort();
-    match second.await.unwrap() {
+    let mut first = Box::pin(core.read(0, from, 1 << 20));
+    assert!(futures::poll!(&mut first).is_pending());
+    assert_eq!(
+        core.catch_ups.load(Relaxed),
+        1,
+        "the first fetch is under way"
+    );
+    let mut second = Box::pin(core.read(0, from, 1 << 20));
+    assert!(futures::poll!(&mut second).is_pending());
+    assert_eq!(core.catch_ups.load(Relaxed), 1, "the second waits for it");
+    drop(first);
+    match second.await {
         Fetch::Batches(b) => {
             assert!(b[0].batch.first_seq <= from && b[0].batch.last_seq >= from);
             assert_eq!(b.last().unwrap().batch.last_seq, head);

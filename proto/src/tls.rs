@@ -441,7 +441,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let names = req
             .extensions()
-            .get::<PeerInfo>()
+            .get::<Peer>()
             .and_then(|p| p.names.as_deref());
         match self.allow.refuses(req.uri().path(), names) {
             None => futures::future::Either::Left(self.inner.call(req)),
@@ -457,7 +457,7 @@ where
 /// What a server knows of a connection's client: its address and, over TLS, the names its
 /// certificate carries.
 #[derive(Clone, Debug)]
-pub struct PeerInfo {
+pub struct Peer {
     /// The TCP connection.
     pub tcp: TcpConnectInfo,
     /// DNS and URI subject alternative names of the client's certificate (`None`: no TLS, or
@@ -530,17 +530,17 @@ pub enum Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
+    type ConnectInfo = Peer;
 
-    fn connect_info(&self) -> PeerInfo {
+    fn connect_info(&self) -> Peer {
         match self {
-            Conn::Plain(s) => PeerInfo {
+            Conn::Plain(s) => Peer {
                 tcp: s.connect_info(),
                 names: None,
             },
             Conn::Tls(s) => {
                 let (tcp, tls) = s.get_ref();
-                PeerInfo {
+                Peer {
                     tcp: tcp.connect_info(),
                     names: tls
                         .peer_certificates()
