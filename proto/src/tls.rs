@@ -397,13 +397,46 @@ pub fn grpc_server(
     tls.validate()?;
     Ok(crate::grpc_server().layer(AuthorizeLayer {
         allow: Arc::new(tls.allow.clone()),
+        refusals: Arc::default(),
     }))
+}
+
+/// How often, at most, a node warns of calls its `tls.allow` lists refused.
+const REFUSALS_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Calls refused, and when a warning last said so: a client that keeps retrying costs one line
+/// every [`REFUSALS_WARNING_EVERY`], not one per call.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// When the last warning was given, and the count then.
+    said: Mutex<Option<(Instant, u64)>>,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Refusals {
+    fn note(&self, peer: Option<&Peer>, why: &str) {
+        let count = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut said = crate::upstream::lock(&self.said);
+        if said.is_some_and(|(at, _)| at.elapsed() < REFUSALS_WARNING_EVERY) {
+            return;
+        }
+        let before = said.map_or(0, |(_, n)| n);
+        *said = Some((Instant::now(), count));
+        let client = peer
+            .and_then(|p| p.tcp.remote_addr())
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        tracing::warn!(%client, refused = count - before, %why, "call refused (tls.allow)");
+    }
 }
 
 /// Refuses, with `PERMISSION_DENIED`, a call whose client is not on its API's `tls.allow` list.
 #[derive(Clone, Debug)]
 pub struct AuthorizeLayer {
     allow: Arc<Allow>,
+    refusals: Arc<Refusals>,
 }
 
 impl<S> tower::Layer<S> for AuthorizeLayer {
@@ -413,6 +446,7 @@ impl<S> tower::Layer<S> for AuthorizeLayer {
         Authorize {
             inner,
             allow: self.allow.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -422,6 +456,7 @@ impl<S> tower::Layer<S> for AuthorizeLayer {
 pub struct Authorize<S> {
     inner: S,
     allow: Arc<Allow>,
+    refusals: Arc<Refusals>,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Authorize<S>
@@ -439,14 +474,14 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let names = req
-            .extensions()
-            .get::<Peer>()
-            .and_then(|p| p.names.as_deref());
-        match self.allow.refuses(req.uri().path(), names) {
+        let peer = req.extensions().get::<Peer>();
+        match self
+            .allow
+            .refuses(req.uri().path(), peer.and_then(|p| p.names.as_deref()))
+        {
             None => futures::future::Either::Left(self.inner.call(req)),
             Some(why) => {
-                tracing::debug!(path = req.uri().path(), %why, "call refused");
+                self.refusals.note(peer, &why);
                 let status = tonic::Status::permission_denied(why);
                 futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
             }
