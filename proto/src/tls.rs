@@ -113,9 +113,14 @@ impl Allow {
 }
 
 /// Does `name` match `pattern`, where `*` in the pattern stands for any run of characters?
-/// Names are compared without regard to ASCII case, as DNS names are.
+/// DNS names are compared without regard to ASCII case, as DNS does; URIs (SPIFFE IDs, whose
+/// paths are case-sensitive) exactly.
 pub fn name_matches(pattern: &str, name: &str) -> bool {
-    let (pattern, name) = (pattern.to_ascii_lowercase(), name.to_ascii_lowercase());
+    let (pattern, name) = if name.contains("://") {
+        (pattern.to_string(), name.to_string())
+    } else {
+        (pattern.to_ascii_lowercase(), name.to_ascii_lowercase())
+    };
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or_default();
     let Some(mut rest) = name.strip_prefix(first) else {
@@ -793,6 +798,11 @@ mod tests {
             (
                 "spiffe://prod/ns/*/sa/writer",
                 "spiffe://prod/ns/orders/sa/reader",
+                false,
+            ),
+            (
+                "spiffe://prod/ns/orders/*",
+                "spiffe://prod/ns/Orders/sa/w",
                 false,
             ),
             ("*", "anything", true),
