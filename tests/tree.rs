@@ -1682,6 +1682,7 @@ async fn mutual_tls_lets_each_api_only_the_names_its_allow_list_gives() {
         listen: any_port(),
         data_dir: dir.path().to_path_buf(),
         tls: tls.clone(),
+        metrics_listen: Some(any_port()),
         ..Default::default()
     })
     .await
@@ -1775,6 +1776,16 @@ async fn mutual_tls_lets_each_api_only_the_names_its_allow_list_gives() {
             .unwrap();
         assert_eq!(answer.into_inner().status, 1, "SERVING");
     }
+    // Each refusal counted: the publish stream, the status call and the subscription.
+    let metrics = scrape(c.metrics_addr.unwrap()).await;
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dci_calls_refused_total "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(refused >= 3.0, "{refused}");
     assert_eq!(
         lock(&link).progress.iter().map(|p| p.2).max(),
         Some(seq),

@@ -217,7 +217,9 @@ pub async fn run(
     };
 
     let counters = Arc::new(ServeCounters::default());
+    let refused_calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let render: dci_proto::metrics::Render = {
+        let refused = refused_calls.clone();
         let (hub, counters) = (hub.clone(), counters.clone());
         Arc::new(move || {
             let mut out = String::new();
@@ -248,6 +250,7 @@ pub async fn run(
                 failed,
             );
             dci_proto::metrics::render_serve(&mut out, &counters);
+            dci_proto::metrics::render_refused_calls(&mut out, &refused);
             hub.propagation.render(
                 &mut out,
                 "dci_propagation_seconds",
@@ -289,7 +292,7 @@ pub async fn run(
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),
     };
-    let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+    let mut server = dci_proto::tls::grpc_server(&cfg.tls, refused_calls)?;
     let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
     if let Some(r) = ready {
         let _ = r.send((epoch, hub.propagation.clone(), metrics_addr));

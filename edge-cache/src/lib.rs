@@ -429,7 +429,9 @@ impl EdgeNode {
             ..FollowOptions::default()
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));
+        let refused_calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let render: dci_proto::metrics::Render = {
+            let refused = refused_calls.clone();
             let (store, link, stale, propagation) = (
                 store.clone(),
                 link.clone(),
@@ -440,6 +442,7 @@ impl EdgeNode {
                 use dci_proto::metrics::sample;
                 let mut out = String::new();
                 dci_proto::metrics::render_link(&mut out, &lock(&link));
+                dci_proto::metrics::render_refused_calls(&mut out, &refused);
                 let c = &store.counters;
                 let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
                 sample(
@@ -540,7 +543,7 @@ impl EdgeNode {
             .max_value_len
             .saturating_add(cfg.max_key_len)
             .saturating_add(64 << 10);
-        let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+        let mut server = dci_proto::tls::grpc_server(&cfg.tls, refused_calls)?;
         let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {

@@ -238,6 +238,18 @@ pub fn render_link(out: &mut String, link: &crate::upstream::LinkState) {
     );
 }
 
+/// Calls a node's `tls.allow` lists refused.
+pub fn render_refused_calls(out: &mut String, refused: &AtomicU64) {
+    sample(
+        out,
+        "counter",
+        "dci_calls_refused_total",
+        "Calls refused because the client certificate is not on the API's tls.allow list",
+        "",
+        refused.load(Ordering::Relaxed) as f64,
+    );
+}
+
 /// The sending side of a node (coordinator, relay).
 pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;

@@ -393,6 +393,7 @@ pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
 /// the `tls.allow` lists enforced.
 pub fn grpc_server(
     tls: &TlsConfig,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<
     tonic::transport::Server<
         tower::layer::util::Stack<AuthorizeLayer, tower::layer::util::Identity>,
@@ -402,7 +403,10 @@ pub fn grpc_server(
     tls.validate()?;
     Ok(crate::grpc_server().layer(AuthorizeLayer {
         allow: Arc::new(tls.allow.clone()),
-        refusals: Arc::default(),
+        refusals: Arc::new(Refusals {
+            said: Mutex::new(None),
+            count: refused,
+        }),
     }))
 }
 
@@ -411,11 +415,12 @@ const REFUSALS_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Calls refused, and when a warning last said so: a client that keeps retrying costs one line
 /// every [`REFUSALS_WARNING_EVERY`], not one per call.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Refusals {
     /// When the last warning was given, and the count then.
     said: Mutex<Option<(Instant, u64)>>,
-    count: std::sync::atomic::AtomicU64,
+    /// Calls refused (the node's `dci_calls_refused_total`).
+    count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Refusals {

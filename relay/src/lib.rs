@@ -136,12 +136,15 @@ impl Relay {
             ));
         }
 
+        let refused_calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let render: dci_proto::metrics::Render = {
+            let refused = refused_calls.clone();
             let (core, counters) = (core.clone(), counters.clone());
             Arc::new(move || {
                 let mut out = String::new();
                 dci_proto::metrics::render_link(&mut out, &core.upstream());
                 dci_proto::metrics::render_serve(&mut out, &counters);
+                dci_proto::metrics::render_refused_calls(&mut out, &refused);
                 let ring = core.ring_bytes_used() as f64;
                 dci_proto::metrics::sample(
                     &mut out,
@@ -215,7 +218,7 @@ impl Relay {
         health_reporter
             .set_serving::<pb::subscribe_server::SubscribeServer<SubscribeService<RelayCore>>>()
             .await;
-        let mut server = dci_proto::tls::grpc_server(&cfg.tls)?;
+        let mut server = dci_proto::tls::grpc_server(&cfg.tls, refused_calls)?;
         let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;
         let mut stop = rx;
         let task = tokio::spawn(async move {
