@@ -366,9 +366,19 @@ impl ClientTls {
 /// mismatch makes it fail; empty otherwise. The flags named are those of every `dci` command.
 pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
     let https = url.starts_with("https://");
-    if !https && why.contains("transport error") {
+    if !https
+        && [
+            "transport error",
+            "h2 protocol error",
+            "frame with invalid size",
+            "connection closed",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|w| why.contains(w))
+    {
         // A plaintext client reads a TLS server's first bytes as a bad frame, or finds the
-        // connection closed or broken.
+        // connection closed or broken; which, and how tonic words it, depends on timing.
         " (if the node serves TLS, its URL is https://)"
     } else if https && why.contains("InvalidContentType") {
         " (if the node serves plaintext, its URL is http://)"
@@ -976,6 +986,18 @@ mod tests {
                 &none,
                 "invalid peer certificate: UnknownIssuer",
                 "",
+            ),
+            (
+                "http://h:1",
+                &none,
+                "h2 protocol error: http2 error: connection error detected: frame with invalid size",
+                "its URL is https://",
+            ),
+            (
+                "http://h:1",
+                &none,
+                "operation was canceled: connection closed",
+                "its URL is https://",
             ),
             ("http://h:1", &none, "status: InvalidArgument", ""),
         ];
