@@ -105,6 +105,16 @@ async fn wait_connected(e: &Watched) {
     .await;
 }
 
+/// Connected, and in its relay's stream of a shard: what is published from now on reaches it (a
+/// relay whose own link came up after a publish would have started its ring past it).
+async fn wait_in_stream(e: &Watched) {
+    eventually("edge in a shard's stream", || {
+        let link = lock(&e.edge.link);
+        link.connected_to.is_some() && !link.progress.is_empty()
+    })
+    .await;
+}
+
 /// Connected, and in the stream of every shard its relay has: it serves from now on.
 async fn wait_serving(e: &Watched) {
     eventually("edge serving", || {
@@ -189,7 +199,7 @@ async fn invalidations_reach_every_edge_and_survive_a_relay_kill() {
     // Relay 1 comes back on its address and serves again.
     let r1 = relay_at(r1_addr, vec![c.url()], 64 << 20).await;
     let late = edge(edge_cfg(vec![r1.url()])).await;
-    wait_connected(&late).await;
+    wait_in_stream(&late).await;
     let head = publish_all(&p, &keys(0..10, "c:")).await;
     wait_applied(&late, head).await;
     for e in edges {
@@ -208,7 +218,7 @@ async fn an_edge_that_missed_ten_thousand_entries_catches_up_through_a_restarted
     let r = relay(&c).await;
     let addr = r.addr;
     let e = edge(edge_cfg(vec![r.url()])).await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..10, "warm:")).await;
     wait_applied(&e, head).await;
@@ -313,7 +323,7 @@ async fn a_range_gone_everywhere_ends_in_reset_and_flush() {
     let r = relay_at(any_port(), vec![c.url()], 4096).await;
     let addr = r.addr;
     let e = edge(edge_cfg(vec![r.url()])).await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..10, "k:")).await;
     wait_applied(&e, head).await;
@@ -345,7 +355,7 @@ async fn the_stale_set_race_is_refused() {
     let c = coordinator(dir.path()).await;
     let r = relay(&c).await;
     let e = edge(edge_cfg(vec![r.url()])).await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..1, "warm:")).await;
     wait_applied(&e, head).await;
@@ -769,7 +779,7 @@ async fn prefix_and_ring_filters_deliver_only_what_they_should() {
             .await,
         );
     }
-    wait_connected(&users).await;
+    wait_in_stream(&users).await;
     for e in &ring {
         wait_connected(e).await;
     }
@@ -853,7 +863,7 @@ async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
         ..edge_cfg(vec![r.url()])
     })
     .await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..1, "warm:")).await;
     wait_applied(&e, head).await;
@@ -1081,7 +1091,7 @@ async fn every_node_serves_prometheus_metrics() {
         ..edge_cfg(vec![r.url()])
     })
     .await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..20, "m:")).await;
     wait_applied(&e, head).await;
@@ -1212,7 +1222,7 @@ async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
         ..edge_cfg(vec![r.url()])
     })
     .await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..20, "o:")).await;
     wait_applied(&e, head).await;
@@ -1271,7 +1281,13 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         ..edge_cfg(vec![r.url()])
     })
     .await;
-    wait_connected(&e).await;
+    // In both shards' streams before anything is published: a relay whose link to a shard came
+    // up after the publish would have started that shard's ring past it.
+    eventually("the edge in the stream of both shards", || {
+        let shards: HashSet<u32> = lock(&e.edge.link).progress.iter().map(|p| p.0).collect();
+        shards == HashSet::from([0, 1])
+    })
+    .await;
     let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
         .await
         .unwrap();
@@ -1366,7 +1382,7 @@ async fn a_shard_brought_by_two_groups_is_taken_from_one() {
     .await
     .unwrap();
     let e = edge(edge_cfg(vec![r.url()])).await;
-    wait_connected(&e).await;
+    wait_in_stream(&e).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let mut head = 0;
     for round in 0..20 {

@@ -177,7 +177,13 @@ impl World {
         for j in 0..edges {
             let e = w.edges[j].as_ref().unwrap();
             let link = e.link.clone();
-            eventually("edge connected", || lock(&link).connected_to.is_some()).await;
+            // In its relay's stream too: a relay whose own link came up after a test's first
+            // publish would have started its ring past it.
+            eventually("edge in the stream", || {
+                let link = lock(&link);
+                link.connected_to.is_some() && !link.progress.is_empty()
+            })
+            .await;
         }
         w
     }
