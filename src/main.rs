@@ -84,7 +84,7 @@ struct CoordinatorArgs {
     /// Longest key in bytes [default: 1024].
     #[arg(long)]
     max_key_len: Option<usize>,
-    /// Name in `dci status` [default: coordinator-<shard>].
+    /// Name in `dci status` (default: `coordinator-<shard>`).
     #[arg(long)]
     node_id: Option<String>,
     /// Most entries in one publish request [default: 65536].

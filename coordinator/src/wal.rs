@@ -15,7 +15,7 @@
 //! covers everything up to it, so that no seq is ever given out twice. The bytes cut from a
 //! damaged segment are kept beside it (`.seg.cut-<offset>`).
 //!
-//! The active segment is kept zeroed a little ahead of its last record ([`ZEROED_AHEAD`]), so
+//! The active segment is kept zeroed a little ahead of its last record (`ZEROED_AHEAD`), so
 //! that an fsync usually finds only data pages to write: appending past the end of a file also
 //! changes its size and allocates blocks, which costs the fsync another write and another wait.
 //! Recovery therefore takes a zero header followed by zeros as the end of the last segment, and a

@@ -1,4 +1,4 @@
-//! Serving the `Subscribe` stream to one receiver: the runtime around [`link::Sender`].
+//! Serving the `Subscribe` stream to one receiver: the runtime around [`crate::link::Sender`].
 //!
 //! One task per receiver. It owns the receiver's sender state machine, reads batches from the
 //! node's [`BatchSource`] (the coordinator's log, a relay's ring), and writes to a small bounded

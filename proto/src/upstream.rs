@@ -1,4 +1,4 @@
-//! Following a sender: the runtime around [`link::Receiver`], used by relays, edges and near caches.
+//! Following a sender: the runtime around [`crate::link::Receiver`], used by relays, edges and near caches.
 //!
 //! One task per node. It connects to the first reachable sender of its list, says Hello with its
 //! resume points (what it has applied), feeds what arrives into the receiver state machine and
