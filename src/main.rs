@@ -641,7 +641,7 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
             continue;
         }
         let mut client = None;
-        for (n, chunk) in keys.chunks(PUBLISH_CHUNK).enumerate() {
+        for (n, chunk) in request_chunks(&keys).into_iter().enumerate() {
             let req = pb::PublishRequest {
                 publisher_id: publisher_id.clone(),
                 request_no: n as u64 + 1,
@@ -680,6 +680,28 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         println!("{l}");
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
+/// one request (a larger one would be refused whole).
+fn request_chunks<'a>(keys: &'a [(usize, &String)]) -> Vec<&'a [(usize, &'a String)]> {
+    // What an entry costs beyond its key, with room to spare (see `request_bytes`).
+    const PER_ENTRY: usize = 32;
+    let limit = dci_proto::types::MAX_REQUEST_BYTES - (64 << 10);
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, k)) in keys.iter().enumerate() {
+        let cost = k.len() + PER_ENTRY;
+        if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > limit) {
+            out.push(&keys[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += cost;
+    }
+    if start < keys.len() {
+        out.push(&keys[start..]);
+    }
+    out
 }
 
 /// Send one publish request, resending it (same publisher id and request number: the

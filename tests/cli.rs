@@ -420,6 +420,28 @@ fn publish_takes_keys_from_standard_input() {
     let o = dci_fed(&["publish", "--coordinator", &coord, "-"], b"\n");
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no keys"), "{}", stderr(&o));
+
+    // Long keys: 21 MB of them, 4,096 of which are more than one request may carry, go in
+    // requests of fewer.
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--max-key-len",
+        "8192",
+    ]);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let keys: Vec<String> = (0..5_000).map(|i| format!("{i:04200}")).collect();
+    let o = dci_fed(
+        &["publish", "--coordinator", &coord, "-"],
+        (keys.join("\n") + "\n").as_bytes(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seqs: Vec<u64> = seqs(&o);
+    assert_eq!(seqs, (1..=5_000).collect::<Vec<u64>>());
 }
 
 /// A sharded tier from the command line: a relay follows both shards' coordinators (one with

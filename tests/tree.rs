@@ -2177,3 +2177,62 @@ async fn a_log_write_the_disk_refuses_stops_acks_until_a_restart() {
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+/// A coordinator decodes requests of at most 16 MiB; a larger one ends the stream (for every
+/// caller in flight on it). A call whose entries are more than that is refused at once, saying
+/// so, and callers merged into one request stop short of it: forty calls of a megabyte each,
+/// queued together, are all logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stay_under_what_a_coordinator_decodes() {
+    use dci_sdk::PublisherOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let proxy = support::proxy::Proxy::start(c.addr).await;
+    let p = Publisher::with_options(
+        vec![proxy.url()],
+        PublisherOptions {
+            max_batch: 1 << 20,
+            max_in_flight: 1,
+            timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let keys = |tag: usize, n: usize| -> Vec<dci_proto::Invalidation> {
+        (0..n)
+            .map(|i| dci_proto::Invalidation::key(format!("{tag}:{i:01000}")))
+            .collect()
+    };
+    match p.publish(keys(0, 20_000)).await {
+        Err(dci_sdk::Error::Refused(why)) => {
+            assert!(why.contains("publish them in smaller calls"), "{why}")
+        }
+        other => panic!("{:?}", other.map(|s| s.len())),
+    }
+    assert_eq!(p.invalidate("warm").await.unwrap(), 1);
+
+    // With the one request in flight unanswered, forty calls of a megabyte queue up behind it;
+    // its answer lets them all go at once.
+    proxy.blackhole_to_client(true);
+    let mut first = Box::pin(p.invalidate("first"));
+    assert!(futures::poll!(&mut first).is_pending());
+    eventually("the first logged", || c.propagation.snapshot().count() == 2).await;
+    let mut calls = Box::pin(futures::future::join_all(
+        (1..=40).map(|tag| p.publish(keys(tag, 1_000))),
+    ));
+    assert!(futures::poll!(&mut calls).is_pending());
+    proxy.blackhole_to_client(false);
+    assert_eq!(first.await.unwrap(), 2);
+    let mut seqs: Vec<Seq> = Vec::new();
+    for r in calls.await {
+        let s = r.unwrap();
+        assert_eq!(s.len(), 1_000);
+        seqs.extend(s);
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 40_000, "every entry logged once");
+    assert_eq!(p.invalidate("after").await.unwrap(), 40_003);
+    c.stop().await.unwrap();
+}

@@ -101,10 +101,16 @@ impl Default for PublisherOptions {
     }
 }
 
+/// The most a request may carry: what a coordinator decodes, less room for the request's own
+/// fields.
+const REQUEST_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES - (64 << 10);
+
 struct Pending {
     /// When the caller handed its entries over.
     queued_at: tokio::time::Instant,
     entries: Vec<Invalidation>,
+    /// Their [`dci_proto::types::request_bytes`].
+    bytes: usize,
     reply: oneshot::Sender<Result<Vec<Seq>, Error>>,
 }
 
@@ -245,11 +251,20 @@ impl Publisher {
                 continue;
             }
             let (idx, entries): (Vec<usize>, Vec<Invalidation>) = list.into_iter().unzip();
+            let bytes = dci_proto::types::request_bytes(&entries);
+            if bytes > REQUEST_BYTES {
+                return Err(Error::Refused(format!(
+                    "{} entries of about {bytes} bytes for one coordinator: more than one \
+                     request carries ({REQUEST_BYTES} bytes); publish them in smaller calls",
+                    entries.len()
+                )));
+            }
             let (reply, rx) = oneshot::channel();
             self.shards[shard]
                 .send(Pending {
                     queued_at: tokio::time::Instant::now(),
                     entries,
+                    bytes,
                     reply,
                 })
                 .await
@@ -300,11 +315,7 @@ struct InFlight {
 
 impl InFlight {
     fn new(request_no: u64, callers: Vec<Pending>) -> InFlight {
-        let bytes = callers
-            .iter()
-            .flat_map(|p| &p.entries)
-            .map(Invalidation::approx_size)
-            .sum();
+        let bytes = callers.iter().map(|p| p.bytes).sum();
         InFlight {
             request_no,
             callers,
@@ -405,10 +416,13 @@ async fn run_shard(
                     first = next_caller(&mut held, &mut rx), if open && alone.is_empty() && unanswered.len() < max_in_flight && (unanswered.is_empty() || in_flight_bytes < opts.max_in_flight_bytes) => {
                         let Some(first) = first else { open = false; if unanswered.is_empty() && alone.is_empty() { return Ok(()) } continue };
                         let mut callers = vec![first];
-                        let mut n = callers[0].entries.len();
+                        let (mut n, mut bytes) = (callers[0].entries.len(), callers[0].bytes);
                         while n < opts.max_batch {
                             match rx.try_recv() {
-                                Ok(p) => { n += p.entries.len(); callers.push(p); }
+                                // Not past what a coordinator decodes: that would end the stream
+                                // for every caller in flight. It goes in the next request.
+                                Ok(p) if bytes + p.bytes > REQUEST_BYTES => { held = Some(p); break; }
+                                Ok(p) => { n += p.entries.len(); bytes += p.bytes; callers.push(p); }
                                 Err(_) => break,
                             }
                         }

@@ -302,7 +302,7 @@ pub async fn run(
         .add_service(dci_proto::reflection())
         .add_service(
             pb::publisher_server::PublisherServer::new(svc.clone())
-                .max_decoding_message_size(16 << 20)
+                .max_decoding_message_size(dci_proto::types::MAX_REQUEST_BYTES)
                 .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
         )

@@ -28,6 +28,16 @@ pub const MAX_SHARDS: u32 = 65_536;
 /// this in flight, so whatever it resends after a broken stream is remembered.
 pub const RETRY_WINDOW: usize = 256;
 
+/// The largest publish request a coordinator decodes, in bytes. Publishers keep their requests
+/// under it: a larger one would end the whole stream, not only be refused.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// What a publisher counts an entry's request bytes as: at least its encoded size (the key, the
+/// trace id, and less than 32 bytes of fields and framing).
+pub fn request_bytes(entries: &[Invalidation]) -> usize {
+    entries.iter().map(Invalidation::approx_size).sum()
+}
+
 /// The longest duration a setting may hold: far beyond any useful timeout or retention, and short
 /// enough that adding it to a clock reading, or multiplying it by a small factor, cannot overflow.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
