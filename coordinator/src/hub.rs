@@ -151,6 +151,7 @@ impl Hub {
         };
         let mut out = Vec::new();
         let mut entries = Vec::new();
+        let mut bytes = 0;
         let mut first = None;
         let mut last = 0;
         for rec in records {
@@ -159,10 +160,13 @@ impl Hub {
             for e in rec.entries {
                 // Validated before it was logged; the limit is the format's, not the config's.
                 if let Ok(inv) = Invalidation::try_from_pb(e, usize::MAX) {
+                    bytes += inv.approx_size();
                     entries.push(inv);
                 }
             }
-            if entries.len() >= 4096 {
+            // Batches a receiver decodes (long keys make few entries many bytes).
+            if entries.len() >= 4096 || bytes >= dci_proto::types::MAX_REQUEST_BYTES {
+                bytes = 0;
                 out.push(SharedBatch::new(Batch {
                     shard,
                     epoch,
@@ -287,5 +291,44 @@ mod tests {
         // Seqs 1..=4 fell out: the oldest kept time stands for them, a lower bound of their age.
         assert_eq!(hub.logged_at(1), hub.logged_at(5));
         assert!(hub.logged_at(1).unwrap() >= middle);
+    }
+
+    /// A replay from disk makes batches a receiver decodes, however long the keys: 4,000 keys of
+    /// 8 KiB are more than 32 MB, and were one batch.
+    #[test]
+    fn a_replay_of_long_keys_is_cut_into_batches_a_receiver_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let records: Vec<_> = (0..40u64)
+            .map(|r| crate::wal::LogRecord {
+                first_seq: r * 100 + 1,
+                entries: (0..100u64)
+                    .map(|i| {
+                        Invalidation {
+                            seq: r * 100 + i + 1,
+                            ..Invalidation::key(format!("{r}:{i:08192}"))
+                        }
+                        .to_pb()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        wal.append(&records).unwrap();
+        let Fetch::Batches(batches) = Hub::read_disk(&wal.reader(), 0, wal.epoch(), 1, usize::MAX)
+        else {
+            panic!("the log holds them");
+        };
+        let mut next = 1;
+        for b in &batches {
+            assert!(
+                b.encoded.len() <= dci_proto::types::MAX_REQUEST_BYTES + (1 << 20),
+                "a batch of {} bytes",
+                b.encoded.len()
+            );
+            assert_eq!(b.batch.first_seq, next);
+            next = b.batch.last_seq + 1;
+        }
+        assert_eq!(next, 4_001);
     }
 }

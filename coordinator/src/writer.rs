@@ -236,15 +236,19 @@ impl Sequencer {
         }
     }
 
+    /// The next group: what queued, up to `max_group_entries` entries and [`MAX_GROUP_BYTES`]
+    /// (the first request always, whatever its size).
     fn take_group(&self) -> Vec<Queued> {
         let mut q = lock(&self.queue);
-        let mut entries = 0;
+        let (mut entries, mut bytes) = (0, 0);
         let n = q
             .iter()
             .take_while(|q| {
-                let n = q.job.entries.len();
-                let fits = entries == 0 || entries + n <= self.max_group_entries;
+                let (n, b) = (q.job.entries.len(), job_bytes(&q.job) as usize);
+                let fits = entries == 0
+                    || (entries + n <= self.max_group_entries && bytes + b <= MAX_GROUP_BYTES);
                 entries += n;
+                bytes += b;
                 fits
             })
             .count();
@@ -344,6 +348,12 @@ impl Sequencer {
         }
     }
 }
+
+/// The most a group of requests holds (in [`job_bytes`], at least their encoding), beyond its
+/// first request. A group goes downstream as one batch, which every receiver must decode
+/// ([`dci_proto::link::MAX_BATCH_BYTES`]): a group bounded only by entries could be more when
+/// keys are long.
+const MAX_GROUP_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES;
 
 /// What a job counts for in the queue: about the memory it holds.
 fn job_bytes(job: &Job) -> u32 {
@@ -492,6 +502,58 @@ mod tests {
         seq.tick(); // housekeeping holds the log too, and drains after
         let a = rx.blocking_recv().unwrap().unwrap();
         assert_eq!((a.first_seq, a.count), (1, 3));
+        seq.close();
+    }
+
+    /// Publishes that queued while the log was busy are written as one group and sent
+    /// downstream as one batch, which every receiver must be able to decode: however many
+    /// megabytes of long keys queued, no batch is larger than a receiver takes.
+    #[test]
+    fn a_group_of_long_keys_makes_batches_a_receiver_decodes() {
+        use dci_proto::downstream::{BatchSource, Fetch};
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let hub = Arc::new(Hub::new(0, wal.epoch(), 0, 1, wal.reader(), 1 << 30));
+        let seq = Sequencer::new(wal, hub.clone(), 65_536, 1 << 30);
+        let busy = lock(&seq.log);
+        let mut answers = Vec::new();
+        // 80 MB of 1,000-byte keys, each request under what a coordinator decodes.
+        for r in 1..=80u64 {
+            let (reply, rx) = oneshot::channel();
+            let entries = (0..1_000)
+                .map(|i| Invalidation::key(format!("{r}:{i:01000}")))
+                .collect();
+            let job = Job {
+                publisher_id: "p".into(),
+                request_no: r,
+                entries,
+                reply,
+            };
+            futures::executor::block_on(seq.submit(job));
+            answers.push(rx);
+        }
+        drop(busy);
+        seq.tick();
+        for rx in answers {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(hub.head(), 80_000);
+        let mut next = 1;
+        while next <= 80_000 {
+            let Fetch::Batches(batches) =
+                futures::executor::block_on(hub.read(0, next, usize::MAX))
+            else {
+                panic!("the memory tail holds everything");
+            };
+            for b in batches {
+                assert!(
+                    b.encoded.len() <= dci_proto::link::MAX_BATCH_BYTES / 2,
+                    "a batch of {} bytes",
+                    b.encoded.len()
+                );
+                next = b.batch.last_seq + 1;
+            }
+        }
         seq.close();
     }
 

@@ -16,7 +16,7 @@ pub mod retransmit;
 pub mod sender;
 
 pub use receiver::{Receiver, ReceiverConfig, RxCommand};
-pub use retransmit::{Read, RetransmitRing, SharedBatch};
+pub use retransmit::{Read, RetransmitRing, SharedBatch, MAX_BATCH_BYTES};
 pub use sender::{Sender, SenderConfig, ShardView, TxCommand};
 
 #[cfg(test)]
