@@ -836,7 +836,9 @@ async fn node_tree(
     url: &str,
     tls: &dci_proto::tls::ClientTls,
 ) -> anyhow::Result<Vec<pb::NodeStatus>> {
-    let mut client = pb::admin_client::AdminClient::new(connect(url, tls).await?);
+    // A tree of tens of thousands of nodes is more than the default 4 MiB.
+    let mut client = pb::admin_client::AdminClient::new(connect(url, tls).await?)
+        .max_decoding_message_size(64 << 20);
     let r = client
         .status(pb::StatusRequest {})
         .await
