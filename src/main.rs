@@ -706,7 +706,9 @@ fn request_chunks<'a>(keys: &'a [(usize, &String)]) -> Vec<&'a [(usize, &'a Stri
 
 /// Send one publish request, resending it (same publisher id and request number: the
 /// coordinator answers a resend with the seqs it gave the first) while its answer does not come,
-/// for up to `retry_for`; a refusal is final at once.
+/// for up to `retry_for`; a refusal is final at once. An attempt waits for its answer no longer
+/// than resends may go on (a node that is stopped, not gone, answers nothing): with no resends
+/// (`retry_for` 0), as long as any request.
 async fn publish_one(
     url: &str,
     tls: &dci_proto::tls::ClientTls,
@@ -717,10 +719,29 @@ async fn publish_one(
     let started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
+        let wait = if retry_for.is_zero() {
+            REQUEST_TIMEOUT
+        } else {
+            retry_for
+                .saturating_sub(started.elapsed())
+                .clamp(Duration::from_millis(500), REQUEST_TIMEOUT)
+        };
         let err = match client {
-            Some(c) => match c.publish(req.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => {
+            Some(c) => match tokio::time::timeout(wait, c.publish(req.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Err(_) => {
+                    *client = None;
+                    let within = if retry_for.is_zero() {
+                        REQUEST_TIMEOUT
+                    } else {
+                        retry_for
+                    };
+                    anyhow!(
+                        "{url}: no answer within {}",
+                        humantime::format_duration(within)
+                    )
+                }
+                Ok(Err(s)) => {
                     let line = anyhow!(status_line(&s, "a coordinator", url, tls));
                     if !resendable(s.code()) {
                         return Err(line);

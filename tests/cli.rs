@@ -1431,6 +1431,23 @@ fn allow_lists_give_each_api_to_the_certificates_named() {
     );
 }
 
+/// A coordinator that is stopped, not gone, takes the connection and answers nothing: `dci
+/// publish` waits for it as long as `--retry-for` says, not the whole request timeout.
+#[test]
+fn publish_gives_up_on_a_silent_coordinator_after_retry_for() {
+    // Listening, never accepting: the kernel completes the handshakes, nothing answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let o = dci(&["publish", "--coordinator", &url, "--retry-for", "1s", "k"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{url}: no answer within 1s")),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Arguments the command line cannot take are errors like any other: one line saying what is
 /// wrong, exit 2; help and version still print in full.
 #[test]
