@@ -29,7 +29,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4000)]
     reads: u64,
     /// Number of distinct keys.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 5000, value_parser = crate::positive)]
     keys: u64,
     /// Edges' staleness bound.
     #[arg(long, value_parser = crate::duration, default_value = "5s")]

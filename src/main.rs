@@ -443,6 +443,20 @@ fn url_item(s: &str) -> Result<String, String> {
     Ok(s.trim().to_string())
 }
 
+/// A count flag that must be at least 1.
+pub(crate) fn positive(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`positive`], as a `usize`.
+pub(crate) fn positive_usize(s: &str) -> Result<usize, String> {
+    positive(s).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
 /// A duration flag in humantime's forms ("500ms", "2m"), no longer than any setting may be.
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;

@@ -22,14 +22,13 @@ mod redis;
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Edges (each with its own connection and store), split over two relays.
-    #[arg(long, default_value_t = 8,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 8, value_parser = crate::positive_usize)]
     pub edges: usize,
     /// Invalidations published in the saturation run.
-    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 500_000, value_parser = crate::positive)]
     pub count: u64,
     /// Publish rate of the latency run (invalidations per second).
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 20_000, value_parser = crate::positive)]
     pub rate: u64,
     /// Length of the latency run.
     #[arg(long, value_parser = positive_duration, default_value = "5s")]
@@ -38,7 +37,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub receivers: usize,
     /// Distinct keys.
-    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1_000_000, value_parser = crate::positive)]
     pub keys: u64,
     /// Shape of the keys: `{}` stands for the key's number, zero-padded to 6 digits (more when
     /// `--keys` needs them).
