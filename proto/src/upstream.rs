@@ -372,6 +372,16 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What to check when a sender answered that it has no `Subscribe` stream (an edge, or another
+/// service, at the address given); empty otherwise.
+fn wrong_kind_hint(why: &str) -> &'static str {
+    if why.contains("not implemented") || why.contains("Unimplemented") {
+        " (the node at this address serves no Subscribe stream: is it an edge? follow a coordinator or a relay)"
+    } else {
+        ""
+    }
+}
+
 /// How often a receiver probes its sender between its reports: how much older than a round trip
 /// its freshness may be at each level (a report, every heartbeat interval, probes too).
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -428,7 +438,10 @@ pub async fn follow<A: Applier>(
                 if last_warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
                     last_warned = Some(now);
                     let why = e.to_string();
-                    let hint = crate::tls::mismatch_hint(&why, &url, &opts.tls);
+                    let hint = match crate::tls::mismatch_hint(&why, &url, &opts.tls) {
+                        "" => wrong_kind_hint(&why),
+                        tls => tls,
+                    };
                     tracing::warn!(
                         sender = %url,
                         error = %format_args!("{why}{hint}"),
@@ -837,6 +850,15 @@ mod tests {
             connected_ms: 1_000,
             ..Default::default()
         }
+    }
+
+    /// An edge (or any other service) given as a sender answers that it has no such stream.
+    #[test]
+    fn a_sender_of_the_wrong_kind_is_named_as_such() {
+        let e = tonic::Status::unimplemented("");
+        let why = crate::status_with_causes(&e);
+        assert!(wrong_kind_hint(&why).contains("is it an edge?"), "{why}");
+        assert_eq!(wrong_kind_hint("Unavailable: connection refused"), "");
     }
 
     /// A report ages: its last catch-up recedes, what it lacks of the head now counts (not of
