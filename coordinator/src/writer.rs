@@ -349,10 +349,10 @@ impl Sequencer {
     }
 }
 
-/// The most a group of requests holds (in [`job_bytes`], at least their encoding), beyond its
-/// first request. A group goes downstream as one batch, which every receiver must decode
-/// ([`dci_proto::link::MAX_BATCH_BYTES`]): a group bounded only by entries could be more when
-/// keys are long.
+/// The most a group of requests holds (in [`job_bytes`], at least their encoding; a first request
+/// larger still goes, alone). A group goes downstream as one batch, which every receiver must
+/// decode ([`dci_proto::link::MAX_BATCH_BYTES`]): a group bounded only by entries could be more
+/// when keys are long.
 const MAX_GROUP_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES;
 
 /// What a job counts for in the queue: about the memory it holds.
