@@ -620,6 +620,13 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
             anyhow::bail!("no keys on standard input");
         }
     }
+    let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+    if let Some((i, k)) = a.keys.iter().enumerate().find(|(_, k)| k.len() > limit) {
+        anyhow::bail!(
+            "entry {i}: key is {} bytes, more than the maximum any coordinator takes ({limit})",
+            k.len()
+        );
+    }
     let kind = if a.all {
         a.keys = vec![String::new()];
         pb::Kind::All

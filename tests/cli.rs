@@ -442,6 +442,21 @@ fn publish_takes_keys_from_standard_input() {
     assert!(o.status.success(), "{}", stderr(&o));
     let seqs: Vec<u64> = seqs(&o);
     assert_eq!(seqs, (1..=5_000).collect::<Vec<u64>>());
+    // A key longer than any coordinator takes (the transport refused this one in its own words).
+    let o = dci_fed(
+        &["publish", "--coordinator", &coord, "-"],
+        format!("short\n{}\n", "k".repeat(17 << 20)).as_bytes(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "entry 1: key is 17825792 bytes, more than the maximum any coordinator takes (65536)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stdout(&o), "", "nothing was published");
 }
 
 /// A sharded tier from the command line: a relay follows both shards' coordinators (one with

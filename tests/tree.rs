@@ -2210,6 +2210,14 @@ async fn requests_stay_under_what_a_coordinator_decodes() {
         }
         other => panic!("{:?}", other.map(|s| s.len())),
     }
+    // One key longer than any coordinator takes: said in our words, before the transport's.
+    match p.invalidate("k".repeat(17 << 20)).await {
+        Err(dci_sdk::Error::Refused(why)) => assert!(
+            why.contains("entry 0: key is 17825792 bytes, more than the maximum any coordinator takes (65536)"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(p.invalidate("warm").await.unwrap(), 1);
 
     // With the one request in flight unanswered, forty calls of a megabyte queue up behind it;

@@ -232,6 +232,19 @@ impl Publisher {
                 e.publish_time_us = now;
             }
         }
+        // Longer than any coordinator takes: said here, where the caller's position is known (a
+        // key of megabytes would otherwise be refused by the transport, in its own words).
+        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.key.len() > limit)
+        {
+            return Err(Error::Refused(format!(
+                "entry {i}: key is {} bytes, more than the maximum any coordinator takes ({limit})",
+                e.key.len()
+            )));
+        }
         let n = self.shards.len();
         let mut per_shard: Vec<Vec<(usize, Invalidation)>> = vec![Vec::new(); n];
         for (i, e) in entries.into_iter().enumerate() {

@@ -28,6 +28,10 @@ pub const MAX_SHARDS: u32 = 65_536;
 /// this in flight, so whatever it resends after a broken stream is remembered.
 pub const RETRY_WINDOW: usize = 256;
 
+/// The highest `max_key_len` a node may be given: no key longer is ever taken, whatever the
+/// config, so a client can refuse one itself.
+pub const MAX_KEY_LEN_LIMIT: usize = 64 << 10;
+
 /// The largest publish request a coordinator decodes, in bytes. Publishers keep their requests
 /// under it: a larger one would end the whole stream, not only be refused.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
@@ -59,7 +63,7 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 /// Refuse a key-length bound that cannot work: 0 refuses every key (a relay would take every
 /// entry for poison), and beyond 64 KiB is past what the wire format is meant to carry.
 pub fn check_max_key_len(n: usize) -> Result<(), String> {
-    if n == 0 || n > 64 << 10 {
+    if n == 0 || n > MAX_KEY_LEN_LIMIT {
         return Err("max_key_len must be between 1 and 65536".into());
     }
     Ok(())
