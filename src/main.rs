@@ -620,12 +620,8 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
             anyhow::bail!("no keys on standard input");
         }
     }
-    let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
-    if let Some((i, k)) = a.keys.iter().enumerate().find(|(_, k)| k.len() > limit) {
-        anyhow::bail!(
-            "entry {i}: key is {} bytes, more than the maximum any coordinator takes ({limit})",
-            k.len()
-        );
+    for (i, k) in a.keys.iter().enumerate() {
+        dci_proto::types::check_key_len_limit(i, k.len()).map_err(anyhow::Error::msg)?;
     }
     let kind = if a.all {
         a.keys = vec![String::new()];
@@ -706,14 +702,12 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
 /// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
 /// one request (a larger one would be refused whole).
 fn request_chunks<'a>(keys: &'a [(usize, &String)]) -> Vec<&'a [(usize, &'a String)]> {
-    // What an entry costs beyond its key, with room to spare (see `request_bytes`).
-    const PER_ENTRY: usize = 32;
-    let limit = dci_proto::types::MAX_REQUEST_BYTES - (64 << 10);
+    use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (_, k)) in keys.iter().enumerate() {
-        let cost = k.len() + PER_ENTRY;
-        if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > limit) {
+        let cost = k.len() + ENTRY_OVERHEAD_BYTES;
+        if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > PUBLISH_REQUEST_BYTES) {
             out.push(&keys[start..i]);
             (start, bytes) = (i, 0);
         }

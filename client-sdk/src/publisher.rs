@@ -101,9 +101,8 @@ impl Default for PublisherOptions {
     }
 }
 
-/// The most a request may carry: what a coordinator decodes, less room for the request's own
-/// fields.
-const REQUEST_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES - (64 << 10);
+/// The most a request may carry.
+const REQUEST_BYTES: usize = dci_proto::types::PUBLISH_REQUEST_BYTES;
 
 struct Pending {
     /// When the caller handed its entries over.
@@ -232,18 +231,8 @@ impl Publisher {
                 e.publish_time_us = now;
             }
         }
-        // Longer than any coordinator takes: said here, where the caller's position is known (a
-        // key of megabytes would otherwise be refused by the transport, in its own words).
-        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
-        if let Some((i, e)) = entries
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.key.len() > limit)
-        {
-            return Err(Error::Refused(format!(
-                "entry {i}: key is {} bytes, more than the maximum any coordinator takes ({limit})",
-                e.key.len()
-            )));
+        for (i, e) in entries.iter().enumerate() {
+            dci_proto::types::check_key_len_limit(i, e.key.len()).map_err(Error::Refused)?;
         }
         let n = self.shards.len();
         let mut per_shard: Vec<Vec<(usize, Invalidation)>> = vec![Vec::new(); n];

@@ -164,8 +164,9 @@ impl Hub {
                     entries.push(inv);
                 }
             }
-            // Batches a receiver decodes (long keys make few entries many bytes).
-            if entries.len() >= 4096 || bytes >= dci_proto::types::MAX_REQUEST_BYTES {
+            // Batches a receiver decodes, bounded as groups are (long keys make few entries
+            // many bytes).
+            if entries.len() >= 4096 || bytes >= crate::writer::MAX_GROUP_BYTES {
                 bytes = 0;
                 out.push(SharedBatch::new(Batch {
                     shard,

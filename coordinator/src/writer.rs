@@ -353,7 +353,7 @@ impl Sequencer {
 /// larger still goes, alone). A group goes downstream as one batch, which every receiver must
 /// decode ([`dci_proto::link::MAX_BATCH_BYTES`]): a group bounded only by entries could be more
 /// when keys are long.
-const MAX_GROUP_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES;
+pub(crate) const MAX_GROUP_BYTES: usize = dci_proto::types::MAX_REQUEST_BYTES;
 
 /// What a job counts for in the queue: about the memory it holds.
 fn job_bytes(job: &Job) -> u32 {

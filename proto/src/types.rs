@@ -36,10 +36,29 @@ pub const MAX_KEY_LEN_LIMIT: usize = 64 << 10;
 /// under it: a larger one would end the whole stream, not only be refused.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
-/// What a publisher counts an entry's request bytes as: at least its encoded size (the key, the
-/// trace id, and less than 32 bytes of fields and framing).
+/// What a publisher puts in one request at most, in [`request_bytes`]: what a coordinator
+/// decodes, less room for the request's own fields.
+pub const PUBLISH_REQUEST_BYTES: usize = MAX_REQUEST_BYTES - (64 << 10);
+
+/// What an entry costs beyond its key and trace id: more than its fields and framing encode to.
+pub const ENTRY_OVERHEAD_BYTES: usize = 32;
+
+/// What a publisher counts an entry's request bytes as: at least its encoded size.
 pub fn request_bytes(entries: &[Invalidation]) -> usize {
     entries.iter().map(Invalidation::approx_size).sum()
+}
+
+/// Refuse a key longer than any coordinator takes ([`MAX_KEY_LEN_LIMIT`]), as entry `i` of a
+/// call: said by the client, where the caller's position is known (a key of megabytes would
+/// otherwise be refused by the transport, in its own words).
+pub fn check_key_len_limit(i: usize, key_len: usize) -> Result<(), String> {
+    if key_len > MAX_KEY_LEN_LIMIT {
+        return Err(format!(
+            "entry {i}: key is {key_len} bytes, more than the maximum any coordinator takes \
+             ({MAX_KEY_LEN_LIMIT})"
+        ));
+    }
+    Ok(())
 }
 
 /// The longest duration a setting may hold: far beyond any useful timeout or retention, and short
@@ -131,7 +150,7 @@ impl Invalidation {
 
     /// Approximate encoded size, for byte budgets.
     pub fn approx_size(&self) -> usize {
-        self.key.len() + 32 + self.trace_id.as_ref().map_or(0, |t| t.len())
+        self.key.len() + ENTRY_OVERHEAD_BYTES + self.trace_id.as_ref().map_or(0, |t| t.len())
     }
 
     /// Check an invalidation received from the network.
