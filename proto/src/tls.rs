@@ -383,9 +383,14 @@ pub fn mismatch_hint(why: &str, url: &str, tls: &ClientTls) -> &'static str {
     } else if https && why.contains("InvalidContentType") {
         " (if the node serves plaintext, its URL is http://)"
     } else if https
-        && (why.contains("received fatal alert")
-            || why.contains("broken pipe")
-            || why.contains("connection closed"))
+        && [
+            "received fatal alert",
+            "broken pipe",
+            "connection closed",
+            "connection was not ready",
+        ]
+        .iter()
+        .any(|w| why.contains(w))
     {
         // A node requiring client certificates sends an alert and ends the connection after
         // the handshake; which of these the client sees first depends on timing.
@@ -969,6 +974,12 @@ mod tests {
                 "give --tls-cert",
             ),
             ("https://h:1", &none, "broken pipe", "give --tls-cert"),
+            (
+                "https://h:1",
+                &none,
+                "operation was canceled: transport error: connection was not ready",
+                "give --tls-cert",
+            ),
             (
                 "https://h:1",
                 &with_cert,
