@@ -170,7 +170,7 @@ async fn invalidations_reach_every_edge_and_survive_a_relay_kill() {
         edges.push(edge(edge_cfg(relays)).await);
     }
     for e in &edges {
-        wait_connected(e).await;
+        wait_in_stream(e).await;
     }
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let first = keys(0..100, "a:");
@@ -781,7 +781,7 @@ async fn prefix_and_ring_filters_deliver_only_what_they_should() {
     }
     wait_in_stream(&users).await;
     for e in &ring {
-        wait_connected(e).await;
+        wait_in_stream(e).await;
     }
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let mut all = keys(0..300, "user:");
