@@ -177,7 +177,7 @@ struct RelayArgs {
     tls: TlsArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct EdgeArgs {
     /// YAML config file; flags override it.
     #[arg(long)]
@@ -244,7 +244,7 @@ struct EdgeArgs {
 }
 
 /// A server's TLS flags (the config file's `tls` section).
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct TlsArgs {
     /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
     #[arg(long)]
@@ -527,7 +527,9 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     until_terminated(r.stop()).await
 }
 
-async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
+/// The edge's config: the file, then the flags over it.
+fn edge_config(a: &EdgeArgs) -> anyhow::Result<dci_edge_cache::EdgeConfig> {
+    let a = a.clone();
     let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
     override_with!(cfg, a; listen, region, node_id, capacity, max_staleness, shard_count, ttl,
         max_key_len, max_value_len, max_tombstones, replication, peer_timeout, compression);
@@ -544,10 +546,107 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
     a.tls.apply(&mut cfg.tls);
-    let e = dci_edge_cache::EdgeNode::start(cfg).await?;
-    tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
-    until_terminated(e.stop()).await
+    Ok(cfg)
 }
+
+async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
+    // Taken before the node says it listens: a SIGHUP from then on must not stop it.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hup = None;
+    let e = dci_edge_cache::EdgeNode::start(edge_config(&a)?).await?;
+    tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
+    let e = std::sync::Arc::new(e);
+    let watcher = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            let path = a.config.clone();
+            watch_config(
+                path.as_deref(),
+                hup,
+                || Ok(e.reconfigure(edge_config(&a)?)?),
+            )
+            .await
+        })
+    };
+    terminated().await;
+    tracing::info!("draining");
+    watcher.abort();
+    let _ = watcher.await;
+    let e = std::sync::Arc::try_unwrap(e).map_err(|_| anyhow!("the edge is still in use"))?;
+    tokio::time::timeout(GRACE, e.stop())
+        .await
+        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
+    Ok(())
+}
+
+/// Reload the config file on SIGHUP, and when its contents change (a mounted ConfigMap is
+/// rewritten without a signal): `reload` reads it (flags still over it) and applies it.
+/// Without a file, SIGHUP is only said to have nothing to reload (it would stop the node).
+async fn watch_config(
+    path: Option<&std::path::Path>,
+    mut hup: Option<Hangup>,
+    reload: impl Fn() -> anyhow::Result<dci_edge_cache::Reconfigured>,
+) {
+    let mut seen = path.and_then(|p| std::fs::read(p).ok());
+    let mut tick = tokio::time::interval(CONFIG_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let signalled = async {
+            match hup.as_mut() {
+                #[cfg(unix)]
+                Some(h) => h.recv().await,
+                _ => std::future::pending().await,
+            }
+        };
+        let asked = tokio::select! {
+            _ = signalled => true,
+            _ = tick.tick() => false,
+        };
+        let Some(path) = path else {
+            if asked {
+                tracing::info!("SIGHUP: no --config file to reload");
+            }
+            continue;
+        };
+        let now = std::fs::read(path).ok();
+        if !asked && (now.is_none() || now == seen) {
+            // Unchanged, or gone for a moment (an editor's or a ConfigMap's swap).
+            continue;
+        }
+        seen = now;
+        match reload() {
+            Ok(r) => {
+                if !r.taken.is_empty() {
+                    tracing::info!(config = %path.display(), taken = ?r.taken, "config reloaded");
+                } else if asked {
+                    tracing::info!(config = %path.display(), "config reloaded: nothing to change");
+                }
+                if !r.need_restart.is_empty() {
+                    tracing::warn!(
+                        config = %path.display(),
+                        keys = ?r.need_restart,
+                        "config changes that take effect only at a restart"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                config = %path.display(),
+                error = %format_args!("{e:#}"),
+                "config not reloaded: running on as before"
+            ),
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// How often a node looks at its config file for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
 
 /// A refused call on one line; `serves` says what kind of node should have answered it.
 fn status_line(

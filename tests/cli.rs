@@ -951,6 +951,24 @@ fn after<'a>(args: &'a [String], flag: &str) -> &'a str {
 /// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name, `/data` a
 /// directory of its own (in `dirs`) and the TLS Secret's files at `/tls` the test certificates.
 /// Each pod's probes ask `/healthz` on its metrics port, and get 200 there. Returns the processes.
+/// The text of `file` in the ConfigMap that workload `name` mounts at `dir`.
+fn mounted_config(docs: &[serde_yaml::Value], name: &str, dir: &str, file: &str) -> String {
+    let workload = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == name && d["spec"]["template"].is_mapping())
+        .unwrap();
+    let spec = &workload["spec"]["template"]["spec"];
+    let mounts = spec["containers"][0]["volumeMounts"].as_sequence().unwrap();
+    let volume = mounts.iter().find(|m| m["mountPath"] == dir).unwrap()["name"].clone();
+    let volumes = spec["volumes"].as_sequence().unwrap();
+    let map = &volumes.iter().find(|v| v["name"] == volume).unwrap()["configMap"]["name"];
+    let doc = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == *map)
+        .unwrap_or_else(|| panic!("{name} mounts ConfigMap {map:?}, which the chart lacks"));
+    doc["data"][file].as_str().unwrap().to_string()
+}
+
 fn start_pods(
     docs: &[serde_yaml::Value],
     services: &std::collections::HashMap<String, u64>,
@@ -1022,6 +1040,15 @@ fn start_pods(
             if arg == "/data" {
                 dirs.push(tempfile::tempdir().unwrap());
                 return dirs.last().unwrap().path().to_str().unwrap().into();
+            }
+            if flag == "--config" {
+                // The file as the pod sees it: the ConfigMap its volume mounts there.
+                let (dir, file) = arg.rsplit_once('/').unwrap();
+                let text = mounted_config(docs, name, dir, file);
+                dirs.push(tempfile::tempdir().unwrap());
+                let path = dirs.last().unwrap().path().join(file);
+                std::fs::write(&path, text).unwrap();
+                return path.to_str().unwrap().into();
             }
             if let Some(file) = arg.strip_prefix("/tls/") {
                 let test_file = match file {
@@ -1652,17 +1679,25 @@ fn the_helm_chart_starts_a_working_tree() {
     {
         assert_eq!(after(&helm_args(d), "--max-receivers"), "100");
     }
-    // A region's edges share a ring of exactly their pods' names.
+    // A region's edges share a ring of exactly their pods' names, in a file of a ConfigMap (which
+    // they read again when it changes: scaling the region leaves the pods' template alone).
     for d in docs
         .iter()
         .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["name"] == "edge")
     {
         let name = d["metadata"]["name"].as_str().unwrap();
         let args = helm_args(d);
+        assert!(!args
+            .iter()
+            .any(|a| a == "--ring-nodes" || a == "--replication"));
+        let config: serde_yaml::Value =
+            serde_yaml::from_str(&mounted_config(&docs, name, "/etc/dci", "edge.yaml")).unwrap();
+        assert_eq!(after(&args, "--config"), "/etc/dci/edge.yaml");
         let replicas = d["spec"]["replicas"].as_u64().unwrap();
         let pods: Vec<String> = (0..replicas).map(|i| format!("{name}-{i}")).collect();
-        assert_eq!(after(&args, "--ring-nodes"), pods.join(","));
-        assert_eq!(after(&args, "--replication"), "2");
+        let ring: Vec<String> = serde_yaml::from_value(config["ring_nodes"].clone()).unwrap();
+        assert_eq!(ring, pods);
+        assert_eq!(config["replication"].as_u64(), Some(2));
     }
     // The log's volume is writable by the user the image runs as.
     let dockerfile = include_str!("../deploy/Dockerfile");
@@ -1936,4 +1971,130 @@ fn every_config_key_is_also_a_flag() {
     );
     let o = dci(&["get", "--edge", &url, "session:1"]);
     assert_eq!(o.status.code(), Some(1), "a miss: {}", stderr(&o));
+}
+
+/// The first line of `lines` (a node's log, from `launch`) that says `what`.
+fn logged(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("the node never logged {what:?}"))
+}
+
+fn hangup(p: &Proc) {
+    assert!(Command::new("kill")
+        .args(["-HUP", &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Edges of a region come and go (DESIGN §9: no restart for membership changes): an edge takes
+/// new relays and a new ring from its config file while it runs, when the file changes (as a
+/// mounted ConfigMap does) or on SIGHUP, and keeps running on its config when the new one
+/// cannot work.
+#[test]
+fn an_edge_reloads_its_relays_and_ring_from_its_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let relay = || start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let ((_r1, p1), (_r2, p2)) = (relay(), relay());
+    let file = dir.path().join("edge.yaml");
+    let write = |relay: u16, ring: &str, more: &str| {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nnode_id: e0\nrelays: [http://127.0.0.1:{relay}]\n\
+             ring_nodes: [{ring}]\n{more}"
+        );
+        // As a ConfigMap is updated: the new file swapped in whole.
+        let tmp = dir.path().join("edge.yaml.new");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(p1, "e0, e1", "");
+    let mut cmd = Command::new(DCI);
+    cmd.args(["edge", "--config"]).arg(&file);
+    let (e, ep, lines) = launch(cmd);
+    let edge = format!("http://127.0.0.1:{ep}");
+    logged(
+        &lines,
+        &format!("following sender sender=http://127.0.0.1:{p1}"),
+    );
+    // A key the other edge of the ring owns is refused here.
+    let theirs = (0..)
+        .map(|i| format!("k:{i}"))
+        .find(|k| dci(&["get", "--edge", &edge, k]).status.code() == Some(2))
+        .unwrap();
+    let refused = dci(&["get", "--edge", &edge, &theirs]);
+    assert!(
+        stderr(&refused).contains("not followed by this edge"),
+        "{refused:?}"
+    );
+
+    // Alone on the ring, following the other relay: taken while it runs.
+    write(p2, "e0", "capacity: 1000000\n");
+    let line = logged(&lines, "config reloaded");
+    assert!(
+        line.contains("relays") && line.contains("ring_nodes"),
+        "{line}"
+    );
+    let line = logged(&lines, "take effect only at a restart");
+    assert!(line.contains("capacity"), "{line}");
+    // Taken between two links, moments after it was read.
+    let mut o = None;
+    eventually("the key is served there: a miss now, not refused", || {
+        let got = dci(&["get", "--edge", &edge, &theirs]);
+        let miss = got.status.code() == Some(1);
+        o = Some(got);
+        miss
+    });
+    let o = o.unwrap();
+    let lease = stderr(&o)
+        .split("lease ")
+        .nth(1)
+        .and_then(|l| l.trim_end_matches([')', '\n']).parse::<u64>().ok())
+        .unwrap();
+    let set = dci(&[
+        "set",
+        "--edge",
+        &edge,
+        &theirs,
+        "v",
+        "--lease",
+        &lease.to_string(),
+    ]);
+    assert!(set.status.success(), "{set:?}");
+    let pubd = dci(&["publish", "--coordinator", &coord, &theirs]);
+    assert!(pubd.status.success(), "{pubd:?}");
+    eventually(
+        "the invalidation reaches the edge through its new relay",
+        || dci(&["get", "--edge", &edge, &theirs]).status.code() == Some(1),
+    );
+
+    // A config it cannot run with: said, and nothing changes.
+    write(p1, "e1", "capacity: 1000000\n");
+    let line = logged(&lines, "config not reloaded");
+    assert!(line.contains("not one of ring_nodes"), "{line}");
+    assert_eq!(
+        dci(&["get", "--edge", &edge, &theirs]).status.code(),
+        Some(1)
+    );
+    // SIGHUP reads it again whether or not it changed; the edge runs on.
+    write(p2, "e0", "capacity: 1000000\n");
+    std::thread::sleep(Duration::from_millis(100));
+    hangup(&e);
+    logged(&lines, "config reloaded: nothing to change");
+    assert_eq!(
+        dci(&["get", "--edge", &edge, &theirs]).status.code(),
+        Some(1)
+    );
+
+    // An edge without a config file only says so: SIGHUP does not stop it.
+    let mut cmd = Command::new(DCI);
+    cmd.args(["edge", "--listen", "127.0.0.1:0", "--relays"])
+        .arg(format!("http://127.0.0.1:{p1}"));
+    let (plain, pp, plain_lines) = launch(cmd);
+    hangup(&plain);
+    logged(&plain_lines, "no --config file to reload");
+    let o = dci(&["get", "--edge", &format!("http://127.0.0.1:{pp}"), "k"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
 }

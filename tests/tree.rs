@@ -853,6 +853,151 @@ async fn prefix_and_ring_filters_deliver_only_what_they_should() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_takes_new_relays_and_ring_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let (r1, r2) = (relay(&c).await, relay(&c).await);
+    let ids: Vec<String> = vec!["e0".into(), "e1".into()];
+    let cfg = |id: &str, ring: &[String], relays: Vec<String>| EdgeConfig {
+        listen: any_port(),
+        node_id: id.into(),
+        ring_nodes: ring.to_vec(),
+        ..edge_cfg(relays)
+    };
+    let e0 = edge(cfg("e0", &ids, vec![r1.url()])).await;
+    let e1 = edge(cfg("e1", &ids, vec![r1.url()])).await;
+    wait_in_stream(&e0).await;
+    wait_in_stream(&e1).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let ks = keys(0..200, "k:");
+    let head = publish_all(&p, &ks).await;
+    wait_applied(&e0, head).await;
+    let client = CacheClient::new(
+        ids.iter()
+            .cloned()
+            .zip([e0.edge.url(), e1.edge.url()])
+            .collect(),
+    )
+    .unwrap();
+    for k in &ks {
+        assert!(client.set(k.clone(), "v1", None).await.unwrap());
+    }
+    let held = |e: &Watched| -> Vec<String> {
+        ks.iter()
+            .filter(|k| e.edge.store.get(k.as_bytes()).is_some())
+            .cloned()
+            .collect()
+    };
+    let (kept, gained) = (held(&e0), held(&e1));
+    assert!(!kept.is_empty() && !gained.is_empty());
+    let direct = CacheClient::from_urls(vec![e0.edge.url()]).unwrap();
+    assert!(matches!(
+        direct.get(gained[0].clone()).await,
+        Err(dci_sdk::Error::Refused(_))
+    ));
+
+    // Alone on the ring, following the other relay: told while it runs.
+    let alone = vec!["e0".to_string()];
+    let r = e0
+        .edge
+        .reconfigure(EdgeConfig {
+            capacity: 1 << 20,
+            ..cfg("e0", &alone, vec![r2.url()])
+        })
+        .unwrap();
+    assert_eq!(r.taken, ["relays", "ring_nodes"]);
+    assert_eq!(r.need_restart, ["capacity"], "not taken: {r:?}");
+    eventually("e0 follows the new relay", || {
+        lock(&e0.edge.link).connected_to.as_deref() == Some(r2.url().as_str())
+    })
+    .await;
+    // What it kept is still served; what it gained is served from now on.
+    assert_eq!(held(&e0), kept, "values of keys it still follows are kept");
+    let k = gained[0].clone();
+    let lease = match direct.get(k.clone()).await.unwrap() {
+        Lookup::Miss { lease } => lease,
+        other => panic!("{other:?}"),
+    };
+    assert!(direct.set(k.clone(), "v2", Some(lease)).await.unwrap());
+    assert_eq!(
+        direct.get(k.clone()).await.unwrap(),
+        Lookup::Hit("v2".into())
+    );
+    // ... and its invalidations reach it through the new relay, with the new filter.
+    let seq = publish_all(&p, std::slice::from_ref(&k)).await;
+    wait_applied(&e0, seq).await;
+    assert!(e0.edge.store.get(k.as_bytes()).is_none(), "{k} invalidated");
+    assert!(matches!(
+        direct.get(k.clone()).await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+
+    // A config it cannot run with changes nothing.
+    let err = e0
+        .edge
+        .reconfigure(cfg("e0", &["e1".to_string()], vec![r1.url()]))
+        .unwrap_err();
+    assert!(err.to_string().contains("not one of ring_nodes"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        lock(&e0.edge.link).connected_to.as_deref(),
+        Some(r2.url().as_str())
+    );
+
+    // Back on a ring of two: the values of the keys it gave up are dropped there and then (no
+    // invalidation of them reaches it any more, so if it took them again later they could be
+    // stale), and they are refused again.
+    assert!(direct.set(k.clone(), "v3", None).await.unwrap());
+    let r = e0
+        .edge
+        .reconfigure(cfg("e0", &ids, vec![r2.url()]))
+        .unwrap();
+    assert_eq!(r.taken, ["ring_nodes"]);
+    eventually("e0 dropped what it no longer follows", || {
+        e0.edge.store.get(k.as_bytes()).is_none()
+    })
+    .await;
+    assert_eq!(held(&e0), kept);
+    wait_in_stream(&e0).await;
+    assert!(matches!(
+        direct.get(k.clone()).await,
+        Err(dci_sdk::Error::Refused(_))
+    ));
+    // Nothing was missed over the changes: a kept key's invalidation still lands.
+    let seq = publish_all(&p, &kept[..1]).await;
+    wait_applied(&e0, seq).await;
+    assert!(e0.edge.store.get(kept[0].as_bytes()).is_none());
+
+    // The SDK's clients take new edges the same way, clones included.
+    let one = CacheClient::new(vec![("e0".into(), e0.edge.url())]).unwrap();
+    let clone = one.clone();
+    one.set_edges(
+        ids.iter()
+            .cloned()
+            .zip([e0.edge.url(), e1.edge.url()])
+            .collect(),
+    )
+    .unwrap();
+    let theirs = gained[1].clone();
+    assert!(clone.set(theirs.clone(), "v4", None).await.unwrap());
+    assert_eq!(
+        e1.edge.store.get(theirs.as_bytes()),
+        Some(Bytes::from("v4"))
+    );
+    assert!(
+        one.set_edges(Vec::new()).is_err(),
+        "no edge at all is refused"
+    );
+    assert_eq!(clone.get(theirs).await.unwrap(), Lookup::Hit("v4".into()));
+
+    e0.edge.stop().await.unwrap();
+    e1.edge.stop().await.unwrap();
+    r1.stop().await.unwrap();
+    r2.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;

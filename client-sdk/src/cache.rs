@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,13 +71,22 @@ impl Drop for Turn<'_> {
 /// or `get_or_load` goes to its loader at once).
 const PASSED_OVER_FOR: Duration = Duration::from_secs(2);
 
+/// The edges a client knows, by node id: the ring over them, and each one's URL and channel.
+struct Members {
+    ring: NodeRing,
+    edges: HashMap<String, (String, RawClient<Channel>)>,
+}
+
 /// Talks to the edges of one region; clone it freely.
 #[derive(Clone)]
 pub struct CacheClient {
-    ring: NodeRing,
+    /// Replaced whole by [`CacheClient::set_edges`]; each call works on the edges as they were
+    /// when it began.
+    members: Arc<RwLock<Arc<Members>>>,
     /// Owners per key: the edges' `replication`.
     replication: usize,
-    edges: Arc<HashMap<String, RawClient<Channel>>>,
+    timeout: Duration,
+    tls: ClientTls,
     loading: Arc<Loading>,
     /// Edges that could not be reached lately, and until when they are passed over.
     unreachable: Arc<Mutex<HashMap<String, (std::time::Instant, String)>>>,
@@ -136,11 +145,35 @@ impl CacheClient {
         timeout: Duration,
         tls: &ClientTls,
     ) -> Result<CacheClient, Error> {
+        let members = Self::members_of(edges, timeout, tls, None)?;
+        Ok(CacheClient {
+            members: Arc::new(RwLock::new(Arc::new(members))),
+            replication: 1,
+            timeout,
+            tls: tls.clone(),
+            loading: Arc::default(),
+            unreachable: Arc::default(),
+        })
+    }
+
+    /// The ring and channels for `edges`; the channels of `old` to the same URLs are kept.
+    fn members_of(
+        edges: Vec<(String, String)>,
+        timeout: Duration,
+        tls: &ClientTls,
+        old: Option<&Members>,
+    ) -> Result<Members, Error> {
         if edges.is_empty() {
             return Err(Error::Url(String::new(), "no edge URL".into()));
         }
         let mut map = HashMap::new();
         for (id, url) in &edges {
+            if let Some((u, c)) = old.and_then(|o| o.edges.get(id)) {
+                if u == url {
+                    map.insert(id.clone(), (u.clone(), c.clone()));
+                    continue;
+                }
+            }
             let ch = tls
                 .endpoint(url)
                 .map_err(|e| Error::Url(url.clone(), e.to_string()))?
@@ -152,16 +185,50 @@ impl CacheClient {
             // refused here for its size.
             map.insert(
                 id.clone(),
-                RawClient::new(ch).max_decoding_message_size(usize::MAX),
+                (
+                    url.clone(),
+                    RawClient::new(ch).max_decoding_message_size(usize::MAX),
+                ),
             );
         }
-        Ok(CacheClient {
+        Ok(Members {
             ring: NodeRing::new(edges.into_iter().map(|(id, _)| id).collect()),
-            replication: 1,
-            edges: Arc::new(map),
-            loading: Arc::default(),
-            unreachable: Arc::default(),
+            edges: map,
         })
+    }
+
+    /// Change the edges (as [`CacheClient::new`] takes them), for this client and its clones:
+    /// an edge added to the region, or one gone. Calls under way finish with the edges they
+    /// began with; connections to edges kept at the same URL are kept. Give the edges' new
+    /// `ring_nodes` at the same time, so that keys go where their invalidations go.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let c = dci_sdk::CacheClient::new(vec![("edge-0".into(), "http://10.0.0.1:7600".into())]).unwrap();
+    /// c.set_edges(vec![
+    ///     ("edge-0".into(), "http://10.0.0.1:7600".into()),
+    ///     ("edge-1".into(), "http://10.0.0.2:7600".into()),
+    /// ])
+    /// .unwrap();
+    /// # }
+    /// ```
+    pub fn set_edges(&self, edges: Vec<(String, String)>) -> Result<(), Error> {
+        let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+        *members = Arc::new(Self::members_of(
+            edges,
+            self.timeout,
+            &self.tls,
+            Some(&members),
+        )?);
+        Ok(())
+    }
+
+    /// The edges as they are now.
+    fn members(&self) -> Arc<Members> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Keys live on `replication` edges, as the edges' own `replication` (with `ring_nodes`) says:
@@ -188,11 +255,12 @@ impl CacheClient {
     /// stands. Returns the owner that answered, with the answer.
     async fn first_owner<T, F, Fut>(&self, key: &[u8], mut call: F) -> Result<(String, T), Error>
     where
-        F: FnMut(String) -> Fut,
+        F: FnMut(String, RawClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
         let mut why = String::new();
-        for id in self.ring.owners(key, self.replication) {
+        let members = self.members();
+        for id in members.ring.owners(key, self.replication) {
             let now = std::time::Instant::now();
             let passed_over = {
                 let mut u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,7 +278,7 @@ impl CacheClient {
                     format!("{id} not asked: unreachable less than {PASSED_OVER_FOR:?} ago ({w})");
                 continue;
             }
-            match call(id.to_string()).await {
+            match call(id.to_string(), members.edges[id].1.clone()).await {
                 Ok(v) => return Ok((id.to_string(), v)),
                 Err(Error::Unavailable(w)) => {
                     self.unreachable
@@ -239,12 +307,15 @@ impl CacheClient {
         Ok(self.get_at(key.into()).await?.1)
     }
 
-    /// Look a key up; also which edge answered (its lease is good there only).
-    async fn get_at(&self, key: Bytes) -> Result<(String, Lookup), Error> {
-        let (at, r) = self
-            .first_owner(&key, |id| {
-                let (mut edge, key) = (self.edges[&id].clone(), key.clone());
-                async move { edge.get(pb::GetRequest { key }).await.map_err(Error::from) }
+    /// Look a key up; also the edge that answered (its lease is good there only).
+    async fn get_at(&self, key: Bytes) -> Result<(RawClient<Channel>, Lookup), Error> {
+        let (_, (at, r)) = self
+            .first_owner(&key, |_, mut edge| {
+                let key = key.clone();
+                async move {
+                    let r = edge.get(pb::GetRequest { key }).await;
+                    Ok((edge, r.map_err(Error::from)?))
+                }
             })
             .await?;
         let r = r.into_inner();
@@ -257,8 +328,8 @@ impl CacheClient {
     }
 
     /// Fill on one edge: `Ok(false)` when it refuses the fill (stale lease, say).
-    async fn set_on(&self, at: &str, req: pb::SetRequest) -> Result<bool, Error> {
-        match self.edges[at].clone().set(req).await {
+    async fn set_on(mut edge: RawClient<Channel>, req: pb::SetRequest) -> Result<bool, Error> {
+        match edge.set(req).await {
             Ok(r) => Ok(r.into_inner().stored),
             Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
             Err(s) => Err(s.into()),
@@ -280,10 +351,7 @@ impl CacheClient {
             ttl_ms: 0,
         };
         let (_, stored) = self
-            .first_owner(&req.key, |id| {
-                let req = req.clone();
-                async move { self.set_on(&id, req).await }
-            })
+            .first_owner(&req.key, |_, edge| Self::set_on(edge, req.clone()))
             .await?;
         Ok(stored)
     }
@@ -292,9 +360,11 @@ impl CacheClient {
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
         let (mut answered, mut existed, mut why) = (false, false, String::new());
-        for id in self.ring.owners(&key, self.replication) {
+        let members = self.members();
+        for id in members.ring.owners(&key, self.replication) {
             let req = pb::DeleteRequest { key: key.clone() };
-            match self.edges[id]
+            match members.edges[id]
+                .1
                 .clone()
                 .delete(req)
                 .await
@@ -363,7 +433,7 @@ impl CacheClient {
                     lease: Some(lease),
                     ttl_ms: 0,
                 };
-                match self.set_on(&at, req).await {
+                match Self::set_on(at, req).await {
                     Ok(_) => {}
                     Err(Error::Unavailable(why)) => {
                         tracing::debug!(%why, "edge unavailable: the loaded value is not filled");

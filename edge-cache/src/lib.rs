@@ -10,14 +10,14 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dci_proto::pb;
 use dci_proto::ring::NodeRing;
 use dci_proto::types::RingOwnership;
-use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::upstream::{self, lock, Applier, FollowOptions, Following, LinkState};
 use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -69,6 +69,13 @@ pub struct EdgeApplier {
     propagation: Arc<dci_proto::metrics::LatencyHistogram>,
     quarantine: Arc<Mutex<Vec<Quarantined>>>,
     on_applied: Option<AppliedHook>,
+    follows: Arc<RwLock<Filter>>,
+}
+
+/// The filter as it is now; a poisoned lock still holds a whole filter (it is only ever
+/// replaced whole).
+fn read(f: &RwLock<Filter>) -> RwLockReadGuard<'_, Filter> {
+    f.read().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Applier for EdgeApplier {
@@ -103,6 +110,21 @@ impl Applier for EdgeApplier {
         tracing::info!(shard, epoch, hwm, reason, "edge flushed");
         self.store.flush(shard, epoch, hwm);
     }
+
+    fn refilter(&mut self, filter: &Filter) {
+        // Fills check the filter and store under its read lock: none can store a key this edge
+        // no longer follows after it was dropped here. Such a key gets no invalidations from now
+        // on, and if it is followed again later, what was cached of it may be stale by then.
+        let mut follows = self.follows.write().unwrap_or_else(|e| e.into_inner());
+        *follows = filter.clone();
+        let before = self.store.len();
+        self.store.retain_keys(|k| filter.takes_key(k));
+        tracing::info!(
+            follows = %filter.describe(),
+            dropped = before.saturating_sub(self.store.len()),
+            "edge follows anew"
+        );
+    }
 }
 
 #[derive(Clone)]
@@ -120,8 +142,9 @@ struct EdgeService {
     /// When a wrong shard count was last logged (seconds since the Unix epoch).
     warned_shard_count: Arc<AtomicU64>,
     /// What this edge follows (its Hello's filter): a key outside it is neither served nor
-    /// stored, since no invalidation of it would ever reach this edge.
-    follows: Filter,
+    /// stored, since no invalidation of it would ever reach this edge. Replaced by a reloaded
+    /// config, between two links.
+    follows: Arc<RwLock<Filter>>,
 }
 
 impl EdgeService {
@@ -165,21 +188,21 @@ impl EdgeService {
     }
 
     /// A key this edge gets no invalidations for is refused, not cached for ever.
-    fn check_followed(&self, key: &[u8]) -> Result<(), Status> {
-        if self.follows.takes_key(key) {
+    fn check_followed(follows: &Filter, key: &[u8]) -> Result<(), Status> {
+        if follows.takes_key(key) {
             return Ok(());
         }
         Err(Status::failed_precondition(format!(
             "key {:?} is not followed by this edge, which gets invalidations only of {}: \
              route it to an edge that does",
             String::from_utf8_lossy(key),
-            self.follows.describe()
+            follows.describe()
         )))
     }
 
     fn get_one(&self, key: Bytes) -> Result<pb::GetResponse, Status> {
         self.check_key(&key)?;
-        self.check_followed(&key)?;
+        Self::check_followed(&read(&self.follows), &key)?;
         let lease = self.store.lease(&key).encode();
         let shard = self.store.shard_of(&key);
         let (fresh, told) = {
@@ -220,10 +243,10 @@ impl EdgeService {
         }
     }
 
-    /// What would refuse a Set whatever the lease says.
-    fn check_set(&self, r: &pb::SetRequest) -> Result<(), Status> {
+    /// What would refuse a Set whatever the lease says (`follows`: held until it is stored).
+    fn check_set(&self, r: &pb::SetRequest, follows: &Filter) -> Result<(), Status> {
         self.check_key(&r.key)?;
-        self.check_followed(&r.key)?;
+        Self::check_followed(follows, &r.key)?;
         if r.value.len() > self.max_value_len {
             return Err(Status::invalid_argument(format!(
                 "value is {} bytes, more than the maximum of {}",
@@ -264,7 +287,8 @@ impl pb::cache_server::Cache for EdgeService {
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
         let r = request.into_inner();
-        self.check_set(&r)?;
+        let follows = read(&self.follows);
+        self.check_set(&r, &follows)?;
         match self.store_checked(r) {
             Ok(()) => Ok(Response::new(pb::SetResponse { stored: true })),
             Err(why) => Err(Status::failed_precondition(format!("fill refused: {why}"))),
@@ -308,8 +332,9 @@ impl pb::cache_server::Cache for EdgeService {
             ));
         }
         // All or nothing: a refused entry stores none of the others.
+        let follows = read(&self.follows);
         for e in &entries {
-            self.check_set(e)?;
+            self.check_set(e, &follows)?;
         }
         let stored = entries
             .into_iter()
@@ -328,6 +353,55 @@ impl pb::admin_server::Admin for EdgeService {
         let me = lock(&self.link).node_status(&self.node_id, "edge", &self.region);
         Ok(Response::new(pb::StatusResponse { nodes: vec![me] }))
     }
+}
+
+/// The config keys an edge takes while it runs ([`EdgeNode::reconfigure`]).
+pub const RELOADABLE: [&str; 4] = ["relays", "prefixes", "ring_nodes", "replication"];
+
+/// What [`EdgeNode::reconfigure`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    /// Changed keys it took.
+    pub taken: Vec<&'static str>,
+    /// Changed keys it did not take: they need a restart.
+    pub need_restart: Vec<String>,
+}
+
+/// A config's keys and values, to tell which changed.
+fn fields(cfg: &EdgeConfig) -> std::collections::BTreeMap<String, serde_yaml::Value> {
+    match serde_yaml::to_value(cfg) {
+        Ok(serde_yaml::Value::Mapping(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v)))
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
+/// What an edge with this config and node id follows.
+fn follows(cfg: &EdgeConfig, node_id: &str) -> Result<Filter, EdgeError> {
+    let ring = if cfg.ring_nodes.is_empty() {
+        None
+    } else {
+        if !cfg.ring_nodes.iter().any(|n| n == node_id) {
+            return Err(EdgeError::Config(ConfigError(format!(
+                "node id {node_id:?} is not one of ring_nodes"
+            ))));
+        }
+        Some(RingOwnership {
+            ring: NodeRing::new(cfg.ring_nodes.clone()),
+            self_id: node_id.to_string(),
+            replication: cfg.replication.max(1) as usize,
+        })
+    };
+    Ok(Filter {
+        prefixes: cfg
+            .prefixes
+            .iter()
+            .map(|p| Bytes::from(p.clone()))
+            .collect(),
+        ring,
+    })
 }
 
 /// A running edge cache.
@@ -350,6 +424,9 @@ pub struct EdgeNode {
     pub propagation: Arc<dci_proto::metrics::LatencyHistogram>,
     /// "https" when it serves TLS, else "http".
     scheme: &'static str,
+    /// The config it runs with (what `reconfigure` took included).
+    config: Mutex<EdgeConfig>,
+    changes: watch::Sender<Following>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), EdgeError>>,
 }
@@ -378,27 +455,12 @@ impl EdgeNode {
         } else {
             cfg.node_id.clone()
         };
-        let follows = Filter {
-            prefixes: cfg
-                .prefixes
-                .iter()
-                .map(|p| Bytes::from(p.clone()))
-                .collect(),
-            ring: if cfg.ring_nodes.is_empty() {
-                None
-            } else {
-                if !cfg.ring_nodes.contains(&node_id) {
-                    return Err(EdgeError::Config(ConfigError(format!(
-                        "node id {node_id:?} is not one of ring_nodes"
-                    ))));
-                }
-                Some(RingOwnership {
-                    ring: NodeRing::new(cfg.ring_nodes.clone()),
-                    self_id: node_id.clone(),
-                    replication: cfg.replication.max(1) as usize,
-                })
-            },
-        };
+        let follows = follows(&cfg, &node_id)?;
+        let (changes_tx, changes) = watch::channel(Following {
+            urls: cfg.relays.clone(),
+            filter: follows.clone(),
+        });
+        let shared_follows = Arc::new(RwLock::new(follows.clone()));
         let store = Arc::new(Store::new(
             cfg.capacity,
             cfg.ttl,
@@ -415,13 +477,15 @@ impl EdgeNode {
             propagation: propagation.clone(),
             quarantine: quarantine.clone(),
             on_applied,
+            follows: shared_follows.clone(),
         }));
         let follow = FollowOptions {
             urls: cfg.relays.clone(),
             node_id: node_id.clone(),
             region: cfg.region.clone(),
             role: "edge".into(),
-            filter: follows.clone(),
+            filter: follows,
+            changes: Some(changes),
             peer_timeout: cfg.peer_timeout,
             compression: cfg.compression,
             max_key_len: cfg.max_key_len,
@@ -533,7 +597,7 @@ impl EdgeNode {
             stale_misses: stale_misses.clone(),
             shard_count: cfg.shard_count,
             warned_shard_count: Arc::default(),
-            follows,
+            follows: shared_follows,
         };
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -573,9 +637,46 @@ impl EdgeNode {
             metrics_addr,
             propagation,
             scheme: cfg.tls.scheme(),
+            config: Mutex::new(cfg),
+            changes: changes_tx,
             shutdown,
             task,
         })
+    }
+
+    /// Take what of `cfg` an edge takes while it runs ([`RELOADABLE`]: its relays and what it
+    /// follows), as a reloaded config file says. The link in use is left and the next made with
+    /// the new relays and filter, resuming where this edge is: nothing is missed, values of keys
+    /// it no longer follows are dropped, and keys it now follows are served from then on. Says
+    /// which keys it took and which differ but need a restart; a config that cannot work (this
+    /// node not on its new ring, say) changes nothing.
+    pub fn reconfigure(&self, cfg: EdgeConfig) -> Result<Reconfigured, EdgeError> {
+        let cfg = cfg.validate()?;
+        let mut current = lock(&self.config);
+        let mut out = Reconfigured::default();
+        let (old, new) = (fields(&current), fields(&cfg));
+        for (key, value) in &new {
+            if old.get(key) == Some(value) {
+                continue;
+            }
+            match RELOADABLE.iter().find(|r| **r == key.as_str()) {
+                Some(r) => out.taken.push(r),
+                None => out.need_restart.push(key.clone()),
+            }
+        }
+        if out.taken.is_empty() {
+            return Ok(out);
+        }
+        let filter = follows(&cfg, &self.node_id)?;
+        current.relays = cfg.relays.clone();
+        current.prefixes = cfg.prefixes;
+        current.ring_nodes = cfg.ring_nodes;
+        current.replication = cfg.replication;
+        self.changes.send_replace(Following {
+            urls: cfg.relays,
+            filter,
+        });
+        Ok(out)
     }
 
     /// `http://addr` (`https://` over TLS), for clients.

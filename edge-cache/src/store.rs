@@ -216,6 +216,11 @@ impl Store {
         leases.flush(shard, epoch, hwm);
     }
 
+    /// Keep only the values of keys `keep` takes.
+    pub fn retain_keys(&self, keep: impl Fn(&[u8]) -> bool) {
+        self.values.retain(|k, _| keep(k));
+    }
+
     /// Number of cached values (approximate).
     pub fn len(&self) -> u64 {
         self.values.len() as u64

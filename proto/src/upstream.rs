@@ -36,6 +36,10 @@ pub trait Applier: Send + 'static {
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str);
     /// Drop everything of `shard` that may be stale; continue after `hwm` in `epoch`.
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str);
+    /// The node follows `filter` from now on. Called between links: nothing is applied from the
+    /// last link any more, and the next asks for `filter` from where this node has applied, so
+    /// the node can drop what it no longer follows and start serving what it gained.
+    fn refilter(&mut self, _filter: &Filter) {}
     /// The nodes below this one (for the heartbeat's subtree report).
     fn subtree(&self) -> Vec<pb::NodeStatus> {
         Vec::new()
@@ -172,6 +176,31 @@ pub struct FollowOptions {
     /// This node's random number (`Hello.instance`; 0: none), by which a node that serves
     /// streams too knows itself when given its own URL to follow.
     pub instance: u64,
+    /// New senders and filter while following (a reloaded config): the link in use is left and
+    /// the next is made with them.
+    pub changes: Option<watch::Receiver<Following>>,
+}
+
+/// What a node follows: its senders, in failover order, and its filter.
+#[derive(Clone, Debug, Default)]
+pub struct Following {
+    /// Senders, tried in order.
+    pub urls: Vec<String>,
+    /// What this node wants.
+    pub filter: Filter,
+}
+
+/// The next change on `changes`; never, when there is none to wait for.
+async fn next_change(changes: &mut Option<watch::Receiver<Following>>) -> Following {
+    loop {
+        match changes {
+            None => std::future::pending::<()>().await,
+            Some(rx) => match rx.changed().await {
+                Ok(()) => return rx.borrow_and_update().clone(),
+                Err(_) => *changes = None,
+            },
+        }
+    }
 }
 
 impl Default for FollowOptions {
@@ -193,6 +222,7 @@ impl Default for FollowOptions {
             compression: false,
             tls: Default::default(),
             instance: 0,
+            changes: None,
         }
     }
 }
@@ -391,11 +421,12 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Follow senders until `shutdown` turns true.
 pub async fn follow<A: Applier>(
-    opts: FollowOptions,
+    mut opts: FollowOptions,
     applier: Arc<Mutex<A>>,
     state: Arc<Mutex<LinkState>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut changes = opts.changes.take();
     let mut receiver = Receiver::with_resume(opts.receiver.clone(), &opts.resume);
     let mut idx = 0usize;
     let mut backoff = opts.backoff_min;
@@ -413,14 +444,24 @@ pub async fn follow<A: Applier>(
         }
         let url = opts.urls[idx % opts.urls.len()].clone();
         let outcome = tokio::select! {
-            r = session(&opts, &url, &mut receiver, &applier, &state) => r,
+            r = session(&opts, &url, &mut receiver, &applier, &state) => Some(r),
             _ = shutdown.changed() => return,
+            f = next_change(&mut changes) => {
+                refollow(&mut opts, f, &applier);
+                None
+            }
         };
         {
             let mut st = lock(&state);
             st.connected_to = None;
             st.connected_since = None;
         }
+        let Some(outcome) = outcome else {
+            // Straight to the first of the new senders: nothing failed.
+            (idx, backoff) = (0, opts.backoff_min);
+            (failures, failing_since, last_warned) = (0, None, None);
+            continue;
+        };
         match outcome {
             Ok(()) => {
                 // A session that did work resets the backoff.
@@ -461,8 +502,27 @@ pub async fn follow<A: Applier>(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
+            f = next_change(&mut changes) => {
+                refollow(&mut opts, f, &applier);
+                (idx, backoff) = (0, opts.backoff_min);
+                (failures, failing_since, last_warned) = (0, None, None);
+            }
         }
     }
+}
+
+/// Take new senders and filter, between links.
+fn refollow<A: Applier>(opts: &mut FollowOptions, f: Following, applier: &Arc<Mutex<A>>) {
+    if f.urls.is_empty() {
+        tracing::error!("told to follow no sender: keeping the senders it has");
+        return;
+    }
+    tracing::info!(senders = ?f.urls, filter = %f.filter.describe(), "following anew");
+    if f.filter.to_pb() != opts.filter.to_pb() {
+        lock(applier).refilter(&f.filter);
+    }
+    opts.urls = f.urls;
+    opts.filter = f.filter;
 }
 
 /// One link. `Ok` when a link was established (and later lost), `Err` when none could be made.
