@@ -124,7 +124,7 @@ struct CoordinatorArgs {
     tls: TlsArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RelayArgs {
     /// YAML config file; flags override it.
     #[arg(long)]
@@ -504,7 +504,9 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     until_terminated(c.stop()).await
 }
 
-async fn relay(a: RelayArgs) -> anyhow::Result<()> {
+/// The relay's config: the file, then the flags over it.
+fn relay_config(a: &RelayArgs) -> anyhow::Result<dci_relay::RelayConfig> {
+    let a = a.clone();
     let mut cfg: dci_relay::RelayConfig = load(&a.config)?;
     override_with!(cfg, a; listen, region, node_id, ring_bytes, window_bytes, peer_timeout,
         compression, max_key_len, max_receivers);
@@ -522,9 +524,33 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);
     a.tls.apply(&mut cfg.tls);
-    let r = dci_relay::Relay::start(cfg).await?;
+    Ok(cfg)
+}
+
+async fn relay(a: RelayArgs) -> anyhow::Result<()> {
+    let hup = hangups();
+    let r = dci_relay::Relay::start(relay_config(&a)?).await?;
     tracing::info!(addr = %r.addr, "relay listening");
-    until_terminated(r.stop()).await
+    let r = std::sync::Arc::new(r);
+    let watcher = {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let path = a.config.clone();
+            watch_config(path.as_deref(), hup, || {
+                Ok(r.reconfigure(relay_config(&a)?)?)
+            })
+            .await
+        })
+    };
+    terminated().await;
+    tracing::info!("draining");
+    watcher.abort();
+    let _ = watcher.await;
+    let r = std::sync::Arc::try_unwrap(r).map_err(|_| anyhow!("the relay is still in use"))?;
+    tokio::time::timeout(GRACE, r.stop())
+        .await
+        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
+    Ok(())
 }
 
 /// The edge's config: the file, then the flags over it.
@@ -550,11 +576,7 @@ fn edge_config(a: &EdgeArgs) -> anyhow::Result<dci_edge_cache::EdgeConfig> {
 }
 
 async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
-    // Taken before the node says it listens: a SIGHUP from then on must not stop it.
-    #[cfg(unix)]
-    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    #[cfg(not(unix))]
-    let hup = None;
+    let hup = hangups();
     let e = dci_edge_cache::EdgeNode::start(edge_config(&a)?).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
     let e = std::sync::Arc::new(e);
@@ -587,7 +609,7 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
 async fn watch_config(
     path: Option<&std::path::Path>,
     mut hup: Option<Hangup>,
-    reload: impl Fn() -> anyhow::Result<dci_edge_cache::Reconfigured>,
+    reload: impl Fn() -> anyhow::Result<dci_proto::reload::Reconfigured>,
 ) {
     let mut seen = path.and_then(|p| std::fs::read(p).ok());
     let mut tick = tokio::time::interval(CONFIG_POLL);
@@ -638,6 +660,14 @@ async fn watch_config(
             ),
         }
     }
+}
+
+/// SIGHUPs, taken before a node says it listens: from then on one must not stop it.
+fn hangups() -> Option<Hangup> {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    None
 }
 
 #[cfg(unix)]

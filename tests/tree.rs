@@ -998,6 +998,58 @@ async fn an_edge_takes_new_relays_and_ring_while_it_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_takes_new_upstreams_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let (ra, rb) = (relay(&c).await, relay(&c).await);
+    let cfg = |upstream: Vec<String>| RelayConfig {
+        listen: any_port(),
+        upstream,
+        region: "r".into(),
+        ring_bytes: 64 << 20,
+        ..Default::default()
+    };
+    let x = Relay::start(cfg(vec![ra.url()])).await.unwrap();
+    let e = edge(edge_cfg(vec![x.url()])).await;
+    wait_in_stream(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = publish_all(&p, &keys(0..100, "a:")).await;
+    wait_applied(&e, head).await;
+
+    let r = x.reconfigure(cfg(vec![rb.url()])).unwrap();
+    assert_eq!(r.taken, ["upstream"]);
+    assert!(r.need_restart.is_empty(), "{r:?}");
+    eventually("the relay follows its new upstream", || {
+        lock(&x.core.links[0]).connected_to.as_deref() == Some(rb.url().as_str())
+    })
+    .await;
+    // The old one can go: nothing below the relay depends on it any more.
+    ra.stop().await.unwrap();
+    let head = publish_all(&p, &keys(0..100, "b:")).await;
+    wait_applied(&e, head).await;
+    let got = lock(&e.keys).clone();
+    assert_eq!(got.len(), 200, "each key once, none missed over the change");
+
+    // Another number of groups (shards followed) needs a restart: refused, nothing changes.
+    let err = x
+        .reconfigure(RelayConfig {
+            upstream_groups: vec![vec![c.url()]],
+            ..cfg(vec![rb.url()])
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("only at a restart"), "{err}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        lock(&x.core.links[0]).connected_to.as_deref(),
+        Some(rb.url().as_str())
+    );
+    e.edge.stop().await.unwrap();
+    x.stop().await.unwrap();
+    rb.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 pub use config::{ConfigError, EdgeConfig};
+pub use dci_proto::reload::Reconfigured;
 pub use store::{FillRefused, Lease, Store};
 
 /// Why an edge could not run.
@@ -358,26 +359,6 @@ impl pb::admin_server::Admin for EdgeService {
 /// The config keys an edge takes while it runs ([`EdgeNode::reconfigure`]).
 pub const RELOADABLE: [&str; 4] = ["relays", "prefixes", "ring_nodes", "replication"];
 
-/// What [`EdgeNode::reconfigure`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Reconfigured {
-    /// Changed keys it took.
-    pub taken: Vec<&'static str>,
-    /// Changed keys it did not take: they need a restart.
-    pub need_restart: Vec<String>,
-}
-
-/// A config's keys and values, to tell which changed.
-fn fields(cfg: &EdgeConfig) -> std::collections::BTreeMap<String, serde_yaml::Value> {
-    match serde_yaml::to_value(cfg) {
-        Ok(serde_yaml::Value::Mapping(m)) => m
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v)))
-            .collect(),
-        _ => Default::default(),
-    }
-}
-
 /// What an edge with this config and node id follows.
 fn follows(cfg: &EdgeConfig, node_id: &str) -> Result<Filter, EdgeError> {
     let ring = if cfg.ring_nodes.is_empty() {
@@ -653,17 +634,7 @@ impl EdgeNode {
     pub fn reconfigure(&self, cfg: EdgeConfig) -> Result<Reconfigured, EdgeError> {
         let cfg = cfg.validate()?;
         let mut current = lock(&self.config);
-        let mut out = Reconfigured::default();
-        let (old, new) = (fields(&current), fields(&cfg));
-        for (key, value) in &new {
-            if old.get(key) == Some(value) {
-                continue;
-            }
-            match RELOADABLE.iter().find(|r| **r == key.as_str()) {
-                Some(r) => out.taken.push(r),
-                None => out.need_restart.push(key.clone()),
-            }
-        }
+        let out = dci_proto::reload::diff(&*current, &cfg, &RELOADABLE);
         if out.taken.is_empty() {
             return Ok(out);
         }

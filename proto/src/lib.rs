@@ -19,6 +19,7 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod otlp;
+pub mod reload;
 pub mod ring;
 pub mod tls;
 pub mod types;

@@ -27,8 +27,8 @@ type UnderWay = tokio::sync::OnceCell<Fetch>;
 /// Shared by the upstream followers and every downstream link.
 pub struct RelayCore {
     node_id: String,
-    /// The failover lists followed, one link each.
-    groups: Vec<Vec<String>>,
+    /// The failover lists followed, one link each (replaced by a reloaded config).
+    groups: Mutex<Vec<Vec<String>>>,
     /// Which link a shard's batches are taken from: the first to bring it. Another link bringing
     /// it too (two groups reaching the same shard) would restart its ring at every batch.
     owners: Mutex<HashMap<ShardId, usize>>,
@@ -63,6 +63,11 @@ pub struct RelayCore {
 }
 
 impl RelayCore {
+    /// Catch up from these failover lists from now on (as many as there were).
+    pub fn set_groups(&self, groups: Vec<Vec<String>>) {
+        *lock(&self.groups) = groups;
+    }
+
     /// A relay core with empty rings, to follow each of `groups` (failover lists) on a link.
     pub fn new(
         node_id: String,
@@ -80,7 +85,7 @@ impl RelayCore {
                 .iter()
                 .map(|_| Arc::new(Mutex::new(LinkState::default())))
                 .collect(),
-            groups,
+            groups: Mutex::new(groups),
             owners: Mutex::new(HashMap::new()),
             ring_bytes,
             max_key_len,
@@ -228,7 +233,7 @@ impl RelayCore {
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
         // The group that brings this shard, starting with the sender its link follows now.
         let group = lock(&self.owners).get(&shard).copied().unwrap_or(0);
-        let mut urls = self.groups[group].clone();
+        let mut urls = lock(&self.groups)[group].clone();
         if let Some(current) = lock(&self.links[group]).connected_to.clone() {
             urls.retain(|u| *u != current);
             urls.insert(0, current);

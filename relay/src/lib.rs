@@ -16,12 +16,13 @@ use std::sync::Arc;
 use dci_proto::downstream::{ServeCounters, ServeOptions, SubscribeService};
 use dci_proto::link::SenderConfig;
 use dci_proto::pb;
-use dci_proto::upstream::{self, FollowOptions};
+use dci_proto::upstream::{self, lock, FollowOptions, Following};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 pub use config::{ConfigError, RelayConfig};
 pub use core::RelayCore;
+pub use dci_proto::reload::Reconfigured;
 
 /// Why a relay could not run.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,9 @@ impl pb::admin_server::Admin for RelayService {
     }
 }
 
+/// The config keys a relay takes while it runs ([`Relay::reconfigure`]).
+pub const RELOADABLE: [&str; 2] = ["upstream", "upstream_groups"];
+
 /// A running relay.
 pub struct Relay {
     /// The address it listens on.
@@ -80,6 +84,10 @@ pub struct Relay {
     pub metrics_addr: Option<SocketAddr>,
     /// "https" when it serves TLS, else "http".
     scheme: &'static str,
+    /// The config it runs with (what `reconfigure` took included).
+    config: std::sync::Mutex<RelayConfig>,
+    /// New failover lists for each link.
+    changes: Vec<watch::Sender<Following>>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
@@ -114,9 +122,16 @@ impl Relay {
         let (shutdown, rx) = watch::channel(false);
 
         // One link per group: a shard's sender that is slow or gone holds back only its own.
+        let mut changes = Vec::new();
         for (group, urls) in cfg.groups().into_iter().enumerate() {
+            let (tx, new_lists) = watch::channel(Following {
+                urls: urls.clone(),
+                filter: Default::default(),
+            });
+            changes.push(tx);
             let follow = FollowOptions {
                 urls,
+                changes: Some(new_lists),
                 node_id: node_id.clone(),
                 region: cfg.region.clone(),
                 role: "relay".into(),
@@ -243,9 +258,46 @@ impl Relay {
             counters,
             metrics_addr,
             scheme: cfg.tls.scheme(),
+            config: std::sync::Mutex::new(cfg),
+            changes,
             shutdown,
             task,
         })
+    }
+
+    /// Take what of `cfg` a relay takes while it runs ([`RELOADABLE`]: the senders it follows),
+    /// as a reloaded config file says: each link whose failover list changed is left and made
+    /// again with the new list, resuming where the relay is, and catch-ups ask the new lists.
+    /// The number of lists (one per shard group) changes only at a restart. Says which keys it
+    /// took and which differ but need a restart; a config that cannot work changes nothing.
+    pub fn reconfigure(&self, cfg: RelayConfig) -> Result<Reconfigured, RelayError> {
+        let cfg = cfg.validate()?;
+        let mut current = lock(&self.config);
+        let out = dci_proto::reload::diff(&*current, &cfg, &RELOADABLE);
+        if out.taken.is_empty() {
+            return Ok(out);
+        }
+        let (old, new) = (current.groups(), cfg.groups());
+        if old.len() != new.len() {
+            return Err(RelayError::Config(ConfigError(format!(
+                "the relay follows {} upstream groups and the config lists {}: the groups (one \
+                 link each, per shard) change only at a restart",
+                old.len(),
+                new.len()
+            ))));
+        }
+        self.core.set_groups(new.clone());
+        for ((tx, was), urls) in self.changes.iter().zip(&old).zip(new) {
+            if *was != urls {
+                tx.send_replace(Following {
+                    urls,
+                    filter: Default::default(),
+                });
+            }
+        }
+        current.upstream = cfg.upstream;
+        current.upstream_groups = cfg.upstream_groups;
+        Ok(out)
     }
 
     /// `http://addr` (`https://` over TLS), for receivers.
