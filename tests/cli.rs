@@ -2098,3 +2098,49 @@ fn an_edge_reloads_its_relays_and_ring_from_its_config_file() {
     let o = dci(&["get", "--edge", &format!("http://127.0.0.1:{pp}"), "k"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
 }
+
+/// A relay takes a new upstream from its config file while it runs, as an edge does: `dci
+/// status` shows it under its new sender, and a change it cannot take is said and ignored.
+#[test]
+fn a_relay_reloads_its_upstream_from_its_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_tier, tp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let file = dir.path().join("relay.yaml");
+    let write = |yaml: String| {
+        let tmp = dir.path().join("relay.yaml.new");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(format!(
+        "listen: 127.0.0.1:0\nnode_id: x\nupstream: [{coord}]\n"
+    ));
+    let mut cmd = Command::new(DCI);
+    cmd.args(["relay", "--config"]).arg(&file);
+    let (_x, _, lines) = launch(cmd);
+    let parent_of_x = || {
+        status_nodes(&coord, &[])
+            .iter()
+            .find(|n| n["node_id"] == "x")
+            .map(|n| n["parent"].as_str().unwrap_or_default().to_string())
+    };
+    eventually("x under the coordinator", || {
+        parent_of_x().as_deref() == Some(coord.as_str())
+    });
+    let tier = format!("http://127.0.0.1:{tp}");
+    write(format!(
+        "listen: 127.0.0.1:0\nnode_id: x\nupstream: [{tier}]\n"
+    ));
+    let line = logged(&lines, "config reloaded");
+    assert!(line.contains("upstream"), "{line}");
+    eventually("x under the other relay", || {
+        parent_of_x().as_deref() == Some(tier.as_str())
+    });
+    write(format!(
+        "listen: 127.0.0.1:0\nnode_id: x\nupstream: [{tier}]\nupstream_groups: [[{coord}]]\n"
+    ));
+    let line = logged(&lines, "config not reloaded");
+    assert!(line.contains("only at a restart"), "{line}");
+    assert_eq!(parent_of_x().as_deref(), Some(tier.as_str()));
+}
