@@ -90,6 +90,8 @@ pub struct CacheClient {
     loading: Arc<Loading>,
     /// Edges that could not be reached lately, and until when they are passed over.
     unreachable: Arc<Mutex<HashMap<String, (std::time::Instant, String)>>>,
+    /// When a key's edge was last said not to follow it.
+    warned_not_followed: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl CacheClient {
@@ -153,6 +155,7 @@ impl CacheClient {
             tls: tls.clone(),
             loading: Arc::default(),
             unreachable: Arc::default(),
+            warned_not_followed: Arc::default(),
         })
     }
 
@@ -221,6 +224,24 @@ impl CacheClient {
             Some(&members),
         )?);
         Ok(())
+    }
+
+    /// Said at most every 10 s: for a moment while a region's edges change, this is normal; for
+    /// longer, this client's edges or replication are not the edges' own.
+    fn warn_not_followed(&self, why: &str) {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .warned_not_followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            tracing::warn!(
+                %why,
+                "loading without the cache: the key's edge does not follow it (are this \
+                 client's edges and replication the edges' own?)"
+            );
+        }
     }
 
     /// The edges as they are now.
@@ -389,9 +410,11 @@ impl CacheClient {
     /// per key (in this client) loads at a time; the others wait and then read the fill.
     ///
     /// The cache only saves loads: when the key's edge cannot be reached (down, stuck past the
-    /// deadline), the value comes from the loader and nothing is filled; a fill that fails is
-    /// dropped the same way. Only a refusal of the request itself (a key the edge does not take)
-    /// and the loader's own failure are errors.
+    /// deadline), or does not follow the key (while a region's edges change, the client and the
+    /// edges may place it differently for a moment; said in a warning at most every 10 s), the
+    /// value comes from the loader and nothing is filled; a fill that fails is dropped the same
+    /// way. Only a refusal of the request itself (a key too long, say) and the loader's own
+    /// failure are errors.
     pub async fn get_or_load<F, Fut, E>(
         &self,
         key: impl Into<Bytes>,
@@ -411,6 +434,12 @@ impl CacheClient {
                 tracing::debug!(%why, "edge unavailable: loading without the cache");
                 return load().await;
             }
+            Err(Error::Refused(why)) if why.contains(dci_proto::types::NOT_FOLLOWED) => {
+                // The key's edge does not follow it (yet, or any more: the region's edges are
+                // changing, or this client's list is not theirs): the cache is only passed by.
+                self.warn_not_followed(&why);
+                return load().await;
+            }
             Err(e) => return Err(e),
         }
         let turn = Turn::take(&self.loading, key.clone());
@@ -421,6 +450,10 @@ impl CacheClient {
                 Ok((_, Lookup::Hit(v))) => return Ok(v),
                 Ok((at, Lookup::Miss { lease })) => Some((at, lease)),
                 Err(Error::Unavailable(_)) => None,
+                Err(Error::Refused(why)) if why.contains(dci_proto::types::NOT_FOLLOWED) => {
+                    self.warn_not_followed(&why);
+                    None
+                }
                 Err(e) => return Err(e),
             };
             let value = load().await?;

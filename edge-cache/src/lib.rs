@@ -194,9 +194,9 @@ impl EdgeService {
             return Ok(());
         }
         Err(Status::failed_precondition(format!(
-            "key {:?} is not followed by this edge, which gets invalidations only of {}: \
-             route it to an edge that does",
+            "key {:?} {}, which gets invalidations only of {}: route it to an edge that does",
             String::from_utf8_lossy(key),
+            dci_proto::types::NOT_FOLLOWED,
             follows.describe()
         )))
     }

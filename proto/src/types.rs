@@ -32,6 +32,11 @@ pub const RETRY_WINDOW: usize = 256;
 /// config, so a client can refuse one itself.
 pub const MAX_KEY_LEN_LIMIT: usize = 64 << 10;
 
+/// What an edge's refusal of a key it gets no invalidations for says (`FAILED_PRECONDITION`), by
+/// which a client tells it from other refusals: while a region's edges change, a client and the
+/// edges may for a moment place a key differently.
+pub const NOT_FOLLOWED: &str = "is not followed by this edge";
+
 /// The largest publish request a coordinator decodes, in bytes. Publishers keep their requests
 /// under it: a larger one would end the whole stream, not only be refused.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
