@@ -531,26 +531,9 @@ async fn relay(a: RelayArgs) -> anyhow::Result<()> {
     let hup = hangups();
     let r = dci_relay::Relay::start(relay_config(&a)?).await?;
     tracing::info!(addr = %r.addr, "relay listening");
-    let r = std::sync::Arc::new(r);
-    let watcher = {
-        let r = r.clone();
-        tokio::spawn(async move {
-            let path = a.config.clone();
-            watch_config(path.as_deref(), hup, || {
-                Ok(r.reconfigure(relay_config(&a)?)?)
-            })
-            .await
-        })
-    };
-    terminated().await;
-    tracing::info!("draining");
-    watcher.abort();
-    let _ = watcher.await;
-    let r = std::sync::Arc::try_unwrap(r).map_err(|_| anyhow!("the relay is still in use"))?;
-    tokio::time::timeout(GRACE, r.stop())
-        .await
-        .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
-    Ok(())
+    let path = a.config.clone();
+    let reload = move |r: &dci_relay::Relay| Ok(r.reconfigure(relay_config(&a)?)?);
+    until_terminated_reloading(r, path, hup, reload, dci_relay::Relay::stop).await
 }
 
 /// The edge's config: the file, then the flags over it.
@@ -579,25 +562,35 @@ async fn edge(a: EdgeArgs) -> anyhow::Result<()> {
     let hup = hangups();
     let e = dci_edge_cache::EdgeNode::start(edge_config(&a)?).await?;
     tracing::info!(addr = %e.addr, node = %e.node_id, "edge listening");
-    let e = std::sync::Arc::new(e);
+    let path = a.config.clone();
+    let reload = move |e: &dci_edge_cache::EdgeNode| Ok(e.reconfigure(edge_config(&a)?)?);
+    until_terminated_reloading(e, path, hup, reload, dci_edge_cache::EdgeNode::stop).await
+}
+
+/// [`until_terminated`], reading the config file again meanwhile ([`watch_config`]).
+async fn until_terminated_reloading<N, E, Stop>(
+    node: N,
+    path: Option<PathBuf>,
+    hup: Option<Hangup>,
+    reload: impl Fn(&N) -> anyhow::Result<dci_proto::reload::Reconfigured> + Send + Sync + 'static,
+    stop: impl FnOnce(N) -> Stop,
+) -> anyhow::Result<()>
+where
+    N: Send + Sync + 'static,
+    Stop: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let node = std::sync::Arc::new(node);
     let watcher = {
-        let e = e.clone();
-        tokio::spawn(async move {
-            let path = a.config.clone();
-            watch_config(
-                path.as_deref(),
-                hup,
-                || Ok(e.reconfigure(edge_config(&a)?)?),
-            )
-            .await
-        })
+        let node = node.clone();
+        tokio::spawn(async move { watch_config(path.as_deref(), hup, || reload(&node)).await })
     };
     terminated().await;
     tracing::info!("draining");
     watcher.abort();
     let _ = watcher.await;
-    let e = std::sync::Arc::try_unwrap(e).map_err(|_| anyhow!("the edge is still in use"))?;
-    tokio::time::timeout(GRACE, e.stop())
+    let node = std::sync::Arc::try_unwrap(node).map_err(|_| anyhow!("still in use"))?;
+    tokio::time::timeout(GRACE, stop(node))
         .await
         .map_err(|_| anyhow!("drain took longer than {GRACE:?}"))??;
     Ok(())
