@@ -113,11 +113,11 @@ impl Applier for EdgeApplier {
     }
 
     fn refilter(&mut self, filter: &Filter) {
-        // Fills check the filter and store under its read lock: none can store a key this edge
-        // no longer follows after it was dropped here. Such a key gets no invalidations from now
-        // on, and if it is followed again later, what was cached of it may be stale by then.
-        let mut follows = self.follows.write().unwrap_or_else(|e| e.into_inner());
-        *follows = filter.clone();
+        // Fills check the filter and store under its read lock: once it is replaced, none can
+        // store a key this edge no longer follows, and reads refuse such keys, so what is cached
+        // of them can be dropped after, without holding up reads meanwhile. Such a key gets no
+        // invalidations from now on: if it were followed again later, that value could be stale.
+        *self.follows.write().unwrap_or_else(|e| e.into_inner()) = filter.clone();
         let before = self.store.len();
         self.store.retain_keys(|k| filter.takes_key(k));
         tracing::info!(
