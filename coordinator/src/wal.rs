@@ -247,21 +247,50 @@ pub struct Logged {
     pub digest: u64,
 }
 
-/// Idempotency memory: the last requests of each publisher.
-#[derive(Debug, Default)]
+/// Idempotency memory: the last requests of each publisher, for the publishers that logged most
+/// recently. Forgetting the one quiet the longest (not the first seen) keeps a long-lived
+/// publisher's memory however many short-lived ones (each `dci publish` is one) come and go.
+#[derive(Debug)]
 pub struct DedupTable {
-    by_publisher: HashMap<String, VecDeque<(u64, Logged)>>,
-    order: VecDeque<String>,
+    /// How many publishers it remembers.
+    publishers: usize,
+    by_publisher: HashMap<Arc<str>, Remembered>,
+    /// Publishers by the tick of their last logged request: the first is the quietest.
+    by_recency: BTreeMap<u64, Arc<str>>,
+    tick: u64,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    last_tick: u64,
+    requests: VecDeque<(u64, Logged)>,
 }
 
 const DEDUP_PER_PUBLISHER: usize = dci_proto::types::RETRY_WINDOW;
 const DEDUP_PUBLISHERS: usize = 10_000;
 
+impl Default for DedupTable {
+    fn default() -> Self {
+        Self::remembering(DEDUP_PUBLISHERS)
+    }
+}
+
 impl DedupTable {
+    /// A table that remembers the last requests of `publishers` publishers.
+    pub fn remembering(publishers: usize) -> Self {
+        Self {
+            publishers: publishers.max(1),
+            by_publisher: HashMap::new(),
+            by_recency: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
     /// An already logged request, if remembered.
     pub fn lookup(&self, publisher: &str, request_no: u64) -> Option<Logged> {
         self.by_publisher
             .get(publisher)?
+            .requests
             .iter()
             .find(|(r, _)| *r == request_no)
             .map(|&(_, l)| l)
@@ -272,19 +301,34 @@ impl DedupTable {
         if publisher.is_empty() {
             return;
         }
-        if !self.by_publisher.contains_key(publisher) {
-            if self.order.len() >= DEDUP_PUBLISHERS {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_publisher.remove(&old);
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = match self.by_publisher.get_mut(publisher) {
+            Some(entry) => {
+                if let Some(name) = self.by_recency.remove(&entry.last_tick) {
+                    self.by_recency.insert(tick, name);
                 }
+                entry.last_tick = tick;
+                entry
             }
-            self.order.push_back(publisher.to_string());
+            None => {
+                if self.by_publisher.len() >= self.publishers {
+                    if let Some((_, quietest)) = self.by_recency.pop_first() {
+                        self.by_publisher.remove(&quietest);
+                    }
+                }
+                let name: Arc<str> = Arc::from(publisher);
+                self.by_recency.insert(tick, name.clone());
+                self.by_publisher.entry(name).or_insert(Remembered {
+                    last_tick: tick,
+                    requests: VecDeque::new(),
+                })
+            }
+        };
+        if entry.requests.len() >= DEDUP_PER_PUBLISHER {
+            entry.requests.pop_front();
         }
-        let q = self.by_publisher.entry(publisher.to_string()).or_default();
-        if q.len() >= DEDUP_PER_PUBLISHER {
-            q.pop_front();
-        }
-        q.push_back((request_no, logged));
+        entry.requests.push_back((request_no, logged));
     }
 }
 
@@ -1176,6 +1220,84 @@ mod tests {
                 })
                 .collect(),
             void_to: 0,
+        }
+    }
+
+    fn logged(first_seq: Seq) -> Logged {
+        Logged {
+            first_seq,
+            count: 1,
+            digest: 0,
+        }
+    }
+
+    #[test]
+    fn dedup_forgets_the_quietest_publisher_not_the_first_seen() {
+        let mut t = DedupTable::default();
+        t.remember("long-lived", 1, logged(1));
+        for i in 0..DEDUP_PUBLISHERS as u64 * 3 {
+            t.remember(&format!("cli-{i}"), 1, logged(i + 2));
+            if i % 100 == 0 {
+                t.remember("long-lived", i + 2, logged(i + 2));
+            }
+        }
+        // Its last DEDUP_PER_PUBLISHER requests, the first of them from long before most of
+        // the others came.
+        let requests: Vec<u64> = (0..DEDUP_PUBLISHERS as u64 * 3)
+            .step_by(100)
+            .map(|i| i + 2)
+            .collect();
+        for &r in &requests[requests.len() - DEDUP_PER_PUBLISHER..] {
+            assert_eq!(t.lookup("long-lived", r), Some(logged(r)), "request {r}");
+        }
+        assert_eq!(t.lookup("cli-0", 1), None, "the quietest are forgotten");
+        let newest = DEDUP_PUBLISHERS as u64 * 3 - 1;
+        assert_eq!(
+            t.lookup(&format!("cli-{newest}"), 1),
+            Some(logged(newest + 2))
+        );
+        assert_eq!(t.by_publisher.len(), DEDUP_PUBLISHERS);
+        assert_eq!(t.by_recency.len(), DEDUP_PUBLISHERS);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Against a plain model: a list of publishers from quietest to most recent, each with its
+        /// last `DEDUP_PER_PUBLISHER` requests.
+        #[test]
+        fn dedup_remembers_the_last_requests_of_the_most_recent_publishers(
+            capacity in 1usize..6,
+            ops in proptest::collection::vec((0u8..10, 0u64..400), 0..300),
+        ) {
+            let mut t = DedupTable::remembering(capacity);
+            let mut model: Vec<(String, Vec<u64>)> = Vec::new();
+            for (i, &(p, req)) in ops.iter().enumerate() {
+                let name = format!("p{p}");
+                t.remember(&name, req, logged(i as Seq));
+                let mut reqs = match model.iter().position(|(n, _)| *n == name) {
+                    Some(at) => model.remove(at).1,
+                    None => {
+                        if model.len() >= capacity {
+                            model.remove(0);
+                        }
+                        Vec::new()
+                    }
+                };
+                if reqs.len() >= DEDUP_PER_PUBLISHER {
+                    reqs.remove(0);
+                }
+                reqs.push(req);
+                model.push((name, reqs));
+            }
+            for p in 0u8..10 {
+                let name = format!("p{p}");
+                let kept = model.iter().find(|(n, _)| *n == name);
+                for req in 0u64..400 {
+                    let expected = kept.is_some_and(|(_, reqs)| reqs.contains(&req));
+                    proptest::prop_assert_eq!(t.lookup(&name, req).is_some(), expected);
+                }
+            }
+            proptest::prop_assert_eq!(t.by_recency.len(), t.by_publisher.len());
         }
     }
 
