@@ -975,8 +975,8 @@ fn start_pods(
     ports: &mut std::collections::HashMap<String, u16>,
     dirs: &mut Vec<tempfile::TempDir>,
 ) -> Vec<Proc> {
-    // (workload name, role, container args).
-    let mut pods: Vec<(String, String, Vec<String>)> = docs
+    // (workload name, role, container args, the paths its probes ask).
+    let mut pods: Vec<(String, String, Vec<String>, Vec<String>)> = docs
         .iter()
         .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
         .map(|d| {
@@ -989,7 +989,7 @@ fn start_pods(
                     "metadata.name"
                 );
             }
-            // The probes ask /healthz of the port the node serves its metrics on.
+            // The probes ask the port the node serves its metrics on.
             let metrics = c["ports"]
                 .as_sequence()
                 .unwrap()
@@ -1001,18 +1001,28 @@ fn start_pods(
                 after(&args, "--metrics-listen"),
                 format!("0.0.0.0:{metrics}")
             );
+            let role = c["name"].as_str().unwrap().to_string();
+            let mut paths = Vec::new();
             for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
                 if !c[probe].is_null() {
-                    assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+                    // Readiness of relays and edges: caught up with the coordinator lately
+                    // (a stranded relay leaves its Service); everything else: health.
+                    let path = if probe == "readinessProbe" && role != "coordinator" {
+                        "/readyz"
+                    } else {
+                        "/healthz"
+                    };
+                    assert_eq!(c[probe]["httpGet"]["path"], path, "{role}'s {probe}");
                     assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{probe}");
+                    paths.push(path.to_string());
                 }
             }
             assert!(!c["readinessProbe"].is_null());
-            let role = c["name"].as_str().unwrap().to_string();
             (
                 d["metadata"]["name"].as_str().unwrap().to_string(),
                 role,
                 args,
+                paths,
             )
         })
         .collect();
@@ -1021,9 +1031,9 @@ fn start_pods(
             .iter()
             .position(|r| *r == role)
     };
-    pods.sort_by_key(|(_, role, _)| rank(role));
+    pods.sort_by_key(|(_, role, ..)| rank(role));
     let mut running = Vec::new();
-    for (name, _, args) in &pods {
+    for (name, _, args, paths) in &pods {
         let pod = format!("{name}-0");
         let mut local = |flag: &str, arg: &str| -> String {
             if flag == "--metrics-listen" {
@@ -1082,7 +1092,11 @@ fn start_pods(
         cmd.args(args);
         let (proc, port, lines) = launch(cmd);
         let metrics = metrics_port(&lines);
-        assert_eq!(http_get(metrics, "/healthz").0, 200, "{name}'s probe");
+        for path in paths {
+            eventually(&format!("{name}'s {path} probe passing"), || {
+                http_get(metrics, path).0 == 200
+            });
+        }
         ports.insert(name.clone(), port);
         running.push(proc);
     }
@@ -1698,6 +1712,14 @@ fn the_helm_chart_starts_a_working_tree() {
         let ring: Vec<String> = serde_yaml::from_value(config["ring_nodes"].clone()).unwrap();
         assert_eq!(ring, pods);
         assert_eq!(config["replication"].as_u64(), Some(2));
+        // Clients reach edges by name, ready or not; edges start without waiting on each other.
+        assert_eq!(d["spec"]["podManagementPolicy"], "Parallel");
+        let service = docs
+            .iter()
+            .find(|s| s["kind"] == "Service" && s["metadata"]["name"] == name)
+            .expect("the edges' headless Service");
+        assert_eq!(service["spec"]["clusterIP"], "None");
+        assert_eq!(service["spec"]["publishNotReadyAddresses"], true);
     }
     // The log's volume is writable by the user the image runs as.
     let dockerfile = include_str!("../deploy/Dockerfile");
@@ -2143,4 +2165,70 @@ fn a_relay_reloads_its_upstream_from_its_config_file() {
     let line = logged(&lines, "config not reloaded");
     assert!(line.contains("only at a restart"), "{line}");
     assert_eq!(parent_of_x().as_deref(), Some(tier.as_str()));
+}
+
+/// `/readyz` says whether a node can vouch for what it serves (caught up with its coordinator
+/// recently enough: a relay within its `peer_timeout`, an edge within its `max_staleness`), and
+/// why not; `/healthz` (restart me?) stays 200 all along. The coordinator SIGKILLed: both turn
+/// 503 naming the shard; restarted on the same log and port: both ready again.
+#[test]
+fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let mut cmd = Command::new(DCI);
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &coord,
+        "--peer-timeout",
+        "1s",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let (_r, rp, lines) = launch(cmd);
+    let relay_metrics = metrics_port(&lines);
+    let mut cmd = Command::new(DCI);
+    cmd.args([
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &format!("http://127.0.0.1:{rp}"),
+        "--max-staleness",
+        "1s",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let (_e, _, lines) = launch(cmd);
+    let edge_metrics = metrics_port(&lines);
+    for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {
+        eventually(&format!("the {name} ready"), || {
+            http_get(port, "/readyz") == (200, "ready\n".into())
+        });
+    }
+
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {
+        eventually(&format!("the {name} not ready"), || {
+            http_get(port, "/readyz").0 == 503
+        });
+        let (_, why) = http_get(port, "/readyz");
+        assert!(
+            why.starts_with("not ready: not caught up with its coordinator")
+                && why.contains("shard 0"),
+            "{name}: {why}"
+        );
+        assert_eq!(http_get(port, "/healthz"), (200, "serving\n".into()));
+    }
+
+    let _c = start_cmd(coordinator_cmd(dir.path(), cp));
+    for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {
+        eventually(&format!("the {name} ready again"), || {
+            http_get(port, "/readyz").0 == 200
+        });
+    }
 }

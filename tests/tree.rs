@@ -661,6 +661,37 @@ async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
     c.stop().await.unwrap();
 }
 
+/// Relays behind one address (a Kubernetes Service): an edge whose link lands on one cut off
+/// itself leaves it all the same, though its list has no other URL, and its next connection
+/// lands on one that is not. It used to stay, answering misses for as long as the relay lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_behind_a_service_leaves_a_relay_cut_off_itself() {
+    let nowhere = nowhere();
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let cut_off = relay_at(any_port(), vec![format!("http://{nowhere}")], 64 << 20).await;
+    let healthy = relay(&c).await;
+    // The first connection goes to the relay cut off.
+    let service = support::proxy::Proxy::balancing(vec![cut_off.addr, healthy.addr]).await;
+    let e = edge(EdgeConfig {
+        max_staleness: Duration::from_secs(2),
+        ..edge_cfg(vec![service.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = p.invalidate("k").await.unwrap();
+    wait_applied(&e, seq).await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("k", "v", None).await.unwrap());
+    assert_eq!(cache.get("k").await.unwrap(), Lookup::Hit(Bytes::from("v")));
+    assert!(lock(&e.edge.link).connects >= 2, "it moved on");
+    e.edge.stop().await.unwrap();
+    cut_off.stop().await.unwrap();
+    healthy.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A relay that has never reached a coordinator (a wrong address at deploy time, a partition)
 /// knows no shard; the edges behind it have nothing vouching for what they hold and answer
 /// misses, until the coordinator is there: then they serve.

@@ -270,13 +270,13 @@ pub async fn run(
         render,
         {
             let hub = hub.clone();
-            Arc::new(move || {
+            dci_proto::metrics::Probes::same(Arc::new(move || {
                 if let Some(why) = hub.failure() {
                     Err(format!("the log failed ({why}); a restart recovers it"))
                 } else {
                     Ok(())
                 }
-            })
+            }))
         },
         drain.clone(),
     )

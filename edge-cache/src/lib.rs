@@ -563,7 +563,28 @@ impl EdgeNode {
                 ("dci.region", cfg.region.clone()),
             ],
             render,
-            dci_proto::metrics::always_healthy(),
+            dci_proto::metrics::Probes {
+                health: dci_proto::metrics::always_healthy(),
+                // Ready when it would serve hits on every shard, not only misses.
+                ready: {
+                    let (link, bound, shard_count) =
+                        (link.clone(), cfg.max_staleness, cfg.shard_count);
+                    let shards: Vec<ShardId> = (0..shard_count).collect();
+                    Arc::new(move || {
+                        let link = lock(&link);
+                        if link.shard_count != 0 && link.shard_count != shard_count {
+                            return Err(format!(
+                                "shard_count {shard_count} differs from the coordinator tier's {}",
+                                link.shard_count
+                            ));
+                        }
+                        match link.unready(&shards, Instant::now(), bound) {
+                            None => Ok(()),
+                            Some(why) => Err(why),
+                        }
+                    })
+                },
+            },
             rx.clone(),
         )
         .await;

@@ -314,19 +314,41 @@ pub fn always_healthy() -> Health {
 /// Whether a node serves (what its gRPC health service says), or why not.
 pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// A node's health (`/healthz`: should it be restarted?) and readiness (`/readyz`: should it
+/// be given traffic?).
+#[derive(Clone)]
+pub struct Probes {
+    /// Does the node work: a failure here is one only a restart mends.
+    pub health: Health,
+    /// Can the node vouch for what it serves now (caught up with its coordinator recently
+    /// enough): a failure here passes of itself once its links recover.
+    pub ready: Health,
+}
+
+impl Probes {
+    /// Ready whenever healthy.
+    pub fn same(health: Health) -> Self {
+        Self {
+            ready: health.clone(),
+            health,
+        }
+    }
+}
+
 /// Make a node's metrics available as configured: served on `/metrics` at `listen` (with its
-/// health on `/healthz`), pushed to the collector of `otlp`. Returns where `/metrics` is served.
+/// health on `/healthz` and readiness on `/readyz`), pushed to the collector of `otlp`. Returns
+/// where `/metrics` is served.
 pub async fn expose(
     listen: Option<SocketAddr>,
     otlp: &crate::otlp::OtlpConfig,
     resource: Vec<(&'static str, String)>,
     render: Render,
-    health: Health,
+    probes: Probes,
     shutdown: watch::Receiver<bool>,
 ) -> Option<SocketAddr> {
     let mut served = None;
     if let Some(addr) = listen {
-        match serve(addr, render.clone(), health, shutdown.clone()).await {
+        match serve(addr, render.clone(), probes, shutdown.clone()).await {
             Ok(bound) => {
                 tracing::info!(%bound, "metrics on /metrics");
                 served = Some(bound);
@@ -346,16 +368,31 @@ pub async fn expose(
     served
 }
 
-/// Serve `GET /metrics`, and `GET /healthz` (200, or 503 saying why not), on `addr` until
-/// `shutdown` turns true; returns the bound address. Plain HTTP whether or not the node's gRPC
-/// port is TLS, so that a Kubernetes probe can reach it.
+/// A probe's route: 200 and `yes`, or 503 and `no` with the reason.
+fn probe(check: Health, yes: &'static str, no: &'static str) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let check = check.clone();
+        async move {
+            match check() {
+                Ok(()) => (axum::http::StatusCode::OK, format!("{yes}\n")),
+                Err(why) => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{no}: {why}\n"),
+                ),
+            }
+        }
+    })
+}
+
+/// Serve `GET /metrics`, and `GET /healthz` and `GET /readyz` (200, or 503 saying why not), on
+/// `addr` until `shutdown` turns true; returns the bound address. Plain HTTP whether or not the
+/// node's gRPC port is TLS, so that a Kubernetes probe can reach it.
 pub async fn serve(
     addr: SocketAddr,
     render: Render,
-    health: Health,
+    probes: Probes,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    use axum::http::StatusCode;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new()
@@ -366,21 +403,8 @@ pub async fn serve(
                 async move { ([("content-type", "text/plain; version=0.0.4")], render()) }
             }),
         )
-        .route(
-            "/healthz",
-            axum::routing::get(move || {
-                let health = health.clone();
-                async move {
-                    match health() {
-                        Ok(()) => (StatusCode::OK, "serving\n".to_string()),
-                        Err(why) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not serving: {why}\n"),
-                        ),
-                    }
-                }
-            }),
-        );
+        .route("/healthz", probe(probes.health, "serving", "not serving"))
+        .route("/readyz", probe(probes.ready, "ready", "not ready"));
     tokio::spawn(async move {
         let mut warned = None::<std::time::Instant>;
         loop {

@@ -293,6 +293,43 @@ impl LinkState {
         }
     }
 
+    /// Why this node cannot vouch, for each of `shards`, that it was caught up all the way to the
+    /// shard's coordinator within `bound` (what a readiness probe asks), or `None` if it can.
+    pub fn unready(&self, shards: &[ShardId], now: Instant, bound: Duration) -> Option<String> {
+        let from = match &self.connected_to {
+            Some(url) => format!("following {url}"),
+            None => "connected to no sender".to_string(),
+        };
+        if shards.is_empty() {
+            return Some(format!(
+                "no shard from its sender yet ({from}): it has reached no coordinator"
+            ));
+        }
+        let lagging: Vec<String> = shards
+            .iter()
+            .filter_map(|&shard| match self.caught_up_for(shard) {
+                None => Some(format!("shard {shard} never")),
+                Some(t) => {
+                    let age = now.saturating_duration_since(t);
+                    (age > bound).then(|| format!("shard {shard} {:.1} s ago", age.as_secs_f64()))
+                }
+            })
+            .collect();
+        if lagging.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "not caught up with its coordinator within {:?} ({from}; last caught up: {})",
+            bound,
+            lagging.join(", ")
+        ))
+    }
+
+    /// The shards this node has a position in.
+    pub fn shards(&self) -> Vec<ShardId> {
+        self.progress.iter().map(|&(shard, ..)| shard).collect()
+    }
+
     /// Status of this node for `dci status`.
     pub fn node_status(&self, node_id: &str, role: &str, region: &str) -> pb::NodeStatus {
         let now_us = crate::now_us();
@@ -362,8 +399,9 @@ pub fn heartbeat_stamp(opened: Instant, echo_us: u64, now: Instant) -> Instant {
 /// Is the sender followed since `connected_at` cut off itself, for `bound` or longer: it has said
 /// of no shard (it never reached a coordinator), or it last was caught up with its own sender on
 /// some shard it carries (`announced`: when, as its heartbeats say; `None`: never) `bound` ago or
-/// more? Then a node with another sender to try moves on: this one answers, but what it sends
-/// cannot be vouched for, and its receivers would serve misses for as long as it lasts.
+/// more? Then the node moves on (to its next sender, or to the same URL again: behind it there may
+/// be others): this one answers, but what it sends cannot be vouched for, and its receivers would
+/// serve misses for as long as it lasts.
 pub fn sender_cut_off(
     announced: &[(ShardId, Option<Instant>)],
     connected_at: Instant,
@@ -438,13 +476,14 @@ pub async fn follow<A: Applier>(
     let mut failures = 0u64;
     let mut failing_since = None::<Instant>;
     let mut last_warned = None::<Instant>;
+    let mut left_cut_off = None::<Instant>;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let url = opts.urls[idx % opts.urls.len()].clone();
         let outcome = tokio::select! {
-            r = session(&opts, &url, &mut receiver, &applier, &state) => Some(r),
+            r = session(&opts, &url, &mut receiver, &applier, &state, &mut left_cut_off) => Some(r),
             _ = shutdown.changed() => return,
             f = next_change(&mut changes) => {
                 refollow(&mut opts, f, &applier);
@@ -532,6 +571,7 @@ async fn session<A: Applier>(
     receiver: &mut Receiver,
     applier: &Arc<Mutex<A>>,
     state: &Arc<Mutex<LinkState>>,
+    left_cut_off: &mut Option<Instant>,
 ) -> Result<(), String> {
     let endpoint = opts
         .tls
@@ -726,10 +766,17 @@ async fn session<A: Applier>(
                     tracing::warn!(sender = %url, "sender silent; moving on");
                     return Ok(());
                 }
-                if opts.urls.len() > 1
-                    && sender_cut_off(&announced, connected_at, now, opts.peer_timeout)
-                {
-                    tracing::warn!(sender = %url, "sender cut off from its own sender; moving on");
+                // Also with one URL: behind it may be several senders (a Kubernetes Service),
+                // and the next connection may reach one that is not cut off. While every one is
+                // (the coordinators down), that is a reconnection every `peer_timeout`: warned
+                // of at once and every 30 s, like a sender that cannot be reached.
+                if sender_cut_off(&announced, connected_at, now, opts.peer_timeout) {
+                    if left_cut_off.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                        *left_cut_off = Some(now);
+                        tracing::warn!(sender = %url, "sender cut off from its own sender; moving on");
+                    } else {
+                        tracing::debug!(sender = %url, "sender cut off from its own sender; moving on");
+                    }
                     return Ok(());
                 }
                 if now.duration_since(last_hb_sent) >= opts.heartbeat_interval {
@@ -1030,6 +1077,43 @@ mod tests {
             sender_cut_off(&[(0, None)], t0, s(10_000), bound),
             "never caught up"
         );
+    }
+
+    /// Readiness says which shards are behind and how long ago each was caught up, and turns
+    /// ready exactly when every shard asked is fresh.
+    #[test]
+    fn unready_names_the_shards_behind() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let bound = Duration::from_millis(1_000);
+        let mut st = LinkState::default();
+        let why = st.unready(&[], s(0), bound).unwrap();
+        assert!(
+            why.contains("no shard") && why.contains("connected to no sender"),
+            "{why}"
+        );
+        st.connected_to = Some("http://r1".into());
+        st.progress = vec![(0, 7, 10, 10), (1, 7, 10, 10)];
+        st.last_caught_up = Some(s(5_000));
+        st.vouched = vec![(1, Some(s(3_000)))];
+        assert_eq!(st.unready(&[0], s(5_500), bound), None);
+        let why = st.unready(&[0, 1, 2], s(5_500), bound).unwrap();
+        assert!(
+            why.contains("shard 1 2.5 s ago") && why.contains("shard 2 never"),
+            "{why}"
+        );
+        assert!(!why.contains("shard 0"), "{why}");
+        assert!(why.contains("following http://r1"), "{why}");
+        st.vouched.clear();
+        assert_eq!(st.unready(&st.shards(), s(6_000), bound), None);
+        assert!(st.unready(&st.shards(), s(6_001), bound).is_some());
+        for now in [4_000, 5_000, 6_000, 6_001, 9_000] {
+            assert_eq!(
+                st.unready(&st.shards(), s(now), bound).is_none(),
+                st.fresh_within(s(now), bound),
+                "at {now} ms"
+            );
+        }
     }
 
     /// A node is fresh on a shard only while it and every sender up to the shard's source were

@@ -148,6 +148,20 @@ impl RelayCore {
         all
     }
 
+    /// Why this relay cannot vouch for every shard it carries (caught up with the shard's
+    /// coordinator within `bound`), link by link, or `None` if it can.
+    pub fn unready(&self, now: std::time::Instant, bound: Duration) -> Option<String> {
+        let why: Vec<String> = self
+            .links
+            .iter()
+            .filter_map(|l| {
+                let l = lock(l);
+                l.unready(&l.shards(), now, bound)
+            })
+            .collect();
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
     /// Bytes held in rings.
     pub fn ring_bytes_used(&self) -> usize {
         lock(&self.rings).values().map(|r| r.bytes()).sum()

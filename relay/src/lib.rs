@@ -206,7 +206,19 @@ impl Relay {
                 ("dci.region", cfg.region.clone()),
             ],
             render,
-            dci_proto::metrics::always_healthy(),
+            dci_proto::metrics::Probes {
+                health: dci_proto::metrics::always_healthy(),
+                // Edges leave a relay cut off this long for another: so should new traffic.
+                ready: {
+                    let (core, bound) = (core.clone(), cfg.peer_timeout);
+                    Arc::new(
+                        move || match core.unready(std::time::Instant::now(), bound) {
+                            None => Ok(()),
+                            Some(why) => Err(why),
+                        },
+                    )
+                },
+            },
             rx.clone(),
         )
         .await;

@@ -37,6 +37,13 @@ pub struct Proxy {
 impl Proxy {
     /// Listen on an ephemeral loopback port and forward to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        Self::balancing(vec![upstream]).await
+    }
+
+    /// Like [`Proxy::start`], each new connection to the next of `upstreams` in turn: a
+    /// Kubernetes Service in front of several pods.
+    pub async fn balancing(upstreams: Vec<SocketAddr>) -> Proxy {
+        let next = Arc::new(AtomicU64::new(0));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let faults = Arc::new(Faults::default());
@@ -50,6 +57,8 @@ impl Proxy {
                     _ = stop_rx.changed() => return,
                 };
                 let (f, mut drop_rx, mut stop_rx) = (f.clone(), drop_rx.clone(), stop_rx.clone());
+                let turn = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let upstream = upstreams[turn % upstreams.len()];
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;

@@ -14,7 +14,7 @@ files mounted at /tls. */}}
 {{- end }}
 {{- end }}
 
-{{- /* The metrics port's flag: /metrics, and /healthz for the probes, plain HTTP even when gRPC
+{{- /* The metrics port's flag: /metrics, and /healthz and /readyz for the probes, plain HTTP even when gRPC
 is TLS (Kubernetes' gRPC probes cannot speak TLS). */}}
 {{- define "dci.metricsArgs" -}}
 "--metrics-listen", "0.0.0.0:{{ .Values.metricsPort }}"
@@ -22,6 +22,15 @@ is TLS (Kubernetes' gRPC probes cannot speak TLS). */}}
 
 {{- define "dci.probe" -}}
 httpGet: {path: /healthz, port: metrics}
+{{- end }}
+
+{{- /* A relay's or edge's readiness: caught up with its coordinator lately (a relay within its
+peer timeout, an edge within its staleness bound). Asked often, so that a relay cut off from the
+coordinators leaves its Service (new edges connect to one that is not) within seconds. */}}
+{{- define "dci.readyProbe" -}}
+httpGet: {path: /readyz, port: metrics}
+periodSeconds: 2
+failureThreshold: 2
 {{- end }}
 
 {{- /* Prometheus' conventional scrape annotations. */}}
