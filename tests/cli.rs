@@ -2199,11 +2199,13 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         &format!("http://127.0.0.1:{rp}"),
         "--max-staleness",
         "1s",
+        "--peer-timeout",
+        "1s",
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
-    let (_e, _, lines) = launch(cmd);
-    let edge_metrics = metrics_port(&lines);
+    let (_e, _, edge_log) = launch(cmd);
+    let edge_metrics = metrics_port(&edge_log);
     for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {
         eventually(&format!("the {name} ready"), || {
             http_get(port, "/readyz") == (200, "ready\n".into())
@@ -2224,6 +2226,28 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         );
         assert_eq!(http_get(port, "/healthz"), (200, "serving\n".into()));
     }
+    // Meanwhile the edge leaves its relay, cut off, every `peer_timeout` (its one URL could be a
+    // Service with other relays behind it), and says so once, not at each reconnection.
+    std::thread::sleep(Duration::from_millis(3_500));
+    let log: Vec<String> = edge_log.try_iter().collect();
+    let left: Vec<&String> = log.iter().filter(|l| l.contains("moving on")).collect();
+    assert_eq!(left.len(), 1, "{log:#?}");
+    assert!(
+        left[0].contains("WARN") && left[0].contains("cut off"),
+        "{}",
+        left[0]
+    );
+    assert!(
+        log.iter()
+            .filter(|l| l.contains("following sender"))
+            .count()
+            >= 2,
+        "it reconnected: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("link to sender lost")),
+        "{log:#?}"
+    );
 
     let _c = start_cmd(coordinator_cmd(dir.path(), cp));
     for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {

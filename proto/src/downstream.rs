@@ -89,6 +89,56 @@ impl Default for ServeOptions {
 
 static LINK_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// A budget of log lines for an event that can come in floods (a thousand edges reconnecting
+/// at once, or every few seconds while their relays are cut off): each of the first
+/// `per_window` in a window is logged; the rest are counted, and the next one logged after
+/// them says how many were not.
+#[derive(Debug)]
+pub struct LogBudget {
+    window: Duration,
+    per_window: u32,
+    opened: Option<Instant>,
+    used: u32,
+    held: u64,
+}
+
+impl LogBudget {
+    /// `per_window` lines per `window`.
+    pub fn new(window: Duration, per_window: u32) -> Self {
+        Self {
+            window,
+            per_window,
+            opened: None,
+            used: 0,
+            held: 0,
+        }
+    }
+
+    /// Log this event? `Some(n)`: yes, and `n` before it were not; `None`: no.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .opened
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.window)
+        {
+            self.opened = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.per_window {
+            self.used += 1;
+            Some(std::mem::take(&mut self.held))
+        } else {
+            self.held += 1;
+            None
+        }
+    }
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(10), 20)
+    }
+}
+
 /// Counters shared by all links of a node.
 #[derive(Debug, Default)]
 pub struct ServeCounters {
@@ -104,6 +154,8 @@ pub struct ServeCounters {
     pub receivers: AtomicU64,
     /// Receivers refused because `max_receivers` were connected.
     pub refused: AtomicU64,
+    /// Lines saying a receiver connected.
+    pub connect_log: std::sync::Mutex<LogBudget>,
 }
 
 /// A receiver's place among those served, given back when its link ends.
@@ -266,7 +318,18 @@ async fn run_link<S: BatchSource>(
     }
     let filter = Filter::try_from_pb(hello.filter.clone())
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
-    tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");
+    let logged = crate::upstream::lock(&counters.connect_log).admit(Instant::now());
+    match logged {
+        Some(0) => {
+            tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected")
+        }
+        Some(not_logged) => {
+            tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, not_logged, "receiver connected (and others before it, not logged one by one)")
+        }
+        None => {
+            tracing::debug!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected")
+        }
+    }
     let stall = opts.sender.peer_timeout;
     let mut cfg = opts.sender.clone();
     if hello.window_bytes > 0 {
@@ -427,4 +490,27 @@ async fn pump<S: BatchSource>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood is logged up to the budget; the first line of the next window says how many were
+    /// not; a quiet window costs nothing.
+    #[test]
+    fn a_log_budget_holds_a_flood_and_says_how_much() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let mut b = LogBudget::new(Duration::from_secs(10), 3);
+        let first: Vec<Option<u64>> = (0..1000).map(|i| b.admit(s(i))).collect();
+        assert_eq!(&first[..4], &[Some(0), Some(0), Some(0), None]);
+        assert!(first[3..].iter().all(Option::is_none));
+        assert_eq!(b.admit(s(10_000)), Some(997), "the held ones, told once");
+        assert_eq!(b.admit(s(10_001)), Some(0));
+        assert_eq!(b.admit(s(10_002)), Some(0));
+        assert_eq!(b.admit(s(10_003)), None);
+        assert_eq!(b.admit(s(60_000)), Some(1));
+        assert_eq!(b.admit(s(60_001)), Some(0));
+    }
 }

@@ -476,14 +476,14 @@ pub async fn follow<A: Applier>(
     let mut failures = 0u64;
     let mut failing_since = None::<Instant>;
     let mut last_warned = None::<Instant>;
-    let mut left_cut_off = None::<Instant>;
+    let mut cut_off = CutOff::default();
     loop {
         if *shutdown.borrow() {
             return;
         }
         let url = opts.urls[idx % opts.urls.len()].clone();
         let outcome = tokio::select! {
-            r = session(&opts, &url, &mut receiver, &applier, &state, &mut left_cut_off) => Some(r),
+            r = session(&opts, &url, &mut receiver, &applier, &state, &mut cut_off) => Some(r),
             _ = shutdown.changed() => return,
             f = next_change(&mut changes) => {
                 refollow(&mut opts, f, &applier);
@@ -506,7 +506,9 @@ pub async fn follow<A: Applier>(
                 // A session that did work resets the backoff.
                 backoff = opts.backoff_min;
                 (failures, failing_since, last_warned) = (0, None, None);
-                tracing::info!(sender = %url, "link to sender lost; trying the next one");
+                if !std::mem::take(&mut cut_off.just_left) {
+                    tracing::info!(sender = %url, "link to sender lost; trying the next one");
+                }
             }
             Err(e) => {
                 failures += 1;
@@ -550,6 +552,16 @@ pub async fn follow<A: Applier>(
     }
 }
 
+/// Leaving senders cut off themselves: told once every `WARN_EVERY` (while every sender behind
+/// a Service is, the node reconnects every `peer_timeout`).
+#[derive(Debug, Default)]
+struct CutOff {
+    /// When it was last told at warn level.
+    warned: Option<Instant>,
+    /// The session that just ended left a sender cut off (already told of).
+    just_left: bool,
+}
+
 /// Take new senders and filter, between links.
 fn refollow<A: Applier>(opts: &mut FollowOptions, f: Following, applier: &Arc<Mutex<A>>) {
     if f.urls.is_empty() {
@@ -571,7 +583,7 @@ async fn session<A: Applier>(
     receiver: &mut Receiver,
     applier: &Arc<Mutex<A>>,
     state: &Arc<Mutex<LinkState>>,
-    left_cut_off: &mut Option<Instant>,
+    cut_off: &mut CutOff,
 ) -> Result<(), String> {
     let endpoint = opts
         .tls
@@ -771,8 +783,9 @@ async fn session<A: Applier>(
                 // (the coordinators down), that is a reconnection every `peer_timeout`: warned
                 // of at once and every 30 s, like a sender that cannot be reached.
                 if sender_cut_off(&announced, connected_at, now, opts.peer_timeout) {
-                    if left_cut_off.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
-                        *left_cut_off = Some(now);
+                    cut_off.just_left = true;
+                    if cut_off.warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                        cut_off.warned = Some(now);
                         tracing::warn!(sender = %url, "sender cut off from its own sender; moving on");
                     } else {
                         tracing::debug!(sender = %url, "sender cut off from its own sender; moving on");
