@@ -139,10 +139,13 @@ impl Store {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
+        // Copies of their own: a key or value decoded from a request is a slice of the
+        // request's buffer (8 KiB or more, or a whole SetMany), which it would keep alive for as
+        // long as it stays here, many times the bytes the capacity counts.
         self.values.insert(
-            key,
+            Bytes::copy_from_slice(&key),
             Arc::new(Filled {
-                value,
+                value: Bytes::copy_from_slice(&value),
                 lease: lease.seq,
                 expires: Instant::now() + ttl.unwrap_or(self.ttl),
             }),

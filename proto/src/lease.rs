@@ -246,7 +246,9 @@ impl LeaseTable {
             }
             Kind::Prefix => {
                 let st = self.shard_mut(shard);
-                st.prefix_tombs.push_back((e.key.clone(), e.seq));
+                // A copy: the key is a slice of the whole batch's buffer.
+                st.prefix_tombs
+                    .push_back((Bytes::copy_from_slice(&e.key), e.seq));
                 if st.prefix_tombs.len() > MAX_PREFIX_TOMBS {
                     if let Some((_, seq)) = st.prefix_tombs.pop_front() {
                         st.floor = st.floor.max(seq);
@@ -389,6 +391,29 @@ mod tests {
             seq,
             ..Invalidation::key(key.to_string())
         }
+    }
+
+    /// A prefix tombstone keeps its prefix, not the batch it came in: the key of a decoded
+    /// entry is a slice of the whole batch's buffer, which up to 4,096 tombstones per shard would
+    /// otherwise keep alive.
+    #[test]
+    fn a_prefix_tombstone_holds_a_copy_of_its_prefix() {
+        let batch = Bytes::from(vec![b'x'; 1 << 20]);
+        let range = batch.as_ptr_range();
+        let mut t = LeaseTable::new(1, 100);
+        let e = Invalidation {
+            kind: Kind::Prefix,
+            key: batch.slice(100..110),
+            seq: 5,
+            ..Invalidation::key("")
+        };
+        assert_eq!(t.apply(0, &e), Effect::Prefix);
+        let held = &t.shards[0].prefix_tombs[0].0;
+        assert_eq!(held, &e.key);
+        assert!(
+            !range.contains(&held.as_ptr()),
+            "the batch's buffer is kept"
+        );
     }
 
     #[test]
