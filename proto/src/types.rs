@@ -290,6 +290,34 @@ pub struct CheckedBatch {
 }
 
 impl Batch {
+    /// This batch and `encoded`, its encoding as received (its entries' keys and trace ids are
+    /// slices of it, as decoded), in one allocation of their own: a copy of the encoding, the
+    /// entries pointing into it. What was received is a slice of a link's receive buffer, shared
+    /// with whatever arrived around it; kept for long, it keeps all of that alive.
+    pub fn owned(&self, encoded: &Bytes) -> (Batch, Bytes) {
+        let own = Bytes::copy_from_slice(encoded);
+        let (start, end) = (
+            encoded.as_ptr() as usize,
+            encoded.as_ptr() as usize + encoded.len(),
+        );
+        let rebase = |b: &Bytes| -> Bytes {
+            let at = b.as_ptr() as usize;
+            if !b.is_empty() && at >= start && at + b.len() <= end {
+                own.slice(at - start..at - start + b.len())
+            } else {
+                Bytes::copy_from_slice(b)
+            }
+        };
+        let mut batch = self.clone();
+        for e in &mut batch.entries {
+            e.key = rebase(&e.key);
+            if let Some(t) = &e.trace_id {
+                e.trace_id = Some(rebase(t));
+            }
+        }
+        (batch, own)
+    }
+
     /// Decode and check a batch received from the network.
     pub fn decode_checked(bytes: Bytes, max_key_len: usize) -> Result<CheckedBatch, InvalidBatch> {
         let p = pb::Batch::decode(bytes).map_err(|e| InvalidBatch::Decode(e.to_string()))?;
@@ -694,6 +722,42 @@ mod tests {
             ..Default::default()
         };
         assert!(Batch::decode_checked(Bytes::from(empty.encode_to_vec()), 1024).is_err());
+    }
+
+    /// A batch decoded from a slice of a large buffer, owned: equal, and holding nothing of
+    /// that buffer; its entries share one copy of the encoding.
+    #[test]
+    fn an_owned_batch_holds_nothing_of_the_buffer_it_came_in() {
+        let b = Batch {
+            shard: 3,
+            epoch: 9,
+            first_seq: 10,
+            last_seq: 12,
+            entries: (10..13)
+                .map(|seq| Invalidation {
+                    seq,
+                    trace_id: (seq == 11).then(|| Bytes::from_static(&[7; 16])),
+                    ..Invalidation::key(format!("user:{seq:06}:profile"))
+                })
+                .collect(),
+        };
+        let mut buffer = vec![0u8; 64 << 10];
+        let encoded = b.to_pb().encode_to_vec();
+        buffer[1000..1000 + encoded.len()].copy_from_slice(&encoded);
+        let buffer = Bytes::from(buffer);
+        let received = buffer.slice(1000..1000 + encoded.len());
+        let decoded = Batch::decode_checked(received.clone(), 1024).unwrap().batch;
+        let (owned, own) = decoded.owned(&received);
+        assert_eq!(owned, b);
+        assert_eq!(own, received);
+        let inside = |x: &Bytes, of: &Bytes| of.as_ptr_range().contains(&x.as_ptr());
+        for e in &owned.entries {
+            assert!(!inside(&e.key, &buffer) && inside(&e.key, &own));
+            if let Some(t) = &e.trace_id {
+                assert!(!inside(t, &buffer) && inside(t, &own));
+            }
+        }
+        assert!(!inside(&own, &buffer));
     }
 
     #[test]

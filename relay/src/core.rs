@@ -492,17 +492,38 @@ impl RelayApplier {
     }
 }
 
+/// Batches smaller than this are copied into the ring, not kept as received. What arrives is a
+/// slice of the link's receive buffer (several KiB), shared with what arrived around it, of other
+/// shards too on a link that carries several (a relay following a relay): a small batch of a
+/// quiet shard, kept while its ring is not full, would keep all of that alive (about 10 KiB for
+/// each such batch, measured). A larger batch is most of its buffer.
+const COPY_BELOW: usize = 16 << 10;
+
 impl Applier for RelayApplier {
     fn apply(&mut self, batch: &Batch) {
-        self.push(batch, SharedBatch::new(batch.clone()));
+        let shared = SharedBatch::new(batch.clone());
+        let shared = if shared.encoded.len() < COPY_BELOW {
+            let (own, encoded) = batch.owned(&shared.encoded);
+            SharedBatch::from_encoded(own, encoded)
+        } else {
+            shared
+        };
+        self.push(batch, shared);
     }
 
     fn apply_shared(&mut self, batch: &Arc<Batch>, encoded: Option<&bytes::Bytes>) {
         // The ring keeps the batch as decoded, and upstream's bytes when they describe it: this
-        // relay copies nothing, and encodes nothing for receivers without a filter.
+        // relay copies nothing but small batches, and encodes nothing for receivers without a
+        // filter.
         let shared = match encoded {
+            Some(bytes) if bytes.len() < COPY_BELOW => {
+                let (own, encoded) = batch.owned(bytes);
+                SharedBatch::from_encoded(own, encoded)
+            }
             Some(bytes) => SharedBatch::from_encoded(batch.clone(), bytes.clone()),
-            None => SharedBatch::new(batch.clone()),
+            None => {
+                return self.apply(batch);
+            }
         };
         self.push(batch, shared);
     }
@@ -540,5 +561,69 @@ impl Applier for RelayApplier {
 
     fn subtree(&self) -> Vec<pb::NodeStatus> {
         self.core.reported()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use dci_proto::Invalidation;
+    use prost::Message;
+
+    /// A small batch received as a slice of a large buffer is kept in the ring as a copy, and a
+    /// large one as received: the ring holds nothing of the buffer around a small batch.
+    #[test]
+    fn the_ring_keeps_small_batches_apart_from_the_buffer_they_came_in() {
+        let core = Arc::new(RelayCore::new(
+            "r".into(),
+            vec![vec!["http://127.0.0.1:1".into()]],
+            64 << 20,
+            1024,
+            Default::default(),
+            1,
+        ));
+        let mut applier = RelayApplier::new(core.clone(), 0);
+        let mut first = 1;
+        let mut receive = |entries: u64| {
+            let b = Batch {
+                shard: 0,
+                epoch: 1,
+                first_seq: first,
+                last_seq: first + entries - 1,
+                entries: (first..first + entries)
+                    .map(|seq| Invalidation {
+                        seq,
+                        ..Invalidation::key(format!("user:{seq:06}:profile"))
+                    })
+                    .collect(),
+            };
+            first += entries;
+            let encoded = b.to_pb().encode_to_vec();
+            let mut buffer = vec![0u8; 100 + encoded.len() + (64 << 10)];
+            buffer[100..100 + encoded.len()].copy_from_slice(&encoded);
+            let buffer = Bytes::from(buffer);
+            let received = buffer.slice(100..100 + encoded.len());
+            let decoded = Batch::decode_checked(received.clone(), 1024).unwrap().batch;
+            applier.apply_shared(&Arc::new(decoded), Some(&received));
+            buffer
+        };
+        let small = receive(20);
+        let large = receive(2_000);
+        let Read::Batches(held) = lock(&core.rings)[&0].read(1, usize::MAX) else {
+            panic!("the ring holds both");
+        };
+        let inside = |x: &Bytes, of: &Bytes| of.as_ptr_range().contains(&x.as_ptr());
+        assert_eq!(held.len(), 2);
+        assert!(!inside(&held[0].encoded, &small));
+        assert!(held[0]
+            .batch
+            .entries
+            .iter()
+            .all(|e| !inside(&e.key, &small)));
+        assert!(
+            inside(&held[1].encoded, &large),
+            "a large batch is not copied"
+        );
     }
 }
