@@ -2317,3 +2317,59 @@ fn an_edge_holds_about_its_capacity_in_memory_with_small_values() {
         "an edge of 8 MiB capacity grew by {grew:.1} MiB over 29,000 values of 200 bytes"
     );
 }
+
+/// A coordinator's memory stays near what its tail of recent batches counts when every request
+/// carries one key. Each entry it kept was a slice of its request's buffer (8 KiB or more),
+/// keeping all of it alive: 30,000 such publishes took ~140 MiB more, not ~20.
+#[test]
+fn a_coordinator_holds_about_its_tail_in_memory_with_one_key_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator_cmd(dir.path(), 0);
+    cmd.args(["--fsync", "never"]);
+    let (coordinator, port, _lines) = launch(cmd);
+    let pid = coordinator.0.id();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let publish = |from: u64, to: u64| {
+        rt.block_on(async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+            let tasks: Vec<_> = (0..8)
+                .map(|t| {
+                    let mut client =
+                        dci_proto::pb::publisher_client::PublisherClient::new(channel.clone());
+                    tokio::spawn(async move {
+                        for i in (from + t..to).step_by(8) {
+                            let entry = dci_proto::pb::Invalidation {
+                                key: format!("user:{i:06}:profile").into(),
+                                kind: dci_proto::pb::Kind::Key as i32,
+                                ..Default::default()
+                            };
+                            client
+                                .publish(dci_proto::pb::PublishRequest {
+                                    entries: vec![entry],
+                                    ..Default::default()
+                                })
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+    };
+    publish(0, 1_000);
+    let base = rss_mib(pid);
+    publish(1_000, 30_000);
+    let grew = rss_mib(pid) - base;
+    assert!(
+        grew < 48.0,
+        "a coordinator grew by {grew:.1} MiB over 29,000 publishes of one key"
+    );
+}

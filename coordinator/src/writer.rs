@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dci_proto::link::SharedBatch;
 use dci_proto::upstream::lock;
-use dci_proto::{coalesce, Batch, Invalidation, Seq};
+use dci_proto::{coalesce, own_bytes, Batch, Invalidation, Seq};
 use tokio::sync::oneshot;
 
 use crate::hub::Hub;
@@ -447,12 +447,15 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
     if let Err(e) = wal.write(&records) {
         return Err((e.to_string(), answers));
     }
+    let mut entries = coalesce(group_entries);
+    // The tail keeps the group: not the requests it came in.
+    own_bytes(&mut entries);
     hub.push(SharedBatch::new(Batch {
         shard: hub.shard(),
         epoch: hub.epoch(),
         first_seq: first_of_group,
         last_seq: next - 1,
-        entries: coalesce(group_entries),
+        entries,
     }));
     // Off the group's way downstream, and before its fsync, which then makes the new zeroed space
     // part of the file once for the many groups that will be written into it.

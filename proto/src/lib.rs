@@ -34,7 +34,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dci_descriptor");
 }
 
-pub use types::{coalesce, Batch, Epoch, Filter, Invalidation, Kind, Seq, ShardId};
+pub use types::{coalesce, own_bytes, Batch, Epoch, Filter, Invalidation, Kind, Seq, ShardId};
 
 /// Bind a node's listener; returns it with the address it really got (for port 0).
 pub async fn bind(

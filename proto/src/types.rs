@@ -475,6 +475,33 @@ pub fn stand_in(
     })
 }
 
+/// Give the keys and trace ids of `entries` one allocation of their own, exactly their size.
+/// Decoded from requests, each is a slice of its request's buffer (8 KiB or more for a request
+/// of one key), which it keeps alive for as long as it is kept (in a coordinator's tail of
+/// recent batches, say): many times the bytes counted against that tail's bound.
+pub fn own_bytes(entries: &mut [Invalidation]) {
+    let len = |e: &Invalidation| e.key.len() + e.trace_id.as_ref().map_or(0, Bytes::len);
+    let mut buf = bytes::BytesMut::with_capacity(entries.iter().map(len).sum());
+    for e in entries.iter() {
+        buf.extend_from_slice(&e.key);
+        if let Some(t) = &e.trace_id {
+            buf.extend_from_slice(t);
+        }
+    }
+    let own = buf.freeze();
+    let mut at = 0;
+    let mut next = |n: usize| {
+        at += n;
+        own.slice(at - n..at)
+    };
+    for e in entries.iter_mut() {
+        e.key = next(e.key.len());
+        if let Some(t) = &e.trace_id {
+            e.trace_id = Some(next(t.len()));
+        }
+    }
+}
+
 /// Coalesce repeated KEY invalidations of one group: each key keeps only its newest entry (the
 /// highest seq), carrying the highest `source_version` seen for it. Later seqs subsume earlier
 /// ones, so a receiver resuming in the middle of the group still applies every key's effect; the
@@ -722,6 +749,35 @@ mod tests {
             ..Default::default()
         };
         assert!(Batch::decode_checked(Bytes::from(empty.encode_to_vec()), 1024).is_err());
+    }
+
+    /// Entries whose bytes are slices of several large buffers, given their own: equal, and
+    /// holding nothing of those buffers; empty keys and absent trace ids stay so.
+    #[test]
+    fn entries_given_their_own_bytes_hold_nothing_of_their_requests() {
+        let requests: Vec<Bytes> = (0..3u8)
+            .map(|i| Bytes::from(vec![i + b'a'; 8192]))
+            .collect();
+        let mut entries: Vec<Invalidation> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Invalidation {
+                key: r.slice(10..10 + 5 * i),
+                trace_id: (i == 1).then(|| r.slice(100..116)),
+                ..Invalidation::key("")
+            })
+            .collect();
+        let before = entries.clone();
+        own_bytes(&mut entries);
+        assert_eq!(entries, before);
+        for e in &entries {
+            for r in &requests {
+                assert!(!r.as_ptr_range().contains(&e.key.as_ptr()) || e.key.is_empty());
+                if let Some(t) = &e.trace_id {
+                    assert!(!r.as_ptr_range().contains(&t.as_ptr()));
+                }
+            }
+        }
     }
 
     /// A batch decoded from a slice of a large buffer, owned: equal, and holding nothing of
