@@ -1025,6 +1025,52 @@ async fn an_edge_takes_new_relays_and_ring_while_it_runs() {
     c.stop().await.unwrap();
 }
 
+/// A near cache moved to another relay while it runs keeps what it holds and gets, through the
+/// new relay, the invalidations published after the old one stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_takes_new_relays_while_it_runs() {
+    use dci_sdk::{NearCache, NearCacheOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let (old, new) = (relay(&c).await, relay(&c).await);
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![old.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = p.invalidate("warm").await.unwrap();
+    let n = near.clone();
+    eventually("near cache caught up", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= head) && n.is_fresh()
+    })
+    .await;
+    assert!(near.set("kept", "v", None));
+    assert!(near.set("dropped", "v", None));
+    assert!(matches!(
+        near.set_relays(vec![]),
+        Err(dci_sdk::Error::Url(..))
+    ));
+    assert!(matches!(
+        near.set_relays(vec!["127.0.0.1:1".into()]),
+        Err(dci_sdk::Error::Url(..))
+    ));
+    near.set_relays(vec![new.url()]).unwrap();
+    old.stop().await.unwrap();
+    let seq = p.invalidate("dropped").await.unwrap();
+    let n = near.clone();
+    eventually(
+        "the invalidation applied through the new relay",
+        move || n.applied().iter().any(|&(_, _, s)| s >= seq) && n.is_fresh(),
+    )
+    .await;
+    assert!(matches!(near.get(b"dropped"), Lookup::Miss { .. }));
+    assert_eq!(near.get(b"kept"), Lookup::Hit(Bytes::from("v")));
+    near.stop();
+    new.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_takes_new_upstreams_while_it_runs() {
     let dir = tempfile::tempdir().unwrap();

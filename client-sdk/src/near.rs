@@ -175,6 +175,8 @@ pub struct NearCache {
     /// What it follows: the keys it may cache.
     follows: Arc<Filter>,
     stop: Arc<watch::Sender<bool>>,
+    /// The relays it follows, changed by [`NearCache::set_relays`].
+    relays: Arc<watch::Sender<upstream::Following>>,
 }
 
 impl NearCache {
@@ -217,6 +219,10 @@ impl NearCache {
                 .collect(),
             ring: None,
         };
+        let (relays, changes) = watch::channel(upstream::Following {
+            urls: opts.relays.clone(),
+            filter: follows.clone(),
+        });
         let follow = FollowOptions {
             urls: opts.relays.clone(),
             node_id: opts.node_id.clone(),
@@ -224,6 +230,7 @@ impl NearCache {
             role: "near-cache".into(),
             filter: follows.clone(),
             tls: opts.tls.clone(),
+            changes: Some(changes),
             ..FollowOptions::default()
         };
         let applier = Arc::new(Mutex::new(NearApplier(state.clone())));
@@ -235,7 +242,24 @@ impl NearCache {
             shard_count: opts.shard_count.max(1),
             follows: Arc::new(follows),
             stop: Arc::new(stop),
+            relays: Arc::new(relays),
         })
+    }
+
+    /// Follow these relays from now on (for every clone): the link in use is left and the next
+    /// made with them, resuming where this cache is, so nothing cached is dropped and no
+    /// invalidation missed.
+    pub fn set_relays(&self, relays: Vec<String>) -> Result<(), Error> {
+        if relays.is_empty() {
+            return Err(Error::Url(String::new(), "no relay URL".into()));
+        }
+        for url in &relays {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::Url(url.clone(), "not an http(s):// URL".into()));
+            }
+        }
+        self.relays.send_modify(|f| f.urls = relays);
+        Ok(())
     }
 
     /// Look a key up; a miss carries the lease for the fill. A key outside `prefixes` is always
