@@ -28,9 +28,14 @@ struct Filled {
 #[derive(Clone, Copy)]
 struct ByteWeight;
 
+/// Memory an entry takes beyond its key and value bytes: the cache's slot, the `Filled` and the
+/// allocator's share of three allocations. Measured as an edge process's growth per entry, less
+/// the entry's bytes: 197–202 bytes for values of 10 and 100 bytes.
+pub const ENTRY_OVERHEAD: usize = 192;
+
 impl Weighter<Bytes, Arc<Filled>> for ByteWeight {
     fn weight(&self, k: &Bytes, v: &Arc<Filled>) -> u64 {
-        (k.len() + v.value.len() + 64) as u64
+        (k.len() + v.value.len() + ENTRY_OVERHEAD) as u64
     }
 }
 
