@@ -506,7 +506,7 @@ pub async fn follow<A: Applier>(
                 // A session that did work resets the backoff.
                 backoff = opts.backoff_min;
                 (failures, failing_since, last_warned) = (0, None, None);
-                if !std::mem::take(&mut cut_off.just_left) {
+                if !cut_off.just_left {
                     tracing::info!(sender = %url, "link to sender lost; trying the next one");
                 }
             }
@@ -558,7 +558,8 @@ pub async fn follow<A: Applier>(
 struct CutOff {
     /// When it was last told at warn level.
     warned: Option<Instant>,
-    /// The session that just ended left a sender cut off (already told of).
+    /// The last session left a sender cut off (already told of): the next link is told of
+    /// quietly.
     just_left: bool,
 }
 
@@ -677,7 +678,11 @@ async fn session<A: Applier>(
                 };
                 if !heard_any {
                     // Only now: a sender that refuses the stream answers the subscribe first.
-                    tracing::info!(sender = %url, "following sender");
+                    if std::mem::take(&mut cut_off.just_left) {
+                        tracing::debug!(sender = %url, "following sender");
+                    } else {
+                        tracing::info!(sender = %url, "following sender");
+                    }
                     heard_any = true;
                 }
                 let now = Instant::now();
