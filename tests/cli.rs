@@ -2242,6 +2242,15 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         !after.any(|l| l.contains("link to sender lost") || l.contains("following sender")),
         "{log:#?}"
     );
+    // It told when it turned to misses, and why.
+    let misses = log
+        .iter()
+        .find(|l| l.contains("serving only misses"))
+        .unwrap_or_else(|| panic!("{log:#?}"));
+    assert!(
+        misses.contains("WARN") && misses.contains("shard 0"),
+        "{misses}"
+    );
     let relay_log: Vec<String> = lines.try_iter().collect();
     assert!(
         relay_log
@@ -2258,6 +2267,7 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
             http_get(port, "/readyz").0 == 200
         });
     }
+    logged(&edge_log, "serving hits");
 }
 
 /// Resident memory of process `pid`, in MiB.

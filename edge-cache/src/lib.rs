@@ -412,6 +412,32 @@ pub struct EdgeNode {
     task: tokio::task::JoinHandle<Result<(), EdgeError>>,
 }
 
+/// Log when the edge turns to serving only misses (cut off past its staleness bound, here or up
+/// the way to a coordinator), and when it serves hits again: otherwise only a metric and the
+/// hit ratio would show it.
+async fn tell_serving(ready: dci_proto::metrics::Health, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match (ready(), serving) {
+            (Ok(()), false) => {
+                serving = true;
+                tracing::info!("serving hits: caught up with every shard's coordinator");
+            }
+            (Err(why), true) => {
+                serving = false;
+                tracing::warn!(%why, "serving only misses");
+            }
+            _ => {}
+        }
+    }
+}
+
 impl EdgeNode {
     /// Bind `cfg.listen` and run in the background.
     pub async fn start(cfg: EdgeConfig) -> Result<EdgeNode, EdgeError> {
@@ -554,6 +580,25 @@ impl EdgeNode {
                 out
             })
         };
+        // Ready when it would serve hits on every shard, not only misses.
+        let ready: dci_proto::metrics::Health = {
+            let (link, bound, shard_count) = (link.clone(), cfg.max_staleness, cfg.shard_count);
+            let shards: Vec<ShardId> = (0..shard_count).collect();
+            Arc::new(move || {
+                let link = lock(&link);
+                if link.shard_count != 0 && link.shard_count != shard_count {
+                    return Err(format!(
+                        "shard_count {shard_count} differs from the coordinator tier's {}",
+                        link.shard_count
+                    ));
+                }
+                match link.unready(&shards, Instant::now(), bound) {
+                    None => Ok(()),
+                    Some(why) => Err(why),
+                }
+            })
+        };
+        tokio::spawn(tell_serving(ready.clone(), rx.clone()));
         let metrics_addr = dci_proto::metrics::expose(
             cfg.metrics_listen,
             &cfg.otlp,
@@ -565,25 +610,7 @@ impl EdgeNode {
             render,
             dci_proto::metrics::Probes {
                 health: dci_proto::metrics::always_healthy(),
-                // Ready when it would serve hits on every shard, not only misses.
-                ready: {
-                    let (link, bound, shard_count) =
-                        (link.clone(), cfg.max_staleness, cfg.shard_count);
-                    let shards: Vec<ShardId> = (0..shard_count).collect();
-                    Arc::new(move || {
-                        let link = lock(&link);
-                        if link.shard_count != 0 && link.shard_count != shard_count {
-                            return Err(format!(
-                                "shard_count {shard_count} differs from the coordinator tier's {}",
-                                link.shard_count
-                            ));
-                        }
-                        match link.unready(&shards, Instant::now(), bound) {
-                            None => Ok(()),
-                            Some(why) => Err(why),
-                        }
-                    })
-                },
+                ready,
             },
             rx.clone(),
         )
