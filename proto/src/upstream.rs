@@ -558,8 +558,7 @@ pub async fn follow<A: Applier>(
 struct CutOff {
     /// When it was last told at warn level.
     warned: Option<Instant>,
-    /// The last session left a sender cut off (already told of): the next link is told of
-    /// quietly.
+    /// The session that ended last left a sender cut off (already told of).
     just_left: bool,
 }
 
@@ -586,6 +585,8 @@ async fn session<A: Applier>(
     state: &Arc<Mutex<LinkState>>,
     cut_off: &mut CutOff,
 ) -> Result<(), String> {
+    // Right after leaving a sender cut off (told of then), the next link is told of quietly.
+    let quiet = std::mem::take(&mut cut_off.just_left);
     let endpoint = opts
         .tls
         .endpoint(url)
@@ -678,7 +679,7 @@ async fn session<A: Applier>(
                 };
                 if !heard_any {
                     // Only now: a sender that refuses the stream answers the subscribe first.
-                    if std::mem::take(&mut cut_off.just_left) {
+                    if quiet {
                         tracing::debug!(sender = %url, "following sender");
                     } else {
                         tracing::info!(sender = %url, "following sender");
