@@ -2366,6 +2366,8 @@ async fn a_log_write_the_disk_refuses_stops_acks_until_a_restart() {
     )
     .await
     .unwrap();
+    // Published before the edge is in the stream, "before" could be behind where it joins.
+    wait_in_stream(&e).await;
     let first = p.invalidate("before").await.unwrap();
     // Every segment the log could roll to next, until well past what 4 KiB segments need.
     let full: Vec<_> = (first + 1..first + 400)
