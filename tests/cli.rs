@@ -2168,7 +2168,7 @@ fn a_relay_reloads_its_upstream_from_its_config_file() {
 }
 
 /// `/readyz` says whether a node can vouch for what it serves (caught up with its coordinator
-/// recently enough: a relay within its `peer_timeout`, an edge within its `max_staleness`), and
+/// recently enough: a relay within three `peer_timeout`s, an edge within its `max_staleness`), and
 /// why not; `/healthz` (restart me?) stays 200 all along. The coordinator SIGKILLed: both turn
 /// 503 naming the shard; restarted on the same log and port: both ready again.
 #[test]

@@ -72,6 +72,10 @@ impl pb::admin_server::Admin for RelayService {
 /// The config keys a relay takes while it runs ([`Relay::reconfigure`]).
 pub const RELOADABLE: [&str; 2] = ["upstream", "upstream_groups"];
 
+/// A relay answers `/readyz` with 503 once cut off from its coordinator for this many
+/// `peer_timeout`s.
+pub const UNREADY_AFTER: u32 = 3;
+
 /// A running relay.
 pub struct Relay {
     /// The address it listens on.
@@ -208,9 +212,11 @@ impl Relay {
             render,
             dci_proto::metrics::Probes {
                 health: dci_proto::metrics::always_healthy(),
-                // Edges leave a relay cut off this long for another: so should new traffic.
+                // Edges leave a relay cut off for a peer_timeout; new traffic is kept off it
+                // only after a few, so that while the coordinators restart (every relay cut off
+                // for a moment) the relays' Service keeps its endpoints and edges their links.
                 ready: {
-                    let (core, bound) = (core.clone(), cfg.peer_timeout);
+                    let (core, bound) = (core.clone(), cfg.peer_timeout * UNREADY_AFTER);
                     Arc::new(
                         move || match core.unready(std::time::Instant::now(), bound) {
                             None => Ok(()),

@@ -24,8 +24,8 @@ is TLS (Kubernetes' gRPC probes cannot speak TLS). */}}
 httpGet: {path: /healthz, port: metrics}
 {{- end }}
 
-{{- /* A relay's or edge's readiness: caught up with its coordinator lately (a relay within its
-peer timeout, an edge within its staleness bound). Asked often, so that a relay cut off from the
+{{- /* A relay's or edge's readiness: caught up with its coordinator lately (a relay within three
+peer timeouts, an edge within its staleness bound). Asked often, so that a relay cut off from the
 coordinators leaves its Service (new edges connect to one that is not) within seconds. */}}
 {{- define "dci.readyProbe" -}}
 httpGet: {path: /readyz, port: metrics}
