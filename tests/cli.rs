@@ -2281,6 +2281,29 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// `each(i)` for every `i` of `range`, eight calls at a time, on `rt`.
+fn eight_at_a_time<F, Fut>(rt: &tokio::runtime::Runtime, range: std::ops::Range<u64>, each: F)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let (each, range) = (each.clone(), range.clone());
+                tokio::spawn(async move {
+                    for i in (range.start + t..range.end).step_by(8) {
+                        each(i).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+}
+
 /// An edge's memory stays near its `capacity`, with small values too. Each value it stored
 /// used to be a slice of its request's buffer (8 KiB or more), which it kept alive: 30,000 Sets
 /// of 200 bytes into 8 MiB took ~130 MiB more; and it counted 64 bytes of bookkeeping per entry
@@ -2302,22 +2325,14 @@ fn an_edge_holds_about_its_capacity_in_memory_with_small_values() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_rt = rt.enter();
     let cache = dci_sdk::CacheClient::from_urls(vec![format!("http://127.0.0.1:{port}")]).unwrap();
-    let set = |from: usize, to: usize| {
-        rt.block_on(async {
-            let tasks: Vec<_> = (0..8)
-                .map(|t| {
-                    let cache = cache.clone();
-                    tokio::spawn(async move {
-                        for i in (from + t..to).step_by(8) {
-                            let value = bytes::Bytes::from(vec![b'v'; 200]);
-                            let key = format!("user:{i:06}:profile");
-                            assert!(cache.set(key, value, None).await.unwrap());
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
+    let set = |from: u64, to: u64| {
+        let cache = cache.clone();
+        eight_at_a_time(&rt, from..to, move |i| {
+            let cache = cache.clone();
+            async move {
+                let value = bytes::Bytes::from(vec![b'v'; 200]);
+                let key = format!("user:{i:06}:profile");
+                assert!(cache.set(key, value, None).await.unwrap());
             }
         })
     };
@@ -2343,38 +2358,30 @@ fn a_coordinator_holds_about_its_tail_in_memory_with_one_key_requests() {
     let (coordinator, port, _lines) = launch(cmd);
     let pid = coordinator.0.id();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let channel = rt.block_on(async {
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    });
     let publish = |from: u64, to: u64| {
-        rt.block_on(async {
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-                    .unwrap()
-                    .connect()
+        let channel = channel.clone();
+        eight_at_a_time(&rt, from..to, move |i| {
+            let mut client = dci_proto::pb::publisher_client::PublisherClient::new(channel.clone());
+            async move {
+                let entry = dci_proto::pb::Invalidation {
+                    key: format!("user:{i:06}:profile").into(),
+                    kind: dci_proto::pb::Kind::Key as i32,
+                    ..Default::default()
+                };
+                client
+                    .publish(dci_proto::pb::PublishRequest {
+                        entries: vec![entry],
+                        ..Default::default()
+                    })
                     .await
                     .unwrap();
-            let tasks: Vec<_> = (0..8)
-                .map(|t| {
-                    let mut client =
-                        dci_proto::pb::publisher_client::PublisherClient::new(channel.clone());
-                    tokio::spawn(async move {
-                        for i in (from + t..to).step_by(8) {
-                            let entry = dci_proto::pb::Invalidation {
-                                key: format!("user:{i:06}:profile").into(),
-                                kind: dci_proto::pb::Kind::Key as i32,
-                                ..Default::default()
-                            };
-                            client
-                                .publish(dci_proto::pb::PublishRequest {
-                                    entries: vec![entry],
-                                    ..Default::default()
-                                })
-                                .await
-                                .unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
             }
         })
     };

@@ -503,8 +503,10 @@ impl Applier for RelayApplier {
     fn apply(&mut self, batch: &Batch) {
         let shared = SharedBatch::new(batch.clone());
         let shared = if shared.encoded.len() < COPY_BELOW {
-            let (own, encoded) = batch.owned(&shared.encoded);
-            SharedBatch::from_encoded(own, encoded)
+            // The encoding is this relay's own; the entries' keys are what came in.
+            let mut own = batch.clone();
+            dci_proto::own_bytes(&mut own.entries);
+            SharedBatch::from_encoded(own, shared.encoded.clone())
         } else {
             shared
         };
