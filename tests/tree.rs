@@ -1635,6 +1635,109 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
     cs.pop().unwrap().stop().await.unwrap();
 }
 
+/// A prefix and "everything" reach every shard's keys at the edge, and only those; a fill under a
+/// lease taken before the prefix was invalidated is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_invalidates_a_prefix_and_everything_on_every_shard() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut cs = Vec::new();
+    for (shard, dir) in dirs.iter().enumerate() {
+        cs.push(
+            Coordinator::start(CoordinatorConfig {
+                listen: any_port(),
+                data_dir: dir.path().to_path_buf(),
+                shard: shard as u32,
+                shard_count: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![cs[0].url()],
+        upstream_groups: vec![vec![cs[1].url()]],
+        region: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(EdgeConfig {
+        shard_count: 2,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    eventually("the edge in the stream of both shards", || {
+        let shards: HashSet<u32> = lock(&e.edge.link).progress.iter().map(|p| p.0).collect();
+        shards == HashSet::from([0, 1])
+    })
+    .await;
+    let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
+        .await
+        .unwrap();
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let map = dci_proto::ring::ShardMap::new(2);
+    let dropped = keys(0..40, "user:1:");
+    let shards: HashSet<u32> = dropped.iter().map(|k| map.shard_of(k.as_bytes())).collect();
+    assert_eq!(
+        shards,
+        HashSet::from([0, 1]),
+        "the prefix spans both shards"
+    );
+    // "user:10:" starts with "user:1" but not with "user:1:".
+    let kept = ["user:2:x".to_string(), "user:10:y".to_string()];
+    for k in dropped.iter().chain(&kept) {
+        assert!(cache.set(k.clone(), "v", None).await.unwrap(), "{k}");
+    }
+    let Lookup::Miss { lease } = cache.get("user:1:late").await.unwrap() else {
+        panic!("a key never set is a miss");
+    };
+
+    let hits = |ks: Vec<String>| {
+        let cache = cache.clone();
+        async move {
+            let mut n = 0;
+            for k in ks {
+                n += matches!(cache.get(k).await.unwrap(), Lookup::Hit(_)) as usize;
+            }
+            n
+        }
+    };
+    assert_eq!(hits(dropped.clone()).await, dropped.len());
+    p.invalidate_prefix("user:1:").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while hits(dropped.clone()).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "prefix not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        hits(kept.to_vec()).await,
+        kept.len(),
+        "only the prefix goes"
+    );
+    assert!(
+        !cache.set("user:1:late", "old", Some(lease)).await.unwrap(),
+        "a fill under a lease from before the prefix's invalidation is refused"
+    );
+    let err = p.invalidate_prefix("").await.unwrap_err();
+    assert!(matches!(err, dci_sdk::Error::Refused(_)), "{err}");
+
+    p.invalidate_all().await.unwrap();
+    while hits(kept.to_vec()).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "everything not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    for c in cs {
+        c.stop().await.unwrap();
+    }
+}
+
 /// Two groups that reach the same shard (here the coordinator, and a relay in front of it): the
 /// first to bring the shard feeds the ring, the other's copies are ignored, so the ring never
 /// restarts and edges are never reset.

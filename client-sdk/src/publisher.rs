@@ -182,6 +182,24 @@ impl Publisher {
         Ok(self.publish(vec![inv]).await?[0])
     }
 
+    /// Invalidate every key that starts with `prefix`, on every shard of the tier; returns the
+    /// seq it got on shard 0 once it is durable on all of them.
+    pub async fn invalidate_prefix(&self, prefix: impl Into<Bytes>) -> Result<Seq, Error> {
+        let prefix = prefix.into();
+        if prefix.is_empty() {
+            return Err(Error::Refused(
+                "an empty prefix would be every key: say invalidate_all for that".into(),
+            ));
+        }
+        Ok(self.publish(vec![Invalidation::prefix(prefix)]).await?[0])
+    }
+
+    /// Invalidate every key, on every shard of the tier; returns the seq it got on shard 0 once
+    /// it is durable on all of them.
+    pub async fn invalidate_all(&self) -> Result<Seq, Error> {
+        Ok(self.publish(vec![Invalidation::all()]).await?[0])
+    }
+
     /// The streaming form: invalidations in, their seqs out, in order, with up to `depth`
     /// pipelined (they share batches with everything else in flight).
     ///

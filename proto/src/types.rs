@@ -144,6 +144,23 @@ impl Invalidation {
         }
     }
 
+    /// An invalidation of every key that starts with `prefix`. An empty prefix is refused where it
+    /// is checked: every key is [`Invalidation::all`], said on purpose.
+    pub fn prefix(prefix: impl Into<Bytes>) -> Self {
+        Invalidation {
+            kind: Kind::Prefix,
+            ..Invalidation::key(prefix)
+        }
+    }
+
+    /// An invalidation of every key.
+    pub fn all() -> Self {
+        Invalidation {
+            kind: Kind::All,
+            ..Invalidation::key(Bytes::new())
+        }
+    }
+
     /// Does this invalidation remove `key`?
     pub fn covers(&self, key: &[u8]) -> bool {
         match self.kind {
