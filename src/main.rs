@@ -339,7 +339,8 @@ struct PublishArgs {
     /// Writer's version for every key.
     #[arg(long)]
     version: Option<u64>,
-    /// Keys to invalidate; `-` reads them from standard input, one per line.
+    /// Keys to invalidate; `-` reads them from standard input, one per line, and publishes them
+    /// as they come.
     #[arg(required_unless_present = "all")]
     keys: Vec<String>,
     /// Resend a request left without an answer (a coordinator restarting, a connection lost)
@@ -725,36 +726,122 @@ async fn connect(
     })
 }
 
-async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
-    let tls = a.tls.client()?;
-    if a.keys == ["-"] {
-        let mut keys = String::new();
-        std::io::stdin()
-            .read_to_string(&mut keys)
-            .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
-        a.keys = keys
-            .lines()
-            .map(str::trim_end)
-            .filter(|k| !k.is_empty())
-            .map(str::to_string)
-            .collect();
-        if a.keys.is_empty() {
-            anyhow::bail!("no keys on standard input");
+/// Most keys `dci publish` reads and publishes at a time: what it holds however long its input
+/// is (keys from standard input are published round by round, each printed once answered).
+const PUBLISH_ROUND_KEYS: usize = 16_384;
+const PUBLISH_ROUND_BYTES: usize = 4 << 20;
+
+/// Where `dci publish` takes its keys: the command line, or standard input line by line.
+enum KeySource {
+    Args(std::vec::IntoIter<String>),
+    Stdin {
+        input: std::io::BufReader<std::io::Stdin>,
+        line: usize,
+    },
+}
+
+impl KeySource {
+    /// Whether a next key can be taken without waiting for input: while one cannot, what was
+    /// read is published (a writer feeding keys as they come sees each published at once).
+    fn ready(&self) -> bool {
+        match self {
+            KeySource::Args(_) => true,
+            KeySource::Stdin { input, .. } => !input.buffer().is_empty(),
         }
     }
-    for (i, k) in a.keys.iter().enumerate() {
-        dci_proto::types::check_key_len_limit(i, k.len()).map_err(anyhow::Error::msg)?;
+
+    /// The next key (blank lines of standard input skipped), `None` at the end.
+    fn next_key(&mut self) -> anyhow::Result<Option<String>> {
+        use std::io::BufRead;
+        let (input, line) = match self {
+            KeySource::Args(keys) => return Ok(keys.next()),
+            KeySource::Stdin { input, line } => (input, line),
+        };
+        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+        loop {
+            *line += 1;
+            let mut buf = Vec::new();
+            // At most one key over the limit is held: a line longer than any coordinator takes
+            // (or input that is no list of keys at all) is measured, not kept.
+            let n = input
+                .by_ref()
+                .take(limit as u64 + 2)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let mut len = buf.len();
+            if buf.last() != Some(&b'\n') && len > limit {
+                loop {
+                    let chunk = input
+                        .fill_buf()
+                        .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    match chunk.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            len += i;
+                            input.consume(i + 1);
+                            break;
+                        }
+                        None => {
+                            len += chunk.len();
+                            let n = chunk.len();
+                            input.consume(n);
+                        }
+                    }
+                }
+            }
+            if len > limit {
+                // A line ends where its key ends (a newline, a carriage return before it).
+                let tail = buf
+                    .iter()
+                    .rev()
+                    .take_while(|b| b.is_ascii_whitespace())
+                    .count();
+                if len - tail > limit {
+                    // The same words as for a key of the command line, with its line.
+                    return Err(anyhow!(
+                        "line {line} of standard input: key is {} bytes, more than the \
+                         maximum any coordinator takes ({limit})",
+                        len - tail
+                    ));
+                }
+            }
+            let Ok(text) = String::from_utf8(buf) else {
+                anyhow::bail!("line {line} of standard input: not UTF-8");
+            };
+            let key = text.trim_end();
+            if !key.is_empty() {
+                return Ok(Some(key.to_string()));
+            }
+        }
     }
+}
+
+async fn publish(a: PublishArgs) -> anyhow::Result<()> {
+    let tls = a.tls.client()?;
     let kind = if a.all {
-        a.keys = vec![String::new()];
         pb::Kind::All
     } else if a.prefix {
-        if a.keys.iter().any(String::is_empty) {
-            anyhow::bail!("an empty prefix would be every key: say --all for that");
-        }
         pb::Kind::Prefix
     } else {
         pb::Kind::Key
+    };
+    let mut source = if a.all {
+        KeySource::Args(vec![String::new()].into_iter())
+    } else if a.keys == ["-"] {
+        KeySource::Stdin {
+            input: std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
+            line: 0,
+        }
+    } else {
+        for (i, k) in a.keys.iter().enumerate() {
+            dci_proto::types::check_key_len_limit(i, k.len()).map_err(anyhow::Error::msg)?;
+        }
+        KeySource::Args(a.keys.clone().into_iter())
     };
     let shards = a.coordinator.len();
     let map = dci_proto::ring::ShardMap::new(shards as u32);
@@ -767,58 +854,95 @@ async fn publish(mut a: PublishArgs) -> anyhow::Result<()> {
         }
     };
     let publisher_id = format!("cli-{:016x}", rand::random::<u64>());
-    let mut lines = vec![Vec::new(); a.keys.len()];
-    let mut failed = None;
-    for (shard, url) in a.coordinator.iter().enumerate() {
-        let keys: Vec<(usize, &String)> = a
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| targets(k).contains(&shard))
-            .collect();
-        if keys.is_empty() {
-            continue;
-        }
-        let mut client = None;
-        for (n, chunk) in request_chunks(&keys).into_iter().enumerate() {
-            let req = pb::PublishRequest {
-                publisher_id: publisher_id.clone(),
-                request_no: n as u64 + 1,
-                entries: chunk
-                    .iter()
-                    .map(|(_, k)| pb::Invalidation {
-                        key: Bytes::from(k.to_string()),
-                        kind: kind as i32,
-                        source_version: a.version,
-                        ..Default::default()
-                    })
-                    .collect(),
-            };
-            let r = match publish_one(url, &tls, &mut client, req, a.retry_for).await {
-                Ok(r) => r,
+    let mut clients = vec![None; shards];
+    let mut request_no = vec![0u64; shards];
+    let mut read = 0usize;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    loop {
+        let mut round = Vec::new();
+        let mut bytes = 0;
+        // A bad line ends the input: what came before it is published, then the error told.
+        let mut bad = None;
+        while round.len() < PUBLISH_ROUND_KEYS && bytes < PUBLISH_ROUND_BYTES {
+            if !round.is_empty() && !source.ready() {
+                break;
+            }
+            let k = match source.next_key() {
+                Ok(Some(k)) => k,
+                Ok(None) => break,
                 Err(e) => {
-                    failed = Some(e);
+                    bad = Some(e);
                     break;
                 }
             };
-            for ((i, k), seq) in chunk.iter().zip(r.seqs) {
-                let k = if a.all { "*" } else { k.as_str() };
-                lines[*i].push(if shards == 1 {
-                    format!("{k} {seq}")
-                } else {
-                    format!("{k} {seq} shard={shard}")
-                });
+            if a.prefix && k.is_empty() {
+                anyhow::bail!("an empty prefix would be every key: say --all for that");
+            }
+            bytes += k.len();
+            round.push(k);
+        }
+        if round.is_empty() {
+            if let Some(e) = bad {
+                return Err(e);
+            }
+            if read == 0 {
+                anyhow::bail!("no keys on standard input");
+            }
+            return Ok(());
+        }
+        read += round.len();
+        let mut lines = vec![Vec::new(); round.len()];
+        let mut failed = None;
+        for (shard, url) in a.coordinator.iter().enumerate() {
+            let keys: Vec<(usize, &String)> = round
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| targets(k).contains(&shard))
+                .collect();
+            for chunk in request_chunks(&keys) {
+                request_no[shard] += 1;
+                let req = pb::PublishRequest {
+                    publisher_id: publisher_id.clone(),
+                    request_no: request_no[shard],
+                    entries: chunk
+                        .iter()
+                        .map(|(_, k)| pb::Invalidation {
+                            key: Bytes::from(k.to_string()),
+                            kind: kind as i32,
+                            source_version: a.version,
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                let r = match publish_one(url, &tls, &mut clients[shard], req, a.retry_for).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
+                for ((i, k), seq) in chunk.iter().zip(r.seqs) {
+                    let k = if a.all { "*" } else { k.as_str() };
+                    lines[*i].push(if shards == 1 {
+                        format!("{k} {seq}")
+                    } else {
+                        format!("{k} {seq} shard={shard}")
+                    });
+                }
+            }
+            if failed.is_some() {
+                break;
             }
         }
-        if failed.is_some() {
-            break;
+        // What a shard accepted before another failed stays accepted: say so before the error.
+        for l in lines.iter().flatten() {
+            writeln!(out, "{l}")?;
+        }
+        out.flush()?;
+        if let Some(e) = failed.or(bad) {
+            return Err(e);
         }
     }
-    // What a shard accepted before another failed stays accepted: say so before the error.
-    for l in lines.iter().flatten() {
-        println!("{l}");
-    }
-    failed.map_or(Ok(()), Err)
 }
 
 /// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in

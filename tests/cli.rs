@@ -451,12 +451,89 @@ fn publish_takes_keys_from_standard_input() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(
         stderr(&o).contains(
-            "entry 1: key is 17825792 bytes, more than the maximum any coordinator takes (65536)"
+            "line 2 of standard input: key is 17825792 bytes, more than the maximum any coordinator takes (65536)"
         ),
         "{}",
         stderr(&o)
     );
-    assert_eq!(stdout(&o), "", "nothing was published");
+    assert_eq!(
+        stdout(&o),
+        "short 5001\n",
+        "what came before it was published"
+    );
+}
+
+/// `dci publish -` fed by a writer as keys come publishes each at once (it does not wait for the
+/// end of its input), and holds a round of keys at a time, not its whole input.
+#[test]
+fn publish_from_standard_input_streams_and_holds_a_round_not_the_whole_input() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let mut child = Command::new(DCI)
+        .args(["publish", "--coordinator", &coord, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A command that waits for the end of its input would keep this test waiting on its output
+    // for ever: it is killed after a minute, and its output ends.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let (done, pid) = (done.clone(), child.id().to_string());
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(60);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() > until {
+                    let _ = Command::new("kill").args(["-9", &pid]).status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for (i, k) in ["first", "second"].into_iter().enumerate() {
+        writeln!(stdin, "{k}").unwrap();
+        stdin.flush().unwrap();
+        line.clear();
+        // Answered while its input is still open.
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{k} {}\n", i + 1));
+    }
+
+    // 400,000 keys (25 MB) while the input stays open: all published and printed, in order.
+    let n = 400_000u64;
+    let writer = std::thread::spawn(move || {
+        let mut w = std::io::BufWriter::new(&mut stdin);
+        for i in 0..n {
+            writeln!(w, "user:{i:012}:profile:with:a:longer:name").unwrap();
+        }
+        w.flush().unwrap();
+        drop(w);
+        stdin
+    });
+    for i in 0..n {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(
+            line,
+            format!("user:{i:012}:profile:with:a:longer:name {}\n", i + 3)
+        );
+    }
+    let stdin = writer.join().unwrap();
+    let peak = status_mib(child.id(), "VmHWM");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    watchdog.join().unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Holding every key (as the whole input read at once did) took over 100 MiB here.
+    assert!(peak < 64.0, "dci publish peaked at {peak:.1} MiB");
 }
 
 /// A sharded tier from the command line: a relay follows both shards' coordinators (one with
@@ -2272,12 +2349,17 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
 
 /// Resident memory of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory figure (`VmRSS`, `VmHWM`: the peak) of a running process, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kib / 1024.0
 }
 
