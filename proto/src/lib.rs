@@ -83,10 +83,13 @@ pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 /// A refused or failed call as "code: message", then the causes the message leaves out (a
 /// transport failure's message is only "transport error"), each once.
 pub fn status_with_causes(s: &tonic::Status) -> String {
-    causes_after(
-        format!("{}: {}", s.code(), s.message()),
-        std::error::Error::source(s),
-    )
+    // A status without a message (a server without the method says only its code) is its code.
+    let head = if s.message().is_empty() {
+        s.code().to_string()
+    } else {
+        format!("{}: {}", s.code(), s.message())
+    };
+    causes_after(head, std::error::Error::source(s))
 }
 
 fn causes_after(mut line: String, first: Option<&(dyn std::error::Error + 'static)>) -> String {
@@ -139,6 +142,11 @@ mod tests {
         assert_eq!(
             super::status_with_causes(&plain),
             "Client specified an invalid argument: key is empty"
+        );
+        let bare = tonic::Status::unimplemented("");
+        assert_eq!(
+            super::status_with_causes(&bare),
+            "Operation is not implemented or not supported"
         );
     }
 }
