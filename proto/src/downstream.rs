@@ -91,8 +91,8 @@ static LINK_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// A budget of log lines for an event that can come in floods (a thousand edges reconnecting
 /// at once, or every few seconds while their relays are cut off): each of the first
-/// `per_window` in a window is logged; the rest are counted, and the next one logged after
-/// them says how many were not.
+/// `per_window` in a window is logged; the rest are counted, and told when the window ends
+/// ([`LogBudget::close`]) or with the next one logged, whichever comes first.
 #[derive(Debug)]
 pub struct LogBudget {
     window: Duration,
@@ -129,6 +129,26 @@ impl LogBudget {
         } else {
             self.held += 1;
             None
+        }
+    }
+
+    /// When the window holding events not logged ends: `Some` for the first one held in a
+    /// window (the caller tells them then, with [`LogBudget::close`]), else `None`.
+    pub fn first_held_until(&self) -> Option<Instant> {
+        match self.opened {
+            Some(t) if self.held == 1 && self.used >= self.per_window => Some(t + self.window),
+            _ => None,
+        }
+    }
+
+    /// Once the window is over: how many events were not logged (0 if they were told already,
+    /// or the window goes on).
+    pub fn close(&mut self, now: Instant) -> u64 {
+        match self.opened {
+            Some(t) if now.saturating_duration_since(t) >= self.window => {
+                std::mem::take(&mut self.held)
+            }
+            _ => 0,
         }
     }
 }
@@ -280,7 +300,7 @@ async fn run_link<S: BatchSource>(
     mut inbound: Streaming<pb::Upstream>,
     tx: &Tx,
     opts: &ServeOptions,
-    counters: &ServeCounters,
+    counters: &Arc<ServeCounters>,
     mut shutdown: watch::Receiver<bool>,
     link_id: u64,
 ) -> Result<(), Status> {
@@ -327,7 +347,20 @@ async fn run_link<S: BatchSource>(
             tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, not_logged, "receiver connected (and others before it, not logged one by one)")
         }
         None => {
-            tracing::debug!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected")
+            tracing::debug!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");
+            // The last of a flood is told too, when its window ends, not only with a later one.
+            let until = crate::upstream::lock(&counters.connect_log).first_held_until();
+            if let Some(until) = until {
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    let not_logged =
+                        crate::upstream::lock(&counters.connect_log).close(Instant::now());
+                    if not_logged > 0 {
+                        tracing::info!(not_logged, "receivers connected, not logged one by one");
+                    }
+                });
+            }
         }
     }
     let stall = opts.sender.peer_timeout;
@@ -512,5 +545,30 @@ mod tests {
         assert_eq!(b.admit(s(10_003)), None);
         assert_eq!(b.admit(s(60_000)), Some(1));
         assert_eq!(b.admit(s(60_001)), Some(0));
+    }
+
+    /// The last of a flood is told when its window ends, once; the window's first held event
+    /// says when that is, and no other does.
+    #[test]
+    fn a_log_budget_tells_the_held_ones_when_their_window_ends() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let mut b = LogBudget::new(Duration::from_secs(10), 2);
+        assert_eq!(b.admit(s(0)), Some(0));
+        assert_eq!(b.first_held_until(), None, "logged, nothing held");
+        assert_eq!(b.admit(s(1)), Some(0));
+        assert_eq!(b.admit(s(2)), None);
+        assert_eq!(b.first_held_until(), Some(s(10_000)));
+        assert_eq!(b.admit(s(3)), None);
+        assert_eq!(b.first_held_until(), None, "only the first held one asks");
+        assert_eq!(b.close(s(9_999)), 0, "the window goes on");
+        assert_eq!(b.close(s(10_000)), 2);
+        assert_eq!(b.close(s(10_001)), 0, "told once");
+        assert_eq!(b.admit(s(10_002)), Some(0), "and not again with the next");
+        // A window whose held ones the next logged event told has nothing left to close.
+        assert_eq!(b.admit(s(10_003)), Some(0));
+        assert_eq!(b.admit(s(10_004)), None);
+        assert_eq!(b.admit(s(20_002)), Some(1));
+        assert_eq!(b.close(s(30_002)), 0);
     }
 }
