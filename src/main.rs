@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod follow;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Command {
     Delete(GetArgs),
     /// Show the tree: every node with its high-water mark and lag.
     Status(StatusArgs),
+    /// Print the invalidations a coordinator or relay streams, one line each, as they come.
+    Follow(follow::FollowArgs),
     /// Run a whole deployment in-process with a workload, and report what it sees.
     Demo(demo::DemoArgs),
     /// Measure fan-out throughput, latency, cost and scale (and Redis pub/sub beside it).
@@ -1272,6 +1275,9 @@ fn main() -> ExitCode {
         } else {
             "info"
         });
+    } else if matches!(cli.command, Command::Follow(_)) {
+        // A stream that lasts: a sender lost (and followed again) is told on stderr.
+        init_tracing("warn");
     }
     if server || matches!(cli.command, Command::Bench(_) | Command::BenchReceivers(_)) {
         // A node holds a descriptor per connection (a relay, one per receiver) and the usual
@@ -1293,6 +1299,7 @@ fn main() -> ExitCode {
             Command::Set(a) => set(a).await.map(|_| 0),
             Command::Delete(a) => delete(a).await.map(|existed| if existed { 0 } else { 1 }),
             Command::Status(a) => status(a).await.map(|_| 0),
+            Command::Follow(a) => follow::run(a).await.map(|_| 0),
             Command::Demo(a) => demo::run(a, terminated()).await.map(|_| 0),
             Command::Bench(a) => bench::run(a).await.map(|_| 0),
             Command::BenchReceivers(a) => bench::receivers(a).await.map(|_| 0),

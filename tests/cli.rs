@@ -536,6 +536,157 @@ fn publish_from_standard_input_streams_and_holds_a_round_not_the_whole_input() {
     assert!(peak < 64.0, "dci publish peaked at {peak:.1} MiB");
 }
 
+/// `dci follow`: a process following a sender, its output lines and its stderr lines (each
+/// drained by a thread, so that a test waits on them with a timeout, never for ever).
+struct Following {
+    proc: Proc,
+    out: std::sync::mpsc::Receiver<String>,
+    err: std::sync::mpsc::Receiver<String>,
+}
+
+fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
+fn follow(cmd: &mut Command) -> Following {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
+    Following {
+        proc: Proc(child),
+        out,
+        err,
+    }
+}
+
+impl Following {
+    /// The next line of its output; `None` once the output has ended.
+    fn line(&self) -> Option<String> {
+        match self.out.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => Some(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(_) => panic!("no line from dci follow within 20 s"),
+        }
+    }
+
+    /// Its exit code, once it has ended by itself (within 20 s).
+    fn exit_code(mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.proc.0.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "dci follow did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `dci follow` prints what a relay or coordinator streams, one line per invalidation (a key
+/// with its version, a prefix, everything), from its head or from a seq of its ring or log,
+/// filtered by prefix; it ends after `--count`, or quietly when its reader goes away; a wrong
+/// address or seq is one line and exit 2.
+#[test]
+fn follow_prints_the_stream_from_the_head_or_a_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let relay = format!("http://127.0.0.1:{rp}");
+    let (_e, ep) = start(&["edge", "--listen", "127.0.0.1:0", "--relays", &relay]);
+    let publish = |args: &[&str]| {
+        let mut all = vec!["publish", "--coordinator", &coord];
+        all.extend(args);
+        let o = dci(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    publish(&["a", "b"]);
+
+    // From the head: what is published from then on.
+    let f = follow(Command::new(DCI).args(["follow", "--sender", &relay, "--count", "4"]));
+    let joined = logged(&f.err, "following from seq");
+    assert!(
+        joined.contains("shard 0: following from seq 3 of epoch"),
+        "{joined}"
+    );
+    publish(&["c", "--version", "5"]);
+    publish(&["--prefix", "user:"]);
+    publish(&["--all"]);
+    publish(&["x y"]);
+    publish(&["past the count"]);
+    let lines: Vec<String> = (0..4).map_while(|_| f.line()).collect();
+    assert_eq!(
+        lines,
+        [
+            "seq=3 key=c version=5",
+            "seq=4 prefix=user:",
+            "seq=5 all",
+            "seq=6 key=x y"
+        ]
+    );
+    assert_eq!(f.line(), None, "nothing after the count");
+    assert_eq!(f.exit_code(), Some(0));
+
+    // From a seq of the coordinator's log, only some prefixes (everything is in every one).
+    let f = follow(Command::new(DCI).args([
+        "follow",
+        "--sender",
+        &coord,
+        "--from",
+        "2",
+        "--prefixes",
+        "b,user",
+        "--count",
+        "3",
+    ]));
+    let lines: Vec<String> = (0..3).map_while(|_| f.line()).collect();
+    assert_eq!(lines, ["seq=2 key=b", "seq=4 prefix=user:", "seq=5 all"]);
+    assert_eq!(f.exit_code(), Some(0));
+
+    // A reader that goes away (`| head -1`) ends it, quietly, at its next line.
+    let f = follow(Command::new("bash").args([
+        "-c",
+        &format!("set -o pipefail; {DCI} follow --sender {relay} --from 1 | head -1"),
+    ]));
+    assert_eq!(f.line().as_deref(), Some("seq=1 key=a"));
+    assert_eq!(f.line(), None, "head has left");
+    publish(&["after the reader left"]);
+    assert_eq!(f.exit_code(), Some(0), "dci follow ended, and with 0");
+
+    // What cannot be followed: one line, exit 2.
+    let edge = format!("http://127.0.0.1:{ep}");
+    for (args, says) in [
+        (vec!["--sender", edge.as_str()], "is an edge"),
+        (vec!["--sender", "http://127.0.0.1:1"], "Connection refused"),
+        (
+            vec!["--sender", relay.as_str(), "--from", "99"],
+            "past the head of shard 0",
+        ),
+        (
+            vec!["--sender", relay.as_str(), "--from", "0"],
+            "at least 1",
+        ),
+    ] {
+        let mut all = vec!["follow"];
+        all.extend(&args);
+        let o = dci(&all);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
 /// A sharded tier from the command line: a relay follows both shards' coordinators (one with
 /// `--upstream`, one with `--upstream-group`), `dci publish` sends each key to its shard's
 /// coordinator, `dci status` merges both trees. When one shard is down, what the other accepted

@@ -1,0 +1,235 @@
+//! `dci follow`: the invalidations a coordinator or relay streams, one line each, as they come
+//! (or from a seq of its ring or log): what an operator looks at to see whether, when and in
+//! which order a key's invalidation went by.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use dci_proto::upstream::{self, Applier, FollowOptions, LinkState};
+use dci_proto::{Batch, Epoch, Filter, Kind, Seq, ShardId};
+use tokio::sync::watch;
+
+#[derive(Args)]
+pub struct FollowArgs {
+    /// The sender to follow (a coordinator or a relay); several, comma-separated, are followed
+    /// in failover order.
+    #[arg(long, value_delimiter = ',', value_parser = crate::url_item, default_value = "http://127.0.0.1:7500")]
+    sender: Vec<String>,
+    /// Only keys with these prefixes (the sender filters), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    prefixes: Vec<String>,
+    /// Start at this seq, from the sender's ring or log (every shard it carries, at the same
+    /// seq), instead of at its head.
+    #[arg(long, value_parser = crate::positive)]
+    from: Option<u64>,
+    /// Exit after this many invalidations.
+    #[arg(long, value_parser = crate::positive)]
+    count: Option<u64>,
+    #[command(flatten)]
+    tls: crate::ClientTlsArgs,
+}
+
+/// One line per invalidation on standard output; what happens to the stream on standard error.
+struct Printer {
+    out: std::io::BufWriter<std::io::Stdout>,
+    /// Invalidations still to print (`None`: no end).
+    left: Option<u64>,
+    /// Print the shard beside each seq (the sender carries several).
+    shards: bool,
+    /// Told once printing is over (the count reached, or output nobody reads any more).
+    done: Arc<watch::Sender<bool>>,
+    /// Why printing stopped early, if not for a reader that went away.
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl Printer {
+    fn stop(&mut self, failure: Option<String>) {
+        if let Some(f) = failure {
+            upstream::lock(&self.failed).get_or_insert(f);
+        }
+        self.left = Some(0);
+        let _ = self.done.send(true);
+    }
+}
+
+/// The line of one invalidation: `seq=N key=K` (or `prefix=P`, or `all`), then ` version=V`
+/// and ` shard=S` when there are. Bytes that are not printable ASCII are escaped (`\xNN`).
+fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
+    let mut l = match e.kind {
+        Kind::Key => format!("seq={} key={}", e.seq, e.key.escape_ascii()),
+        Kind::Prefix => format!("seq={} prefix={}", e.seq, e.key.escape_ascii()),
+        Kind::All => format!("seq={} all", e.seq),
+    };
+    if let Some(v) = e.source_version {
+        l.push_str(&format!(" version={v}"));
+    }
+    if let Some(s) = shard {
+        l.push_str(&format!(" shard={s}"));
+    }
+    l
+}
+
+impl Applier for Printer {
+    fn apply(&mut self, b: &Batch) {
+        let shard = (self.shards || b.shard != 0).then_some(b.shard);
+        for e in &b.entries {
+            if self.left == Some(0) {
+                return;
+            }
+            if let Err(e) = writeln!(self.out, "{}", line(e, shard)) {
+                return self.wrote(e);
+            }
+            self.left = self.left.map(|n| n - 1);
+        }
+        if let Err(e) = self.out.flush() {
+            return self.wrote(e);
+        }
+        if self.left == Some(0) {
+            self.stop(None);
+        }
+    }
+
+    fn quarantine(&mut self, shard: ShardId, entry: &dci_proto::pb::Invalidation, why: &str) {
+        eprintln!(
+            "shard {shard}: seq {} quarantined (its key {} dropped): {why}",
+            entry.seq,
+            entry.key.escape_ascii()
+        );
+    }
+
+    fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
+        eprintln!(
+            "shard {shard}: following from seq {} of epoch {epoch} ({reason})",
+            hwm + 1
+        );
+    }
+}
+
+impl Printer {
+    fn wrote(&mut self, e: std::io::Error) {
+        // A reader that went away (`dci follow | head`) ends it as it ends any command.
+        let failure = (e.kind() != std::io::ErrorKind::BrokenPipe)
+            .then(|| format!("writing to standard output: {e}"));
+        self.stop(failure);
+    }
+}
+
+pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
+    let tls = a.tls.client()?;
+    // The sender answers before anything is followed: an address that is wrong is an error,
+    // not a retry without end.
+    let mut tree = None;
+    let mut failed = None;
+    for url in &a.sender {
+        match crate::node_tree(url, &tls).await {
+            Ok(t) => {
+                tree = Some((url, t));
+                break;
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    let Some((url, tree)) = tree else {
+        return Err(failed.unwrap_or_else(|| anyhow::anyhow!("no sender given")));
+    };
+    let me = tree.into_iter().next().unwrap_or_default();
+    if me.role == "edge" || me.role == "near-cache" {
+        anyhow::bail!(
+            "{url} is {} {}: it serves no stream; follow a coordinator or a relay",
+            if me.role == "edge" { "an" } else { "a" },
+            me.role
+        );
+    }
+    let resume: Vec<(ShardId, Epoch, Seq)> = match a.from {
+        None => Vec::new(),
+        Some(from) => {
+            if me.shards.is_empty() {
+                anyhow::bail!("{url} carries no shard yet: there is no seq {from} to start at");
+            }
+            for s in &me.shards {
+                if from > s.hwm + 1 {
+                    anyhow::bail!(
+                        "seq {from} is past the head of shard {} at {url} ({})",
+                        s.shard,
+                        s.hwm
+                    );
+                }
+            }
+            me.shards
+                .iter()
+                .map(|s| (s.shard, s.epoch, from - 1))
+                .collect()
+        }
+    };
+    let (done_tx, mut done) = watch::channel(false);
+    let done_tx = Arc::new(done_tx);
+    let failure = Arc::new(Mutex::new(None));
+    let printer = Printer {
+        out: std::io::BufWriter::new(std::io::stdout()),
+        left: a.count,
+        shards: me.shards.len() > 1,
+        done: done_tx.clone(),
+        failed: failure.clone(),
+    };
+    let opts = FollowOptions {
+        urls: a.sender.clone(),
+        node_id: format!("follow-{:08x}", rand::random::<u32>()),
+        role: "follow".into(),
+        filter: Filter {
+            prefixes: a.prefixes.iter().map(|p| p.clone().into()).collect(),
+            ring: None,
+        },
+        heartbeat_interval: Duration::from_secs(1),
+        resume,
+        tls,
+        ..FollowOptions::default()
+    };
+    let state = Arc::new(Mutex::new(LinkState::default()));
+    let follow = tokio::spawn(upstream::follow(
+        opts,
+        Arc::new(Mutex::new(printer)),
+        state,
+        done.clone(),
+    ));
+    // Ends on the count, a reader gone, or the process told to stop (Ctrl-C, SIGTERM).
+    tokio::select! {
+        _ = done.wait_for(|d| *d) => {}
+        _ = crate::terminated() => {
+            let _ = done_tx.send(true);
+        }
+    }
+    let _ = follow.await;
+    let failed = upstream::lock(&failure).take();
+    failed.map_or(Ok(()), |f| Err(anyhow::anyhow!(f)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One line per invalidation whatever its key holds: bytes that would break the line or the
+    /// terminal are escaped.
+    #[test]
+    fn a_line_per_invalidation_whatever_its_key_holds() {
+        let e = |key: &'static [u8], kind: Kind| dci_proto::Invalidation {
+            seq: 7,
+            kind,
+            ..dci_proto::Invalidation::key(bytes::Bytes::from_static(key))
+        };
+        assert_eq!(line(&e(b"user:1", Kind::Key), None), "seq=7 key=user:1");
+        assert_eq!(
+            line(&e(b"a\nb\xff\x1b[2J", Kind::Key), Some(3)),
+            "seq=7 key=a\\nb\\xff\\x1b[2J shard=3"
+        );
+        let versioned = dci_proto::Invalidation {
+            source_version: Some(42),
+            ..e(b"p:", Kind::Prefix)
+        };
+        assert_eq!(line(&versioned, None), "seq=7 prefix=p: version=42");
+        assert_eq!(line(&e(b"", Kind::All), Some(0)), "seq=7 all shard=0");
+    }
+}
