@@ -102,7 +102,7 @@ impl Applier for Printer {
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
         eprintln!(
             "shard {shard}: following from seq {} of epoch {epoch} ({reason})",
-            hwm + 1
+            hwm.saturating_add(1)
         );
     }
 }
@@ -151,7 +151,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
                 anyhow::bail!("{url} carries no shard yet: there is no seq {from} to start at");
             }
             for s in &me.shards {
-                if from > s.hwm + 1 {
+                if from > s.hwm.saturating_add(1) {
                     anyhow::bail!(
                         "seq {from} is past the head of shard {} at {url} ({})",
                         s.shard,
