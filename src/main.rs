@@ -860,7 +860,10 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
     let mut clients = vec![None; shards];
     let mut request_no = vec![0u64; shards];
     let mut read = 0usize;
-    let mut out = std::io::BufWriter::new(std::io::stdout());
+    // Once nothing reads the output (`| head`), the keys are still published: only the
+    // printing stops. Any other failure to print is told once every key is published.
+    let mut out = Some(std::io::BufWriter::new(std::io::stdout()));
+    let mut unprinted = None;
     loop {
         let mut round = Vec::new();
         let mut bytes = 0;
@@ -891,7 +894,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             if read == 0 {
                 anyhow::bail!("no keys on standard input");
             }
-            return Ok(());
+            return unprinted.map_or(Ok(()), Err);
         }
         read += round.len();
         let mut lines = vec![Vec::new(); round.len()];
@@ -938,10 +941,19 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             }
         }
         // What a shard accepted before another failed stays accepted: say so before the error.
-        for l in lines.iter().flatten() {
-            writeln!(out, "{l}")?;
+        if let Some(w) = &mut out {
+            let printed = lines
+                .iter()
+                .flatten()
+                .try_for_each(|l| writeln!(w, "{l}"))
+                .and_then(|()| w.flush());
+            if let Err(e) = printed {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    unprinted = Some(anyhow!("writing to standard output: {e}"));
+                }
+                out = None;
+            }
         }
-        out.flush()?;
         if let Some(e) = failed.or(bad) {
             return Err(e);
         }

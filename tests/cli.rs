@@ -534,6 +534,22 @@ fn publish_from_standard_input_streams_and_holds_a_round_not_the_whole_input() {
     assert!(o.status.success(), "{}", stderr(&o));
     // Holding every key (as the whole input read at once did) took over 100 MiB here.
     assert!(peak < 64.0, "dci publish peaked at {peak:.1} MiB");
+
+    // Its reader gone (`| head -1`), every key is still published: only the printing stops.
+    let o = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; seq 1 100000 | {DCI} publish --coordinator {coord} - | head -1"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("1 {}\n", n + 3));
+    assert_eq!(stderr(&o), "");
+    let o = dci(&["publish", "--coordinator", &coord, "last"]);
+    assert_eq!(stdout(&o), format!("last {}\n", n + 2 + 100_000 + 1));
 }
 
 /// `dci follow`: a process following a sender, its output lines and its stderr lines (each
