@@ -501,6 +501,93 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
 /// With the edges' replication, a key lives on two edges that both receive its invalidations: the
 /// client reads and fills on the second while the first is down (the fill under the second's own
 /// lease), the second applies the key's invalidation, and a delete reaches every owner.
+/// `get_many` reads keys of every edge of a ring at once, in the keys' order, more than one
+/// request carries per edge; an invalidation shows in it as in `get`; with an edge down its keys
+/// go to their next owner, and a key refused fails the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_across_a_region_in_the_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let ids: Vec<String> = (0..3).map(|i| format!("replica-{i}")).collect();
+    let mut edges = Vec::new();
+    for id in &ids {
+        let e = edge(EdgeConfig {
+            node_id: id.clone(),
+            ring_nodes: ids.clone(),
+            replication: 2,
+            ..edge_cfg(vec![r.url()])
+        })
+        .await;
+        wait_serving(&e).await;
+        edges.push(Some(e));
+    }
+    let client = CacheClient::with_timeout(
+        ids.iter()
+            .cloned()
+            .zip(edges.iter().map(|e| e.as_ref().unwrap().edge.url()))
+            .collect(),
+        Duration::from_secs(1),
+    )
+    .unwrap()
+    .with_replication(2);
+    let ring = dci_proto::ring::NodeRing::new(ids.clone());
+    let n = 3_500;
+    let keys: Vec<String> = (0..n).map(|i| format!("k:{i}")).collect();
+    let first_owner = |k: &str| ring.owners(k.as_bytes(), 2)[0].to_string();
+    assert!(
+        ids.iter()
+            .any(|id| keys.iter().filter(|k| first_owner(k) == *id).count()
+                > dci_sdk::GET_MANY_CHUNK),
+        "one edge gets more keys than one request carries"
+    );
+    for (i, k) in keys.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(client.set(k.clone(), format!("v{i}"), None).await.unwrap());
+        }
+    }
+    let got = client.get_many(keys.clone()).await.unwrap();
+    assert_eq!(got.len(), n);
+    for (i, g) in got.iter().enumerate() {
+        match g {
+            Lookup::Hit(v) if i % 2 == 0 => assert_eq!(v, &Bytes::from(format!("v{i}"))),
+            Lookup::Miss { lease } if i % 2 == 1 => assert!(*lease > 0, "a lease for {i}"),
+            other => panic!("k:{i}: {other:?}"),
+        }
+    }
+    assert_eq!(client.get_many(Vec::<String>::new()).await.unwrap(), vec![]);
+
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = p.invalidate("k:0").await.unwrap();
+    for e in edges.iter().flatten() {
+        wait_applied(e, seq).await;
+    }
+    assert!(matches!(
+        client.get_many(["k:0", "k:2"]).await.unwrap()[..],
+        [Lookup::Miss { .. }, Lookup::Hit(_)]
+    ));
+
+    // One edge down: its keys are asked of their next owner (which was not filled: a miss).
+    let down = ids[1].clone();
+    edges[1].take().unwrap().edge.stop().await.unwrap();
+    let got = client.get_many(keys.clone()).await.unwrap();
+    for (i, (k, g)) in keys.iter().zip(&got).enumerate().skip(1) {
+        let hit = matches!(g, Lookup::Hit(v) if v == &Bytes::from(format!("v{i}")));
+        assert_eq!(hit, i % 2 == 0 && first_owner(k) != down, "k:{i}: {g:?}");
+    }
+
+    let err = client
+        .get_many(["k:1".to_string(), "x".repeat(5_000)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, dci_sdk::Error::Refused(_)), "{err}");
+    for e in edges.into_iter().flatten() {
+        e.edge.stop().await.unwrap();
+    }
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_fills_go_to_the_next_owner_while_the_first_is_down() {
     let dir = tempfile::tempdir().unwrap();

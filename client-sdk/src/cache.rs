@@ -71,6 +71,10 @@ impl Drop for Turn<'_> {
 /// or `get_or_load` goes to its loader at once).
 const PASSED_OVER_FOR: Duration = Duration::from_secs(2);
 
+/// Most keys [`CacheClient::get_many`] asks of one edge in one request (an edge takes up to
+/// 10,000): the answer of a request of big values stays a size a client takes at once.
+pub const GET_MANY_CHUNK: usize = 1_000;
+
 /// The edges a client knows, by node id: the ring over them, and each one's URL and channel.
 struct Members {
     ring: NodeRing,
@@ -328,7 +332,88 @@ impl CacheClient {
         Ok(self.get_at(key.into()).await?.1)
     }
 
-    /// Look a key up; also the edge that answered (its lease is good there only).
+    /// Look several keys up at once: one request to each edge that owns some of them (per
+    /// [`GET_MANY_CHUNK`] keys), all sent together; the answers in the keys' order. Keys whose
+    /// edge cannot be reached are asked of their next owner, one by one, as [`CacheClient::get`]
+    /// asks; any other failure (a key refused) fails the call. A hit's value is its own copy:
+    /// keeping one does not keep the rest of its edge's answer in memory.
+    pub async fn get_many<K: Into<Bytes>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Lookup>, Error> {
+        let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+        let members = self.members();
+        let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
+        // Keys none of whose owners may be asked now: each goes the way of `get`.
+        let mut one_by_one = Vec::new();
+        {
+            let now = std::time::Instant::now();
+            let u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, k) in keys.iter().enumerate() {
+                let owner = members
+                    .ring
+                    .owners(k, self.replication)
+                    .into_iter()
+                    .find(|id| u.get(*id).is_none_or(|(until, _)| now >= *until));
+                match owner {
+                    Some(id) => by_edge.entry(id).or_default().push(i),
+                    None => one_by_one.push(i),
+                }
+            }
+        }
+        let calls = by_edge.into_iter().flat_map(|(id, idx)| {
+            let members = &members;
+            let keys = &keys;
+            idx.chunks(GET_MANY_CHUNK)
+                .map(|chunk| {
+                    let mut edge = members.edges[id].1.clone();
+                    let req = pb::GetManyRequest {
+                        keys: chunk.iter().map(|&i| keys[i].clone()).collect(),
+                    };
+                    let chunk = chunk.to_vec();
+                    async move { (id, chunk, edge.get_many(req).await.map_err(Error::from)) }
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut out: Vec<Option<Lookup>> = vec![None; keys.len()];
+        for (id, idx, answer) in futures::future::join_all(calls).await {
+            let results = match answer {
+                Ok(r) => r.into_inner().results,
+                Err(Error::Unavailable(why)) => {
+                    self.unreachable
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            id.to_string(),
+                            (std::time::Instant::now() + PASSED_OVER_FOR, why),
+                        );
+                    one_by_one.extend(idx);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if results.len() != idx.len() {
+                return Err(Error::Unavailable(format!(
+                    "{id} answered {} of {} keys",
+                    results.len(),
+                    idx.len()
+                )));
+            }
+            for (i, r) in idx.into_iter().zip(results) {
+                out[i] = Some(if r.hit {
+                    Lookup::Hit(Bytes::copy_from_slice(&r.value))
+                } else {
+                    Lookup::Miss { lease: r.lease }
+                });
+            }
+        }
+        for i in one_by_one {
+            out[i] = Some(self.get(keys[i].clone()).await?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Look a key up; also the edge that answered (its lease is good there only).    /// Look a key up; also the edge that answered (its lease is good there only).
     async fn get_at(&self, key: Bytes) -> Result<(RawClient<Channel>, Lookup), Error> {
         let (_, (at, r)) = self
             .first_owner(&key, |_, mut edge| {

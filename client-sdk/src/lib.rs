@@ -24,7 +24,7 @@ mod cache;
 mod near;
 mod publisher;
 
-pub use cache::{CacheClient, Lookup};
+pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK};
 pub use dci_proto::tls::ClientTls;
 pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Publisher, PublisherOptions};
