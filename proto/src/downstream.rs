@@ -338,7 +338,12 @@ async fn run_link<S: BatchSource>(
     }
     let filter = Filter::try_from_pb(hello.filter.clone())
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
-    let logged = crate::upstream::lock(&counters.connect_log).admit(Instant::now());
+    // Under one lock: the first connection held in a window, and only it, has the summary told.
+    let (logged, held_until) = {
+        let mut budget = crate::upstream::lock(&counters.connect_log);
+        let logged = budget.admit(Instant::now());
+        (logged, budget.first_held_until())
+    };
     match logged {
         Some(0) => {
             tracing::info!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected")
@@ -349,8 +354,7 @@ async fn run_link<S: BatchSource>(
         None => {
             tracing::debug!(link_id, node = %hello.node_id, region = %hello.region, role = %hello.role, "receiver connected");
             // The last of a flood is told too, when its window ends, not only with a later one.
-            let until = crate::upstream::lock(&counters.connect_log).first_held_until();
-            if let Some(until) = until {
+            if let Some(until) = held_until {
                 let counters = counters.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep_until(until.into()).await;
