@@ -76,7 +76,7 @@ impl Applier for Printer {
         let shard = (self.shards || b.shard != 0).then_some(b.shard);
         for e in &b.entries {
             if self.left == Some(0) {
-                return;
+                break;
             }
             if let Err(e) = writeln!(self.out, "{}", line(e, shard)) {
                 return self.wrote(e);

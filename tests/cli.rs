@@ -670,6 +670,14 @@ fn follow_prints_the_stream_from_the_head_or_a_seq() {
     assert_eq!(lines, ["seq=2 key=b", "seq=4 prefix=user:", "seq=5 all"]);
     assert_eq!(f.exit_code(), Some(0));
 
+    // The count reached in the middle of a batch (a and b were published together).
+    let f = follow(
+        Command::new(DCI).args(["follow", "--sender", &relay, "--from", "1", "--count", "1"]),
+    );
+    assert_eq!(f.line().as_deref(), Some("seq=1 key=a"));
+    assert_eq!(f.line(), None);
+    assert_eq!(f.exit_code(), Some(0));
+
     // A reader that goes away (as `| head -1` does) ends it, quietly, at its next line.
     let mut child = Command::new(DCI)
         .args(["follow", "--sender", &relay, "--from", "1"])
@@ -1182,6 +1190,37 @@ fn helm_template(release: &str, settings: &[&str]) -> Result<Vec<serde_yaml::Val
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|d: &serde_yaml::Value| !d.is_null())
         .collect())
+}
+
+/// The chart's NOTES.txt (what `helm install` prints) as rendered with these settings:
+/// `helm template` leaves NOTES.txt out (and takes only YAML), so it renders a copy of the chart
+/// in which a template gives the file's text, rendered as NOTES.txt is, as a YAML string.
+fn helm_notes(release: &str, settings: &[&str]) -> String {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
+    let copy = tempfile::tempdir().unwrap();
+    let o = Command::new("cp")
+        .args(["-r", chart])
+        .arg(copy.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = copy.path().join("dci");
+    std::fs::rename(root.join("templates/NOTES.txt"), root.join("notes.tpl")).unwrap();
+    std::fs::write(
+        root.join("templates/notes.yaml"),
+        "notes: |\n{{ tpl (.Files.Get \"notes.tpl\") . | indent 2 }}\n",
+    )
+    .unwrap();
+    let o = Command::new("helm")
+        .args(["template", release])
+        .arg(&root)
+        .args(["--show-only", "templates/notes.yaml"])
+        .args(settings)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_yaml::Value = serde_yaml::from_str(&stdout(&o)).unwrap();
+    doc["notes"].as_str().unwrap().to_string()
 }
 
 /// The Services of rendered documents: name → port.
@@ -1939,18 +1978,15 @@ fn the_helm_chart_starts_a_working_tree() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
     let o = Command::new("helm").args(["lint", chart]).output().unwrap();
     assert!(o.status.success(), "{}", stdout(&o));
-    let docs = helm_template(
-        "t",
-        &[
-            "--set",
-            "coordinator.shards=2",
-            "--set",
-            "edge.replication=2",
-            "--set",
-            "relay.maxReceivers=100",
-        ],
-    )
-    .unwrap();
+    let settings = &[
+        "--set",
+        "coordinator.shards=2",
+        "--set",
+        "edge.replication=2",
+        "--set",
+        "relay.maxReceivers=100",
+    ];
+    let docs = helm_template("t", settings).unwrap();
     let mut services = helm_services(&docs);
     for d in docs
         .iter()
@@ -2034,6 +2070,55 @@ fn the_helm_chart_starts_a_working_tree() {
     eventually("both regions' edges to apply both shards", || {
         edges_caught_up(&coordinators, &[], &heads) == ["t-edge-eu-west-0", "t-edge-us-east-0"]
     });
+
+    // What `helm install` tells to do works, and names the edges as they are.
+    let notes = helm_notes("t", settings);
+    let local = |arg: &str| -> String {
+        arg.split(',')
+            .map(|u| match u.split_once("://") {
+                Some((scheme, rest)) => {
+                    let (host, port) = rest.split_once(':').unwrap();
+                    assert_eq!(services[host].to_string(), port, "{u}");
+                    format!("{scheme}://127.0.0.1:{}", ports[host])
+                }
+                None => u.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let commands: Vec<Vec<String>> = notes
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(str::trim)
+        .filter(|l| l.starts_with("dci ") && !l.contains("127.0.0.1"))
+        .map(|l| l.split_whitespace().skip(1).map(local).collect())
+        .collect();
+    let ran: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
+    assert_eq!(ran, ["publish", "status", "follow", "follow"], "{notes}");
+    for c in &commands {
+        if c[0] == "follow" {
+            let f = follow(
+                Command::new(DCI)
+                    .args(c)
+                    .args(["--from", "1", "--count", "1"]),
+            );
+            let line = f.line().unwrap_or_default();
+            assert!(line.starts_with("seq=1 key=user:"), "{c:?}: {line}");
+            assert_eq!(f.exit_code(), Some(0), "{c:?}");
+            continue;
+        }
+        let o = dci(&c.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{c:?}: {}", stderr(&o));
+        match c[0].as_str() {
+            "publish" => assert!(stdout(&o).starts_with("user:42:profile "), "{}", stdout(&o)),
+            _ => assert!(stdout(&o).contains("t-edge-us-east-0"), "{}", stdout(&o)),
+        }
+    }
+    for region in ["eu-west", "us-east"] {
+        let edge = format!("t-edge-{region}-0 http://t-edge-{region}-0.t-edge-{region}:7600");
+        assert!(notes.contains(&edge), "{notes}");
+        assert!(notes.contains(".with_replication(2)"), "{notes}");
+    }
 
     // A region of its own, following the first release's coordinators as another cluster would
     // (here by their in-cluster names; across clusters, by what `coordinator.exposeAs` gives).
