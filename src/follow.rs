@@ -21,9 +21,13 @@ pub struct FollowArgs {
     #[arg(long, value_delimiter = ',')]
     prefixes: Vec<String>,
     /// Start at this seq, from the sender's ring or log (every shard it carries, at the same
-    /// seq), instead of at its head.
+    /// seq, or the one `--shard` names), instead of at its head.
     #[arg(long, value_parser = crate::positive)]
     from: Option<u64>,
+    /// Only this shard's invalidations (a sender that carries several: each shard has seqs of
+    /// its own).
+    #[arg(long)]
+    shard: Option<ShardId>,
     /// Exit after this many invalidations.
     #[arg(long, value_parser = crate::positive)]
     count: Option<u64>,
@@ -38,6 +42,8 @@ struct Printer {
     left: Option<u64>,
     /// Print the shard beside each seq (the sender carries several).
     shards: bool,
+    /// Print only this shard's.
+    only: Option<ShardId>,
     /// Told once printing is over (the count reached, or output nobody reads any more).
     done: Arc<watch::Sender<bool>>,
     /// Why printing stopped early, if not for a reader that went away.
@@ -73,6 +79,9 @@ fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
 
 impl Applier for Printer {
     fn apply(&mut self, b: &Batch) {
+        if self.only.is_some_and(|s| s != b.shard) {
+            return;
+        }
         let shard = (self.shards || b.shard != 0).then_some(b.shard);
         for e in &b.entries {
             if self.left == Some(0) {
@@ -144,13 +153,31 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
             me.role
         );
     }
+    if let Some(shard) = a.shard {
+        if !me.shards.iter().any(|s| s.shard == shard) {
+            let carried: Vec<String> = me.shards.iter().map(|s| s.shard.to_string()).collect();
+            anyhow::bail!(
+                "{url} carries no shard {shard} (it carries: {})",
+                if carried.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    carried.join(", ")
+                }
+            );
+        }
+    }
+    let starts: Vec<_> = me
+        .shards
+        .iter()
+        .filter(|s| a.shard.is_none_or(|only| only == s.shard))
+        .collect();
     let resume: Vec<(ShardId, Epoch, Seq)> = match a.from {
         None => Vec::new(),
         Some(from) => {
-            if me.shards.is_empty() {
+            if starts.is_empty() {
                 anyhow::bail!("{url} carries no shard yet: there is no seq {from} to start at");
             }
-            for s in &me.shards {
+            for s in &starts {
                 if from > s.hwm.saturating_add(1) {
                     anyhow::bail!(
                         "seq {from} is past the head of shard {} at {url} ({})",
@@ -159,7 +186,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
                     );
                 }
             }
-            me.shards
+            starts
                 .iter()
                 .map(|s| (s.shard, s.epoch, from - 1))
                 .collect()
@@ -172,6 +199,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
         out: std::io::BufWriter::new(std::io::stdout()),
         left: a.count,
         shards: me.shards.len() > 1,
+        only: a.shard,
         done: done_tx.clone(),
         failed: failure.clone(),
     };

@@ -816,6 +816,50 @@ fn a_sharded_tier_from_the_command_line() {
         o.status.success() && rows(&v, "edge") == want && rows(&v, "relay") == want
     });
 
+    // One shard of the relay's stream, from its first seq.
+    let relay = format!("http://127.0.0.1:{rp}");
+    let n = (next[1] - 1).to_string();
+    let f = follow(Command::new(DCI).args([
+        "follow", "--sender", &relay, "--shard", "1", "--from", "1", "--count", &n,
+    ]));
+    let lines: Vec<String> = std::iter::from_fn(|| f.line()).collect();
+    let want: Vec<String> = keys
+        .iter()
+        .filter(|k| map.shard_of(k.as_bytes()) == 1)
+        .enumerate()
+        .map(|(i, k)| format!("seq={} key={k} shard=1", i + 1))
+        .collect();
+    assert_eq!(lines, want);
+    assert_eq!(f.exit_code(), Some(0));
+    // From the head, only shard 1's: a key of shard 0 published before one of shard 1 is not
+    // printed.
+    let f = follow(Command::new(DCI).args(["follow", "--sender", &relay, "--shard", "1"]));
+    for _ in 0..2 {
+        logged(&f.err, "following from seq");
+    }
+    let of_shard = |s: u32| {
+        (100..)
+            .map(|i| format!("user:{i}"))
+            .find(|k| map.shard_of(k.as_bytes()) == s)
+            .unwrap()
+    };
+    let (k0, k1) = (of_shard(0), of_shard(1));
+    for k in [&k0, &k1] {
+        let o = dci(&["publish", "--coordinator", &urls, k]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(
+        f.line().unwrap_or_default(),
+        format!("seq={} key={k1} shard=1", next[1])
+    );
+    let o = dci(&["follow", "--sender", &relay, "--shard", "5"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("carries no shard 5 (it carries: 0, 1)"),
+        "{}",
+        stderr(&o)
+    );
+
     drop(procs.pop()); // shard 1's coordinator is gone
                        // Its log is shard 1's: started there as shard 0 (volumes swapped), the coordinator refuses.
     let o = dci(&[
