@@ -598,15 +598,22 @@ impl Following {
 
     /// Its exit code, once it has ended by itself (within 20 s).
     fn exit_code(mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.proc.0.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(Instant::now() < deadline, "dci follow did not end");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        ended(&mut self.proc, || {})
     }
+}
+
+/// The exit code of `proc`, once it has ended by itself (within 20 s), doing `meanwhile` while
+/// it has not.
+fn ended(proc: &mut Proc, mut meanwhile: impl FnMut()) -> Option<i32> {
+    let mut code = None;
+    eventually("the process to end", || {
+        match proc.0.try_wait().unwrap() {
+            Some(s) => code = Some(s.code()),
+            None => meanwhile(),
+        }
+        code.is_some()
+    });
+    code.flatten()
 }
 
 /// `dci follow` prints what a relay or coordinator streams, one line per invalidation (a key
@@ -698,15 +705,7 @@ fn follow_prints_the_stream_from_the_head_or_a_seq() {
     assert_eq!(first, "seq=1 key=a\n");
     // It learns that its reader left when it next writes: what it wrote before may have gone
     // to the pipe while the reader was still there, so invalidations come until it has ended.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(s) = proc.0.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(Instant::now() < deadline, "dci follow did not end");
-        publish(&["after the reader left"]);
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = ended(&mut proc, || publish(&["after the reader left"]));
     assert_eq!(code, Some(0), "dci follow ended, and with 0");
 
     // What cannot be followed: one line, exit 2.

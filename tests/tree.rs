@@ -1604,12 +1604,14 @@ async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
     server.abort();
 }
 
-/// A sharded coordinator tier: one relay follows each shard's coordinator on a link of its own
-/// (`upstream` for shard 0, `upstream_groups` for shard 1) and serves both shards to its edges.
-/// A shard whose coordinator is gone holds back only itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_follows_every_shard_of_a_sharded_tier() {
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+/// Two coordinators (shards 0 and 1, logs in `dirs`), a relay that follows each on a link of its
+/// own (`upstream` for shard 0, `upstream_groups` for shard 1), and an edge behind it with this
+/// staleness bound, in the stream of both shards: a relay whose link to a shard came up after a
+/// publish would have started that shard's ring past it.
+async fn sharded_tier(
+    dirs: &[tempfile::TempDir; 2],
+    max_staleness: Duration,
+) -> (Vec<Coordinator>, Relay, Watched) {
     let mut cs = Vec::new();
     for (shard, dir) in dirs.iter().enumerate() {
         cs.push(
@@ -1635,17 +1637,25 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
     .unwrap();
     let e = edge(EdgeConfig {
         shard_count: 2,
-        max_staleness: Duration::from_secs(2),
+        max_staleness,
         ..edge_cfg(vec![r.url()])
     })
     .await;
-    // In both shards' streams before anything is published: a relay whose link to a shard came
-    // up after the publish would have started that shard's ring past it.
     eventually("the edge in the stream of both shards", || {
         let shards: HashSet<u32> = lock(&e.edge.link).progress.iter().map(|p| p.0).collect();
         shards == HashSet::from([0, 1])
     })
     .await;
+    (cs, r, e)
+}
+
+/// A sharded coordinator tier: one relay follows each shard's coordinator on a link of its own
+/// (`upstream` for shard 0, `upstream_groups` for shard 1) and serves both shards to its edges.
+/// A shard whose coordinator is gone holds back only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_follows_every_shard_of_a_sharded_tier() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (mut cs, r, e) = sharded_tier(&dirs, Duration::from_secs(2)).await;
     let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
         .await
         .unwrap();
@@ -1727,39 +1737,7 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_invalidates_a_prefix_and_everything_on_every_shard() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let mut cs = Vec::new();
-    for (shard, dir) in dirs.iter().enumerate() {
-        cs.push(
-            Coordinator::start(CoordinatorConfig {
-                listen: any_port(),
-                data_dir: dir.path().to_path_buf(),
-                shard: shard as u32,
-                shard_count: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap(),
-        );
-    }
-    let r = Relay::start(RelayConfig {
-        listen: any_port(),
-        upstream: vec![cs[0].url()],
-        upstream_groups: vec![vec![cs[1].url()]],
-        region: "r".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let e = edge(EdgeConfig {
-        shard_count: 2,
-        ..edge_cfg(vec![r.url()])
-    })
-    .await;
-    eventually("the edge in the stream of both shards", || {
-        let shards: HashSet<u32> = lock(&e.edge.link).progress.iter().map(|p| p.0).collect();
-        shards == HashSet::from([0, 1])
-    })
-    .await;
+    let (cs, r, e) = sharded_tier(&dirs, EdgeConfig::default().max_staleness).await;
     let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
         .await
         .unwrap();

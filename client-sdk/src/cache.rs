@@ -276,6 +276,30 @@ impl CacheClient {
         self
     }
 
+    /// Why edge `id` is passed over now (it could not be reached lately), if it is.
+    fn passed_over(&self, id: &str) -> Option<String> {
+        let mut u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        match u.get(id) {
+            Some((until, w)) if std::time::Instant::now() < *until => Some(w.clone()),
+            Some(_) => {
+                u.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Pass edge `id` over for reads and fills for [`PASSED_OVER_FOR`]: it could not be reached.
+    fn pass_over(&self, id: &str, why: String) {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.to_string(),
+                (std::time::Instant::now() + PASSED_OVER_FOR, why),
+            );
+    }
+
     /// Ask the key's owners in turn, while they cannot be reached: the first answer, or refusal,
     /// stands. Returns the owner that answered, with the answer.
     async fn first_owner<T, F, Fut>(&self, key: &[u8], mut call: F) -> Result<(String, T), Error>
@@ -286,19 +310,7 @@ impl CacheClient {
         let mut why = String::new();
         let members = self.members();
         for id in members.ring.owners(key, self.replication) {
-            let now = std::time::Instant::now();
-            let passed_over = {
-                let mut u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-                match u.get(id) {
-                    Some((until, w)) if now < *until => Some(w.clone()),
-                    Some(_) => {
-                        u.remove(id);
-                        None
-                    }
-                    None => None,
-                }
-            };
-            if let Some(w) = passed_over {
+            if let Some(w) = self.passed_over(id) {
                 why =
                     format!("{id} not asked: unreachable less than {PASSED_OVER_FOR:?} ago ({w})");
                 continue;
@@ -306,13 +318,7 @@ impl CacheClient {
             match call(id.to_string(), members.edges[id].1.clone()).await {
                 Ok(v) => return Ok((id.to_string(), v)),
                 Err(Error::Unavailable(w)) => {
-                    self.unreachable
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            id.to_string(),
-                            (std::time::Instant::now() + PASSED_OVER_FOR, w.clone()),
-                        );
+                    self.pass_over(id, w.clone());
                     why = w;
                 }
                 Err(e) => return Err(e),
@@ -346,19 +352,15 @@ impl CacheClient {
         let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
         // Keys none of whose owners may be asked now: each goes the way of `get`.
         let mut one_by_one = Vec::new();
-        {
-            let now = std::time::Instant::now();
-            let u = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-            for (i, k) in keys.iter().enumerate() {
-                let owner = members
-                    .ring
-                    .owners(k, self.replication)
-                    .into_iter()
-                    .find(|id| u.get(*id).is_none_or(|(until, _)| now >= *until));
-                match owner {
-                    Some(id) => by_edge.entry(id).or_default().push(i),
-                    None => one_by_one.push(i),
-                }
+        for (i, k) in keys.iter().enumerate() {
+            let owner = members
+                .ring
+                .owners(k, self.replication)
+                .into_iter()
+                .find(|id| self.passed_over(id).is_none());
+            match owner {
+                Some(id) => by_edge.entry(id).or_default().push(i),
+                None => one_by_one.push(i),
             }
         }
         let calls = by_edge.into_iter().flat_map(|(id, idx)| {
@@ -380,13 +382,7 @@ impl CacheClient {
             let results = match answer {
                 Ok(r) => r.into_inner().results,
                 Err(Error::Unavailable(why)) => {
-                    self.unreachable
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            id.to_string(),
-                            (std::time::Instant::now() + PASSED_OVER_FOR, why),
-                        );
+                    self.pass_over(id, why);
                     one_by_one.extend(idx);
                     continue;
                 }
