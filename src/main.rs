@@ -351,9 +351,23 @@ struct PublishArgs {
     /// repeats, never as a second one.
     #[arg(long, value_parser = duration, default_value = "10s")]
     retry_for: Duration,
+    /// Once published, wait until every cache below the coordinators (edges, near caches) has
+    /// applied it, for at most this long (`--wait` alone: 30s): "applied by all N caches" on
+    /// stderr, or the caches that lag and exit 3.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_parser = duration)]
+    wait: Option<Duration>,
     #[command(flatten)]
     tls: ClientTlsArgs,
 }
+
+/// How often `dci publish --wait` reads the tree (which each hop reports every half second).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Exit code of `dci publish --wait` when published but not applied everywhere in time.
+const EXIT_NOT_APPLIED: u8 = 3;
+
+/// Most lagging caches `dci publish --wait` names.
+const WAIT_NAMED: usize = 10;
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
 const PUBLISH_CHUNK: usize = 4096;
@@ -824,7 +838,84 @@ impl KeySource {
     }
 }
 
-async fn publish(a: PublishArgs) -> anyhow::Result<()> {
+async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
+    let Some(within) = a.wait else {
+        return publish_keys(&a, &mut Vec::new()).await.map(|()| 0);
+    };
+    let tls = a.tls.client()?;
+    let started = tokio::time::Instant::now();
+    // The caches there before publishing: one that leaves the tree afterwards (cut off,
+    // restarting, failing over) may still hold what is invalidated, so it is waited for.
+    let mut coverage = dci_proto::applied::Coverage::default();
+    if let Ok(nodes) = tier_tree(&a.coordinator, &tls).await {
+        coverage.update(&nodes);
+    }
+    let mut published = Vec::new();
+    publish_keys(&a, &mut published).await?;
+    loop {
+        let tree = tier_tree(&a.coordinator, &tls).await;
+        if let Ok(nodes) = &tree {
+            coverage.update(nodes);
+        }
+        let lagging = coverage.lagging(&published);
+        if tree.is_ok() && lagging.is_empty() {
+            let took = started.elapsed().as_secs_f64();
+            let regions = coverage.regions().join(", ");
+            match coverage.caches() {
+                0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
+                1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
+                n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
+            }
+            return Ok(0);
+        }
+        if started.elapsed() >= within {
+            let within = humantime::format_duration(within);
+            let Err(e) = tree else {
+                let mut named: Vec<String> = lagging
+                    .iter()
+                    .take(WAIT_NAMED)
+                    .map(|l| l.to_string())
+                    .collect();
+                if lagging.len() > WAIT_NAMED {
+                    named.push(format!("and {} more", lagging.len() - WAIT_NAMED));
+                }
+                let caches = {
+                    let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
+                    ids.dedup();
+                    ids.len()
+                };
+                eprintln!(
+                    "not applied within {within} by {caches} of {} caches: {}",
+                    coverage.caches(),
+                    named.join(", ")
+                );
+                return Ok(EXIT_NOT_APPLIED);
+            };
+            eprintln!("published, but the tree could not be read within {within}: {e:#}");
+            return Ok(EXIT_NOT_APPLIED);
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// The tree below every coordinator of a tier, merged; an error if any does not answer (a
+/// part of the tree would be missing).
+async fn tier_tree(
+    urls: &[String],
+    tls: &dci_proto::tls::ClientTls,
+) -> anyhow::Result<Vec<pb::NodeStatus>> {
+    let mut nodes = Vec::new();
+    for url in urls {
+        merge_tree(&mut nodes, node_tree(url, tls).await?);
+    }
+    Ok(nodes)
+}
+
+/// Publish what the arguments say, noting in `published` how far each shard answered.
+async fn publish_keys(
+    a: &PublishArgs,
+    published: &mut Vec<dci_proto::applied::Published>,
+) -> anyhow::Result<()> {
     let tls = a.tls.client()?;
     let kind = if a.all {
         pb::Kind::All
@@ -927,6 +1018,16 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
                         break;
                     }
                 };
+                if let Some(&seq) = r.seqs.iter().max() {
+                    dci_proto::applied::note(
+                        published,
+                        dci_proto::applied::Published {
+                            shard: shard as u32,
+                            epoch: r.epoch,
+                            seq,
+                        },
+                    );
+                }
                 for ((i, k), seq) in chunk.iter().zip(r.seqs) {
                     let k = if a.all { "*" } else { k.as_str() };
                     lines[*i].push(if shards == 1 {
@@ -1306,7 +1407,7 @@ fn main() -> ExitCode {
             Command::Coordinator(a) => coordinator(a).await.map(|_| 0),
             Command::Relay(a) => relay(a).await.map(|_| 0),
             Command::Edge(a) => edge(a).await.map(|_| 0),
-            Command::Publish(a) => publish(a).await.map(|_| 0),
+            Command::Publish(a) => publish(a).await,
             Command::Get(a) => get(a).await.map(|hit| if hit { 0 } else { 1 }),
             Command::Set(a) => set(a).await.map(|_| 0),
             Command::Delete(a) => delete(a).await.map(|existed| if existed { 0 } else { 1 }),

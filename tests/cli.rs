@@ -172,6 +172,15 @@ fn hwm(coord: &str, role: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The lease a `dci get` that missed handed out ("miss (lease L)" on its stderr).
+fn lease_in(o: &Output) -> u64 {
+    stderr(o)
+        .split("lease ")
+        .nth(1)
+        .and_then(|l| l.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no lease in {}", stderr(o)))
+}
+
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -859,6 +868,26 @@ fn a_sharded_tier_from_the_command_line() {
         stderr(&o)
     );
 
+    // Waited for on both shards: applied on both once it returns.
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &urls,
+        "--prefix",
+        "user:",
+        "--wait=20s",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("applied by the only cache (eu) in "),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&["status", "--coordinator", &urls, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = vec![(0, next[0] + 1), (1, next[1] + 1)];
+    assert_eq!(rows(&v, "edge"), want);
+
     drop(procs.pop()); // shard 1's coordinator is gone
                        // Its log is shard 1's: started there as shard 0 (volumes swapped), the coordinator refuses.
     let o = dci(&[
@@ -1544,11 +1573,7 @@ fn a_tree_over_tls() {
 
     let o = dci(&["get", "--edge", &edge, "--tls-ca", &ca, "user:1"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let lease = stderr(&o)
-        .split("lease ")
-        .nth(1)
-        .and_then(|l| l.trim().trim_end_matches(')').parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no lease in {}", stderr(&o)));
+    let lease = lease_in(&o);
     let o = dci(&[
         "set",
         "--edge",
@@ -1993,6 +2018,104 @@ fn a_stopped_edge_shows_its_lag_growing_in_status() {
     eventually("the edge to catch up once it runs again", || {
         progress(&coord, "stopped").is_some_and(|(hwm, lag, _)| hwm == 3 && lag == 0)
     });
+}
+
+/// `dci publish --wait` returns once every cache below the coordinator has applied what it
+/// published, so that a read right after finds it gone at every edge; an edge that does not
+/// apply it in time is named, and the exit code says so; with no cache, nothing is waited for.
+#[test]
+fn publish_wait_returns_once_every_cache_applied_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_relay, rp) = start(&[
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &coord,
+        "--region",
+        "eu",
+    ]);
+    let relay = format!("http://127.0.0.1:{rp}");
+    let edge = |id: &str| {
+        let (proc, port) = start(&[
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--relays",
+            &relay,
+            "--region",
+            "eu",
+            "--node-id",
+            id,
+        ]);
+        (proc, format!("http://127.0.0.1:{port}"))
+    };
+    let edges = [edge("running"), edge("stopped")];
+    let publish = |wait: &str, key: &str| dci(&["publish", "--coordinator", &coord, wait, key]);
+    let o = publish("--wait", "warm");
+    assert!(o.status.success(), "{}", stderr(&o));
+    eventually("both edges in the tree", || {
+        ["running", "stopped"]
+            .iter()
+            .all(|id| progress(&coord, id).is_some_and(|(hwm, _, _)| hwm == 1))
+    });
+
+    for (_, url) in &edges {
+        let miss = dci(&["get", "--edge", url, "user:1"]);
+        let lease = lease_in(&miss).to_string();
+        let set = dci(&["set", "--edge", url, "--lease", &lease, "user:1", "v1"]);
+        assert!(set.status.success(), "{}", stderr(&set));
+    }
+    let o = publish("--wait=20s", "user:1");
+    assert_eq!(stdout(&o), "user:1 2\n");
+    assert!(
+        o.status.success() && stderr(&o).starts_with("applied by all 2 caches (eu) in "),
+        "{o:?}"
+    );
+    for (_, url) in &edges {
+        let got = dci(&["get", "--edge", url, "user:1"]);
+        assert_eq!(got.status.code(), Some(1), "still served: {}", stdout(&got));
+    }
+
+    let pid = edges[1].0 .0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let o = publish("--wait=2s", "user:2");
+    assert_eq!(stdout(&o), "user:2 3\n", "published all the same");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "not applied within 2s by 1 of 2 caches: stopped (eu) at seq 2 of 3 on shard 0\n"
+    );
+    signal("-CONT");
+    let o = publish("--wait=20s", "user:3");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let alone = tempfile::tempdir().unwrap();
+    let (_c, port) = start_coordinator(alone.path());
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &format!("http://127.0.0.1:{port}"),
+        "--wait",
+        "k",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "no cache follows these coordinators: nothing to wait for\n"
+    );
+    let o = publish("--wait=soon", "k");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
 
 /// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two
@@ -2463,11 +2586,7 @@ fn an_edge_reloads_its_relays_and_ring_from_its_config_file() {
         miss
     });
     let o = o.unwrap();
-    let lease = stderr(&o)
-        .split("lease ")
-        .nth(1)
-        .and_then(|l| l.trim_end_matches([')', '\n']).parse::<u64>().ok())
-        .unwrap();
+    let lease = lease_in(&o);
     let set = dci(&[
         "set",
         "--edge",

@@ -14,6 +14,7 @@
 //!   (coordinator log, relay ring), and following senders with failover into any
 //!   [`upstream::Applier`] (relay ring, edge store, near cache).
 
+pub mod applied;
 pub mod downstream;
 pub mod lease;
 pub mod link;

@@ -1,0 +1,299 @@
+//! Whether published invalidations have reached every cache, read from the tree that
+//! `Admin.Status` reports. Pure: the caller fetches the tree and decides how long to wait.
+
+use std::collections::BTreeMap;
+
+use crate::pb;
+use crate::{Epoch, Seq, ShardId};
+
+/// The roles of nodes that serve values, and so must have applied an invalidation before it
+/// has taken effect (relays and `dci follow` serve none).
+pub const CACHE_ROLES: [&str; 2] = ["edge", "near-cache"];
+
+/// What a shard answered a publish: everything up to `seq` in `epoch` is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The shard.
+    pub shard: ShardId,
+    /// The shard log's epoch when it answered.
+    pub epoch: Epoch,
+    /// The highest seq it gave.
+    pub seq: Seq,
+}
+
+/// Keep, per shard, the highest of what was answered.
+pub fn note(published: &mut Vec<Published>, p: Published) {
+    match published.iter_mut().find(|q| q.shard == p.shard) {
+        Some(q) if (q.epoch, q.seq) >= (p.epoch, p.seq) => {}
+        Some(q) => *q = p,
+        None => published.push(p),
+    }
+}
+
+/// A cache that has not applied a shard's invalidations yet, as its latest report says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lagging {
+    /// The cache's node id.
+    pub node_id: String,
+    /// Its region.
+    pub region: String,
+    /// The shard it lags on.
+    pub shard: ShardId,
+    /// The seq it must reach, in the published epoch.
+    pub seq: Seq,
+    /// What it reported (`None`: it is no longer in the tree).
+    pub at: Option<(Epoch, Seq)>,
+}
+
+impl std::fmt::Display for Lagging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.node_id)?;
+        if !self.region.is_empty() {
+            write!(f, " ({})", self.region)?;
+        }
+        match self.at {
+            None => write!(f, " no longer reported"),
+            Some((_, hwm)) => write!(f, " at seq {hwm} of {} on shard {}", self.seq, self.shard),
+        }
+    }
+}
+
+/// The caches seen so far and how far each has applied: fed a tree at a time, it tells which
+/// caches still lack a publish. A cache once seen and then missing from the tree (stopped,
+/// cut off, failing over) is waited for until it is back: it may still hold what was
+/// invalidated, and serve it until its staleness bound.
+#[derive(Debug, Default)]
+pub struct Coverage {
+    caches: BTreeMap<String, Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    region: String,
+    /// In the last tree.
+    reported: bool,
+    /// Per shard, the furthest (epoch, hwm) in the last tree.
+    shards: BTreeMap<ShardId, (Epoch, Seq)>,
+}
+
+impl Coverage {
+    /// Take the latest tree: every cache in it, with its furthest progress per shard (a cache
+    /// reported by two senders, while it moves from one to the other, counts once).
+    pub fn update(&mut self, nodes: &[pb::NodeStatus]) {
+        for c in self.caches.values_mut() {
+            c.reported = false;
+            c.shards.clear();
+        }
+        for n in nodes {
+            if !CACHE_ROLES.contains(&n.role.as_str()) {
+                continue;
+            }
+            let c = self.caches.entry(n.node_id.clone()).or_default();
+            c.region.clone_from(&n.region);
+            c.reported = true;
+            for s in &n.shards {
+                let at = c.shards.entry(s.shard).or_insert((s.epoch, s.hwm));
+                *at = (*at).max((s.epoch, s.hwm));
+            }
+        }
+    }
+
+    /// How many caches have been seen.
+    pub fn caches(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// The regions of the caches seen, each once, in order.
+    pub fn regions(&self) -> Vec<&str> {
+        let mut r: Vec<&str> = self.caches.values().map(|c| c.region.as_str()).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    /// Every cache that has not applied `published`, as of the last tree. A cache has applied a
+    /// shard's publish once it is past its seq in its epoch, or in a later epoch (which it
+    /// entered by dropping all it held of the shard). A cache in the tree that does not follow
+    /// the shard (yet) holds none of its keys; one missing from the tree lacks every shard.
+    pub fn lagging(&self, published: &[Published]) -> Vec<Lagging> {
+        let mut out = Vec::new();
+        for (node_id, c) in &self.caches {
+            for p in published {
+                let at = if !c.reported {
+                    None
+                } else {
+                    match c.shards.get(&p.shard) {
+                        None => continue,
+                        Some(&at) if at >= (p.epoch, p.seq) => continue,
+                        Some(&at) => Some(at),
+                    }
+                };
+                out.push(Lagging {
+                    node_id: node_id.clone(),
+                    region: c.region.clone(),
+                    shard: p.shard,
+                    seq: p.seq,
+                    at,
+                });
+                if at.is_none() {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(
+        id: &str,
+        role: &str,
+        region: &str,
+        shards: &[(ShardId, Epoch, Seq)],
+    ) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node_id: id.into(),
+            role: role.into(),
+            region: region.into(),
+            parent: "r".into(),
+            shards: shards
+                .iter()
+                .map(|&(shard, epoch, hwm)| pb::ShardProgress {
+                    shard,
+                    epoch,
+                    hwm,
+                    ..Default::default()
+                })
+                .collect(),
+            connected_ms: 0,
+        }
+    }
+
+    fn ids(l: &[Lagging]) -> Vec<&str> {
+        l.iter().map(|l| l.node_id.as_str()).collect()
+    }
+
+    const P: Published = Published {
+        shard: 0,
+        epoch: 5,
+        seq: 100,
+    };
+
+    #[test]
+    fn only_caches_short_of_the_seq_in_its_epoch_lag() {
+        let mut c = Coverage::default();
+        c.update(&[
+            node("c", "coordinator", "", &[(0, 5, 120)]),
+            node("r", "relay", "eu", &[(0, 5, 90)]),
+            node("f", "follow", "", &[(0, 5, 10)]),
+            node("at", "edge", "eu", &[(0, 5, 100)]),
+            node("past", "near-cache", "us", &[(0, 5, 101)]),
+            node("short", "edge", "eu", &[(0, 5, 99)]),
+            node("old-epoch", "edge", "us", &[(0, 4, 500)]),
+            node("new-epoch", "edge", "us", &[(0, 6, 1)]),
+        ]);
+        assert_eq!(
+            c.caches(),
+            5,
+            "relays, coordinators and followers serve no value"
+        );
+        assert_eq!(c.regions(), ["eu", "us"]);
+        let l = c.lagging(&[P]);
+        assert_eq!(ids(&l), ["old-epoch", "short"]);
+        assert_eq!(l[1].to_string(), "short (eu) at seq 99 of 100 on shard 0");
+    }
+
+    #[test]
+    fn a_cache_reported_twice_counts_once_at_its_furthest() {
+        let mut c = Coverage::default();
+        c.update(&[
+            node("e", "edge", "eu", &[(0, 5, 40)]),
+            node("e", "edge", "eu", &[(0, 5, 100)]),
+        ]);
+        assert_eq!(c.caches(), 1);
+        assert!(c.lagging(&[P]).is_empty());
+    }
+
+    #[test]
+    fn a_cache_gone_from_the_tree_is_waited_for_until_it_is_back() {
+        let mut c = Coverage::default();
+        c.update(&[
+            node("a", "edge", "eu", &[(0, 5, 50)]),
+            node("b", "edge", "eu", &[(0, 5, 50)]),
+        ]);
+        c.update(&[node("a", "edge", "eu", &[(0, 5, 100)])]);
+        let l = c.lagging(&[
+            P,
+            Published {
+                shard: 1,
+                epoch: 2,
+                seq: 3,
+            },
+        ]);
+        assert_eq!(
+            ids(&l),
+            ["b"],
+            "one line for a missing cache, not one per shard"
+        );
+        assert_eq!(l[0].at, None);
+        assert_eq!(l[0].to_string(), "b (eu) no longer reported");
+        c.update(&[
+            node("a", "edge", "eu", &[(0, 5, 100)]),
+            node("b", "edge", "eu", &[(0, 5, 100)]),
+        ]);
+        assert!(c.lagging(&[P]).is_empty());
+    }
+
+    #[test]
+    fn every_shard_published_to_must_be_applied() {
+        let mut c = Coverage::default();
+        let q = Published {
+            shard: 1,
+            epoch: 7,
+            seq: 9,
+        };
+        c.update(&[
+            node("both", "edge", "eu", &[(0, 5, 100), (1, 7, 8)]),
+            node("only-0", "edge", "eu", &[(0, 5, 100)]),
+        ]);
+        let l = c.lagging(&[P, q]);
+        assert_eq!(
+            ids(&l),
+            ["both"],
+            "a cache not following a shard holds none of its keys"
+        );
+        assert_eq!(l[0].shard, 1);
+        c.update(&[node("both", "edge", "eu", &[(0, 5, 100), (1, 7, 9)])]);
+        assert_eq!(ids(&c.lagging(&[P, q])), ["only-0"], "gone from the tree");
+    }
+
+    #[test]
+    fn the_highest_answer_per_shard_is_kept() {
+        let mut p = Vec::new();
+        note(&mut p, P);
+        note(&mut p, Published { seq: 90, ..P });
+        note(
+            &mut p,
+            Published {
+                shard: 1,
+                epoch: 1,
+                seq: 1,
+            },
+        );
+        note(&mut p, Published { seq: 110, ..P });
+        assert_eq!(
+            p,
+            [
+                Published { seq: 110, ..P },
+                Published {
+                    shard: 1,
+                    epoch: 1,
+                    seq: 1
+                }
+            ]
+        );
+    }
+}
