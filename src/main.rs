@@ -847,54 +847,65 @@ async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
     // The caches there before publishing: one that leaves the tree afterwards (cut off,
     // restarting, failing over) may still hold what is invalidated, so it is waited for.
     let mut coverage = dci_proto::applied::Coverage::default();
-    if let Ok(nodes) = tier_tree(&a.coordinator, &tls).await {
+    let deadline = started + within;
+    if let Ok(Ok(nodes)) = tokio::time::timeout_at(deadline, tier_tree(&a.coordinator, &tls)).await
+    {
         coverage.update(&nodes);
     }
     let mut published = Vec::new();
     publish_keys(&a, &mut published).await?;
+    let (mut read, mut failed) = (false, None);
     loop {
-        let tree = tier_tree(&a.coordinator, &tls).await;
-        if let Ok(nodes) = &tree {
-            coverage.update(nodes);
-        }
-        let lagging = coverage.lagging(&published);
-        if tree.is_ok() && lagging.is_empty() {
-            let took = started.elapsed().as_secs_f64();
-            let regions = coverage.regions().join(", ");
-            match coverage.caches() {
-                0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
-                1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
-                n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
-            }
-            return Ok(0);
-        }
-        if started.elapsed() >= within {
-            let within = humantime::format_duration(within);
-            let Err(e) = tree else {
-                let mut named: Vec<String> = lagging
-                    .iter()
-                    .take(WAIT_NAMED)
-                    .map(|l| l.to_string())
-                    .collect();
-                if lagging.len() > WAIT_NAMED {
-                    named.push(format!("and {} more", lagging.len() - WAIT_NAMED));
+        match tokio::time::timeout_at(deadline, tier_tree(&a.coordinator, &tls)).await {
+            Ok(Ok(nodes)) => {
+                coverage.update(&nodes);
+                read = true;
+                if coverage.lagging(&published).is_empty() {
+                    let took = started.elapsed().as_secs_f64();
+                    let regions = coverage.regions().join(", ");
+                    match coverage.caches() {
+                        0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
+                        1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
+                        n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
+                    }
+                    return Ok(0);
                 }
-                let caches = {
-                    let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
-                    ids.dedup();
-                    ids.len()
-                };
-                eprintln!(
-                    "not applied within {within} by {caches} of {} caches: {}",
-                    coverage.caches(),
-                    named.join(", ")
-                );
-                return Ok(EXIT_NOT_APPLIED);
-            };
-            eprintln!("published, but the tree could not be read within {within}: {e:#}");
+            }
+            Ok(Err(e)) => failed = Some(e),
+            Err(_) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now < deadline {
+            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+            continue;
+        }
+        let within = humantime::format_duration(within);
+        if !read {
+            let why = failed.map_or("no answer from the coordinators".into(), |e| {
+                format!("{e:#}")
+            });
+            eprintln!("published, but the tree could not be read within {within}: {why}");
             return Ok(EXIT_NOT_APPLIED);
         }
-        tokio::time::sleep(WAIT_POLL).await;
+        // A tree read and then lost still names who lagged then.
+        let lagging = coverage.lagging(&published);
+        let mut named: Vec<String> = lagging
+            .iter()
+            .take(WAIT_NAMED)
+            .map(|l| l.to_string())
+            .collect();
+        if lagging.len() > WAIT_NAMED {
+            named.push(format!("and {} more", lagging.len() - WAIT_NAMED));
+        }
+        let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
+        ids.dedup();
+        eprintln!(
+            "not applied within {within} by {} of {} caches: {}",
+            ids.len(),
+            coverage.caches(),
+            named.join(", ")
+        );
+        return Ok(EXIT_NOT_APPLIED);
     }
 }
 

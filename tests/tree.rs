@@ -1343,6 +1343,118 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
     c.stop().await.unwrap();
 }
 
+/// `Publisher::wait_applied` returns once every cache of the tree (edges, near caches) has
+/// applied what the publisher had answered: right after, each has, without waiting further. A
+/// cache whose applying is stuck is named when the time is up, and once it goes on, the wait
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
+    use dci_sdk::{NearCache, NearCacheOptions};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let cfg = |id: &str| EdgeConfig {
+        region: "eu".into(),
+        node_id: id.into(),
+        ..edge_cfg(vec![r.url()])
+    };
+    let free = edge(cfg("free")).await;
+    // Its applying blocks while `hold` is set (a stuck disk, a lock held): it stays in the tree
+    // at what it had applied. On a runtime of its own, which that blocks whole.
+    let hold = Arc::new(AtomicBool::new(false));
+    let h = hold.clone();
+    let cb: Arc<dyn Fn(&Batch) + Send + Sync> = Arc::new(move |_: &Batch| {
+        while h.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let held_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held_cfg = EdgeConfig {
+        listen: any_port(),
+        ..cfg("held")
+    };
+    let held = held_rt
+        .spawn(EdgeNode::start_with(held_cfg, Some(cb)))
+        .await
+        .unwrap()
+        .unwrap();
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        node_id: "near".into(),
+        region: "us".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    p.invalidate("warm").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let applied = loop {
+        let applied = p.wait_applied(Duration::from_secs(10)).await.unwrap();
+        if applied.caches == 3 || tokio::time::Instant::now() > deadline {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        applied,
+        dci_sdk::Applied {
+            caches: 3,
+            regions: vec!["eu".into(), "us".into()]
+        }
+    );
+
+    let caches = [free.edge.url(), held.url()].map(|u| CacheClient::from_urls(vec![u]).unwrap());
+    for cache in &caches {
+        let Lookup::Miss { lease } = cache.get("user:1").await.unwrap() else {
+            panic!("nothing stored yet")
+        };
+        assert!(cache.set("user:1", "v1", Some(lease)).await.unwrap());
+    }
+    assert!(near.set("user:1", "v1", None));
+    let seq = p.invalidate("user:1").await.unwrap();
+    p.wait_applied(Duration::from_secs(10)).await.unwrap();
+    let at = |applied: Vec<(u32, u64, Seq)>| applied.iter().map(|a| a.2).max();
+    assert!(at(free.edge.store.applied()) >= Some(seq));
+    assert!(at(held.store.applied()) >= Some(seq));
+    assert!(at(near.applied()) >= Some(seq));
+    for cache in &caches {
+        assert!(matches!(
+            cache.get("user:1").await.unwrap(),
+            Lookup::Miss { .. }
+        ));
+    }
+    assert!(matches!(near.get(b"user:1"), Lookup::Miss { .. }));
+
+    hold.store(true, Ordering::Relaxed);
+    let next = p.invalidate("user:2").await.unwrap();
+    let got = p.wait_applied(Duration::from_secs(3)).await;
+    let Err(dci_sdk::Error::NotApplied(lagging)) = got else {
+        panic!("a cache that has not applied it is waited for: {got:?}")
+    };
+    assert_eq!(lagging.len(), 1, "{lagging:?}");
+    assert_eq!(
+        (lagging[0].node_id.as_str(), lagging[0].seq),
+        ("held", next)
+    );
+    assert!(dci_sdk::Error::NotApplied(lagging)
+        .to_string()
+        .starts_with(&format!(
+            "not applied in time by held (eu) at seq {seq} of {next}"
+        )),);
+    hold.store(false, Ordering::Relaxed);
+    p.wait_applied(Duration::from_secs(10)).await.unwrap();
+    assert!(at(held.store.applied()) >= Some(next));
+    near.stop();
+    held_rt.shutdown_background();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// Callers of one `Publisher` share requests. One caller's bad entry must not refuse the others'
 /// good ones that happened to ride in the same request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,9 +25,10 @@ mod near;
 mod publisher;
 
 pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK};
+pub use dci_proto::applied::Lagging;
 pub use dci_proto::tls::ClientTls;
 pub use near::{NearCache, NearCacheOptions};
-pub use publisher::{Publisher, PublisherOptions};
+pub use publisher::{Applied, Publisher, PublisherOptions};
 
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,20 @@ pub enum Error {
     /// The client was shut down.
     #[error("client closed")]
     Closed,
+    /// [`Publisher::wait_applied`]: the time was up, and these caches had not applied
+    /// everything published (one per cache and shard).
+    #[error("not applied in time by {}", lagging_list(.0))]
+    NotApplied(Vec<Lagging>),
+}
+
+/// The lagging caches as one line: the first few, then how many more.
+fn lagging_list(l: &[Lagging]) -> String {
+    const NAMED: usize = 10;
+    let mut s: Vec<String> = l.iter().take(NAMED).map(Lagging::to_string).collect();
+    if l.len() > NAMED {
+        s.push(format!("and {} more", l.len() - NAMED));
+    }
+    s.join(", ")
 }
 
 impl From<tonic::Status> for Error {

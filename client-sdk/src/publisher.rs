@@ -2,11 +2,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dci_proto::applied::{Coverage, Published};
 use dci_proto::pb;
+use dci_proto::pb::admin_client::AdminClient;
 use dci_proto::pb::publisher_client::PublisherClient;
 use dci_proto::ring::ShardMap;
 use dci_proto::{Invalidation, Kind, Seq};
@@ -118,7 +120,24 @@ struct Pending {
 pub struct Publisher {
     shards: Arc<Vec<mpsc::Sender<Pending>>>,
     map: ShardMap,
+    /// Per shard, the furthest the coordinator has answered (for [`Publisher::wait_applied`]).
+    answered: Arc<Mutex<Vec<Published>>>,
+    /// Each shard's coordinator, for the tree below it.
+    admins: Arc<Vec<AdminClient<Channel>>>,
 }
+
+/// What [`Publisher::wait_applied`] found: every cache had applied what was published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// How many caches (edges, near caches) the coordinators' tree reported.
+    pub caches: usize,
+    /// Their regions, each once.
+    pub regions: Vec<String>,
+}
+
+/// How often [`Publisher::wait_applied`] reads the tree (each hop reports its own every half
+/// second).
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 impl Publisher {
     /// Connect to the coordinators, one URL per shard (index = shard id).
@@ -145,11 +164,19 @@ impl Publisher {
             ..opts
         };
         let request_no = Arc::new(AtomicU64::new(1));
-        for url in &urls {
-            let client = shard_client(url, &opts)?;
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let mut admins = Vec::new();
+        for (shard, url) in urls.iter().enumerate() {
+            let (client, channel) = shard_client(url, &opts)?;
+            // A tree of many thousands of nodes is more than the default 4 MiB.
+            admins.push(AdminClient::new(channel).max_decoding_message_size(64 << 20));
             let (tx, rx) = mpsc::channel(16384);
             tokio::spawn(run_shard(
-                url.clone(),
+                Shard {
+                    url: url.clone(),
+                    id: shard as u32,
+                    answered: answered.clone(),
+                },
                 client,
                 rx,
                 opts.clone(),
@@ -160,7 +187,72 @@ impl Publisher {
         Ok(Publisher {
             map: ShardMap::new(urls.len() as u32),
             shards: Arc::new(shards),
+            answered,
+            admins: Arc::new(admins),
         })
+    }
+
+    /// Wait until every cache below the coordinators (each edge and near cache of the tree they
+    /// report, in every region) has applied everything this publisher has had answered, for at
+    /// most `within`: then none serves a value invalidated so far, and a read that misses loads
+    /// the new one. Each hop reports its tree every half second, so this returns up to about a
+    /// second after the last cache applied. A cache in the tree at the call that leaves it (cut
+    /// off, restarting, moving to another relay) is waited for until it is back; one the tree
+    /// does not report at the call (already cut off) serves nothing once its staleness bound
+    /// has passed. [`Error::NotApplied`] names the caches that lag when the time is up.
+    ///
+    /// ```no_run
+    /// # async fn demo(p: dci_sdk::Publisher) -> Result<(), dci_sdk::Error> {
+    /// p.invalidate("user:42:profile").await?;
+    /// let applied = p.wait_applied(std::time::Duration::from_secs(5)).await?;
+    /// println!("gone from all {} caches", applied.caches);
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_applied(&self, within: Duration) -> Result<Applied, Error> {
+        let published = dci_proto::upstream::lock(&self.answered).clone();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut coverage = Coverage::default();
+        let (mut read, mut failed) = (false, None);
+        loop {
+            match tokio::time::timeout_at(deadline, self.tree()).await {
+                Ok(Ok(nodes)) => {
+                    coverage.update(&nodes);
+                    read = true;
+                    if coverage.lagging(&published).is_empty() {
+                        return Ok(Applied {
+                            caches: coverage.caches(),
+                            regions: coverage.regions().into_iter().map(String::from).collect(),
+                        });
+                    }
+                }
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => {}
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                // A tree read and then lost still names who lagged then.
+                return Err(if read {
+                    Error::NotApplied(coverage.lagging(&published))
+                } else {
+                    failed.unwrap_or_else(|| {
+                        Error::Unavailable(format!(
+                            "the coordinators' tree not read within {within:?}"
+                        ))
+                    })
+                });
+            }
+            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+        }
+    }
+
+    /// The tree below every coordinator, merged.
+    async fn tree(&self) -> Result<Vec<pb::NodeStatus>, Error> {
+        let mut nodes = Vec::new();
+        for admin in self.admins.iter() {
+            let r = admin.clone().status(pb::StatusRequest {}).await?;
+            nodes.extend(r.into_inner().nodes);
+        }
+        Ok(nodes)
     }
 
     /// Invalidate one key; returns its seq once it is durable.
@@ -358,8 +450,11 @@ impl InFlight {
     }
 }
 
-/// A client of the coordinator at `url`, connecting when first used.
-fn shard_client(url: &str, opts: &PublisherOptions) -> Result<PublisherClient<Channel>, Error> {
+/// A client of the coordinator at `url`, connecting when first used; and its channel.
+fn shard_client(
+    url: &str,
+    opts: &PublisherOptions,
+) -> Result<(PublisherClient<Channel>, Channel), Error> {
     let ch = opts
         .tls
         .endpoint(url)
@@ -369,15 +464,23 @@ fn shard_client(url: &str, opts: &PublisherOptions) -> Result<PublisherClient<Ch
         .initial_connection_window_size(Some(8 << 20))
         .connect_timeout(Duration::from_secs(1))
         .connect_lazy();
-    Ok(PublisherClient::new(ch))
+    Ok((PublisherClient::new(ch.clone()), ch))
 }
 
 /// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
 /// so one publisher's invalidations get increasing seqs. Whatever queues while requests are in
 /// flight goes out as the next request. If the stream breaks, unanswered requests are resent in
 /// order with their request numbers, so the coordinator logs each at most once.
-async fn run_shard(
+/// The shard a [`run_shard`] publishes to.
+struct Shard {
     url: String,
+    id: dci_proto::ShardId,
+    /// Where it notes how far its coordinator answered.
+    answered: Arc<Mutex<Vec<Published>>>,
+}
+
+async fn run_shard(
+    shard: Shard,
     mut client: PublisherClient<Channel>,
     mut rx: mpsc::Receiver<Pending>,
     opts: PublisherOptions,
@@ -461,6 +564,10 @@ async fn run_shard(
                                 let Some(f) = unanswered.pop_front() else { continue };
                                 in_flight_bytes -= f.bytes;
                                 if resp.refused_code == 0 && resp.refused.is_empty() {
+                                    if let Some(&seq) = resp.seqs.iter().max() {
+                                        let p = Published { shard: shard.id, epoch: resp.epoch, seq };
+                                        dci_proto::applied::note(&mut dci_proto::upstream::lock(&shard.answered), p);
+                                    }
                                     answer(f.callers, Ok(resp.seqs));
                                     continue;
                                 }
@@ -496,7 +603,7 @@ async fn run_shard(
                 // The next attempt on a connection of its own: the one that failed may be
                 // stuck for good (a handshake whose bytes a partition swallowed), and the TLS
                 // files may have been renewed since.
-                if let Ok(fresh) = shard_client(&url, &opts) {
+                if let Ok((fresh, _)) = shard_client(&shard.url, &opts) {
                     client = fresh;
                 }
                 let err = Error::from(status);
