@@ -226,6 +226,9 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
     // Ends on the count, a reader gone, or the process told to stop (Ctrl-C, SIGTERM).
     tokio::select! {
         _ = done.wait_for(|d| *d) => {}
+        _ = reader_gone() => {
+            let _ = done_tx.send(true);
+        }
         _ = crate::terminated() => {
             let _ = done_tx.send(true);
         }
@@ -234,6 +237,31 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
     let failed = upstream::lock(&failure).take();
     failed.map_or(Ok(()), |f| Err(anyhow::anyhow!(f)))
 }
+
+/// Resolves once the pipe on standard output has lost its reader (`| head -1` has exited): on
+/// a quiet stream a write, which would tell, may not come for a long time. Never, for output
+/// that cannot tell (a file).
+async fn reader_gone() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let out = std::io::stdout();
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        tokio::time::sleep(READER_CHECK).await;
+        // A pipe without a reader polls as an error; a socket whose peer left, as a hang-up.
+        let mut fds = [PollFd::new(&out, PollFlags::empty())];
+        if poll(&mut fds, Some(&now)).is_ok()
+            && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+        {
+            return;
+        }
+    }
+}
+
+/// How often `dci follow` looks whether its output is still read.
+const READER_CHECK: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {
