@@ -170,6 +170,35 @@ fn edge_apply(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // A purge of a hundred prefixes in one batch over 200,000 values: one pass over the store.
+    let purged = dci_edge_cache::Store::new(1 << 30, Duration::from_secs(3600), 262_144, 1);
+    for i in 0..200_000u64 {
+        let _ = purged.set(
+            Bytes::from(format!("t{}:user:{i:06}:profile", i % 1000)),
+            Bytes::from_static(b"v"),
+            None,
+        );
+    }
+    let mut next = 1;
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("100 prefixes (matching nothing) over 200k values", |x| {
+        x.iter_batched(
+            || {
+                let b: Vec<_> = (next..next + 100)
+                    .map(|seq| Invalidation {
+                        seq,
+                        kind: dci_proto::Kind::Prefix,
+                        ..Invalidation::key(format!("x{seq}:"))
+                    })
+                    .collect();
+                next += 100;
+                b
+            },
+            |b| purged.apply_all(0, &b),
+            BatchSize::SmallInput,
+        )
+    });
+    g.throughput(Throughput::Elements(N));
     let mut table = dci_proto::lease::LeaseTable::new(1, 262_144);
     let mut next = 1;
     g.bench_function("lease table apply 1024", |x| {

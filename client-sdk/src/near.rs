@@ -111,12 +111,15 @@ impl Applier for NearApplier {
             .apply_all(batch.shard, &batch.entries, |_, effect| {
                 effects.push(effect)
             });
+        // Removals commute, and no fill comes in between (the lock is held): the batch's
+        // prefixes go in one pass at its end.
+        let mut prefixes = dci_proto::lease::Prefixes::default();
         for (e, effect) in batch.entries.iter().zip(effects) {
             match effect {
                 Effect::Key => {
                     st.values.remove(&e.key);
                 }
-                Effect::Prefix => st.remove_where(|k| k.starts_with(&e.key)),
+                Effect::Prefix => prefixes.insert(e.key.clone()),
                 Effect::Shard(s) => {
                     let shard_of: Vec<Bytes> = st
                         .values
@@ -130,6 +133,9 @@ impl Applier for NearApplier {
                 }
                 Effect::Nothing => {}
             }
+        }
+        if !prefixes.is_empty() {
+            st.remove_where(|k| prefixes.matches(k));
         }
         st.leases
             .set_applied(batch.shard, batch.epoch, batch.last_seq);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dci_proto::lease::{Effect, LeaseTable};
+use dci_proto::lease::{Effect, LeaseTable, Prefixes};
 use dci_proto::upstream::lock;
 use dci_proto::{Epoch, Invalidation, Seq, ShardId};
 use quick_cache::sync::Cache;
@@ -172,27 +172,31 @@ impl Store {
     pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
         let mut leases = lock(&self.leases);
         let mut applied = 0;
+        let mut prefixes = Prefixes::default();
         leases.apply_all(shard, entries, |e, effect| {
-            if self.remove_for(e, effect) {
+            if self.remove_for(e, effect, &mut prefixes) {
                 applied += 1;
             }
         });
+        // Removals commute, and no fill comes in between (the lock is held): the batch's
+        // prefixes go in one pass at its end.
+        if !prefixes.is_empty() {
+            self.values.retain(|k, _| !prefixes.matches(k));
+        }
         self.counters.applied.fetch_add(applied, Ordering::Relaxed);
         self.counters
             .dropped_old
             .fetch_add(entries.len() as u64 - applied, Ordering::Relaxed);
     }
 
-    /// Remove what an applied invalidation's `effect` says; false when it removes nothing.
-    fn remove_for(&self, e: &Invalidation, effect: Effect) -> bool {
+    /// Remove what an applied invalidation's `effect` says (a prefix's keys: once `prefixes`
+    /// has them all); false when it removes nothing.
+    fn remove_for(&self, e: &Invalidation, effect: Effect, prefixes: &mut Prefixes) -> bool {
         match effect {
             Effect::Key => {
                 self.values.remove(&e.key);
             }
-            Effect::Prefix => {
-                let p = e.key.clone();
-                self.values.retain(|k, _| !k.starts_with(&p));
-            }
+            Effect::Prefix => prefixes.insert(e.key.clone()),
             Effect::Shard(s) => self.invalidate_shard(s),
             Effect::Nothing => return false,
         }
@@ -300,6 +304,46 @@ mod tests {
         assert_eq!(s.counters.dropped_old.load(Ordering::Relaxed), 1);
         s.apply(0, &inv("k", 3, Some(11)));
         assert_eq!(s.get(b"k"), None);
+    }
+
+    /// A batch's prefixes, among its keys, each remove what they would one by one (they go in
+    /// one pass), and fills under leases from before them are refused.
+    #[test]
+    fn a_batch_of_prefixes_and_keys_removes_each_ones_keys() {
+        let s = store();
+        let keys = ["t1:a", "t1:b", "t2:a", "t22:a", "t3:a", "u:1", "u:2", "v:1"];
+        for k in keys {
+            s.set(Bytes::from(k), Bytes::from_static(b"v"), None)
+                .unwrap();
+        }
+        let lease = s.lease(b"t1:c");
+        let prefix = |p: &'static str, seq| Invalidation {
+            seq,
+            kind: Kind::Prefix,
+            ..Invalidation::key(p)
+        };
+        s.apply_all(
+            0,
+            &[
+                prefix("t1:", 1),
+                inv("u:1", 2, None),
+                prefix("t2", 3),
+                prefix("w:", 4),
+            ],
+        );
+        let left: Vec<&str> = keys
+            .into_iter()
+            .filter(|k| s.get(k.as_bytes()).is_some())
+            .collect();
+        assert_eq!(left, ["t3:a", "u:2", "v:1"]);
+        assert_eq!(s.counters.applied.load(Ordering::Relaxed), 4);
+        assert!(s
+            .set(
+                Bytes::from_static(b"t1:c"),
+                Bytes::from_static(b"x"),
+                Some(lease)
+            )
+            .is_err());
     }
 
     #[test]
