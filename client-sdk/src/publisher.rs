@@ -135,7 +135,7 @@ pub struct Applied {
     pub regions: Vec<String>,
 }
 
-/// How often [`Publisher::wait_applied`] reads the tree (each hop reports its own every half
+/// How often [`Publisher::wait_applied`] reads the tree (a relay reports its own every half
 /// second).
 const WAIT_POLL: Duration = Duration::from_millis(100);
 
@@ -195,8 +195,9 @@ impl Publisher {
     /// Wait until every cache below the coordinators (each edge and near cache of the tree they
     /// report, in every region) has applied everything this publisher has had answered, for at
     /// most `within`: then none serves a value invalidated so far, and a read that misses loads
-    /// the new one. Each hop reports its tree every half second, so this returns up to about a
-    /// second after the last cache applied. A cache in the tree at the call that leaves it (cut
+    /// the new one. A relay reports what its receivers have applied (their acks) every half
+    /// second, so this returns up to about half a second after the last cache applied (per level
+    /// of relays). A cache in the tree at the call that leaves it (cut
     /// off, restarting, moving to another relay) is waited for until it is back; one the tree
     /// does not report at the call (already cut off) serves nothing once its staleness bound
     /// has passed. [`Error::NotApplied`] names the caches that lag when the time is up.

@@ -246,6 +246,10 @@ impl BatchSource for Hub {
         self.reports.insert(link_id, nodes);
     }
 
+    fn acked(&self, link_id: u64, ack: &pb::Ack) {
+        self.reports.acked(link_id, ack);
+    }
+
     fn forget(&self, link_id: u64) {
         self.reports.forget(link_id);
     }

@@ -45,6 +45,9 @@ pub trait BatchSource: Send + Sync + 'static {
     fn read(&self, shard: ShardId, from: Seq, budget: usize) -> impl Future<Output = Fetch> + Send;
     /// A receiver reported its subtree (itself and what is below it), for `dci status`.
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>);
+    /// The receiver of `link_id` acknowledged more (applied, by the link's rules): its own
+    /// progress as last reported moves with it, between its reports (every heartbeat interval).
+    fn acked(&self, _link_id: u64, _ack: &pb::Ack) {}
     /// The receiver of `link_id` is gone.
     fn forget(&self, link_id: u64);
     /// How long ago this node was last caught up with its own sender on `shard`, in ms (`u64::MAX`
@@ -399,7 +402,11 @@ async fn run_link<S: BatchSource>(
                 let now = Instant::now();
                 match msg {
                     Ok(Some(pb::Upstream { msg: Some(m) })) => match m {
-                        pb::upstream::Msg::Ack(a) => sender.on_ack(&a, now),
+                        pb::upstream::Msg::Ack(a) => {
+                            if sender.on_ack(&a, now) {
+                                source.acked(link_id, &a);
+                            }
+                        }
                         pb::upstream::Msg::Nack(n) => {
                             if sender.on_nack(&n, now) {
                                 counters.retransmits.fetch_add(1, Ordering::Relaxed);

@@ -120,6 +120,32 @@ impl Reports {
         lock(&self.0).insert(link_id, (Instant::now(), nodes));
     }
 
+    /// The link's receiver acknowledged `ack`: its own progress (the first node it reports) is
+    /// that far now, though its last report is older.
+    pub fn acked(&self, link_id: u64, ack: &pb::Ack) {
+        let mut reports = lock(&self.0);
+        let Some(me) = reports
+            .get_mut(&link_id)
+            .and_then(|(_, nodes)| nodes.first_mut())
+        else {
+            return;
+        };
+        let Some(s) = me
+            .shards
+            .iter_mut()
+            .find(|s| s.shard == ack.shard && s.epoch == ack.epoch)
+        else {
+            return;
+        };
+        if ack.hwm > s.hwm {
+            s.lag_seqs = s.lag_seqs.saturating_sub(ack.hwm - s.hwm);
+            s.hwm = ack.hwm;
+            if s.lag_seqs == 0 {
+                s.lag_ms = 0;
+            }
+        }
+    }
+
     /// The link ended: its nodes are no longer below this sender.
     pub fn forget(&self, link_id: u64) {
         lock(&self.0).remove(&link_id);
@@ -976,6 +1002,39 @@ mod tests {
             connected_ms: 1_000,
             ..Default::default()
         }
+    }
+
+    /// A receiver's acks move its own progress in its last report (not what it reported of the
+    /// nodes below it): what it has applied shows before its next report.
+    #[test]
+    fn acks_move_a_receivers_reported_progress() {
+        let reports = Reports::default();
+        let ack = |epoch, hwm| pb::Ack {
+            shard: 0,
+            epoch,
+            hwm,
+        };
+        reports.acked(1, &ack(7, 50)); // nothing reported yet: nothing to move
+        let below = pb::NodeStatus {
+            node_id: "below".into(),
+            ..report(10, 30, 900, 0)
+        };
+        reports.insert(1, vec![report(20, 30, 900, 0), below]);
+        reports.acked(1, &ack(7, 35));
+        let hwms = |r: &Reports| -> Vec<(Seq, u64, u64)> {
+            lock(&r.0)[&1]
+                .1
+                .iter()
+                .map(|n| (n.shards[0].hwm, n.shards[0].lag_seqs, n.shards[0].lag_ms))
+                .collect()
+        };
+        assert_eq!(hwms(&reports), [(35, 15, 900), (10, 30, 900)]);
+        reports.acked(1, &ack(7, 50));
+        assert_eq!(hwms(&reports)[0], (50, 0, 0), "caught up with what it knew");
+        reports.acked(1, &ack(7, 40)); // behind what it said: an old ack
+        reports.acked(1, &ack(8, 90)); // another epoch than it reported: its next report says
+        reports.acked(2, &ack(7, 90)); // another link
+        assert_eq!(hwms(&reports)[0], (50, 0, 0));
     }
 
     /// An edge (or any other service) given as a sender answers that it has no such stream.

@@ -344,7 +344,9 @@ proptest! {
                     let cmds = tx.on_hello(&points, &views, now);
                     check(cmds, &views)?;
                 }
-                TxEvent::Ack(a) => tx.on_ack(&a, now),
+                TxEvent::Ack(a) => {
+                    tx.on_ack(&a, now);
+                }
                 TxEvent::Nack(n) => {
                     tx.on_nack(&n, now);
                 }

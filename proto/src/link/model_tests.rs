@@ -239,7 +239,9 @@ impl<'a> Sim<'a> {
 
     fn deliver_up(&mut self, m: Up) {
         match m {
-            Up::Ack(a) => self.sender.on_ack(&a, self.now),
+            Up::Ack(a) => {
+                self.sender.on_ack(&a, self.now);
+            }
             Up::Nack(n) => {
                 self.sender.on_nack(&n, self.now);
             }

@@ -269,15 +269,15 @@ impl Sender {
         cmd
     }
 
-    /// A cumulative ack arrived.
-    pub fn on_ack(&mut self, ack: &pb::Ack, now: Instant) {
+    /// A cumulative ack arrived; true when it acknowledged more than before.
+    pub fn on_ack(&mut self, ack: &pb::Ack, now: Instant) -> bool {
         self.last_heard = now;
         let Some(s) = self.shards.get_mut(&ack.shard) else {
-            return;
+            return false;
         };
         // An ack beyond what we sent comes from a receiver that was ahead of us; not ours to count.
         if ack.epoch != s.epoch || ack.hwm <= s.acked || ack.hwm > s.sent {
-            return;
+            return false;
         }
         s.acked = ack.hwm;
         s.last_progress = now;
@@ -291,6 +291,7 @@ impl Sender {
         if s.next <= s.acked {
             s.next = s.acked + 1;
         }
+        true
     }
 
     /// The receiver misses `[from, to]`: go back to `from` (receivers drop what they already
