@@ -2287,7 +2287,14 @@ fn the_helm_chart_starts_a_working_tree() {
         let o = dci(&c.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{c:?}: {}", stderr(&o));
         match c[0].as_str() {
-            "publish" => assert!(stdout(&o).starts_with("user:42:profile "), "{}", stdout(&o)),
+            "publish" => {
+                assert!(stdout(&o).starts_with("user:42:profile "), "{}", stdout(&o));
+                assert!(
+                    stderr(&o).starts_with("applied by all 2 caches (eu-west, us-east) in "),
+                    "{}",
+                    stderr(&o)
+                );
+            }
             _ => assert!(stdout(&o).contains("t-edge-us-east-0"), "{}", stdout(&o)),
         }
     }
