@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use dci_proto::pb;
+use dci_proto::types::printable;
 use serde::de::DeserializeOwned;
 
 #[derive(Parser)]
@@ -862,7 +863,8 @@ async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
                 read = true;
                 if coverage.lagging(&published).is_empty() {
                     let took = started.elapsed().as_secs_f64();
-                    let regions = coverage.regions().join(", ");
+                    let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
+                    let regions = regions.join(", ");
                     match coverage.caches() {
                         0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
                         1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
@@ -1317,12 +1319,19 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "caught_up", "connected"
     );
     for n in &r.nodes {
+        // Names come from the nodes themselves, any receiver's report included.
+        let (node_id, role, region, parent) = (
+            printable(&n.node_id),
+            printable(&n.role),
+            printable(&n.region),
+            printable(&n.parent),
+        );
         let connected =
             humantime::format_duration(Duration::from_secs(n.connected_ms / 1000)).to_string();
         if n.shards.is_empty() {
             println!(
                 "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
-                n.node_id, n.role, n.region, "-", "-", "-", "-", "-", connected, n.parent
+                node_id, role, region, "-", "-", "-", "-", "-", connected, parent
             );
         }
         for s in &n.shards {
@@ -1333,16 +1342,16 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             };
             println!(
                 "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
-                n.node_id,
-                n.role,
-                n.region,
+                node_id,
+                role,
+                region,
                 s.shard,
                 s.hwm,
                 s.lag_seqs,
                 s.lag_ms,
                 caught_up,
                 connected,
-                n.parent
+                parent
             );
         }
     }

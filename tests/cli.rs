@@ -2129,6 +2129,48 @@ fn publish_wait_returns_once_every_cache_applied_it() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
 
+/// Names come from the nodes (and from any receiver's report of itself): printed, their control
+/// characters are escaped, so that none can clear a terminal or forge a line of `dci status`.
+#[test]
+fn names_with_control_characters_are_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_e, _) = start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &coord,
+        "--node-id",
+        "evil\x1b[2J\ncoordinator-9 forged",
+        "--region",
+        "eu\x07",
+    ]);
+    let mut out = String::new();
+    eventually("the edge in dci status", || {
+        out = stdout(&dci(&["status", "--coordinator", &coord]));
+        out.contains("evil")
+    });
+    assert!(
+        out.contains("evil\\u{1b}[2J\\ncoordinator-9 forged") && out.contains("eu\\u{7}"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        3,
+        "a header, the coordinator, the edge: {out}"
+    );
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=20s", "k"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("applied by the only cache (eu\\u{7}) in "),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// The Helm chart as a cluster would start it: `helm template` renders it (two shards, two
 /// regions), and one pod of every coordinator StatefulSet, relay Deployment and edge StatefulSet
 /// is started from its command line as rendered (see `start_pods`). A publish through both

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::pb;
+use crate::types::printable;
 use crate::{Epoch, Seq, ShardId};
 
 /// The roles of nodes that serve values, and so must have applied an invalidation before it
@@ -47,9 +48,9 @@ pub struct Lagging {
 
 impl std::fmt::Display for Lagging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.node_id)?;
+        write!(f, "{}", printable(&self.node_id))?;
         if !self.region.is_empty() {
-            write!(f, " ({})", self.region)?;
+            write!(f, " ({})", printable(&self.region))?;
         }
         match self.at {
             None => write!(f, " no longer reported"),

@@ -70,6 +70,25 @@ pub fn check_key_len_limit(i: usize, key_len: usize) -> Result<(), String> {
 /// enough that adding it to a clock reading, or multiplying it by a small factor, cannot overflow.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
+/// A name from the network (a node id, a region) as printed to a terminal: its control
+/// characters escaped (`\u{1b}`), so that a name cannot move the cursor, clear the screen or
+/// forge a line of output.
+pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.chars().any(char::is_control) {
+        return name.into();
+    }
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Refuse a setting longer than [`MAX_DURATION`], naming it.
 pub fn check_duration(what: &str, d: std::time::Duration) -> Result<(), String> {
     if d > MAX_DURATION {
@@ -704,6 +723,12 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_the_network_print_without_control_characters() {
+        assert_eq!(printable("eu-edge-1 (é)"), "eu-edge-1 (é)");
+        assert_eq!(printable("a\x1b[2J\nb\t"), "a\\u{1b}[2J\\nb\\t");
+    }
 
     fn inv(key: &str, kind: pb::Kind) -> pb::Invalidation {
         pb::Invalidation {
