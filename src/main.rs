@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
+use dci_proto::applied::Outcome;
 use dci_proto::pb;
 use dci_proto::types::printable;
 use serde::de::DeserializeOwned;
@@ -361,14 +362,8 @@ struct PublishArgs {
     tls: ClientTlsArgs,
 }
 
-/// How often `dci publish --wait` reads the tree (which each hop reports every half second).
-const WAIT_POLL: Duration = Duration::from_millis(100);
-
 /// Exit code of `dci publish --wait` when published but not applied everywhere in time.
 const EXIT_NOT_APPLIED: u8 = 3;
-
-/// Most lagging caches `dci publish --wait` names.
-const WAIT_NAMED: usize = 10;
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
 const PUBLISH_CHUNK: usize = 4096;
@@ -855,60 +850,39 @@ async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
     }
     let mut published = Vec::new();
     publish_keys(&a, &mut published).await?;
-    let (mut read, mut failed) = (false, None);
-    loop {
-        match tokio::time::timeout_at(deadline, tier_tree(&a.coordinator, &tls)).await {
-            Ok(Ok(nodes)) => {
-                coverage.update(&nodes);
-                read = true;
-                if coverage.lagging(&published).is_empty() {
-                    let took = started.elapsed().as_secs_f64();
-                    let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
-                    let regions = regions.join(", ");
-                    match coverage.caches() {
-                        0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
-                        1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
-                        n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
-                    }
-                    return Ok(0);
-                }
+    let tree = || tier_tree(&a.coordinator, &tls);
+    let outcome = dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await;
+    let within = humantime::format_duration(within);
+    match outcome {
+        Outcome::Applied => {
+            let took = started.elapsed().as_secs_f64();
+            let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
+            let regions = regions.join(", ");
+            match coverage.caches() {
+                0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
+                1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
+                n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
             }
-            Ok(Err(e)) => failed = Some(e),
-            Err(_) => {}
+            return Ok(0);
         }
-        let now = tokio::time::Instant::now();
-        if now < deadline {
-            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
-            continue;
+        Outcome::NotApplied(lagging) => {
+            let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
+            ids.dedup();
+            eprintln!(
+                "not applied within {within} by {} of {} caches: {}",
+                ids.len(),
+                coverage.caches(),
+                dci_proto::applied::named(&lagging)
+            );
         }
-        let within = humantime::format_duration(within);
-        if !read {
+        Outcome::Unread(failed) => {
             let why = failed.map_or("no answer from the coordinators".into(), |e| {
                 format!("{e:#}")
             });
             eprintln!("published, but the tree could not be read within {within}: {why}");
-            return Ok(EXIT_NOT_APPLIED);
         }
-        // A tree read and then lost still names who lagged then.
-        let lagging = coverage.lagging(&published);
-        let mut named: Vec<String> = lagging
-            .iter()
-            .take(WAIT_NAMED)
-            .map(|l| l.to_string())
-            .collect();
-        if lagging.len() > WAIT_NAMED {
-            named.push(format!("and {} more", lagging.len() - WAIT_NAMED));
-        }
-        let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
-        ids.dedup();
-        eprintln!(
-            "not applied within {within} by {} of {} caches: {}",
-            ids.len(),
-            coverage.caches(),
-            named.join(", ")
-        );
-        return Ok(EXIT_NOT_APPLIED);
     }
+    Ok(EXIT_NOT_APPLIED)
 }
 
 /// The tree below every coordinator of a tier, merged; an error if any does not answer (a

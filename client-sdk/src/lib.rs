@@ -50,18 +50,8 @@ pub enum Error {
     Closed,
     /// [`Publisher::wait_applied`]: the time was up, and these caches had not applied
     /// everything published (one per cache and shard).
-    #[error("not applied in time by {}", lagging_list(.0))]
+    #[error("not applied in time by {}", dci_proto::applied::named(.0))]
     NotApplied(Vec<Lagging>),
-}
-
-/// The lagging caches as one line: the first few, then how many more.
-fn lagging_list(l: &[Lagging]) -> String {
-    const NAMED: usize = 10;
-    let mut s: Vec<String> = l.iter().take(NAMED).map(Lagging::to_string).collect();
-    if l.len() > NAMED {
-        s.push(format!("and {} more", l.len() - NAMED));
-    }
-    s.join(", ")
 }
 
 impl From<tonic::Status> for Error {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dci_proto::applied::{Coverage, Published};
+use dci_proto::applied::{Coverage, Outcome, Published};
 use dci_proto::pb;
 use dci_proto::pb::admin_client::AdminClient;
 use dci_proto::pb::publisher_client::PublisherClient;
@@ -135,10 +135,6 @@ pub struct Applied {
     pub regions: Vec<String>,
 }
 
-/// How often [`Publisher::wait_applied`] reads the tree (a relay reports its own every half
-/// second).
-const WAIT_POLL: Duration = Duration::from_millis(100);
-
 impl Publisher {
     /// Connect to the coordinators, one URL per shard (index = shard id).
     pub async fn connect(urls: Vec<String>) -> Result<Publisher, Error> {
@@ -213,36 +209,15 @@ impl Publisher {
         let published = dci_proto::upstream::lock(&self.answered).clone();
         let deadline = tokio::time::Instant::now() + within;
         let mut coverage = Coverage::default();
-        let (mut read, mut failed) = (false, None);
-        loop {
-            match tokio::time::timeout_at(deadline, self.tree()).await {
-                Ok(Ok(nodes)) => {
-                    coverage.update(&nodes);
-                    read = true;
-                    if coverage.lagging(&published).is_empty() {
-                        return Ok(Applied {
-                            caches: coverage.caches(),
-                            regions: coverage.regions().into_iter().map(String::from).collect(),
-                        });
-                    }
-                }
-                Ok(Err(e)) => failed = Some(e),
-                Err(_) => {}
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                // A tree read and then lost still names who lagged then.
-                return Err(if read {
-                    Error::NotApplied(coverage.lagging(&published))
-                } else {
-                    failed.unwrap_or_else(|| {
-                        Error::Unavailable(format!(
-                            "the coordinators' tree not read within {within:?}"
-                        ))
-                    })
-                });
-            }
-            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+        match dci_proto::applied::wait(&mut coverage, &published, deadline, || self.tree()).await {
+            Outcome::Applied => Ok(Applied {
+                caches: coverage.caches(),
+                regions: coverage.regions().into_iter().map(String::from).collect(),
+            }),
+            Outcome::NotApplied(lagging) => Err(Error::NotApplied(lagging)),
+            Outcome::Unread(failed) => Err(failed.unwrap_or_else(|| {
+                Error::Unavailable(format!("the coordinators' tree not read within {within:?}"))
+            })),
         }
     }
 

@@ -145,6 +145,68 @@ impl Coverage {
     }
 }
 
+/// How the wait of [`wait`] ended.
+#[derive(Debug)]
+pub enum Outcome<E> {
+    /// Every cache has applied everything published.
+    Applied,
+    /// The time was up with these caches short of it (as the last tree read said).
+    NotApplied(Vec<Lagging>),
+    /// No tree could be read in the time: the last error, if a read failed (else they timed out).
+    Unread(Option<E>),
+}
+
+/// How often [`wait`] reads the tree (a relay reports its own every half second, a sender its
+/// receivers' acks at once).
+pub const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Read the tree (`tree`) every [`WAIT_POLL`] into `coverage` until every cache has applied
+/// `published`, or until `deadline`: no read goes past it.
+pub async fn wait<E, F, Fut>(
+    coverage: &mut Coverage,
+    published: &[Published],
+    deadline: tokio::time::Instant,
+    mut tree: F,
+) -> Outcome<E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<pb::NodeStatus>, E>>,
+{
+    let (mut read, mut failed) = (false, None);
+    loop {
+        match tokio::time::timeout_at(deadline, tree()).await {
+            Ok(Ok(nodes)) => {
+                coverage.update(&nodes);
+                read = true;
+                if coverage.lagging(published).is_empty() {
+                    return Outcome::Applied;
+                }
+            }
+            Ok(Err(e)) => failed = Some(e),
+            Err(_) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            // A tree read and then lost still names who lagged then.
+            return match read {
+                true => Outcome::NotApplied(coverage.lagging(published)),
+                false => Outcome::Unread(failed),
+            };
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+    }
+}
+
+/// The lagging caches as one line: the first ten, then how many more.
+pub fn named(lagging: &[Lagging]) -> String {
+    const NAMED: usize = 10;
+    let mut s: Vec<String> = lagging.iter().take(NAMED).map(Lagging::to_string).collect();
+    if lagging.len() > NAMED {
+        s.push(format!("and {} more", lagging.len() - NAMED));
+    }
+    s.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +331,65 @@ mod tests {
         assert_eq!(l[0].shard, 1);
         c.update(&[node("both", "edge", "eu", &[(0, 5, 100), (1, 7, 9)])]);
         assert_eq!(ids(&c.lagging(&[P, q])), ["only-0"], "gone from the tree");
+    }
+
+    /// The wait reads trees until every cache has applied, goes on through reads that fail,
+    /// and at its deadline says who lagged in the last tree read, or why none was.
+    #[tokio::test]
+    async fn the_wait_ends_applied_or_says_who_lags_or_why_no_tree_was_read() {
+        use std::time::Duration;
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(300);
+        let behind = vec![node("e", "edge", "eu", &[(0, 5, 99)])];
+        let applied = vec![node("e", "edge", "eu", &[(0, 5, 100)])];
+
+        let mut reads = vec![Ok(applied), Ok(behind.clone()), Err("refused")]
+            .into_iter()
+            .rev();
+        let far = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut c = Coverage::default();
+        let got = wait(&mut c, &[P], far, || {
+            std::future::ready(reads.next().unwrap())
+        })
+        .await;
+        assert!(matches!(got, Outcome::Applied), "{got:?}");
+
+        let mut reads = vec![Ok(behind)].into_iter();
+        let mut c = Coverage::default();
+        let got = wait(&mut c, &[P], soon(), || {
+            std::future::ready(reads.next().unwrap_or(Err("gone")))
+        })
+        .await;
+        let Outcome::NotApplied(l) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(ids(&l), ["e"], "as the last tree read said");
+
+        let mut c = Coverage::default();
+        let got = wait(&mut c, &[P], soon(), || {
+            std::future::ready(Err::<Vec<_>, _>("refused"))
+        })
+        .await;
+        assert!(matches!(got, Outcome::Unread(Some("refused"))), "{got:?}");
+        let got: Outcome<()> = wait(&mut c, &[P], soon(), std::future::pending).await;
+        assert!(
+            matches!(got, Outcome::Unread(None)),
+            "a read that never ends ends at the deadline"
+        );
+    }
+
+    #[test]
+    fn at_most_ten_lagging_caches_are_named() {
+        let l = |i: usize| Lagging {
+            node_id: format!("e{i}"),
+            region: String::new(),
+            shard: 0,
+            seq: 9,
+            at: Some((1, 8)),
+        };
+        assert_eq!(named(&[l(0)]), "e0 at seq 8 of 9 on shard 0");
+        let many: Vec<Lagging> = (0..12).map(l).collect();
+        assert!(named(&many).starts_with("e0 at seq 8 of 9 on shard 0, e1 "));
+        assert!(named(&many).ends_with("e9 at seq 8 of 9 on shard 0, and 2 more"));
     }
 
     #[test]
