@@ -1338,6 +1338,29 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
         .unwrap();
     assert_eq!(v, Bytes::from("row"));
     assert!(matches!(near.get(b"item:1"), Lookup::Miss { .. }));
+    // Prefixes remove their keys, several in one request as well.
+    for k in ["user:7:a", "user:7:b", "user:70", "user:8:a", "user:9:a"] {
+        assert!(near.set(k, "v", None));
+    }
+    let seqs = p
+        .publish(vec![
+            dci_proto::Invalidation::prefix("user:7:"),
+            dci_proto::Invalidation::key("user:1"),
+            dci_proto::Invalidation::prefix("user:9"),
+        ])
+        .await
+        .unwrap();
+    let n = near.clone();
+    eventually("the prefixes applied", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= seqs[2])
+    })
+    .await;
+    let hit = |k: &str| matches!(near.get(k.as_bytes()), Lookup::Hit(_));
+    let kept: Vec<&str> = ["user:7:a", "user:7:b", "user:70", "user:8:a", "user:9:a"]
+        .into_iter()
+        .filter(|k| hit(k))
+        .collect();
+    assert_eq!(kept, ["user:70", "user:8:a"]);
     near.stop();
     r.stop().await.unwrap();
     c.stop().await.unwrap();

@@ -221,7 +221,8 @@ impl Publisher {
         }
     }
 
-    /// The tree below every coordinator, merged.
+    /// The trees below the coordinators, one after the other (a node below several is in each:
+    /// [`Coverage`] takes its furthest).
     async fn tree(&self) -> Result<Vec<pb::NodeStatus>, Error> {
         let mut nodes = Vec::new();
         for admin in self.admins.iter() {
@@ -443,10 +444,6 @@ fn shard_client(
     Ok((PublisherClient::new(ch.clone()), ch))
 }
 
-/// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
-/// so one publisher's invalidations get increasing seqs. Whatever queues while requests are in
-/// flight goes out as the next request. If the stream breaks, unanswered requests are resent in
-/// order with their request numbers, so the coordinator logs each at most once.
 /// The shard a [`run_shard`] publishes to.
 struct Shard {
     url: String,
@@ -455,6 +452,10 @@ struct Shard {
     answered: Arc<Mutex<Vec<Published>>>,
 }
 
+/// One shard's connection: a `PublishStream` that pipelines requests and answers them in order,
+/// so one publisher's invalidations get increasing seqs. Whatever queues while requests are in
+/// flight goes out as the next request. If the stream breaks, unanswered requests are resent in
+/// order with their request numbers, so the coordinator logs each at most once.
 async fn run_shard(
     shard: Shard,
     mut client: PublisherClient<Channel>,
