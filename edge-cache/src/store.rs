@@ -168,7 +168,8 @@ impl Store {
         self.apply_all(shard, std::slice::from_ref(e));
     }
 
-    /// Apply a batch's invalidations of `shard`, in order, under one lock.
+    /// Apply a batch's invalidations of `shard`, in order, under one lock (its prefixes' keys
+    /// removed after it).
     pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
         let mut leases = lock(&self.leases);
         let mut applied = 0;
@@ -178,8 +179,12 @@ impl Store {
                 applied += 1;
             }
         });
-        // Removals commute, and no fill comes in between (the lock is held): the batch's
-        // prefixes go in one pass at its end.
+        // The batch's prefixes go in one pass at its end (removals commute), and outside the
+        // lock, so that misses and fills need not wait for a pass over every value: their
+        // tombstones are recorded, so a fill under a lease from before them is refused, and
+        // one that comes in between under a later lease loses its value to the pass at most
+        // (a miss more). Nothing is applied before the pass ends: the caller says so after.
+        drop(leases);
         if !prefixes.is_empty() {
             self.values.retain(|k, _| !prefixes.matches(k));
         }
@@ -344,6 +349,51 @@ mod tests {
                 Some(lease)
             )
             .is_err());
+    }
+
+    /// Fills racing prefix invalidations (whose pass over the values runs outside the lock):
+    /// once one is applied, no value of its keys filled under an older lease is left.
+    #[test]
+    fn a_fill_racing_a_prefix_pass_never_outlives_it() {
+        let s = Arc::new(Store::new(64 << 20, Duration::from_secs(60), 1000, 1));
+        let keys: Vec<String> = (0..2_000).map(|i| format!("p:{i}")).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filler = {
+            let (s, keys, stop) = (s.clone(), keys.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for k in &keys {
+                        let lease = s.lease(k.as_bytes());
+                        let _ = s.set(
+                            Bytes::from(k.clone()),
+                            Bytes::from_static(b"v"),
+                            Some(lease),
+                        );
+                    }
+                }
+            })
+        };
+        for seq in 1..=300 {
+            s.apply_all(
+                0,
+                &[Invalidation {
+                    seq,
+                    kind: Kind::Prefix,
+                    ..Invalidation::key("p:")
+                }],
+            );
+            s.set_applied(0, 1, seq);
+            for k in &keys {
+                if let Some(at) = s.filled_at(k.as_bytes()) {
+                    assert!(
+                        at >= seq,
+                        "{k} filled under seq {at}, after the prefix at {seq}"
+                    );
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        filler.join().unwrap();
     }
 
     #[test]
