@@ -119,7 +119,7 @@ impl Applier for NearApplier {
                 Effect::Key => {
                     st.values.remove(&e.key);
                 }
-                Effect::Prefix => prefixes.insert(e.key.clone()),
+                Effect::Prefix => prefixes.insert(e.key.clone(), e.seq),
                 Effect::Shard(s) => {
                     let shard_of: Vec<Bytes> = st
                         .values

@@ -4,8 +4,8 @@
 //! invalidation, late fill). The rule itself lives in `dci_proto::lease`, shared with the SDK's
 //! near cache.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -58,15 +58,88 @@ pub struct StoreCounters {
 
 /// The store.
 pub struct Store {
-    values: Values,
+    values: Arc<Values>,
     ttl: Duration,
     /// Held across a fill's check and insert, and an invalidation's record and removal, so the
     /// two never interleave.
     leases: Mutex<LeaseTable>,
     shard_count: u32,
     shards: dci_proto::ring::ShardMap,
+    /// Prefix invalidations applied whose older values are not all removed yet.
+    unswept: Arc<Unswept>,
     /// Counters.
     pub counters: StoreCounters,
+}
+
+/// Prefix invalidations applied whose values a pass over the store has not removed yet: until
+/// it has, reads take a value one of them covers (filled under an older lease) for a miss. The
+/// pass runs on a thread of its own, so the link that applied the prefixes goes on at once, and
+/// it takes every prefix applied meanwhile in its next round: however many prefixes come, in
+/// however many batches, it costs a pass over the values per round, not per prefix.
+///
+/// A shard's prefix invalidations cover the keys of that shard (each shard's seqs and leases are
+/// its own; a prefix is published to every shard).
+#[derive(Debug, Default)]
+struct Unswept {
+    /// By shard.
+    prefixes: RwLock<Vec<Prefixes>>,
+    /// How many: reads look at `prefixes` only when there are some.
+    count: AtomicUsize,
+    /// A pass is running.
+    sweeping: AtomicBool,
+}
+
+impl Unswept {
+    fn add(&self, shard: ShardId, more: &Prefixes) {
+        let mut p = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
+        if p.len() <= shard as usize {
+            p.resize_with(shard as usize + 1, Prefixes::default);
+        }
+        p[shard as usize].merge(more);
+        self.count
+            .store(p.iter().map(Prefixes::len).sum(), Ordering::Release);
+    }
+
+    /// The prefixes not swept yet, if any, held until dropped: a read looks at them before it
+    /// reads a value and keeps them until it has, or a pass could remove the value and then
+    /// forget its prefix in between, and the value read be served though stale.
+    fn look(&self) -> Option<RwLockReadGuard<'_, Vec<Prefixes>>> {
+        (self.count.load(Ordering::Acquire) > 0)
+            .then(|| self.prefixes.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Remove from `values` what the prefixes cover, round after round until none is left.
+    fn sweep(&self, values: &Values, shard_of: &dyn Fn(&[u8]) -> ShardId) {
+        loop {
+            let round = self
+                .prefixes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if round.iter().all(Prefixes::is_empty) {
+                self.sweeping.store(false, Ordering::Release);
+                // One added after the look above found this pass running: take it now, unless
+                // another pass has started for it.
+                if self.count.load(Ordering::Acquire) == 0
+                    || self.sweeping.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                continue;
+            }
+            values.retain(|k, v| {
+                !round
+                    .get(shard_of(k) as usize)
+                    .is_some_and(|p| p.covers(k, v.lease))
+            });
+            let mut p = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
+            for (p, done) in p.iter_mut().zip(&round) {
+                p.remove_done(done);
+            }
+            self.count
+                .store(p.iter().map(Prefixes::len).sum(), Ordering::Release);
+        }
+    }
 }
 
 impl Store {
@@ -82,7 +155,8 @@ impl Store {
             Default::default(),
         );
         Store {
-            values,
+            values: Arc::new(values),
+            unswept: Arc::default(),
             ttl,
             leases: Mutex::new(LeaseTable::new(shard_count, max_tombstones as usize)),
             shard_count,
@@ -106,13 +180,24 @@ impl Store {
     }
 
     fn live(&self, key: &[u8]) -> Option<Arc<Filled>> {
+        let unswept = self.unswept.look();
         let v = self.values.get(key)?;
-        if v.expires <= Instant::now() {
-            // Expired: dropped on the read that notices.
+        let covered = unswept.is_some_and(|p| {
+            p.get(self.shard_of(key) as usize)
+                .is_some_and(|p| p.covers(key, v.lease))
+        });
+        // Expired, or older than a prefix invalidation applied: dropped on the read that notices.
+        if v.expires <= Instant::now() || covered {
             self.values.remove_if(key, |x| Arc::ptr_eq(x, &v));
             return None;
         }
         Some(v)
+    }
+
+    /// How many prefix invalidations applied still have values to remove (0 once their passes
+    /// are done; reads meanwhile take those values for misses).
+    pub fn unswept(&self) -> usize {
+        self.unswept.count.load(Ordering::Acquire)
     }
 
     /// The cached value, if any.
@@ -179,14 +264,24 @@ impl Store {
                 applied += 1;
             }
         });
-        // The batch's prefixes go in one pass at its end (removals commute), and outside the
-        // lock, so that misses and fills need not wait for a pass over every value: their
-        // tombstones are recorded, so a fill under a lease from before them is refused, and
-        // one that comes in between under a later lease loses its value to the pass at most
-        // (a miss more). Nothing is applied before the pass ends: the caller says so after.
-        drop(leases);
+        // The batch's prefixes are applied once reads take what they cover for misses; their
+        // values go in a pass of their own (see `Unswept`). Their tombstones are recorded, so
+        // a fill under a lease from before them is refused.
         if !prefixes.is_empty() {
-            self.values.retain(|k, _| !prefixes.matches(k));
+            self.unswept.add(shard, &prefixes);
+        }
+        drop(leases);
+        if !prefixes.is_empty() && !self.unswept.sweeping.swap(true, Ordering::AcqRel) {
+            let (values, unswept) = (self.values.clone(), self.unswept.clone());
+            let (count, map) = (self.shard_count, self.shards.clone());
+            let shard_of = move |k: &[u8]| if count <= 1 { 0 } else { map.shard_of(k) };
+            let spawned = std::thread::Builder::new()
+                .name("dci-sweep".into())
+                .spawn(move || unswept.sweep(&values, &shard_of));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no thread for a pass over the values: done here");
+                self.unswept.sweep(&self.values, &|k| self.shard_of(k));
+            }
         }
         self.counters.applied.fetch_add(applied, Ordering::Relaxed);
         self.counters
@@ -201,7 +296,7 @@ impl Store {
             Effect::Key => {
                 self.values.remove(&e.key);
             }
-            Effect::Prefix => prefixes.insert(e.key.clone()),
+            Effect::Prefix => prefixes.insert(e.key.clone(), e.seq),
             Effect::Shard(s) => self.invalidate_shard(s),
             Effect::Nothing => return false,
         }
@@ -394,6 +489,79 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         filler.join().unwrap();
+    }
+
+    /// Prefix invalidations in batches of their own, one after the other: each is applied at
+    /// once (reads miss its keys), their values go in passes that take every prefix come
+    /// meanwhile, and a value filled after a prefix's invalidation stays.
+    #[test]
+    fn prefixes_in_many_batches_are_swept_in_rounds_and_spare_later_fills() {
+        let s = Store::new(256 << 20, Duration::from_secs(60), 1000, 1);
+        for i in 0..20_000 {
+            let key = Bytes::from(format!("t{}:{i}", i % 100));
+            s.set(key, Bytes::from_static(b"v"), None).unwrap();
+        }
+        for t in 0..50u64 {
+            let p = Invalidation {
+                seq: t + 1,
+                kind: Kind::Prefix,
+                ..Invalidation::key(format!("t{t}:"))
+            };
+            s.apply_all(0, &[p]);
+            s.set_applied(0, 1, t + 1);
+        }
+        assert_eq!((s.get(b"t0:0"), s.get(b"t49:49")), (None, None));
+        assert!(s.get(b"t50:50").is_some());
+        let lease = s.lease(b"t7:new");
+        s.set(
+            Bytes::from_static(b"t7:new"),
+            Bytes::from_static(b"v"),
+            Some(lease),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.unswept() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} prefixes never swept",
+                s.unswept()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.len(), 10_000 + 1, "the other half, and the later fill");
+        assert!(s.get(b"t7:new").is_some());
+    }
+
+    /// Each shard has seqs of its own: a prefix invalidation of one shard covers that shard's
+    /// keys, whatever the other shard's leases say (the prefix reaches every shard).
+    #[test]
+    fn a_shards_prefix_covers_its_own_keys() {
+        let s = Store::new(1 << 20, Duration::from_secs(60), 1000, 2);
+        let key_of = |shard: ShardId| {
+            (0..)
+                .map(|i| format!("p:{i}"))
+                .find(|k| s.shard_of(k.as_bytes()) == shard)
+                .unwrap()
+        };
+        let (k0, k1) = (key_of(0), key_of(1));
+        s.set_applied(1, 1, 500); // shard 1 far ahead: its leases are 500
+        for k in [&k0, &k1] {
+            s.set(Bytes::from(k.clone()), Bytes::from_static(b"v"), None)
+                .unwrap();
+        }
+        let prefix = |seq| Invalidation {
+            seq,
+            kind: Kind::Prefix,
+            ..Invalidation::key("p:")
+        };
+        s.apply_all(0, &[prefix(10)]);
+        assert_eq!(s.get(k0.as_bytes()), None);
+        assert!(
+            s.get(k1.as_bytes()).is_some(),
+            "shard 0's seq 10 says nothing of shard 1"
+        );
+        s.apply_all(1, &[prefix(501)]);
+        assert_eq!(s.get(k1.as_bytes()), None);
     }
 
     #[test]

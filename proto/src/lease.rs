@@ -83,37 +83,76 @@ pub enum Effect {
     Nothing,
 }
 
-/// Prefixes whose keys a cache removes in one pass over what it holds, however many: a pass
-/// per prefix costs a store of half a million values about 30 ms each, so a batch of a hundred
-/// prefix invalidations (a tenant-wide purge) would stall it for seconds. Whether a key starts
-/// with one of them costs a lookup per distinct prefix length.
-#[derive(Debug, Default)]
+/// Prefix invalidations whose keys a cache removes in one pass over what it holds, however
+/// many: a pass per prefix costs a store of half a million values about 30 ms each, so a batch
+/// of a hundred (a tenant-wide purge) would stall it for seconds. Each prefix keeps the seq of
+/// its latest invalidation; whether a key starts with one of them costs a lookup per distinct
+/// prefix length.
+#[derive(Debug, Default, Clone)]
 pub struct Prefixes {
-    set: std::collections::HashSet<Bytes, foldhash::fast::RandomState>,
-    /// The lengths of the prefixes, ascending, each once.
+    seqs: std::collections::HashMap<Bytes, Seq, foldhash::fast::RandomState>,
+    /// The lengths of the prefixes, ascending, each once (some perhaps no longer used).
     lens: Vec<usize>,
 }
 
 impl Prefixes {
-    /// Remove the keys starting with `prefix` too.
-    pub fn insert(&mut self, prefix: Bytes) {
+    /// The keys starting with `prefix` are invalidated at `seq` too.
+    pub fn insert(&mut self, prefix: Bytes, seq: Seq) {
         if let Err(at) = self.lens.binary_search(&prefix.len()) {
             self.lens.insert(at, prefix.len());
         }
-        self.set.insert(prefix);
+        let s = self.seqs.entry(prefix).or_insert(seq);
+        *s = (*s).max(seq);
     }
 
-    /// No prefix to remove.
+    /// No prefix.
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.seqs.is_empty()
+    }
+
+    /// How many prefixes.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// The newest invalidation of a prefix `key` starts with, if any.
+    pub fn newest(&self, key: &[u8]) -> Option<Seq> {
+        self.lens
+            .iter()
+            .take_while(|&&l| l <= key.len())
+            .filter_map(|&l| self.seqs.get(&key[..l]).copied())
+            .max()
     }
 
     /// Whether `key` starts with one of the prefixes.
     pub fn matches(&self, key: &[u8]) -> bool {
-        self.lens
-            .iter()
-            .take_while(|&&l| l <= key.len())
-            .any(|&l| self.set.contains(&key[..l]))
+        self.newest(key).is_some()
+    }
+
+    /// Whether a value of `key` filled under `lease` predates one of the prefixes' invalidations
+    /// (one filled under a later lease was read after it, and is fresh).
+    pub fn covers(&self, key: &[u8], lease: Seq) -> bool {
+        self.newest(key).is_some_and(|seq| seq > lease)
+    }
+
+    /// Take in `other`'s prefixes too.
+    pub fn merge(&mut self, other: &Prefixes) {
+        for (p, &seq) in &other.seqs {
+            self.insert(p.clone(), seq);
+        }
+    }
+
+    /// Forget the prefixes of `done` whose seq is still the one `done` has (one invalidated
+    /// again since stays).
+    pub fn remove_done(&mut self, done: &Prefixes) {
+        for (p, seq) in &done.seqs {
+            if self.seqs.get(p) == Some(seq) {
+                self.seqs.remove(p);
+            }
+        }
+        if self.seqs.is_empty() {
+            self.lens.clear();
+        }
     }
 }
 
@@ -574,32 +613,49 @@ mod tests {
     fn prefixes_match_what_starts_with_one_of_them() {
         let mut p = Prefixes::default();
         assert!(p.is_empty() && !p.matches(b"a"));
-        for x in ["user:1:", "t9:", "user:"] {
-            p.insert(Bytes::from(x));
+        for (x, seq) in [("user:1:", 5), ("t9:", 6), ("user:", 3)] {
+            p.insert(Bytes::from(x), seq);
         }
         assert!(p.matches(b"user:1:x") && p.matches(b"user:2") && p.matches(b"t9:"));
         assert!(!p.matches(b"use") && !p.matches(b"t9") && !p.matches(b"item:user:"));
-        p.insert(Bytes::new());
+        assert_eq!(
+            (p.newest(b"user:1:x"), p.newest(b"user:2")),
+            (Some(5), Some(3))
+        );
+        assert!(
+            p.covers(b"user:1:x", 4) && !p.covers(b"user:1:x", 5),
+            "filled after it: fresh"
+        );
+        let done = p.clone();
+        p.insert(Bytes::from("user:"), 9); // invalidated again meanwhile
+        p.remove_done(&done);
+        assert_eq!((p.len(), p.newest(b"user:1:x")), (1, Some(9)));
+        p.remove_done(&p.clone());
+        assert!(p.is_empty() && !p.matches(b"user:1:x"));
+        p.insert(Bytes::new(), 1);
         assert!(p.matches(b""), "an empty prefix is every key");
     }
 
     proptest! {
-        /// One pass with every prefix removes exactly what a pass per prefix would.
+        /// One pass with every prefix removes exactly what a pass per prefix would, and knows
+        /// the newest invalidation of a key's prefixes.
         #[test]
         fn prefixes_match_as_any_of_them_does(
             prefixes in proptest::collection::vec("[ab:]{0,4}", 0..8),
             keys in proptest::collection::vec("[ab:]{0,6}", 0..32),
         ) {
             let mut p = Prefixes::default();
-            for x in &prefixes {
-                p.insert(Bytes::from(x.clone()));
+            for (seq, x) in prefixes.iter().enumerate() {
+                p.insert(Bytes::from(x.clone()), seq as Seq + 1);
             }
             for k in &keys {
-                prop_assert_eq!(
-                    p.matches(k.as_bytes()),
-                    prefixes.iter().any(|x| k.starts_with(x.as_str())),
-                    "{:?} {:?}", k, prefixes
-                );
+                let newest = prefixes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| k.starts_with(x.as_str()))
+                    .map(|(seq, _)| seq as Seq + 1)
+                    .max();
+                prop_assert_eq!(p.newest(k.as_bytes()), newest, "{:?} {:?}", k, prefixes);
             }
         }
 
