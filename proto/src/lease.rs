@@ -145,10 +145,15 @@ impl Prefixes {
     /// Forget the prefixes of `done` whose seq is still the one `done` has (one invalidated
     /// again since stays).
     pub fn remove_done(&mut self, done: &Prefixes) {
-        for (p, seq) in &done.seqs {
-            if self.seqs.get(p) == Some(seq) {
-                self.seqs.remove(p);
-            }
+        for (p, &seq) in &done.seqs {
+            self.remove_at(p, seq);
+        }
+    }
+
+    /// Forget `prefix` if its newest invalidation is still at `seq`.
+    pub fn remove_at(&mut self, prefix: &[u8], seq: Seq) {
+        if self.seqs.get(prefix) == Some(&seq) {
+            self.seqs.remove(prefix);
         }
         if self.seqs.is_empty() {
             self.lens.clear();
@@ -188,7 +193,10 @@ struct ShardLeases {
     epoch: Epoch,
     applied: Seq,
     floor: Seq,
+    /// In the order they came, for the oldest to go first.
     prefix_tombs: VecDeque<(Bytes, Seq)>,
+    /// The same, for a fill's check: a lookup per prefix length, not a comparison per prefix.
+    prefix_index: Prefixes,
     /// Allocated on the shard's first key invalidation: an edge only pays for shards it hears of.
     slots: Vec<Slot>,
     occupied: usize,
@@ -280,11 +288,7 @@ impl LeaseTable {
         let mut newest = 0;
         if let Some(s) = self.shard(self.shard_of(key)) {
             newest = s.slots.get(slot).map_or(0, |t| t.seq).max(s.floor);
-            for (p, seq) in &s.prefix_tombs {
-                if key.starts_with(p) {
-                    newest = newest.max(*seq);
-                }
-            }
+            newest = newest.max(s.prefix_index.newest(key).unwrap_or(0));
         }
         if newest > lease.seq {
             return Err(FillRefused::Stale {
@@ -320,11 +324,13 @@ impl LeaseTable {
             Kind::Prefix => {
                 let st = self.shard_mut(shard);
                 // A copy: the key is a slice of the whole batch's buffer.
-                st.prefix_tombs
-                    .push_back((Bytes::copy_from_slice(&e.key), e.seq));
+                let prefix = Bytes::copy_from_slice(&e.key);
+                st.prefix_index.insert(prefix.clone(), e.seq);
+                st.prefix_tombs.push_back((prefix, e.seq));
                 if st.prefix_tombs.len() > MAX_PREFIX_TOMBS {
-                    if let Some((_, seq)) = st.prefix_tombs.pop_front() {
+                    if let Some((p, seq)) = st.prefix_tombs.pop_front() {
                         st.floor = st.floor.max(seq);
+                        st.prefix_index.remove_at(&p, seq);
                     }
                 }
                 Effect::Prefix
@@ -333,6 +339,7 @@ impl LeaseTable {
                 let st = self.shard_mut(shard);
                 st.floor = st.floor.max(e.seq);
                 st.prefix_tombs.clear();
+                st.prefix_index = Prefixes::default();
                 Effect::Shard(shard)
             }
         }
@@ -469,6 +476,38 @@ mod tests {
     /// A prefix tombstone keeps its prefix, not the batch it came in: the key of a decoded
     /// entry is a slice of the whole batch's buffer, which up to 4,096 tombstones per shard would
     /// otherwise keep alive.
+    /// Past the most prefix tombstones kept, the oldest goes and the floor rises to it; a prefix
+    /// invalidated again since is still refused at its newest seq.
+    #[test]
+    fn the_oldest_prefix_tombstone_goes_into_the_floor() {
+        let mut t = LeaseTable::new(1, 100);
+        let prefix = |p: String, seq| Invalidation {
+            seq,
+            kind: Kind::Prefix,
+            ..Invalidation::key(p)
+        };
+        t.apply(0, &prefix("again:".into(), 1));
+        for i in 0..MAX_PREFIX_TOMBS as u64 - 1 {
+            t.apply(0, &prefix(format!("p{i}:"), i + 2));
+        }
+        let last = MAX_PREFIX_TOMBS as u64;
+        t.apply(0, &prefix("again:".into(), last + 1)); // one more: "again:" at 1 goes
+        t.set_applied(0, 0, last + 1);
+        let lease = |seq| Lease {
+            generation: t.lease(b"x").generation,
+            seq,
+        };
+        assert_eq!(t.shards[0].floor, 1, "the oldest went into the floor");
+        assert!(
+            t.check_fill(b"again:x", lease(last)).is_err(),
+            "invalidated again since"
+        );
+        assert!(t.check_fill(b"p7:x", lease(8)).is_err());
+        assert!(t.check_fill(b"p7:x", lease(9)).is_ok());
+        assert!(t.check_fill(b"other", lease(1)).is_ok());
+        assert!(t.check_fill(b"again:x", lease(last + 1)).is_ok());
+    }
+
     #[test]
     fn a_prefix_tombstone_holds_a_copy_of_its_prefix() {
         let batch = Bytes::from(vec![b'x'; 1 << 20]);
