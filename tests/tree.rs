@@ -29,6 +29,15 @@ fn nowhere() -> SocketAddr {
         .unwrap()
 }
 
+/// An address on loopback that refuses connections for as long as the socket returned is kept:
+/// bound, so no other test's node can be given its port meanwhile, and not listening.
+fn refusing() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(any_port()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 async fn coordinator(dir: &std::path::Path) -> Coordinator {
     Coordinator::start(CoordinatorConfig {
         listen: any_port(),
@@ -719,7 +728,7 @@ async fn a_publisher_restarted_under_its_fixed_id_has_its_publishes_logged() {
 /// as the first one lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
-    let nowhere = nowhere();
+    let (_kept, nowhere) = refusing();
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let cut_off = relay_at(any_port(), vec![format!("http://{nowhere}")], 64 << 20).await;
@@ -753,7 +762,7 @@ async fn an_edge_leaves_a_relay_cut_off_itself_for_its_next_one() {
 /// lands on one that is not. It used to stay, answering misses for as long as the relay lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_behind_a_service_leaves_a_relay_cut_off_itself() {
-    let nowhere = nowhere();
+    let (_kept, nowhere) = refusing();
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let cut_off = relay_at(any_port(), vec![format!("http://{nowhere}")], 64 << 20).await;
@@ -2462,8 +2471,9 @@ async fn renewed_tls_files_are_used_from_the_next_connection() {
 /// call with an error once it has retried for `retry_for`, rather than leaving it waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_that_never_reaches_its_coordinator_gives_up_after_retry_for() {
-    let p =
-        publisher_retrying_for(format!("http://{}", nowhere()), Duration::from_millis(300)).await;
+    // A port another test's node could be given would answer with another service.
+    let (_kept, refused) = refusing();
+    let p = publisher_retrying_for(format!("http://{refused}"), Duration::from_millis(300)).await;
     for key in ["a", "b"] {
         match answer_of(&p, key).await {
             // Says why, as the transport told it, not only that it failed.
@@ -2473,7 +2483,7 @@ async fn a_publisher_that_never_reaches_its_coordinator_gives_up_after_retry_for
             other => panic!("{other:?}"),
         }
     }
-    let cache = CacheClient::from_urls(vec![format!("http://{}", nowhere())]).unwrap();
+    let cache = CacheClient::from_urls(vec![format!("http://{refused}")]).unwrap();
     match cache.get("k").await {
         Err(dci_sdk::Error::Unavailable(why)) => {
             assert!(why.contains("Connection refused"), "{why}")
