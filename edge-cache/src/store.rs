@@ -253,8 +253,8 @@ impl Store {
         self.apply_all(shard, std::slice::from_ref(e));
     }
 
-    /// Apply a batch's invalidations of `shard`, in order, under one lock (its prefixes' keys
-    /// removed after it).
+    /// Apply a batch's invalidations of `shard`, in order, under one lock (its prefixes' values
+    /// taken for misses at once and removed by a pass of their own: see `Unswept`).
     pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
         let mut leases = lock(&self.leases);
         let mut applied = 0;
@@ -289,8 +289,8 @@ impl Store {
             .fetch_add(entries.len() as u64 - applied, Ordering::Relaxed);
     }
 
-    /// Remove what an applied invalidation's `effect` says (a prefix's keys: once `prefixes`
-    /// has them all); false when it removes nothing.
+    /// Remove what an applied invalidation's `effect` says (a prefix: noted in `prefixes`, for
+    /// the pass); false when it removes nothing.
     fn remove_for(&self, e: &Invalidation, effect: Effect, prefixes: &mut Prefixes) -> bool {
         match effect {
             Effect::Key => {
