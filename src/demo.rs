@@ -48,7 +48,14 @@ pub struct DemoArgs {
     /// its next owner while the first is down.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
     replication: u32,
+    /// One publish in N (0: none) invalidates a prefix instead of a key: the hundred rows
+    /// `user:0012…` (1200–1299) bumped together, and `user:0012` invalidated on every shard.
+    #[arg(long, default_value_t = 0)]
+    prefixes: u64,
 }
+
+/// Rows a prefix of the demo's keys (`user:0012`) covers.
+const ROWS_PER_PREFIX: u64 = 100;
 
 /// The deployment, kept with what it takes to start each node again (`--chaos`).
 struct Nodes {
@@ -268,7 +275,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let (p, db, stats, mut halt) = (publisher.clone(), db.clone(), stats.clone(), halt.clone());
         let in_flight = in_flight.clone();
         let period = Duration::from_secs_f64(writers as f64 / a.rate.max(1) as f64);
-        let (keys, bound) = (a.keys, a.max_staleness);
+        let (keys, bound, prefixes) = (a.keys, a.max_staleness, a.prefixes);
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -279,35 +286,62 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                     continue;
                 };
                 let k = rand::random_range(0..keys);
-                let version = db.versions[k as usize].fetch_add(1, Ordering::SeqCst) + 1;
+                // A prefix: every row under it bumped, then one invalidation for them all.
+                let rows: Vec<(u64, u64)> = if prefixes > 0 && rand::random_range(0..prefixes) == 0
+                {
+                    let first = k / ROWS_PER_PREFIX * ROWS_PER_PREFIX;
+                    (first..(first + ROWS_PER_PREFIX).min(keys))
+                        .map(|k| {
+                            (
+                                k,
+                                db.versions[k as usize].fetch_add(1, Ordering::SeqCst) + 1,
+                            )
+                        })
+                        .collect()
+                } else {
+                    vec![(
+                        k,
+                        db.versions[k as usize].fetch_add(1, Ordering::SeqCst) + 1,
+                    )]
+                };
                 let p = p.clone();
                 let (db, stats) = (db.clone(), stats.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match p.invalidate_version(key_of(k), version).await {
+                    let published = match rows[..] {
+                        [(k, version)] => p.invalidate_version(key_of(k), version).await,
+                        _ => {
+                            p.invalidate_prefix(format!("user:{:04}", k / ROWS_PER_PREFIX))
+                                .await
+                        }
+                    };
+                    match published {
                         Ok(_) => {
                             stats.publishes.fetch_add(1, Ordering::Relaxed);
                             let now = Instant::now();
                             let mut acked = dci_proto::upstream::lock(&db.acked);
-                            let per_key = acked.entry(k).or_default();
-                            per_key.insert(version, now);
-                            // Of the versions acknowledged before the horizon, the newest
-                            // stands for them all: any read older than it began long after
-                            // it was acknowledged. So memory follows the rate, not the run.
-                            if let Some(horizon) = now.checked_sub(ACKED_HORIZON + bound) {
-                                let old: Vec<u64> = per_key
-                                    .iter()
-                                    .filter(|(_, at)| **at < horizon)
-                                    .map(|(v, _)| *v)
-                                    .collect();
-                                if let Some((_, older)) = old.split_last() {
-                                    for v in older {
-                                        per_key.remove(v);
+                            for &(k, version) in &rows {
+                                let per_key = acked.entry(k).or_default();
+                                per_key.insert(version, now);
+                                // Of the versions acknowledged before the horizon, the newest
+                                // stands for them all: any read older than it began long after
+                                // it was acknowledged. So memory follows the rate, not the run.
+                                if let Some(horizon) = now.checked_sub(ACKED_HORIZON + bound) {
+                                    let old: Vec<u64> = per_key
+                                        .iter()
+                                        .filter(|(_, at)| **at < horizon)
+                                        .map(|(v, _)| *v)
+                                        .collect();
+                                    if let Some((_, older)) = old.split_last() {
+                                        for v in older {
+                                            per_key.remove(v);
+                                        }
                                     }
                                 }
                             }
                         }
                         Err(e) => {
+                            let k = rows[0].0;
                             tracing::warn!(key = %key_of(k), error = %e, "publish failed");
                             stats.errors.fetch_add(1, Ordering::Relaxed);
                         }
