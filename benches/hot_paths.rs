@@ -142,6 +142,27 @@ fn log_append(c: &mut Criterion) {
     g.finish();
 }
 
+/// A hundred prefix invalidations from seq `next` on (which moves past them), matching none of
+/// the bench's keys.
+fn hundred_prefixes(next: &mut u64) -> Vec<Invalidation> {
+    let b = (*next..*next + 100)
+        .map(|seq| Invalidation {
+            seq,
+            kind: dci_proto::Kind::Prefix,
+            ..Invalidation::key(format!("x{seq}:"))
+        })
+        .collect();
+    *next += 100;
+    b
+}
+
+/// Wait until the store's passes over its values have taken every prefix applied.
+fn until_swept(store: &dci_edge_cache::Store) {
+    while store.unswept() > 0 {
+        std::thread::yield_now();
+    }
+}
+
 fn edge_apply(c: &mut Criterion) {
     let mut g = c.benchmark_group("edge");
     g.throughput(Throughput::Elements(N));
@@ -183,23 +204,11 @@ fn edge_apply(c: &mut Criterion) {
     g.throughput(Throughput::Elements(100));
     g.bench_function("100 prefixes (matching nothing) over 200k values", |x| {
         x.iter_batched(
-            || {
-                let b: Vec<_> = (next..next + 100)
-                    .map(|seq| Invalidation {
-                        seq,
-                        kind: dci_proto::Kind::Prefix,
-                        ..Invalidation::key(format!("x{seq}:"))
-                    })
-                    .collect();
-                next += 100;
-                b
-            },
+            || hundred_prefixes(&mut next),
             |b| {
                 // Applied at once; measured until the pass over the values is done too.
                 purged.apply_all(0, &b);
-                while purged.unswept() > 0 {
-                    std::thread::yield_now();
-                }
+                until_swept(&purged);
             },
             BatchSize::SmallInput,
         )
@@ -210,24 +219,12 @@ fn edge_apply(c: &mut Criterion) {
         "100 prefixes (matching nothing), a batch each, over 200k values",
         |x| {
             x.iter_batched(
-                || {
-                    let b: Vec<_> = (next..next + 100)
-                        .map(|seq| Invalidation {
-                            seq,
-                            kind: dci_proto::Kind::Prefix,
-                            ..Invalidation::key(format!("x{seq}:"))
-                        })
-                        .collect();
-                    next += 100;
-                    b
-                },
+                || hundred_prefixes(&mut next),
                 |b| {
                     for e in &b {
                         purged.apply_all(0, std::slice::from_ref(e));
                     }
-                    while purged.unswept() > 0 {
-                        std::thread::yield_now();
-                    }
+                    until_swept(&purged);
                 },
                 BatchSize::SmallInput,
             )

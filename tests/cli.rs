@@ -1961,6 +1961,39 @@ fn a_node_raises_its_open_file_limit() {
     assert_ne!(numbers[0], "256", "{line}");
 }
 
+/// A coordinator (its log in `dir`) and a relay of region `eu` following it: the processes and
+/// their URLs.
+fn coordinator_and_relay_eu(dir: &std::path::Path) -> (Proc, Proc, String, String) {
+    let (c, cp) = start_coordinator(dir);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (r, rp) = start(&[
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &coord,
+        "--region",
+        "eu",
+    ]);
+    (c, r, coord, format!("http://127.0.0.1:{rp}"))
+}
+
+/// An edge of region `eu` named `id` following `relay`, and its URL.
+fn edge_eu(relay: &str, id: &str) -> (Proc, String) {
+    let (proc, port) = start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        relay,
+        "--region",
+        "eu",
+        "--node-id",
+        id,
+    ]);
+    (proc, format!("http://127.0.0.1:{port}"))
+}
+
 /// A node's shard-0 progress as `dci status --json` reports it: (hwm, lag_seqs, caught_up_ms).
 fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
     let nodes = status_nodes(coord, &[]);
@@ -1980,33 +2013,9 @@ fn progress(coord: &str, node_id: &str) -> Option<(u64, u64, u64)> {
 #[test]
 fn a_stopped_edge_shows_its_lag_growing_in_status() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start_coordinator(dir.path());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let (_relay, rp) = start(&[
-        "relay",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &coord,
-        "--region",
-        "eu",
-    ]);
-    let relay = format!("http://127.0.0.1:{rp}");
-    let edge = |id: &str| {
-        start(&[
-            "edge",
-            "--listen",
-            "127.0.0.1:0",
-            "--relays",
-            &relay,
-            "--region",
-            "eu",
-            "--node-id",
-            id,
-        ])
-    };
-    let (_running, _) = edge("running");
-    let (stopped, _) = edge("stopped");
+    let (_c, _r, coord, relay) = coordinator_and_relay_eu(dir.path());
+    let (_running, _) = edge_eu(&relay, "running");
+    let (stopped, _) = edge_eu(&relay, "stopped");
     assert!(dci(&["publish", "--coordinator", &coord, "a"])
         .status
         .success());
@@ -2052,33 +2061,8 @@ fn a_stopped_edge_shows_its_lag_growing_in_status() {
 #[test]
 fn publish_wait_returns_once_every_cache_applied_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start_coordinator(dir.path());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let (_relay, rp) = start(&[
-        "relay",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &coord,
-        "--region",
-        "eu",
-    ]);
-    let relay = format!("http://127.0.0.1:{rp}");
-    let edge = |id: &str| {
-        let (proc, port) = start(&[
-            "edge",
-            "--listen",
-            "127.0.0.1:0",
-            "--relays",
-            &relay,
-            "--region",
-            "eu",
-            "--node-id",
-            id,
-        ]);
-        (proc, format!("http://127.0.0.1:{port}"))
-    };
-    let edges = [edge("running"), edge("stopped")];
+    let (_c, _r, coord, relay) = coordinator_and_relay_eu(dir.path());
+    let edges = [edge_eu(&relay, "running"), edge_eu(&relay, "stopped")];
     let publish = |wait: &str, key: &str| dci(&["publish", "--coordinator", &coord, wait, key]);
     let o = publish("--wait", "warm");
     assert!(o.status.success(), "{}", stderr(&o));

@@ -361,6 +361,14 @@ mod tests {
         }
     }
 
+    /// An invalidation of every key starting with `p`.
+    fn prefix(p: impl Into<Bytes>, seq: Seq) -> Invalidation {
+        Invalidation {
+            seq,
+            ..Invalidation::prefix(p)
+        }
+    }
+
     #[test]
     fn stale_set_race_is_refused() {
         let s = store();
@@ -417,11 +425,6 @@ mod tests {
                 .unwrap();
         }
         let lease = s.lease(b"t1:c");
-        let prefix = |p: &'static str, seq| Invalidation {
-            seq,
-            kind: Kind::Prefix,
-            ..Invalidation::key(p)
-        };
         s.apply_all(
             0,
             &[
@@ -469,14 +472,7 @@ mod tests {
             })
         };
         for seq in 1..=300 {
-            s.apply_all(
-                0,
-                &[Invalidation {
-                    seq,
-                    kind: Kind::Prefix,
-                    ..Invalidation::key("p:")
-                }],
-            );
+            s.apply_all(0, &[prefix("p:", seq)]);
             s.set_applied(0, 1, seq);
             for k in &keys {
                 if let Some(at) = s.filled_at(k.as_bytes()) {
@@ -502,12 +498,7 @@ mod tests {
             s.set(key, Bytes::from_static(b"v"), None).unwrap();
         }
         for t in 0..50u64 {
-            let p = Invalidation {
-                seq: t + 1,
-                kind: Kind::Prefix,
-                ..Invalidation::key(format!("t{t}:"))
-            };
-            s.apply_all(0, &[p]);
+            s.apply_all(0, &[prefix(format!("t{t}:"), t + 1)]);
             s.set_applied(0, 1, t + 1);
         }
         assert_eq!((s.get(b"t0:0"), s.get(b"t49:49")), (None, None));
@@ -549,18 +540,13 @@ mod tests {
             s.set(Bytes::from(k.clone()), Bytes::from_static(b"v"), None)
                 .unwrap();
         }
-        let prefix = |seq| Invalidation {
-            seq,
-            kind: Kind::Prefix,
-            ..Invalidation::key("p:")
-        };
-        s.apply_all(0, &[prefix(10)]);
+        s.apply_all(0, &[prefix("p:", 10)]);
         assert_eq!(s.get(k0.as_bytes()), None);
         assert!(
             s.get(k1.as_bytes()).is_some(),
             "shard 0's seq 10 says nothing of shard 1"
         );
-        s.apply_all(1, &[prefix(501)]);
+        s.apply_all(1, &[prefix("p:", 501)]);
         assert_eq!(s.get(k1.as_bytes()), None);
     }
 
@@ -572,14 +558,7 @@ mod tests {
                 .unwrap();
         }
         let lease = s.lease(b"user:3");
-        s.apply(
-            0,
-            &Invalidation {
-                seq: 4,
-                kind: Kind::Prefix,
-                ..Invalidation::key("user:")
-            },
-        );
+        s.apply(0, &prefix("user:", 4));
         assert_eq!(s.get(b"user:1"), None);
         assert_eq!(s.get(b"item:1"), Some(Bytes::from_static(b"v")));
         assert!(s
