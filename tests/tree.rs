@@ -507,17 +507,9 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
     running.unwrap().stop().await.unwrap();
 }
 
-/// With the edges' replication, a key lives on two edges that both receive its invalidations: the
-/// client reads and fills on the second while the first is down (the fill under the second's own
-/// lease), the second applies the key's invalidation, and a delete reaches every owner.
-/// `get_many` reads keys of every edge of a ring at once, in the keys' order, more than one
-/// request carries per edge; an invalidation shows in it as in `get`; with an edge down its keys
-/// go to their next owner, and a key refused fails the call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_many_reads_across_a_region_in_the_keys_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = coordinator(dir.path()).await;
-    let r = relay(&c).await;
+/// Three edges of one region sharing a ring, each key on two of them, following `r` and
+/// serving; their ids, the edges (`None` once a test stops one) and a client of the region.
+async fn replicated_region(r: &Relay) -> (Vec<String>, Vec<Option<Watched>>, CacheClient) {
     let ids: Vec<String> = (0..3).map(|i| format!("replica-{i}")).collect();
     let mut edges = Vec::new();
     for id in &ids {
@@ -540,6 +532,18 @@ async fn get_many_reads_across_a_region_in_the_keys_order() {
     )
     .unwrap()
     .with_replication(2);
+    (ids, edges, client)
+}
+
+/// `get_many` reads keys of every edge of a ring at once, in the keys' order, more than one
+/// request carries per edge; an invalidation shows in it as in `get`; with an edge down its keys
+/// go to their next owner, and a key refused fails the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_across_a_region_in_the_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let (ids, mut edges, client) = replicated_region(&r).await;
     let ring = dci_proto::ring::NodeRing::new(ids.clone());
     let n = 3_500;
     let keys: Vec<String> = (0..n).map(|i| format!("k:{i}")).collect();
@@ -597,33 +601,15 @@ async fn get_many_reads_across_a_region_in_the_keys_order() {
     c.stop().await.unwrap();
 }
 
+/// With the edges' replication, a key lives on two edges that both receive its invalidations: the
+/// client reads and fills on the second while the first is down (the fill under the second's own
+/// lease), the second applies the key's invalidation, and a delete reaches every owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_fills_go_to_the_next_owner_while_the_first_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let r = relay(&c).await;
-    let ids: Vec<String> = (0..3).map(|i| format!("replica-{i}")).collect();
-    let mut edges = Vec::new();
-    for id in &ids {
-        let e = edge(EdgeConfig {
-            node_id: id.clone(),
-            ring_nodes: ids.clone(),
-            replication: 2,
-            ..edge_cfg(vec![r.url()])
-        })
-        .await;
-        wait_serving(&e).await;
-        edges.push(Some(e));
-    }
-    let client = CacheClient::with_timeout(
-        ids.iter()
-            .cloned()
-            .zip(edges.iter().map(|e| e.as_ref().unwrap().edge.url()))
-            .collect(),
-        Duration::from_secs(1),
-    )
-    .unwrap()
-    .with_replication(2);
+    let (ids, mut edges, client) = replicated_region(&r).await;
     let owners: Vec<usize> = dci_proto::ring::NodeRing::new(ids.clone())
         .owners(b"user:42", 2)
         .iter()
