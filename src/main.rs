@@ -854,14 +854,27 @@ async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
     let outcome = dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await;
     let within = humantime::format_duration(within);
     match outcome {
-        Outcome::Applied => {
+        Outcome::Applied { past_bound } => {
             let took = started.elapsed().as_secs_f64();
             let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
             let regions = regions.join(", ");
-            match coverage.caches() {
-                0 => eprintln!("no cache follows these coordinators: nothing to wait for"),
-                1 => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
-                n => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
+            let mut past: Vec<&str> = past_bound.iter().map(|l| l.node_id.as_str()).collect();
+            past.dedup();
+            let caches = coverage.caches();
+            let applied = caches.saturating_sub(past.len());
+            match (caches, past.len()) {
+                (0, _) => eprintln!("no cache follows these coordinators: nothing to wait for"),
+                (1, 0) => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
+                (n, 0) => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
+                (n, k) => eprintln!(
+                    "applied by {applied} of {n} caches ({regions}) in {took:.2}s; not by {}, \
+                     {}",
+                    dci_proto::applied::named(&past_bound),
+                    match k {
+                        1 => "which is past its staleness bound since: it serves none of it",
+                        _ => "which are past their staleness bounds since: they serve none of it",
+                    }
+                ),
             }
             return Ok(0);
         }
@@ -1278,6 +1291,8 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "node_id": n.node_id, "role": n.role, "region": n.region, "parent": n.parent,
                     "connected_ms": n.connected_ms,
+                    // A cache's staleness bound; null for the other roles.
+                    "max_staleness_ms": (n.max_staleness_ms > 0).then_some(n.max_staleness_ms),
                     "shards": n.shards.iter().map(shard_json).collect::<Vec<_>>(),
                 })
             })

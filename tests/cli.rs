@@ -2128,6 +2128,103 @@ fn publish_wait_returns_once_every_cache_applied_it() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
 
+/// A cache that does not apply a publish (stopped here) is waited for only until its staleness
+/// bound has passed since the publish: then it serves none of what was invalidated, so
+/// `--wait` ends well before its own time, exit 0, naming it. Run again, it does not serve the
+/// value it held (it answers misses until it has caught up, and applied the publish).
+#[test]
+fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, _r, coord, relay) = coordinator_and_relay_eu(dir.path());
+    let _running = edge_eu(&relay, "running");
+    let (frozen, fp) = start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &relay,
+        "--region",
+        "eu",
+        "--node-id",
+        "frozen",
+        "--max-staleness",
+        "1s",
+    ]);
+    let frozen_url = format!("http://127.0.0.1:{fp}");
+    let publish = |key: &str| dci(&["publish", "--coordinator", &coord, "--wait=20s", key]);
+    assert!(publish("warm").status.success());
+    eventually("both edges in the tree", || {
+        ["running", "frozen"]
+            .iter()
+            .all(|id| progress(&coord, id).is_some_and(|(hwm, _, _)| hwm == 1))
+    });
+    let mut bounds: Vec<(String, serde_json::Value)> = status_nodes(&coord, &[])
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap_or("").to_string(),
+                n["max_staleness_ms"].clone(),
+            )
+        })
+        .filter(|(id, _)| id != "coordinator-0" && !id.starts_with("relay-"))
+        .collect();
+    bounds.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        bounds,
+        [
+            ("frozen".into(), 1000.into()),
+            ("running".into(), 5000.into())
+        ],
+        "caches report their bounds"
+    );
+    let miss = dci(&["get", "--edge", &frozen_url, "user:1"]);
+    let lease = lease_in(&miss).to_string();
+    let set = dci(&[
+        "set",
+        "--edge",
+        &frozen_url,
+        "--lease",
+        &lease,
+        "user:1",
+        "v1",
+    ]);
+    assert!(set.status.success(), "{}", stderr(&set));
+
+    let pid = frozen.0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let o = publish("user:1");
+    signal("-CONT");
+    assert_eq!(stdout(&o), "user:1 2\n");
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.starts_with("applied by 1 of 2 caches (eu) in "),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            "; not by frozen (eu) at seq 1 of 2 on shard 0, which is past its staleness \
+             bound since: it serves none of it\n"
+        ) || err.contains("; not by frozen (eu) no longer reported, which is past"),
+        "{err}"
+    );
+    let took: f64 = err["applied by 1 of 2 caches (eu) in ".len()..]
+        .split('s')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(took >= 1.5, "not before its bound and the margin: {err}");
+    let got = dci(&["get", "--edge", &frozen_url, "user:1"]);
+    assert_eq!(got.status.code(), Some(1), "served: {}", stdout(&got));
+}
+
 /// Names come from the nodes (and from any receiver's report of itself): printed, their control
 /// characters are escaped, so that none can clear a terminal or forge a line of `dci status`.
 #[test]

@@ -1363,8 +1363,9 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
 
 /// `Publisher::wait_applied` returns once every cache of the tree (edges, near caches) has
 /// applied what the publisher had answered: right after, each has, without waiting further. A
-/// cache whose applying is stuck is named when the time is up, and once it goes on, the wait
-/// succeeds.
+/// cache whose applying is stuck is named when the time is up; given longer than its staleness
+/// bound, the wait ends with it named as past its bound (it then serves none of it); once it
+/// goes on, the wait succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
     use dci_sdk::{NearCache, NearCacheOptions};
@@ -1392,8 +1393,10 @@ async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
         .enable_all()
         .build()
         .unwrap();
+    let bound = Duration::from_secs(1);
     let held_cfg = EdgeConfig {
         listen: any_port(),
+        max_staleness: bound,
         ..cfg("held")
     };
     let held = held_rt
@@ -1422,7 +1425,8 @@ async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
         applied,
         dci_sdk::Applied {
             caches: 3,
-            regions: vec!["eu".into(), "us".into()]
+            regions: vec!["eu".into(), "us".into()],
+            past_bound: Vec::new(),
         }
     );
 
@@ -1450,7 +1454,8 @@ async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
 
     hold.store(true, Ordering::Relaxed);
     let next = p.invalidate("user:2").await.unwrap();
-    let got = p.wait_applied(Duration::from_secs(3)).await;
+    // Within its bound (and the margin past it), the cache may still serve what it held.
+    let got = p.wait_applied(bound).await;
     let Err(dci_sdk::Error::NotApplied(lagging)) = got else {
         panic!("a cache that has not applied it is waited for: {got:?}")
     };
@@ -1464,6 +1469,20 @@ async fn the_sdk_waits_until_every_cache_applied_what_it_published() {
         .starts_with(&format!(
             "not applied in time by held (eu) at seq {seq} of {next}"
         )),);
+    let called = tokio::time::Instant::now();
+    let applied = p.wait_applied(Duration::from_secs(20)).await.unwrap();
+    assert!(
+        called.elapsed() >= bound + dci_proto::applied::BOUND_SLACK,
+        "not before its bound has passed: {:?}",
+        called.elapsed()
+    );
+    assert_eq!(
+        (applied.caches, applied.past_bound.len()),
+        (3, 1),
+        "{applied:?}"
+    );
+    assert_eq!(applied.past_bound[0].node_id, "held");
+    assert_eq!(applied.past_bound[0].bound, Some(bound));
     hold.store(false, Ordering::Relaxed);
     p.wait_applied(Duration::from_secs(10)).await.unwrap();
     assert!(at(held.store.applied()) >= Some(next));

@@ -237,6 +237,7 @@ impl NearCache {
             filter: follows.clone(),
             tls: opts.tls.clone(),
             changes: Some(changes),
+            max_staleness: Some(opts.max_staleness),
             ..FollowOptions::default()
         };
         let applier = Arc::new(Mutex::new(NearApplier(state.clone())));

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dci_proto::applied::{Coverage, Outcome, Published};
+use dci_proto::applied::{Coverage, Lagging, Outcome, Published};
 use dci_proto::pb;
 use dci_proto::pb::admin_client::AdminClient;
 use dci_proto::pb::publisher_client::PublisherClient;
@@ -126,13 +126,18 @@ pub struct Publisher {
     admins: Arc<Vec<AdminClient<Channel>>>,
 }
 
-/// What [`Publisher::wait_applied`] found: every cache had applied what was published.
+/// What [`Publisher::wait_applied`] found: every cache had applied what was published, or was
+/// past its staleness bound since (and so served none of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     /// How many caches (edges, near caches) the coordinators' tree reported.
     pub caches: usize,
     /// Their regions, each once.
     pub regions: Vec<String>,
+    /// The caches that had not applied it when last reported (stopped, cut off, stuck behind
+    /// their relay), but are past their staleness bounds since it was answered: they serve
+    /// nothing it invalidated, and apply it before they serve hits again.
+    pub past_bound: Vec<Lagging>,
 }
 
 impl Publisher {
@@ -193,10 +198,12 @@ impl Publisher {
     /// most `within`: then none serves a value invalidated so far, and a read that misses loads
     /// the new one. A relay reports what its receivers have applied (their acks) every half
     /// second, so this returns up to about half a second after the last cache applied (per level
-    /// of relays). A cache in the tree at the call that leaves it (cut
-    /// off, restarting, moving to another relay) is waited for until it is back; one the tree
-    /// does not report at the call (already cut off) serves nothing once its staleness bound
-    /// has passed. [`Error::NotApplied`] names the caches that lag when the time is up.
+    /// of relays). A cache in the tree at the call that leaves it (cut off, restarting, moving
+    /// to another relay), or that does not apply (stuck), is waited for until it is back, or
+    /// until its staleness bound has passed since the call (it then serves nothing invalidated
+    /// before: [`Applied::past_bound`]); one the tree does not report at the call (already cut
+    /// off) serves nothing once its bound has passed. [`Error::NotApplied`] names the caches
+    /// that lag when the time is up.
     ///
     /// ```no_run
     /// # async fn demo(p: dci_sdk::Publisher) -> Result<(), dci_sdk::Error> {
@@ -210,9 +217,10 @@ impl Publisher {
         let deadline = tokio::time::Instant::now() + within;
         let mut coverage = Coverage::default();
         match dci_proto::applied::wait(&mut coverage, &published, deadline, || self.tree()).await {
-            Outcome::Applied => Ok(Applied {
+            Outcome::Applied { past_bound } => Ok(Applied {
                 caches: coverage.caches(),
                 regions: coverage.regions().into_iter().map(String::from).collect(),
+                past_bound,
             }),
             Outcome::NotApplied(lagging) => Err(Error::NotApplied(lagging)),
             Outcome::Unread(failed) => Err(failed.unwrap_or_else(|| {

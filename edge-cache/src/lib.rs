@@ -351,7 +351,8 @@ impl pb::admin_server::Admin for EdgeService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let me = lock(&self.link).node_status(&self.node_id, "edge", &self.region);
+        let mut me = lock(&self.link).node_status(&self.node_id, "edge", &self.region);
+        me.max_staleness_ms = dci_proto::upstream::millis(self.max_staleness);
         Ok(Response::new(pb::StatusResponse { nodes: vec![me] }))
     }
 }
@@ -497,6 +498,7 @@ impl EdgeNode {
             compression: cfg.compression,
             max_key_len: cfg.max_key_len,
             tls: cfg.tls.client()?,
+            max_staleness: Some(cfg.max_staleness),
             ..FollowOptions::default()
         };
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx.clone()));

@@ -1,7 +1,14 @@
 //! Whether published invalidations have reached every cache, read from the tree that
 //! `Admin.Status` reports. Pure: the caller fetches the tree and decides how long to wait.
+//!
+//! A cache that does not confirm (stopped, cut off, crashed, stuck behind its relay) is waited
+//! for only up to its staleness bound: a cache serves a value only while it has been caught up
+//! with the coordinator within its bound, and caught up after the publish means it applied it;
+//! so once the bound has passed since the publish was answered, it can no longer serve anything
+//! the publish invalidated, whether it ever confirms or not.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::pb;
 use crate::types::printable;
@@ -44,6 +51,8 @@ pub struct Lagging {
     pub seq: Seq,
     /// What it reported (`None`: it is no longer in the tree).
     pub at: Option<(Epoch, Seq)>,
+    /// Its staleness bound, as it reported it (`None`: it does not say).
+    pub bound: Option<Duration>,
 }
 
 impl std::fmt::Display for Lagging {
@@ -61,8 +70,8 @@ impl std::fmt::Display for Lagging {
 
 /// The caches seen so far and how far each has applied: fed a tree at a time, it tells which
 /// caches still lack a publish. A cache once seen and then missing from the tree (stopped,
-/// cut off, failing over) is waited for until it is back: it may still hold what was
-/// invalidated, and serve it until its staleness bound.
+/// cut off, failing over) still lacks it: it may still hold what was invalidated, and serve it
+/// until its staleness bound.
 #[derive(Debug, Default)]
 pub struct Coverage {
     caches: BTreeMap<String, Cache>,
@@ -75,6 +84,8 @@ struct Cache {
     reported: bool,
     /// Per shard, the furthest (epoch, hwm) in the last tree.
     shards: BTreeMap<ShardId, (Epoch, Seq)>,
+    /// Its staleness bound, as last reported (kept while it is missing).
+    bound: Option<Duration>,
 }
 
 impl Coverage {
@@ -92,6 +103,9 @@ impl Coverage {
             let c = self.caches.entry(n.node_id.clone()).or_default();
             c.region.clone_from(&n.region);
             c.reported = true;
+            if n.max_staleness_ms > 0 {
+                c.bound = Some(Duration::from_millis(n.max_staleness_ms));
+            }
             for s in &n.shards {
                 let at = c.shards.entry(s.shard).or_insert((s.epoch, s.hwm));
                 *at = (*at).max((s.epoch, s.hwm));
@@ -135,6 +149,7 @@ impl Coverage {
                     shard: p.shard,
                     seq: p.seq,
                     at,
+                    bound: c.bound,
                 });
                 if at.is_none() {
                     break;
@@ -148,8 +163,13 @@ impl Coverage {
 /// How the wait of [`wait`] ended.
 #[derive(Debug)]
 pub enum Outcome<E> {
-    /// Every cache has applied everything published.
-    Applied,
+    /// Every cache has applied everything published, but these, which had not when they were
+    /// last reported, and are past their staleness bounds since the publish was answered: they
+    /// serve nothing it invalidated.
+    Applied {
+        /// The caches that did not confirm, each past its bound.
+        past_bound: Vec<Lagging>,
+    },
     /// The time was up with these caches short of it (as the last tree read said).
     NotApplied(Vec<Lagging>),
     /// No tree could be read in the time: the last error, if a read failed (else they timed out).
@@ -158,10 +178,25 @@ pub enum Outcome<E> {
 
 /// How often [`wait`] reads the tree (a relay reports its own every half second, a sender its
 /// receivers' acks at once).
-pub const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+pub const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// How long past a cache's staleness bound [`wait`] still waits for it. The cache measures its
+/// bound from when it sent the probe it last caught up by, which is no later than that; the wait
+/// measures from once the publish was answered, which is after it was logged. The margin covers
+/// the bound's rounding in reports and the drift of one clock against the other.
+pub const BOUND_SLACK: Duration = Duration::from_millis(500);
+
+/// Of `lagging`, (those past their bound `elapsed` after the publish was answered, the others).
+pub fn past_bound(lagging: Vec<Lagging>, elapsed: Duration) -> (Vec<Lagging>, Vec<Lagging>) {
+    lagging.into_iter().partition(|l| {
+        l.bound
+            .is_some_and(|b| elapsed > b.saturating_add(BOUND_SLACK))
+    })
+}
 
 /// Read the tree (`tree`) every [`WAIT_POLL`] into `coverage` until every cache has applied
-/// `published`, or until `deadline`: no read goes past it.
+/// `published` or is past its staleness bound (see [`past_bound`]), or until `deadline`: no
+/// read goes past it. Call it once `published` is answered: the bounds run from then.
 pub async fn wait<E, F, Fut>(
     coverage: &mut Coverage,
     published: &[Published],
@@ -172,26 +207,32 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Vec<pb::NodeStatus>, E>>,
 {
+    let answered = tokio::time::Instant::now();
     let (mut read, mut failed) = (false, None);
     loop {
         match tokio::time::timeout_at(deadline, tree()).await {
             Ok(Ok(nodes)) => {
                 coverage.update(&nodes);
                 read = true;
-                if coverage.lagging(published).is_empty() {
-                    return Outcome::Applied;
-                }
             }
             Ok(Err(e)) => failed = Some(e),
             Err(_) => {}
         }
         let now = tokio::time::Instant::now();
-        if now >= deadline {
-            // A tree read and then lost still names who lagged then.
-            return match read {
-                true => Outcome::NotApplied(coverage.lagging(published)),
-                false => Outcome::Unread(failed),
-            };
+        // A tree read and then lost still names who lagged then; their bounds still run.
+        if read {
+            let (past, lagging) = past_bound(
+                coverage.lagging(published),
+                now.saturating_duration_since(answered),
+            );
+            if lagging.is_empty() {
+                return Outcome::Applied { past_bound: past };
+            }
+            if now >= deadline {
+                return Outcome::NotApplied(lagging);
+            }
+        } else if now >= deadline {
+            return Outcome::Unread(failed);
         }
         tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
     }
@@ -232,6 +273,7 @@ mod tests {
                 })
                 .collect(),
             connected_ms: 0,
+            max_staleness_ms: 0,
         }
     }
 
@@ -351,7 +393,10 @@ mod tests {
             std::future::ready(reads.next().unwrap())
         })
         .await;
-        assert!(matches!(got, Outcome::Applied), "{got:?}");
+        assert!(
+            matches!(&got, Outcome::Applied { past_bound } if past_bound.is_empty()),
+            "{got:?}"
+        );
 
         let mut reads = vec![Ok(behind)].into_iter();
         let mut c = Coverage::default();
@@ -377,6 +422,73 @@ mod tests {
         );
     }
 
+    /// A cache that does not confirm (stuck, or gone from the tree) is waited for until its
+    /// staleness bound and the margin have passed since the wait began, and no longer; one that
+    /// does not say its bound, to the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_past_its_bound_since_the_publish_no_longer_holds_the_wait() {
+        let bounded = |id: &str, ms: u64| pb::NodeStatus {
+            max_staleness_ms: ms,
+            ..node(id, "edge", "eu", &[(0, 5, 99)])
+        };
+        let bound = Duration::from_secs(2);
+        let far = || tokio::time::Instant::now() + Duration::from_secs(30);
+        let tree = vec![
+            bounded("stuck", 2_000),
+            node("done", "edge", "eu", &[(0, 5, 100)]),
+        ];
+        let mut c = Coverage::default();
+        let began = tokio::time::Instant::now();
+        let got = wait(&mut c, &[P], far(), || {
+            std::future::ready(Ok::<_, ()>(tree.clone()))
+        })
+        .await;
+        let took = began.elapsed();
+        let Outcome::Applied { past_bound } = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(ids(&past_bound), ["stuck"]);
+        assert_eq!(past_bound[0].bound, Some(bound));
+        assert!(took > bound + BOUND_SLACK, "{took:?}");
+        assert!(took <= bound + BOUND_SLACK + WAIT_POLL, "{took:?}");
+
+        let mut c = Coverage::default();
+        c.update(&[bounded("gone", 1_000), bounded("done", 1_000)]);
+        let began = tokio::time::Instant::now();
+        let got = wait(&mut c, &[P], far(), || {
+            std::future::ready(Ok::<_, ()>(vec![node(
+                "done",
+                "edge",
+                "eu",
+                &[(0, 5, 100)],
+            )]))
+        })
+        .await;
+        let Outcome::Applied { past_bound } = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(ids(&past_bound), ["gone"], "its bound as last reported");
+        assert_eq!(past_bound[0].at, None);
+        assert!(began.elapsed() > Duration::from_secs(1) + BOUND_SLACK);
+
+        let mut c = Coverage::default();
+        let began = tokio::time::Instant::now();
+        let got = wait(&mut c, &[P], began + Duration::from_secs(10), || {
+            std::future::ready(Ok::<_, ()>(vec![node(
+                "silent",
+                "edge",
+                "eu",
+                &[(0, 5, 99)],
+            )]))
+        })
+        .await;
+        let Outcome::NotApplied(l) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(ids(&l), ["silent"], "no bound: waited for to the deadline");
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+    }
+
     #[test]
     fn at_most_ten_lagging_caches_are_named() {
         let l = |i: usize| Lagging {
@@ -385,6 +497,7 @@ mod tests {
             shard: 0,
             seq: 9,
             at: Some((1, 8)),
+            bound: None,
         };
         assert_eq!(named(&[l(0)]), "e0 at seq 8 of 9 on shard 0");
         let many: Vec<Lagging> = (0..12).map(l).collect();

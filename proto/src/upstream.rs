@@ -205,6 +205,9 @@ pub struct FollowOptions {
     /// New senders and filter while following (a reloaded config): the link in use is left and
     /// the next is made with them.
     pub changes: Option<watch::Receiver<Following>>,
+    /// A cache's staleness bound, told in its reports: past it without catching up it serves
+    /// only misses, so whoever waits for it to apply an invalidation can stop waiting then.
+    pub max_staleness: Option<Duration>,
 }
 
 /// What a node follows: its senders, in failover order, and its filter.
@@ -249,6 +252,7 @@ impl Default for FollowOptions {
             tls: Default::default(),
             instance: 0,
             changes: None,
+            max_staleness: None,
         }
     }
 }
@@ -393,8 +397,15 @@ impl LinkState {
             connected_ms: self
                 .connected_since
                 .map_or(0, |t| t.elapsed().as_millis() as u64),
+            // A cache's own (see `FollowOptions::max_staleness`).
+            max_staleness_ms: 0,
         }
     }
+}
+
+/// Whole milliseconds, as reports carry durations.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn lookup(v: &[(ShardId, u64)], shard: ShardId) -> u64 {
@@ -826,7 +837,9 @@ async fn session<A: Applier>(
                 }
                 if now.duration_since(last_hb_sent) >= opts.heartbeat_interval {
                     last_hb_sent = now;
-                    let mut subtree = vec![lock(state).node_status(&opts.node_id, &opts.role, &opts.region)];
+                    let mut me = lock(state).node_status(&opts.node_id, &opts.role, &opts.region);
+                    me.max_staleness_ms = opts.max_staleness.map_or(0, millis);
+                    let mut subtree = vec![me];
                     subtree.extend(lock(applier).subtree());
                     let (subtree, left_out) = bounded_subtree(subtree, MAX_SUBTREE_BYTES);
                     if left_out > 0 && !said_left_out {
