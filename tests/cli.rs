@@ -14,6 +14,17 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// Send the process `sig` (`-STOP`, `-CONT`, `-TERM`, `-HUP`) as an operator would.
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
 /// Run a server command (its `--listen` may say port 0) and wait until it listens; returns it,
 /// its port as its log line tells, and every line it logs from then on (its stderr is drained
 /// meanwhile, so that it never blocks).
@@ -997,12 +1008,7 @@ fn dci_publish_rides_out_coordinator_restarts() {
         })
     };
     eventually("publishing started", || hwm(&coord, "coordinator") > 0);
-    let pid = c.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    c.signal("-TERM");
     let mut c = c;
     assert!(
         c.0.wait().unwrap().success(),
@@ -2024,12 +2030,7 @@ fn a_stopped_edge_shows_its_lag_growing_in_status() {
             .iter()
             .all(|id| progress(&coord, id).is_some_and(|(hwm, lag, _)| hwm == 1 && lag == 0))
     });
-    let pid = stopped.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    stopped.signal("-STOP");
     assert!(dci(&["publish", "--coordinator", &coord, "b", "c"])
         .status
         .success());
@@ -2045,11 +2046,7 @@ fn a_stopped_edge_shows_its_lag_growing_in_status() {
         progress(&coord, "running").map(|(h, l, _)| (h, l)),
         Some((3, 0))
     );
-    assert!(Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    stopped.signal("-CONT");
     eventually("the edge to catch up once it runs again", || {
         progress(&coord, "stopped").is_some_and(|(hwm, lag, _)| hwm == 3 && lag == 0)
     });
@@ -2089,14 +2086,7 @@ fn publish_wait_returns_once_every_cache_applied_it() {
         assert_eq!(got.status.code(), Some(1), "still served: {}", stdout(&got));
     }
 
-    let pid = edges[1].0 .0.id().to_string();
-    let signal = |sig: &str| {
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
+    let signal = |sig: &str| edges[1].0.signal(sig);
     signal("-STOP");
     let o = publish("--wait=2s", "user:2");
     assert_eq!(stdout(&o), "user:2 3\n", "published all the same");
@@ -2190,17 +2180,9 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     ]);
     assert!(set.status.success(), "{}", stderr(&set));
 
-    let pid = frozen.0.id().to_string();
-    let signal = |sig: &str| {
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
-    signal("-STOP");
+    frozen.signal("-STOP");
     let o = publish("user:1");
-    signal("-CONT");
+    frozen.signal("-CONT");
     assert_eq!(stdout(&o), "user:1 2\n");
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
@@ -2674,14 +2656,6 @@ fn logged(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
         .unwrap_or_else(|| panic!("the node never logged {what:?}"))
 }
 
-fn hangup(p: &Proc) {
-    assert!(Command::new("kill")
-        .args(["-HUP", &p.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 /// Edges of a region come and go (DESIGN §9: no restart for membership changes): an edge takes
 /// new relays and a new ring from its config file while it runs, when the file changes (as a
 /// mounted ConfigMap does) or on SIGHUP, and keeps running on its config when the new one
@@ -2771,7 +2745,7 @@ fn an_edge_reloads_its_relays_and_ring_from_its_config_file() {
     // SIGHUP reads it again whether or not it changed; the edge runs on.
     write(p2, "e0", "capacity: 1000000\n");
     std::thread::sleep(Duration::from_millis(100));
-    hangup(&e);
+    e.signal("-HUP");
     logged(&lines, "config reloaded: nothing to change");
     assert_eq!(
         dci(&["get", "--edge", &edge, &theirs]).status.code(),
@@ -2783,7 +2757,7 @@ fn an_edge_reloads_its_relays_and_ring_from_its_config_file() {
     cmd.args(["edge", "--listen", "127.0.0.1:0", "--relays"])
         .arg(format!("http://127.0.0.1:{p1}"));
     let (plain, pp, plain_lines) = launch(cmd);
-    hangup(&plain);
+    plain.signal("-HUP");
     logged(&plain_lines, "no --config file to reload");
     let o = dci(&["get", "--edge", &format!("http://127.0.0.1:{pp}"), "k"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");

@@ -422,6 +422,13 @@ mod tests {
         );
     }
 
+    /// Reads of the tree that always answer `nodes`.
+    fn always(
+        nodes: Vec<pb::NodeStatus>,
+    ) -> impl FnMut() -> std::future::Ready<Result<Vec<pb::NodeStatus>, ()>> {
+        move || std::future::ready(Ok(nodes.clone()))
+    }
+
     /// A cache that does not confirm (stuck, or gone from the tree) is waited for until its
     /// staleness bound and the margin have passed since the wait began, and no longer; one that
     /// does not say its bound, to the deadline.
@@ -439,10 +446,7 @@ mod tests {
         ];
         let mut c = Coverage::default();
         let began = tokio::time::Instant::now();
-        let got = wait(&mut c, &[P], far(), || {
-            std::future::ready(Ok::<_, ()>(tree.clone()))
-        })
-        .await;
+        let got = wait(&mut c, &[P], far(), always(tree)).await;
         let took = began.elapsed();
         let Outcome::Applied { past_bound } = got else {
             panic!("{got:?}")
@@ -455,15 +459,8 @@ mod tests {
         let mut c = Coverage::default();
         c.update(&[bounded("gone", 1_000), bounded("done", 1_000)]);
         let began = tokio::time::Instant::now();
-        let got = wait(&mut c, &[P], far(), || {
-            std::future::ready(Ok::<_, ()>(vec![node(
-                "done",
-                "edge",
-                "eu",
-                &[(0, 5, 100)],
-            )]))
-        })
-        .await;
+        let done = node("done", "edge", "eu", &[(0, 5, 100)]);
+        let got = wait(&mut c, &[P], far(), always(vec![done])).await;
         let Outcome::Applied { past_bound } = got else {
             panic!("{got:?}")
         };
@@ -473,14 +470,13 @@ mod tests {
 
         let mut c = Coverage::default();
         let began = tokio::time::Instant::now();
-        let got = wait(&mut c, &[P], began + Duration::from_secs(10), || {
-            std::future::ready(Ok::<_, ()>(vec![node(
-                "silent",
-                "edge",
-                "eu",
-                &[(0, 5, 99)],
-            )]))
-        })
+        let silent = node("silent", "edge", "eu", &[(0, 5, 99)]);
+        let got = wait(
+            &mut c,
+            &[P],
+            began + Duration::from_secs(10),
+            always(vec![silent]),
+        )
         .await;
         let Outcome::NotApplied(l) = got else {
             panic!("{got:?}")
