@@ -988,36 +988,49 @@ async fn publish_keys(
             return unprinted.map_or(Ok(()), Err);
         }
         read += round.len();
+        // The shards' requests go out together; each shard's in order, one after the other.
+        let sends = a
+            .coordinator
+            .iter()
+            .zip(clients.iter_mut())
+            .zip(request_no.iter_mut())
+            .enumerate()
+            .map(|(shard, ((url, client), request_no))| {
+                let keys: Vec<(usize, &String)> = round
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, k)| targets(k).contains(&shard))
+                    .collect();
+                let (tls, publisher_id) = (&tls, &publisher_id);
+                async move {
+                    let mut answered = Vec::new();
+                    for chunk in request_chunks(&keys) {
+                        *request_no += 1;
+                        let req = pb::PublishRequest {
+                            publisher_id: publisher_id.clone(),
+                            request_no: *request_no,
+                            entries: chunk
+                                .iter()
+                                .map(|(_, k)| pb::Invalidation {
+                                    key: Bytes::from(k.to_string()),
+                                    kind: kind as i32,
+                                    source_version: a.version,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        };
+                        match publish_one(url, tls, client, req, a.retry_for).await {
+                            Ok(r) => answered.push((chunk.to_vec(), r)),
+                            Err(e) => return (shard, answered, Some(e)),
+                        }
+                    }
+                    (shard, answered, None)
+                }
+            });
         let mut lines = vec![Vec::new(); round.len()];
         let mut failed = None;
-        for (shard, url) in a.coordinator.iter().enumerate() {
-            let keys: Vec<(usize, &String)> = round
-                .iter()
-                .enumerate()
-                .filter(|(_, k)| targets(k).contains(&shard))
-                .collect();
-            for chunk in request_chunks(&keys) {
-                request_no[shard] += 1;
-                let req = pb::PublishRequest {
-                    publisher_id: publisher_id.clone(),
-                    request_no: request_no[shard],
-                    entries: chunk
-                        .iter()
-                        .map(|(_, k)| pb::Invalidation {
-                            key: Bytes::from(k.to_string()),
-                            kind: kind as i32,
-                            source_version: a.version,
-                            ..Default::default()
-                        })
-                        .collect(),
-                };
-                let r = match publish_one(url, &tls, &mut clients[shard], req, a.retry_for).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                };
+        for (shard, answered, error) in futures::future::join_all(sends).await {
+            for (chunk, r) in answered {
                 if let Some(&seq) = r.seqs.iter().max() {
                     dci_proto::applied::note(
                         published,
@@ -1037,9 +1050,7 @@ async fn publish_keys(
                     });
                 }
             }
-            if failed.is_some() {
-                break;
-            }
+            failed = failed.or(error);
         }
         // What a shard accepted before another failed stays accepted: say so before the error.
         if let Some(w) = &mut out {
@@ -1063,7 +1074,7 @@ async fn publish_keys(
 
 /// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
 /// one request (a larger one would be refused whole).
-fn request_chunks<'a>(keys: &'a [(usize, &String)]) -> Vec<&'a [(usize, &'a String)]> {
+fn request_chunks<'a, 'k>(keys: &'a [(usize, &'k String)]) -> Vec<&'a [(usize, &'k String)]> {
     use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
