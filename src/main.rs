@@ -1184,7 +1184,15 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
         out.write_all(b"\n")?;
         out.flush()?;
     } else {
-        eprintln!("miss (lease {})", r.lease);
+        if r.only_misses.is_empty() {
+            eprintln!("miss (lease {})", r.lease);
+        } else {
+            let why = printable(&r.only_misses);
+            eprintln!(
+                "miss (lease {}): the edge serves only misses for now: {why}",
+                r.lease
+            );
+        }
     }
     Ok(r.hit)
 }

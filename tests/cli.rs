@@ -188,7 +188,7 @@ fn lease_in(o: &Output) -> u64 {
     stderr(o)
         .split("lease ")
         .nth(1)
-        .and_then(|l| l.trim().trim_end_matches(')').parse().ok())
+        .and_then(|l| l.split(')').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no lease in {}", stderr(o)))
 }
 
@@ -2846,8 +2846,9 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
-    let (_e, _, edge_log) = launch(cmd);
+    let (_e, ep, edge_log) = launch(cmd);
     let edge_metrics = metrics_port(&edge_log);
+    let get = || dci(&["get", "--edge", &format!("http://127.0.0.1:{ep}"), "user:1"]);
     for (name, port) in [("relay", relay_metrics), ("edge", edge_metrics)] {
         eventually(&format!("the {name} ready"), || {
             http_get(port, "/readyz") == (200, "ready\n".into())
@@ -2868,6 +2869,20 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         );
         assert_eq!(http_get(port, "/healthz"), (200, "serving\n".into()));
     }
+    // A read is told why it missed, whether the edge held the key or not.
+    let o = get();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("miss (lease ")
+            && stderr(&o).contains(
+                "): the edge serves only misses for now: not caught up with its coordinator \
+                 within 1s"
+            )
+            && stderr(&o).contains("shard 0"),
+        "{}",
+        stderr(&o)
+    );
+    lease_in(&o);
     // Meanwhile the edge leaves its relay, cut off, every `peer_timeout` (its one URL could be a
     // Service with other relays behind it), and says so once, not at each reconnection.
     std::thread::sleep(Duration::from_millis(3_500));
@@ -2910,6 +2925,8 @@ fn readiness_follows_the_way_to_the_coordinator_and_health_does_not() {
         });
     }
     logged(&edge_log, "serving hits");
+    let o = get();
+    assert_eq!(stderr(&o), format!("miss (lease {})\n", lease_in(&o)));
 }
 
 /// Resident memory of process `pid`, in MiB.

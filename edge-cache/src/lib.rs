@@ -206,22 +206,35 @@ impl EdgeService {
         Self::check_followed(&read(&self.follows), &key)?;
         let lease = self.store.lease(&key).encode();
         let shard = self.store.shard_of(&key);
-        let (fresh, told) = {
+        let (stale, told) = {
             let link = lock(&self.link);
-            let fresh = link.fresh_for(shard, Instant::now(), self.max_staleness);
-            (fresh, link.shard_count)
+            let now = Instant::now();
+            // Why, only when it is so: reads are the hot path.
+            let stale = (!link.fresh_for(shard, now, self.max_staleness))
+                .then(|| link.unready(&[shard], now, self.max_staleness))
+                .flatten();
+            (stale, link.shard_count)
         };
-        if !fresh || self.wrong_shard_count(told).is_some() {
+        let wrong_count = self.wrong_shard_count(told);
+        if stale.is_some() || wrong_count.is_some() {
             // Cut off for longer than the bound, here or anywhere up to the key's coordinator, or
             // mapping keys to the wrong shards: a miss is the only safe answer.
-            if !fresh {
+            if stale.is_some() {
                 self.stale_misses.fetch_add(1, Ordering::Relaxed);
             }
             self.store.counters.misses.fetch_add(1, Ordering::Relaxed);
+            let only_misses = stale.unwrap_or_else(|| {
+                format!(
+                    "its shard_count is {}, the coordinators' {}",
+                    self.shard_count,
+                    wrong_count.unwrap_or_default()
+                )
+            });
             return Ok(pb::GetResponse {
                 hit: false,
                 value: Bytes::new(),
                 lease,
+                only_misses,
             });
         }
         match self.store.get(&key) {
@@ -231,6 +244,7 @@ impl EdgeService {
                     hit: true,
                     value,
                     lease: 0,
+                    only_misses: String::new(),
                 })
             }
             None => {
@@ -239,6 +253,7 @@ impl EdgeService {
                     hit: false,
                     value: Bytes::new(),
                     lease,
+                    only_misses: String::new(),
                 })
             }
         }
