@@ -1326,6 +1326,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  parent",
         "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "caught_up", "connected"
     );
+    let mut past_bound = false;
     for n in &r.nodes {
         // Names come from the nodes themselves, any receiver's report included.
         let (node_id, role, region, parent) = (
@@ -1344,10 +1345,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
         for s in &n.shards {
             // Seconds ago, all the way to the coordinator: what the staleness bound looks at.
-            let caught_up = match s.caught_up_ms {
+            let mut caught_up = match s.caught_up_ms {
                 u64::MAX => "never".to_string(),
                 ms => format!("{:.1}s", ms as f64 / 1000.0),
             };
+            if n.max_staleness_ms > 0 && s.caught_up_ms > n.max_staleness_ms {
+                past_bound = true;
+                caught_up.push('*');
+            }
             println!(
                 "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
                 node_id,
@@ -1362,6 +1367,9 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 parent
             );
         }
+    }
+    if past_bound {
+        println!("* a cache past its staleness bound: it answers only misses for the shard until it has caught up");
     }
     failed.map_or(Ok(()), Err)
 }

@@ -2182,7 +2182,20 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
 
     frozen.signal("-STOP");
     let o = publish("user:1");
+    let status = stdout(&dci(&["status", "--coordinator", &coord]));
     frozen.signal("-CONT");
+    let row = |id: &str| {
+        let line = status.lines().find(|l| l.starts_with(id));
+        line.unwrap_or_else(|| panic!("{status}")).to_string()
+    };
+    assert!(
+        row("frozen").contains("s* ") && !row("running").contains('*'),
+        "{status}"
+    );
+    assert!(
+        status.ends_with("* a cache past its staleness bound: it answers only misses for the shard until it has caught up\n"),
+        "{status}"
+    );
     assert_eq!(stdout(&o), "user:1 2\n");
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
