@@ -1398,11 +1398,31 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The duration a bare `--wait` is followed by (`--wait 5s`): it is taken for a key (the
+/// wait's own value needs `--wait=5s`, so that `--wait KEY` works), which publishes a key
+/// nobody has and waits the default 30 s: almost surely not what was meant.
+fn duration_after_bare_wait(args: impl IntoIterator<Item = String>) -> Option<String> {
+    let mut after = args.into_iter().skip_while(|a| a != "--wait").skip(1);
+    after
+        .next()
+        .filter(|v| humantime::parse_duration(v).is_ok())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    if let (Command::Publish(_), Some(v)) = (
+        &cli.command,
+        duration_after_bare_wait(std::env::args().skip(1)),
+    ) {
+        eprintln!(
+            "dci: `--wait {v}` would publish a key named {v:?} and wait 30s: say --wait={v} \
+             (a key that reads as a duration goes before --wait)"
+        );
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1494,7 +1514,23 @@ fn one_line(e: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{one_line, pb, shard_json};
+    use super::{duration_after_bare_wait, one_line, pb, shard_json};
+
+    #[test]
+    fn a_duration_after_a_bare_wait_is_caught() {
+        let after = |line: &str| duration_after_bare_wait(line.split(' ').map(String::from));
+        assert_eq!(after("publish --wait 5s user:1"), Some("5s".into()));
+        assert_eq!(after("publish user:1 --wait 1m"), Some("1m".into()));
+        assert_eq!(after("publish --wait user:1"), None);
+        assert_eq!(after("publish --wait=5s user:1"), None);
+        assert_eq!(after("publish 5s --wait"), None, "a key before it is meant");
+        assert_eq!(
+            after("publish --wait -- 5s"),
+            None,
+            "after `--`, it is meant"
+        );
+        assert_eq!(after("publish user:1 5s"), None);
+    }
 
     #[test]
     fn a_node_never_caught_up_has_no_caught_up_time_in_json() {

@@ -2085,6 +2085,14 @@ fn publish_wait_returns_once_every_cache_applied_it() {
         let got = dci(&["get", "--edge", url, "user:1"]);
         assert_eq!(got.status.code(), Some(1), "still served: {}", stdout(&got));
     }
+    // `--wait 5s` would publish a key "5s": refused, nothing published (the next seq is 3).
+    let o = publish("--wait", "5s");
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(2), ""));
+    assert_eq!(
+        stderr(&o),
+        "dci: `--wait 5s` would publish a key named \"5s\" and wait 30s: say --wait=5s (a key \
+         that reads as a duration goes before --wait)\n"
+    );
 
     let signal = |sig: &str| edges[1].0.signal(sig);
     signal("-STOP");
