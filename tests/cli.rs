@@ -2129,11 +2129,13 @@ fn publish_wait_returns_once_every_cache_applied_it() {
 /// A cache that does not apply a publish (stopped here) is waited for only until its staleness
 /// bound has passed since the publish: then it serves none of what was invalidated, so
 /// `--wait` ends well before its own time, exit 0, naming it. Run again, it does not serve the
-/// value it held (it answers misses until it has caught up, and applied the publish).
+/// value it held (it answers misses until it has caught up, and applied the publish). Cut off
+/// from its relay and asked meanwhile, it does not either; and a cache with a longer bound is
+/// still waited for.
 #[test]
 fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, _r, coord, relay) = coordinator_and_relay_eu(dir.path());
+    let (_c, relay_proc, coord, relay) = coordinator_and_relay_eu(dir.path());
     let _running = edge_eu(&relay, "running");
     let (frozen, fp) = start(&[
         "edge",
@@ -2226,6 +2228,38 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     assert!(took >= 1.5, "not before its bound and the margin: {err}");
     let got = dci(&["get", "--edge", &frozen_url, "user:1"]);
     assert_eq!(got.status.code(), Some(1), "served: {}", stdout(&got));
+
+    eventually("the edge caught up again", || {
+        progress(&coord, "frozen").is_some_and(|(hwm, lag, _)| hwm == 2 && lag == 0)
+    });
+    let miss = dci(&["get", "--edge", &frozen_url, "user:3"]);
+    let lease = lease_in(&miss).to_string();
+    let set = dci(&[
+        "set",
+        "--edge",
+        &frozen_url,
+        "--lease",
+        &lease,
+        "user:3",
+        "v3",
+    ]);
+    assert!(set.status.success(), "{}", stderr(&set));
+    relay_proc.signal("-STOP");
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=2s", "user:3"]);
+    let got = dci(&["get", "--edge", &frozen_url, "user:3"]);
+    relay_proc.signal("-CONT");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "not applied within 2s by 1 of 2 caches: running (eu) at seq 2 of 3 on shard 0\n",
+        "the frozen edge, with its 1 s bound, is not waited for any more"
+    );
+    assert_eq!(
+        got.status.code(),
+        Some(1),
+        "served cut off: {}",
+        stdout(&got)
+    );
 }
 
 /// Names come from the nodes (and from any receiver's report of itself): printed, their control
