@@ -88,7 +88,9 @@ impl Default for NearCacheOptions {
 
 struct State {
     leases: LeaseTable,
-    values: HashMap<Bytes, Bytes>,
+    values: HashMap<Bytes, Bytes, foldhash::fast::RandomState>,
+    /// Keys in the order they were filled, the oldest evicted first. Keys removed since stay in
+    /// it (popping one evicts nothing) until they are most of it; see [`State::compact`].
     order: VecDeque<Bytes>,
     capacity: usize,
 }
@@ -96,8 +98,18 @@ struct State {
 impl State {
     fn remove_where(&mut self, f: impl Fn(&Bytes) -> bool) {
         self.values.retain(|k, _| !f(k));
-        let values = &self.values;
-        self.order.retain(|k| values.contains_key(k));
+    }
+
+    /// Drop the keys no longer cached from `order` once they are most of it. Each takes a
+    /// place of the capacity until it is popped; dropping them at every removal would cost a
+    /// pass over all of `order` for each prefix invalidated (most of the time of a pass,
+    /// holding the cache's lock against reads), while this way a pass is paid for by as many
+    /// removals as there are keys cached, and the cache keeps at least half its capacity.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.values.len() + 1024 {
+            let values = &self.values;
+            self.order.retain(|k| values.contains_key(k));
+        }
     }
 }
 
@@ -137,6 +149,7 @@ impl Applier for NearApplier {
         if !prefixes.is_empty() {
             st.remove_where(|k| prefixes.matches(k));
         }
+        st.compact();
         st.leases
             .set_applied(batch.shard, batch.epoch, batch.last_seq);
     }
@@ -157,6 +170,7 @@ impl Applier for NearApplier {
         for k in keys {
             st.values.remove(&k);
         }
+        st.compact();
         st.leases.flush(shard, epoch, hwm);
     }
 }
@@ -211,7 +225,7 @@ impl NearCache {
                 opts.shard_count.max(1),
                 opts.capacity.max(1024).saturating_mul(4),
             ),
-            values: HashMap::new(),
+            values: HashMap::default(),
             order: VecDeque::new(),
             capacity: opts.capacity.max(1),
         }));
@@ -342,5 +356,51 @@ impl NearCache {
     /// Stop following (every clone stops serving hits once stale).
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys removed stay in the fill order (a pop of one evicts nothing) until they are most of
+    /// it; then it is rebuilt of the keys still cached, in their order.
+    #[test]
+    fn removed_keys_leave_the_fill_order_once_they_are_most_of_it() {
+        let mut st = State {
+            leases: LeaseTable::new(1, 4096),
+            values: HashMap::default(),
+            order: VecDeque::new(),
+            capacity: 10_000,
+        };
+        for i in 0..10_000u32 {
+            let k = Bytes::from(format!("user:{i:04}"));
+            st.values.insert(k.clone(), Bytes::from_static(b"v"));
+            st.order.push_back(k);
+        }
+        let mut p = dci_proto::lease::Prefixes::default();
+        p.insert(Bytes::from_static(b"user:0"), 1);
+        p.insert(Bytes::from_static(b"user:1"), 1);
+        p.insert(Bytes::from_static(b"user:2"), 1);
+        st.remove_where(|k| p.matches(k));
+        st.compact();
+        assert_eq!(
+            (st.values.len(), st.order.len()),
+            (7_000, 10_000),
+            "few removed: kept"
+        );
+        let mut p = dci_proto::lease::Prefixes::default();
+        for i in 3..=6 {
+            p.insert(Bytes::from(format!("user:{i}")), 2);
+        }
+        st.remove_where(|k| p.matches(k));
+        st.compact();
+        assert_eq!(
+            (st.values.len(), st.order.len()),
+            (3_000, 3_000),
+            "most removed: dropped"
+        );
+        assert_eq!(st.order.front().map(|k| &k[..]), Some(&b"user:7000"[..]));
+        assert!(st.order.iter().all(|k| st.values.contains_key(k)));
     }
 }
