@@ -1277,6 +1277,11 @@ fn the_bench_runs_end_to_end() {
         assert_eq!(bad.status.code(), Some(2), "{flag} {zero}");
         assert!(stderr(&bad).contains(flag), "{}", stderr(&bad));
     }
+    // More receivers than connections can be opened: refused at once, not after minutes.
+    let bad = dci(&["bench", "--receivers", "100000000"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(stderr(&bad).lines().count(), 1, "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("open files"), "{}", stderr(&bad));
 }
 
 /// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.

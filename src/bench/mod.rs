@@ -191,6 +191,19 @@ fn ratio(ours: f64, theirs: Option<f64>) -> String {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    // Each receiver of the scale run is a connection: a descriptor in the relay (here) and one
+    // in the receivers' process. Past the limit, connecting would fail for minutes, not at once.
+    if a.receivers > 0 {
+        let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+        let needed = a.receivers as u64 + 1024;
+        if needed > limit {
+            anyhow::bail!(
+                "--receivers {} needs about {needed} open files in this process and in the \
+                 receivers' (a connection each), and the limit here is {limit} (ulimit -n)",
+                a.receivers
+            );
+        }
+    }
     let shape = KeyShape::new(&a.key_format, a.keys);
     let dir = tempfile::tempdir()?;
     let coordinator = Coordinator::start(CoordinatorConfig {
