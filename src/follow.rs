@@ -132,7 +132,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
     let mut tree = None;
     let mut failed = None;
     for url in &a.sender {
-        match crate::node_tree(url, &tls).await {
+        match crate::status::node_tree(url, &tls).await {
             Ok(t) => {
                 tree = Some((url, t));
                 break;

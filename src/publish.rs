@@ -1,0 +1,499 @@
+//! `dci publish`: keys from the command line or standard input, sent to their shards'
+//! coordinators in requests that fit, resent while unanswered, and (`--wait`) followed down
+//! the tree until every cache has applied them.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use bytes::Bytes;
+use clap::Args;
+use dci_proto::applied::Outcome;
+use dci_proto::pb;
+use dci_proto::types::printable;
+
+use crate::status::tier_tree;
+use crate::{connect, duration, status_line, url_item, ClientTlsArgs, REQUEST_TIMEOUT};
+
+#[derive(Args)]
+pub(crate) struct PublishArgs {
+    /// Coordinator URL; with a sharded tier, every shard's, comma-separated, in shard order (each
+    /// key then goes to its shard, prefixes to all, and the shard is printed beside the seq).
+    #[arg(long, value_delimiter = ',', value_parser = url_item, default_value = "http://127.0.0.1:7400")]
+    coordinator: Vec<String>,
+    /// Invalidate every key with these prefixes instead of exact keys.
+    #[arg(long)]
+    prefix: bool,
+    /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
+    #[arg(long, conflicts_with_all = ["prefix", "keys", "version"])]
+    all: bool,
+    /// Writer's version for every key.
+    #[arg(long)]
+    version: Option<u64>,
+    /// Keys to invalidate; `-` reads them from standard input, one per line, and publishes them
+    /// as they come.
+    #[arg(required_unless_present = "all")]
+    keys: Vec<String>,
+    /// Resend a request left without an answer (a coordinator restarting, a connection lost)
+    /// for this long before giving up; the coordinator takes a resend for the request it
+    /// repeats, never as a second one.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    retry_for: Duration,
+    /// Once published, wait until every cache below the coordinators (edges, near caches) has
+    /// applied it, for at most this long (`--wait` alone: 30s): "applied by all N caches" on
+    /// stderr, or the caches that lag and exit 3.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_parser = duration)]
+    wait: Option<Duration>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
+}
+
+/// Exit code of `dci publish --wait` when published but not applied everywhere in time.
+pub(crate) const EXIT_NOT_APPLIED: u8 = 3;
+
+/// Most keys `dci publish` sends in one request (far below the coordinator's limits).
+const PUBLISH_CHUNK: usize = 4096;
+
+/// Most keys `dci publish` reads and publishes at a time: what it holds however long its input
+/// is (keys from standard input are published round by round, each printed once answered).
+const PUBLISH_ROUND_KEYS: usize = 16_384;
+const PUBLISH_ROUND_BYTES: usize = 4 << 20;
+
+/// Where `dci publish` takes its keys: the command line, or standard input line by line.
+enum KeySource {
+    Args(std::vec::IntoIter<String>),
+    Stdin {
+        input: std::io::BufReader<std::io::Stdin>,
+        line: usize,
+    },
+}
+
+impl KeySource {
+    /// Whether a next key can be taken without waiting for input: while one cannot, what was
+    /// read is published (a writer feeding keys as they come sees each published at once).
+    fn ready(&self) -> bool {
+        match self {
+            KeySource::Args(_) => true,
+            KeySource::Stdin { input, .. } => !input.buffer().is_empty(),
+        }
+    }
+
+    /// The next key (blank lines of standard input skipped), `None` at the end.
+    fn next_key(&mut self) -> anyhow::Result<Option<String>> {
+        use std::io::BufRead;
+        let (input, line) = match self {
+            KeySource::Args(keys) => return Ok(keys.next()),
+            KeySource::Stdin { input, line } => (input, line),
+        };
+        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+        loop {
+            *line += 1;
+            let mut buf = Vec::new();
+            // At most one key over the limit is held: a line longer than any coordinator takes
+            // (or input that is no list of keys at all) is measured, not kept.
+            let n = input
+                .by_ref()
+                .take(limit as u64 + 2)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let mut len = buf.len();
+            if buf.last() != Some(&b'\n') && len > limit {
+                loop {
+                    let chunk = input
+                        .fill_buf()
+                        .map_err(|e| anyhow!("reading keys from standard input: {e}"))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    match chunk.iter().position(|&b| b == b'\n') {
+                        Some(i) => {
+                            len += i;
+                            input.consume(i + 1);
+                            break;
+                        }
+                        None => {
+                            len += chunk.len();
+                            let n = chunk.len();
+                            input.consume(n);
+                        }
+                    }
+                }
+            }
+            if len > limit {
+                // A line ends where its key ends (a newline, a carriage return before it).
+                let tail = buf
+                    .iter()
+                    .rev()
+                    .take_while(|b| b.is_ascii_whitespace())
+                    .count();
+                if len - tail > limit {
+                    // The same words as for a key of the command line, with its line.
+                    return Err(anyhow!(
+                        "line {line} of standard input: key is {} bytes, more than the \
+                         maximum any coordinator takes ({limit})",
+                        len - tail
+                    ));
+                }
+            }
+            let Ok(text) = String::from_utf8(buf) else {
+                anyhow::bail!("line {line} of standard input: not UTF-8");
+            };
+            let key = text.trim_end();
+            if !key.is_empty() {
+                return Ok(Some(key.to_string()));
+            }
+        }
+    }
+}
+
+pub(crate) async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
+    let Some(within) = a.wait else {
+        return publish_keys(&a, &mut Vec::new()).await.map(|()| 0);
+    };
+    let tls = a.tls.client()?;
+    let started = tokio::time::Instant::now();
+    // The caches there before publishing: one that leaves the tree afterwards (cut off,
+    // restarting, failing over) may still hold what is invalidated, so it is waited for.
+    let mut coverage = dci_proto::applied::Coverage::default();
+    let deadline = started + within;
+    if let Ok(Ok(nodes)) = tokio::time::timeout_at(deadline, tier_tree(&a.coordinator, &tls)).await
+    {
+        coverage.update(&nodes);
+    }
+    let mut published = Vec::new();
+    publish_keys(&a, &mut published).await?;
+    let tree = || tier_tree(&a.coordinator, &tls);
+    let outcome = dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await;
+    let within = humantime::format_duration(within);
+    match outcome {
+        Outcome::Applied { past_bound } => {
+            let took = started.elapsed().as_secs_f64();
+            let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
+            let regions = regions.join(", ");
+            let mut past: Vec<&str> = past_bound.iter().map(|l| l.node_id.as_str()).collect();
+            past.dedup();
+            let caches = coverage.caches();
+            let applied = caches.saturating_sub(past.len());
+            match (caches, past.len()) {
+                (0, _) => eprintln!("no cache follows these coordinators: nothing to wait for"),
+                (1, 0) => eprintln!("applied by the only cache ({regions}) in {took:.2}s"),
+                (n, 0) => eprintln!("applied by all {n} caches ({regions}) in {took:.2}s"),
+                (n, k) => eprintln!(
+                    "applied by {applied} of {n} caches ({regions}) in {took:.2}s; not by {}, \
+                     {}",
+                    dci_proto::applied::named(&past_bound),
+                    match k {
+                        1 => "which is past its staleness bound since: it serves none of it",
+                        _ => "which are past their staleness bounds since: they serve none of it",
+                    }
+                ),
+            }
+            return Ok(0);
+        }
+        Outcome::NotApplied(lagging) => {
+            let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
+            ids.dedup();
+            eprintln!(
+                "not applied within {within} by {} of {} caches: {}",
+                ids.len(),
+                coverage.caches(),
+                dci_proto::applied::named(&lagging)
+            );
+        }
+        Outcome::Unread(failed) => {
+            let why = failed.map_or("no answer from the coordinators".into(), |e| {
+                format!("{e:#}")
+            });
+            eprintln!("published, but the tree could not be read within {within}: {why}");
+        }
+    }
+    Ok(EXIT_NOT_APPLIED)
+}
+
+/// Publish what the arguments say, noting in `published` how far each shard answered.
+async fn publish_keys(
+    a: &PublishArgs,
+    published: &mut Vec<dci_proto::applied::Published>,
+) -> anyhow::Result<()> {
+    let tls = a.tls.client()?;
+    let kind = if a.all {
+        pb::Kind::All
+    } else if a.prefix {
+        pb::Kind::Prefix
+    } else {
+        pb::Kind::Key
+    };
+    let mut source = if a.all {
+        KeySource::Args(vec![String::new()].into_iter())
+    } else if a.keys == ["-"] {
+        KeySource::Stdin {
+            input: std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
+            line: 0,
+        }
+    } else {
+        for (i, k) in a.keys.iter().enumerate() {
+            dci_proto::types::check_key_len_limit(i, k.len()).map_err(anyhow::Error::msg)?;
+        }
+        KeySource::Args(a.keys.clone().into_iter())
+    };
+    let shards = a.coordinator.len();
+    let map = dci_proto::ring::ShardMap::new(shards as u32);
+    // A prefix may match keys of every shard.
+    let targets = |k: &str| -> Vec<usize> {
+        if a.prefix || a.all {
+            (0..shards).collect()
+        } else {
+            vec![map.shard_of(k.as_bytes()) as usize]
+        }
+    };
+    let publisher_id = format!("cli-{:016x}", rand::random::<u64>());
+    let mut clients = vec![None; shards];
+    let mut request_no = vec![0u64; shards];
+    let mut read = 0usize;
+    // Once nothing reads the output (`| head`), the keys are still published: only the
+    // printing stops. Any other failure to print is told once every key is published.
+    let mut out = Some(std::io::BufWriter::new(std::io::stdout()));
+    let mut unprinted = None;
+    loop {
+        let mut round = Vec::new();
+        let mut bytes = 0;
+        // A bad line ends the input: what came before it is published, then the error told.
+        let mut bad = None;
+        while round.len() < PUBLISH_ROUND_KEYS && bytes < PUBLISH_ROUND_BYTES {
+            if !round.is_empty() && !source.ready() {
+                break;
+            }
+            let k = match source.next_key() {
+                Ok(Some(k)) => k,
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            };
+            if a.prefix && k.is_empty() {
+                anyhow::bail!("an empty prefix would be every key: say --all for that");
+            }
+            bytes += k.len();
+            round.push(k);
+        }
+        if round.is_empty() {
+            if let Some(e) = bad {
+                return Err(e);
+            }
+            if read == 0 {
+                anyhow::bail!("no keys on standard input");
+            }
+            return unprinted.map_or(Ok(()), Err);
+        }
+        read += round.len();
+        // The shards' requests go out together; each shard's in order, one after the other.
+        let sends = a
+            .coordinator
+            .iter()
+            .zip(clients.iter_mut())
+            .zip(request_no.iter_mut())
+            .enumerate()
+            .map(|(shard, ((url, client), request_no))| {
+                let keys: Vec<(usize, &String)> = round
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, k)| targets(k).contains(&shard))
+                    .collect();
+                let (tls, publisher_id) = (&tls, &publisher_id);
+                async move {
+                    let mut answered = Vec::new();
+                    for chunk in request_chunks(&keys) {
+                        *request_no += 1;
+                        let req = pb::PublishRequest {
+                            publisher_id: publisher_id.clone(),
+                            request_no: *request_no,
+                            entries: chunk
+                                .iter()
+                                .map(|(_, k)| pb::Invalidation {
+                                    key: Bytes::from(k.to_string()),
+                                    kind: kind as i32,
+                                    source_version: a.version,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        };
+                        match publish_one(url, tls, client, req, a.retry_for).await {
+                            Ok(r) => answered.push((chunk.to_vec(), r)),
+                            Err(e) => return (shard, answered, Some(e)),
+                        }
+                    }
+                    (shard, answered, None)
+                }
+            });
+        let mut lines = vec![Vec::new(); round.len()];
+        let mut failed = None;
+        for (shard, answered, error) in futures::future::join_all(sends).await {
+            for (chunk, r) in answered {
+                if let Some(&seq) = r.seqs.iter().max() {
+                    dci_proto::applied::note(
+                        published,
+                        dci_proto::applied::Published {
+                            shard: shard as u32,
+                            epoch: r.epoch,
+                            seq,
+                        },
+                    );
+                }
+                for ((i, k), seq) in chunk.iter().zip(r.seqs) {
+                    let k = if a.all { "*" } else { k.as_str() };
+                    lines[*i].push(if shards == 1 {
+                        format!("{k} {seq}")
+                    } else {
+                        format!("{k} {seq} shard={shard}")
+                    });
+                }
+            }
+            failed = failed.or(error);
+        }
+        // What a shard accepted before another failed stays accepted: say so before the error.
+        if let Some(w) = &mut out {
+            let printed = lines
+                .iter()
+                .flatten()
+                .try_for_each(|l| writeln!(w, "{l}"))
+                .and_then(|()| w.flush());
+            if let Err(e) = printed {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    unprinted = Some(anyhow!("writing to standard output: {e}"));
+                }
+                out = None;
+            }
+        }
+        if let Some(e) = failed.or(bad) {
+            return Err(e);
+        }
+    }
+}
+
+/// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
+/// one request (a larger one would be refused whole).
+fn request_chunks<'a, 'k>(keys: &'a [(usize, &'k String)]) -> Vec<&'a [(usize, &'k String)]> {
+    use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, k)) in keys.iter().enumerate() {
+        let cost = k.len() + ENTRY_OVERHEAD_BYTES;
+        if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > PUBLISH_REQUEST_BYTES) {
+            out.push(&keys[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += cost;
+    }
+    if start < keys.len() {
+        out.push(&keys[start..]);
+    }
+    out
+}
+
+/// Send one publish request, resending it (same publisher id and request number: the
+/// coordinator answers a resend with the seqs it gave the first) while its answer does not come,
+/// for up to `retry_for`; a refusal is final at once. An attempt waits for its answer no longer
+/// than resends may go on (a node that is stopped, not gone, answers nothing): with no resends
+/// (`retry_for` 0), as long as any request.
+async fn publish_one(
+    url: &str,
+    tls: &dci_proto::tls::ClientTls,
+    client: &mut Option<pb::publisher_client::PublisherClient<tonic::transport::Channel>>,
+    req: pb::PublishRequest,
+    retry_for: Duration,
+) -> anyhow::Result<pb::PublishResponse> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let wait = if retry_for.is_zero() {
+            REQUEST_TIMEOUT
+        } else {
+            retry_for
+                .saturating_sub(started.elapsed())
+                .clamp(Duration::from_millis(500), REQUEST_TIMEOUT)
+        };
+        let err = match client {
+            Some(c) => match tokio::time::timeout(wait, c.publish(req.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Err(_) => {
+                    *client = None;
+                    let within = if retry_for.is_zero() {
+                        REQUEST_TIMEOUT
+                    } else {
+                        retry_for
+                    };
+                    anyhow!(
+                        "{url}: no answer within {}",
+                        humantime::format_duration(within)
+                    )
+                }
+                Ok(Err(s)) => {
+                    let line = anyhow!(status_line(&s, "a coordinator", url, tls));
+                    if !resendable(s.code()) {
+                        return Err(line);
+                    }
+                    // A fresh connection: the old one may be the one a restarted node closed.
+                    *client = None;
+                    line
+                }
+            },
+            None => match connect(url, tls).await {
+                Ok(ch) => {
+                    *client = Some(pb::publisher_client::PublisherClient::new(ch));
+                    continue;
+                }
+                Err(e) => e,
+            },
+        };
+        if started.elapsed() + backoff > retry_for {
+            return Err(err);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Whether a request that failed this way may be sent again: not when the node refused it for
+/// what it is (sending it again would be refused again).
+fn resendable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | Internal | Unknown | Cancelled | DeadlineExceeded | Aborted
+    )
+}
+
+/// The duration a bare `--wait` is followed by (`--wait 5s`): it is taken for a key (the
+/// wait's own value needs `--wait=5s`, so that `--wait KEY` works), which publishes a key
+/// nobody has and waits the default 30 s: almost surely not what was meant.
+pub(crate) fn duration_after_bare_wait(args: impl IntoIterator<Item = String>) -> Option<String> {
+    let mut after = args.into_iter().skip_while(|a| a != "--wait").skip(1);
+    after
+        .next()
+        .filter(|v| humantime::parse_duration(v).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_after_bare_wait;
+
+    #[test]
+    fn a_duration_after_a_bare_wait_is_caught() {
+        let after = |line: &str| duration_after_bare_wait(line.split(' ').map(String::from));
+        assert_eq!(after("publish --wait 5s user:1"), Some("5s".into()));
+        assert_eq!(after("publish user:1 --wait 1m"), Some("1m".into()));
+        assert_eq!(after("publish --wait user:1"), None);
+        assert_eq!(after("publish --wait=5s user:1"), None);
+        assert_eq!(after("publish 5s --wait"), None, "a key before it is meant");
+        assert_eq!(
+            after("publish --wait -- 5s"),
+            None,
+            "after `--`, it is meant"
+        );
+        assert_eq!(after("publish user:1 5s"), None);
+    }
+}
