@@ -1284,6 +1284,51 @@ fn the_bench_runs_end_to_end() {
     assert!(stderr(&bad).contains("open files"), "{}", stderr(&bad));
 }
 
+/// A rendered chart spreads each region's relays and edges, and the coordinators, over nodes (a
+/// preference for nodes without the same pods), and bounds how many of a region's relays and
+/// edges an eviction takes at a time (a disruption budget each, over exactly their pods).
+fn helm_placement(docs: &[serde_yaml::Value]) {
+    let mut budgets = 0;
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "StatefulSet" || d["kind"] == "Deployment")
+    {
+        let spec = &d["spec"]["template"]["spec"];
+        let term = &spec["affinity"]["podAntiAffinity"]
+            ["preferredDuringSchedulingIgnoredDuringExecution"][0];
+        assert_eq!(
+            term["podAffinityTerm"]["topologyKey"], "kubernetes.io/hostname",
+            "{d:?}"
+        );
+        let spread = &term["podAffinityTerm"]["labelSelector"]["matchLabels"];
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let role = labels["role"].as_str().unwrap();
+        if role == "coordinator" {
+            assert_eq!(spread["role"], "coordinator");
+            assert!(
+                spread["shard"].is_null(),
+                "every shard's coordinator apart from the others"
+            );
+            continue;
+        }
+        assert_eq!(spread, labels, "{d:?}");
+        let budget = docs
+            .iter()
+            .find(|b| {
+                b["kind"] == "PodDisruptionBudget" && b["metadata"]["name"] == d["metadata"]["name"]
+            })
+            .unwrap_or_else(|| panic!("no disruption budget for {:?}", d["metadata"]["name"]));
+        assert_eq!(budget["apiVersion"], "policy/v1");
+        assert_eq!(
+            budget["spec"]["selector"]["matchLabels"],
+            d["spec"]["selector"]["matchLabels"]
+        );
+        assert_eq!(budget["spec"]["maxUnavailable"], 1);
+        budgets += 1;
+    }
+    assert_eq!(budgets, 4, "two regions' relays and edges");
+}
+
 /// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.
 fn helm_template(release: &str, settings: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
@@ -2398,6 +2443,56 @@ fn the_helm_chart_starts_a_working_tree() {
         .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
         .count();
     assert_eq!(workloads, 2 + 2 + 2);
+    helm_placement(&docs);
+    let placed = helm_template(
+        "p",
+        &[
+            "--set-json",
+            r#"edge.nodeSelector={"pool":"cache"}"#,
+            "--set-json",
+            r#"edge.tolerations=[{"key":"cache","operator":"Exists"}]"#,
+            "--set-json",
+            r#"relay.affinity={"nodeAffinity":{"preferredDuringSchedulingIgnoredDuringExecution":[{"weight":1,"preference":{"matchExpressions":[{"key":"zone","operator":"In","values":["a"]}]}}]}}"#,
+            "--set",
+            "relay.maxUnavailable=2",
+        ],
+    )
+    .unwrap();
+    for d in placed
+        .iter()
+        .filter(|d| d["kind"] == "StatefulSet" || d["kind"] == "Deployment")
+    {
+        let spec = &d["spec"]["template"]["spec"];
+        match spec["containers"][0]["name"].as_str().unwrap() {
+            "edge" => {
+                assert_eq!(spec["nodeSelector"]["pool"], "cache");
+                assert_eq!(spec["tolerations"][0]["key"], "cache");
+            }
+            "relay" => {
+                assert!(
+                    spec["affinity"]["podAntiAffinity"].is_null(),
+                    "replaced: {spec:?}"
+                );
+                assert_eq!(
+                    spec["affinity"]["nodeAffinity"]
+                        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"],
+                    1
+                );
+            }
+            _ => assert!(spec["nodeSelector"].is_null() && spec["tolerations"].is_null()),
+        }
+    }
+    let relay_budgets: Vec<&serde_yaml::Value> = placed
+        .iter()
+        .filter(|d| {
+            d["kind"] == "PodDisruptionBudget"
+                && d["spec"]["selector"]["matchLabels"]["role"] == "relay"
+        })
+        .collect();
+    assert_eq!(relay_budgets.len(), 2);
+    assert!(relay_budgets
+        .iter()
+        .all(|b| b["spec"]["maxUnavailable"] == 2));
 
     let mut dirs = Vec::new();
     let mut ports = std::collections::HashMap::new();

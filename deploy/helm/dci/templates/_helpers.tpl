@@ -37,3 +37,40 @@ failureThreshold: 2
 {{- define "dci.podAnnotations" -}}
 annotations: {prometheus.io/scrape: "true", prometheus.io/port: "{{ .Values.metricsPort }}", prometheus.io/path: /metrics}
 {{- end }}
+
+{{- /* Where a component's pods go (ctx: .v, the component's values; .labels, its pods' labels):
+its nodeSelector and tolerations, and its affinity; with none given, a preference (not a rule)
+for nodes that hold none of the same pods yet, so that losing a node loses one of them. */}}
+{{- define "dci.placement" -}}
+{{- with .v.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .v.affinity }}
+affinity: {{- toYaml .v.affinity | nindent 2 }}
+{{- else }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector: {matchLabels: {{ toJson .labels }}}
+{{- end }}
+{{- end }}
+
+{{- /* A disruption budget for a region's relays or edges (ctx: .name, .v the component's
+values, .labels its pods' labels): a node drain or a cluster upgrade evicts at most
+`maxUnavailable` of them at a time. */}}
+{{- define "dci.disruptionBudget" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ .name }}
+spec:
+  maxUnavailable: {{ .v.maxUnavailable }}
+  selector:
+    matchLabels: {{ toJson .labels }}
+{{- end }}
