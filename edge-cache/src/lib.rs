@@ -210,9 +210,10 @@ impl EdgeService {
             let link = lock(&self.link);
             let now = Instant::now();
             // Why, only when it is so: reads are the hot path.
-            let stale = (!link.fresh_for(shard, now, self.max_staleness))
-                .then(|| link.unready(&[shard], now, self.max_staleness))
-                .flatten();
+            let stale = (!link.fresh_for(shard, now, self.max_staleness)).then(|| {
+                link.unready(&[shard], now, self.max_staleness)
+                    .unwrap_or_else(|| "not caught up with its coordinator".into())
+            });
             (stale, link.shard_count)
         };
         let wrong_count = self.wrong_shard_count(told);
