@@ -49,7 +49,7 @@ pub(crate) struct PublishArgs {
 }
 
 /// Exit code of `dci publish --wait` when published but not applied everywhere in time.
-pub(crate) const EXIT_NOT_APPLIED: u8 = 3;
+const EXIT_NOT_APPLIED: u8 = 3;
 
 /// Most keys `dci publish` sends in one request (far below the coordinator's limits).
 const PUBLISH_CHUNK: usize = 4096;
