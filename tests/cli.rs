@@ -2295,13 +2295,14 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     ]);
     assert!(set.status.success(), "{}", stderr(&set));
     relay_proc.signal("-STOP");
-    let o = dci(&["publish", "--coordinator", &coord, "--wait=2s", "user:3"]);
+    // Its time leaves the frozen edge's bound and margin (1.5 s) to pass after the publish.
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=3s", "user:3"]);
     let got = dci(&["get", "--edge", &frozen_url, "user:3"]);
     relay_proc.signal("-CONT");
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert_eq!(
         stderr(&o),
-        "not applied within 2s by 1 of 2 caches: running (eu) at seq 2 of 3 on shard 0\n",
+        "not applied within 3s by 1 of 2 caches: running (eu) at seq 2 of 3 on shard 0\n",
         "the frozen edge, with its 1 s bound, is not waited for any more"
     );
     assert_eq!(
