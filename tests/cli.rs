@@ -192,6 +192,14 @@ fn lease_in(o: &Output) -> u64 {
         .unwrap_or_else(|| panic!("no lease in {}", stderr(o)))
 }
 
+/// Fill `key` on `edge` as a reader that missed would: `set` under the miss's lease.
+fn fill(edge: &str, key: &str, value: &str) {
+    let miss = dci(&["get", "--edge", edge, key]);
+    let lease = lease_in(&miss).to_string();
+    let set = dci(&["set", "--edge", edge, "--lease", &lease, key, value]);
+    assert!(set.status.success(), "{}", stderr(&set));
+}
+
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -2120,10 +2128,7 @@ fn publish_wait_returns_once_every_cache_applied_it() {
     });
 
     for (_, url) in &edges {
-        let miss = dci(&["get", "--edge", url, "user:1"]);
-        let lease = lease_in(&miss).to_string();
-        let set = dci(&["set", "--edge", url, "--lease", &lease, "user:1", "v1"]);
-        assert!(set.status.success(), "{}", stderr(&set));
+        fill(url, "user:1", "v1");
     }
     let o = publish("--wait=20s", "user:1");
     assert_eq!(stdout(&o), "user:1 2\n");
@@ -2227,18 +2232,7 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
         ],
         "caches report their bounds"
     );
-    let miss = dci(&["get", "--edge", &frozen_url, "user:1"]);
-    let lease = lease_in(&miss).to_string();
-    let set = dci(&[
-        "set",
-        "--edge",
-        &frozen_url,
-        "--lease",
-        &lease,
-        "user:1",
-        "v1",
-    ]);
-    assert!(set.status.success(), "{}", stderr(&set));
+    fill(&frozen_url, "user:1", "v1");
 
     frozen.signal("-STOP");
     let o = publish("user:1");
@@ -2282,18 +2276,7 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     eventually("the edge caught up again", || {
         progress(&coord, "frozen").is_some_and(|(hwm, lag, _)| hwm == 2 && lag == 0)
     });
-    let miss = dci(&["get", "--edge", &frozen_url, "user:3"]);
-    let lease = lease_in(&miss).to_string();
-    let set = dci(&[
-        "set",
-        "--edge",
-        &frozen_url,
-        "--lease",
-        &lease,
-        "user:3",
-        "v3",
-    ]);
-    assert!(set.status.success(), "{}", stderr(&set));
+    fill(&frozen_url, "user:3", "v3");
     relay_proc.signal("-STOP");
     // Its time leaves the frozen edge's bound and margin (1.5 s) to pass after the publish.
     let o = dci(&["publish", "--coordinator", &coord, "--wait=3s", "user:3"]);
