@@ -38,7 +38,7 @@ pub struct DemoArgs {
     /// turn an edge (it comes back empty), a relay and the coordinator (from its log), while
     /// the workload runs.
     #[arg(long, value_name = "EVERY", num_args = 0..=1, default_missing_value = "3s",
-          value_parser = crate::duration)]
+          value_parser = crate::positive_duration)]
     chaos: Option<Duration>,
     /// Coordinator shards (each with its log; the relays follow every one, keys go to their
     /// shard's).

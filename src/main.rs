@@ -427,6 +427,14 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// [`duration`], more than nothing (a period, a length of a run).
+pub(crate) fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
+}
+
 const GRACE: Duration = Duration::from_secs(10);
 
 /// Flags override the file: each named `Option` flag that was given replaces the config field.

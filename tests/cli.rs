@@ -1970,7 +1970,7 @@ fn publish_gives_up_on_a_silent_coordinator_after_retry_for() {
 /// wrong, exit 2; help and version still print in full.
 #[test]
 fn usage_errors_are_one_line() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["publish", "--bogus"], "unexpected argument '--bogus'"),
         (&["nonsense"], "unrecognized subcommand 'nonsense'"),
         (&["get"], "required arguments were not provided: <KEY>"),
@@ -1979,6 +1979,10 @@ fn usage_errors_are_one_line() {
             "unknown fsync policy \"sometimes\" (always, interval, never)",
         ),
         (&["demo", "--shards", "0"], "'0' for '--shards <SHARDS>'"),
+        (
+            &["demo", "--chaos=0s"],
+            "'0s' for '--chaos [<EVERY>]': must be more than 0",
+        ),
         (
             &["bench", "--edges", "0"],
             "'0' for '--edges <EDGES>': must be at least 1",

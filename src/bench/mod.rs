@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000, value_parser = crate::positive)]
     pub rate: u64,
     /// Length of the latency run.
-    #[arg(long, value_parser = positive_duration, default_value = "5s")]
+    #[arg(long, value_parser = crate::positive_duration, default_value = "5s")]
     pub latency_for: Duration,
     /// Receivers on one relay in the scale run (0 skips it).
     #[arg(long, default_value_t = 1000)]
@@ -62,13 +62,6 @@ struct Meter {
     last: Vec<AtomicU64>,
     recording: AtomicBool,
     latency: Mutex<Histogram<u64>>,
-}
-
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    match crate::duration(s)? {
-        d if d.is_zero() => Err("must be more than 0".into()),
-        d => Ok(d),
-    }
 }
 
 fn parse_key_format(s: &str) -> Result<String, String> {
