@@ -160,6 +160,21 @@ const CHAOS_DOWN: Duration = Duration::from_secs(1);
 /// Publishes the demo's writers keep in flight at most.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 4096;
 
+/// The ticks of the `i`th of `n` tasks that share a rate: each at its own moment of the period.
+/// Ticks that all fell at once (every reader at the same instant, every 8 ms) made the load come
+/// in bursts, and the propagation the demo reports then measured the bursts.
+fn staggered(period: Duration, i: u64, n: u64) -> tokio::time::Interval {
+    let start = tokio::time::Instant::now() + stagger(period, i, n);
+    let mut tick = tokio::time::interval_at(start, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
+}
+
+/// When, within the period, the `i`th of `n` tasks ticks.
+fn stagger(period: Duration, i: u64, n: u64) -> Duration {
+    period.mul_f64((i % n.max(1)) as f64 / n.max(1) as f64)
+}
+
 fn key_of(i: u64) -> String {
     format!("user:{i:06}:profile")
 }
@@ -277,9 +292,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let period = Duration::from_secs_f64(writers as f64 / a.rate.max(1) as f64);
         let (keys, bound, prefixes) = (a.keys, a.max_staleness, a.prefixes);
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let _ = w;
+            let mut tick = staggered(period, w, writers);
             loop {
                 tokio::select! { _ = tick.tick() => {}, _ = halt.changed() => return }
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else {
@@ -359,8 +372,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let period = Duration::from_secs_f64(readers as f64 / a.reads.max(1) as f64);
         let (keys, bound) = (a.keys, a.max_staleness);
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut tick = staggered(period, r, readers);
             loop {
                 tokio::select! { _ = tick.tick() => {}, _ = halt.changed() => return }
                 let k = rand::random_range(0..keys);
@@ -502,4 +514,21 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         anyhow::bail!("{stale} stale reads seen");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_sharing_a_rate_tick_evenly_apart_within_the_period() {
+        let period = Duration::from_millis(8);
+        let at: Vec<Duration> = (0..32).map(|i| stagger(period, i, 32)).collect();
+        assert_eq!(at[0], Duration::ZERO);
+        for w in at.windows(2) {
+            assert_eq!(w[1] - w[0], Duration::from_micros(250));
+        }
+        assert!(at[31] < period);
+        assert_eq!(stagger(period, 0, 0), Duration::ZERO);
+    }
 }

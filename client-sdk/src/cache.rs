@@ -409,7 +409,7 @@ impl CacheClient {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Look a key up; also the edge that answered (its lease is good there only).    /// Look a key up; also the edge that answered (its lease is good there only).
+    /// Look a key up; also the edge that answered (its lease is good there only).
     async fn get_at(&self, key: Bytes) -> Result<(RawClient<Channel>, Lookup), Error> {
         let (_, (at, r)) = self
             .first_owner(&key, |_, mut edge| {
