@@ -99,6 +99,9 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "connected_ms": n.connected_ms,
                     // A cache's staleness bound; null for the other roles.
                     "max_staleness_ms": (n.max_staleness_ms > 0).then_some(n.max_staleness_ms),
+                    // How many nodes a summary stands for (a report had no room for them): of
+                    // each shard, the least progress among them; null for a node.
+                    "left_out": (n.left_out > 0).then_some(n.left_out),
                     "shards": n.shards.iter().map(shard_json).collect::<Vec<_>>(),
                 })
             })
@@ -117,7 +120,10 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
     for n in &r.nodes {
         // Names come from the nodes themselves, any receiver's report included.
         let (node_id, role, region, parent) = (
-            printable(&n.node_id),
+            match n.left_out {
+                0 => printable(&n.node_id),
+                more => format!("{more} {}", printable(&n.node_id)).into(),
+            },
             printable(&n.role),
             printable(&n.region),
             printable(&n.parent),

@@ -116,6 +116,7 @@ fn status(r: &mut StdRng) -> pb::NodeStatus {
             .collect(),
         connected_ms: num(r),
         max_staleness_ms: num(r),
+        left_out: num(r) as u32,
     }
 }
 

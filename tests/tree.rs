@@ -2835,3 +2835,139 @@ async fn requests_stay_under_what_a_coordinator_decodes() {
     assert_eq!(p.invalidate("after").await.unwrap(), 40_003);
     c.stop().await.unwrap();
 }
+
+/// A relay with more nodes below it than its heartbeats carry (thousands of edges, here under a
+/// relay below it) sums up those it has no room for: a wait for a publish waits for them as
+/// their least advanced and counts each, where it used to leave them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_beyond_what_a_heartbeat_carries_are_still_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        region: "eu".into(),
+        node_id: "relay-top".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    for i in 0..3 {
+        p.invalidate(format!("k{i}")).await.unwrap();
+    }
+    let mut admin = pb::admin_client::AdminClient::connect(c.url())
+        .await
+        .unwrap();
+    let epoch = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes[0]
+        .shards[0]
+        .epoch;
+
+    // The relay below, played by a raw stream: it reports 12,000 edges (about 1.6 MiB of
+    // reports), every one at seq 3 but the last 10 by name, at 2.
+    const EDGES: usize = 12_000;
+    let report = move |id: String, role: &str, hwm: Seq| pb::NodeStatus {
+        node_id: id,
+        role: role.into(),
+        region: "eu".into(),
+        parent: "relay-below".into(),
+        shards: vec![pb::ShardProgress {
+            shard: 0,
+            epoch,
+            hwm,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let subtree = move |last_ones_at: Seq| {
+        let mut nodes = vec![report("relay-below".into(), "relay", 3)];
+        nodes.extend((0..EDGES).map(|i| {
+            let hwm = if i >= EDGES - 10 { last_ones_at } else { 3 };
+            report(
+                format!("edge-{i:05}.eu-west-1.edges.dci.svc.cluster.local"),
+                "edge",
+                hwm,
+            )
+        }));
+        nodes
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::Upstream {
+        msg: Some(pb::upstream::Msg::Hello(pb::Hello {
+            node_id: "relay-below".into(),
+            region: "eu".into(),
+            role: "relay".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut raw = pb::subscribe_client::SubscribeClient::connect(r.url())
+        .await
+        .unwrap();
+    let _down = raw
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let (at_tx, mut at) = tokio::sync::watch::channel(2);
+    let reporting = tokio::spawn(async move {
+        loop {
+            let hb = pb::Heartbeat {
+                subtree: subtree(*at.borrow_and_update()),
+                ..Default::default()
+            };
+            let msg = pb::Upstream {
+                msg: Some(pb::upstream::Msg::Heartbeat(hb)),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), at.changed()).await;
+        }
+    });
+
+    let lagging = loop {
+        match p.wait_applied(Duration::from_secs(2)).await {
+            Err(dci_sdk::Error::NotApplied(l))
+                if l.iter().any(|l| l.node_id.contains("left out")) =>
+            {
+                break l
+            }
+            // The relays' reports on their way.
+            Err(dci_sdk::Error::NotApplied(_)) => {}
+            Ok(a) if a.caches == 0 => {}
+            other => panic!("the last edges were not waited for: {other:?}"),
+        }
+    };
+    let names: Vec<String> = lagging.iter().map(ToString::to_string).collect();
+    let summed_up = names.iter().find_map(|n| {
+        n.strip_suffix(" edges of eu left out by relay-top (eu) at seq 2 of 3 on shard 0")
+    });
+    let count: usize = summed_up
+        .expect("the edges left out, at the least advanced")
+        .parse()
+        .unwrap();
+    assert!((10..EDGES).contains(&count), "{names:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "the ten behind are all among those left out: {names:?}"
+    );
+    at_tx.send(3).unwrap();
+    let applied = loop {
+        if let Ok(a) = p.wait_applied(Duration::from_secs(5)).await {
+            break a;
+        }
+    };
+    assert_eq!(
+        applied.caches, EDGES,
+        "each edge counted, whether reported or summed up"
+    );
+    assert!(applied.past_bound.is_empty());
+    reporting.abort();
+}

@@ -259,6 +259,7 @@ impl pb::admin_server::Admin for CoordinatorService {
             }],
             connected_ms: self.started.elapsed().as_millis() as u64,
             max_staleness_ms: 0,
+            left_out: 0,
         };
         let mut nodes = vec![me];
         let now_us = dci_proto::now_us();

@@ -41,7 +41,8 @@ pub fn note(published: &mut Vec<Published>, p: Published) {
 /// A cache that has not applied a shard's invalidations yet, as its latest report says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lagging {
-    /// The cache's node id.
+    /// The cache's node id; for caches a sender's report had no room for, how many and whose
+    /// report (`120 edges of eu left out by relay-eu-1`: of them, the least advanced).
     pub node_id: String,
     /// Its region.
     pub region: String,
@@ -80,6 +81,9 @@ pub struct Coverage {
 #[derive(Debug, Default)]
 struct Cache {
     region: String,
+    /// How many caches it stands for, if it is a summary of those a report had no room for
+    /// (see [`pb::NodeStatus::left_out`]); 0 for one cache.
+    left_out: u32,
     /// In the last tree.
     reported: bool,
     /// Per shard, the furthest (epoch, hwm) in the last tree.
@@ -102,6 +106,7 @@ impl Coverage {
             }
             let c = self.caches.entry(n.node_id.clone()).or_default();
             c.region.clone_from(&n.region);
+            c.left_out = n.left_out;
             c.reported = true;
             if n.max_staleness_ms > 0 {
                 c.bound = Some(Duration::from_millis(n.max_staleness_ms));
@@ -113,14 +118,23 @@ impl Coverage {
         }
     }
 
-    /// How many caches have been seen.
+    /// How many caches have been seen (those summed up in a report counted one by one).
     pub fn caches(&self) -> usize {
-        self.caches.len()
+        self.caches
+            .values()
+            .map(|c| c.left_out.max(1) as usize)
+            .sum()
     }
 
-    /// The regions of the caches seen, each once, in order.
+    /// The regions of the caches seen, each once, in order (a summary of several regions
+    /// names none).
     pub fn regions(&self) -> Vec<&str> {
-        let mut r: Vec<&str> = self.caches.values().map(|c| c.region.as_str()).collect();
+        let mut r: Vec<&str> = self
+            .caches
+            .values()
+            .filter(|c| c.left_out == 0 || !c.region.is_empty())
+            .map(|c| c.region.as_str())
+            .collect();
         r.sort_unstable();
         r.dedup();
         r
@@ -144,7 +158,10 @@ impl Coverage {
                     }
                 };
                 out.push(Lagging {
-                    node_id: node_id.clone(),
+                    node_id: match c.left_out {
+                        0 => node_id.clone(),
+                        n => format!("{n} {node_id}"),
+                    },
                     region: c.region.clone(),
                     shard: p.shard,
                     seq: p.seq,
@@ -274,6 +291,7 @@ mod tests {
                 .collect(),
             connected_ms: 0,
             max_staleness_ms: 0,
+            left_out: 0,
         }
     }
 
@@ -309,6 +327,51 @@ mod tests {
         let l = c.lagging(&[P]);
         assert_eq!(ids(&l), ["old-epoch", "short"]);
         assert_eq!(l[1].to_string(), "short (eu) at seq 99 of 100 on shard 0");
+    }
+
+    /// Caches a relay's report had no room for come as one summary: counted one by one, and
+    /// waited for as the least advanced of them.
+    #[test]
+    fn caches_summed_up_in_a_report_count_each_and_lag_as_their_least_advanced() {
+        let summary = |hwm| pb::NodeStatus {
+            left_out: 120,
+            parent: "relay-top".into(),
+            ..node(
+                "edges of eu left out by relay-top",
+                "edge",
+                "eu",
+                &[(0, 5, hwm)],
+            )
+        };
+        let mixed = pb::NodeStatus {
+            left_out: 3,
+            ..node(
+                "near-caches left out by relay-top",
+                "near-cache",
+                "",
+                &[(0, 5, 100)],
+            )
+        };
+        let mut c = Coverage::default();
+        c.update(&[node("a", "edge", "us", &[(0, 5, 100)]), summary(99), mixed]);
+        assert_eq!(c.caches(), 1 + 120 + 3);
+        assert_eq!(
+            c.regions(),
+            ["eu", "us"],
+            "a summary of several regions names none"
+        );
+        let l = c.lagging(&[P]);
+        assert_eq!(
+            l.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["120 edges of eu left out by relay-top (eu) at seq 99 of 100 on shard 0"]
+        );
+        c.update(&[node("a", "edge", "us", &[(0, 5, 100)]), summary(100)]);
+        assert_eq!(
+            c.lagging(&[P]).len(),
+            1,
+            "the other summary is no longer reported"
+        );
+        assert!(c.lagging(&[P])[0].at.is_none());
     }
 
     #[test]

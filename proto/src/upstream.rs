@@ -52,29 +52,126 @@ pub const MIN_PEER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most bytes of node reports in one heartbeat: well below the 4 MiB a gRPC server takes in one
 /// message by default, so however many nodes sit below a relay, its heartbeats never grow into
-/// a message its sender refuses (which would break the link, over and over). Beyond it, `dci
-/// status` lists the nodes that fit (several thousand).
+/// a message its sender refuses (which would break the link, over and over). Beyond it (several
+/// thousand nodes), the reports that do not fit are summed up ([`bounded_subtree`]).
 pub const MAX_SUBTREE_BYTES: usize = 1 << 20;
 
-/// The reports that fit in [`MAX_SUBTREE_BYTES`], in order, and how many were left out.
+/// The bytes a report takes in a heartbeat (a length-delimited field).
+fn report_bytes(n: &pb::NodeStatus) -> usize {
+    use prost::Message;
+    let len = n.encoded_len();
+    len + prost::encoding::encoded_len_varint(len as u64) + 1
+}
+
+/// The reports `me` sends up (its own first), within `max_bytes`: all of them if they fit, else
+/// the first ones that fit beside one summary per role and region of the others
+/// ([`pb::NodeStatus::left_out`]), so that every cache below is still accounted for (a wait
+/// for a publish to be applied everywhere waits for the least advanced of those left out). Also
+/// how many were left out. Summaries by region take at most half the bytes; beyond (nodes of
+/// thousands of regions), they are by role alone; beyond that, there is none.
 pub fn bounded_subtree(
     mut nodes: Vec<pb::NodeStatus>,
     max_bytes: usize,
+    me: &str,
 ) -> (Vec<pb::NodeStatus>, usize) {
-    use prost::Message;
-    let mut bytes = 0;
-    let fit = nodes
-        .iter()
-        .take_while(|n| {
-            // Each is a length-delimited field of the heartbeat.
-            let len = n.encoded_len();
-            bytes += len + prost::encoding::encoded_len_varint(len as u64) + 1;
-            bytes <= max_bytes
+    let sizes: Vec<usize> = nodes.iter().map(report_bytes).collect();
+    if sizes.iter().sum::<usize>() <= max_bytes {
+        return (nodes, 0);
+    }
+    let fitting = |budget: usize| {
+        let mut bytes = 0;
+        sizes
+            .iter()
+            .take_while(|&&n| {
+                bytes += n;
+                bytes <= budget
+            })
+            .count()
+    };
+    let bytes_of = |s: &[pb::NodeStatus]| s.iter().map(report_bytes).sum::<usize>();
+    // Room for the summaries of every node past this one is room enough for those of a tail
+    // (their groups are among them), but for a few bytes: a tail's least hwm can be higher.
+    let rest = &nodes[1.min(nodes.len())..];
+    let by_region = [true, false]
+        .into_iter()
+        .map(|by_region| (by_region, summarize(rest, me, by_region)))
+        .find(|(_, all)| bytes_of(all) <= max_bytes / 2);
+    let reserve = by_region.as_ref().map_or(0, |(_, all)| bytes_of(all));
+    let mut keep = fitting(max_bytes.saturating_sub(reserve)).max(1.min(nodes.len()));
+    loop {
+        let summaries = by_region
+            .as_ref()
+            .map_or_else(Vec::new, |(by, _)| summarize(&nodes[keep..], me, *by));
+        let bytes = sizes[..keep].iter().sum::<usize>() + bytes_of(&summaries);
+        if bytes <= max_bytes || keep <= 1 {
+            let left_out = nodes.len() - keep;
+            nodes.truncate(keep);
+            nodes.extend(summaries);
+            return (nodes, left_out);
+        }
+        // Leave out as many more as the excess takes (one more at least).
+        let mut excess = bytes - max_bytes;
+        while excess > 0 && keep > 1 {
+            keep -= 1;
+            excess = excess.saturating_sub(sizes[keep]);
+        }
+    }
+}
+
+/// One report per role (a role that is not one of this tree's own counts as `other`) and, if
+/// `by_region`, region, standing for `nodes`: see [`pb::NodeStatus::left_out`].
+fn summarize(nodes: &[pb::NodeStatus], me: &str, by_region: bool) -> Vec<pb::NodeStatus> {
+    const ROLES: [&str; 4] = ["edge", "near-cache", "relay", "follow"];
+    let mut groups: std::collections::BTreeMap<(&str, &str), pb::NodeStatus> = Default::default();
+    for n in nodes {
+        let role = ROLES
+            .iter()
+            .find(|r| **r == n.role)
+            .copied()
+            .unwrap_or("other");
+        let region = if by_region { n.region.as_str() } else { "" };
+        let count = n.left_out.max(1);
+        let g = groups
+            .entry((role, region))
+            .or_insert_with(|| pb::NodeStatus {
+                node_id: match region {
+                    "" => format!("{role}s left out by {me}"),
+                    r => format!("{role}s of {r} left out by {me}"),
+                },
+                role: role.into(),
+                region: region.into(),
+                parent: me.into(),
+                shards: Vec::new(),
+                connected_ms: n.connected_ms,
+                max_staleness_ms: n.max_staleness_ms,
+                left_out: 0,
+            });
+        g.left_out = g.left_out.saturating_add(count);
+        g.connected_ms = g.connected_ms.min(n.connected_ms);
+        // One that does not say its bound makes the whole of them not say it.
+        g.max_staleness_ms = match (g.max_staleness_ms, n.max_staleness_ms) {
+            (0, _) | (_, 0) => 0,
+            (a, b) => a.max(b),
+        };
+        for s in &n.shards {
+            match g.shards.iter_mut().find(|x| x.shard == s.shard) {
+                None => g.shards.push(*s),
+                Some(x) => {
+                    (x.epoch, x.hwm) = (x.epoch, x.hwm).min((s.epoch, s.hwm));
+                    x.lag_seqs = x.lag_seqs.max(s.lag_seqs);
+                    x.lag_ms = x.lag_ms.max(s.lag_ms);
+                    x.caught_up_ms = x.caught_up_ms.max(s.caught_up_ms);
+                }
+            }
+        }
+    }
+    groups
+        .into_values()
+        .map(|mut g| {
+            g.shards.sort_by_key(|s| s.shard);
+            g
         })
-        .count();
-    let left_out = nodes.len() - fit;
-    nodes.truncate(fit);
-    (nodes, left_out)
+        .collect()
 }
 
 /// Reports of the nodes below a sender as they stand `age` after they arrived, given the
@@ -399,6 +496,7 @@ impl LinkState {
                 .map_or(0, |t| t.elapsed().as_millis() as u64),
             // A cache's own (see `FollowOptions::max_staleness`).
             max_staleness_ms: 0,
+            left_out: 0,
         }
     }
 }
@@ -841,10 +939,11 @@ async fn session<A: Applier>(
                     me.max_staleness_ms = opts.max_staleness.map_or(0, millis);
                     let mut subtree = vec![me];
                     subtree.extend(lock(applier).subtree());
-                    let (subtree, left_out) = bounded_subtree(subtree, MAX_SUBTREE_BYTES);
+                    let (subtree, left_out) =
+                        bounded_subtree(subtree, MAX_SUBTREE_BYTES, &opts.node_id);
                     if left_out > 0 && !said_left_out {
                         said_left_out = true;
-                        tracing::warn!(left_out, "too many nodes below to report them all; `dci status` lists those that fit");
+                        tracing::warn!(left_out, "too many nodes below to report them all; `dci status` lists those that fit, and the others summed up per role and region");
                     }
                     // A full queue means the sender is not reading; acks are cumulative and
                     // probes repeated, so dropping one is harmless.
@@ -1000,6 +1099,7 @@ mod probe_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn report(hwm: Seq, lag_seqs: u64, lag_ms: u64, caught_up_ms: u64) -> pb::NodeStatus {
         pb::NodeStatus {
@@ -1106,46 +1206,228 @@ mod tests {
         assert!(caught_up(&[], &[]), "in no shard: nothing to be behind on");
     }
 
-    /// However many nodes sit below, a heartbeat stays within the bound: the first reports (this
-    /// node's own first) are kept in order, and the count of those left out is told.
-    #[test]
-    fn a_heartbeat_reports_as_many_nodes_as_fit_and_no_more() {
-        use prost::Message;
-        let node = |i: usize| pb::NodeStatus {
-            node_id: format!("edge-eu-west-1-{i:06}"),
-            role: "edge".into(),
-            region: "eu-west-1".into(),
+    fn node_report(i: usize, role: &str, region: &str, hwm: u64) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node_id: format!("{role}-{region}-{i:06}"),
+            role: role.into(),
+            region: region.into(),
             parent: "http://relay-eu-west-1-0.relay.dci.svc.cluster.local:7500".into(),
             shards: (0..4)
                 .map(|s| pb::ShardProgress {
                     shard: s,
                     epoch: u64::MAX / 3,
-                    hwm: u64::MAX / 5,
+                    hwm: hwm + s as u64,
+                    caught_up_ms: 100 + i as u64,
                     ..Default::default()
                 })
                 .collect(),
+            connected_ms: 1_000_000 - i as u64,
+            max_staleness_ms: 5_000,
             ..Default::default()
-        };
-        let few: Vec<_> = (0..100).map(node).collect();
-        assert_eq!(bounded_subtree(few.clone(), MAX_SUBTREE_BYTES), (few, 0));
+        }
+    }
 
-        let many: Vec<_> = (0..30_000).map(node).collect();
-        let (kept, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES);
-        assert!(left_out > 0 && kept.len() + left_out == many.len());
-        assert_eq!(kept[..], many[..kept.len()], "the first ones, in order");
-        let hb = pb::Heartbeat {
+    fn heartbeat_bytes(subtree: Vec<pb::NodeStatus>) -> usize {
+        use prost::Message;
+        pb::Heartbeat {
             heads: Vec::new(),
-            subtree: kept,
+            subtree,
             now_us: u64::MAX,
             probe_us: u64::MAX,
             echo_us: 0,
+        }
+        .encoded_len()
+    }
+
+    /// However many nodes sit below, a heartbeat stays within the bound: the first reports (this
+    /// node's own first) are kept in order, and the others are summed up per role and region,
+    /// each summary with the least progress of those it stands for.
+    #[test]
+    fn a_heartbeat_reports_as_many_nodes_as_fit_and_sums_up_the_others() {
+        let few: Vec<_> = (0..100).map(|i| node_report(i, "edge", "eu", 9)).collect();
+        assert_eq!(
+            bounded_subtree(few.clone(), MAX_SUBTREE_BYTES, "r"),
+            (few, 0)
+        );
+
+        let mut many: Vec<_> = (0..30_000)
+            .map(|i| match i % 10 {
+                0 => node_report(i, "near-cache", "eu", 1_000 + i as u64),
+                1 => node_report(i, "edge", "us", 1_000 + i as u64),
+                _ => node_report(i, "edge", "eu", 1_000 + i as u64),
+            })
+            .collect();
+        // Far down the list: one short of the rest, and one that does not say its bound.
+        many[29_005].shards[2] = pb::ShardProgress {
+            shard: 2,
+            epoch: u64::MAX / 3,
+            hwm: 7,
+            lag_seqs: 40,
+            lag_ms: 900,
+            caught_up_ms: u64::MAX,
         };
-        let len = hb.encoded_len();
+        many[29_002].max_staleness_ms = 0;
+        many[29_003].max_staleness_ms = 9_000;
+        let (sent, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "relay-top");
+        let len = heartbeat_bytes(sent.clone());
         assert!(len <= MAX_SUBTREE_BYTES + 32, "{len} bytes");
         assert!(
             len > MAX_SUBTREE_BYTES - 1024,
             "{len} bytes: as many as fit"
         );
+        let kept = many.len() - left_out;
+        assert!(left_out > 0 && kept > 1000);
+        assert_eq!(sent[..kept], many[..kept], "the first ones, in order");
+        let summaries = &sent[kept..];
+        let ids: Vec<&str> = summaries.iter().map(|n| n.node_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "edges of eu left out by relay-top",
+                "edges of us left out by relay-top",
+                "near-caches of eu left out by relay-top"
+            ]
+        );
+        let counted: u32 = summaries.iter().map(|n| n.left_out).sum();
+        assert_eq!(counted as usize, left_out, "each left out counted once");
+        let tail = |role: &str, region: &str| {
+            many[kept..]
+                .iter()
+                .filter(|n| n.role == role && n.region == region)
+                .count() as u32
+        };
+        assert_eq!(summaries[1].left_out, tail("edge", "us"));
+        assert_eq!(summaries[2].left_out, tail("near-cache", "eu"));
+        let eu = &summaries[0];
+        assert_eq!(
+            (eu.role.as_str(), eu.region.as_str(), eu.parent.as_str()),
+            ("edge", "eu", "relay-top")
+        );
+        assert_eq!(eu.max_staleness_ms, 0, "one did not say its bound");
+        assert_eq!(summaries[1].max_staleness_ms, 5_000);
+        let first_left = many[kept..]
+            .iter()
+            .find(|n| n.role == "edge" && n.region == "eu");
+        let first_left = first_left.map(|n| n.shards[0].hwm);
+        let shards: Vec<(u32, u64, u64, u64, u64)> = eu
+            .shards
+            .iter()
+            .map(|s| (s.shard, s.hwm, s.lag_seqs, s.lag_ms, s.caught_up_ms))
+            .collect();
+        let (f, oldest) = (first_left.unwrap(), 100 + 29_999);
+        assert_eq!(
+            shards,
+            [
+                (0, f, 0, 0, oldest),
+                (1, f + 1, 0, 0, oldest),
+                (2, 7, 40, 900, u64::MAX),
+                (3, f + 3, 0, 0, oldest)
+            ],
+            "per shard, the least advanced of them"
+        );
+        assert_eq!(eu.connected_ms, 1_000_000 - 29_999);
+
+        // A summary reported from below is summed up again with its count.
+        let mut again = vec![node_report(0, "relay", "", 0)];
+        again.extend(sent);
+        let (above, more) = bounded_subtree(again, MAX_SUBTREE_BYTES / 4, "root");
+        let counted: u32 = above.iter().map(|n| n.left_out.max(1)).sum();
+        assert_eq!(counted as usize, many.len() + 1);
+        assert!(more > 0);
+        assert!(heartbeat_bytes(above) <= MAX_SUBTREE_BYTES / 4 + 32);
+    }
+
+    fn arb_node() -> impl Strategy<Value = pb::NodeStatus> {
+        let shard = (0u32..4, 1u64..3, 0u64..50, any::<u64>());
+        (
+            0usize..500,
+            prop::sample::select(vec!["edge", "near-cache", "relay", "x"]),
+            prop::sample::select(vec!["eu", "us", ""]),
+            prop::collection::vec(shard, 0..4),
+            0u64..3,
+            0u32..3,
+        )
+            .prop_map(
+                |(i, role, region, shards, bound, left_out)| pb::NodeStatus {
+                    node_id: format!("{role}-{i}"),
+                    role: role.into(),
+                    region: region.into(),
+                    shards: shards
+                        .into_iter()
+                        .map(|(shard, epoch, hwm, caught_up_ms)| pb::ShardProgress {
+                            shard,
+                            epoch,
+                            hwm,
+                            caught_up_ms,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    max_staleness_ms: bound * 1000,
+                    left_out,
+                    ..Default::default()
+                },
+            )
+    }
+
+    proptest! {
+        /// Whatever the reports, a heartbeat keeps within the bound, the ones it keeps are the
+        /// first, and the summaries count every one left out (a summary counts as many as it
+        /// stands for) with, per shard, no more progress than any of them.
+        #[test]
+        fn summaries_stand_for_every_node_left_out(
+            nodes in prop::collection::vec(arb_node(), 1..300),
+            max_bytes in 200usize..6_000,
+        ) {
+            let (sent, left_out) = bounded_subtree(nodes.clone(), max_bytes, "me");
+            let kept = nodes.len() - left_out;
+            prop_assert_eq!(&sent[..kept], &nodes[..kept]);
+            let summaries = &sent[kept..];
+            if left_out == 0 {
+                prop_assert!(summaries.is_empty());
+                return Ok(());
+            }
+            let bytes: usize = sent.iter().map(report_bytes).sum();
+            prop_assert!(bytes <= max_bytes || kept == 1, "{} bytes", bytes);
+            if summaries.is_empty() {
+                return Ok(()); // no room for them at all
+            }
+            let stands_for = |n: &pb::NodeStatus| n.left_out.max(1) as u64;
+            let counted: u64 = summaries.iter().map(|s| s.left_out as u64).sum();
+            prop_assert_eq!(counted, nodes[kept..].iter().map(stands_for).sum::<u64>());
+            for n in &nodes[kept..] {
+                // Its role's and region's, or (summaries by role alone) its role's.
+                let role = if n.role == "x" { "other" } else { n.role.as_str() };
+                let of = |region: &str| summaries.iter().find(|s| s.role == role && s.region == region);
+                let s = of(&n.region).or_else(|| of("")).expect("a summary for each");
+                if n.max_staleness_ms == 0 {
+                    prop_assert_eq!(s.max_staleness_ms, 0);
+                } else if s.max_staleness_ms != 0 {
+                    prop_assert!(s.max_staleness_ms >= n.max_staleness_ms);
+                }
+                for p in &n.shards {
+                    let q = s.shards.iter().find(|q| q.shard == p.shard).expect("its shard");
+                    prop_assert!((q.epoch, q.hwm) <= (p.epoch, p.hwm));
+                    prop_assert!(q.caught_up_ms >= p.caught_up_ms);
+                }
+            }
+        }
+    }
+
+    /// Summaries by region that would take more than half the bound (nodes of thousands of
+    /// regions) are by role alone.
+    #[test]
+    fn reports_of_thousands_of_regions_are_summed_up_by_role() {
+        let many: Vec<_> = (0..30_000)
+            .map(|i| node_report(i, "edge", &format!("region-{i}"), 50))
+            .collect();
+        let (sent, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "r");
+        let summary = sent.last().unwrap();
+        assert_eq!(summary.node_id, "edges left out by r");
+        assert_eq!(
+            (summary.region.as_str(), summary.left_out as usize),
+            ("", left_out)
+        );
+        assert!(heartbeat_bytes(sent) <= MAX_SUBTREE_BYTES + 32);
     }
 
     /// A sender is left for the next one when, connected for the bound, it has said of no shard,
