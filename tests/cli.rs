@@ -1290,6 +1290,17 @@ fn the_bench_runs_end_to_end() {
     assert_eq!(bad.status.code(), Some(2));
     assert_eq!(stderr(&bad).lines().count(), 1, "{}", stderr(&bad));
     assert!(stderr(&bad).contains("open files"), "{}", stderr(&bad));
+    // More edges than memory or descriptors allow: refused at once (they were killed for memory
+    // a minute in, each edge's tombstone table taking 8 MiB).
+    let bad = dci(&["bench", "--edges", "1000000"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let why = stderr(&bad);
+    assert_eq!(why.lines().count(), 1, "{why}");
+    assert!(
+        why.contains("--edges 1000000 needs about")
+            && (why.contains("open files") || why.contains("MiB are available")),
+        "{why}"
+    );
 }
 
 /// A rendered chart spreads each region's relays and edges, and the coordinators, over nodes (a

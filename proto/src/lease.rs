@@ -205,6 +205,9 @@ struct ShardLeases {
 /// Most tombstone slots per shard (32 bytes each: 512 MiB).
 pub const MAX_TOMBSTONES: usize = 1 << 24;
 
+/// Bytes of one tombstone slot: a cache's table of a shard takes this times its slots.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
 /// Tombstones and floors of one cache.
 #[derive(Debug)]
 pub struct LeaseTable {

@@ -176,6 +176,24 @@ async fn wait_until(
     Ok(())
 }
 
+/// Memory an edge of the bench takes besides its tombstone table (its store, link and buffers).
+const EDGE_OVERHEAD: u64 = 2 << 20;
+
+/// Memory the system can give new work without swapping (Linux's `MemAvailable`); `None` where
+/// it does not say.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib << 10)
+}
+
 fn ratio(ours: f64, theirs: Option<f64>) -> String {
     match theirs {
         Some(t) if t > 0.0 => format!("{:.2}x", ours / t),
@@ -186,14 +204,38 @@ fn ratio(ours: f64, theirs: Option<f64>) -> String {
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     // Each receiver of the scale run is a connection: a descriptor in the relay (here) and one
     // in the receivers' process. Past the limit, connecting would fail for minutes, not at once.
+    let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     if a.receivers > 0 {
-        let (limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
         let needed = a.receivers as u64 + 1024;
         if needed > limit {
             anyhow::bail!(
                 "--receivers {} needs about {needed} open files in this process and in the \
                  receivers' (a connection each), and the limit here is {limit} (ulimit -n)",
                 a.receivers
+            );
+        }
+    }
+    // Each edge is a listener and both ends of its link, here; and it takes its tombstone table
+    // (8 MiB by default) once it applies: thousands of edges were killed for memory, minutes in.
+    let needed = (a.edges as u64).saturating_mul(3).saturating_add(1024);
+    if needed > limit {
+        anyhow::bail!(
+            "--edges {} needs about {needed} open files, and the limit here is {limit} (ulimit -n)",
+            a.edges
+        );
+    }
+    let per_edge =
+        EdgeConfig::default().max_tombstones * dci_proto::lease::SLOT_BYTES as u64 + EDGE_OVERHEAD;
+    if let Some(available) = available_memory() {
+        let needed = (a.edges as u64).saturating_mul(per_edge);
+        if needed > available / 4 * 3 {
+            anyhow::bail!(
+                "--edges {} needs about {} MiB ({} MiB per edge, most of it its tombstone table), \
+                 and {} MiB are available",
+                a.edges,
+                needed >> 20,
+                per_edge >> 20,
+                available >> 20
             );
         }
     }
