@@ -28,8 +28,9 @@ pub struct DemoArgs {
     /// Cache reads per second (all readers together).
     #[arg(long, default_value_t = 4000)]
     reads: u64,
-    /// Number of distinct keys.
-    #[arg(long, default_value_t = 5000, value_parser = crate::positive)]
+    /// Number of distinct keys (at most ten million: the demo's "database" holds a version of
+    /// each in memory).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     keys: u64,
     /// Edges' staleness bound.
     #[arg(long, value_parser = crate::duration, default_value = "5s")]

@@ -1981,7 +1981,7 @@ fn publish_gives_up_on_a_silent_coordinator_after_retry_for() {
 /// wrong, exit 2; help and version still print in full.
 #[test]
 fn usage_errors_are_one_line() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["publish", "--bogus"], "unexpected argument '--bogus'"),
         (&["nonsense"], "unrecognized subcommand 'nonsense'"),
         (&["get"], "required arguments were not provided: <KEY>"),
@@ -1990,6 +1990,11 @@ fn usage_errors_are_one_line() {
             "unknown fsync policy \"sometimes\" (always, interval, never)",
         ),
         (&["demo", "--shards", "0"], "'0' for '--shards <SHARDS>'"),
+        // It aborted, failing to allocate its "database".
+        (
+            &["demo", "--keys", "10000000000"],
+            "'10000000000' for '--keys <KEYS>': 10000000000 is not in 1..=10000000",
+        ),
         (
             &["demo", "--chaos=0s"],
             "'0s' for '--chaos [<EVERY>]': must be more than 0",
