@@ -746,12 +746,24 @@ async fn delete(a: GetArgs) -> anyhow::Result<bool> {
     Ok(r.existed)
 }
 
+/// The largest value `dci set` reads from standard input: far beyond what an edge takes by
+/// default (8 MiB); reading on without end held all of a mistaken input (`dci set k - < disk.img`)
+/// in memory and then sent it for longer than any answer is waited for.
+const MAX_SET_VALUE: u64 = 256 << 20;
+
 async fn set(a: SetArgs) -> anyhow::Result<()> {
     let value = if a.value == "-" {
         let mut v = Vec::new();
         std::io::stdin()
+            .take(MAX_SET_VALUE + 1)
             .read_to_end(&mut v)
             .map_err(|e| anyhow!("reading the value from standard input: {e}"))?;
+        if v.len() as u64 > MAX_SET_VALUE {
+            anyhow::bail!(
+                "the value on standard input is more than {} MiB, the most dci set sends",
+                MAX_SET_VALUE >> 20
+            );
+        }
         Bytes::from(v)
     } else {
         Bytes::from(a.value)

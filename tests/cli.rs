@@ -262,6 +262,16 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
         stderr(&o),
         "dci: value is 12582912 bytes, more than that edge takes (its max_value_len)\n"
     );
+    // Standard input is read up to the most `dci set` sends, not on without end.
+    let o = dci_fed(
+        &["set", "--edge", &edge_url, "huge", "-"],
+        &vec![b'x'; (256 << 20) + 1],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "dci: the value on standard input is more than 256 MiB, the most dci set sends\n"
+    );
     let o = dci(&["delete", "--edge", &edge_url, "blob"]);
     assert_eq!(
         (o.status.code(), stdout(&o).as_str()),
