@@ -1315,7 +1315,8 @@ fn the_bench_runs_end_to_end() {
 
 /// A rendered chart spreads each region's relays and edges, and the coordinators, over nodes (a
 /// preference for nodes without the same pods), and bounds how many of a region's relays and
-/// edges an eviction takes at a time (a disruption budget each, over exactly their pods).
+/// edges an eviction takes at a time (a disruption budget each, over exactly their pods). Every
+/// pod runs as a user, not root, and is restarted once its node stops answering /healthz.
 fn helm_placement(docs: &[serde_yaml::Value]) {
     let mut budgets = 0;
     for d in docs
@@ -1323,6 +1324,12 @@ fn helm_placement(docs: &[serde_yaml::Value]) {
         .filter(|d| d["kind"] == "StatefulSet" || d["kind"] == "Deployment")
     {
         let spec = &d["spec"]["template"]["spec"];
+        // Every node runs unprivileged, and is restarted once it has stopped answering.
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{d:?}");
+        let live = &spec["containers"][0]["livenessProbe"];
+        assert_eq!(live["httpGet"]["path"], "/healthz", "{d:?}");
+        assert_eq!(live["httpGet"]["port"], "metrics", "{d:?}");
+        assert!(live["failureThreshold"].as_u64() >= Some(3), "{d:?}");
         let term = &spec["affinity"]["podAntiAffinity"]
             ["preferredDuringSchedulingIgnoredDuringExecution"][0];
         assert_eq!(

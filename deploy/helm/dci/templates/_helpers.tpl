@@ -24,6 +24,16 @@ is TLS (Kubernetes' gRPC probes cannot speak TLS). */}}
 httpGet: {path: /healthz, port: metrics}
 {{- end }}
 
+{{- /* Liveness: a node that has not answered /healthz for half a minute (its runtime wedged, or a
+coordinator whose log failed, which only a restart recovers) is restarted. Slow answers under load
+are not failures: five seconds each, three in a row. */}}
+{{- define "dci.liveProbe" -}}
+{{ include "dci.probe" . }}
+periodSeconds: 10
+timeoutSeconds: 5
+failureThreshold: 3
+{{- end }}
+
 {{- /* A relay's or edge's readiness: caught up with its coordinator lately (a relay within three
 peer timeouts, an edge within its staleness bound). Asked often, so that a relay cut off from the
 coordinators leaves its Service (new edges connect to one that is not) within seconds. */}}
