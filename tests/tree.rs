@@ -1278,6 +1278,15 @@ async fn a_near_cache_follows_relays_with_the_same_guarantees() {
         matches!(&too_many, Err(dci_sdk::Error::Refused(m)) if m.contains("shard_count")),
         "a shard count no tier can have is refused"
     );
+    let too_short = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        max_staleness: Duration::from_millis(200),
+        ..Default::default()
+    });
+    assert!(
+        matches!(&too_short, Err(dci_sdk::Error::Refused(m)) if m.contains("max_staleness must be at least 1s")),
+        "a bound shorter than two heartbeats is refused, as an edge refuses it"
+    );
     let near = NearCache::start(NearCacheOptions {
         relays: vec![r.url()],
         prefixes: vec!["user:".into()],

@@ -46,7 +46,7 @@ pub struct NearCacheOptions {
     /// # let _ = o;
     /// ```
     pub capacity: usize,
-    /// Serve only misses after this long without being caught up with a relay.
+    /// Serve only misses after this long without being caught up with a relay (at least 1 s).
     ///
     /// ```
     /// let o = dci_sdk::NearCacheOptions { max_staleness: std::time::Duration::from_secs(2), ..Default::default() };
@@ -212,6 +212,14 @@ impl NearCache {
     pub fn start(opts: NearCacheOptions) -> Result<NearCache, Error> {
         if opts.relays.is_empty() {
             return Err(Error::Url(String::new(), "no relay URL".into()));
+        }
+        // Heartbeats come every 500 ms: with a shorter bound an idle near cache would be out of
+        // it between any two, and miss most of the time (an edge refuses such a bound too).
+        if opts.max_staleness < dci_proto::upstream::MIN_PEER_TIMEOUT {
+            return Err(Error::Refused(format!(
+                "max_staleness must be at least {:?} (two of a sender's heartbeats)",
+                dci_proto::upstream::MIN_PEER_TIMEOUT
+            )));
         }
         if opts.shard_count > dci_proto::types::MAX_SHARDS {
             return Err(Error::Refused(format!(
