@@ -2543,6 +2543,15 @@ async fn the_sdk_pointed_at_the_wrong_kind_of_node_says_so() {
         Err(dci_sdk::Error::Refused(why)) => assert!(why.contains("right kind of node"), "{why}"),
         other => panic!("{other:?}"),
     }
+    // Options no publish could work with are refused before any.
+    let no_time = dci_sdk::PublisherOptions {
+        timeout: Duration::ZERO,
+        ..Default::default()
+    };
+    match Publisher::with_options(vec![c.url()], no_time).await {
+        Err(dci_sdk::Error::Refused(why)) => assert!(why.contains("timeout"), "{why}"),
+        other => panic!("{:?}", other.err()),
+    }
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }

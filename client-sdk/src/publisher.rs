@@ -154,6 +154,10 @@ impl Publisher {
         if urls.is_empty() {
             return Err(Error::Url(String::new(), "no coordinator URL".into()));
         }
+        // No answer could come within no time: every request would fail until `retry_for`.
+        if opts.timeout.is_zero() {
+            return Err(Error::Refused("timeout must be more than 0".into()));
+        }
         let mut shards = Vec::new();
         // The name is cut to leave room for the tag within the coordinators' 256 bytes.
         let mut name = opts.publisher_id.clone();
