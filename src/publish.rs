@@ -42,7 +42,7 @@ pub(crate) struct PublishArgs {
     /// Once published, wait until every cache below the coordinators (edges, near caches) has
     /// applied it, for at most this long (`--wait` alone: 30s): "applied by all N caches" on
     /// stderr, or the caches that lag and exit 3.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_parser = duration)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_parser = crate::positive_duration)]
     wait: Option<Duration>,
     #[command(flatten)]
     tls: ClientTlsArgs,

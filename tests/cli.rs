@@ -1998,7 +1998,7 @@ fn publish_gives_up_on_a_silent_coordinator_after_retry_for() {
 /// wrong, exit 2; help and version still print in full.
 #[test]
 fn usage_errors_are_one_line() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["publish", "--bogus"], "unexpected argument '--bogus'"),
         (&["nonsense"], "unrecognized subcommand 'nonsense'"),
         (&["get"], "required arguments were not provided: <KEY>"),
@@ -2015,6 +2015,10 @@ fn usage_errors_are_one_line() {
         (
             &["demo", "--chaos=0s"],
             "'0s' for '--chaos [<EVERY>]': must be more than 0",
+        ),
+        (
+            &["publish", "--wait=0s", "k"],
+            "'0s' for '--wait[=<WAIT>]': must be more than 0",
         ),
         (
             &["bench", "--edges", "0"],
