@@ -2987,5 +2987,26 @@ async fn caches_beyond_what_a_heartbeat_carries_are_still_waited_for() {
         "each edge counted, whether reported or summed up"
     );
     assert!(applied.past_bound.is_empty());
+    // `dci status` reads the same: the summary is one node of the tree, saying how many it is.
+    let tree = admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let summary = tree.iter().find(|n| n.left_out > 0).expect("a summary");
+    assert_eq!(
+        (
+            summary.node_id.as_str(),
+            summary.parent.as_str(),
+            summary.role.as_str()
+        ),
+        ("edges of eu left out by relay-top", "relay-top", "edge")
+    );
+    let edges = tree
+        .iter()
+        .filter(|n| n.role == "edge" && n.left_out == 0)
+        .count();
+    assert_eq!(edges + summary.left_out as usize, EDGES);
     reporting.abort();
 }
