@@ -63,59 +63,72 @@ fn report_bytes(n: &pb::NodeStatus) -> usize {
     len + prost::encoding::encoded_len_varint(len as u64) + 1
 }
 
+/// The most bytes a report of this node can take, whatever its numbers: what it takes with each
+/// at its largest. Which nodes fit in a heartbeat is decided by these, so that it changes only
+/// when nodes come or go, not as their numbers grow (a node that moved from its own report into a
+/// summary would look gone to a wait, which would then hold out for it until its bound).
+fn worst_case_bytes(n: &pb::NodeStatus) -> usize {
+    let mut w = pb::NodeStatus {
+        connected_ms: u64::MAX,
+        max_staleness_ms: u64::MAX,
+        left_out: u32::MAX,
+        ..n.clone()
+    };
+    for s in &mut w.shards {
+        *s = pb::ShardProgress {
+            shard: u32::MAX,
+            epoch: u64::MAX,
+            hwm: u64::MAX,
+            lag_seqs: u64::MAX,
+            lag_ms: u64::MAX,
+            caught_up_ms: u64::MAX,
+        };
+    }
+    report_bytes(&w)
+}
+
 /// The reports `me` sends up (its own first), within `max_bytes`: all of them if they fit, else
 /// the first ones that fit beside one summary per role and region of the others
 /// ([`pb::NodeStatus::left_out`]), so that every cache below is still accounted for (a wait
 /// for a publish to be applied everywhere waits for the least advanced of those left out). Also
-/// how many were left out. Summaries by region take at most half the bytes; beyond (nodes of
-/// thousands of regions), they are by role alone; beyond that, there is none.
+/// how many were left out. What fits is reckoned by [`worst_case_bytes`], so the same nodes are
+/// reported one by one from one heartbeat to the next while the tree stays the same. Summaries
+/// by region take at most half the bytes; beyond (nodes of thousands of regions), they are by
+/// role alone; beyond that, there is none.
 pub fn bounded_subtree(
     mut nodes: Vec<pb::NodeStatus>,
     max_bytes: usize,
     me: &str,
 ) -> (Vec<pb::NodeStatus>, usize) {
-    let sizes: Vec<usize> = nodes.iter().map(report_bytes).collect();
+    let sizes: Vec<usize> = nodes.iter().map(worst_case_bytes).collect();
     if sizes.iter().sum::<usize>() <= max_bytes {
         return (nodes, 0);
     }
-    let fitting = |budget: usize| {
-        let mut bytes = 0;
-        sizes
-            .iter()
-            .take_while(|&&n| {
-                bytes += n;
-                bytes <= budget
-            })
-            .count()
-    };
-    let bytes_of = |s: &[pb::NodeStatus]| s.iter().map(report_bytes).sum::<usize>();
-    // Room for the summaries of every node past this one is room enough for those of a tail
-    // (their groups are among them), but for a few bytes: a tail's least hwm can be higher.
+    let worst_of = |s: &[pb::NodeStatus]| s.iter().map(worst_case_bytes).sum::<usize>();
+    // Room for the summaries of every node past this one is room for those of any tail: their
+    // groups, and the shards of each, are among them.
     let rest = &nodes[1.min(nodes.len())..];
     let by_region = [true, false]
         .into_iter()
         .map(|by_region| (by_region, summarize(rest, me, by_region)))
-        .find(|(_, all)| bytes_of(all) <= max_bytes / 2);
-    let reserve = by_region.as_ref().map_or(0, |(_, all)| bytes_of(all));
-    let mut keep = fitting(max_bytes.saturating_sub(reserve)).max(1.min(nodes.len()));
-    loop {
-        let summaries = by_region
-            .as_ref()
-            .map_or_else(Vec::new, |(by, _)| summarize(&nodes[keep..], me, *by));
-        let bytes = sizes[..keep].iter().sum::<usize>() + bytes_of(&summaries);
-        if bytes <= max_bytes || keep <= 1 {
-            let left_out = nodes.len() - keep;
-            nodes.truncate(keep);
-            nodes.extend(summaries);
-            return (nodes, left_out);
-        }
-        // Leave out as many more as the excess takes (one more at least).
-        let mut excess = bytes - max_bytes;
-        while excess > 0 && keep > 1 {
-            keep -= 1;
-            excess = excess.saturating_sub(sizes[keep]);
-        }
-    }
+        .find(|(_, all)| worst_of(all) <= max_bytes / 2);
+    let reserve = by_region.as_ref().map_or(0, |(_, all)| worst_of(all));
+    let mut bytes = 0;
+    let keep = sizes
+        .iter()
+        .take_while(|&&n| {
+            bytes += n;
+            bytes <= max_bytes.saturating_sub(reserve)
+        })
+        .count()
+        .max(1.min(nodes.len()));
+    let summaries = by_region
+        .as_ref()
+        .map_or_else(Vec::new, |(by, _)| summarize(&nodes[keep..], me, *by));
+    let left_out = nodes.len() - keep;
+    nodes.truncate(keep);
+    nodes.extend(summaries);
+    (nodes, left_out)
 }
 
 /// One report per role (a role that is not one of this tree's own counts as `other`) and, if
@@ -1271,9 +1284,11 @@ mod tests {
         let (sent, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "relay-top");
         let len = heartbeat_bytes(sent.clone());
         assert!(len <= MAX_SUBTREE_BYTES + 32, "{len} bytes");
+        let worst: usize = sent.iter().map(worst_case_bytes).sum();
+        assert!(worst <= MAX_SUBTREE_BYTES, "{worst} bytes at most");
         assert!(
-            len > MAX_SUBTREE_BYTES - 1024,
-            "{len} bytes: as many as fit"
+            worst > MAX_SUBTREE_BYTES - 1024,
+            "{worst} bytes at most: as many as fit"
         );
         let kept = many.len() - left_out;
         assert!(left_out > 0 && kept > 1000);
@@ -1411,6 +1426,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Which nodes are reported one by one does not change as their numbers do (from one
+    /// heartbeat to the next, with the same nodes below): only as nodes come and go.
+    #[test]
+    fn the_same_nodes_are_reported_one_by_one_however_their_numbers_grow() {
+        let young: Vec<_> = (0..20_000)
+            .map(|i| pb::NodeStatus {
+                connected_ms: 0,
+                shards: vec![pb::ShardProgress {
+                    shard: 0,
+                    epoch: 1,
+                    ..Default::default()
+                }],
+                ..node_report(i, "edge", "eu", 0)
+            })
+            .collect();
+        let old: Vec<_> = young
+            .iter()
+            .map(|n| pb::NodeStatus {
+                connected_ms: u64::MAX / 2,
+                shards: vec![pb::ShardProgress {
+                    shard: 0,
+                    epoch: u64::MAX / 2,
+                    hwm: u64::MAX / 2,
+                    lag_seqs: u64::MAX / 2,
+                    lag_ms: u64::MAX / 2,
+                    caught_up_ms: u64::MAX,
+                }],
+                ..n.clone()
+            })
+            .collect();
+        let (_, left_young) = bounded_subtree(young, MAX_SUBTREE_BYTES, "r");
+        let (sent, left_old) = bounded_subtree(old, MAX_SUBTREE_BYTES, "r");
+        assert!(left_young > 0);
+        assert_eq!(left_young, left_old);
+        assert!(heartbeat_bytes(sent) <= MAX_SUBTREE_BYTES + 32);
     }
 
     /// Summaries by region that would take more than half the bound (nodes of thousands of
