@@ -197,6 +197,10 @@ pub enum Outcome<E> {
 /// receivers' acks at once).
 pub const WAIT_POLL: Duration = Duration::from_millis(100);
 
+/// [`wait`] waits this many times as long as its last read of the tree took before the next
+/// (and at least [`WAIT_POLL`]).
+pub const WAIT_READING_SHARE: u32 = 10;
+
 /// How long past a cache's staleness bound [`wait`] still waits for it. The cache measures its
 /// bound from when it sent the probe it last caught up by, which is no later than that; the wait
 /// measures from once the publish was answered, which is after it was logged. The margin covers
@@ -227,6 +231,7 @@ where
     let answered = tokio::time::Instant::now();
     let (mut read, mut failed) = (false, None);
     loop {
+        let asked = tokio::time::Instant::now();
         match tokio::time::timeout_at(deadline, tree()).await {
             Ok(Ok(nodes)) => {
                 coverage.update(&nodes);
@@ -251,7 +256,10 @@ where
         } else if now >= deadline {
             return Outcome::Unread(failed);
         }
-        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+        // A tree of thousands of nodes takes the coordinators milliseconds to report: reading
+        // it at most a tenth of the time keeps many waits from loading them.
+        let poll = WAIT_POLL.max(now.saturating_duration_since(asked) * WAIT_READING_SHARE);
+        tokio::time::sleep(poll.min(deadline - now)).await;
     }
 }
 
@@ -490,6 +498,32 @@ mod tests {
         nodes: Vec<pb::NodeStatus>,
     ) -> impl FnMut() -> std::future::Ready<Result<Vec<pb::NodeStatus>, ()>> {
         move || std::future::ready(Ok(nodes.clone()))
+    }
+
+    /// The tree is read every [`WAIT_POLL`], or, when reading it takes long (thousands of
+    /// nodes), ten times as long as that apart.
+    #[tokio::test(start_paused = true)]
+    async fn a_tree_slow_to_read_is_read_less_often() {
+        let lagging = vec![node("e", "edge", "eu", &[(0, 5, 99)])];
+        for (read_takes, at_most, at_least) in [(0, 101, 95), (100, 10, 8)] {
+            let reads = std::sync::atomic::AtomicUsize::new(0);
+            let tree = || {
+                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let nodes = lagging.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(read_takes)).await;
+                    Ok::<_, ()>(nodes)
+                }
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let outcome = wait(&mut Coverage::default(), &[P], deadline, tree).await;
+            assert!(matches!(outcome, Outcome::NotApplied(_)));
+            let reads = reads.into_inner();
+            assert!(
+                (at_least..=at_most).contains(&reads),
+                "{reads} reads taking {read_takes} ms each in 10 s"
+            );
+        }
     }
 
     /// A cache that does not confirm (stuck, or gone from the tree) is waited for until its
