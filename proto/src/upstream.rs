@@ -7,6 +7,7 @@
 //! backoff and jitter, and resumes there from its high-water mark: seqs are end-to-end, so any
 //! sender of the shard can continue where another stopped.
 
+use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -92,18 +93,30 @@ fn worst_case_bytes(n: &pb::NodeStatus) -> usize {
 /// ([`pb::NodeStatus::left_out`]), so that every cache below is still accounted for (a wait
 /// for a publish to be applied everywhere waits for the least advanced of those left out). Also
 /// how many were left out. What fits is reckoned by [`worst_case_bytes`], so the same nodes are
-/// reported one by one from one heartbeat to the next while the tree stays the same. Summaries
+/// reported one by one from one heartbeat to the next while the tree stays the same, and those
+/// of the last heartbeat (`alone`, which this updates) come first. Summaries
 /// by region take at most half the bytes; beyond (nodes of thousands of regions), they are by
 /// role alone; beyond that, there is none.
 pub fn bounded_subtree(
     mut nodes: Vec<pb::NodeStatus>,
     max_bytes: usize,
     me: &str,
+    alone: &mut HashSet<String>,
 ) -> (Vec<pb::NodeStatus>, usize) {
-    let sizes: Vec<usize> = nodes.iter().map(worst_case_bytes).collect();
-    if sizes.iter().sum::<usize>() <= max_bytes {
+    if nodes.iter().map(worst_case_bytes).sum::<usize>() <= max_bytes {
+        *alone = nodes.iter().map(|n| n.node_id.clone()).collect();
         return (nodes, 0);
     }
+    // Those reported one by one last time (`alone`) go first: a node that joins goes into a
+    // summary rather than push one of them into it.
+    if nodes.len() > 1 {
+        let rest = nodes.split_off(1);
+        let (were, others): (Vec<_>, Vec<_>) =
+            rest.into_iter().partition(|n| alone.contains(&n.node_id));
+        nodes.extend(were);
+        nodes.extend(others);
+    }
+    let sizes: Vec<usize> = nodes.iter().map(worst_case_bytes).collect();
     let worst_of = |s: &[pb::NodeStatus]| s.iter().map(worst_case_bytes).sum::<usize>();
     // Room for the summaries of every node past this one is room for those of any tail: their
     // groups, and the shards of each, are among them.
@@ -127,6 +140,7 @@ pub fn bounded_subtree(
         .map_or_else(Vec::new, |(by, _)| summarize(&nodes[keep..], me, *by));
     let left_out = nodes.len() - keep;
     nodes.truncate(keep);
+    *alone = nodes.iter().map(|n| n.node_id.clone()).collect();
     nodes.extend(summaries);
     (nodes, left_out)
 }
@@ -801,6 +815,8 @@ async fn session<A: Applier>(
     let mut last_probe = now;
     let mut heard_any = false;
     let mut said_left_out = false;
+    // The nodes the last heartbeat reported one by one (see `bounded_subtree`).
+    let mut alone = HashSet::new();
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
     let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
@@ -953,7 +969,7 @@ async fn session<A: Applier>(
                     let mut subtree = vec![me];
                     subtree.extend(lock(applier).subtree());
                     let (subtree, left_out) =
-                        bounded_subtree(subtree, MAX_SUBTREE_BYTES, &opts.node_id);
+                        bounded_subtree(subtree, MAX_SUBTREE_BYTES, &opts.node_id, &mut alone);
                     if left_out > 0 && !said_left_out {
                         said_left_out = true;
                         tracing::warn!(left_out, "too many nodes below to report them all; `dci status` lists those that fit, and the others summed up per role and region");
@@ -1259,7 +1275,7 @@ mod tests {
     fn a_heartbeat_reports_as_many_nodes_as_fit_and_sums_up_the_others() {
         let few: Vec<_> = (0..100).map(|i| node_report(i, "edge", "eu", 9)).collect();
         assert_eq!(
-            bounded_subtree(few.clone(), MAX_SUBTREE_BYTES, "r"),
+            bounded_subtree(few.clone(), MAX_SUBTREE_BYTES, "r", &mut HashSet::new()),
             (few, 0)
         );
 
@@ -1281,7 +1297,12 @@ mod tests {
         };
         many[29_002].max_staleness_ms = 0;
         many[29_003].max_staleness_ms = 9_000;
-        let (sent, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "relay-top");
+        let (sent, left_out) = bounded_subtree(
+            many.clone(),
+            MAX_SUBTREE_BYTES,
+            "relay-top",
+            &mut HashSet::new(),
+        );
         let len = heartbeat_bytes(sent.clone());
         assert!(len <= MAX_SUBTREE_BYTES + 32, "{len} bytes");
         let worst: usize = sent.iter().map(worst_case_bytes).sum();
@@ -1345,7 +1366,8 @@ mod tests {
         // A summary reported from below is summed up again with its count.
         let mut again = vec![node_report(0, "relay", "", 0)];
         again.extend(sent);
-        let (above, more) = bounded_subtree(again, MAX_SUBTREE_BYTES / 4, "root");
+        let (above, more) =
+            bounded_subtree(again, MAX_SUBTREE_BYTES / 4, "root", &mut HashSet::new());
         let counted: u32 = above.iter().map(|n| n.left_out.max(1)).sum();
         assert_eq!(counted as usize, many.len() + 1);
         assert!(more > 0);
@@ -1393,7 +1415,7 @@ mod tests {
             nodes in prop::collection::vec(arb_node(), 1..300),
             max_bytes in 200usize..6_000,
         ) {
-            let (sent, left_out) = bounded_subtree(nodes.clone(), max_bytes, "me");
+            let (sent, left_out) = bounded_subtree(nodes.clone(), max_bytes, "me", &mut HashSet::new());
             let kept = nodes.len() - left_out;
             prop_assert_eq!(&sent[..kept], &nodes[..kept]);
             let summaries = &sent[kept..];
@@ -1458,11 +1480,47 @@ mod tests {
                 ..n.clone()
             })
             .collect();
-        let (_, left_young) = bounded_subtree(young, MAX_SUBTREE_BYTES, "r");
-        let (sent, left_old) = bounded_subtree(old, MAX_SUBTREE_BYTES, "r");
+        let (_, left_young) = bounded_subtree(young, MAX_SUBTREE_BYTES, "r", &mut HashSet::new());
+        let (sent, left_old) = bounded_subtree(old, MAX_SUBTREE_BYTES, "r", &mut HashSet::new());
         assert!(left_young > 0);
         assert_eq!(left_young, left_old);
         assert!(heartbeat_bytes(sent) <= MAX_SUBTREE_BYTES + 32);
+    }
+
+    /// A node that joins goes into the summary, and every node reported one by one before
+    /// still is (a wait would take one that moved into a summary for gone); one that leaves
+    /// makes room for the first of those summed up.
+    #[test]
+    fn a_node_that_joins_does_not_push_another_into_the_summary() {
+        let mut nodes = vec![node_report(0, "relay", "", 5)];
+        nodes.extend((1..20_000).map(|i| node_report(i * 2, "edge", "eu", 5)));
+        let ids = |sent: &[pb::NodeStatus]| -> Vec<String> {
+            sent.iter()
+                .filter(|n| n.left_out == 0)
+                .map(|n| n.node_id.clone())
+                .collect()
+        };
+        let mut alone = HashSet::new();
+        let (before, left_before) =
+            bounded_subtree(nodes.clone(), MAX_SUBTREE_BYTES, "r", &mut alone);
+        assert!(left_before > 0);
+        // Sorted first among them, it would have taken the place of the last one reported.
+        nodes.insert(1, node_report(1, "edge", "eu", 5));
+        let (after, left_after) =
+            bounded_subtree(nodes.clone(), MAX_SUBTREE_BYTES, "r", &mut alone);
+        assert!(ids(&after) == ids(&before), "the same ones one by one");
+        assert_eq!(left_after, left_before + 1);
+        assert_eq!(after.last().unwrap().left_out as usize, left_after);
+        // One reported leaves: the first one summed up takes its place.
+        let gone = nodes.remove(5);
+        let (then, _) = bounded_subtree(nodes.clone(), MAX_SUBTREE_BYTES, "r", &mut alone);
+        let then = ids(&then);
+        assert!(!then.contains(&gone.node_id));
+        assert_eq!(then.len(), ids(&before).len());
+        assert!(
+            then.contains(&nodes[1].node_id),
+            "the joiner, sorted first, is in now"
+        );
     }
 
     /// Summaries by region that would take more than half the bound (nodes of thousands of
@@ -1472,7 +1530,8 @@ mod tests {
         let many: Vec<_> = (0..30_000)
             .map(|i| node_report(i, "edge", &format!("region-{i}"), 50))
             .collect();
-        let (sent, left_out) = bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "r");
+        let (sent, left_out) =
+            bounded_subtree(many.clone(), MAX_SUBTREE_BYTES, "r", &mut HashSet::new());
         let summary = sent.last().unwrap();
         assert_eq!(summary.node_id, "edges left out by r");
         assert_eq!(
