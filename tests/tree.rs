@@ -3010,3 +3010,63 @@ async fn caches_beyond_what_a_heartbeat_carries_are_still_waited_for() {
     assert_eq!(edges + summary.left_out as usize, EDGES);
     reporting.abort();
 }
+
+/// A cache whose relay's link ended (the relay stopped, or between senders) is still in the
+/// tree for its staleness bound: a wait holds for it, where it took the tree without it for one
+/// with nothing to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_holds_for_a_cache_whose_relay_went_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let a_addr = nowhere();
+    let a = relay_at(a_addr, vec![c.url()], 64 << 20).await;
+    let b = relay_at(any_port(), vec![a.url()], 64 << 20).await;
+    let bound = Duration::from_secs(2);
+    let e = edge(EdgeConfig {
+        node_id: "edge-1".into(),
+        region: "eu".into(),
+        max_staleness: bound,
+        ..edge_cfg(vec![b.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    p.invalidate("k0").await.unwrap();
+    loop {
+        match p.wait_applied(Duration::from_secs(10)).await {
+            Ok(a) if a.caches == 1 => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+
+    // The relay between the edge and the coordinator goes; the one below it has no other.
+    a.stop().await.unwrap();
+    p.invalidate("k1").await.unwrap();
+    let began = std::time::Instant::now();
+    let applied = p.wait_applied(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(applied.caches, 1, "{applied:?}");
+    let names: Vec<&str> = applied
+        .past_bound
+        .iter()
+        .map(|l| l.node_id.as_str())
+        .collect();
+    assert_eq!(names, ["edge-1"], "released at its bound, not before");
+    assert!(began.elapsed() >= bound, "{:?}", began.elapsed());
+    assert!(
+        !lock(&e.edge.link).fresh_within(std::time::Instant::now(), bound),
+        "it serves only misses by then"
+    );
+
+    // Back (once past its bound and out of the tree, it serves nothing until it has caught up,
+    // which is applying): it applies what it missed, and is waited for as any other.
+    let a = relay_at(a_addr, vec![c.url()], 64 << 20).await;
+    p.invalidate("k2").await.unwrap();
+    loop {
+        match p.wait_applied(Duration::from_secs(10)).await {
+            Ok(a) if a.caches == 1 && a.past_bound.is_empty() => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

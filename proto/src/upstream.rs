@@ -235,13 +235,39 @@ pub fn aged_reports(
 }
 
 /// What each receiver of a sender last reported of itself and its subtree, and when, by link.
+/// The caches of a link that ended are still reported, as of their last report (no longer
+/// connected), for as long as they may still serve what they hold: their staleness bound. A
+/// wait for a publish to be applied everywhere then holds for them, where it took the moment a
+/// relay was between senders for a tree without them.
 #[derive(Debug, Default)]
-pub struct Reports(Mutex<std::collections::HashMap<u64, (Instant, Vec<pb::NodeStatus>)>>);
+pub struct Reports(Mutex<std::collections::HashMap<u64, Report>>);
+
+#[derive(Debug)]
+struct Report {
+    at: Instant,
+    nodes: Vec<pb::NodeStatus>,
+    /// When the link ended, if it has.
+    ended: Option<Instant>,
+}
+
+/// How long a cache whose link ended is still reported: its bound, and the margin a wait gives
+/// bounds ([`crate::applied::BOUND_SLACK`]); `None` for a node that serves no value or does not
+/// say its bound.
+fn reported_after_its_link(n: &pb::NodeStatus) -> Option<Duration> {
+    (crate::applied::CACHE_ROLES.contains(&n.role.as_str()) && n.max_staleness_ms > 0).then(|| {
+        Duration::from_millis(n.max_staleness_ms).saturating_add(crate::applied::BOUND_SLACK)
+    })
+}
 
 impl Reports {
     /// A link's receiver reported these nodes, now.
     pub fn insert(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
-        lock(&self.0).insert(link_id, (Instant::now(), nodes));
+        let report = Report {
+            at: Instant::now(),
+            nodes,
+            ended: None,
+        };
+        lock(&self.0).insert(link_id, report);
     }
 
     /// The link's receiver acknowledged `ack`: its own progress (the first node it reports) is
@@ -250,7 +276,8 @@ impl Reports {
         let mut reports = lock(&self.0);
         let Some(me) = reports
             .get_mut(&link_id)
-            .and_then(|(_, nodes)| nodes.first_mut())
+            .filter(|r| r.ended.is_none())
+            .and_then(|r| r.nodes.first_mut())
         else {
             return;
         };
@@ -270,19 +297,61 @@ impl Reports {
         }
     }
 
-    /// The link ended: its nodes are no longer below this sender.
+    /// The link ended: its nodes are no longer below this sender, but its caches are still
+    /// reported for their bound.
     pub fn forget(&self, link_id: u64) {
-        lock(&self.0).remove(&link_id);
+        self.forget_at(link_id, Instant::now());
+    }
+
+    fn forget_at(&self, link_id: u64, now: Instant) {
+        let mut reports = lock(&self.0);
+        let Some(mut r) = reports.remove(&link_id) else {
+            return;
+        };
+        r.nodes.retain(|n| reported_after_its_link(n).is_some());
+        if !r.nodes.is_empty() {
+            r.ended = Some(now);
+            reports.insert(link_id, r);
+        }
     }
 
     /// Every node reported, as it stands now ([`aged_reports`], against the sender's heads),
-    /// by node id.
+    /// by node id. A cache whose link ended is reported as no longer connected, until its
+    /// bound has passed or it is reported through a link of now.
     pub fn aged(&self, head_of: impl Fn(ShardId) -> Option<(Epoch, Seq)>) -> Vec<pb::NodeStatus> {
-        let now = Instant::now();
-        let mut v: Vec<_> = lock(&self.0)
+        self.aged_at(Instant::now(), head_of)
+    }
+
+    fn aged_at(
+        &self,
+        now: Instant,
+        head_of: impl Fn(ShardId) -> Option<(Epoch, Seq)>,
+    ) -> Vec<pb::NodeStatus> {
+        let mut reports = lock(&self.0);
+        reports.retain(|_, r| {
+            r.ended.is_none_or(|ended| {
+                r.nodes
+                    .retain(|n| reported_after_its_link(n).is_some_and(|keep| now < ended + keep));
+                !r.nodes.is_empty()
+            })
+        });
+        let live: HashSet<&str> = reports
             .values()
-            .flat_map(|(at, nodes)| {
-                aged_reports(nodes, now.saturating_duration_since(*at), &head_of)
+            .filter(|r| r.ended.is_none())
+            .flat_map(|r| r.nodes.iter().map(|n| n.node_id.as_str()))
+            .collect();
+        let mut v: Vec<_> = reports
+            .values()
+            .flat_map(|r| {
+                let age = now.saturating_duration_since(r.at);
+                let mut nodes = aged_reports(&r.nodes, age, &head_of);
+                if r.ended.is_some() {
+                    nodes.retain(|n| !live.contains(n.node_id.as_str()));
+                    for n in &mut nodes {
+                        n.connected_ms = 0;
+                    }
+                }
+                nodes
             })
             .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -1146,6 +1215,58 @@ mod tests {
         }
     }
 
+    /// The caches of a link that ended are still reported (no longer connected) until their
+    /// bound and the margin have passed, or until a link of now reports them; its other nodes,
+    /// and caches that do not say their bound, are gone at once.
+    #[test]
+    fn the_caches_of_a_link_that_ended_are_reported_for_their_bound() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let node = |id: &str, role: &str, bound_ms| pb::NodeStatus {
+            node_id: id.into(),
+            role: role.into(),
+            max_staleness_ms: bound_ms,
+            ..report(10, 0, 0, 0)
+        };
+        let reports = Reports::default();
+        reports.insert(
+            1,
+            vec![
+                node("relay-b", "relay", 0),
+                node("edge-1", "edge", 2_000),
+                node("edge-2", "edge", 0),
+                node("near-1", "near-cache", 5_000),
+            ],
+        );
+        let ids = |now| -> Vec<(String, u64)> {
+            reports
+                .aged_at(now, |_| None)
+                .into_iter()
+                .map(|n| (n.node_id, n.connected_ms))
+                .collect()
+        };
+        reports.forget_at(1, at(0));
+        assert_eq!(ids(at(0)), [("edge-1".into(), 0), ("near-1".into(), 0)]);
+        assert_eq!(ids(at(2_499)), [("edge-1".into(), 0), ("near-1".into(), 0)]);
+        assert_eq!(ids(at(2_500)), [("near-1".into(), 0)], "past its bound");
+        // Back through another link: reported as it is there, once.
+        reports.insert(2, vec![node("near-1", "near-cache", 5_000)]);
+        let now = Instant::now();
+        assert_eq!(reports.aged_at(now, |_| None).len(), 1);
+        assert!(reports.aged_at(now, |_| None)[0].connected_ms > 0);
+        reports.forget_at(2, now);
+        reports.forget_at(1, now); // long gone: nothing
+        assert_eq!(
+            reports
+                .aged_at(now + Duration::from_millis(5_499), |_| None)
+                .len(),
+            2
+        );
+        assert!(reports
+            .aged_at(now + Duration::from_millis(5_500), |_| None)
+            .is_empty());
+    }
+
     /// A receiver's acks move its own progress in its last report (not what it reported of the
     /// nodes below it): what it has applied shows before its next report.
     #[test]
@@ -1165,7 +1286,7 @@ mod tests {
         reports.acked(1, &ack(7, 35));
         let hwms = |r: &Reports| -> Vec<(Seq, u64, u64)> {
             lock(&r.0)[&1]
-                .1
+                .nodes
                 .iter()
                 .map(|n| (n.shards[0].hwm, n.shards[0].lag_seqs, n.shards[0].lag_ms))
                 .collect()
