@@ -205,9 +205,12 @@ impl Publisher {
     /// of relays). A cache in the tree at the call that leaves it (cut off, restarting, moving
     /// to another relay), or that does not apply (stuck), is waited for until it is back, or
     /// until its staleness bound has passed since the call (it then serves nothing invalidated
-    /// before: [`Applied::past_bound`]); one the tree does not report at the call (already cut
-    /// off) serves nothing once its bound has passed. [`Error::NotApplied`] names the caches
-    /// that lag when the time is up.
+    /// before: [`Applied::past_bound`]). A sender goes on reporting the caches of a link that
+    /// ended for their bound, so the tree has the caches behind a relay that is between senders;
+    /// one it no longer reports has been out of touch for longer than its bound, and serves
+    /// nothing until it has caught up, which is applying what was published. Caches beyond
+    /// what a relay's heartbeat carries come summed up, and are waited for as the least advanced
+    /// of them. [`Error::NotApplied`] names the caches that lag when the time is up.
     ///
     /// ```no_run
     /// # async fn demo(p: dci_sdk::Publisher) -> Result<(), dci_sdk::Error> {
