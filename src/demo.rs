@@ -81,11 +81,11 @@ impl Nodes {
                 let listen = old.addr;
                 say(&format!("edge {} (it comes back empty)", old.node_id));
                 old.stop().await?;
-                tokio::time::sleep(down).await;
+                down_for(listen, down).await;
                 let (cfg, hook) = self.edge_cfgs[i].clone();
                 let cfg = EdgeConfig { listen, ..cfg };
-                self.edges
-                    .insert(i, EdgeNode::start_with(cfg, Some(hook)).await?);
+                let edge = again(|| EdgeNode::start_with(cfg.clone(), Some(hook.clone()))).await?;
+                self.edges.insert(i, edge);
             }
             1 => {
                 let i = (round / 3) % self.relays.len();
@@ -96,8 +96,9 @@ impl Nodes {
                 };
                 say(&format!("relay {}", cfg.node_id));
                 old.stop().await?;
-                tokio::time::sleep(down).await;
-                self.relays.insert(i, Relay::start(cfg).await?);
+                down_for(cfg.listen, down).await;
+                self.relays
+                    .insert(i, again(|| Relay::start(cfg.clone())).await?);
             }
             _ => {
                 let i = (round / 3) % self.coordinators.len();
@@ -114,8 +115,8 @@ impl Nodes {
                     ));
                 }
                 old.stop().await?;
-                tokio::time::sleep(down).await;
-                self.coordinators[i] = Some(Coordinator::start(cfg).await?);
+                down_for(cfg.listen, down).await;
+                self.coordinators[i] = Some(again(|| Coordinator::start(cfg.clone())).await?);
             }
         }
         Ok(())
@@ -132,6 +133,46 @@ impl Nodes {
             c.stop().await?;
         }
         Ok(())
+    }
+}
+
+/// A stopped node's `down` time, with its port held (bound, not listening: connections to it
+/// are refused, as to a node that is down), so that no other process takes the port meanwhile
+/// and keeps the node from starting again there.
+async fn down_for(addr: std::net::SocketAddr, down: Duration) {
+    let hold = || -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    };
+    let held = hold();
+    tokio::time::sleep(down).await;
+    drop(held);
+}
+
+/// Start a node again, trying for a few seconds: its port may still be held a moment (the
+/// chaos used to end the demo, every node with it, when one start failed).
+async fn again<N, E, F, Fut>(mut start: F) -> anyhow::Result<N>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<N, E>>,
+{
+    let mut tries = 0;
+    loop {
+        match start().await {
+            Ok(node) => return Ok(node),
+            Err(e) if tries < 25 => {
+                tries += 1;
+                tracing::warn!(error = %e, "chaos: a node did not start again; trying once more");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -445,10 +486,14 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                     _ = halt.changed() => break,
                     _ = tokio::time::sleep(every.unwrap_or_default()), if every.is_some() => {}
                 }
-                nodes.restart_one(round, CHAOS_DOWN).await?;
+                // A node that cannot start again ends the chaos, not the other nodes.
+                if let Err(e) = nodes.restart_one(round, CHAOS_DOWN).await {
+                    println!("chaos: a node did not start again ({e:#}); no more chaos");
+                    return (nodes, Some(e));
+                }
                 restarts.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<_, anyhow::Error>(nodes)
+            (nodes, None)
         })
     };
 
@@ -509,7 +554,11 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         stats.reads.load(Ordering::Relaxed),
         stats.stale.load(Ordering::Relaxed)
     );
-    chaos.await??.stop().await?;
+    let (nodes, failed) = chaos.await?;
+    nodes.stop().await?;
+    if let Some(e) = failed {
+        return Err(e.context("chaos"));
+    }
     let stale = stats.stale.load(Ordering::Relaxed);
     if stale > 0 {
         anyhow::bail!("{stale} stale reads seen");
@@ -520,6 +569,49 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that does not start at once (its port still taken) is tried again, for a while.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_does_not_start_is_tried_again() {
+        let tries = std::cell::Cell::new(0);
+        let start = || {
+            tries.set(tries.get() + 1);
+            let ok = tries.get() > 3;
+            async move {
+                if ok {
+                    Ok(7)
+                } else {
+                    Err(std::io::Error::from(std::io::ErrorKind::AddrInUse))
+                }
+            }
+        };
+        assert_eq!(again(start).await.unwrap(), 7);
+        assert_eq!(tries.get(), 4);
+        let never = || async { Err::<(), _>(std::io::Error::from(std::io::ErrorKind::AddrInUse)) };
+        assert!(again(never).await.is_err(), "but not for ever");
+    }
+
+    /// While a stopped node is down its port is held: connections to it are refused, and the
+    /// node starts there again once the time is up.
+    #[tokio::test]
+    async fn a_stopped_nodes_port_is_held_while_it_is_down() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let down = tokio::spawn(down_for(addr, Duration::from_millis(300)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "refused while down"
+        );
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        assert!(other.bind(addr).is_err(), "no one else binds it meanwhile");
+        drop(other);
+        down.await.unwrap();
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("free once it is up");
+    }
 
     #[test]
     fn tasks_sharing_a_rate_tick_evenly_apart_within_the_period() {
