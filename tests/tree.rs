@@ -3038,8 +3038,12 @@ async fn a_wait_holds_for_a_cache_whose_relay_went_away() {
         }
     }
 
-    // The relay between the edge and the coordinator goes; the one below it has no other.
+    // The relay between the edge and the coordinator goes; the one below it has no other. Its
+    // port is held meanwhile (bound, refusing), so that no other test's node takes it.
     a.stop().await.unwrap();
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.set_reuseaddr(true).unwrap();
+    held.bind(a_addr).unwrap();
     p.invalidate("k1").await.unwrap();
     let began = std::time::Instant::now();
     let applied = p.wait_applied(Duration::from_secs(10)).await.unwrap();
@@ -3058,6 +3062,7 @@ async fn a_wait_holds_for_a_cache_whose_relay_went_away() {
 
     // Back (once past its bound and out of the tree, it serves nothing until it has caught up,
     // which is applying): it applies what it missed, and is waited for as any other.
+    drop(held);
     let a = relay_at(a_addr, vec![c.url()], 64 << 20).await;
     p.invalidate("k2").await.unwrap();
     loop {
