@@ -211,23 +211,13 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start_coordinator(dir.path());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let (_r, rp) = start(&[
-        "relay",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &coord,
-        "--region",
-        "eu",
-    ]);
+    let (_c, _r, coord, relay) = coordinator_and_relay_eu(dir.path());
     let (_e, ep) = start(&[
         "edge",
         "--listen",
         "127.0.0.1:0",
         "--relays",
-        &format!("http://127.0.0.1:{rp}"),
+        &relay,
         "--region",
         "eu",
     ]);

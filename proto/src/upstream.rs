@@ -103,20 +103,21 @@ pub fn bounded_subtree(
     me: &str,
     alone: &mut HashSet<String>,
 ) -> (Vec<pb::NodeStatus>, usize) {
-    if nodes.iter().map(worst_case_bytes).sum::<usize>() <= max_bytes {
+    let mut sizes: Vec<usize> = nodes.iter().map(worst_case_bytes).collect();
+    if sizes.iter().sum::<usize>() <= max_bytes {
         *alone = nodes.iter().map(|n| n.node_id.clone()).collect();
         return (nodes, 0);
     }
     // Those reported one by one last time (`alone`) go first: a node that joins goes into a
     // summary rather than push one of them into it.
     if nodes.len() > 1 {
-        let rest = nodes.split_off(1);
-        let (were, others): (Vec<_>, Vec<_>) =
-            rest.into_iter().partition(|n| alone.contains(&n.node_id));
-        nodes.extend(were);
-        nodes.extend(others);
+        let rest = nodes.split_off(1).into_iter().zip(sizes.split_off(1));
+        let (were, others): (Vec<_>, Vec<_>) = rest.partition(|(n, _)| alone.contains(&n.node_id));
+        for (n, size) in were.into_iter().chain(others) {
+            nodes.push(n);
+            sizes.push(size);
+        }
     }
-    let sizes: Vec<usize> = nodes.iter().map(worst_case_bytes).collect();
     let worst_of = |s: &[pb::NodeStatus]| s.iter().map(worst_case_bytes).sum::<usize>();
     // Room for the summaries of every node past this one is room for those of any tail: their
     // groups, and the shards of each, are among them.
