@@ -81,10 +81,9 @@ fn read(f: &RwLock<Filter>) -> RwLockReadGuard<'_, Filter> {
 
 impl Applier for EdgeApplier {
     fn apply(&mut self, batch: &Batch) {
-        self.store.apply_all(batch.shard, &batch.entries);
-        self.propagation.observe_published(&batch.entries);
         self.store
-            .set_applied(batch.shard, batch.epoch, batch.last_seq);
+            .apply_batch(batch.shard, batch.epoch, &batch.entries, batch.last_seq);
+        self.propagation.observe_published(&batch.entries);
         if let Some(f) = &self.on_applied {
             f(batch);
         }

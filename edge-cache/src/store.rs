@@ -256,6 +256,29 @@ impl Store {
     /// Apply a batch's invalidations of `shard`, in order, under one lock (its prefixes' values
     /// taken for misses at once and removed by a pass of their own: see `Unswept`).
     pub fn apply_all(&self, shard: ShardId, entries: &[Invalidation]) {
+        self.apply_through(shard, entries, None);
+    }
+
+    /// [`Store::apply_all`], and everything of `shard` up to `last_seq` in `epoch` is applied,
+    /// under the same lock: a miss in between would hand out a lease below a tombstone already
+    /// recorded, and the fill it leads to (or a fill without a lease) would be refused although
+    /// nothing was invalidated after it.
+    pub fn apply_batch(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+        entries: &[Invalidation],
+        last_seq: Seq,
+    ) {
+        self.apply_through(shard, entries, Some((epoch, last_seq)));
+    }
+
+    fn apply_through(
+        &self,
+        shard: ShardId,
+        entries: &[Invalidation],
+        through: Option<(Epoch, Seq)>,
+    ) {
         let mut leases = lock(&self.leases);
         let mut applied = 0;
         let mut prefixes = Prefixes::default();
@@ -264,6 +287,9 @@ impl Store {
                 applied += 1;
             }
         });
+        if let Some((epoch, seq)) = through {
+            leases.set_applied(shard, epoch, seq);
+        }
         // The batch's prefixes are applied once reads take what they cover for misses; their
         // values go in a pass of their own (see `Unswept`). Their tombstones are recorded, so
         // a fill under a lease from before them is refused.
@@ -398,6 +424,40 @@ mod tests {
         .unwrap();
         assert_eq!(s.get(b"k"), Some(Bytes::from_static(b"new")));
         assert_eq!(s.filled_at(b"k"), Some(5));
+    }
+
+    /// A lease handed out while batches are applied covers every invalidation already recorded:
+    /// fills under it (and fills without one) go in while nothing newer lands.
+    #[test]
+    fn a_lease_taken_while_batches_land_is_never_behind_them() {
+        let s = Arc::new(store());
+        let (stop, refused) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let filler = {
+            let (s, stop, refused) = (s.clone(), stop.clone(), refused.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let fill = s.set(Bytes::from_static(b"k"), Bytes::from_static(b"v"), None);
+                    if fill.is_err() {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        for seq in 1..=200_000 {
+            // Other keys between: the batch's last seq is past the key's tombstone.
+            let entries = [inv("k", seq * 2 - 1, None), inv("j", seq * 2, None)];
+            s.apply_batch(0, 1, &entries, seq * 2);
+        }
+        stop.store(true, Ordering::Relaxed);
+        filler.join().unwrap();
+        assert_eq!(
+            refused.load(Ordering::Relaxed),
+            0,
+            "fills without a lease refused"
+        );
     }
 
     #[test]
