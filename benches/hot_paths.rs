@@ -182,12 +182,7 @@ fn edge_apply(c: &mut Criterion) {
                 next += N;
                 b
             },
-            |b| {
-                for e in &b.entries {
-                    store.apply(0, e);
-                }
-                store.set_applied(0, 1, b.last_seq);
-            },
+            |b| store.apply_batch(0, 1, &b.entries, b.last_seq),
             BatchSize::SmallInput,
         )
     });
