@@ -2068,6 +2068,52 @@ async fn an_edge_two_relays_deep_stays_fresh_within_a_one_second_bound() {
     c.stop().await.unwrap();
 }
 
+/// A relay asked for its own status answers, for each shard, when it was last caught up all the
+/// way to the coordinator, as the heartbeats of its sender vouch: a relay below another whose
+/// coordinator is gone is not caught up, although it keeps up with its own sender (it answered
+/// with that, a fraction of a second, for as long as the coordinator was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_says_how_long_ago_it_was_caught_up_with_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let near = relay(&c).await;
+    let far = relay_at(any_port(), vec![near.url()], 64 << 20).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = p.invalidate("k").await.unwrap();
+    let own_row = |url: String| async move {
+        let mut admin = pb::admin_client::AdminClient::connect(url).await.unwrap();
+        let nodes = admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        nodes[0].shards.first().map(|s| (s.hwm, s.caught_up_ms))
+    };
+    let started = std::time::Instant::now();
+    loop {
+        if matches!(own_row(far.url()).await, Some((hwm, ms)) if hwm >= seq && ms < 1_000) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "far relay never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.stop().await.unwrap();
+    let stopped = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let (_, ms) = own_row(far.url()).await.unwrap();
+    assert!(
+        ms >= 1_500,
+        "caught up {ms} ms ago, {} ms after its coordinator stopped",
+        stopped.elapsed().as_millis()
+    );
+    far.stop().await.unwrap();
+    near.stop().await.unwrap();
+}
+
 /// A relay given its own URL to follow refuses itself (its Hello carries the number the relay
 /// drew at start), and a stream refused before a word is a failure to follow, retried with
 /// backoff: a few attempts in two seconds, not a busy loop (it reconnected every few

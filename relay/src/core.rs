@@ -132,7 +132,19 @@ impl RelayCore {
             .map(|v| v.join(" "));
         all.connected_since = every(&|l| l.connected_since).and_then(|v| v.into_iter().max());
         all.last_heard = every(&|l| l.last_heard).and_then(|v| v.into_iter().min());
-        all.last_caught_up = every(&|l| l.last_caught_up).and_then(|v| v.into_iter().min());
+        // Each shard is as fresh as the link that brings it (its own catching up and what its
+        // sender vouches for), not as the node's own catching up: for that, every shard's
+        // time goes into `vouched`, and the merged own time is the latest of the links' (none
+        // while a link has none), which bounds none of them.
+        all.last_caught_up = every(&|l| l.last_caught_up).and_then(|v| v.into_iter().max());
+        let owners = lock(&self.owners).clone();
+        for (group, l) in links.iter().enumerate() {
+            for shard in l.shards() {
+                if owners.get(&shard).is_none_or(|&g| g == group) {
+                    all.vouched.push((shard, l.caught_up_for(shard)));
+                }
+            }
+        }
         for l in links {
             all.progress.extend(l.progress);
             all.applied_time_us.extend(l.applied_time_us);
@@ -424,7 +436,8 @@ impl BatchSource for RelayCore {
             return u64::MAX;
         };
         let caught_up = lock(&self.links[group]).caught_up_for(shard);
-        caught_up.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64)
+        // At least 1: an age of 0 says "the shard's source", which bounds nothing below it.
+        caught_up.map_or(u64::MAX, |t| (t.elapsed().as_millis() as u64).max(1))
     }
 }
 
@@ -576,6 +589,31 @@ mod tests {
     use bytes::Bytes;
     use dci_proto::Invalidation;
     use prost::Message;
+
+    /// A relay caught up this very moment still tells an age: 0 would make it the shard's source.
+    #[test]
+    fn a_relay_never_tells_its_receivers_it_is_the_source() {
+        let core = RelayCore::new(
+            "r".into(),
+            vec![vec!["http://127.0.0.1:1".into()]],
+            64 << 20,
+            1024,
+            Default::default(),
+            1,
+        );
+        lock(&core.owners).insert(0, 0);
+        {
+            let mut link = lock(&core.links[0]);
+            link.progress = vec![(0, 1, 5, 5)];
+            link.last_caught_up = Some(std::time::Instant::now());
+        }
+        assert_eq!(core.upstream_age_ms(0), 1);
+        assert_eq!(
+            core.upstream_age_ms(1),
+            u64::MAX,
+            "a shard it does not carry"
+        );
+    }
 
     /// A small batch received as a slice of a large buffer is kept in the ring as a copy, and a
     /// large one as received: the ring holds nothing of the buffer around a small batch.
