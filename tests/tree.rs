@@ -60,6 +60,17 @@ async fn relay_at(listen: SocketAddr, upstream: Vec<String>, ring_bytes: usize) 
     .unwrap()
 }
 
+/// The tree a node's `Admin.Status` answers (the node itself first).
+async fn tree_at(url: String) -> Vec<pb::NodeStatus> {
+    let mut admin = pb::admin_client::AdminClient::connect(url).await.unwrap();
+    admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
 async fn relay(upstream: &Coordinator) -> Relay {
     relay_at(any_port(), vec![upstream.url()], 64 << 20).await
 }
@@ -2081,13 +2092,7 @@ async fn a_relay_says_how_long_ago_it_was_caught_up_with_the_coordinator() {
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let seq = p.invalidate("k").await.unwrap();
     let own_row = |url: String| async move {
-        let mut admin = pb::admin_client::AdminClient::connect(url).await.unwrap();
-        let nodes = admin
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
+        let nodes = tree_at(url).await;
         nodes[0].shards.first().map(|s| (s.hwm, s.caught_up_ms))
     };
     let started = std::time::Instant::now();
@@ -2920,17 +2925,7 @@ async fn caches_beyond_what_a_heartbeat_carries_are_still_waited_for() {
     for i in 0..3 {
         p.invalidate(format!("k{i}")).await.unwrap();
     }
-    let mut admin = pb::admin_client::AdminClient::connect(c.url())
-        .await
-        .unwrap();
-    let epoch = admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes[0]
-        .shards[0]
-        .epoch;
+    let epoch = tree_at(c.url()).await[0].shards[0].epoch;
 
     // The relay below, played by a raw stream: it reports 12,000 edges (about 1.6 MiB of
     // reports), every one at seq 3 but the last 10 by name, at 2.
@@ -3034,12 +3029,7 @@ async fn caches_beyond_what_a_heartbeat_carries_are_still_waited_for() {
     );
     assert!(applied.past_bound.is_empty());
     // `dci status` reads the same: the summary is one node of the tree, saying how many it is.
-    let tree = admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let tree = tree_at(c.url()).await;
     let summary = tree.iter().find(|n| n.left_out > 0).expect("a summary");
     assert_eq!(
         (
