@@ -29,6 +29,15 @@ fn nowhere() -> SocketAddr {
         .unwrap()
 }
 
+/// Holds the port of a node that is down: bound and not listening (connections are refused), so
+/// that no other test's node is given it meanwhile. Dropped just before the node starts again.
+fn hold(addr: SocketAddr) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket
+}
+
 /// An address on loopback that refuses connections for as long as the socket returned is kept:
 /// bound, so no other test's node can be given its port meanwhile, and not listening.
 fn refusing() -> (tokio::net::TcpSocket, SocketAddr) {
@@ -206,6 +215,7 @@ async fn invalidations_reach_every_edge_and_survive_a_relay_kill() {
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
     r1.stop().await.unwrap();
+    let held = hold(r1_addr);
     let head = writer.await.unwrap();
     for e in &edges {
         wait_applied(e, head).await;
@@ -217,6 +227,7 @@ async fn invalidations_reach_every_edge_and_survive_a_relay_kill() {
     }
 
     // Relay 1 comes back on its address and serves again.
+    drop(held);
     let r1 = relay_at(r1_addr, vec![c.url()], 64 << 20).await;
     let late = edge(edge_cfg(vec![r1.url()])).await;
     wait_in_stream(&late).await;
@@ -244,9 +255,11 @@ async fn an_edge_that_missed_ten_thousand_entries_catches_up_through_a_restarted
     wait_applied(&e, head).await;
 
     r.stop().await.unwrap();
+    let held = hold(addr);
     let head = publish_all(&p, &keys(0..10_000, "missed:")).await;
     // The relay restarts empty; the edge resumes from its high-water mark, and the relay fetches
     // the range from upstream for it.
+    drop(held);
     let r = relay_at(addr, vec![c.url()], 64 << 20).await;
     wait_applied(&e, head).await;
     let got: HashSet<Bytes> = lock(&e.keys).iter().cloned().collect();
@@ -351,10 +364,12 @@ async fn a_range_gone_everywhere_ends_in_reset_and_flush() {
     assert!(cache.set("cached", "v", None).await.unwrap());
 
     r.stop().await.unwrap();
+    let held = hold(addr);
     // Far more than the relay ring, the coordinator's memory tail and its log retention hold.
     publish_all(&p, &keys(0..20_000, "flood:")).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let head = publish_all(&p, &keys(0..10, "after:")).await;
+    drop(held);
     let r = relay_at(addr, vec![c.url()], 4096).await;
     eventually("edge reset", || lock(&e.edge.link).flushes > 0).await;
     wait_applied(&e, head).await;
@@ -501,7 +516,9 @@ async fn publishes_ride_out_coordinator_restarts_far_apart() {
         };
         tokio::time::sleep(Duration::from_millis(150)).await;
         running.take().unwrap().stop().await.unwrap();
+        let held = hold(addr);
         tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
         running = Some(
             Coordinator::start(CoordinatorConfig {
                 listen: addr,
@@ -1236,6 +1253,7 @@ async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
     assert_eq!(cache.get("k").await.unwrap(), Lookup::Hit(Bytes::from("v")));
 
     r.stop().await.unwrap();
+    let held = hold(addr);
     let started = tokio::time::Instant::now();
     loop {
         if matches!(cache.get("k").await.unwrap(), Lookup::Miss { .. }) {
@@ -1259,6 +1277,7 @@ async fn a_cut_off_edge_stops_serving_after_max_staleness_then_recovers() {
     );
 
     // Back in contact and caught up: it serves again.
+    drop(held);
     let r = relay_at(addr, vec![c.url()], 64 << 20).await;
     let cache2 = cache.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -2076,6 +2095,62 @@ async fn an_edge_two_relays_deep_stays_fresh_within_a_one_second_bound() {
     e.stop().await.unwrap();
     far.stop().await.unwrap();
     near.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// A coordinator started on a new log whose epoch is lower than the one its receivers hold (its
+/// directory lost, and the new one's clock behind the old one's): they take nothing of its log,
+/// so they are not caught up with it, and the edge below serves only misses once past its
+/// bound. It counted as caught up (the heads it was told were of the other epoch), and served a
+/// value whose invalidation the new coordinator had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_is_not_caught_up_with_a_log_of_an_epoch_it_does_not_take() {
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The new log, made beforehand, under an epoch lower than any a clock gives.
+    let c = coordinator(second.path()).await;
+    c.stop().await.unwrap();
+    std::fs::write(second.path().join("epoch"), "1000").unwrap();
+
+    let c = coordinator(first.path()).await;
+    let addr = c.addr;
+    let r = relay(&c).await;
+    let e = edge(EdgeConfig {
+        listen: any_port(),
+        max_staleness: Duration::from_secs(1),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    wait_applied(&e, p.invalidate("a").await.unwrap()).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+
+    c.stop().await.unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: addr,
+        data_dir: second.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.epoch, 1000);
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    // Filled now, invalidated after: from then on, a hit is a stale read.
+    let _ = cache.set("k", "old", None).await;
+    p.invalidate("k").await.unwrap();
+    let invalidated = std::time::Instant::now();
+    let bound = Duration::from_secs(1) + Duration::from_millis(500);
+    while invalidated.elapsed() < bound + Duration::from_secs(1) {
+        if invalidated.elapsed() >= bound {
+            assert!(
+                matches!(cache.get("k").await.unwrap(), Lookup::Miss { .. }),
+                "served a value invalidated {:?} ago",
+                invalidated.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
 
@@ -3077,9 +3152,7 @@ async fn a_wait_holds_for_a_cache_whose_relay_went_away() {
     // The relay between the edge and the coordinator goes; the one below it has no other. Its
     // port is held meanwhile (bound, refusing), so that no other test's node takes it.
     a.stop().await.unwrap();
-    let held = tokio::net::TcpSocket::new_v4().unwrap();
-    held.set_reuseaddr(true).unwrap();
-    held.bind(a_addr).unwrap();
+    let held = hold(a_addr);
     p.invalidate("k1").await.unwrap();
     let began = std::time::Instant::now();
     let applied = p.wait_applied(Duration::from_secs(10)).await.unwrap();

@@ -648,15 +648,14 @@ pub fn sender_cut_off(
 }
 
 /// Has the node applied, on every shard it is in, as far as its sender has said the shard goes?
-/// Only a heartbeat of this session says that: until one names a shard, the highest seq seen
-/// is only what has arrived so far (from a sender replaying from far back, say, or one that has
-/// just started itself), not how far the shard goes.
-pub fn caught_up(
-    progress: &[(ShardId, Epoch, Seq, Seq)],
-    announced: &[(ShardId, Option<Instant>)],
-) -> bool {
-    progress.iter().all(|&(shard, _, applied, head)| {
-        applied >= head && announced.iter().any(|&(s, _)| s == shard)
+/// Only a heartbeat of this session says that (`said`: the epoch its newest heartbeat gave each
+/// shard): until one names a shard, the highest seq seen is only what has arrived so far (from a
+/// sender replaying from far back, say, or one that has just started itself), not how far the
+/// shard goes. And only in the sender's epoch: a node that holds another (one it does not take
+/// from this sender, or has not flushed into yet) has applied nothing of the sender's log.
+pub fn caught_up(progress: &[(ShardId, Epoch, Seq, Seq)], said: &[(ShardId, Epoch)]) -> bool {
+    progress.iter().all(|&(shard, epoch, applied, head)| {
+        applied >= head && said.iter().any(|&(s, e)| s == shard && e == epoch)
     })
 }
 
@@ -890,6 +889,8 @@ async fn session<A: Applier>(
     let connected_at = now;
     // What this sender says of each shard it carries: when it last was caught up with its own.
     let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
+    // The epoch the sender gives each shard, as its newest heartbeat says.
+    let mut said: Vec<(ShardId, Epoch)> = Vec::new();
     // When the sender was as its newest heartbeat describes it, at the latest (what being caught
     // up with that heartbeat's heads makes this node fresh as of).
     let mut described = now;
@@ -989,6 +990,8 @@ async fn session<A: Applier>(
                             // all there is to being fresh.
                             st.vouched.retain(|(s, _)| *s != head.shard);
                             announced.retain(|(s, _)| *s != head.shard);
+                            said.retain(|(s, _)| *s != head.shard);
+                            said.push((head.shard, head.epoch));
                             if head.upstream_age_ms > 0 {
                                 let at = at.checked_sub(Duration::from_millis(head.upstream_age_ms));
                                 st.vouched.push((head.shard, at));
@@ -1006,7 +1009,7 @@ async fn session<A: Applier>(
                 let mut st = lock(state);
                 st.last_heard = Some(now);
                 st.progress = receiver.progress();
-                if caught_up(&st.progress, &announced) {
+                if caught_up(&st.progress, &said) {
                     st.last_caught_up = Some(described);
                 }
             }
@@ -1345,14 +1348,17 @@ mod tests {
     /// has named the shard; then applied must reach the head it said.
     #[test]
     fn caught_up_only_as_far_as_the_sender_has_said() {
-        let t = Some(Instant::now());
         let progress = [(0, 1, 50, 50), (1, 1, 9, 9)];
         assert!(!caught_up(&progress, &[]), "no heartbeat yet");
-        assert!(!caught_up(&progress, &[(0, t)]), "shard 1 not named yet");
-        assert!(caught_up(&progress, &[(0, t), (1, None)]));
+        assert!(!caught_up(&progress, &[(0, 1)]), "shard 1 not named yet");
+        assert!(caught_up(&progress, &[(0, 1), (1, 1)]));
         assert!(
-            !caught_up(&[(0, 1, 50, 60)], &[(0, t)]),
+            !caught_up(&[(0, 1, 50, 60)], &[(0, 1)]),
             "behind the head it said"
+        );
+        assert!(
+            !caught_up(&progress, &[(0, 1), (1, 2)]),
+            "shard 1 in another epoch at the sender"
         );
         assert!(caught_up(&[], &[]), "in no shard: nothing to be behind on");
     }
