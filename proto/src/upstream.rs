@@ -884,6 +884,7 @@ async fn session<A: Applier>(
     let mut last_probe = now;
     let mut heard_any = false;
     let mut said_left_out = false;
+    let mut said_older = false;
     // The nodes the last heartbeat reported one by one (see `bounded_subtree`).
     let mut alone = HashSet::new();
     let connected_at = now;
@@ -1001,6 +1002,17 @@ async fn session<A: Applier>(
                             }
                         }
                         drop(st);
+                        // A sender whose log is older than the one this node holds is passed over
+                        // (see `Receiver::on_batch`): told once per link, since nothing of that
+                        // shard is taken, and this node not caught up, until it changes.
+                        if !said_older {
+                            for &(shard, epoch, ..) in &receiver.progress() {
+                                if let Some(h) = h.heads.iter().find(|h| h.shard == shard && h.epoch < epoch) {
+                                    said_older = true;
+                                    tracing::warn!(sender = %url, shard, sender_epoch = h.epoch, epoch, "the sender's log of the shard is of an older epoch than this node holds: none of it is taken, and this node is not caught up (a coordinator started on a new log, its clock behind the old one's? restart this node and those below it)");
+                                }
+                            }
+                        }
                         receiver.on_heartbeat(&h, now)
                     }
                     Some(pb::downstream::Msg::BatchZstd(_)) | None => Vec::new(),
