@@ -2099,12 +2099,14 @@ async fn an_edge_two_relays_deep_stays_fresh_within_a_one_second_bound() {
 }
 
 /// A coordinator started on a new log whose epoch is lower than the one its receivers hold (its
-/// directory lost, and the new one's clock behind the old one's): they take nothing of its log,
-/// so they are not caught up with it, and the edge below serves only misses once past its
-/// bound. It counted as caught up (the heads it was told were of the other epoch), and served a
-/// value whose invalidation the new coordinator had acknowledged.
+/// directory lost, and the new one's clock behind the old one's). Until they take its log, they
+/// are not caught up with it: the edge below served a value whose invalidation the new
+/// coordinator had acknowledged, counting as caught up (the heads it was told were of the other
+/// epoch). They take it since it is vouched for after they were last caught up in theirs (the
+/// relay at once, from the coordinator itself; the edge from the relay): a flush each, and the
+/// edge serves again. They passed over it for good, and had to be restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_is_not_caught_up_with_a_log_of_an_epoch_it_does_not_take() {
+async fn a_new_log_of_a_lower_epoch_is_taken_with_a_flush_and_never_served_stale() {
     let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The new log, made beforehand, under an epoch lower than any a clock gives.
     let c = coordinator(second.path()).await;
@@ -2137,16 +2139,39 @@ async fn an_edge_is_not_caught_up_with_a_log_of_an_epoch_it_does_not_take() {
     // Filled now, invalidated after: from then on, a hit is a stale read.
     let _ = cache.set("k", "old", None).await;
     p.invalidate("k").await.unwrap();
+    // Within its bound the edge may serve what it held; past it, never again.
     let invalidated = std::time::Instant::now();
     let bound = Duration::from_secs(1) + Duration::from_millis(500);
     while invalidated.elapsed() < bound + Duration::from_secs(1) {
+        let read = cache.get("k").await.unwrap();
         if invalidated.elapsed() >= bound {
             assert!(
-                matches!(cache.get("k").await.unwrap(), Lookup::Miss { .. }),
+                !matches!(read, Lookup::Hit(v) if v == "old"),
                 "served a value invalidated {:?} ago",
                 invalidated.elapsed()
             );
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the edge in the new log", || {
+        e.edge.applied(0).is_some_and(|(epoch, _)| epoch == 1000)
+    })
+    .await;
+    assert_eq!(lock(&e.edge.link).flushes, 1, "taken with a flush");
+    let seq = p.invalidate("k2").await.unwrap();
+    wait_applied(&e, seq).await;
+    let started = std::time::Instant::now();
+    loop {
+        if let Lookup::Miss { lease } = cache.get("k").await.unwrap() {
+            assert!(cache.set("k", "new", Some(lease)).await.unwrap());
+            if cache.get("k").await.unwrap() == Lookup::Hit("new".into()) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never served again"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     e.edge.stop().await.unwrap();

@@ -647,6 +647,22 @@ pub fn sender_cut_off(
     announced.is_empty() || announced.iter().any(|&(_, t)| t.is_none_or(old))
 }
 
+/// Should a node take a sender's log of a shard whose epoch is older than the one it holds?
+/// Epochs grow as a log is replaced, so an older one is mostly a leftover: a sender not yet
+/// caught up with a coordinator that started on a new log, which vouches for the old log as of
+/// before that start, earlier than this node was last caught up in the new one (`own`). But a
+/// log started on a machine whose clock is behind the old one's gets a lower epoch, and is the
+/// only log of the shard there is: its sender vouches for it (`vouched`, the coordinator itself:
+/// now) later than this node was ever caught up in its own, and only then is it taken. Taking
+/// one wrongly costs a flush, never a stale read.
+pub fn takes_older_epoch(vouched: Option<Instant>, own: Option<Instant>) -> bool {
+    match (vouched, own) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(v), Some(o)) => v > o,
+    }
+}
+
 /// Has the node applied, on every shard it is in, as far as its sender has said the shard goes?
 /// Only a heartbeat of this session says that (`said`: the epoch its newest heartbeat gave each
 /// shard): until one names a shard, the highest seq seen is only what has arrived so far (from a
@@ -982,6 +998,13 @@ async fn session<A: Applier>(
                         let at = heartbeat_stamp(opened, h.echo_us, now);
                         described = at;
                         let mut st = lock(state);
+                        // When this node was last caught up, per shard, before this heartbeat
+                        // says anything: the time an older epoch is weighed against.
+                        let before: Vec<(ShardId, Epoch, Option<Instant>)> = st
+                            .progress
+                            .iter()
+                            .map(|&(shard, epoch, ..)| (shard, epoch, st.caught_up_for(shard)))
+                            .collect();
                         for head in &h.heads {
                             set(&mut st.head_time_us, head.shard, head.head_time_us);
                             if head.shard_count > 0 {
@@ -1002,18 +1025,28 @@ async fn session<A: Applier>(
                             }
                         }
                         drop(st);
-                        // A sender whose log is older than the one this node holds is passed over
-                        // (see `Receiver::on_batch`): told once per link, since nothing of that
-                        // shard is taken, and this node not caught up, until it changes.
-                        if !said_older {
-                            for &(shard, epoch, ..) in &receiver.progress() {
-                                if let Some(h) = h.heads.iter().find(|h| h.shard == shard && h.epoch < epoch) {
-                                    said_older = true;
-                                    tracing::warn!(sender = %url, shard, sender_epoch = h.epoch, epoch, "the sender's log of the shard is of an older epoch than this node holds: none of it is taken, and this node is not caught up (a coordinator started on a new log, its clock behind the old one's? restart this node and those below it)");
-                                }
+                        let mut cmds = Vec::new();
+                        for &(shard, epoch, own) in &before {
+                            let Some(head) = h.heads.iter().find(|h| h.shard == shard && h.epoch < epoch) else {
+                                continue;
+                            };
+                            let vouched = announced.iter().find(|(s, _)| *s == shard).and_then(|&(_, t)| t);
+                            if takes_older_epoch(vouched, own) {
+                                tracing::warn!(sender = %url, shard, sender_epoch = head.epoch, epoch, "the sender's log of the shard has an older epoch than this node's, and is newer: a coordinator started on a new log with its clock behind the old one's; taken (a flush)");
+                                cmds.extend(receiver.adopt(&pb::Reset {
+                                    shard,
+                                    epoch: head.epoch,
+                                    hwm: head.head,
+                                    reason: format!("the sender's log, of an older epoch, is newer ({epoch} -> {})", head.epoch),
+                                }));
+                            } else if !said_older {
+                                // Passed over (see `Receiver::on_batch`): told once per link.
+                                said_older = true;
+                                tracing::warn!(sender = %url, shard, sender_epoch = head.epoch, epoch, "the sender's log of the shard is of an older epoch than this node holds, and the sender has not been caught up with it since this node last was with its own: none of it is taken, and this node is not caught up, until the sender is");
                             }
                         }
-                        receiver.on_heartbeat(&h, now)
+                        cmds.extend(receiver.on_heartbeat(&h, now));
+                        cmds
                     }
                     Some(pb::downstream::Msg::BatchZstd(_)) | None => Vec::new(),
                 };
@@ -1358,6 +1391,27 @@ mod tests {
 
     /// Applied as far as the highest seq seen is not caught up until a heartbeat of the session
     /// has named the shard; then applied must reach the head it said.
+    #[test]
+    fn an_older_epoch_is_taken_only_when_vouched_for_after_this_node_was_last_caught_up() {
+        let t = Instant::now();
+        let later = t + Duration::from_millis(1);
+        assert!(
+            takes_older_epoch(Some(later), Some(t)),
+            "a new log, vouched for since"
+        );
+        assert!(
+            !takes_older_epoch(Some(t), Some(later)),
+            "a leftover of the old log"
+        );
+        assert!(!takes_older_epoch(Some(t), Some(t)));
+        assert!(!takes_older_epoch(None, Some(t)), "never vouched for");
+        assert!(!takes_older_epoch(None, None));
+        assert!(
+            takes_older_epoch(Some(t), None),
+            "nothing of its own vouched for"
+        );
+    }
+
     #[test]
     fn caught_up_only_as_far_as_the_sender_has_said() {
         let progress = [(0, 1, 50, 50), (1, 1, 9, 9)];

@@ -342,13 +342,19 @@ impl Receiver {
 
     /// The sender gave up on continuity: flush and resume after `reset.hwm` in `reset.epoch`.
     pub fn on_reset(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
-        if r.hwm > MAX_SEQ || r.shard >= MAX_SHARDS {
-            return Vec::new();
-        }
         if let Some(s) = self.shards.get(&r.shard) {
             if r.epoch < s.epoch {
                 return Vec::new();
             }
+        }
+        self.adopt(r)
+    }
+
+    /// Flush and resume after `r.hwm` in `r.epoch`, even an epoch older than the one held: the
+    /// sender's log is known to be the shard's log now (see `upstream::takes_older_epoch`).
+    pub fn adopt(&mut self, r: &pb::Reset) -> Vec<RxCommand> {
+        if r.hwm > MAX_SEQ || r.shard >= MAX_SHARDS {
+            return Vec::new();
         }
         let mut s = RxShard::new(r.epoch, r.hwm);
         // Nothing is applied in the new epoch until the flush is confirmed.
@@ -727,6 +733,44 @@ mod tests {
         let mut old = batch(6, 6);
         old.epoch = 7;
         assert!(r.on_batch(old, now).is_empty());
+    }
+
+    /// A Reset to an older epoch is passed over; told to take it (the shard's log now), the
+    /// receiver flushes into it and goes on there.
+    #[test]
+    fn an_older_epoch_is_taken_only_when_told_to() {
+        let now = Instant::now();
+        let mut r = Receiver::with_resume(ReceiverConfig::default(), &[(0, 9, 5)]);
+        let older = pb::Reset {
+            shard: 0,
+            epoch: 7,
+            hwm: 40,
+            reason: "a new log".into(),
+        };
+        assert!(r.on_reset(&older).is_empty());
+        assert_eq!(r.applied(0), Some((9, 5)));
+        let cmds = r.adopt(&older);
+        assert!(matches!(
+            cmds[..],
+            [RxCommand::Flush {
+                epoch: 7,
+                hwm: 40,
+                ..
+            }]
+        ));
+        r.on_applied(0, 7, 40, now);
+        let mut next = batch(41, 42);
+        next.epoch = 7;
+        assert!(r
+            .on_batch(next, now)
+            .iter()
+            .any(|c| matches!(c, RxCommand::Apply(b) if b.last_seq == 42)));
+        assert!(r
+            .adopt(&pb::Reset {
+                hwm: u64::MAX,
+                ..older
+            })
+            .is_empty());
     }
 
     #[test]
