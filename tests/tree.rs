@@ -2139,8 +2139,28 @@ async fn a_new_log_of_a_lower_epoch_is_taken_with_a_flush_and_never_served_stale
     // Filled now, invalidated after: from then on, a hit is a stale read.
     let _ = cache.set("k", "old", None).await;
     p.invalidate("k").await.unwrap();
-    // Within its bound the edge may serve what it held; past it, never again.
     let invalidated = std::time::Instant::now();
+    // A wait for it holds until the edge is in the new log (its old epoch, higher, is no log's
+    // now), or past its bound; once the new coordinator's tree has it (a cache is waited for
+    // from when it is reported).
+    loop {
+        let applied = p.wait_applied(Duration::from_secs(10)).await.unwrap();
+        if applied.caches == 1 {
+            assert!(
+                e.edge.applied(0).is_some_and(|(epoch, _)| epoch == 1000)
+                    || !applied.past_bound.is_empty(),
+                "{applied:?} with the edge at {:?}",
+                e.edge.applied(0)
+            );
+            break;
+        }
+        assert!(
+            invalidated.elapsed() < Duration::from_secs(10),
+            "no cache in the tree"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Within its bound the edge may serve what it held; past it, never again.
     let bound = Duration::from_secs(1) + Duration::from_millis(500);
     while invalidated.elapsed() < bound + Duration::from_secs(1) {
         let read = cache.get("k").await.unwrap();

@@ -76,6 +76,8 @@ impl std::fmt::Display for Lagging {
 #[derive(Debug, Default)]
 pub struct Coverage {
     caches: BTreeMap<String, Cache>,
+    /// Per shard, the epoch of its log now, as its coordinator reports it.
+    logs: BTreeMap<ShardId, Epoch>,
 }
 
 #[derive(Debug, Default)]
@@ -100,7 +102,12 @@ impl Coverage {
             c.reported = false;
             c.shards.clear();
         }
+        self.logs.clear();
         for n in nodes {
+            if n.role == "coordinator" {
+                self.logs
+                    .extend(n.shards.iter().map(|s| (s.shard, s.epoch)));
+            }
             if !CACHE_ROLES.contains(&n.role.as_str()) {
                 continue;
             }
@@ -140,10 +147,24 @@ impl Coverage {
         r
     }
 
-    /// Every cache that has not applied `published`, as of the last tree. A cache has applied a
-    /// shard's publish once it is past its seq in its epoch, or in a later epoch (which it
-    /// entered by dropping all it held of the shard). A cache in the tree that does not follow
-    /// the shard (yet) holds none of its keys; one missing from the tree lacks every shard.
+    /// Has a cache at `at` applied `p`? Past its seq in its epoch, or in the epoch of the
+    /// shard's log now, which it entered by dropping all it held of the shard after the log
+    /// that took `p` was replaced. Not in any other epoch: one that is no log's now (a cache
+    /// not yet in the log of a coordinator started anew, whose epoch may even be lower, its
+    /// machine's clock behind). Without the coordinator's word, any later epoch.
+    fn has_applied(&self, p: &Published, at: (Epoch, Seq)) -> bool {
+        if at.0 == p.epoch {
+            return at.1 >= p.seq;
+        }
+        match self.logs.get(&p.shard) {
+            Some(&now) => at.0 == now,
+            None => at.0 > p.epoch,
+        }
+    }
+
+    /// Every cache that has not applied `published`, as of the last tree (see `has_applied`).
+    /// A cache in the tree that does not follow the shard (yet) holds none of its keys; one
+    /// missing from the tree lacks every shard.
     pub fn lagging(&self, published: &[Published]) -> Vec<Lagging> {
         let mut out = Vec::new();
         for (node_id, c) in &self.caches {
@@ -153,7 +174,7 @@ impl Coverage {
                 } else {
                     match c.shards.get(&p.shard) {
                         None => continue,
-                        Some(&at) if at >= (p.epoch, p.seq) => continue,
+                        Some(&at) if self.has_applied(p, at) => continue,
                         Some(&at) => Some(at),
                     }
                 };
@@ -317,7 +338,8 @@ mod tests {
     fn only_caches_short_of_the_seq_in_its_epoch_lag() {
         let mut c = Coverage::default();
         c.update(&[
-            node("c", "coordinator", "", &[(0, 5, 120)]),
+            // Started anew since the publish, on a log it could not trust (epoch 6).
+            node("c", "coordinator", "", &[(0, 6, 1)]),
             node("r", "relay", "eu", &[(0, 5, 90)]),
             node("f", "follow", "", &[(0, 5, 10)]),
             node("at", "edge", "eu", &[(0, 5, 100)]),
@@ -335,6 +357,28 @@ mod tests {
         let l = c.lagging(&[P]);
         assert_eq!(ids(&l), ["old-epoch", "short"]);
         assert_eq!(l[1].to_string(), "short (eu) at seq 99 of 100 on shard 0");
+    }
+
+    /// A cache in an epoch that is no log's now has not applied a publish, whichever the number:
+    /// the log that took it may have a lower epoch than the one it replaced.
+    #[test]
+    fn a_cache_in_an_epoch_that_is_no_logs_now_lags() {
+        let published = Published {
+            shard: 0,
+            epoch: 1000,
+            seq: 1,
+        };
+        let mut c = Coverage::default();
+        c.update(&[
+            node("c", "coordinator", "", &[(0, 1000, 1)]),
+            node("behind", "edge", "eu", &[(0, 1_700_000, 3)]),
+            node("in", "edge", "eu", &[(0, 1000, 1)]),
+        ]);
+        assert_eq!(ids(&c.lagging(&[published])), ["behind"]);
+        // Without the coordinator's word, a later epoch is taken for a later log.
+        let mut c = Coverage::default();
+        c.update(&[node("behind", "edge", "eu", &[(0, 1_700_000, 3)])]);
+        assert!(c.lagging(&[published]).is_empty());
     }
 
     /// Caches a relay's report had no room for come as one summary: counted one by one, and
