@@ -1389,8 +1389,6 @@ mod tests {
         assert_eq!((s.lag_seqs, s.lag_ms, s.caught_up_ms), (0, 0, 100));
     }
 
-    /// Applied as far as the highest seq seen is not caught up until a heartbeat of the session
-    /// has named the shard; then applied must reach the head it said.
     #[test]
     fn an_older_epoch_is_taken_only_when_vouched_for_after_this_node_was_last_caught_up() {
         let t = Instant::now();
@@ -1412,6 +1410,8 @@ mod tests {
         );
     }
 
+    /// Applied as far as the highest seq seen is not caught up until a heartbeat of the session
+    /// has named the shard in the epoch this node holds; then applied must reach the head it said.
     #[test]
     fn caught_up_only_as_far_as_the_sender_has_said() {
         let progress = [(0, 1, 50, 50), (1, 1, 9, 9)];
