@@ -173,6 +173,15 @@ pub(crate) async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
             let took = started.elapsed().as_secs_f64();
             let regions: Vec<_> = coverage.regions().into_iter().map(printable).collect();
             let regions = regions.join(", ");
+            // Those a restarted coordinator had not heard from again are no caches it counts.
+            let (unseen, past_bound): (Vec<_>, Vec<_>) =
+                past_bound.into_iter().partition(|l| l.unseen);
+            if let Some(u) = unseen.first() {
+                eprintln!(
+                    "{}: past their staleness bound since the restart, they serve none of it",
+                    u.node_id
+                );
+            }
             let mut past: Vec<&str> = past_bound.iter().map(|l| l.node_id.as_str()).collect();
             past.dedup();
             let caches = coverage.caches();
@@ -194,7 +203,11 @@ pub(crate) async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
             return Ok(0);
         }
         Outcome::NotApplied(lagging) => {
-            let mut ids: Vec<&str> = lagging.iter().map(|l| l.node_id.as_str()).collect();
+            let mut ids: Vec<&str> = lagging
+                .iter()
+                .filter(|l| !l.unseen)
+                .map(|l| l.node_id.as_str())
+                .collect();
             ids.dedup();
             eprintln!(
                 "not applied within {within} by {} of {} caches: {}",

@@ -1062,6 +1062,55 @@ fn dci_publish_rides_out_coordinator_restarts() {
     );
 }
 
+/// `dci publish --wait` right after its coordinator restarted on its log holds for the caches
+/// that followed it before and may not be back: with less time than the bound, it names them and
+/// exits 3; with more, it ends once the bound has passed since the start, exit 0.
+#[test]
+fn a_wait_right_after_a_coordinator_restart_holds_for_the_caches_of_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, relay_proc, coord, relay) = coordinator_and_relay_eu(dir.path());
+    let cp: u16 = coord.rsplit(':').next().unwrap().parse().unwrap();
+    let (_e, _) = edge_eu(&relay, "eu-edge-0");
+    eventually("the edge in the tree", || {
+        status_nodes(&coord, &[])
+            .iter()
+            .any(|n| n["role"] == "edge")
+    });
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=10s", "warm"]);
+    assert!(
+        stderr(&o).contains("applied by the only cache"),
+        "{}",
+        stderr(&o)
+    );
+
+    c.signal("-TERM");
+    let mut c = c;
+    assert!(c.0.wait().unwrap().success());
+    let (_c, _) = start_cmd(coordinator_cmd(dir.path(), cp));
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=1s", "k"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("caches that followed coordinator-0 before its restart (not all back yet)"),
+        "{}",
+        stderr(&o)
+    );
+    let began = std::time::Instant::now();
+    let o = dci(&["publish", "--coordinator", &coord, "--wait=20s", "k"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("applied by the only cache"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(2),
+        "held until the bound had passed since the start: {:?}",
+        began.elapsed()
+    );
+    drop(relay_proc);
+}
+
 /// The disk fills under the log (a file-size limit set on the process makes its writes fail as a
 /// full disk would): publishes are refused with a clear error from then on, health says
 /// NOT_SERVING, and a restart with room again keeps every acknowledged seq and reuses none.

@@ -117,6 +117,7 @@ fn status(r: &mut StdRng) -> pb::NodeStatus {
         connected_ms: num(r),
         max_staleness_ms: num(r),
         left_out: num(r) as u32,
+        restarted: r.random(),
     }
 }
 

@@ -2199,6 +2199,52 @@ async fn a_new_log_of_a_lower_epoch_is_taken_with_a_flush_and_never_served_stale
     c.stop().await.unwrap();
 }
 
+/// A wait right after its coordinator restarted on its log holds for the caches that followed it
+/// before and are not back yet: it returned at once, "nothing to wait for", while the edge, its
+/// relay not yet back, served the value it had just invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_after_a_coordinator_restart_holds_for_the_caches_not_back_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let addr = c.addr;
+    let r = relay(&c).await;
+    let e = edge(EdgeConfig {
+        listen: any_port(),
+        max_staleness: Duration::from_secs(3),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    wait_applied(&e, p.invalidate("warm").await.unwrap()).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert!(cache.set("k", "old", None).await.unwrap());
+
+    // Down long enough for the relay to back off between its attempts to reconnect.
+    c.stop().await.unwrap();
+    let held = hold(addr);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(held);
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: addr,
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let seq = p.invalidate("k").await.unwrap();
+    let applied = p.wait_applied(Duration::from_secs(20)).await.unwrap();
+    let read = cache.get("k").await.unwrap();
+    assert!(
+        !matches!(&read, Lookup::Hit(v) if v == "old"),
+        "served what the wait said was gone ({applied:?}, the edge at {:?} of {seq})",
+        e.edge.applied(0)
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A relay asked for its own status answers, for each shard, when it was last caught up all the
 /// way to the coordinator, as the heartbeats of its sender vouch: a relay below another whose
 /// coordinator is gone is not caught up, although it keeps up with its own sender (it answered

@@ -136,7 +136,9 @@ pub struct Applied {
     pub regions: Vec<String>,
     /// The caches that had not applied it when last reported (stopped, cut off, stuck behind
     /// their relay), but are past their staleness bounds since it was answered: they serve
-    /// nothing it invalidated, and apply it before they serve hits again.
+    /// nothing it invalidated, and apply it before they serve hits again. Also, marked
+    /// `unseen`, the caches that followed a coordinator before it restarted and were not all
+    /// back before their bound had passed since its start.
     pub past_bound: Vec<Lagging>,
 }
 
@@ -208,7 +210,10 @@ impl Publisher {
     /// before: [`Applied::past_bound`]). A sender goes on reporting the caches of a link that
     /// ended for their bound, so the tree has the caches behind a relay that is between senders;
     /// one it no longer reports has been out of touch for longer than its bound, and serves
-    /// nothing until it has caught up, which is applying what was published. Caches beyond
+    /// nothing until it has caught up, which is applying what was published. A coordinator
+    /// that restarted on its log less than the longest bound it knows of ago (5 s unless a
+    /// cache says more) may not have all its caches of before back: the wait holds until that
+    /// much has passed since its start. Caches beyond
     /// what a relay's heartbeat carries come summed up, and are waited for as the least advanced
     /// of them. [`Error::NotApplied`] names the caches that lag when the time is up.
     ///

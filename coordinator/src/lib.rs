@@ -291,6 +291,7 @@ pub async fn run(
         shutdown: drain.clone(),
         node_id: cfg.node_id.clone(),
         started: std::time::Instant::now(),
+        restarted: recovery.had_log,
     };
     let mut server = dci_proto::tls::grpc_server(&cfg.tls, refused_calls)?;
     let incoming = dci_proto::tls::incoming(listener, &cfg.tls)?;

@@ -39,6 +39,8 @@ pub struct CoordinatorService {
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) node_id: String,
     pub(crate) started: std::time::Instant,
+    /// Started on a log it held before (see `pb::NodeStatus::restarted`).
+    pub(crate) restarted: bool,
 }
 
 impl CoordinatorService {
@@ -260,6 +262,7 @@ impl pb::admin_server::Admin for CoordinatorService {
             connected_ms: self.started.elapsed().as_millis() as u64,
             max_staleness_ms: 0,
             left_out: 0,
+            restarted: self.restarted,
         };
         let mut nodes = vec![me];
         let now_us = dci_proto::now_us();

@@ -205,6 +205,8 @@ pub struct Recovery {
     pub corrupt_at: Option<(PathBuf, u64)>,
     /// True when the epoch was changed (new log, corruption, or unclean stop without fsync).
     pub new_epoch: bool,
+    /// True when the directory held a log already (this is a restart).
+    pub had_log: bool,
     /// Seqs given out before a corruption that the log no longer holds (first, last): a void
     /// record now covers them, and sequencing goes on after them.
     pub voided: Option<(Seq, Seq)>,
@@ -637,6 +639,7 @@ impl Wal {
         check_owner(dir, &opts.owner)?;
         let mut recovery = Recovery::default();
         let epoch_path = dir.join("epoch");
+        recovery.had_log = epoch_path.exists();
         let stored_epoch = fs::read_to_string(&epoch_path)
             .ok()
             .and_then(|s| s.trim().parse::<Epoch>().ok());

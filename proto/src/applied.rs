@@ -54,6 +54,9 @@ pub struct Lagging {
     pub at: Option<(Epoch, Seq)>,
     /// Its staleness bound, as it reported it (`None`: it does not say).
     pub bound: Option<Duration>,
+    /// Not a cache seen, but those that followed a coordinator before it restarted and may not
+    /// be back yet (`node_id` names the coordinator): they are not counted among the caches.
+    pub unseen: bool,
 }
 
 impl std::fmt::Display for Lagging {
@@ -63,6 +66,7 @@ impl std::fmt::Display for Lagging {
             write!(f, " ({})", printable(&self.region))?;
         }
         match self.at {
+            None if self.unseen => write!(f, " (not all back yet)"),
             None => write!(f, " no longer reported"),
             Some((_, hwm)) => write!(f, " at seq {hwm} of {} on shard {}", self.seq, self.shard),
         }
@@ -78,7 +82,22 @@ pub struct Coverage {
     caches: BTreeMap<String, Cache>,
     /// Per shard, the epoch of its log now, as its coordinator reports it.
     logs: BTreeMap<ShardId, Epoch>,
+    /// Coordinators that restarted on their log, while their tree may lack caches of before.
+    restarts: BTreeMap<String, Restart>,
 }
+
+/// A coordinator that started again on its log (see [`pb::NodeStatus::restarted`]).
+#[derive(Debug)]
+struct Restart {
+    shards: Vec<ShardId>,
+    /// Its uptime when first seen by this coverage, and in the last tree.
+    first: Duration,
+    last: Duration,
+}
+
+/// The staleness bound assumed for the caches a restarted coordinator may not hear from again
+/// (they do not say theirs): the edges' and near caches' default, unless a longer one is seen.
+pub const UNKNOWN_BOUND: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Cache {
@@ -104,9 +123,20 @@ impl Coverage {
         }
         self.logs.clear();
         for n in nodes {
-            if n.role == "coordinator" {
+            // A coordinator's own row (a report from below has a parent).
+            if n.role == "coordinator" && n.parent.is_empty() {
                 self.logs
                     .extend(n.shards.iter().map(|s| (s.shard, s.epoch)));
+                let up = Duration::from_millis(n.connected_ms);
+                if n.restarted {
+                    let r = self.restarts.entry(n.node_id.clone()).or_insert(Restart {
+                        shards: Vec::new(),
+                        first: up,
+                        last: up,
+                    });
+                    r.shards = n.shards.iter().map(|s| s.shard).collect();
+                    r.last = up;
+                }
             }
             if !CACHE_ROLES.contains(&n.role.as_str()) {
                 continue;
@@ -162,11 +192,41 @@ impl Coverage {
         }
     }
 
+    /// How long a restarted coordinator's tree may lack caches of before: the longest bound of
+    /// the caches seen (or [`UNKNOWN_BOUND`]), from its start. A cache that followed it before
+    /// its restart was caught up no later than then, so past that it serves nothing of before.
+    fn settling(&self) -> Duration {
+        self.caches
+            .values()
+            .filter_map(|c| c.bound)
+            .fold(UNKNOWN_BOUND, Duration::max)
+    }
+
     /// Every cache that has not applied `published`, as of the last tree (see `has_applied`).
     /// A cache in the tree that does not follow the shard (yet) holds none of its keys; one
-    /// missing from the tree lacks every shard.
+    /// missing from the tree lacks every shard. A coordinator that restarted less than
+    /// [`Coverage::settling`] ago stands for the caches that followed it before and have not
+    /// been reported since: they lag, no longer reported, until that long after its start.
     pub fn lagging(&self, published: &[Published]) -> Vec<Lagging> {
         let mut out = Vec::new();
+        let settling = self.settling();
+        for (id, r) in &self.restarts {
+            if r.last >= settling {
+                continue;
+            }
+            for p in published.iter().filter(|p| r.shards.contains(&p.shard)) {
+                out.push(Lagging {
+                    node_id: format!("caches that followed {id} before its restart"),
+                    region: String::new(),
+                    shard: p.shard,
+                    seq: p.seq,
+                    at: None,
+                    // From the start of the wait, which came `first` after the restart.
+                    bound: Some(settling.saturating_sub(r.first)),
+                    unseen: true,
+                });
+            }
+        }
         for (node_id, c) in &self.caches {
             for p in published {
                 let at = if !c.reported {
@@ -188,6 +248,7 @@ impl Coverage {
                     seq: p.seq,
                     at,
                     bound: c.bound,
+                    unseen: false,
                 });
                 if at.is_none() {
                     break;
@@ -308,7 +369,8 @@ mod tests {
             node_id: id.into(),
             role: role.into(),
             region: region.into(),
-            parent: "r".into(),
+            // A coordinator's own row has none.
+            parent: if role == "coordinator" { "" } else { "r" }.into(),
             shards: shards
                 .iter()
                 .map(|&(shard, epoch, hwm)| pb::ShardProgress {
@@ -321,6 +383,7 @@ mod tests {
             connected_ms: 0,
             max_staleness_ms: 0,
             left_out: 0,
+            restarted: false,
         }
     }
 
@@ -379,6 +442,59 @@ mod tests {
         let mut c = Coverage::default();
         c.update(&[node("behind", "edge", "eu", &[(0, 1_700_000, 3)])]);
         assert!(c.lagging(&[published]).is_empty());
+    }
+
+    /// A coordinator that restarted on its log stands for the caches that followed it before,
+    /// until the longest bound it knows of has passed since its start.
+    #[test]
+    fn a_restarted_coordinator_stands_for_the_caches_of_before_for_a_bound() {
+        let coordinator = |up_ms: u64, restarted: bool| pb::NodeStatus {
+            connected_ms: up_ms,
+            restarted,
+            ..node("c", "coordinator", "", &[(0, 5, 120)])
+        };
+        let mut c = Coverage::default();
+        c.update(&[coordinator(1_200, true)]);
+        let l = c.lagging(&[P]);
+        assert_eq!(ids(&l), ["caches that followed c before its restart"]);
+        assert_eq!(
+            l[0].bound,
+            Some(UNKNOWN_BOUND - Duration::from_millis(1_200))
+        );
+        assert_eq!(
+            l[0].to_string(),
+            "caches that followed c before its restart (not all back yet)"
+        );
+        assert_eq!(c.caches(), 0, "no cache counted for them");
+        // A cache with a longer bound reports: the coordinator stands for others as long.
+        c.update(&[
+            coordinator(5_100, true),
+            pb::NodeStatus {
+                max_staleness_ms: 8_000,
+                ..node("e", "edge", "eu", &[(0, 5, 120)])
+            },
+        ]);
+        assert_eq!(c.lagging(&[P])[0].bound, Some(Duration::from_millis(6_800)));
+        c.update(&[coordinator(8_000, true)]);
+        assert!(
+            ids(&c.lagging(&[P])) == ["e"],
+            "settled: only the cache seen"
+        );
+        // Not for a shard it does not carry, nor once settled, nor when it did not restart.
+        let mut c = Coverage::default();
+        c.update(&[coordinator(100, true)]);
+        let other = Published { shard: 1, ..P };
+        assert!(c.lagging(&[other]).is_empty());
+        let mut c = Coverage::default();
+        c.update(&[coordinator(100, false)]);
+        assert!(c.lagging(&[P]).is_empty());
+        // A report from below that calls itself a coordinator is not one.
+        let mut c = Coverage::default();
+        c.update(&[pb::NodeStatus {
+            parent: "relay".into(),
+            ..coordinator(100, true)
+        }]);
+        assert!(c.lagging(&[P]).is_empty());
     }
 
     /// Caches a relay's report had no room for come as one summary: counted one by one, and
@@ -635,6 +751,7 @@ mod tests {
             seq: 9,
             at: Some((1, 8)),
             bound: None,
+            unseen: false,
         };
         assert_eq!(named(&[l(0)]), "e0 at seq 8 of 9 on shard 0");
         let many: Vec<Lagging> = (0..12).map(l).collect();

@@ -73,6 +73,7 @@ fn worst_case_bytes(n: &pb::NodeStatus) -> usize {
         connected_ms: u64::MAX,
         max_staleness_ms: u64::MAX,
         left_out: u32::MAX,
+        restarted: true,
         ..n.clone()
     };
     for s in &mut w.shards {
@@ -173,6 +174,7 @@ fn summarize(nodes: &[pb::NodeStatus], me: &str, by_region: bool) -> Vec<pb::Nod
                 connected_ms: n.connected_ms,
                 max_staleness_ms: n.max_staleness_ms,
                 left_out: 0,
+                restarted: false,
             });
         g.left_out = g.left_out.saturating_add(count);
         g.connected_ms = g.connected_ms.min(n.connected_ms);
@@ -594,6 +596,7 @@ impl LinkState {
             // A cache's own (see `FollowOptions::max_staleness`).
             max_staleness_ms: 0,
             left_out: 0,
+            restarted: false,
         }
     }
 }
