@@ -2098,6 +2098,26 @@ async fn an_edge_two_relays_deep_stays_fresh_within_a_one_second_bound() {
     c.stop().await.unwrap();
 }
 
+/// A coordinator on `dir`, a relay, and an edge below it with staleness bound `bound` that has
+/// applied a first publish; and a client of the edge.
+async fn one_edge_below(
+    dir: &std::path::Path,
+    bound: Duration,
+) -> (Coordinator, Relay, Watched, CacheClient) {
+    let c = coordinator(dir).await;
+    let r = relay(&c).await;
+    let e = edge(EdgeConfig {
+        listen: any_port(),
+        max_staleness: bound,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    wait_applied(&e, p.invalidate("warm").await.unwrap()).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    (c, r, e, cache)
+}
+
 /// A coordinator started on a new log whose epoch is lower than the one its receivers hold (its
 /// directory lost, and the new one's clock behind the old one's). Until they take its log, they
 /// are not caught up with it: the edge below served a value whose invalidation the new
@@ -2113,19 +2133,8 @@ async fn a_new_log_of_a_lower_epoch_is_taken_with_a_flush_and_never_served_stale
     c.stop().await.unwrap();
     std::fs::write(second.path().join("epoch"), "1000").unwrap();
 
-    let c = coordinator(first.path()).await;
+    let (c, r, e, cache) = one_edge_below(first.path(), Duration::from_secs(1)).await;
     let addr = c.addr;
-    let r = relay(&c).await;
-    let e = edge(EdgeConfig {
-        listen: any_port(),
-        max_staleness: Duration::from_secs(1),
-        ..edge_cfg(vec![r.url()])
-    })
-    .await;
-    let p = Publisher::connect(vec![c.url()]).await.unwrap();
-    wait_applied(&e, p.invalidate("a").await.unwrap()).await;
-    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
-
     c.stop().await.unwrap();
     let c = Coordinator::start(CoordinatorConfig {
         listen: addr,
@@ -2205,18 +2214,8 @@ async fn a_new_log_of_a_lower_epoch_is_taken_with_a_flush_and_never_served_stale
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_after_a_coordinator_restart_holds_for_the_caches_not_back_yet() {
     let dir = tempfile::tempdir().unwrap();
-    let c = coordinator(dir.path()).await;
+    let (c, r, e, cache) = one_edge_below(dir.path(), Duration::from_secs(3)).await;
     let addr = c.addr;
-    let r = relay(&c).await;
-    let e = edge(EdgeConfig {
-        listen: any_port(),
-        max_staleness: Duration::from_secs(3),
-        ..edge_cfg(vec![r.url()])
-    })
-    .await;
-    let p = Publisher::connect(vec![c.url()]).await.unwrap();
-    wait_applied(&e, p.invalidate("warm").await.unwrap()).await;
-    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
     assert!(cache.set("k", "old", None).await.unwrap());
 
     // Down long enough for the relay to back off between its attempts to reconnect.
