@@ -633,12 +633,12 @@ pub fn heartbeat_stamp(opened: Instant, echo_us: u64, now: Instant) -> Instant {
 
 /// Is the sender followed since `connected_at` cut off itself, for `bound` or longer: it has said
 /// of no shard (it never reached a coordinator), or it last was caught up with its own sender on
-/// some shard it carries (`announced`: when, as its heartbeats say; `None`: never) `bound` ago or
-/// more? Then the node moves on (to its next sender, or to the same URL again: behind it there may
+/// some shard it carries (`announced`: shard, epoch and when, as its heartbeats say; `None`:
+/// never) `bound` ago or more? Then the node moves on (to its next sender, or to the same URL again: behind it there may
 /// be others): this one answers, but what it sends cannot be vouched for, and its receivers would
 /// serve misses for as long as it lasts.
 pub fn sender_cut_off(
-    announced: &[(ShardId, Option<Instant>)],
+    announced: &[(ShardId, Epoch, Option<Instant>)],
     connected_at: Instant,
     now: Instant,
     bound: Duration,
@@ -647,7 +647,7 @@ pub fn sender_cut_off(
     if !old(connected_at) {
         return false;
     }
-    announced.is_empty() || announced.iter().any(|&(_, t)| t.is_none_or(old))
+    announced.is_empty() || announced.iter().any(|&(_, _, t)| t.is_none_or(old))
 }
 
 /// Should a node take a sender's log of a shard whose epoch is older than the one it holds?
@@ -667,14 +667,17 @@ pub fn takes_older_epoch(vouched: Option<Instant>, own: Option<Instant>) -> bool
 }
 
 /// Has the node applied, on every shard it is in, as far as its sender has said the shard goes?
-/// Only a heartbeat of this session says that (`said`: the epoch its newest heartbeat gave each
-/// shard): until one names a shard, the highest seq seen is only what has arrived so far (from a
+/// Only a heartbeat of this session says that (`announced`: the epoch its newest heartbeat gave
+/// each shard): until one names a shard, the highest seq seen is only what has arrived so far (from a
 /// sender replaying from far back, say, or one that has just started itself), not how far the
 /// shard goes. And only in the sender's epoch: a node that holds another (one it does not take
 /// from this sender, or has not flushed into yet) has applied nothing of the sender's log.
-pub fn caught_up(progress: &[(ShardId, Epoch, Seq, Seq)], said: &[(ShardId, Epoch)]) -> bool {
+pub fn caught_up(
+    progress: &[(ShardId, Epoch, Seq, Seq)],
+    announced: &[(ShardId, Epoch, Option<Instant>)],
+) -> bool {
     progress.iter().all(|&(shard, epoch, applied, head)| {
-        applied >= head && said.iter().any(|&(s, e)| s == shard && e == epoch)
+        applied >= head && announced.iter().any(|&(s, e, _)| s == shard && e == epoch)
     })
 }
 
@@ -907,10 +910,9 @@ async fn session<A: Applier>(
     // The nodes the last heartbeat reported one by one (see `bounded_subtree`).
     let mut alone = HashSet::new();
     let connected_at = now;
-    // What this sender says of each shard it carries: when it last was caught up with its own.
-    let mut announced: Vec<(ShardId, Option<Instant>)> = Vec::new();
-    // The epoch the sender gives each shard, as its newest heartbeat says.
-    let mut said: Vec<(ShardId, Epoch)> = Vec::new();
+    // What this sender says of each shard it carries, as its newest heartbeat says: its epoch,
+    // and when the sender last was caught up with its own.
+    let mut announced: Vec<(ShardId, Epoch, Option<Instant>)> = Vec::new();
     // When the sender was as its newest heartbeat describes it, at the latest (what being caught
     // up with that heartbeat's heads makes this node fresh as of).
     let mut described = now;
@@ -1016,15 +1018,13 @@ async fn session<A: Applier>(
                             // The shard's source (age 0) bounds nothing: being caught up with it is
                             // all there is to being fresh.
                             st.vouched.retain(|(s, _)| *s != head.shard);
-                            announced.retain(|(s, _)| *s != head.shard);
-                            said.retain(|(s, _)| *s != head.shard);
-                            said.push((head.shard, head.epoch));
+                            announced.retain(|(s, ..)| *s != head.shard);
                             if head.upstream_age_ms > 0 {
                                 let at = at.checked_sub(Duration::from_millis(head.upstream_age_ms));
                                 st.vouched.push((head.shard, at));
-                                announced.push((head.shard, at));
+                                announced.push((head.shard, head.epoch, at));
                             } else {
-                                announced.push((head.shard, Some(at)));
+                                announced.push((head.shard, head.epoch, Some(at)));
                             }
                         }
                         drop(st);
@@ -1033,7 +1033,7 @@ async fn session<A: Applier>(
                             let Some(head) = h.heads.iter().find(|h| h.shard == shard && h.epoch < epoch) else {
                                 continue;
                             };
-                            let vouched = announced.iter().find(|(s, _)| *s == shard).and_then(|&(_, t)| t);
+                            let vouched = announced.iter().find(|(s, ..)| *s == shard).and_then(|&(.., t)| t);
                             if takes_older_epoch(vouched, own) {
                                 tracing::warn!(sender = %url, shard, sender_epoch = head.epoch, epoch, "the sender's log of the shard has an older epoch than this node's, and is newer: a coordinator started on a new log with its clock behind the old one's; taken (a flush)");
                                 cmds.extend(receiver.adopt(&pb::Reset {
@@ -1057,7 +1057,7 @@ async fn session<A: Applier>(
                 let mut st = lock(state);
                 st.last_heard = Some(now);
                 st.progress = receiver.progress();
-                if caught_up(&st.progress, &said) {
+                if caught_up(&st.progress, &announced) {
                     st.last_caught_up = Some(described);
                 }
             }
@@ -1419,14 +1419,15 @@ mod tests {
     fn caught_up_only_as_far_as_the_sender_has_said() {
         let progress = [(0, 1, 50, 50), (1, 1, 9, 9)];
         assert!(!caught_up(&progress, &[]), "no heartbeat yet");
-        assert!(!caught_up(&progress, &[(0, 1)]), "shard 1 not named yet");
-        assert!(caught_up(&progress, &[(0, 1), (1, 1)]));
+        let t = Some(Instant::now());
+        assert!(!caught_up(&progress, &[(0, 1, t)]), "shard 1 not named yet");
+        assert!(caught_up(&progress, &[(0, 1, t), (1, 1, None)]));
         assert!(
-            !caught_up(&[(0, 1, 50, 60)], &[(0, 1)]),
+            !caught_up(&[(0, 1, 50, 60)], &[(0, 1, t)]),
             "behind the head it said"
         );
         assert!(
-            !caught_up(&progress, &[(0, 1), (1, 2)]),
+            !caught_up(&progress, &[(0, 1, t), (1, 2, t)]),
             "shard 1 in another epoch at the sender"
         );
         assert!(caught_up(&[], &[]), "in no shard: nothing to be behind on");
@@ -1750,12 +1751,12 @@ mod tests {
             "too early to tell"
         );
         assert!(sender_cut_off(&[], t0, s(3_000), bound), "said of no shard");
-        let fresh = [(0, Some(s(9_000))), (1, Some(s(9_500)))];
+        let fresh = [(0, 1, Some(s(9_000))), (1, 1, Some(s(9_500)))];
         assert!(!sender_cut_off(&fresh, t0, s(10_000), bound));
-        let one_behind = [(0, Some(s(9_000))), (1, Some(s(6_000)))];
+        let one_behind = [(0, 1, Some(s(9_000))), (1, 1, Some(s(6_000)))];
         assert!(sender_cut_off(&one_behind, t0, s(10_000), bound));
         assert!(
-            sender_cut_off(&[(0, None)], t0, s(10_000), bound),
+            sender_cut_off(&[(0, 1, None)], t0, s(10_000), bound),
             "never caught up"
         );
     }
