@@ -102,6 +102,8 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     // How many nodes a summary stands for (a report had no room for them): of
                     // each shard, the least progress among them; null for a node.
                     "left_out": (n.left_out > 0).then_some(n.left_out),
+                    // Why the node refuses its work until it is restarted; null for one that does it.
+                    "failure": (!n.failure.is_empty()).then_some(&n.failure),
                     "shards": n.shards.iter().map(shard_json).collect::<Vec<_>>(),
                 })
             })
@@ -163,6 +165,9 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     if past_bound {
         println!("* a cache past its staleness bound: it answers only misses for the shard until it has caught up");
+    }
+    for n in r.nodes.iter().filter(|n| !n.failure.is_empty()) {
+        println!("! {}: {}", printable(&n.node_id), printable(&n.failure));
     }
     failed.map_or(Ok(()), Err)
 }

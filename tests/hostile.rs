@@ -118,6 +118,7 @@ fn status(r: &mut StdRng) -> pb::NodeStatus {
         max_staleness_ms: num(r),
         left_out: num(r) as u32,
         restarted: r.random(),
+        failure: text(r),
     }
 }
 

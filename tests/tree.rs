@@ -2977,6 +2977,24 @@ async fn a_log_write_the_disk_refuses_stops_acks_until_a_restart() {
     wait_applied(&e, last).await;
     let before = lock(&e.keys).len();
     assert_eq!(before, acked.len(), "every acknowledged entry, once");
+    // `dci status`, where an operator looks first, says so too.
+    let failure = tree_at(c.url()).await[0].failure.clone();
+    assert!(
+        failure.contains("No space left on device") && failure.contains("refuses publishes"),
+        "{failure:?}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dci"))
+        .args(["status", "--coordinator", &c.url()])
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l == format!("! coordinator-0: {failure}")),
+        "{shown}"
+    );
 
     let old_epoch = c.epoch;
     c.stop().await.unwrap();
@@ -2985,6 +3003,11 @@ async fn a_log_write_the_disk_refuses_stops_acks_until_a_restart() {
     }
     let c = Coordinator::start(cfg).await.unwrap();
     assert_ne!(c.epoch, old_epoch);
+    assert_eq!(
+        tree_at(c.url()).await[0].failure,
+        "",
+        "restarted, it does its work"
+    );
     let next = p.invalidate("after the restart").await.unwrap();
     assert_eq!(
         next,

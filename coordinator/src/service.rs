@@ -263,6 +263,9 @@ impl pb::admin_server::Admin for CoordinatorService {
             max_staleness_ms: 0,
             left_out: 0,
             restarted: self.restarted,
+            failure: self.hub.failure().map_or_else(String::new, |why| {
+                format!("the log failed ({why}); it refuses publishes until it is restarted")
+            }),
         };
         let mut nodes = vec![me];
         let now_us = dci_proto::now_us();

@@ -384,6 +384,7 @@ mod tests {
             max_staleness_ms: 0,
             left_out: 0,
             restarted: false,
+            failure: String::new(),
         }
     }
 

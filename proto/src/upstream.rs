@@ -175,6 +175,7 @@ fn summarize(nodes: &[pb::NodeStatus], me: &str, by_region: bool) -> Vec<pb::Nod
                 max_staleness_ms: n.max_staleness_ms,
                 left_out: 0,
                 restarted: false,
+                failure: String::new(),
             });
         g.left_out = g.left_out.saturating_add(count);
         g.connected_ms = g.connected_ms.min(n.connected_ms);
@@ -597,6 +598,7 @@ impl LinkState {
             max_staleness_ms: 0,
             left_out: 0,
             restarted: false,
+            failure: String::new(),
         }
     }
 }
