@@ -3297,3 +3297,186 @@ async fn a_wait_holds_for_a_cache_whose_relay_went_away() {
     b.stop().await.unwrap();
     c.stop().await.unwrap();
 }
+
+type Loaded = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>>;
+type Loader = Box<dyn FnOnce() -> Loaded + Send>;
+/// A cache's `get_or_load` of one key, whatever the cache.
+type GetOrLoad = Arc<
+    dyn Fn(
+            Loader,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Bytes, dci_sdk::Error>> + Send>,
+        > + Send
+        + Sync,
+>;
+/// What a load does meanwhile (e.g. invalidate the key it loads, as a write racing it would).
+type During =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+/// `n` callers of one key's `get_or_load` at once, all of them in before the first load ends.
+/// Every load runs `during`, then stays until as many loads as `together` run at once (or a
+/// second has passed). The values, how many loads ran, and the most that ran at once.
+async fn herd(
+    n: usize,
+    get_or_load: GetOrLoad,
+    during: Option<During>,
+    together: usize,
+) -> (Vec<Bytes>, usize, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let (arrived, started, now, most) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let callers: Vec<_> = (0..n)
+        .map(|_| {
+            let (arrived, started, now, most) =
+                (arrived.clone(), started.clone(), now.clone(), most.clone());
+            let (get_or_load, during) = (get_or_load.clone(), during.clone());
+            let came = arrived.clone();
+            let loader: Loader = Box::new(move || {
+                Box::pin(async move {
+                    let i = started.fetch_add(1, SeqCst);
+                    most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                    if i == 0 {
+                        while arrived.load(SeqCst) < n {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        // Their first look is a miss, and then they queue for the key.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    if let Some(d) = during {
+                        d().await;
+                    }
+                    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                    while now.load(SeqCst) < together && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    now.fetch_sub(1, SeqCst);
+                    Ok(Bytes::from(format!("load {i}")))
+                })
+            });
+            tokio::spawn(async move {
+                came.fetch_add(1, SeqCst);
+                get_or_load(loader).await.unwrap()
+            })
+        })
+        .collect();
+    let mut values = Vec::new();
+    for c in callers {
+        values.push(c.await.unwrap());
+    }
+    (values, started.load(SeqCst), most.load(SeqCst))
+}
+
+/// `get_or_load` of one key by many callers at once, through a `CacheClient` and a `NearCache`.
+/// One loads and the others read its fill: one load for twenty callers. When each load's fill is
+/// refused (the key is invalidated while it loads, as a row written again and again), the callers
+/// that waited load side by side instead of each waiting through every load ahead of it. From a
+/// cache that serves only misses (its relay cut off from the coordinator), none waits for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_load_callers_wait_for_one_load_and_never_through_a_line_of_them() {
+    use dci_sdk::{NearCache, NearCacheOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    // A relay that never reaches a coordinator: what follows it serves only misses.
+    let stranded = relay_at(any_port(), vec![format!("http://{}", nowhere())], 1 << 20).await;
+    let cut_off = edge(edge_cfg(vec![stranded.url()])).await;
+    let near_cut_off = NearCache::start(NearCacheOptions {
+        relays: vec![stranded.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = p.invalidate("warm").await.unwrap();
+    wait_applied(&e, head).await;
+    let n2 = near.clone();
+    eventually("near cache caught up", move || {
+        n2.applied().iter().any(|&(_, _, s)| s >= head) && n2.is_fresh()
+    })
+    .await;
+    wait_connected(&cut_off).await;
+
+    let client = |url: String, key: &'static str| -> GetOrLoad {
+        let cache = CacheClient::from_urls(vec![url]).unwrap();
+        Arc::new(move |loader| {
+            let cache = cache.clone();
+            Box::pin(async move { cache.get_or_load(key, loader).await })
+        })
+    };
+    let in_process = |near: &NearCache, key: &'static str| -> GetOrLoad {
+        let near = near.clone();
+        Arc::new(move |loader| {
+            let near = near.clone();
+            Box::pin(async move { near.get_or_load(key, loader).await })
+        })
+    };
+    // Each load invalidates its key and waits until the cache has applied that.
+    let invalidating =
+        |key: &'static str, applied: Arc<dyn Fn(Seq) -> bool + Send + Sync>| -> During {
+            let p = p.clone();
+            Arc::new(move || {
+                let (p, applied) = (p.clone(), applied.clone());
+                Box::pin(async move {
+                    let seq = p.invalidate(key).await.unwrap();
+                    eventually("the load's invalidation applied", || applied(seq)).await;
+                })
+            })
+        };
+    let edge_applied: Arc<dyn Fn(Seq) -> bool + Send + Sync> = {
+        let store = e.edge.store.clone();
+        Arc::new(move |seq| store.applied().iter().any(|&(_, _, s)| s >= seq))
+    };
+    let near_applied: Arc<dyn Fn(Seq) -> bool + Send + Sync> = {
+        let near = near.clone();
+        Arc::new(move |seq| near.applied().iter().any(|&(_, _, s)| s >= seq))
+    };
+
+    let n = 20;
+    for (name, cache) in [
+        ("edge", client(e.edge.url(), "hot:1")),
+        ("near cache", in_process(&near, "hot:1")),
+    ] {
+        let (values, loads, _) = herd(n, cache, None, 1).await;
+        assert_eq!(loads, 1, "{name}: one load for {n} callers");
+        assert!(values.iter().all(|v| v == "load 0"), "{name}: {values:?}");
+    }
+    for (name, cache, applied) in [
+        ("edge", client(e.edge.url(), "hot:2"), edge_applied),
+        ("near cache", in_process(&near, "hot:2"), near_applied),
+    ] {
+        let during = invalidating("hot:2", applied);
+        let (values, loads, most) = herd(n, cache, Some(during), n - 1).await;
+        assert_eq!(loads, n, "{name}: every fill refused, every caller loads");
+        assert!(
+            most >= n / 2,
+            "{name}: the callers that waited load side by side, not in a line: {most} at most"
+        );
+        let distinct: HashSet<_> = values.iter().collect();
+        assert_eq!(distinct.len(), n, "{name}: each its own load");
+    }
+    for (name, cache) in [
+        ("edge", client(cut_off.edge.url(), "hot:3")),
+        ("near cache", in_process(&near_cut_off, "hot:3")),
+    ] {
+        let (_, loads, most) = herd(n, cache, None, n).await;
+        assert_eq!(loads, n, "{name}: serving only misses");
+        assert_eq!(most, n, "{name}: none waits for another");
+    }
+    near.stop();
+    near_cut_off.stop();
+    for w in [e, cut_off] {
+        w.edge.stop().await.unwrap();
+    }
+    stranded.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}

@@ -11,6 +11,7 @@ use dci_proto::pb::cache_client::CacheClient as RawClient;
 use dci_proto::ring::NodeRing;
 use tonic::transport::Channel;
 
+use crate::turn::{Loading, Turn};
 use crate::{ClientTls, Error};
 
 /// The answer to a get.
@@ -25,45 +26,12 @@ pub enum Lookup {
     },
 }
 
-/// Keys being loaded, each with the gate its loaders take in turn.
-type Loading = Mutex<HashMap<Bytes, Arc<tokio::sync::Mutex<()>>>>;
-
-/// A caller's place among the loaders of a key. The key's gate leaves the map with its last
-/// holder when that one is done, however it ends: finished, failed, or dropped midway (a
-/// caller's timeout), which would otherwise leave the key in the map for good.
-struct Turn<'a> {
-    loading: &'a Loading,
-    key: Bytes,
-    gate: Option<Arc<tokio::sync::Mutex<()>>>,
-}
-
-impl<'a> Turn<'a> {
-    fn take(loading: &'a Loading, key: Bytes) -> Self {
-        let gate = {
-            let mut l = loading.lock().unwrap_or_else(|e| e.into_inner());
-            l.entry(key.clone()).or_default().clone()
-        };
-        Turn {
-            loading,
-            key,
-            gate: Some(gate),
-        }
-    }
-
-    fn gate(&self) -> &tokio::sync::Mutex<()> {
-        self.gate.as_ref().expect("held until dropped")
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-        // The map's reference and this one: nobody else waits on the key.
-        if l.get(&self.key).is_some_and(|g| Arc::strong_count(g) <= 2) {
-            l.remove(&self.key);
-        }
-        self.gate = None;
-    }
+/// An edge's answer to a get.
+struct Found {
+    lookup: Lookup,
+    /// False when the edge serves only misses for now (cut off past its staleness bound): a
+    /// fill would not be read from it.
+    serves: bool,
 }
 
 /// How long an edge that could not be reached is passed over for reads and fills: a dead or
@@ -330,12 +298,12 @@ impl CacheClient {
     /// Keys whose [`CacheClient::get_or_load`] is loading now (or waiting for another caller's
     /// load of the same key): for a service's own metrics.
     pub fn loads_in_progress(&self) -> usize {
-        self.loading.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::turn::in_progress(&self.loading)
     }
 
     /// Look a key up.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Lookup, Error> {
-        Ok(self.get_at(key.into()).await?.1)
+        Ok(self.get_at(key.into()).await?.1.lookup)
     }
 
     /// Look several keys up at once: one request to each edge that owns some of them (per
@@ -410,7 +378,7 @@ impl CacheClient {
     }
 
     /// Look a key up; also the edge that answered (its lease is good there only).
-    async fn get_at(&self, key: Bytes) -> Result<(RawClient<Channel>, Lookup), Error> {
+    async fn get_at(&self, key: Bytes) -> Result<(RawClient<Channel>, Found), Error> {
         let (_, (at, r)) = self
             .first_owner(&key, |_, mut edge| {
                 let key = key.clone();
@@ -421,10 +389,13 @@ impl CacheClient {
             })
             .await?;
         let r = r.into_inner();
-        let found = if r.hit {
-            Lookup::Hit(r.value)
-        } else {
-            Lookup::Miss { lease: r.lease }
+        let found = Found {
+            serves: r.only_misses.is_empty(),
+            lookup: if r.hit {
+                Lookup::Hit(r.value)
+            } else {
+                Lookup::Miss { lease: r.lease }
+            },
         };
         Ok((at, found))
     }
@@ -488,7 +459,10 @@ impl CacheClient {
     }
 
     /// The cached value, or load it, fill under the miss's lease, and return it. Only one caller
-    /// per key (in this client) loads at a time; the others wait and then read the fill.
+    /// per key (in this client) loads at a time; the others wait and then read the fill, or, if
+    /// it was refused (the key invalidated meanwhile), load side by side: none waits through
+    /// more than one load besides its own. From an edge that serves only misses for now (past
+    /// its staleness bound), every caller loads at once.
     ///
     /// The cache only saves loads: when the key's edge cannot be reached (down, stuck past the
     /// deadline), or does not follow the key (while a region's edges change, the client and the
@@ -508,9 +482,17 @@ impl CacheClient {
     {
         let key = key.into();
         let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
-        match self.get(key.clone()).await {
-            Ok(Lookup::Hit(v)) => return Ok(v),
-            Ok(Lookup::Miss { .. }) => {}
+        match self.get_at(key.clone()).await {
+            Ok((
+                _,
+                Found {
+                    lookup: Lookup::Hit(v),
+                    ..
+                },
+            )) => return Ok(v),
+            // Waiting for another caller's fill is worth it only where a fill is read.
+            Ok((_, Found { serves: false, .. })) => return load().await,
+            Ok(_) => {}
             Err(Error::Unavailable(why)) => {
                 tracing::debug!(%why, "edge unavailable: loading without the cache");
                 return load().await;
@@ -524,40 +506,55 @@ impl CacheClient {
             Err(e) => return Err(e),
         }
         let turn = Turn::take(&self.loading, key.clone());
-        async {
-            let _turn = turn.gate().lock().await;
-            // The fill goes where the miss came from: a lease is good on its own edge only.
-            let lease = match self.get_at(key.clone()).await {
-                Ok((_, Lookup::Hit(v))) => return Ok(v),
-                Ok((at, Lookup::Miss { lease })) => Some((at, lease)),
-                Err(Error::Unavailable(_)) => None,
-                Err(Error::Refused(why)) if why.contains(dci_proto::types::NOT_FOLLOWED) => {
-                    self.warn_not_followed(&why);
-                    None
-                }
-                Err(e) => return Err(e),
-            };
-            let value = load().await?;
-            // A refused or failed fill still returns the loaded value: it was read after the
-            // miss, and the next reader loads again.
-            if let Some((at, lease)) = lease {
-                let req = pb::SetRequest {
-                    key: key.clone(),
-                    value: value.clone(),
-                    lease: Some(lease),
-                    ttl_ms: 0,
-                };
-                match Self::set_on(at, req).await {
-                    Ok(_) => {}
-                    Err(Error::Unavailable(why)) => {
-                        tracing::debug!(%why, "edge unavailable: the loaded value is not filled");
-                    }
-                    // A value the edge does not take (too large, say): worth a look.
-                    Err(e) => tracing::warn!(error = %e, "fill refused by the edge"),
-                }
+        let held = turn.wait().await;
+        // The fill goes where the miss came from: a lease is good on its own edge only.
+        let lease = match self.get_at(key.clone()).await {
+            Ok((
+                _,
+                Found {
+                    lookup: Lookup::Hit(v),
+                    ..
+                },
+            )) => return Ok(v),
+            Ok((_, Found { serves: false, .. })) => None,
+            Ok((
+                at,
+                Found {
+                    lookup: Lookup::Miss { lease },
+                    ..
+                },
+            )) => Some((at, lease)),
+            Err(Error::Unavailable(_)) => None,
+            Err(Error::Refused(why)) if why.contains(dci_proto::types::NOT_FOLLOWED) => {
+                self.warn_not_followed(&why);
+                None
             }
-            Ok(value)
+            Err(e) => return Err(e),
+        };
+        // Only a caller that fills holds the others up for its load.
+        let held = held.filter(|_| lease.is_some());
+        let value = load().await;
+        // A refused or failed fill still returns the loaded value: it was read after the
+        // miss, and the next reader loads again.
+        if let (Ok(value), Some((at, lease))) = (&value, lease) {
+            let req = pb::SetRequest {
+                key: key.clone(),
+                value: value.clone(),
+                lease: Some(lease),
+                ttl_ms: 0,
+            };
+            match Self::set_on(at, req).await {
+                Ok(_) => {}
+                Err(Error::Unavailable(why)) => {
+                    tracing::debug!(%why, "edge unavailable: the loaded value is not filled");
+                }
+                // A value the edge does not take (too large, say): worth a look.
+                Err(e) => tracing::warn!(error = %e, "fill refused by the edge"),
+            }
         }
-        .await
+        if let Some(held) = held {
+            held.loaded();
+        }
+        value
     }
 }

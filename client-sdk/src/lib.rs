@@ -23,6 +23,7 @@
 mod cache;
 mod near;
 mod publisher;
+mod turn;
 
 pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK};
 pub use dci_proto::applied::Lagging;

@@ -13,6 +13,7 @@ use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
 use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
 use tokio::sync::watch;
 
+use crate::turn::{Loading, Turn};
 use crate::{ClientTls, Error, Lookup};
 
 /// Options of a near cache.
@@ -197,6 +198,7 @@ pub struct NearCache {
     stop: Arc<watch::Sender<bool>>,
     /// The relays it follows, changed by [`NearCache::set_relays`].
     relays: Arc<watch::Sender<upstream::Following>>,
+    loading: Arc<Loading>,
 }
 
 impl NearCache {
@@ -272,6 +274,7 @@ impl NearCache {
             follows: Arc::new(follows),
             stop: Arc::new(stop),
             relays: Arc::new(relays),
+            loading: Arc::default(),
         })
     }
 
@@ -294,14 +297,19 @@ impl NearCache {
     /// Look a key up; a miss carries the lease for the fill. A key outside `prefixes` is always
     /// a miss (and its fill is refused): no invalidation of it reaches this cache.
     pub fn get(&self, key: &[u8]) -> Lookup {
-        let fresh = lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
+        self.look(key).0
+    }
+
+    /// The lookup, and whether this cache serves the key now (a fill of it would be read).
+    fn look(&self, key: &[u8]) -> (Lookup, bool) {
+        let serves = lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
             && self.agrees_on_shards()
             && self.follows.takes_key(key);
         let st = lock(&self.state);
         let lease = st.leases.lease(key).encode();
         match st.values.get(key) {
-            Some(v) if fresh => Lookup::Hit(v.clone()),
-            _ => Lookup::Miss { lease },
+            Some(v) if serves => (Lookup::Hit(v.clone()), true),
+            _ => (Lookup::Miss { lease }, serves),
         }
     }
 
@@ -329,7 +337,11 @@ impl NearCache {
         true
     }
 
-    /// The cached value, or load it and fill under the miss's lease.
+    /// The cached value, or load it and fill under the miss's lease. Only one caller per key
+    /// (of this cache and its clones) loads at a time while it serves the key; the others wait
+    /// and then read the fill, or, if it was refused (the key invalidated meanwhile), load
+    /// side by side: none waits through more than one load besides its own. Past its staleness
+    /// bound every caller loads at once.
     pub async fn get_or_load<F, Fut, E>(
         &self,
         key: impl Into<Bytes>,
@@ -341,14 +353,35 @@ impl NearCache {
         E: std::fmt::Display,
     {
         let key = key.into();
-        match self.get(&key) {
-            Lookup::Hit(v) => Ok(v),
-            Lookup::Miss { lease } => {
-                let v = loader().await.map_err(|e| Error::Loader(e.to_string()))?;
-                self.set(key, v.clone(), Some(lease));
-                Ok(v)
-            }
+        let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
+        match self.look(&key) {
+            (Lookup::Hit(v), _) => return Ok(v),
+            // Waiting for another caller's fill is worth it only where a fill is read.
+            (_, false) => return load().await,
+            _ => {}
         }
+        let turn = Turn::take(&self.loading, key.clone());
+        let held = turn.wait().await;
+        let lease = match self.look(&key) {
+            (Lookup::Hit(v), _) => return Ok(v),
+            (Lookup::Miss { lease }, serves) => serves.then_some(lease),
+        };
+        // Only a caller that fills holds the others up for its load.
+        let held = held.filter(|_| lease.is_some());
+        let value = load().await;
+        if let (Ok(v), Some(lease)) = (&value, lease) {
+            self.set(key, v.clone(), Some(lease));
+        }
+        if let Some(held) = held {
+            held.loaded();
+        }
+        value
+    }
+
+    /// Keys whose [`NearCache::get_or_load`] is loading now (or waiting for another caller's
+    /// load of the same key): for a service's own metrics.
+    pub fn loads_in_progress(&self) -> usize {
+        crate::turn::in_progress(&self.loading)
     }
 
     /// Applied (shard, epoch, seq) per shard.
