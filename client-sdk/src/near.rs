@@ -1,8 +1,9 @@
 //! `NearCache`: an in-process cache that follows relays like an edge does (same protocol, same
 //! guarantees: per-key order, lease-gated fills, flush on Reset, bounded staleness).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,12 @@ impl Default for NearCacheOptions {
 
 struct State {
     leases: LeaseTable,
+    /// Only through [`State::insert`] and [`State::remove`], which keep `sorted` the same keys.
     values: HashMap<Bytes, Bytes, foldhash::fast::RandomState>,
+    /// The keys of `values` in order: those a prefix covers sit together, so that removing
+    /// them costs what is removed, not a pass over every value (which, under the lock that
+    /// reads take, held them up for 150 ms at a million values). Reads stay on the hash map.
+    sorted: BTreeSet<Bytes>,
     /// Keys in the order they were filled, the oldest evicted first. Keys removed since stay in
     /// it (popping one evicts nothing) until they are most of it; see [`State::compact`].
     order: VecDeque<Bytes>,
@@ -97,8 +103,45 @@ struct State {
 }
 
 impl State {
-    fn remove_where(&mut self, f: impl Fn(&Bytes) -> bool) {
-        self.values.retain(|k, _| !f(k));
+    /// Store a value; true if the key was not held.
+    fn insert(&mut self, key: Bytes, value: Bytes) -> bool {
+        let new = self.values.insert(key.clone(), value).is_none();
+        if new {
+            self.sorted.insert(key);
+        }
+        new
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if self.values.remove(key).is_some() {
+            self.sorted.remove(key);
+        }
+    }
+
+    /// Remove the keys that start with `prefix`.
+    fn remove_prefix(&mut self, prefix: &[u8]) {
+        let covered: Vec<Bytes> = self
+            .sorted
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for k in covered {
+            self.remove(&k);
+        }
+    }
+
+    /// Remove the keys of `shard`.
+    fn remove_shard(&mut self, shard: ShardId) {
+        let of_shard: Vec<Bytes> = self
+            .sorted
+            .iter()
+            .filter(|k| self.leases.shard_of(k) == shard)
+            .cloned()
+            .collect();
+        for k in of_shard {
+            self.remove(&k);
+        }
     }
 
     /// Drop the keys no longer cached from `order` once they are most of it. Each takes a
@@ -124,31 +167,13 @@ impl Applier for NearApplier {
             .apply_all(batch.shard, &batch.entries, |_, effect| {
                 effects.push(effect)
             });
-        // Removals commute, and no fill comes in between (the lock is held): the batch's
-        // prefixes go in one pass at its end.
-        let mut prefixes = dci_proto::lease::Prefixes::default();
         for (e, effect) in batch.entries.iter().zip(effects) {
             match effect {
-                Effect::Key => {
-                    st.values.remove(&e.key);
-                }
-                Effect::Prefix => prefixes.insert(e.key.clone(), e.seq),
-                Effect::Shard(s) => {
-                    let shard_of: Vec<Bytes> = st
-                        .values
-                        .keys()
-                        .filter(|k| st.leases.shard_of(k) == s)
-                        .cloned()
-                        .collect();
-                    for k in shard_of {
-                        st.values.remove(&k);
-                    }
-                }
+                Effect::Key => st.remove(&e.key),
+                Effect::Prefix => st.remove_prefix(&e.key),
+                Effect::Shard(s) => st.remove_shard(s),
                 Effect::Nothing => {}
             }
-        }
-        if !prefixes.is_empty() {
-            st.remove_where(|k| prefixes.matches(k));
         }
         st.compact();
         st.leases
@@ -157,20 +182,12 @@ impl Applier for NearApplier {
 
     fn quarantine(&mut self, _: ShardId, entry: &pb::Invalidation, why: &str) {
         tracing::warn!(seq = entry.seq, %why, "near cache quarantined an entry");
-        lock(&self.0).values.remove(&entry.key);
+        lock(&self.0).remove(&entry.key);
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, _: &str) {
         let mut st = lock(&self.0);
-        let keys: Vec<Bytes> = st
-            .values
-            .keys()
-            .filter(|k| st.leases.shard_of(k) == shard)
-            .cloned()
-            .collect();
-        for k in keys {
-            st.values.remove(&k);
-        }
+        st.remove_shard(shard);
         st.compact();
         st.leases.flush(shard, epoch, hwm);
     }
@@ -236,6 +253,7 @@ impl NearCache {
                 opts.capacity.max(1024).saturating_mul(4),
             ),
             values: HashMap::default(),
+            sorted: BTreeSet::new(),
             order: VecDeque::new(),
             capacity: opts.capacity.max(1),
         }));
@@ -326,11 +344,11 @@ impl NearCache {
         if st.leases.check_fill(&key, lease).is_err() {
             return false;
         }
-        if st.values.insert(key.clone(), value.into()).is_none() {
+        if st.insert(key.clone(), value.into()) {
             st.order.push_back(key);
             while st.order.len() > st.capacity {
                 if let Some(old) = st.order.pop_front() {
-                    st.values.remove(&old);
+                    st.remove(&old);
                 }
             }
         }
@@ -404,6 +422,67 @@ impl NearCache {
 mod tests {
     use super::*;
 
+    /// A prefix removes the keys that start with it, whatever their bytes, and only those; a
+    /// shard's flush the keys of that shard.
+    #[test]
+    fn a_prefix_removes_exactly_the_keys_it_starts() {
+        let keys: [&[u8]; 10] = [
+            b"u",
+            b"user",
+            b"user:",
+            b"user:0",
+            b"user:1",
+            b"user:1:x",
+            b"user:10",
+            b"user:2",
+            b"user:1\xff",
+            b"v",
+        ];
+        let mut st = State {
+            leases: LeaseTable::new(4, 4096),
+            values: HashMap::default(),
+            sorted: BTreeSet::new(),
+            order: VecDeque::new(),
+            capacity: 100,
+        };
+        let fill = |st: &mut State| {
+            for k in keys {
+                st.insert(Bytes::copy_from_slice(k), Bytes::from_static(b"v"));
+            }
+        };
+        fill(&mut st);
+        st.remove_prefix(b"user:1");
+        let mut left: Vec<&[u8]> = st.values.keys().map(|k| &k[..]).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [&b"u"[..], b"user", b"user:", b"user:0", b"user:2", b"v"]
+        );
+        for (prefix, kept) in [
+            (&b"\xff"[..], 10),
+            (b"user:1\xff", 9),
+            (b"user", 2),
+            (b"", 0),
+        ] {
+            fill(&mut st);
+            st.remove_prefix(prefix);
+            assert_eq!(st.values.len(), kept, "{prefix:?}");
+            assert!(st.values.keys().all(|k| !k.starts_with(prefix)));
+            assert!(st
+                .sorted
+                .iter()
+                .eq(st.values.keys().collect::<BTreeSet<_>>()));
+        }
+        fill(&mut st);
+        st.remove_shard(1);
+        assert!(st.values.keys().all(|k| st.leases.shard_of(k) != 1));
+        assert!(st.values.len() < keys.len(), "some key is of shard 1");
+        assert!(st
+            .sorted
+            .iter()
+            .eq(st.values.keys().collect::<BTreeSet<_>>()));
+    }
+
     /// Keys removed stay in the fill order (a pop of one evicts nothing) until they are most of
     /// it; then it is rebuilt of the keys still cached, in their order.
     #[test]
@@ -411,30 +490,27 @@ mod tests {
         let mut st = State {
             leases: LeaseTable::new(1, 4096),
             values: HashMap::default(),
+            sorted: BTreeSet::new(),
             order: VecDeque::new(),
             capacity: 10_000,
         };
         for i in 0..10_000u32 {
             let k = Bytes::from(format!("user:{i:04}"));
-            st.values.insert(k.clone(), Bytes::from_static(b"v"));
+            st.insert(k.clone(), Bytes::from_static(b"v"));
             st.order.push_back(k);
         }
-        let mut p = dci_proto::lease::Prefixes::default();
-        p.insert(Bytes::from_static(b"user:0"), 1);
-        p.insert(Bytes::from_static(b"user:1"), 1);
-        p.insert(Bytes::from_static(b"user:2"), 1);
-        st.remove_where(|k| p.matches(k));
+        for p in ["user:0", "user:1", "user:2"] {
+            st.remove_prefix(p.as_bytes());
+        }
         st.compact();
         assert_eq!(
             (st.values.len(), st.order.len()),
             (7_000, 10_000),
             "few removed: kept"
         );
-        let mut p = dci_proto::lease::Prefixes::default();
         for i in 3..=6 {
-            p.insert(Bytes::from(format!("user:{i}")), 2);
+            st.remove_prefix(format!("user:{i}").as_bytes());
         }
-        st.remove_where(|k| p.matches(k));
         st.compact();
         assert_eq!(
             (st.values.len(), st.order.len()),
