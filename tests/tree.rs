@@ -1644,11 +1644,11 @@ async fn every_node_serves_prometheus_metrics() {
     let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
     let _ = cache.get("m:1").await.unwrap();
 
-    let edge_metrics = scrape(e.edge.metrics_addr.unwrap()).await;
-    assert!(
-        edge_metrics.contains("dci_propagation_seconds_count 20"),
-        "{edge_metrics}"
-    );
+    // The counters follow the applied seq that `wait_applied` looks at, a moment later.
+    let edge_metrics = scrape_until(e.edge.metrics_addr.unwrap(), |m| {
+        m.contains("dci_propagation_seconds_count 20")
+    })
+    .await;
     assert!(
         edge_metrics.contains(&format!(
             "dci_applied_seq{{shard=\"0\",epoch=\"{}\"}} {head}",
@@ -1660,13 +1660,12 @@ async fn every_node_serves_prometheus_metrics() {
         edge_metrics.contains("dci_cache_misses_total 1"),
         "{edge_metrics}"
     );
-    let relay_metrics = scrape(r.metrics_addr.unwrap()).await;
+    let relay_metrics = scrape_until(r.metrics_addr.unwrap(), |m| {
+        m.contains("dci_propagation_seconds_count 20")
+    })
+    .await;
     assert!(relay_metrics.contains("dci_receivers 1"), "{relay_metrics}");
     // Every tier times each entry from the publish call to itself.
-    assert!(
-        relay_metrics.contains("dci_propagation_seconds_count 20"),
-        "{relay_metrics}"
-    );
     let coord_metrics = scrape(c.metrics_addr.unwrap()).await;
     assert!(
         coord_metrics.contains("dci_propagation_seconds_count 20"),
@@ -1682,6 +1681,19 @@ async fn every_node_serves_prometheus_metrics() {
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
+}
+
+/// A node's metrics once `ready` says they are (failing with the last scrape after 10 s).
+async fn scrape_until(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(addr).await;
+        if ready(&m) {
+            return m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An OpenTelemetry collector's metrics endpoint that keeps what it is sent.
