@@ -12,7 +12,7 @@ use dci_proto::applied::Outcome;
 use dci_proto::pb;
 use dci_proto::types::printable;
 
-use crate::status::tier_tree;
+use crate::status::{merge_tree, node_tree, tier_tree};
 use crate::{connect, duration, status_line, url_item, ClientTlsArgs, REQUEST_TIMEOUT};
 
 #[derive(Args)]
@@ -159,13 +159,24 @@ pub(crate) async fn publish(a: PublishArgs) -> anyhow::Result<u8> {
     // restarting, failing over) may still hold what is invalidated, so it is waited for.
     let mut coverage = dci_proto::applied::Coverage::default();
     let deadline = started + within;
-    if let Ok(Ok(nodes)) = tokio::time::timeout_at(deadline, tier_tree(&a.coordinator, &tls)).await
-    {
+    // Of every coordinator that answers: one that does not may have nothing to do with the keys.
+    let trees = futures::future::join_all(a.coordinator.iter().map(|url| node_tree(url, &tls)));
+    if let Ok(trees) = tokio::time::timeout_at(deadline, trees).await {
+        let mut nodes = Vec::new();
+        for tree in trees.into_iter().flatten() {
+            merge_tree(&mut nodes, tree);
+        }
         coverage.update(&nodes);
     }
     let mut published = Vec::new();
     publish_keys(&a, &mut published).await?;
-    let tree = || tier_tree(&a.coordinator, &tls);
+    // Only the shards published to are waited for: a coordinator down (or its tree unread)
+    // holds no wait for keys of the others.
+    let urls: Vec<String> = published
+        .iter()
+        .filter_map(|p| a.coordinator.get(p.shard as usize).cloned())
+        .collect();
+    let tree = || tier_tree(&urls, &tls);
     let outcome = dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await;
     let within = humantime::format_duration(within);
     match outcome {

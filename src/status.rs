@@ -52,7 +52,7 @@ pub(crate) async fn node_tree(
 
 /// Add `more` to `nodes`: a node seen again under the same parent (an edge that every shard's
 /// tree reports) is one row per shard, the freshest report of each.
-fn merge_tree(nodes: &mut Vec<pb::NodeStatus>, more: Vec<pb::NodeStatus>) {
+pub(crate) fn merge_tree(nodes: &mut Vec<pb::NodeStatus>, more: Vec<pb::NodeStatus>) {
     for n in more {
         let Some(m) = nodes
             .iter_mut()

@@ -1898,6 +1898,7 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
 
     // Shard 1's coordinator goes away: shard 0 goes on through the same relay.
     let c1 = cs.pop().unwrap();
+    let c1_url = c1.url();
     c1.stop().await.unwrap();
     let more: Vec<String> = keys(400..2_000, "user:")
         .into_iter()
@@ -1927,6 +1928,16 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         cache.get(k0.clone()).await.unwrap(),
         Lookup::Hit("v".into())
     );
+    // A publisher of the whole tier waits for a key of shard 0 in shard 0's tree: shard 1 down
+    // does not hold it.
+    let tier = Publisher::connect(vec![cs[0].url(), c1_url]).await.unwrap();
+    tier.invalidate(k0.clone()).await.unwrap();
+    let applied = tier.wait_applied(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(applied.caches, 1);
+    assert!(matches!(
+        cache.get(k0.clone()).await.unwrap(),
+        Lookup::Miss { .. }
+    ));
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     cs.pop().unwrap().stop().await.unwrap();

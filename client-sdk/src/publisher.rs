@@ -11,6 +11,7 @@ use dci_proto::pb;
 use dci_proto::pb::admin_client::AdminClient;
 use dci_proto::pb::publisher_client::PublisherClient;
 use dci_proto::ring::ShardMap;
+use dci_proto::ShardId;
 use dci_proto::{Invalidation, Kind, Seq};
 use futures::stream::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -215,7 +216,9 @@ impl Publisher {
     /// cache says more) may not have all its caches of before back: the wait holds until that
     /// much has passed since its start. Caches beyond
     /// what a relay's heartbeat carries come summed up, and are waited for as the least advanced
-    /// of them. [`Error::NotApplied`] names the caches that lag when the time is up.
+    /// of them. [`Error::NotApplied`] names the caches that lag when the time is up. Only the
+    /// trees of the shards this publisher has had answers from are read: a coordinator down
+    /// that it never published to holds no wait.
     ///
     /// ```no_run
     /// # async fn demo(p: dci_sdk::Publisher) -> Result<(), dci_sdk::Error> {
@@ -228,7 +231,13 @@ impl Publisher {
         let published = dci_proto::upstream::lock(&self.answered).clone();
         let deadline = tokio::time::Instant::now() + within;
         let mut coverage = Coverage::default();
-        match dci_proto::applied::wait(&mut coverage, &published, deadline, || self.tree()).await {
+        // Only the shards published to: a coordinator down holds no wait for the others' keys.
+        let shards: Vec<ShardId> = match published.is_empty() {
+            true => (0..self.admins.len() as ShardId).collect(),
+            false => published.iter().map(|p| p.shard).collect(),
+        };
+        let tree = || self.tree(&shards);
+        match dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await {
             Outcome::Applied { past_bound } => Ok(Applied {
                 caches: coverage.caches(),
                 regions: coverage.regions().into_iter().map(String::from).collect(),
@@ -241,11 +250,11 @@ impl Publisher {
         }
     }
 
-    /// The trees below the coordinators, one after the other (a node below several is in each:
-    /// [`Coverage`] takes its furthest).
-    async fn tree(&self) -> Result<Vec<pb::NodeStatus>, Error> {
+    /// The trees below the coordinators of `shards`, one after the other (a node below several
+    /// is in each: [`Coverage`] takes its furthest).
+    async fn tree(&self, shards: &[ShardId]) -> Result<Vec<pb::NodeStatus>, Error> {
         let mut nodes = Vec::new();
-        for admin in self.admins.iter() {
+        for admin in shards.iter().filter_map(|&s| self.admins.get(s as usize)) {
             let r = admin.clone().status(pb::StatusRequest {}).await?;
             nodes.extend(r.into_inner().nodes);
         }
