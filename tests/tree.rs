@@ -155,8 +155,11 @@ async fn wait_serving(e: &Watched) {
 async fn wait_applied(e: &Watched, seq: Seq) {
     let id = e.edge.node_id.clone();
     let applied = e.edge.store.clone();
+    // The link's progress moves once a batch is through, its keys recorded (`keys`); the
+    // store's applied seq, which reads look at, a moment before that.
     eventually(&format!("{id} applied {seq}"), || {
         applied.applied().iter().any(|&(_, _, s)| s >= seq)
+            && lock(&e.edge.link).progress.iter().any(|p| p.2 >= seq)
     })
     .await;
 }
