@@ -430,6 +430,9 @@ impl CacheClient {
     }
 
     /// Remove a key from its edges (every owner that answers): true when one of them held it.
+    /// Only the value goes: a fill under a lease handed out before is still taken. To make a
+    /// key's readers load it anew, and refuse their fills of what they read before, publish
+    /// its invalidation ([`crate::Publisher::invalidate`]).
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
         let (mut answered, mut existed, mut why) = (false, false, String::new());
