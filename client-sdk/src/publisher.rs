@@ -232,9 +232,10 @@ impl Publisher {
         let deadline = tokio::time::Instant::now() + within;
         let mut coverage = Coverage::default();
         // Only the shards published to: a coordinator down holds no wait for the others' keys.
-        let shards: Vec<ShardId> = match published.is_empty() {
-            true => (0..self.admins.len() as ShardId).collect(),
-            false => published.iter().map(|p| p.shard).collect(),
+        let shards: Vec<ShardId> = if published.is_empty() {
+            (0..self.admins.len() as ShardId).collect()
+        } else {
+            published.iter().map(|p| p.shard).collect()
         };
         let tree = || self.tree(&shards);
         match dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await {
