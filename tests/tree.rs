@@ -3341,7 +3341,7 @@ type During =
 
 /// `n` callers of one key's `get_or_load` at once, all of them in before the first load ends.
 /// Every load runs `during`, then stays until as many loads as `together` run at once (or a
-/// second has passed). The values, how many loads ran, and the most that ran at once.
+/// three seconds have passed). The values, how many loads ran, and the most that ran at once.
 async fn herd(
     n: usize,
     get_or_load: GetOrLoad,
@@ -3375,7 +3375,7 @@ async fn herd(
                     if let Some(d) = during {
                         d().await;
                     }
-                    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                    let until = tokio::time::Instant::now() + Duration::from_secs(3);
                     while now.load(SeqCst) < together && tokio::time::Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
