@@ -208,6 +208,70 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Keys longer than an edge takes (its `--max-key-len` below the coordinator's): the edge
+/// quarantines and counts each one, and warns of them at most once a second, with each key cut
+/// short, so that a flood of them cannot flood its log.
+#[test]
+fn poisoned_entries_are_each_counted_and_logged_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (_c, cp) = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--max-key-len",
+        "4096",
+    ]);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let mut cmd = Command::new(DCI);
+    cmd.args([
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &format!("http://127.0.0.1:{rp}"),
+        "--max-key-len",
+        "100",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let (_e, _, lines) = launch(cmd);
+    let metrics = metrics_port(&lines);
+    eventually("the edge in the stream", || {
+        http_get(metrics, "/metrics").1.contains("dci_applied_seq{")
+    });
+    let keys: String = (0..200)
+        .map(|i| format!("{i}:{}\n", "k".repeat(2000)))
+        .collect();
+    let o = dci_fed(&["publish", "--coordinator", &coord, "-"], keys.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    eventually("every entry quarantined and counted", || {
+        http_get(metrics, "/metrics")
+            .1
+            .contains("dci_quarantined_total 200")
+    });
+    // Whatever was logged by then, and a moment more.
+    std::thread::sleep(Duration::from_millis(500));
+    let warned: Vec<String> = lines
+        .try_iter()
+        .filter(|l| l.contains("poison entry quarantined"))
+        .collect();
+    assert!(
+        (1..=3).contains(&warned.len()),
+        "{} warnings for 200 entries",
+        warned.len()
+    );
+    assert!(
+        warned
+            .iter()
+            .all(|l| l.len() < 1000 && l.contains(" bytes)")),
+        "{warned:?}"
+    );
+}
+
 #[test]
 fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();

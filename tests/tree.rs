@@ -3340,8 +3340,8 @@ type During =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 /// `n` callers of one key's `get_or_load` at once, all of them in before the first load ends.
-/// Every load runs `during`, then stays until as many loads as `together` run at once (or a
-/// three seconds have passed). The values, how many loads ran, and the most that ran at once.
+/// Every load runs `during`, then stays until as many loads as `together` run at once (or
+/// two seconds have passed). The values, how many loads ran, and the most that ran at once.
 async fn herd(
     n: usize,
     get_or_load: GetOrLoad,
@@ -3375,7 +3375,7 @@ async fn herd(
                     if let Some(d) = during {
                         d().await;
                     }
-                    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+                    let until = tokio::time::Instant::now() + Duration::from_secs(2);
                     while now.load(SeqCst) < together && tokio::time::Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }

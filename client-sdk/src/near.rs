@@ -165,7 +165,8 @@ impl State {
     }
 }
 
-struct NearApplier(Arc<Mutex<State>>);
+/// The cache, and the pace of its warnings for entries quarantined.
+struct NearApplier(Arc<Mutex<State>>, dci_proto::throttle::Throttle);
 
 impl Applier for NearApplier {
     fn apply(&mut self, batch: &Batch) {
@@ -188,7 +189,9 @@ impl Applier for NearApplier {
     }
 
     fn quarantine(&mut self, _: ShardId, entry: &pb::Invalidation, why: &str) {
-        tracing::warn!(seq = entry.seq, %why, "near cache quarantined an entry");
+        if let Some(held) = self.1.allow(Instant::now()) {
+            tracing::warn!(seq = entry.seq, %why, held_back = held, "near cache quarantined an entry");
+        }
         lock(&self.0).remove(&entry.key);
     }
 
@@ -289,7 +292,7 @@ impl NearCache {
             max_staleness: Some(opts.max_staleness),
             ..FollowOptions::default()
         };
-        let applier = Arc::new(Mutex::new(NearApplier(state.clone())));
+        let applier = Arc::new(Mutex::new(NearApplier(state.clone(), Default::default())));
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx));
         Ok(NearCache {
             state,

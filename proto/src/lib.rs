@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod reload;
 pub mod ring;
+pub mod throttle;
 pub mod tls;
 pub mod types;
 pub mod upstream;

@@ -484,6 +484,8 @@ pub struct LinkState {
     pub bad_batches: u64,
     /// How many shards the coordinator tier has, as the sender last said (0: not said).
     pub shard_count: u32,
+    /// The pace of the warnings for poisoned entries and for batches that do not decode.
+    pub poison_log: crate::throttle::Throttle,
 }
 
 impl LinkState {
@@ -959,8 +961,11 @@ async fn session<A: Applier>(
                     Some(pb::downstream::Msg::BatchZstd(z)) => match crate::link::retransmit::decompress(&z) {
                         Ok(bytes) => Some(pb::downstream::Msg::Batch(bytes)),
                         Err(e) => {
-                            tracing::warn!(sender = %url, error = %e, "undecompressable batch dropped");
-                            lock(state).bad_batches += 1;
+                            let mut st = lock(state);
+                            st.bad_batches += 1;
+                            if let Some(held) = st.poison_log.allow(now) {
+                                tracing::warn!(sender = %url, error = %e, held_back = held, "undecompressable batch dropped");
+                            }
                             None
                         }
                     },
@@ -991,8 +996,11 @@ async fn session<A: Applier>(
                                 receiver.on_batch(checked.batch, now)
                             }
                             Err(e) => {
-                                tracing::warn!(sender = %url, error = %e, "undecodable batch dropped");
-                                lock(state).bad_batches += 1;
+                                let mut st = lock(state);
+                                st.bad_batches += 1;
+                                if let Some(held) = st.poison_log.allow(now) {
+                                    tracing::warn!(sender = %url, error = %e, held_back = held, "undecodable batch dropped");
+                                }
                                 Vec::new()
                             }
                         }
@@ -1117,7 +1125,10 @@ fn quarantine<A: Applier>(
     entry: &pb::Invalidation,
     why: &InvalidEntry,
 ) {
-    tracing::warn!(shard, seq = entry.seq, key = ?entry.key, %why, "poison entry quarantined");
+    if let Some(held) = st.poison_log.allow(Instant::now()) {
+        let key = crate::throttle::key_shown(&entry.key);
+        tracing::warn!(shard, seq = entry.seq, key, %why, held_back = held, "poison entry quarantined (held_back: like warnings not logged since the last, at most one a second)");
+    }
     st.quarantined += 1;
     a.quarantine(shard, entry, &why.to_string());
 }

@@ -447,6 +447,8 @@ pub struct RelayApplier {
     group: usize,
     /// Shards another group brought first (told once).
     ignored: std::collections::HashSet<ShardId>,
+    /// The pace of the warnings for entries quarantined.
+    poison_log: dci_proto::throttle::Throttle,
 }
 
 impl RelayApplier {
@@ -456,6 +458,7 @@ impl RelayApplier {
             core,
             group,
             ignored: Default::default(),
+            poison_log: Default::default(),
         }
     }
 
@@ -549,7 +552,9 @@ impl Applier for RelayApplier {
 
     fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {
         self.core.quarantined.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(shard, seq = entry.seq, %why, "entry quarantined at relay; a stand-in goes on");
+        if let Some(held) = self.poison_log.allow(std::time::Instant::now()) {
+            tracing::warn!(shard, seq = entry.seq, %why, held_back = held, "entry quarantined at relay; a stand-in goes on");
+        }
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
