@@ -123,6 +123,8 @@ pub struct Publisher {
     map: ShardMap,
     /// Per shard, the furthest the coordinator has answered (for [`Publisher::wait_applied`]).
     answered: Arc<Mutex<Vec<Published>>>,
+    /// Per shard, how far a wait has found every cache to have applied.
+    confirmed: Arc<Mutex<Vec<Published>>>,
     /// Each shard's coordinator, for the tree below it.
     admins: Arc<Vec<AdminClient<Channel>>>,
 }
@@ -196,6 +198,7 @@ impl Publisher {
             map: ShardMap::new(urls.len() as u32),
             shards: Arc::new(shards),
             answered,
+            confirmed: Arc::default(),
             admins: Arc::new(admins),
         })
     }
@@ -217,8 +220,9 @@ impl Publisher {
     /// much has passed since its start. Caches beyond
     /// what a relay's heartbeat carries come summed up, and are waited for as the least advanced
     /// of them. [`Error::NotApplied`] names the caches that lag when the time is up. Only the
-    /// trees of the shards this publisher has had answers from are read: a coordinator down
-    /// that it never published to holds no wait.
+    /// trees of the shards this publisher has had answers from since its last wait that
+    /// returned are read (all it has had answers from, if none since): a coordinator down that
+    /// it did not publish to since holds no wait.
     ///
     /// ```no_run
     /// # async fn demo(p: dci_sdk::Publisher) -> Result<(), dci_sdk::Error> {
@@ -228,7 +232,20 @@ impl Publisher {
     /// # Ok(()) }
     /// ```
     pub async fn wait_applied(&self, within: Duration) -> Result<Applied, Error> {
-        let published = dci_proto::upstream::lock(&self.answered).clone();
+        let answered = dci_proto::upstream::lock(&self.answered).clone();
+        // What an earlier wait found applied needs no second one: a shard answered nothing since
+        // (its coordinator down now, say) is not read again.
+        let confirmed = dci_proto::upstream::lock(&self.confirmed).clone();
+        let pending: Vec<Published> = answered
+            .iter()
+            .filter(|p| !confirmed.contains(p))
+            .copied()
+            .collect();
+        let published = if pending.is_empty() {
+            answered
+        } else {
+            pending
+        };
         let deadline = tokio::time::Instant::now() + within;
         let mut coverage = Coverage::default();
         // Only the shards published to: a coordinator down holds no wait for the others' keys.
@@ -239,11 +256,18 @@ impl Publisher {
         };
         let tree = || self.tree(&shards);
         match dci_proto::applied::wait(&mut coverage, &published, deadline, tree).await {
-            Outcome::Applied { past_bound } => Ok(Applied {
-                caches: coverage.caches(),
-                regions: coverage.regions().into_iter().map(String::from).collect(),
-                past_bound,
-            }),
+            Outcome::Applied { past_bound } => {
+                let mut confirmed = dci_proto::upstream::lock(&self.confirmed);
+                for p in &published {
+                    dci_proto::applied::note(&mut confirmed, *p);
+                }
+                drop(confirmed);
+                Ok(Applied {
+                    caches: coverage.caches(),
+                    regions: coverage.regions().into_iter().map(String::from).collect(),
+                    past_bound,
+                })
+            }
             Outcome::NotApplied(lagging) => Err(Error::NotApplied(lagging)),
             Outcome::Unread(failed) => Err(failed.unwrap_or_else(|| {
                 Error::Unavailable(format!("the coordinators' tree not read within {within:?}"))
