@@ -165,8 +165,7 @@ impl State {
     }
 }
 
-/// The cache, and the pace of its warnings for entries quarantined.
-struct NearApplier(Arc<Mutex<State>>, dci_proto::throttle::Throttle);
+struct NearApplier(Arc<Mutex<State>>);
 
 impl Applier for NearApplier {
     fn apply(&mut self, batch: &Batch) {
@@ -188,10 +187,8 @@ impl Applier for NearApplier {
             .set_applied(batch.shard, batch.epoch, batch.last_seq);
     }
 
-    fn quarantine(&mut self, _: ShardId, entry: &pb::Invalidation, why: &str) {
-        if let Some(held) = self.1.allow(Instant::now()) {
-            tracing::warn!(seq = entry.seq, %why, held_back = held, "near cache quarantined an entry");
-        }
+    fn quarantine(&mut self, _: ShardId, entry: &pb::Invalidation, _: &str) {
+        // Told by the link, which quarantines it.
         lock(&self.0).remove(&entry.key);
     }
 
@@ -292,7 +289,7 @@ impl NearCache {
             max_staleness: Some(opts.max_staleness),
             ..FollowOptions::default()
         };
-        let applier = Arc::new(Mutex::new(NearApplier(state.clone(), Default::default())));
+        let applier = Arc::new(Mutex::new(NearApplier(state.clone())));
         tokio::spawn(upstream::follow(follow, applier, link.clone(), rx));
         Ok(NearCache {
             state,

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::link::{Receiver, ReceiverConfig, RxCommand};
 use crate::pb;
 use crate::pb::subscribe_client::SubscribeClient;
-use crate::types::{stand_in, Batch, Epoch, Filter, InvalidEntry, Seq, ShardId};
+use crate::types::{stand_in, Batch, Epoch, Filter, Seq, ShardId};
 
 /// Where applied invalidations go.
 pub trait Applier: Send + 'static {
@@ -1118,12 +1118,14 @@ async fn session<A: Applier>(
     }
 }
 
+/// Count, tell (at the log's pace) and hand to the applier an entry that is not applied: every
+/// node's quarantine goes through here.
 fn quarantine<A: Applier>(
     a: &mut A,
     st: &mut LinkState,
     shard: ShardId,
     entry: &pb::Invalidation,
-    why: &InvalidEntry,
+    why: &dyn std::fmt::Display,
 ) {
     if let Some(held) = st.poison_log.allow(Instant::now()) {
         let key = crate::throttle::key_shown(&entry.key);
@@ -1218,9 +1220,13 @@ fn apply_guarded<A: Applier>(
         if catch_unwind(AssertUnwindSafe(|| lock(applier).apply(&single))).is_err() {
             let mut a = lock(applier);
             let mut st = lock(state);
-            tracing::error!(shard = b.shard, seq = e.seq, key = ?e.key, "entry panicked while applied: quarantined");
-            st.quarantined += 1;
-            a.quarantine(b.shard, &e.to_pb(), "panicked while applied");
+            quarantine(
+                &mut *a,
+                &mut st,
+                b.shard,
+                &e.to_pb(),
+                &"panicked while applied",
+            );
         }
     }
 }

@@ -447,8 +447,6 @@ pub struct RelayApplier {
     group: usize,
     /// Shards another group brought first (told once).
     ignored: std::collections::HashSet<ShardId>,
-    /// The pace of the warnings for entries quarantined.
-    poison_log: dci_proto::throttle::Throttle,
 }
 
 impl RelayApplier {
@@ -458,7 +456,6 @@ impl RelayApplier {
             core,
             group,
             ignored: Default::default(),
-            poison_log: Default::default(),
         }
     }
 
@@ -550,11 +547,9 @@ impl Applier for RelayApplier {
         self.push(batch, shared);
     }
 
-    fn quarantine(&mut self, shard: ShardId, entry: &pb::Invalidation, why: &str) {
+    fn quarantine(&mut self, _: ShardId, _: &pb::Invalidation, _: &str) {
+        // Told by the link, which quarantines it.
         self.core.quarantined.fetch_add(1, Ordering::Relaxed);
-        if let Some(held) = self.poison_log.allow(std::time::Instant::now()) {
-            tracing::warn!(shard, seq = entry.seq, %why, held_back = held, "entry quarantined at relay; a stand-in goes on");
-        }
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
