@@ -73,7 +73,10 @@ impl Nodes {
     /// Stop one node, wait `down`, and start it again at the same address: the `round`th of
     /// edge, relay, coordinator (each shard's in turn), in turn.
     async fn restart_one(&mut self, round: usize, down: Duration) -> anyhow::Result<()> {
-        let say = |what: &str| println!("chaos: {what} stopped for {:.1}s", down.as_secs_f64());
+        // Chaos goes on whether or not its report can be printed.
+        let say = |what: &str| {
+            let _ = crate::out::say!("chaos: {what} stopped for {:.1}s", down.as_secs_f64());
+        };
         match round % 3 {
             0 => {
                 let i = (round / 3) % self.edges.len();
@@ -294,7 +297,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         clients.push(CacheClient::new(members)?.with_replication(a.replication as usize));
         relays.push(relay);
     }
-    println!(
+    crate::out::say!(
         "dci demo: coordinator{} {} (log in {}), relays {}, {} edges; {} writes/s, {} reads/s over {} keys",
         if urls.len() > 1 { "s" } else { "" },
         urls.join(" "),
@@ -304,7 +307,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         a.rate,
         a.reads,
         a.keys
-    );
+    )?;
 
     let publisher = Publisher::connect(urls).await?;
     let nodes = Nodes {
@@ -488,7 +491,9 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 }
                 // A node that cannot start again ends the chaos, not the other nodes.
                 if let Err(e) = nodes.restart_one(round, CHAOS_DOWN).await {
-                    println!("chaos: a node did not start again ({e:#}); no more chaos");
+                    let _ = crate::out::say!(
+                        "chaos: a node did not start again ({e:#}); no more chaos"
+                    );
                     return (nodes, Some(e));
                 }
                 restarts.fetch_add(1, Ordering::Relaxed);
@@ -503,7 +508,9 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
     let (mut last_pub, mut last_reads, mut last_hits) = (0, 0, 0);
     tokio::pin!(stop);
     loop {
-        let done = a.duration.is_some_and(|d| started.elapsed() >= d);
+        // Nobody reads the report any more (`dci demo | grep -m1 stale`): the run ends as at
+        // its duration, and its exit code still tells whether a stale read was seen.
+        let done = a.duration.is_some_and(|d| started.elapsed() >= d) || crate::out::gone();
         if done {
             break;
         }
@@ -531,7 +538,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         } else {
             String::new()
         };
-        println!(
+        crate::out::say!(
             "t={:>4}s publishes/s={:>6} propagation p50={:.2}ms p99={:.2}ms hit ratio={:>5.1}% stale reads={} errors={}{chaos}",
             started.elapsed().as_secs(),
             pubs - last_pub,
@@ -540,20 +547,20 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
             hit_ratio,
             stats.stale.load(Ordering::Relaxed),
             stats.errors.load(Ordering::Relaxed),
-        );
+        )?;
         (last_pub, last_reads, last_hits) = (pubs, reads, hits);
     }
     let _ = halt_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
-    println!(
+    crate::out::say!(
         "dci demo: done after {:.1}s: {} publishes, {} reads, {} stale reads",
         started.elapsed().as_secs_f64(),
         stats.publishes.load(Ordering::Relaxed),
         stats.reads.load(Ordering::Relaxed),
         stats.stale.load(Ordering::Relaxed)
-    );
+    )?;
     let (nodes, failed) = chaos.await?;
     nodes.stop().await?;
     if let Some(e) = failed {

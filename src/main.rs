@@ -6,10 +6,11 @@
 mod bench;
 mod demo;
 mod follow;
+mod out;
 mod publish;
 mod status;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -710,10 +711,8 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
         .into_inner();
     if r.hit {
         // The value as stored (it need not be text), then a newline.
-        let mut out = std::io::stdout().lock();
-        out.write_all(&r.value)?;
-        out.write_all(b"\n")?;
-        out.flush()?;
+        out::bytes(&r.value)?;
+        out::bytes(b"\n")?;
     } else {
         if r.only_misses.is_empty() {
             eprintln!("miss (lease {})", r.lease);
@@ -739,7 +738,7 @@ async fn delete(a: GetArgs) -> anyhow::Result<bool> {
         .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?
         .into_inner();
     if r.existed {
-        println!("deleted");
+        crate::out::say!("deleted")?;
     } else {
         eprintln!("absent");
     }
@@ -788,7 +787,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
                 anyhow!(status_line(&s, "an edge", &a.edge, &tls))
             }
         })?;
-    println!("stored");
+    crate::out::say!("stored")?;
     Ok(())
 }
 

@@ -108,16 +108,24 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!(
+        crate::out::say!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?
-        );
+        )?;
         return failed.map_or(Ok(()), Err);
     }
-    println!(
+    crate::out::say!(
         "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  parent",
-        "node", "role", "region", "shard", "hwm", "lag_seqs", "lag_ms", "caught_up", "connected"
-    );
+        "node",
+        "role",
+        "region",
+        "shard",
+        "hwm",
+        "lag_seqs",
+        "lag_ms",
+        "caught_up",
+        "connected"
+    )?;
     let mut past_bound = false;
     for n in &r.nodes {
         // Names come from the nodes themselves, any receiver's report included.
@@ -133,10 +141,19 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
         let connected =
             humantime::format_duration(Duration::from_secs(n.connected_ms / 1000)).to_string();
         if n.shards.is_empty() {
-            println!(
+            crate::out::say!(
                 "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
-                node_id, role, region, "-", "-", "-", "-", "-", connected, parent
-            );
+                node_id,
+                role,
+                region,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                connected,
+                parent
+            )?;
         }
         for s in &n.shards {
             // Seconds ago, all the way to the coordinator: what the staleness bound looks at.
@@ -148,7 +165,7 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 past_bound = true;
                 caught_up.push('*');
             }
-            println!(
+            crate::out::say!(
                 "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
                 node_id,
                 role,
@@ -160,14 +177,14 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 caught_up,
                 connected,
                 parent
-            );
+            )?;
         }
     }
     if past_bound {
-        println!("* a cache past its staleness bound: it answers only misses for the shard until it has caught up");
+        crate::out::say!("* a cache past its staleness bound: it answers only misses for the shard until it has caught up")?;
     }
     for n in r.nodes.iter().filter(|n| !n.failure.is_empty()) {
-        println!("! {}: {}", printable(&n.node_id), printable(&n.failure));
+        crate::out::say!("! {}: {}", printable(&n.node_id), printable(&n.failure))?;
     }
     failed.map_or(Ok(()), Err)
 }

@@ -1424,6 +1424,110 @@ fn the_bench_runs_end_to_end() {
     );
 }
 
+/// `dci` with its standard output a pipe nobody reads: closed before the command starts, so
+/// every write fails as it does once `| head` has what it wanted.
+fn dci_unread(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(DCI)
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// A reader that goes away (`dci status | head -3`) ends what a command prints, not the
+/// command with a panic: each one exits as it would have, quietly, and the long runs stop at
+/// their next step instead of running on for nobody (they panicked at their next line).
+#[test]
+fn a_reader_that_goes_away_ends_the_printing_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, cport) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cport}");
+    let (_edge, eport) = start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &coord,
+        "--region",
+        "eu",
+    ]);
+    let edge = format!("http://127.0.0.1:{eport}");
+    // Past the pipe's buffer, so that the value is not all written before anything fails.
+    fill(&edge, "big", &"v".repeat(100_000));
+    let quiet = |o: &Output, code: i32, what: &str| {
+        assert_eq!(o.status.code(), Some(code), "{what}: {}", stderr(o));
+        assert!(stderr(o).is_empty(), "{what}: {}", stderr(o));
+    };
+    quiet(
+        &dci_unread(&["status", "--coordinator", &coord]),
+        0,
+        "status",
+    );
+    quiet(
+        &dci_unread(&["status", "--coordinator", &coord, "--json"]),
+        0,
+        "status --json",
+    );
+    quiet(&dci_unread(&["get", "--edge", &edge, "big"]), 0, "get");
+    quiet(
+        &dci_unread(&["delete", "--edge", &edge, "big"]),
+        0,
+        "delete",
+    );
+    // A miss still says so, on stderr.
+    let miss = dci_unread(&["get", "--edge", &edge, "big"]);
+    assert_eq!(miss.status.code(), Some(1), "{}", stderr(&miss));
+    // Another failure to write is an error, in one line.
+    let full = Command::new(DCI)
+        .args(["status", "--coordinator", &coord])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(2));
+    assert!(
+        stderr(&full).starts_with("dci: writing to standard output: ")
+            && stderr(&full).lines().count() == 1,
+        "{}",
+        stderr(&full)
+    );
+    // The runs stop at their next step: the demo long before its duration, the bench before
+    // its latency run (either would have run for minutes).
+    let started = Instant::now();
+    let demo = dci_unread(&[
+        "demo",
+        "--duration",
+        "300s",
+        "--rate",
+        "100",
+        "--reads",
+        "100",
+    ]);
+    assert_eq!(demo.status.code(), Some(0), "{}", stderr(&demo));
+    assert!(!stderr(&demo).contains("panicked"), "{}", stderr(&demo));
+    let bench = dci_unread(&[
+        "bench",
+        "--edges",
+        "2",
+        "--count",
+        "1000",
+        "--latency-for",
+        "300s",
+        "--receivers",
+        "0",
+        "--no-redis",
+    ]);
+    assert_eq!(bench.status.code(), Some(0), "{}", stderr(&bench));
+    assert!(!stderr(&bench).contains("panicked"), "{}", stderr(&bench));
+    assert!(
+        started.elapsed() < Duration::from_secs(200),
+        "the runs went on for nobody: {:?}",
+        started.elapsed()
+    );
+}
+
 /// A rendered chart spreads each region's relays and edges, and the coordinators, over nodes (a
 /// preference for nodes without the same pods), and bounds how many of a region's relays and
 /// edges an eviction takes at a time (a disruption budget each, over exactly their pods). Every

@@ -318,12 +318,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         redis::Redis::start(shape.clone()).await
     };
     if redis.is_none() && !a.no_redis {
-        println!("redis: redis-server not on the PATH; the Redis comparison is skipped");
+        crate::out::say!("redis: redis-server not on the PATH; the Redis comparison is skipped")?;
     }
-    println!(
+    crate::out::say!(
         "dci bench: {} edges over 2 relays, fsync={:?}, {}-byte invalidations ({}-byte keys like {:?}), compression={}, prefix filter={:?}",
         a.edges, a.fsync, shape.len() + 16, shape.len(), String::from_utf8_lossy(&shape.key(123_456)), a.compression, a.prefix
-    );
+    )?;
 
     // 1. Saturation.
     let base = publisher.invalidate("bench:warmup").await?;
@@ -418,28 +418,33 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(r) => Some(r.saturation(a.edges, a.count.min(500_000)).await?),
         None => None,
     };
-    println!("saturation (N={}):", a.edges);
-    println!(
+    crate::out::say!("saturation (N={}):", a.edges)?;
+    crate::out::say!(
         "  published {published} in {:.2}s ({:.0}/s through the log); applied at all edges after {:.2}s",
         published_in.as_secs_f64(),
         published as f64 / published_in.as_secs_f64(),
         elapsed.as_secs_f64()
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  dci:   {:>12.0} delivered/s   lost 0   | redis pub/sub: {:>12} delivered/s  ratio {}",
         rate,
         redis_sat.map_or("-".into(), |r| format!("{r:.0}")),
         ratio(rate, redis_sat)
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  cost:  {:.3} CPU s per million deliveries (whole process: coordinator, relays, edges, publisher)",
         cpu / (delivered as f64 / 1e6)
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  wire:  {:.1} bytes per delivered invalidation on the relay→edge links (batch payloads), {:.1} on all of loopback (every link, acks, TCP/IP headers)",
         wire as f64 / delivered as f64,
         lo as f64 / delivered as f64
-    );
+    )?;
+
+    if crate::out::gone() {
+        // Nobody reads the figures any more (`dci bench | head`): the runs left are not made.
+        return stop(coordinator, relays, edges).await;
+    }
 
     // 2. Latency at a fixed rate.
     let m = meter.clone();
@@ -516,26 +521,26 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(r) => Some(r.latency(a.edges, a.rate, a.latency_for).await?),
         None => None,
     };
-    println!(
+    crate::out::say!(
         "latency at {}/s, N={} (publish call → applied at each edge, {} samples):",
         a.rate,
         a.edges,
         h.len()
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  dci:   p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
         q(0.5),
         q(0.99),
         q(0.999),
         h.max() as f64 / 1000.0
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  publish acknowledged (durable, fsync={:?}, through the SDK's PublishStream): p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms",
         a.fsync,
         acks.value_at_quantile(0.5) as f64 / 1000.0,
         acks.value_at_quantile(0.99) as f64 / 1000.0,
         acks.value_at_quantile(0.999) as f64 / 1000.0
-    );
+    )?;
     let tier = |t: &HistogramSnapshot| {
         let q = |x| {
             t.quantile_us(x)
@@ -543,18 +548,22 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         };
         format!("p50 {} p99 {}", q(0.5), q(0.99))
     };
-    println!(
+    crate::out::say!(
         "  by tier (each node's own dci_propagation_seconds, interpolated in its buckets, ms): in the log {} · at the relays {} · at the edges {}",
         tier(&tiers_during[0]),
         tier(&tiers_during[1]),
         tier(&tiers_during[2])
-    );
+    )?;
     if let Some((p50, p99, p999)) = redis_lat {
-        println!(
+        crate::out::say!(
             "  redis: p50 {p50:.3} ms  p99 {p99:.3} ms  p99.9 {p999:.3} ms   dci/redis: p50 {} p99 {}",
             ratio(q(0.5), Some(p50)),
             ratio(q(0.99), Some(p99))
-        );
+        )?;
+    }
+
+    if crate::out::gone() {
+        return stop(coordinator, relays, edges).await;
     }
 
     // 3. Catch-up: a receiver that comes back far behind (it was stopped, say) resumes at its
@@ -591,22 +600,34 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     if flushed.load(Ordering::Relaxed) {
         anyhow::bail!("bench: the catch-up receiver was reset: the range was gone");
     }
-    println!(
+    crate::out::say!(
         "catch-up (a receiver {} invalidations behind, resumed through a relay: {} fetches from the coordinator):",
         last_head - base,
         relays[0].core.catch_ups.load(Ordering::Relaxed) - fetches_before
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  applied all in {:.2}s ({:.0}/s)",
         took.as_secs_f64(),
         (last_head - base) as f64 / took.as_secs_f64()
-    );
+    )?;
+
+    if crate::out::gone() {
+        return stop(coordinator, relays, edges).await;
+    }
 
     // 4. Scale: many receivers on one relay.
     if a.receivers > 0 {
         scale(&a, &shape, &relays[0], &publisher).await?;
     }
 
+    stop(coordinator, relays, edges).await
+}
+
+async fn stop(
+    coordinator: Coordinator,
+    relays: Vec<Relay>,
+    edges: Vec<EdgeNode>,
+) -> anyhow::Result<()> {
     for e in edges {
         let _ = e.stop().await;
     }
@@ -614,9 +635,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         let _ = r.stop().await;
     }
     coordinator.stop().await?;
-    if let Some(r) = redis {
-        r.stop();
-    }
     Ok(())
 }
 
@@ -765,20 +783,20 @@ async fn scale(
     }
     let elapsed = started.elapsed();
     let delivered = count * a.receivers as u64;
-    println!(
+    crate::out::say!(
         "scale ({} receivers on one relay, in a separate process):",
         a.receivers
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  memory per idle receiver on the relay {:.1} KiB (relay process RSS growth / receivers)",
         idle / 1024.0
-    );
-    println!(
+    )?;
+    crate::out::say!(
         "  delivered/s {:.0} ({} invalidations to each receiver in {:.2}s)",
         delivered as f64 / elapsed.as_secs_f64(),
         count,
         elapsed.as_secs_f64()
-    );
+    )?;
     drop(to_child);
     let _ = child.kill().await;
     Ok(())

@@ -46,6 +46,14 @@ fn publish_cmd(shape: &KeyShape, i: u64, now_us: u64) -> Vec<u8> {
     cmd
 }
 
+/// The server goes with the bench however it ends: an error half-way left it running.
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Redis {
     /// Start `redis-server` if it is on the PATH.
     pub async fn start(shape: KeyShape) -> Option<Redis> {
@@ -77,13 +85,7 @@ impl Redis {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        r.stop();
         None
-    }
-
-    pub fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 
     async fn subscribers(
