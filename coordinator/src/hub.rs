@@ -35,6 +35,9 @@ pub struct Hub {
     logged_at: Mutex<VecDeque<(Seq, u64)>>,
     /// Publish (the writer's call) to written in the log and streaming, per entry.
     pub(crate) propagation: Arc<LatencyHistogram>,
+    /// The pace of the error a range of the log that cannot be read sets off (every receiver
+    /// behind it asks for it again).
+    unreadable: Mutex<dci_proto::throttle::Throttle>,
 }
 
 impl Hub {
@@ -58,6 +61,7 @@ impl Hub {
             reports: Default::default(),
             logged_at: Mutex::new(VecDeque::new()),
             propagation: Arc::default(),
+            unreadable: Mutex::default(),
         }
     }
 
@@ -141,14 +145,8 @@ impl Hub {
         epoch: Epoch,
         from: Seq,
         budget: usize,
-    ) -> Fetch {
-        let records = match reader.read_from(from, budget.max(64 << 10)) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, from, "reading the log for a replay failed");
-                return Fetch::NotYet;
-            }
-        };
+    ) -> std::io::Result<Vec<Arc<SharedBatch>>> {
+        let records = reader.read_from(from, budget.max(64 << 10))?;
         let mut out = Vec::new();
         let mut entries = Vec::new();
         let mut bytes = 0;
@@ -186,11 +184,7 @@ impl Hub {
                 entries: coalesce(entries),
             }));
         }
-        if out.is_empty() {
-            Fetch::NotYet
-        } else {
-            Fetch::Batches(out)
-        }
+        Ok(out)
     }
 }
 
@@ -233,11 +227,33 @@ impl BatchSource for Hub {
                     return Fetch::Gone;
                 }
                 let (shard, epoch) = (self.shard, self.epoch);
-                tokio::task::spawn_blocking(move || {
+                let read = tokio::task::spawn_blocking(move || {
                     Hub::read_disk(&reader, shard, epoch, from, budget)
                 })
-                .await
-                .unwrap_or(Fetch::NotYet)
+                .await;
+                let why = match read {
+                    Ok(Ok(batches)) if !batches.is_empty() => return Fetch::Batches(batches),
+                    Ok(Ok(_)) => "its segment is missing or damaged".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                // It was written (it is older than the memory tail), yet the log gives none of
+                // it: retention removed its segment meanwhile, or it cannot be read (a segment
+                // removed by hand, damaged since it was written). Asking again would hold the
+                // receiver where it is for good, and its cache with it: the range is gone.
+                let oldest = self.disk.read().unwrap_or_else(|e| e.into_inner()).0;
+                if from >= oldest {
+                    if let Some(held_back) = lock(&self.unreadable).allow(std::time::Instant::now())
+                    {
+                        tracing::error!(
+                            from,
+                            %why,
+                            held_back,
+                            "a range of the log cannot be read: receivers that need it are reset to the head"
+                        );
+                    }
+                }
+                Fetch::Gone
             }
         }
     }
@@ -320,8 +336,7 @@ mod tests {
             })
             .collect();
         wal.append(&records).unwrap();
-        let Fetch::Batches(batches) = Hub::read_disk(&wal.reader(), 0, wal.epoch(), 1, usize::MAX)
-        else {
+        let Ok(batches) = Hub::read_disk(&wal.reader(), 0, wal.epoch(), 1, usize::MAX) else {
             panic!("the log holds them");
         };
         let mut next = 1;

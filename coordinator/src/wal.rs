@@ -1158,7 +1158,8 @@ type SegmentRef = (Seq, PathBuf, Vec<(Seq, u64)>);
 
 impl LogReader {
     /// Records holding seqs from `from` on (the first may start before `from`), up to about
-    /// `max_bytes`, in order. Empty when `from` is not on disk (gone, or not yet written).
+    /// `max_bytes`, in order and each following the one before. Empty when `from` is not on disk
+    /// (gone, not yet written, or in a record damaged since); they stop short of damage.
     pub fn read_from(&self, from: Seq, max_bytes: usize) -> io::Result<Vec<LogRecord>> {
         let pos = self
             .segments
@@ -1188,10 +1189,28 @@ impl LogReader {
             f.seek(SeekFrom::Start(start))?;
             let mut r = io::BufReader::new(f);
             let mut off = start;
-            while let Ok(Some((rec, n))) = read_record(&mut r, size - off) {
+            loop {
+                let (rec, n) = match read_record(&mut r, size - off) {
+                    Ok(Some(read)) => read,
+                    Ok(None) => break,
+                    // Damaged since it was written (recovery took it whole), or being written at
+                    // the end: what follows is not the records' continuation. Going on to the
+                    // next segment gave batches whose range spanned the damaged seqs without
+                    // their entries, which receivers take for entries filtered out.
+                    Err(_) => return Ok(out),
+                };
                 off += n;
                 if rec.last_seq() < from {
                     continue;
+                }
+                // Each record follows the one before it, the first holds `from`: a record that
+                // does not is no continuation either.
+                let follows = match out.last() {
+                    Some(p) => p.last_seq() + 1 == rec.first_seq,
+                    None => rec.first_seq <= from,
+                };
+                if !follows {
+                    return Ok(out);
                 }
                 used += n as usize;
                 out.push(rec);

@@ -137,7 +137,6 @@ struct Log {
     wal: Option<Wal>,
     /// Where fsyncs and answers go; `None` once closed.
     syncs: Option<std::sync::mpsc::Sender<SyncJob>>,
-    segments: usize,
     last_retention: Instant,
 }
 
@@ -184,7 +183,6 @@ impl Sequencer {
             room: Arc::new(tokio::sync::Semaphore::new(room_bytes as usize)),
             room_bytes,
             log: Mutex::new(Log {
-                segments: wal.segment_count(),
                 wal: Some(wal),
                 syncs: Some(tx),
                 last_retention: Instant::now(),
@@ -284,10 +282,6 @@ impl Sequencer {
                 });
             }
         }
-        if wal.segment_count() != log.segments {
-            log.segments = wal.segment_count();
-            self.hub.set_disk(wal.oldest(), wal.reader());
-        }
     }
 
     /// Housekeeping, called periodically: retention, and the fsync `interval` asks for when no
@@ -313,10 +307,7 @@ impl Sequencer {
         if log.last_retention.elapsed() >= Duration::from_secs(1) {
             log.last_retention = Instant::now();
             match wal.enforce_retention(SystemTime::now()) {
-                Ok(oldest) => {
-                    log.segments = wal.segment_count();
-                    self.hub.set_disk(oldest, wal.reader());
-                }
+                Ok(oldest) => self.hub.set_disk(oldest, wal.reader()),
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
         }
@@ -444,8 +435,14 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
             answers,
         });
     }
+    let segments = wal.segment_count();
     if let Err(e) = wal.write(&records) {
         return Err((e.to_string(), answers));
+    }
+    // A new segment is readable before the group in it goes to the memory tail: the tail may
+    // let older groups go for it, and a receiver that needs them reads them from disk.
+    if wal.segment_count() != segments {
+        hub.set_disk(wal.oldest(), wal.reader());
     }
     let mut entries = coalesce(group_entries);
     // The tail keeps the group: not the requests it came in.

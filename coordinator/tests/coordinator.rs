@@ -394,6 +394,88 @@ async fn receiver_resuming_from_an_old_hwm_gets_everything_since_from_disk() {
     c.stop().await.unwrap();
 }
 
+/// A range of the log that cannot be read any more (a segment removed by hand, a record damaged
+/// since it was written) is gone: a receiver that needs it gets what can be read before it, then
+/// a reset to the head, and follows from there. It was asked for again without end, and the
+/// receiver held where it was for good (its caches serving only misses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_the_log_that_cannot_be_read_ends_in_a_reset_not_a_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cfg(dir.path());
+    config.memory_tail_bytes = 1; // every replay from disk
+    config.segment_bytes = 4096;
+    let c = Coordinator::start(config).await.unwrap();
+    let epoch = c.epoch;
+    let mut p = client(&c).await;
+    for i in 0..600 {
+        p.publish(req("", 0, &[&format!("key-{i}")])).await.unwrap();
+    }
+    let mut segments: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| (p.file_stem().unwrap().to_str().unwrap().parse().unwrap(), p))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 5, "{segments:?}");
+    // A record in the middle of the second segment damaged, the fourth segment removed.
+    let mut second = std::fs::read(&segments[1].1).unwrap();
+    let mid = second.len() / 2;
+    for b in &mut second[mid..mid + 8] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&segments[1].1, second).unwrap();
+    std::fs::remove_file(&segments[3].1).unwrap();
+
+    let reset_then_new = |f: Follower, from: u64, head: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while support::lock_flushes(&f) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a receiver from {from} was held at {} for good",
+                dci_proto::upstream::lock(&f.rec).last_seq
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (got, flushes) = {
+            let r = dci_proto::upstream::lock(&f.rec);
+            (
+                r.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                r.flushes.clone(),
+            )
+        };
+        // What could be read came first, in order and without a gap, and stopped short of the
+        // head.
+        assert!(got.len() < (head - from + 1) as usize, "{got:?}");
+        assert_eq!(
+            got,
+            (from..from + got.len() as u64).collect::<Vec<_>>(),
+            "{flushes:?}"
+        );
+        assert_eq!(flushes.len(), 1, "{flushes:?}");
+        assert_eq!(flushes[0].2, head, "reset to the head: {flushes:?}");
+        f
+    };
+    // From the start: the first segment, then the damaged record.
+    let f = Follower::start(vec![c.url()], vec![(0, epoch, 0)]);
+    let f = reset_then_new(f, 1, 600).await;
+    assert!(
+        f.seqs().len() as u64 >= segments[1].0 - 1,
+        "the first segment is read"
+    );
+    // From the removed segment on.
+    let g = Follower::start(vec![c.url()], vec![(0, epoch, segments[3].0 - 1)]);
+    let g = reset_then_new(g, segments[3].0, 600).await;
+    // Both follow on from the head.
+    p.publish(req("", 0, &["after"])).await.unwrap();
+    f.wait_for_seq(601).await;
+    g.wait_for_seq(601).await;
+    assert_eq!(f.seqs().last(), Some(&601));
+    assert_eq!(g.seqs(), vec![601]);
+    drop((f, g));
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_receiver_does_not_slow_publishing_or_the_others() {
     let dir = tempfile::tempdir().unwrap();
