@@ -1947,6 +1947,21 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         r.core.upstream().connected_to.is_none()
     })
     .await;
+    // Moving on from the relay finds it no better (there is no other, and every relay would be
+    // cut off from shard 1): the edge leaves it ever more slowly, where it reconnected every
+    // peer timeout (1 s here) for as long as shard 1 was down.
+    let mut links = 0;
+    let mut since = lock(&e.edge.link).connected_since;
+    let watching = tokio::time::Instant::now();
+    while watching.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = lock(&e.edge.link).connected_since;
+        if now.is_some() && now != since {
+            links += 1;
+        }
+        since = now.or(since);
+    }
+    assert!(links <= 4, "{links} links in 10 s");
     // Past the bound, shard 1's keys are misses (nothing vouches for them); shard 0's still hit.
     let cut = tokio::time::Instant::now();
     while !matches!(cache.get(k1.clone()).await.unwrap(), Lookup::Miss { .. }) {

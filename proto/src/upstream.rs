@@ -744,6 +744,7 @@ pub async fn follow<A: Applier>(
             _ = shutdown.changed() => return,
             f = next_change(&mut changes) => {
                 refollow(&mut opts, f, &applier);
+                cut_off.reset();
                 None
             }
         };
@@ -802,6 +803,7 @@ pub async fn follow<A: Applier>(
             _ = shutdown.changed() => return,
             f = next_change(&mut changes) => {
                 refollow(&mut opts, f, &applier);
+                cut_off.reset();
                 (idx, backoff) = (0, opts.backoff_min);
                 (failures, failing_since, last_warned) = (0, None, None);
             }
@@ -809,14 +811,59 @@ pub async fn follow<A: Applier>(
     }
 }
 
-/// Leaving senders cut off themselves: told once every `WARN_EVERY` (while every sender behind
-/// a Service is, the node reconnects every `peer_timeout`).
+/// The longest a node stays with a sender cut off itself before it moves on, however many times
+/// in a row it found every one of its senders so.
+pub const MAX_CUT_OFF_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Leaving senders cut off themselves: told once every `WARN_EVERY`.
 #[derive(Debug, Default)]
-struct CutOff {
+pub struct CutOff {
     /// When it was last told at warn level.
     warned: Option<Instant>,
     /// The session that ended last left a sender cut off (already told of).
     just_left: bool,
+    /// Senders left in a row for it, since one was last caught up on every shard it carries.
+    in_a_row: u32,
+}
+
+impl CutOff {
+    /// How long a sender must have been cut off before the node leaves it: `bound` (its peer
+    /// timeout), doubled for each round of its `senders` that found every one cut off, up to
+    /// [`MAX_CUT_OFF_PATIENCE`]. A coordinator of a sharded tier that is down cuts every relay
+    /// off from its shard: moving on finds the next relay no better, and every edge of every
+    /// relay reconnected every peer timeout for as long as it lasted, though the other shards
+    /// flowed. A sender cut off while another is not is still left after one timeout.
+    pub fn patience(&self, bound: Duration, senders: usize) -> Duration {
+        let rounds = self.in_a_row / senders.max(1) as u32;
+        bound
+            .saturating_mul(1 << rounds.min(16))
+            .min(MAX_CUT_OFF_PATIENCE.max(bound))
+    }
+
+    /// A sender was left for being cut off.
+    pub fn left(&mut self) {
+        self.just_left = true;
+        self.in_a_row = self.in_a_row.saturating_add(1);
+    }
+
+    /// A sender was caught up on every shard it carries, or the senders changed: the next one
+    /// cut off is left after one timeout again.
+    pub fn reset(&mut self) {
+        self.in_a_row = 0;
+    }
+}
+
+/// Has the sender been caught up with its own sender on every shard it carries within `bound`
+/// (`announced` as [`sender_cut_off`] takes it)?
+pub fn sender_fresh(
+    announced: &[(ShardId, Epoch, Option<Instant>)],
+    now: Instant,
+    bound: Duration,
+) -> bool {
+    !announced.is_empty()
+        && announced
+            .iter()
+            .all(|&(_, _, t)| t.is_some_and(|t| now.saturating_duration_since(t) < bound))
 }
 
 /// Take new senders and filter, between links.
@@ -1081,10 +1128,14 @@ async fn session<A: Applier>(
                 }
                 // Also with one URL: behind it may be several senders (a Kubernetes Service),
                 // and the next connection may reach one that is not cut off. While every one is
-                // (the coordinators down), that is a reconnection every `peer_timeout`: warned
-                // of at once and every 30 s, like a sender that cannot be reached.
-                if sender_cut_off(&announced, connected_at, now, opts.peer_timeout) {
-                    cut_off.just_left = true;
+                // (a coordinator down), that is a reconnection every `patience`, which grows:
+                // warned of at once and every 30 s, like a sender that cannot be reached.
+                let patience = cut_off.patience(opts.peer_timeout, opts.urls.len());
+                if sender_fresh(&announced, now, opts.peer_timeout) {
+                    cut_off.reset();
+                }
+                if sender_cut_off(&announced, connected_at, now, patience) {
+                    cut_off.left();
                     if cut_off.warned.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
                         cut_off.warned = Some(now);
                         tracing::warn!(sender = %url, "sender cut off from its own sender; moving on");
@@ -1778,6 +1829,50 @@ mod tests {
             sender_cut_off(&[(0, 1, None)], t0, s(10_000), bound),
             "never caught up"
         );
+    }
+
+    /// A node that keeps finding every sender cut off waits twice as long at each round of its
+    /// senders before it leaves the next, up to a bound; one sender caught up on every shard
+    /// (or new senders) brings it back to one timeout.
+    #[test]
+    fn senders_all_cut_off_are_left_ever_more_slowly() {
+        let bound = Duration::from_secs(1);
+        let mut c = CutOff::default();
+        let mut waits = Vec::new();
+        for _ in 0..14 {
+            waits.push(c.patience(bound, 2).as_secs());
+            c.left();
+        }
+        assert_eq!(waits, [1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 30, 30, 30, 30]);
+        assert_eq!(c.patience(bound, 1), MAX_CUT_OFF_PATIENCE);
+        c.reset();
+        assert_eq!(c.patience(bound, 2), bound);
+        // A peer timeout above the most is kept.
+        let long = Duration::from_secs(60);
+        for _ in 0..10 {
+            c.left();
+        }
+        assert_eq!(c.patience(long, 1), long);
+        // Past every doubling that fits.
+        for _ in 0..100 {
+            c.left();
+        }
+        assert_eq!(c.patience(bound, 1), MAX_CUT_OFF_PATIENCE);
+
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        assert!(!sender_fresh(&[], s(0), bound), "said of no shard");
+        assert!(sender_fresh(
+            &[(0, 1, Some(s(9_500))), (1, 1, Some(s(9_900)))],
+            s(10_000),
+            bound
+        ));
+        assert!(!sender_fresh(
+            &[(0, 1, Some(s(9_500))), (1, 1, Some(s(8_000)))],
+            s(10_000),
+            bound
+        ));
+        assert!(!sender_fresh(&[(0, 1, None)], s(10_000), bound));
     }
 
     /// Readiness says which shards are behind and how long ago each was caught up, and turns
