@@ -1962,6 +1962,10 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         since = now.or(since);
     }
     assert!(links <= 4, "{links} links in 10 s");
+    // The relay stays ready: it vouches for shard 0 (were every relay of the Service unready
+    // for shard 1, an edge reconnecting could follow none).
+    let long_ago = Duration::from_secs(3);
+    assert_eq!(r.core.unready(std::time::Instant::now(), long_ago), None);
     // Past the bound, shard 1's keys are misses (nothing vouches for them); shard 0's still hit.
     let cut = tokio::time::Instant::now();
     while !matches!(cache.get(k1.clone()).await.unwrap(), Lookup::Miss { .. }) {

@@ -160,18 +160,25 @@ impl RelayCore {
         all
     }
 
-    /// Why this relay cannot vouch for every shard it carries (caught up with the shard's
-    /// coordinator within `bound`), link by link, or `None` if it can.
+    /// Why this relay should take no new receivers: it can vouch for no shard it carries (caught
+    /// up with the shard's coordinator within `bound`), said link by link; `None` while it can
+    /// for some. A coordinator of a sharded tier that is down cuts every relay off from its
+    /// shard alone: were each relay unready for it, the relays' Service would have none, and an
+    /// edge reconnecting meanwhile could follow no relay, the other shards' invalidations
+    /// included. Its receivers leave it for one that can vouch for every shard, if there is one
+    /// ([`dci_proto::upstream::sender_cut_off`]).
     pub fn unready(&self, now: std::time::Instant, bound: Duration) -> Option<String> {
-        let why: Vec<String> = self
-            .links
-            .iter()
-            .filter_map(|l| {
-                let l = lock(l);
-                l.unready(&l.shards(), now, bound)
-            })
-            .collect();
-        (!why.is_empty()).then(|| why.join("; "))
+        let mut why = Vec::new();
+        let mut vouches = false;
+        for l in &self.links {
+            let l = lock(l);
+            let shards = l.shards();
+            vouches |= shards
+                .iter()
+                .any(|&s| l.unready(&[s], now, bound).is_none());
+            why.extend(l.unready(&shards, now, bound));
+        }
+        (!vouches).then(|| why.join("; "))
     }
 
     /// Bytes held in rings.
