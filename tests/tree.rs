@@ -897,6 +897,42 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
         Lookup::Miss { .. }
     ));
     e.edge.stop().await.unwrap();
+
+    // Its values are kept in parts of the capacity (by default four per CPU): each part holds
+    // a value as large as the edge takes, where one larger than a part was answered as stored
+    // and never kept (64 MiB in 8 parts here, 256 MiB on 16 CPUs).
+    let e = edge(EdgeConfig {
+        capacity: 64 << 20,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let big = Bytes::from(vec![7u8; 8 << 20]);
+    assert!(cache.set("big", big.clone(), None).await.unwrap());
+    assert_eq!(cache.get("big").await.unwrap(), Lookup::Hit(big));
+    e.edge.stop().await.unwrap();
+    // A capacity too small for such a value refuses it, saying so.
+    let e = edge(EdgeConfig {
+        capacity: 1 << 20,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_serving(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let err = cache
+        .set("big", vec![7u8; 2 << 20], None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than this edge keeps in one entry"),
+        "{err}"
+    );
+    let fits = Bytes::from(vec![7u8; 500_000]);
+    assert!(cache.set("fits", fits.clone(), None).await.unwrap());
+    assert_eq!(cache.get("fits").await.unwrap(), Lookup::Hit(fits));
+    e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
 }

@@ -270,6 +270,18 @@ impl EdgeService {
                 self.max_value_len
             )));
         }
+        // A capacity below what max_value_len allows: such an entry would not be kept, though
+        // its Set answered as stored.
+        let weight = (r.key.len() + r.value.len() + store::ENTRY_OVERHEAD) as u64;
+        if weight > self.store.largest_entry() {
+            return Err(Status::invalid_argument(format!(
+                "value is {} bytes: with its key and {} bytes of bookkeeping, more than this \
+                 edge keeps in one entry ({} bytes of its capacity)",
+                r.value.len(),
+                store::ENTRY_OVERHEAD,
+                self.store.largest_entry()
+            )));
+        }
         if let Some(told) = self.wrong_shard_count(lock(&self.link).shard_count) {
             return Err(Status::failed_precondition(format!(
                 "fill refused: this edge maps keys to {} shards, its coordinators have {told} \
@@ -484,11 +496,12 @@ impl EdgeNode {
             filter: follows.clone(),
         });
         let shared_follows = Arc::new(RwLock::new(follows.clone()));
-        let store = Arc::new(Store::new(
+        let store = Arc::new(Store::holding(
             cfg.capacity,
             cfg.ttl,
             cfg.max_tombstones,
             cfg.shard_count,
+            (cfg.max_key_len + cfg.max_value_len + store::ENTRY_OVERHEAD) as u64,
         ));
         let link = Arc::new(Mutex::new(LinkState::default()));
         let quarantine = Arc::new(Mutex::new(Vec::new()));
