@@ -817,7 +817,7 @@ pub const MAX_CUT_OFF_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Leaving senders cut off themselves: told once every `WARN_EVERY`.
 #[derive(Debug, Default)]
-pub struct CutOff {
+struct CutOff {
     /// When it was last told at warn level.
     warned: Option<Instant>,
     /// The session that ended last left a sender cut off (already told of).
@@ -833,7 +833,7 @@ impl CutOff {
     /// off from its shard: moving on finds the next relay no better, and every edge of every
     /// relay reconnected every peer timeout for as long as it lasted, though the other shards
     /// flowed. A sender cut off while another is not is still left after one timeout.
-    pub fn patience(&self, bound: Duration, senders: usize) -> Duration {
+    fn patience(&self, bound: Duration, senders: usize) -> Duration {
         let rounds = self.in_a_row / senders.max(1) as u32;
         bound
             .saturating_mul(1 << rounds.min(16))
@@ -841,14 +841,14 @@ impl CutOff {
     }
 
     /// A sender was left for being cut off.
-    pub fn left(&mut self) {
+    fn left(&mut self) {
         self.just_left = true;
         self.in_a_row = self.in_a_row.saturating_add(1);
     }
 
     /// A sender was caught up on every shard it carries, or the senders changed: the next one
     /// cut off is left after one timeout again.
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         self.in_a_row = 0;
     }
 }
