@@ -1934,15 +1934,36 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         assert!(cache.set(k.clone(), "v", None).await.unwrap());
         assert_eq!(cache.get(k.clone()).await.unwrap(), Lookup::Hit("v".into()));
     }
+    // And in a near cache following the same relay.
+    let near = dci_sdk::NearCache::start(dci_sdk::NearCacheOptions {
+        relays: vec![r.url()],
+        shard_count: 2,
+        max_staleness: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .unwrap();
+    let n = near.clone();
+    eventually("the near cache caught up", move || n.is_fresh()).await;
+    for k in [&k0, &k1] {
+        assert!(near.set(k.clone(), "v", None));
+        assert_eq!(near.get(k.as_bytes()), Lookup::Hit("v".into()));
+    }
 
     // A publisher of the whole tier, whose wait finds both shards applied, once both
-    // coordinators' trees have the edge.
+    // coordinators' trees have the edge and the near cache.
     for c in &cs {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !tree_at(c.url()).await.iter().any(|n| n.role == "edge") {
+        loop {
+            let tree = tree_at(c.url()).await;
+            if ["edge", "near-cache"]
+                .iter()
+                .all(|role| tree.iter().any(|n| n.role == *role))
+            {
+                break;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the edge never reported"
+                "the caches never reported"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1962,7 +1983,7 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
             .await
             .unwrap()
             .caches,
-        1
+        2
     );
 
     // Shard 1's coordinator goes away: shard 0 goes on through the same relay.
@@ -2015,11 +2036,14 @@ async fn a_relay_follows_every_shard_of_a_sharded_tier() {
         cache.get(k0.clone()).await.unwrap(),
         Lookup::Hit("v".into())
     );
+    // The near cache too serves shard 0's keys and not shard 1's (it served none).
+    assert_eq!(near.get(k0.as_bytes()), Lookup::Hit("v".into()));
+    assert!(matches!(near.get(k1.as_bytes()), Lookup::Miss { .. }));
     // The tier's publisher waits for a key of shard 0 in shard 0's tree: shard 1, down, has
     // nothing it published since its last wait, and does not hold it.
     tier.invalidate(k0.clone()).await.unwrap();
     let applied = tier.wait_applied(Duration::from_secs(20)).await.unwrap();
-    assert_eq!(applied.caches, 1);
+    assert_eq!(applied.caches, 2);
     assert!(matches!(
         cache.get(k0.clone()).await.unwrap(),
         Lookup::Miss { .. }

@@ -216,6 +216,8 @@ pub struct NearCache {
     link: Arc<Mutex<LinkState>>,
     max_staleness: Duration,
     shard_count: u32,
+    /// The shard of each key, as its coordinators map them.
+    shards: Arc<dci_proto::ring::ShardMap>,
     /// What it follows: the keys it may cache.
     follows: Arc<Filter>,
     stop: Arc<watch::Sender<bool>>,
@@ -296,6 +298,7 @@ impl NearCache {
             link,
             max_staleness: opts.max_staleness,
             shard_count: opts.shard_count.max(1),
+            shards: Arc::new(dci_proto::ring::ShardMap::new(opts.shard_count.max(1))),
             follows: Arc::new(follows),
             stop: Arc::new(stop),
             relays: Arc::new(relays),
@@ -327,7 +330,10 @@ impl NearCache {
 
     /// The lookup, and whether this cache serves the key now (a fill of it would be read).
     fn look(&self, key: &[u8]) -> (Lookup, bool) {
-        let serves = lock(&self.link).fresh_within(Instant::now(), self.max_staleness)
+        // Fresh for the key's shard, as an edge asks: a coordinator of a sharded tier that is
+        // down left every key a miss, where only its shard's are unvouched for.
+        let shard = self.shards.shard_of(key);
+        let serves = lock(&self.link).fresh_for(shard, Instant::now(), self.max_staleness)
             && self.agrees_on_shards()
             && self.follows.takes_key(key);
         let st = lock(&self.state);
