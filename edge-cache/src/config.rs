@@ -86,6 +86,12 @@ impl Default for EdgeConfig {
 pub struct ConfigError(pub String);
 
 impl EdgeConfig {
+    /// The heaviest entry the edge takes: its longest key and value, and the store's
+    /// bookkeeping.
+    pub fn largest_entry(&self) -> u64 {
+        (self.max_key_len + self.max_value_len + crate::store::ENTRY_OVERHEAD) as u64
+    }
+
     /// Check the values.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if self.relays.is_empty() {

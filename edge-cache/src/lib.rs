@@ -501,7 +501,7 @@ impl EdgeNode {
             cfg.ttl,
             cfg.max_tombstones,
             cfg.shard_count,
-            (cfg.max_key_len + cfg.max_value_len + store::ENTRY_OVERHEAD) as u64,
+            cfg.largest_entry(),
         ));
         let link = Arc::new(Mutex::new(LinkState::default()));
         let quarantine = Arc::new(Mutex::new(Vec::new()));

@@ -146,15 +146,12 @@ impl Unswept {
 /// default, set here since it bounds the largest entry, [`Store::largest_entry`]).
 const HOT_ALLOCATION: f64 = 0.97;
 
-/// The heaviest entry (key, value and bookkeeping) an edge takes by default: its default
-/// `max_value_len` and `max_key_len`.
-const DEFAULT_LARGEST: u64 = (8 << 20) + 1024 + ENTRY_OVERHEAD as u64;
-
 impl Store {
     /// A store bounded to `capacity` bytes, with `ttl`, keeping up to `max_tombstones`, for
     /// entries of the default most bytes.
     pub fn new(capacity: u64, ttl: Duration, max_tombstones: u64, shard_count: u32) -> Self {
-        Self::holding(capacity, ttl, max_tombstones, shard_count, DEFAULT_LARGEST)
+        let largest = crate::EdgeConfig::default().largest_entry();
+        Self::holding(capacity, ttl, max_tombstones, shard_count, largest)
     }
 
     /// A store as [`Store::new`] makes one, for entries of up to `largest` bytes with their key
