@@ -89,7 +89,7 @@ struct CoordinatorArgs {
     #[arg(long)]
     fsync: Option<dci_coordinator::FsyncPolicy>,
     /// Longest key in bytes [default: 1024].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     max_key_len: Option<usize>,
     /// Name in `dci status` (default: `coordinator-<shard>`).
     #[arg(long)]
@@ -101,10 +101,10 @@ struct CoordinatorArgs {
     #[arg(long, value_parser = duration)]
     fsync_interval: Option<Duration>,
     /// Log segment size in bytes [default: 64 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size)]
     segment_bytes: Option<u64>,
     /// Log retention by size, in bytes [default: 1 GiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size)]
     retention_bytes: Option<u64>,
     /// Log retention by age (e.g. 24h) [default: 24h].
     #[arg(long, value_parser = duration)]
@@ -113,13 +113,13 @@ struct CoordinatorArgs {
     #[arg(long)]
     max_group_entries: Option<usize>,
     /// Bytes of publishes waiting for the log at most; more wait for room [default: 256 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     max_queued_bytes: Option<usize>,
     /// Bytes of recent batches kept in memory for replay [default: 64 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     memory_tail_bytes: Option<usize>,
     /// Unacked bytes in flight per receiver [default: 4 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     window_bytes: Option<usize>,
     /// Receivers served at once; one more is refused and follows its next sender [default: 0, no limit].
     #[arg(long)]
@@ -159,11 +159,11 @@ struct RelayArgs {
     /// Node id.
     #[arg(long)]
     node_id: Option<String>,
-    /// Ring buffer bytes per shard.
-    #[arg(long)]
+    /// Ring buffer bytes per shard [default: 64 MiB].
+    #[arg(long, value_parser = crate::byte_size_usize)]
     ring_bytes: Option<usize>,
     /// Unacked bytes in flight per receiver [default: 4 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     window_bytes: Option<usize>,
     /// Receivers served at once; one more is refused and follows its next sender [default: 0, no limit].
     #[arg(long)]
@@ -175,7 +175,7 @@ struct RelayArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     compression: Option<bool>,
     /// Longest key in bytes [default: 1024].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     max_key_len: Option<usize>,
     /// How often metrics are pushed to the OTLP collector (e.g. 10s).
     #[arg(long, value_parser = duration)]
@@ -207,8 +207,8 @@ struct EdgeArgs {
     /// Node id.
     #[arg(long)]
     node_id: Option<String>,
-    /// Store size bound in bytes.
-    #[arg(long)]
+    /// Store size bound in bytes of keys and values [default: 256 MiB].
+    #[arg(long, value_parser = crate::byte_size)]
     capacity: Option<u64>,
     /// Serve misses after this long without contact (e.g. 5s).
     #[arg(long, value_parser = duration)]
@@ -220,10 +220,10 @@ struct EdgeArgs {
     #[arg(long, value_parser = duration)]
     ttl: Option<Duration>,
     /// Longest key in bytes [default: 1024].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     max_key_len: Option<usize>,
     /// Largest value in bytes [default: 8 MiB].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::byte_size_usize)]
     max_value_len: Option<usize>,
     /// Tombstone slots per shard [default: 262144].
     #[arg(long)]
@@ -405,6 +405,16 @@ async fn terminated() {
 /// A URL of a comma-separated list: "a, b" is two URLs, as it reads, not one with a space.
 fn url_item(s: &str) -> Result<String, String> {
     Ok(s.trim().to_string())
+}
+
+/// A size flag: bytes, or a number with a unit ("64MiB", "1.5GiB").
+fn byte_size(s: &str) -> Result<u64, String> {
+    dci_proto::types::parse_byte_size(s)
+}
+
+/// [`byte_size`], as a `usize`.
+fn byte_size_usize(s: &str) -> Result<usize, String> {
+    byte_size(s).and_then(|n| usize::try_from(n).map_err(|_| format!("{n} bytes is too many")))
 }
 
 /// A count flag that must be at least 1.

@@ -3453,3 +3453,91 @@ fn a_coordinator_holds_about_its_tail_in_memory_with_one_key_requests() {
         "a coordinator grew by {grew:.1} MiB over 29,000 publishes of one key"
     );
 }
+
+/// Sizes are said as `--help` prints their defaults ("64 MiB"), in flags and config files alike:
+/// only plain byte counts were taken, and `--capacity 64MiB` was an error.
+#[test]
+fn sizes_take_units_in_flags_and_config_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut cmd = coordinator_cmd(&log, 0);
+    cmd.args(["--segment-bytes", "64KiB", "--memory-tail-bytes", "64 KiB"]);
+    let (_coord, cport) = start_cmd(cmd);
+    let coord = format!("http://127.0.0.1:{cport}");
+    // A group is written whole into one segment: three publishes, three groups.
+    for round in 0..3 {
+        let keys: String = (0..1000)
+            .map(|i| format!("user:{round}{i:05}:profile\n"))
+            .collect();
+        let o = dci_fed(&["publish", "--coordinator", &coord, "-"], keys.as_bytes());
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let segments = std::fs::read_dir(&log)
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "seg")
+        })
+        .count();
+    assert!(
+        segments >= 2,
+        "{segments} segment(s) of 64 KiB for 3,000 keys"
+    );
+
+    let file = dir.path().join("edge.yaml");
+    std::fs::write(&file, "capacity: 2 MiB\nmax_value_len: 1.5MiB\n").unwrap();
+    let mut cmd = Command::new(DCI);
+    cmd.args(["edge", "--config"]).arg(&file);
+    cmd.args(["--listen", "127.0.0.1:0", "--relays", &coord]);
+    let (_edge, eport) = start_cmd(cmd);
+    let edge = format!("http://127.0.0.1:{eport}");
+    let miss = dci(&["get", "--edge", &edge, "big"]);
+    let lease = lease_in(&miss).to_string();
+    let set = ["set", "--edge", &edge, "--lease", &lease, "big", "-"];
+    let o = dci_fed(&set, &vec![b'v'; 1_500_000]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dci(&["get", "--edge", &edge, "big"]);
+    assert_eq!(o.stdout.len(), 1_500_001, "{}", stderr(&o));
+    let o = dci_fed(
+        &["set", "--edge", &edge, "bigger", "-"],
+        &vec![b'v'; 1_600_000],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("1572864"), "{}", stderr(&o));
+
+    for (args, names) in [
+        (vec!["edge", "--capacity", "64parsecs"], "--capacity"),
+        (
+            vec!["coordinator", "--segment-bytes", "1.5"],
+            "--segment-bytes",
+        ),
+        (
+            vec!["relay", "--ring-bytes", "99999999999999GiB"],
+            "64 bits",
+        ),
+    ] {
+        let o = dci(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&o).contains(names) && stderr(&o).lines().count() == 1,
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    std::fs::write(&file, "capacity: 64 parsecs\n").unwrap();
+    let o = Command::new(DCI)
+        .args(["edge", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("capacity: \"64 parsecs\" is not a size in bytes")
+            && stderr(&o).lines().count() == 1,
+        "{}",
+        stderr(&o)
+    );
+}

@@ -11,11 +11,15 @@ fn example_configs_are_valid() {
     };
     let c: dci_coordinator::CoordinatorConfig =
         serde_yaml::from_str(&read("coordinator.yaml")).unwrap();
-    c.validate().unwrap();
+    let c = c.validate().unwrap();
     let r: dci_relay::RelayConfig = serde_yaml::from_str(&read("relay.yaml")).unwrap();
-    r.validate().unwrap();
+    let r = r.validate().unwrap();
     let e: dci_edge_cache::EdgeConfig = serde_yaml::from_str(&read("edge.yaml")).unwrap();
-    e.validate().unwrap();
+    let e = e.validate().unwrap();
+    // Sizes as people write them.
+    assert_eq!(c.retention_bytes, 1 << 30);
+    assert_eq!(r.ring_bytes, 64 << 20);
+    assert_eq!(e.capacity, 256 << 20);
 }
 
 #[test]

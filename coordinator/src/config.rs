@@ -23,6 +23,7 @@ pub struct CoordinatorConfig {
     /// Node id shown by `dci status`.
     pub node_id: String,
     /// Longest key accepted, in bytes.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_key_len: usize,
     /// Most entries in one publish request.
     pub max_request_entries: usize,
@@ -32,8 +33,10 @@ pub struct CoordinatorConfig {
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
     /// Segment size of the log.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub segment_bytes: u64,
     /// Keep at most this many bytes of log.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub retention_bytes: u64,
     /// Keep log segments at most this long.
     #[serde(with = "humantime_serde")]
@@ -42,10 +45,13 @@ pub struct CoordinatorConfig {
     pub max_group_entries: usize,
     /// Bytes of accepted publishes waiting for the log at most (about: keys and bookkeeping);
     /// while a write is stuck, further publishes wait for room (a stream is not read on).
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_queued_bytes: usize,
     /// Bytes of recent batches kept in memory for replay without touching the disk.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub memory_tail_bytes: usize,
     /// Unacked bytes in flight per receiver.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub window_bytes: usize,
     /// Receivers served at once (0: no limit); one more is refused and goes to the next sender
     /// on its list. Each idle receiver costs about 30 KiB.

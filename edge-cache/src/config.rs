@@ -18,6 +18,7 @@ pub struct EdgeConfig {
     /// Node id (default: `edge-<region>-<port>`); with `ring_nodes`, it must be one of them.
     pub node_id: String,
     /// Size bound of the store, in bytes of keys and values.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub capacity: u64,
     /// Default time to live of a cached value.
     #[serde(with = "humantime_serde")]
@@ -28,8 +29,10 @@ pub struct EdgeConfig {
     /// Shards of the keyspace (leases and tombstones are per shard).
     pub shard_count: u32,
     /// Longest key accepted.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_key_len: usize,
     /// Largest value accepted.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_value_len: usize,
     /// Tombstone slots per shard (rounded up to a power of two, 32 bytes each): a fill of a key
     /// sharing a slot with a more recently invalidated key is refused, so more slots, fewer such

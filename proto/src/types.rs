@@ -100,6 +100,49 @@ pub fn check_duration(what: &str, d: std::time::Duration) -> Result<(), String> 
     Ok(())
 }
 
+/// A size in bytes as a flag or a config file says it: a count ("1048576"), or a number with a
+/// unit, as `--help` prints the defaults ("64 MiB", "64MiB", "1.5GiB", "500KB", "256Mi"):
+/// KiB/MiB/GiB/TiB (and Ki, Mi…) count in 1024s, KB/MB/GB/TB (and k, M…) in 1000s.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let n = s
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| format!("{s:?} is not a size in bytes (say 1048576, 64MiB or 1.5GiB)"))?
+        .as_u64();
+    // The parser saturates: a size past what 64 bits count would quietly be the largest one.
+    if n == u64::MAX && s != u64::MAX.to_string() {
+        return Err(format!("{s:?} is more bytes than 64 bits count"));
+    }
+    Ok(n)
+}
+
+/// [`parse_byte_size`] for a config file's field (`#[serde(deserialize_with = ...)]`): a YAML
+/// number or a string with a unit, into any integer type it fits.
+pub fn de_byte_size<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size in bytes (a number, or a string such as \"64MiB\")")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("{v} is not a size in bytes")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_byte_size(v).map_err(E::custom)
+        }
+    }
+    let n = d.deserialize_any(Size)?;
+    T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too many here")))
+}
+
 /// Default bound on key length, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 
@@ -722,6 +765,62 @@ impl Filter {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_are_read_as_help_prints_them() {
+        for (said, bytes) in [
+            ("1048576", 1 << 20),
+            ("64 MiB", 64 << 20),
+            ("64MiB", 64 << 20),
+            ("64mib", 64 << 20),
+            ("256Mi", 256 << 20),
+            ("1.5GiB", 3 << 29),
+            ("500KB", 500_000),
+            ("2k", 2000),
+            ("8 B", 8),
+            (" 4096 ", 4096),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(parse_byte_size(said), Ok(bytes), "{said:?}");
+        }
+        for bad in [
+            "",
+            "-1",
+            "MiB",
+            "1.5",
+            "64 parsecs",
+            "1e6",
+            "20000000EiB",
+            "1,024",
+        ] {
+            let e = parse_byte_size(bad).unwrap_err();
+            assert!(e.contains(bad.trim()), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_sizes_are_numbers_or_strings_with_units() {
+        #[derive(serde::Deserialize, Debug)]
+        struct C {
+            #[serde(deserialize_with = "de_byte_size")]
+            a: usize,
+            #[serde(deserialize_with = "de_byte_size")]
+            b: u64,
+            #[serde(deserialize_with = "de_byte_size")]
+            c: u32,
+        }
+        let c: C = serde_yaml::from_str("a: 4096\nb: 1GiB\nc: \"2 KiB\"").unwrap();
+        assert_eq!((c.a, c.b, c.c), (4096, 1 << 30, 2048));
+        for (bad, says) in [
+            ("a: -1\nb: 1\nc: 1", "-1 is not a size"),
+            ("a: 1\nb: 64 parsecs\nc: 1", "not a size in bytes"),
+            ("a: 1\nb: 1\nc: 8GiB", "too many"),
+            ("a: [1]\nb: 1\nc: 1", "a size in bytes"),
+        ] {
+            let e = serde_yaml::from_str::<C>(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
     use super::*;
 
     #[test]

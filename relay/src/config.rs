@@ -22,8 +22,10 @@ pub struct RelayConfig {
     /// Node id (default: `relay-<region>-<port>`).
     pub node_id: String,
     /// Bytes of recent batches kept per shard for retransmission and catch-up.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub ring_bytes: usize,
     /// Unacked bytes in flight per receiver.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub window_bytes: usize,
     /// Receivers served at once (0: no limit); one more is refused and goes to the next sender
     /// on its list. Each idle receiver costs about 30 KiB.
@@ -34,6 +36,7 @@ pub struct RelayConfig {
     /// Ask upstream for zstd-compressed streams.
     pub compression: bool,
     /// Longest key accepted from upstream.
+    #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_key_len: usize,
     /// Where to serve Prometheus `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
