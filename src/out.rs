@@ -30,7 +30,7 @@ pub fn bytes(bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
-/// `println!` for the commands: see [`bytes`].
+/// `println!` for the commands: see [`bytes()`].
 macro_rules! say {
     ($($arg:tt)*) => {
         $crate::out::bytes(format!("{}\n", format_args!($($arg)*)).as_bytes())

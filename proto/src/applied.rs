@@ -204,9 +204,10 @@ impl Coverage {
 
     /// Every cache that has not applied `published`, as of the last tree (see `has_applied`).
     /// A cache in the tree that does not follow the shard (yet) holds none of its keys; one
-    /// missing from the tree lacks every shard. A coordinator that restarted less than
-    /// [`Coverage::settling`] ago stands for the caches that followed it before and have not
-    /// been reported since: they lag, no longer reported, until that long after its start.
+    /// missing from the tree lacks every shard. A coordinator that restarted less than the
+    /// longest staleness bound of the caches seen (or [`UNKNOWN_BOUND`]) ago stands for the
+    /// caches that followed it before and have not been reported since: they lag, no longer
+    /// reported, until that long after its start.
     pub fn lagging(&self, published: &[Published]) -> Vec<Lagging> {
         let mut out = Vec::new();
         let settling = self.settling();

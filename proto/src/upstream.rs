@@ -93,7 +93,7 @@ fn worst_case_bytes(n: &pb::NodeStatus) -> usize {
 /// the first ones that fit beside one summary per role and region of the others
 /// ([`pb::NodeStatus::left_out`]), so that every cache below is still accounted for (a wait
 /// for a publish to be applied everywhere waits for the least advanced of those left out). Also
-/// how many were left out. What fits is reckoned by [`worst_case_bytes`], so the same nodes are
+/// how many were left out. What fits is reckoned by its worst case in bytes, so the same nodes are
 /// reported one by one from one heartbeat to the next while the tree stays the same, and those
 /// of the last heartbeat (`alone`, which this updates) come first. Summaries
 /// by region take at most half the bytes; beyond (nodes of thousands of regions), they are by
