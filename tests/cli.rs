@@ -2635,6 +2635,25 @@ fn the_helm_chart_starts_a_working_tree() {
         .filter(|d| d["spec"]["template"]["spec"]["containers"][0]["name"] == "relay")
     {
         assert_eq!(after(&helm_args(d), "--max-receivers"), "100");
+        assert_eq!(after(&helm_args(d), "--ring-bytes"), "64MiB");
+    }
+    // Sizes with a unit go through as they are; a number stays digits (not 1.34217728e+08).
+    let sized = helm_template(
+        "s",
+        &[
+            "--set",
+            "edge.capacity=1GiB",
+            "--set",
+            "relay.ringBytes=134217728",
+        ],
+    )
+    .unwrap();
+    for d in &sized {
+        match d["spec"]["template"]["spec"]["containers"][0]["name"].as_str() {
+            Some("relay") => assert_eq!(after(&helm_args(d), "--ring-bytes"), "134217728"),
+            Some("edge") => assert_eq!(after(&helm_args(d), "--capacity"), "1GiB"),
+            _ => {}
+        }
     }
     // A region's edges share a ring of exactly their pods' names, in a file of a ConfigMap (which
     // they read again when it changes: scaling the region leaves the pods' template alone).

@@ -20,6 +20,13 @@ is TLS (Kubernetes' gRPC probes cannot speak TLS). */}}
 "--metrics-listen", "0.0.0.0:{{ .Values.metricsPort }}"
 {{- end }}
 
+{{- /* A size in bytes for a flag: a string with a unit ("256MiB") as it is; a number through int64,
+since a large number from values is a float to the template engine, and would be printed as
+2.68435456e+08. */}}
+{{- define "dci.size" -}}
+{{ if kindIs "string" . }}{{ . }}{{ else }}{{ . | int64 }}{{ end }}
+{{- end }}
+
 {{- define "dci.probe" -}}
 httpGet: {path: /healthz, port: metrics}
 {{- end }}
