@@ -182,7 +182,38 @@ where
 /// The "database": a version per key, and when each version's invalidation was acknowledged.
 struct Database {
     versions: Vec<AtomicU64>,
-    acked: Mutex<HashMap<u64, BTreeMap<u64, Instant>>>,
+    acked: Mutex<HashMap<u64, Acked>>,
+}
+
+/// When the versions of one key were acknowledged, as much as the stale-read check asks: for a
+/// read of version `seen`, the earliest acknowledgement of any newer version. Only versions
+/// acknowledged later than every older one's are kept (one acknowledged after a newer one
+/// adds nothing: a read older than it is older than the newer one too), so the earliest
+/// acknowledgement newer than a version is the next one kept, and a hot key costs a lookup
+/// per read and per publish, not a pass over the thousands of versions of the last seconds.
+#[derive(Default)]
+struct Acked(BTreeMap<u64, Instant>);
+
+impl Acked {
+    /// `version` was acknowledged at `at`, no earlier than anything noted before. Of the
+    /// versions acknowledged before `horizon`, the newest stands for them all: any read older
+    /// than it began long after it was acknowledged. So memory follows the rate, not the run.
+    fn note(&mut self, version: u64, at: Instant, horizon: Option<Instant>) {
+        if self.0.range(version..).next().is_none() {
+            self.0.insert(version, at);
+        }
+        while let (Some(horizon), Some(second)) = (horizon, self.0.values().nth(1)) {
+            if *second >= horizon {
+                break;
+            }
+            self.0.pop_first();
+        }
+    }
+
+    /// The earliest acknowledgement of a version newer than `seen`, and that version.
+    fn first_newer(&self, seen: u64) -> Option<(u64, Instant)> {
+        self.0.range(seen + 1..).next().map(|(v, at)| (*v, *at))
+    }
 }
 
 #[derive(Default)]
@@ -376,26 +407,12 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                     match published {
                         Ok(_) => {
                             stats.publishes.fetch_add(1, Ordering::Relaxed);
-                            let now = Instant::now();
                             let mut acked = dci_proto::upstream::lock(&db.acked);
+                            // Read under the lock, so that times are noted in their order.
+                            let now = Instant::now();
+                            let horizon = now.checked_sub(ACKED_HORIZON + bound);
                             for &(k, version) in &rows {
-                                let per_key = acked.entry(k).or_default();
-                                per_key.insert(version, now);
-                                // Of the versions acknowledged before the horizon, the newest
-                                // stands for them all: any read older than it began long after
-                                // it was acknowledged. So memory follows the rate, not the run.
-                                if let Some(horizon) = now.checked_sub(ACKED_HORIZON + bound) {
-                                    let old: Vec<u64> = per_key
-                                        .iter()
-                                        .filter(|(_, at)| **at < horizon)
-                                        .map(|(v, _)| *v)
-                                        .collect();
-                                    if let Some((_, older)) = old.split_last() {
-                                        for v in older {
-                                            per_key.remove(v);
-                                        }
-                                    }
-                                }
+                                acked.entry(k).or_default().note(version, now, horizon);
                             }
                         }
                         Err(e) => {
@@ -454,10 +471,8 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 // Stale: a newer version's invalidation was acknowledged more than the bound ago.
                 let acked = dci_proto::upstream::lock(&db.acked);
                 if let Some(per_key) = acked.get(&k) {
-                    // The newer version acknowledged first (acks of one key can come out of order).
-                    if let Some((newer, at)) = per_key.range(seen + 1..).min_by_key(|(_, at)| **at)
-                    {
-                        let before = began.saturating_duration_since(*at);
+                    if let Some((newer, at)) = per_key.first_newer(seen) {
+                        let before = began.saturating_duration_since(at);
                         if before > bound {
                             stats.stale.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(
@@ -618,6 +633,46 @@ mod tests {
         tokio::net::TcpListener::bind(addr)
             .await
             .expect("free once it is up");
+    }
+
+    /// Against the whole record kept naively: the earliest acknowledgement of any newer
+    /// version, whatever order the acknowledgements came in.
+    #[test]
+    fn the_earliest_newer_acknowledgement_is_found_as_if_all_were_kept() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        for _ in 0..200 {
+            let mut acked = Acked::default();
+            let mut all: Vec<(u64, Instant)> = Vec::new();
+            let mut at = t0;
+            for _ in 0..r.random_range(1..60) {
+                let version = r.random_range(1..40);
+                at += Duration::from_millis(r.random_range(0..3));
+                acked.note(version, at, None);
+                all.push((version, at));
+            }
+            for seen in 0..42 {
+                let naive = all
+                    .iter()
+                    .filter(|(v, _)| *v > seen)
+                    .map(|(_, at)| *at)
+                    .min();
+                assert_eq!(acked.first_newer(seen).map(|(_, at)| at), naive, "{all:?}");
+            }
+        }
+        // Past the horizon, the newest acknowledged stands for the older ones.
+        let mut acked = Acked::default();
+        for v in 1..=1000 {
+            acked.note(v, t0 + Duration::from_millis(v), None);
+        }
+        let horizon = t0 + Duration::from_millis(900);
+        acked.note(1001, t0 + Duration::from_millis(1001), Some(horizon));
+        assert_eq!(acked.0.len(), 1 + 102, "899, then 900..=1001");
+        assert_eq!(
+            acked.first_newer(3),
+            Some((899, t0 + Duration::from_millis(899)))
+        );
     }
 
     #[test]
