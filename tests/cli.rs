@@ -1368,7 +1368,7 @@ fn the_bench_runs_end_to_end() {
         "--count",
         "3000",
         "--rate",
-        "2000",
+        "200",
         "--latency-for",
         "300ms",
         "--receivers",
@@ -1384,13 +1384,21 @@ fn the_bench_runs_end_to_end() {
         "saturation",
         "delivered/s",
         "lost 0",
-        "latency at 2000/s",
+        "latency at 200/s",
         "p99",
         "memory per idle receiver",
         "catch-up (a receiver",
     ] {
         assert!(out.contains(part), "missing {part:?} in:\n{out}");
     }
+    // At the rate asked: 200/s for 300 ms is about 60 publishes, each applied at both edges
+    // (rates below 1,000/s ran at 1,000/s: about 600 samples).
+    let samples: u64 = out
+        .split_once("applied at each edge, ")
+        .and_then(|(_, rest)| rest.split_once(" samples"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sample count in:\n{out}"));
+    assert!((2..=2 * 70).contains(&samples), "{samples} samples:\n{out}");
     let bad = dci(&["bench", "--key-format", "no-placeholder"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("must contain `{}` exactly once"));

@@ -204,7 +204,7 @@ impl Redis {
                 }
             }
         });
-        let per_tick = (rate as f64 / 1000.0).max(1.0);
+        let per_tick = rate as f64 / 1000.0;
         let mut due = 0.0;
         let mut sent = 0u64;
         let started = Instant::now();
@@ -214,6 +214,9 @@ impl Redis {
             due += per_tick;
             let k = due as u64;
             due -= k as f64;
+            if k == 0 {
+                continue;
+            }
             let now = dci_proto::now_us();
             let mut batch = Vec::new();
             for _ in 0..k {
