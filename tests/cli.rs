@@ -1399,6 +1399,46 @@ fn the_bench_runs_end_to_end() {
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or_else(|| panic!("no sample count in:\n{out}"));
     assert!((2..=2 * 70).contains(&samples), "{samples} samples:\n{out}");
+    // With a prefix filter, the edges are delivered only the keys they take: about one in ten
+    // here ("t:1" of "t:000000".."t:999999"), not every one published.
+    let o = dci(&[
+        "bench",
+        "--edges",
+        "2",
+        "--count",
+        "3000",
+        "--latency-for",
+        "100ms",
+        "--receivers",
+        "0",
+        "--key-format",
+        "t:{}",
+        "--prefix",
+        "t:1",
+        "--no-redis",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let taken: u64 = out
+        .split_once("published 3000 in ")
+        .and_then(|(_, rest)| rest.split_once(" of them to the edges' prefix"))
+        .and_then(|(said, _)| said.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of the keys taken in:\n{out}"));
+    assert!((100..=900).contains(&taken), "{taken} of 3000:\n{out}");
+    // Figures are per invalidation delivered: each carries its 8-byte key on the wire at least
+    // (uncompressed), which counting every one published would have spread over ten times more.
+    let per: f64 = out
+        .split_once("wire:")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no wire figure in:\n{out}"));
+    assert!(per >= 8.0, "{per} bytes per delivered invalidation:\n{out}");
+    assert!(out.contains("prefix filter=\"t:1\""), "{out}");
+    let none = dci(&["bench", "--key-format", "t:{}", "--prefix", "u:"]);
+    assert_eq!(none.status.code(), Some(2));
+    assert_eq!(
+        stderr(&none),
+        "dci: --prefix \"u:\" matches none of the bench's keys (they look like \"t:123456\")\n"
+    );
     let bad = dci(&["bench", "--key-format", "no-placeholder"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("must contain `{}` exactly once"));
