@@ -1722,6 +1722,86 @@ async fn every_node_serves_prometheus_metrics() {
     c.stop().await.unwrap();
 }
 
+/// What an operator looks at when publishes slow down or fail: a coordinator counts publish
+/// requests by their answer, times its answers and its fsyncs, and says how large its log is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_counts_publishes_by_answer_and_times_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        metrics_listen: Some(any_port()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut client = pb::publisher_client::PublisherClient::connect(c.url())
+        .await
+        .unwrap();
+    let request = |n: u64, key: &str| pb::PublishRequest {
+        publisher_id: "metrics".into(),
+        request_no: n,
+        entries: vec![pb::Invalidation {
+            key: key.to_string().into(),
+            kind: pb::Kind::Key as i32,
+            ..Default::default()
+        }],
+    };
+    client.publish(request(1, "a")).await.unwrap();
+    let again = client.publish(request(1, "a")).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    let empty = pb::PublishRequest {
+        entries: vec![],
+        ..request(2, "b")
+    };
+    assert!(client.publish(empty).await.is_err());
+    // On a stream: two logged, one refused in band (an empty key).
+    let stream = tokio_stream::iter([request(3, "c"), request(4, ""), request(5, "d")]);
+    let mut answers = client.publish_stream(stream).await.unwrap().into_inner();
+    let mut refused = 0;
+    while let Some(a) = answers.message().await.unwrap() {
+        refused += usize::from(a.refused_code != 0);
+    }
+    assert_eq!(refused, 1);
+
+    let m = scrape(c.metrics_addr.unwrap()).await;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+    };
+    for (outcome, n) in [
+        ("logged", 3.0),
+        ("duplicate", 1.0),
+        ("refused", 2.0),
+        ("unavailable", 0.0),
+    ] {
+        let name = format!("dci_publish_requests_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(value(&name), n, "{name}");
+    }
+    assert_eq!(
+        value("dci_publish_answer_seconds_count"),
+        4.0,
+        "answers with seqs"
+    );
+    // fsync=always: each logged request waited for an fsync (several may share one).
+    assert!(value("dci_fsync_seconds_count") >= 1.0);
+    assert!(value("dci_fsync_seconds_sum") > 0.0);
+    assert_eq!(value("dci_log_segments"), 1.0);
+    let on_disk: u64 = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let said = value("dci_log_bytes");
+    assert!(
+        said > 0.0 && said <= on_disk as f64,
+        "{said} of {on_disk} on disk"
+    );
+    c.stop().await.unwrap();
+}
+
 /// A node's metrics once `ready` says they are (failing with the last scrape after 10 s).
 async fn scrape_until(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -2,11 +2,12 @@
 //! behind it, and the reports of the tree below, served to every relay through the link runtime.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dci_proto::downstream::{BatchSource, Fetch};
 use dci_proto::link::{Read, RetransmitRing, ShardView, SharedBatch};
-use dci_proto::metrics::LatencyHistogram;
+use dci_proto::metrics::{sample, LatencyHistogram};
 use dci_proto::pb;
 use dci_proto::upstream::lock;
 use dci_proto::{coalesce, Batch, Epoch, Invalidation, Seq, ShardId};
@@ -16,6 +17,77 @@ use crate::wal::LogReader;
 
 /// Groups whose logging time is kept (a few seconds' worth at a high publish rate).
 const LOGGED_AT_KEPT: usize = 4096;
+
+/// The log's figures beside its seqs: its fsyncs, its answers to publishers, its size.
+#[derive(Debug, Default)]
+pub(crate) struct LogStats {
+    /// Each fsync, how long it took.
+    pub(crate) fsync: LatencyHistogram,
+    /// Each publish request answered with seqs, from its arrival to its answer (written, and
+    /// synced as the policy asks).
+    pub(crate) answered: LatencyHistogram,
+    /// Publish requests by how they were answered: logged, a duplicate of one logged, refused
+    /// for what they hold, or not taken (the log failed, the coordinator stopping).
+    pub(crate) logged: AtomicU64,
+    pub(crate) duplicate: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) unavailable: AtomicU64,
+    /// Bytes and segment files on disk, as of the last write or retention pass.
+    pub(crate) bytes: AtomicU64,
+    pub(crate) segments: AtomicU64,
+}
+
+impl LogStats {
+    pub(crate) fn set_size(&self, bytes: u64, segments: usize) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.segments.store(segments as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let help = "Publish requests, by answer: logged, duplicate (of one logged), refused (for \
+                    what they hold), unavailable (log failed, stopping)";
+        for (outcome, n) in [
+            ("logged", &self.logged),
+            ("duplicate", &self.duplicate),
+            ("refused", &self.refused),
+            ("unavailable", &self.unavailable),
+        ] {
+            let labels = format!("outcome=\"{outcome}\"");
+            sample(
+                out,
+                "counter",
+                "dci_publish_requests_total",
+                help,
+                &labels,
+                get(n),
+            );
+        }
+        self.answered.render(
+            out,
+            "dci_publish_answer_seconds",
+            "Publish request, from its arrival to its answer with seqs (written, and synced as the fsync policy asks)",
+        );
+        self.fsync
+            .render(out, "dci_fsync_seconds", "Each fsync of the log");
+        sample(
+            out,
+            "gauge",
+            "dci_log_bytes",
+            "Bytes of log on disk",
+            "",
+            get(&self.bytes),
+        );
+        sample(
+            out,
+            "gauge",
+            "dci_log_segments",
+            "Segment files of the log",
+            "",
+            get(&self.segments),
+        );
+    }
+}
 
 /// Shared by the writer (which pushes) and every downstream link (which read).
 #[derive(Debug)]
@@ -35,6 +107,8 @@ pub struct Hub {
     logged_at: Mutex<VecDeque<(Seq, u64)>>,
     /// Publish (the writer's call) to written in the log and streaming, per entry.
     pub(crate) propagation: Arc<LatencyHistogram>,
+    /// How the log is doing, for `/metrics`: what an operator looks at when publishes slow down.
+    pub(crate) log_stats: LogStats,
     /// The pace of the error a range of the log that cannot be read sets off (every receiver
     /// behind it asks for it again).
     unreadable: Mutex<dci_proto::throttle::Throttle>,
@@ -61,6 +135,7 @@ impl Hub {
             reports: Default::default(),
             logged_at: Mutex::new(VecDeque::new()),
             propagation: Arc::default(),
+            log_stats: LogStats::default(),
             unreadable: Mutex::default(),
         }
     }

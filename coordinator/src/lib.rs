@@ -179,6 +179,7 @@ pub async fn run(
         )
         .with_shard_count(cfg.shard_count),
     );
+    hub.log_stats.set_size(wal.bytes(), wal.segment_count());
     let epoch = wal.epoch();
     let sequencer = Arc::new(writer::Sequencer::new(
         wal,
@@ -256,6 +257,7 @@ pub async fn run(
                 "dci_propagation_seconds",
                 "Publish (the writer's call) to written in the log",
             );
+            hub.log_stats.render(&mut out);
             out
         })
     };

@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dci_proto::pb;
 use dci_proto::ring::ShardMap;
@@ -21,6 +22,7 @@ type Answering = Pin<
         dyn std::future::Future<
                 Output = (
                     u64,
+                    Instant,
                     Result<Result<Result<Acked, CommitError>, oneshot::error::RecvError>, Status>,
                 ),
             > + Send,
@@ -132,6 +134,34 @@ impl CoordinatorService {
         }
     }
 
+    /// Count a request's answer (and time it, from `arrived`, when it has seqs).
+    fn tally(&self, arrived: Instant, answer: &Result<pb::PublishResponse, Status>) {
+        let stats = &self.hub.log_stats;
+        let outcome = match answer {
+            Ok(r) if r.refused_code != 0 => &stats.refused,
+            Ok(r) => {
+                stats
+                    .answered
+                    .observe_us(arrived.elapsed().as_micros() as u64);
+                if r.duplicate {
+                    &stats.duplicate
+                } else {
+                    &stats.logged
+                }
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists
+                ) =>
+            {
+                &stats.refused
+            }
+            Err(_) => &stats.unavailable,
+        };
+        outcome.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn answer(
         &self,
         request_no: u64,
@@ -159,11 +189,17 @@ impl pb::publisher_server::Publisher for CoordinatorService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let arrived = Instant::now();
         let req = request.into_inner();
         let request_no = req.request_no;
-        let (job, rx) = self.validate(req)?;
-        self.submit(job).await?;
-        self.answer(request_no, rx.await).map(Response::new)
+        let answer = async {
+            let (job, rx) = self.validate(req)?;
+            self.submit(job).await?;
+            self.answer(request_no, rx.await)
+        }
+        .await;
+        self.tally(arrived, &answer);
+        answer.map(Response::new)
     }
 
     type PublishStreamStream =
@@ -196,20 +232,23 @@ impl pb::publisher_server::Publisher for CoordinatorService {
                 tokio::select! {
                     msg = inbound.message(), if open && pending.len() < 1024 => match msg {
                         Ok(Some(req)) => {
+                            let arrived = Instant::now();
                             let request_no = req.request_no;
                             match svc.validate(req) {
                                 Ok((job, rx)) => {
                                     if let Err(s) = svc.submit(job).await {
-                                        let _ = tx.send(Err(s)).await;
+                                        let answer = Err(s);
+                                        svc.tally(arrived, &answer);
+                                        let _ = tx.send(answer).await;
                                         return;
                                     }
                                     pending.push_back(Box::pin(async move {
-                                        (request_no, Ok(rx.await))
+                                        (request_no, arrived, Ok(rx.await))
                                     }) as Answering);
                                 }
                                 Err(status) => {
                                     pending.push_back(Box::pin(async move {
-                                        (request_no, Err(status))
+                                        (request_no, arrived, Err(status))
                                     }));
                                 }
                             }
@@ -217,8 +256,9 @@ impl pb::publisher_server::Publisher for CoordinatorService {
                         Ok(None) => open = false,
                         Err(_) => open = false,
                     },
-                    Some((n, r)) = pending.next(), if !pending.is_empty() => {
+                    Some((n, arrived, r)) = pending.next(), if !pending.is_empty() => {
                         let answer = r.and_then(|r| svc.answer(n, r)).or_else(|s| svc.refused(n, s));
+                        svc.tally(arrived, &answer);
                         let failed = answer.is_err();
                         if tx.send(answer).await.is_err() || failed {
                             return;

@@ -76,7 +76,11 @@ fn syncer(rx: std::sync::mpsc::Receiver<SyncJob>, failed: Failed, hub: Arc<Hub>)
         }
         for s in syncs {
             if failed_with(&failed).is_none() {
-                if let Err(e) = s.run() {
+                let started = Instant::now();
+                let synced = s.run();
+                let took = started.elapsed().as_micros() as u64;
+                hub.log_stats.fsync.observe_us(took);
+                if let Err(e) = synced {
                     fail(&failed, &hub, e.to_string());
                 }
             }
@@ -307,7 +311,12 @@ impl Sequencer {
         if log.last_retention.elapsed() >= Duration::from_secs(1) {
             log.last_retention = Instant::now();
             match wal.enforce_retention(SystemTime::now()) {
-                Ok(oldest) => self.hub.set_disk(oldest, wal.reader()),
+                Ok(oldest) => {
+                    self.hub.set_disk(oldest, wal.reader());
+                    self.hub
+                        .log_stats
+                        .set_size(wal.bytes(), wal.segment_count());
+                }
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
         }
@@ -439,6 +448,7 @@ fn commit(wal: &mut Wal, jobs: Vec<Job>, hub: &Hub) -> Result<SyncJob, (String, 
     if let Err(e) = wal.write(&records) {
         return Err((e.to_string(), answers));
     }
+    hub.log_stats.set_size(wal.bytes(), wal.segment_count());
     // A new segment is readable before the group in it goes to the memory tail: the tail may
     // let older groups go for it, and a receiver that needs them reads them from disk.
     if wal.segment_count() != segments {
