@@ -896,6 +896,30 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
         cache.get("good").await.unwrap(),
         Lookup::Miss { .. }
     ));
+    // A GetMany's answer is built whole before it is sent: the large value asked for 10,000
+    // times would have been 80 GiB of it. The edge answers so many bytes at most, and the SDK
+    // asks for the keys in halves then: twenty of them come back whole, and in order.
+    let err = raw
+        .get_many(pb::GetManyRequest {
+            keys: vec![Bytes::from_static(b"big"); 10_000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("ask for fewer at a time"), "{err}");
+    let keys: Vec<&str> = (0..20)
+        .map(|i| if i == 7 { "good" } else { "big" })
+        .collect();
+    let got = cache.get_many(keys).await.unwrap();
+    assert_eq!(got.len(), 20);
+    for (i, g) in got.iter().enumerate() {
+        match (i, g) {
+            (7, Lookup::Miss { .. }) => {}
+            (_, Lookup::Hit(v)) if i != 7 => assert!(v.len() == 8 << 20 && v[0] == 7),
+            (_, Lookup::Hit(v)) => panic!("key {i}: a hit of {} bytes", v.len()),
+            (_, miss) => panic!("key {i}: {miss:?}"),
+        }
+    }
     e.edge.stop().await.unwrap();
 
     // Its values are kept in parts of the capacity (by default four per CPU): each part holds

@@ -336,19 +336,17 @@ impl CacheClient {
             let keys = &keys;
             idx.chunks(GET_MANY_CHUNK)
                 .map(|chunk| {
-                    let mut edge = members.edges[id].1.clone();
-                    let req = pb::GetManyRequest {
-                        keys: chunk.iter().map(|&i| keys[i].clone()).collect(),
-                    };
+                    let edge = members.edges[id].1.clone();
+                    let asked = chunk.iter().map(|&i| keys[i].clone()).collect();
                     let chunk = chunk.to_vec();
-                    async move { (id, chunk, edge.get_many(req).await.map_err(Error::from)) }
+                    async move { (id, chunk, Self::get_many_on(edge, asked).await) }
                 })
                 .collect::<Vec<_>>()
         });
         let mut out: Vec<Option<Lookup>> = vec![None; keys.len()];
         for (id, idx, answer) in futures::future::join_all(calls).await {
             let results = match answer {
-                Ok(r) => r.into_inner().results,
+                Ok(results) => results,
                 Err(Error::Unavailable(why)) => {
                     self.pass_over(id, why);
                     one_by_one.extend(idx);
@@ -375,6 +373,28 @@ impl CacheClient {
             out[i] = Some(self.get(keys[i].clone()).await?);
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// One edge's answers to `keys`, in their order. An edge answers so many bytes of values
+    /// at most in one GetMany (64 MiB, then `RESOURCE_EXHAUSTED`): the keys are then asked for
+    /// in halves.
+    fn get_many_on(
+        mut edge: RawClient<Channel>,
+        mut keys: Vec<Bytes>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<pb::GetResponse>, Error>> {
+        Box::pin(async move {
+            let req = pb::GetManyRequest { keys: keys.clone() };
+            match edge.get_many(req).await {
+                Ok(r) => Ok(r.into_inner().results),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted && keys.len() > 1 => {
+                    let second = keys.split_off(keys.len() / 2);
+                    let mut results = Self::get_many_on(edge.clone(), keys).await?;
+                    results.extend(Self::get_many_on(edge, second).await?);
+                    Ok(results)
+                }
+                Err(s) => Err(s.into()),
+            }
+        })
     }
 
     /// Look a key up; also the edge that answered (its lease is good there only).

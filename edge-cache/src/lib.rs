@@ -342,10 +342,22 @@ impl pb::cache_server::Cache for EdgeService {
         if keys.len() > 10_000 {
             return Err(Status::invalid_argument("at most 10000 keys per GetMany"));
         }
-        let results = keys
-            .into_iter()
-            .map(|k| self.get_one(k))
-            .collect::<Result<_, _>>()?;
+        let asked = keys.len();
+        let mut results = Vec::with_capacity(asked);
+        let mut bytes = 0usize;
+        for k in keys {
+            let r = self.get_one(k)?;
+            bytes += r.value.len();
+            // The answer is built whole before it is sent: one large value asked for thousands
+            // of times would be gigabytes of it. One key is always answered.
+            if bytes > GET_MANY_MAX_BYTES && asked > 1 {
+                return Err(Status::resource_exhausted(format!(
+                    "the values of these {asked} keys come to more than {GET_MANY_MAX_BYTES} \
+                     bytes, the most one GetMany answers: ask for fewer at a time"
+                )));
+            }
+            results.push(r);
+        }
         Ok(Response::new(pb::GetManyResponse { results }))
     }
 
@@ -383,6 +395,10 @@ impl pb::admin_server::Admin for EdgeService {
         Ok(Response::new(pb::StatusResponse { nodes: vec![me] }))
     }
 }
+
+/// The most bytes of values one GetMany answers (`RESOURCE_EXHAUSTED` past it, unless one key
+/// was asked): the SDK then asks for the keys in halves.
+pub const GET_MANY_MAX_BYTES: usize = 64 << 20;
 
 /// The config keys an edge takes while it runs ([`EdgeNode::reconfigure`]).
 pub const RELOADABLE: [&str; 4] = ["relays", "prefixes", "ring_nodes", "replication"];
