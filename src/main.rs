@@ -124,7 +124,7 @@ struct CoordinatorArgs {
     /// Receivers served at once; one more is refused and follows its next sender [default: 0, no limit].
     #[arg(long)]
     max_receivers: Option<u64>,
-    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    /// How often metrics are pushed to the OTLP collector [default: 10s].
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
     #[command(flatten)]
@@ -153,10 +153,10 @@ struct RelayArgs {
     /// Repeatable.
     #[arg(long)]
     upstream_group: Vec<String>,
-    /// Region name.
+    /// Region name [default: default].
     #[arg(long)]
     region: Option<String>,
-    /// Node id.
+    /// Node id (default: `relay-<region>-<port>`).
     #[arg(long)]
     node_id: Option<String>,
     /// Ring buffer bytes per shard [default: 64 MiB].
@@ -177,7 +177,7 @@ struct RelayArgs {
     /// Longest key in bytes [default: 1024].
     #[arg(long, value_parser = crate::byte_size_usize)]
     max_key_len: Option<usize>,
-    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    /// How often metrics are pushed to the OTLP collector [default: 10s].
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
     #[command(flatten)]
@@ -201,22 +201,22 @@ struct EdgeArgs {
     /// Relays, comma-separated, in failover order.
     #[arg(long, value_delimiter = ',', value_parser = url_item)]
     relays: Vec<String>,
-    /// Region name.
+    /// Region name [default: default].
     #[arg(long)]
     region: Option<String>,
-    /// Node id.
+    /// Node id (default: `edge-<region>-<port>`).
     #[arg(long)]
     node_id: Option<String>,
     /// Store size bound in bytes of keys and values [default: 256 MiB].
     #[arg(long, value_parser = crate::byte_size)]
     capacity: Option<u64>,
-    /// Serve misses after this long without contact (e.g. 5s).
+    /// Serve only misses after this long without contact (at least 1s) [default: 5s].
     #[arg(long, value_parser = duration)]
     max_staleness: Option<Duration>,
-    /// Shards of the keyspace, as many as the coordinator tier has (leases are per shard).
+    /// Shards of the keyspace, as many as the coordinator tier has (leases are per shard) [default: 1].
     #[arg(long)]
     shard_count: Option<u32>,
-    /// Default time to live of a cached value (e.g. 1h).
+    /// Default time to live of a cached value [default: 1h].
     #[arg(long, value_parser = duration)]
     ttl: Option<Duration>,
     /// Longest key in bytes [default: 1024].
@@ -243,7 +243,7 @@ struct EdgeArgs {
     /// Ask relays for zstd-compressed streams (`--compression=false` overrides a file's true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     compression: Option<bool>,
-    /// How often metrics are pushed to the OTLP collector (e.g. 10s).
+    /// How often metrics are pushed to the OTLP collector [default: 10s].
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
     #[command(flatten)]

@@ -1398,7 +1398,10 @@ fn the_bench_runs_end_to_end() {
         .and_then(|(_, rest)| rest.split_once(" samples"))
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or_else(|| panic!("no sample count in:\n{out}"));
-    assert!((2..=2 * 210).contains(&samples), "{samples} samples:\n{out}");
+    assert!(
+        (2..=2 * 210).contains(&samples),
+        "{samples} samples:\n{out}"
+    );
     // With a prefix filter, the edges are delivered only the keys they take: about one in ten
     // here ("t:1" of "t:000000".."t:999999"), not every one published.
     let o = dci(&[
@@ -3607,4 +3610,45 @@ fn sizes_take_units_in_flags_and_config_files() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The defaults `--help` prints are the ones a node runs with: flags are options over a config
+/// file, so each default is written out by hand in its help, and must follow the config's.
+#[test]
+fn the_defaults_help_prints_are_the_configs() {
+    fn check<C: serde::de::DeserializeOwned + serde::Serialize + Default>(command: &str) {
+        let help = stdout(&dci(&[command, "--help"]));
+        let defaults = serde_yaml::to_value(C::default()).unwrap();
+        let mut flag = String::new();
+        let mut checked = 0;
+        for line in help.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("--") {
+                flag = rest.split([' ', '=']).next().unwrap().to_string();
+                continue;
+            }
+            let Some((_, said)) = line.split_once("[default: ") else {
+                continue;
+            };
+            // "0, no limit": the value, then what it means.
+            let said = said.split([']', ',']).next().unwrap().trim();
+            let key = flag.replace('-', "_");
+            let (yaml, path): (String, Vec<&str>) = match key.strip_prefix("otlp_") {
+                Some(sub) => (format!("otlp: {{ {sub}: {said} }}"), vec!["otlp", sub]),
+                None => (format!("{key}: {said}"), vec![key.as_str()]),
+            };
+            let parsed: C = serde_yaml::from_str(&yaml)
+                .unwrap_or_else(|e| panic!("{command} --{flag}: [default: {said}]: {e}"));
+            let parsed = serde_yaml::to_value(parsed).unwrap();
+            let (mut got, mut want) = (&parsed, &defaults);
+            for p in &path {
+                (got, want) = (&got[p], &want[p]);
+            }
+            assert_eq!(got, want, "{command} --{flag} says [default: {said}]");
+            checked += 1;
+        }
+        assert!(checked >= 5, "{command}: {checked} defaults in:\n{help}");
+    }
+    check::<dci_coordinator::CoordinatorConfig>("coordinator");
+    check::<dci_relay::RelayConfig>("relay");
+    check::<dci_edge_cache::EdgeConfig>("edge");
 }
