@@ -663,7 +663,7 @@ fn status_line(
     match s.code() {
         // The client's own deadline comes back as "cancelled: Timeout expired".
         tonic::Code::Cancelled if s.message() == "Timeout expired" => {
-            format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())
+            format!("{url}: no answer within {}s", REQUEST_TIMEOUT.as_secs())
         }
         tonic::Code::Unimplemented => {
             format!("that node does not answer this call: is it {serves}?")

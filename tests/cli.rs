@@ -2544,7 +2544,14 @@ fn publish_wait_ends_once_a_silent_cache_is_past_its_bound() {
     frozen.signal("-STOP");
     let o = publish("user:1");
     let status = stdout(&dci(&["status", "--coordinator", &coord]));
+    // A command to a node that hangs gives up, saying which node.
+    let stuck = dci(&["get", "--edge", &frozen_url, "user:1"]);
     frozen.signal("-CONT");
+    assert_eq!(stuck.status.code(), Some(2));
+    assert_eq!(
+        stderr(&stuck),
+        format!("dci: {frozen_url}: no answer within 10s\n")
+    );
     let row = |id: &str| {
         let line = status.lines().find(|l| l.starts_with(id));
         line.unwrap_or_else(|| panic!("{status}")).to_string()
