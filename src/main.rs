@@ -225,7 +225,7 @@ struct EdgeArgs {
     /// Largest value in bytes [default: 8 MiB].
     #[arg(long, value_parser = crate::byte_size_usize)]
     max_value_len: Option<usize>,
-    /// Tombstone slots per shard [default: 262144].
+    /// Tombstone slots in all, shared out among the shards (32 bytes each) [default: 262144].
     #[arg(long)]
     max_tombstones: Option<u64>,
     /// Follow only keys with these prefixes, comma-separated (others are refused).

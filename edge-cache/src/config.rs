@@ -34,9 +34,9 @@ pub struct EdgeConfig {
     /// Largest value accepted.
     #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub max_value_len: usize,
-    /// Tombstone slots per shard (rounded up to a power of two, 32 bytes each): a fill of a key
-    /// sharing a slot with a more recently invalidated key is refused, so more slots, fewer such
-    /// misses.
+    /// Tombstone slots in all, shared out among the shards (each shard's share a power of two,
+    /// rounded down; 32 bytes each): a fill of a key sharing a slot with a more recently
+    /// invalidated key is refused, so more slots, fewer such misses.
     pub max_tombstones: u64,
     /// Only take invalidations of keys with these prefixes (empty: all).
     pub prefixes: Vec<String>,
@@ -131,7 +131,7 @@ impl EdgeConfig {
         if self.max_tombstones == 0 || self.max_tombstones > dci_proto::lease::MAX_TOMBSTONES as u64
         {
             return Err(ConfigError(format!(
-                "max_tombstones must be between 1 and {} (32 bytes each, per shard)",
+                "max_tombstones must be between 1 and {} (32 bytes each, all shards together)",
                 dci_proto::lease::MAX_TOMBSTONES
             )));
         }

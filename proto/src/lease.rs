@@ -202,7 +202,7 @@ struct ShardLeases {
     occupied: usize,
 }
 
-/// Most tombstone slots per shard (32 bytes each: 512 MiB).
+/// Most tombstone slots of one cache, all its shards' together (32 bytes each: 512 MiB).
 pub const MAX_TOMBSTONES: usize = 1 << 24;
 
 /// Bytes of one tombstone slot: a cache's table of a shard takes this times its slots.
@@ -213,7 +213,7 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 pub struct LeaseTable {
     map: ShardMap,
     shards: Vec<ShardLeases>,
-    /// Slots per shard, a power of two.
+    /// Slots per shard, a power of two (see [`LeaseTable::new`]).
     slots: usize,
     generation: u64,
     hash: foldhash::fast::FixedState,
@@ -221,7 +221,11 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// A table with about `max_tombs` tombstone slots per shard (rounded up to a power of two).
+    /// A table of at most `max_tombs` tombstone slots in all, shared out among the shards
+    /// (each shard's share a power of two, rounded down; one slot at least). A shard takes as
+    /// many invalidations as its share of the keys, so a key's chance of sharing a slot with a
+    /// newer invalidation does not depend on how many shards the tier has; a table per shard of
+    /// the whole size would have made a cache of a 64-shard tier take 64 times the memory.
     pub fn new(shard_count: u32, max_tombs: usize) -> Self {
         use std::hash::BuildHasher;
         let seed = foldhash::fast::RandomState::default().hash_one(0u64);
@@ -233,7 +237,10 @@ impl LeaseTable {
         LeaseTable {
             map: ShardMap::new(shard_count),
             shards: Vec::new(),
-            slots: max_tombs.clamp(1, MAX_TOMBSTONES).next_power_of_two(),
+            slots: {
+                let share = max_tombs.clamp(1, MAX_TOMBSTONES) / shard_count.max(1) as usize;
+                1 << share.max(1).ilog2()
+            },
             // Not 0: a cache started again (a restarted edge, a replacement at the same address)
             // would otherwise count its generations as its earlier life did, and could take a
             // lease that life handed out.
@@ -571,6 +578,31 @@ mod tests {
         let lease = t.lease(b"k");
         t.apply(t.shard_of(b"k"), &inv("k", 9));
         assert!(t.check_fill(b"k", lease).is_err());
+    }
+
+    /// The bound is of the whole table: shards share it, however many the tier has.
+    #[test]
+    fn the_tombstone_slots_are_shared_out_among_the_shards() {
+        let allocated = |shards: u32, max: usize| {
+            let mut t = LeaseTable::new(shards, max);
+            let mut seen = std::collections::HashSet::new();
+            for (i, k) in (0..).map(|i| format!("k{i}")).enumerate() {
+                let shard = t.shard_of(k.as_bytes());
+                t.apply(shard, &inv(&k, i as Seq + 1));
+                seen.insert(shard);
+                if seen.len() == shards as usize {
+                    break;
+                }
+            }
+            t.shards.iter().map(|s| s.slots.len()).sum::<usize>()
+        };
+        assert_eq!(allocated(1, 262_144), 262_144);
+        assert_eq!(allocated(64, 262_144), 262_144);
+        // A share that is not a power of two is rounded down: within the bound.
+        assert_eq!(allocated(3, 262_144), 3 * 65_536);
+        assert_eq!(allocated(1, 100), 64);
+        // One slot per shard at least.
+        assert_eq!(allocated(8, 4), 8);
     }
 
     #[test]
