@@ -1826,6 +1826,30 @@ async fn a_coordinator_counts_publishes_by_answer_and_times_its_log() {
     c.stop().await.unwrap();
 }
 
+/// The SDK's example runs as its comment says, against a real tier: it reads its write back.
+#[allow(dead_code)]
+#[path = "../client-sdk/examples/cache_aside.rs"]
+mod cache_aside;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_cache_aside_example_reads_its_write_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_serving(&e).await;
+    cache_aside::run(c.url(), e.edge.url()).await.unwrap();
+    // The row as it was written is what the edge holds now (filled by the read after it).
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    assert_eq!(
+        cache.get("user:42:profile").await.unwrap(),
+        Lookup::Hit(Bytes::from("Ada Lovelace"))
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A node's metrics once `ready` says they are (failing with the last scrape after 10 s).
 async fn scrape_until(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
