@@ -116,7 +116,13 @@ impl Applier for EdgeApplier {
         // store a key this edge no longer follows, and reads refuse such keys, so what is cached
         // of them can be dropped after, without holding up reads meanwhile. Such a key gets no
         // invalidations from now on: if it were followed again later, that value could be stale.
-        *self.follows.write().unwrap_or_else(|e| e.into_inner()) = filter.clone();
+        let mut follows = self.follows.write().unwrap_or_else(|e| e.into_inner());
+        *follows = filter.clone();
+        // So could a fill under a lease handed out before it was given up: its invalidations
+        // since never came. The leases go before any fill sees the new filter (a few misses
+        // more, at a reconfiguration).
+        self.store.void_leases();
+        drop(follows);
         let before = self.store.len();
         self.store.retain_keys(|k| filter.takes_key(k));
         tracing::info!(

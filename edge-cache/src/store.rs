@@ -393,6 +393,11 @@ impl Store {
         leases.flush(shard, epoch, hwm);
     }
 
+    /// Refuse the fills of every lease handed out so far.
+    pub fn void_leases(&self) {
+        lock(&self.leases).void_leases();
+    }
+
     /// Keep only the values of keys `keep` takes.
     pub fn retain_keys(&self, keep: impl Fn(&[u8]) -> bool) {
         self.values.retain(|k, _| keep(k));

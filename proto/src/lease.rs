@@ -412,11 +412,16 @@ impl LeaseTable {
         st.applied = st.applied.max(seq);
     }
 
+    /// Every lease handed out so far is void: their fills are refused.
+    pub fn void_leases(&mut self) {
+        // Wrapping as the wire form does: past its width, every lease would be refused for ever.
+        self.generation = (self.generation + 1) & GENERATION_MASK;
+    }
+
     /// The cache dropped everything of `shard`; it continues after `hwm` in `epoch`. Every
     /// lease handed out before is void.
     pub fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq) {
-        // Wrapping as the wire form does: past its width, every lease would be refused for ever.
-        self.generation = (self.generation + 1) & GENERATION_MASK;
+        self.void_leases();
         if !self.keeps(shard) {
             return;
         }
@@ -578,6 +583,15 @@ mod tests {
         let lease = t.lease(b"k");
         t.apply(t.shard_of(b"k"), &inv("k", 9));
         assert!(t.check_fill(b"k", lease).is_err());
+    }
+
+    #[test]
+    fn voided_leases_are_refused_and_new_ones_taken() {
+        let mut t = LeaseTable::new(1, 100);
+        let before = t.lease(b"k");
+        t.void_leases();
+        assert_eq!(t.check_fill(b"k", before), Err(FillRefused::Flushed));
+        assert_eq!(t.check_fill(b"k", t.lease(b"k")), Ok(()));
     }
 
     /// The bound is of the whole table: shards share it, however many the tier has.
