@@ -1854,6 +1854,94 @@ async fn a_coordinator_counts_publishes_by_answer_and_times_its_log() {
     c.stop().await.unwrap();
 }
 
+/// A coordinator whose log is older than what its receivers hold (restored from a copy made
+/// before, say) would give those seqs out again, for other invalidations, and its receivers
+/// would skip them as applied. It learns so when a receiver resumes past its head: it refuses
+/// publishes, and its next start is under a new epoch, which every receiver takes for a Reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let files = |from: &std::path::Path, to: &std::path::Path| {
+        for f in std::fs::read_dir(to).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    };
+    let cfg = |listen| CoordinatorConfig {
+        listen,
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let c = Coordinator::start(cfg(any_port())).await.unwrap();
+    let (addr, epoch) = (c.addr, c.epoch);
+    // A refusal by a failed log is retried as a coordinator's restart would be: not for long.
+    let p = Publisher::with_options(
+        vec![c.url()],
+        dci_sdk::PublisherOptions {
+            retry_for: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(publish_all(&p, &keys(0..5, "old:")).await, 5);
+    c.stop().await.unwrap();
+    files(dir.path(), copy.path());
+    let c = Coordinator::start(cfg(addr)).await.unwrap();
+    let e = edge(edge_cfg(vec![c.url()])).await;
+    wait_in_stream(&e).await;
+    assert_eq!(publish_all(&p, &keys(0..5, "new:")).await, 10);
+    wait_applied(&e, 10).await;
+    c.stop().await.unwrap();
+
+    // The disk is lost, and the copy comes back: stopped cleanly, it keeps its epoch.
+    files(copy.path(), dir.path());
+    let c = Coordinator::start(cfg(addr)).await.unwrap();
+    assert_eq!(c.epoch, epoch);
+    let mut admin = pb::admin_client::AdminClient::connect(c.url())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let failure = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge resumed at 10, past the head: no failure told"
+        );
+        let nodes = admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        let me = nodes.iter().find(|n| n.role == "coordinator").unwrap();
+        if !me.failure.is_empty() {
+            break me.failure.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        failure.contains("applied seq 10") && failure.contains("past its head 5"),
+        "{failure}"
+    );
+    let err = p.invalidate("meanwhile").await.unwrap_err();
+    assert!(err.to_string().contains("past its head 5"), "{err}");
+    c.stop().await.unwrap();
+
+    // Started again, under a new epoch: the edge drops what it holds and follows on from the
+    // head, and the log's seqs are its own again.
+    let c = Coordinator::start(cfg(addr)).await.unwrap();
+    assert_ne!(c.epoch, epoch, "a new epoch");
+    let seq = p.invalidate("after").await.unwrap();
+    wait_applied(&e, seq).await;
+    assert_eq!(e.edge.applied(0).map(|(epoch, _)| epoch), Some(c.epoch));
+    e.edge.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// The SDK's example runs as its comment says, against a real tier: it reads its write back.
 #[allow(dead_code)]
 #[path = "../client-sdk/examples/cache_aside.rs"]

@@ -268,6 +268,26 @@ impl BatchSource for Hub {
         self.shard_count
     }
 
+    fn receiver_ahead(&self, shard: ShardId, hwm: Seq, head: Seq) {
+        if shard != self.shard || self.failed() {
+            return;
+        }
+        // Only this log gave out this epoch's seqs: a receiver that applied one past its head
+        // learned of it from a log that had more (this one before it was restored from an
+        // older copy, say, or another coordinator run on a copy of it). The seqs after the head
+        // would be given out again, for other invalidations, and the receivers would skip them.
+        let why = format!(
+            "a receiver has applied seq {hwm} of this log's epoch {}, past its head {head}: the \
+             log lost part of what it streamed (restored from an older copy, or a copy of it \
+             run elsewhere), and would give those seqs out again; this coordinator refuses \
+             publishes until it is restarted, and starts then under a new epoch, so that every \
+             receiver drops what it holds",
+            self.epoch
+        );
+        tracing::error!(shard, hwm, head, "{why}");
+        self.set_failed(why);
+    }
+
     fn views(&self) -> Vec<ShardView> {
         let tail = lock(&self.tail);
         let disk = self.disk.read().unwrap_or_else(|e| e.into_inner()).0;

@@ -296,7 +296,23 @@ impl Sequencer {
         self.drain();
     }
 
+    /// A failure the hub was told of (a receiver ahead of the log) is the log's too: nothing
+    /// more is acknowledged, and the next start takes a new epoch.
+    fn adopt_hub_failure(&self) {
+        let Some(why) = self.hub.failure() else {
+            return;
+        };
+        let mut f = lock(&self.failed.why);
+        if f.is_none() {
+            if let Err(e) = crate::wal::distrust_unsynced(&self.failed.dir) {
+                tracing::error!(error = %e, "could not mark the log for a new epoch at its next start");
+            }
+            *f = Some(why.to_string());
+        }
+    }
+
     fn housekeeping(&self) {
+        self.adopt_hub_failure();
         let mut log = lock(&self.log);
         let log = &mut *log;
         let (Some(wal), Some(syncs)) = (log.wal.as_mut(), log.syncs.as_ref()) else {
@@ -325,6 +341,7 @@ impl Sequencer {
     /// Answer what is pending, then close the log cleanly (unless it failed). Later publishes
     /// are refused.
     pub fn close(&self) {
+        self.adopt_hub_failure();
         let (wal, syncs) = {
             let mut log = lock(&self.log);
             (log.wal.take(), log.syncs.take())

@@ -60,6 +60,10 @@ pub trait BatchSource: Send + Sync + 'static {
     fn shard_count(&self) -> u32 {
         0
     }
+    /// A receiver resumes `shard` at `hwm`, in this node's epoch, past the shard's head here.
+    /// A relay behind its sender is waited for; the source of a shard (its coordinator) has lost
+    /// part of its log, and would give those seqs out again.
+    fn receiver_ahead(&self, _shard: ShardId, _hwm: Seq, _head: Seq) {}
 }
 
 /// Downstream serving options.
@@ -378,7 +382,15 @@ async fn run_link<S: BatchSource>(
             .min(usize::try_from(hello.window_bytes).unwrap_or(usize::MAX));
     }
     let mut sender = Sender::new(cfg, Instant::now());
-    for c in sender.on_hello(&hello.resume, &source.views(), Instant::now()) {
+    let views = source.views();
+    for p in &hello.resume {
+        if let Some(v) = views.iter().find(|v| v.shard == p.shard) {
+            if p.epoch == v.epoch && p.hwm > v.head {
+                source.receiver_ahead(p.shard, p.hwm, v.head);
+            }
+        }
+    }
+    for c in sender.on_hello(&hello.resume, &views, Instant::now()) {
         exec(source.as_ref(), c, tx, stall, counters).await?;
     }
     let mut heads = source.heads();
