@@ -714,13 +714,19 @@ fn next_queued(held: &mut Option<Pending>, rx: &mut mpsc::Receiver<Pending>) -> 
 fn answer(callers: Vec<Pending>, result: Result<Vec<Seq>, Error>) {
     match result {
         Ok(seqs) => {
+            let asked: usize = callers.iter().map(|p| p.entries.len()).sum();
             let mut at = 0;
             for p in callers {
                 let n = p.entries.len();
-                let _ = p.reply.send(Ok(seqs
-                    .get(at..at + n)
-                    .map(<[Seq]>::to_vec)
-                    .unwrap_or_default()));
+                // A coordinator answers a seq per entry: an answer short of them (a node that
+                // is not one, or broken) is no seq at all, not seq 0.
+                let _ = p.reply.send(match seqs.get(at..at + n) {
+                    Some(mine) if seqs.len() == asked => Ok(mine.to_vec()),
+                    _ => Err(Error::Unavailable(format!(
+                        "the coordinator answered {} seqs for {asked} entries",
+                        seqs.len()
+                    ))),
+                });
                 at += n;
             }
         }
@@ -732,6 +738,46 @@ fn answer(callers: Vec<Pending>, result: Result<Vec<Seq>, Error>) {
                     other => Error::Unavailable(other.to_string()),
                 };
                 let _ = p.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(n: usize) -> (Pending, oneshot::Receiver<Result<Vec<Seq>, Error>>) {
+        let (reply, rx) = oneshot::channel();
+        let p = Pending {
+            queued_at: tokio::time::Instant::now(),
+            entries: (0..n).map(|i| Invalidation::key(format!("k{i}"))).collect(),
+            bytes: 0,
+            reply,
+        };
+        (p, rx)
+    }
+
+    #[test]
+    fn callers_sharing_a_request_each_get_their_seqs() {
+        let ((a, mut ra), (b, mut rb)) = (pending(2), pending(1));
+        answer(vec![a, b], Ok(vec![7, 8, 9]));
+        assert_eq!(ra.try_recv().unwrap().unwrap(), vec![7, 8]);
+        assert_eq!(rb.try_recv().unwrap().unwrap(), vec![9]);
+    }
+
+    /// An answer short of a seq per entry is an error for every caller, not seq 0 or a part.
+    #[test]
+    fn an_answer_without_a_seq_per_entry_is_an_error() {
+        for seqs in [vec![], vec![7, 8]] {
+            let ((a, mut ra), (b, mut rb)) = (pending(2), pending(1));
+            answer(vec![a, b], Ok(seqs.clone()));
+            for r in [ra.try_recv().unwrap(), rb.try_recv().unwrap()] {
+                let e = r.unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("answered {} seqs for 3 entries", seqs.len())),
+                    "{e}"
+                );
             }
         }
     }
