@@ -27,8 +27,8 @@ pub(crate) struct PublishArgs {
     /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
     #[arg(long, conflicts_with_all = ["prefix", "keys", "version"])]
     all: bool,
-    /// Writer's version for every key.
-    #[arg(long)]
+    /// Writer's version for every key (a row's: a prefix covers many rows, and takes none).
+    #[arg(long, conflicts_with = "prefix")]
     version: Option<u64>,
     /// Keys to invalidate; `-` reads them from standard input, one per line, and publishes them
     /// as they come.

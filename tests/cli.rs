@@ -396,6 +396,18 @@ fn processes_talk_and_errors_are_one_line_with_exit_codes() {
     let o = dci(&["publish", "--coordinator", &coord, "--prefix", ""]);
     assert_eq!(o.status.code(), Some(2), "an empty prefix is not --all");
     assert!(stderr(&o).contains("--all"), "{}", stderr(&o));
+    // A version is a row's: a prefix covers many rows.
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--prefix",
+        "--version",
+        "5",
+        "x:",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 
     // A stale lease is refused.
     let o = dci(&["set", "--edge", &edge_url, "user:2", "old", "--lease", "1"]);
