@@ -162,6 +162,13 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// A command that failed as bad input fails: exit 2 and one line on stderr, saying `says`.
+fn one_line_error(o: &Output, says: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(says) && err.lines().count() == 1, "{err}");
+}
+
 /// The nodes `dci status --json` reports of `coord`'s tree (none while it fails); `more` are
 /// further flags (`--tls-ca`).
 fn status_nodes(coord: &str, more: &[&str]) -> Vec<serde_json::Value> {
@@ -1549,13 +1556,7 @@ fn a_reader_that_goes_away_ends_the_printing_quietly() {
         .stdout(std::fs::File::create("/dev/full").unwrap())
         .output()
         .unwrap();
-    assert_eq!(full.status.code(), Some(2));
-    assert!(
-        stderr(&full).starts_with("dci: writing to standard output: ")
-            && stderr(&full).lines().count() == 1,
-        "{}",
-        stderr(&full)
-    );
+    one_line_error(&full, "dci: writing to standard output: ");
     // The runs stop at their next step: the demo long before its duration, the bench before
     // its latency run (either would have run for minutes).
     let started = Instant::now();
@@ -3608,13 +3609,7 @@ fn sizes_take_units_in_flags_and_config_files() {
             "64 bits",
         ),
     ] {
-        let o = dci(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}");
-        assert!(
-            stderr(&o).contains(names) && stderr(&o).lines().count() == 1,
-            "{args:?}: {}",
-            stderr(&o)
-        );
+        one_line_error(&dci(&args), names);
     }
     std::fs::write(&file, "capacity: 64 parsecs\n").unwrap();
     let o = Command::new(DCI)
@@ -3622,13 +3617,7 @@ fn sizes_take_units_in_flags_and_config_files() {
         .arg(&file)
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("capacity: \"64 parsecs\" is not a size in bytes")
-            && stderr(&o).lines().count() == 1,
-        "{}",
-        stderr(&o)
-    );
+    one_line_error(&o, "capacity: \"64 parsecs\" is not a size in bytes");
 }
 
 /// The defaults `--help` prints are the ones a node runs with: flags are options over a config

@@ -57,6 +57,19 @@ async fn coordinator(dir: &std::path::Path) -> Coordinator {
     .unwrap()
 }
 
+/// A coordinator that serves `/metrics` (on a port of its own: one picked beforehand could be
+/// taken by another test meanwhile).
+async fn metered_coordinator(dir: &std::path::Path) -> Coordinator {
+    Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.to_path_buf(),
+        metrics_listen: Some(any_port()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn relay_at(listen: SocketAddr, upstream: Vec<String>, ring_bytes: usize) -> Relay {
     Relay::start(RelayConfig {
         listen,
@@ -1706,15 +1719,7 @@ async fn the_sdk_publishes_single_batch_and_streaming_forms_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_prometheus_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(CoordinatorConfig {
-        listen: any_port(),
-        data_dir: dir.path().to_path_buf(),
-        // Port 0: a port picked beforehand could be taken by another test meanwhile.
-        metrics_listen: Some(any_port()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let c = metered_coordinator(dir.path()).await;
     let r = Relay::start(RelayConfig {
         listen: any_port(),
         upstream: vec![c.url()],
@@ -1779,14 +1784,7 @@ async fn every_node_serves_prometheus_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_counts_publishes_by_answer_and_times_its_log() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(CoordinatorConfig {
-        listen: any_port(),
-        data_dir: dir.path().to_path_buf(),
-        metrics_listen: Some(any_port()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let c = metered_coordinator(dir.path()).await;
     let mut client = pb::publisher_client::PublisherClient::connect(c.url())
         .await
         .unwrap();
