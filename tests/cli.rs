@@ -1380,22 +1380,14 @@ fn the_demo_runs_and_sees_no_stale_read() {
 
 #[test]
 fn the_bench_runs_end_to_end() {
-    let o = dci(&[
-        "bench",
-        "--edges",
-        "2",
-        "--count",
-        "3000",
-        "--rate",
-        "200",
-        "--latency-for",
-        "1s",
-        "--receivers",
-        "20",
-        "--key-format",
-        "t:{}",
-        "--no-redis",
-    ]);
+    // Two edges, 3,000 invalidations of keys "t:000000".."t:999999", no Redis; and `more`.
+    let bench = |more: &[&str]| {
+        let mut args = vec!["bench", "--edges", "2", "--count", "3000", "--no-redis"];
+        args.extend(["--key-format", "t:{}"]);
+        args.extend(more);
+        dci(&args)
+    };
+    let o = bench(&["--rate", "200", "--latency-for", "1s", "--receivers", "20"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for part in [
@@ -1423,21 +1415,13 @@ fn the_bench_runs_end_to_end() {
     );
     // With a prefix filter, the edges are delivered only the keys they take: about one in ten
     // here ("t:1" of "t:000000".."t:999999"), not every one published.
-    let o = dci(&[
-        "bench",
-        "--edges",
-        "2",
-        "--count",
-        "3000",
+    let o = bench(&[
         "--latency-for",
         "100ms",
         "--receivers",
         "0",
-        "--key-format",
-        "t:{}",
         "--prefix",
         "t:1",
-        "--no-redis",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
