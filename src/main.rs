@@ -156,7 +156,7 @@ struct RelayArgs {
     /// Region name [default: default].
     #[arg(long)]
     region: Option<String>,
-    /// Node id (default: `relay-<region>-<port>`).
+    /// Node id (default: `relay-<region>-<host>-<port>`, the host the first label of its hostname).
     #[arg(long)]
     node_id: Option<String>,
     /// Ring buffer bytes per shard [default: 64 MiB].
@@ -204,7 +204,7 @@ struct EdgeArgs {
     /// Region name [default: default].
     #[arg(long)]
     region: Option<String>,
-    /// Node id (default: `edge-<region>-<port>`).
+    /// Node id (default: `edge-<region>-<host>-<port>`, the host the first label of its hostname).
     #[arg(long)]
     node_id: Option<String>,
     /// Store size bound in bytes of keys and values [default: 256 MiB].

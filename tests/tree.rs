@@ -4,6 +4,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1941,6 +1942,36 @@ async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch(
     })
     .await;
     e.edge.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// Two nodes that call themselves the same would be taken for one by a wait for a publish to be
+/// applied everywhere (it follows each cache by its name): their sender says so. A node's own
+/// reconnection, or another name, is no such thing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_tells_of_two_receivers_that_call_themselves_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let named = |id: &str| EdgeConfig {
+        node_id: id.into(),
+        ..edge_cfg(vec![r.url()])
+    };
+    let solo = edge(named("solo")).await;
+    let first = edge(named("twin")).await;
+    wait_in_stream(&solo).await;
+    wait_in_stream(&first).await;
+    assert_eq!(r.counters.named_twice.load(Ordering::Relaxed), 0);
+    let second = edge(named("twin")).await;
+    wait_in_stream(&second).await;
+    eventually("the relay told of the twins", || {
+        r.counters.named_twice.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    for e in [solo, first, second] {
+        e.edge.stop().await.unwrap();
+    }
+    r.stop().await.unwrap();
     c.stop().await.unwrap();
 }
 

@@ -15,7 +15,8 @@ pub struct EdgeConfig {
     pub relays: Vec<String>,
     /// The region.
     pub region: String,
-    /// Node id (default: `edge-<region>-<port>`); with `ring_nodes`, it must be one of them.
+    /// Node id (default: `edge-<region>-<host>-<port>`, the host the first label of its
+    /// hostname); with `ring_nodes`, it must be one of them.
     pub node_id: String,
     /// Size bound of the store, in bytes of keys and values.
     #[serde(deserialize_with = "dci_proto::types::de_byte_size")]

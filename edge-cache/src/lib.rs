@@ -508,7 +508,7 @@ impl EdgeNode {
                     source,
                 })?;
         let node_id = if cfg.node_id.is_empty() {
-            format!("edge-{}-{}", cfg.region, addr.port())
+            dci_proto::types::default_node_id("edge", &cfg.region, addr.port())
         } else {
             cfg.node_id.clone()
         };

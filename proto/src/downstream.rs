@@ -6,6 +6,7 @@
 //! this task waits; the source is shared read-only, so nobody else is held back, and a receiver
 //! that stops reading for longer than the peer timeout is dropped.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -181,8 +182,69 @@ pub struct ServeCounters {
     pub receivers: AtomicU64,
     /// Receivers refused because `max_receivers` were connected.
     pub refused: AtomicU64,
+    /// Receivers that connected under a name another live receiver goes by.
+    pub named_twice: AtomicU64,
     /// Lines saying a receiver connected.
     pub connect_log: std::sync::Mutex<LogBudget>,
+    /// The receivers' names, each with the random numbers (`Hello.instance`) of its live links:
+    /// two numbers under one name are two nodes that call themselves the same.
+    names: std::sync::Mutex<(HashMap<String, Vec<u64>>, crate::throttle::Throttle)>,
+}
+
+/// A receiver's name among those served, given back when its link ends.
+struct Named {
+    counters: Arc<ServeCounters>,
+    name: String,
+    instance: u64,
+}
+
+impl Named {
+    /// Note `name` with `instance`; warn when another node goes by it. A wait for a publish to
+    /// be applied everywhere follows each cache by its name, and would take one's progress for
+    /// the other's.
+    fn register(counters: &Arc<ServeCounters>, name: &str, instance: u64) -> Named {
+        let mut guard = crate::upstream::lock(&counters.names);
+        let (names, throttle) = &mut *guard;
+        let live = names.entry(name.to_string()).or_default();
+        let others = live
+            .iter()
+            .filter(|&&i| i != 0 && instance != 0 && i != instance)
+            .count();
+        live.push(instance);
+        if others > 0 {
+            if let Some(held) = throttle.allow(Instant::now()) {
+                tracing::warn!(
+                    node = %crate::types::printable(name),
+                    held,
+                    "two receivers call themselves the same (or one came back before its last \
+                     link here ended): give each its own node_id, or a wait for a publish to be \
+                     applied everywhere (dci publish --wait) may take one's progress for the \
+                     other's"
+                );
+            }
+            counters.named_twice.fetch_add(1, Ordering::Relaxed);
+        }
+        Named {
+            counters: counters.clone(),
+            name: name.to_string(),
+            instance,
+        }
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let mut guard = crate::upstream::lock(&self.counters.names);
+        let names = &mut guard.0;
+        if let Some(live) = names.get_mut(&self.name) {
+            if let Some(at) = live.iter().position(|&i| i == self.instance) {
+                live.swap_remove(at);
+            }
+            if live.is_empty() {
+                names.remove(&self.name);
+            }
+        }
+    }
 }
 
 /// A receiver's place among those served, given back when its link ends.
@@ -345,6 +407,7 @@ async fn run_link<S: BatchSource>(
     }
     let filter = Filter::try_from_pb(hello.filter.clone())
         .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))?;
+    let _named = Named::register(counters, &hello.node_id, hello.instance);
     // Under one lock: the first connection held in a window, and only it, has the summary told.
     let (logged, held_until) = {
         let mut budget = crate::upstream::lock(&counters.connect_log);

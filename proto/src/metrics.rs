@@ -272,6 +272,14 @@ pub fn render_serve(out: &mut String, c: &crate::downstream::ServeCounters) {
     sample(
         out,
         "counter",
+        "dci_receivers_named_twice_total",
+        "Receivers that connected under the node id of another receiver connected",
+        "",
+        get(&c.named_twice),
+    );
+    sample(
+        out,
+        "counter",
         "dci_batches_sent_total",
         "Batches sent to receivers",
         "",

@@ -143,6 +143,28 @@ where
     T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too many here")))
 }
 
+/// The name a relay or edge goes by when its config gives none: its role, region, host (the
+/// first label of the machine's hostname) and port. Without the host, nodes on several machines
+/// listening on the same port would share a name, and a wait for a publish to be applied
+/// everywhere, which follows each cache by its name, could take one's progress for another's.
+pub fn default_node_id(role: &str, region: &str, port: u16) -> String {
+    let hostname = gethostname::gethostname();
+    let host: String = hostname
+        .to_string_lossy()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(63)
+        .collect();
+    if host.is_empty() {
+        format!("{role}-{region}-{port}")
+    } else {
+        format!("{role}-{region}-{host}-{port}")
+    }
+}
+
 /// Default bound on key length, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 
@@ -765,6 +787,23 @@ impl Filter {
 
 #[cfg(test)]
 mod tests {
+
+    /// Nodes on several machines listening on the same port are told apart by their host.
+    #[test]
+    fn a_default_node_id_names_the_host() {
+        let id = default_node_id("edge", "eu", 7600);
+        let hostname = gethostname::gethostname();
+        let label = hostname.to_string_lossy();
+        let label = label.split('.').next().unwrap_or_default();
+        assert!(id.starts_with("edge-eu-") && id.ends_with("-7600"), "{id}");
+        if !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            assert_eq!(id, format!("edge-eu-{label}-7600"));
+        }
+        assert!(
+            !id.contains('.') && id.len() <= "edge-eu--7600".len() + 63,
+            "{id}"
+        );
+    }
 
     #[test]
     fn sizes_are_read_as_help_prints_them() {

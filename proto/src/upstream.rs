@@ -396,8 +396,9 @@ pub struct FollowOptions {
     pub compression: bool,
     /// How to speak TLS to `https://` senders.
     pub tls: crate::tls::ClientTls,
-    /// This node's random number (`Hello.instance`; 0: none), by which a node that serves
-    /// streams too knows itself when given its own URL to follow.
+    /// This node's random number (`Hello.instance`; drawn by default), by which a node that
+    /// serves streams too knows itself when given its own URL to follow, and a sender tells
+    /// two nodes that call themselves the same apart.
     pub instance: u64,
     /// New senders and filter while following (a reloaded config): the link in use is left and
     /// the next is made with them.
@@ -447,7 +448,8 @@ impl Default for FollowOptions {
             resume: Vec::new(),
             compression: false,
             tls: Default::default(),
-            instance: 0,
+            // Non-zero: a sender tells two nodes that call themselves the same apart by it.
+            instance: rand::random::<u64>() | 1,
             changes: None,
             max_staleness: None,
         }

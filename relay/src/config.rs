@@ -19,7 +19,7 @@ pub struct RelayConfig {
     pub upstream_groups: Vec<Vec<String>>,
     /// The region this relay serves.
     pub region: String,
-    /// Node id (default: `relay-<region>-<port>`).
+    /// Node id (default: `relay-<region>-<host>-<port>`, the host the first label of its hostname).
     pub node_id: String,
     /// Bytes of recent batches kept per shard for retransmission and catch-up.
     #[serde(deserialize_with = "dci_proto::types::de_byte_size")]

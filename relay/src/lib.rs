@@ -108,7 +108,7 @@ impl Relay {
                     source,
                 })?;
         let node_id = if cfg.node_id.is_empty() {
-            format!("relay-{}-{}", cfg.region, addr.port())
+            dci_proto::types::default_node_id("relay", &cfg.region, addr.port())
         } else {
             cfg.node_id.clone()
         };
