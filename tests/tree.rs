@@ -1859,6 +1859,18 @@ async fn a_coordinator_counts_publishes_by_answer_and_times_its_log() {
 /// publishes, and its next start is under a new epoch, which every receiver takes for a Reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch() {
+    on_an_older_copy(false).await;
+}
+
+/// The same, with the relays restarted too (a cluster brought back whole): a relay that starts
+/// empty joins at the head, and only the edges below it know better. Their reports, which the
+/// relay passes up, tell it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_on_an_older_copy_learns_it_from_the_edges_below_a_new_relay() {
+    on_an_older_copy(true).await;
+}
+
+async fn on_an_older_copy(through_a_new_relay: bool) {
     let dir = tempfile::tempdir().unwrap();
     let copy = tempfile::tempdir().unwrap();
     let files = |from: &std::path::Path, to: &std::path::Path| {
@@ -1891,7 +1903,15 @@ async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch(
     c.stop().await.unwrap();
     files(dir.path(), copy.path());
     let c = Coordinator::start(cfg(addr)).await.unwrap();
-    let e = edge(edge_cfg(vec![c.url()])).await;
+    let mut r = None;
+    let e = if through_a_new_relay {
+        let relay = relay_at(any_port(), vec![c.url()], 1 << 20).await;
+        let e = edge(edge_cfg(vec![relay.url()])).await;
+        r = Some(relay);
+        e
+    } else {
+        edge(edge_cfg(vec![c.url()])).await
+    };
     wait_in_stream(&e).await;
     assert_eq!(publish_all(&p, &keys(0..5, "new:")).await, 10);
     wait_applied(&e, 10).await;
@@ -1899,6 +1919,11 @@ async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch(
 
     // The disk is lost, and the copy comes back: stopped cleanly, it keeps its epoch.
     files(copy.path(), dir.path());
+    if let Some(relay) = r.take() {
+        let at = relay.addr;
+        relay.stop().await.unwrap();
+        r = Some(relay_at(at, vec![format!("http://{addr}")], 1 << 20).await);
+    }
     let c = Coordinator::start(cfg(addr)).await.unwrap();
     assert_eq!(c.epoch, epoch);
     let mut admin = pb::admin_client::AdminClient::connect(c.url())
@@ -1942,6 +1967,9 @@ async fn a_coordinator_on_an_older_copy_of_its_log_stops_and_starts_a_new_epoch(
     })
     .await;
     e.edge.stop().await.unwrap();
+    if let Some(relay) = r {
+        relay.stop().await.unwrap();
+    }
     c.stop().await.unwrap();
 }
 

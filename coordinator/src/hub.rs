@@ -354,6 +354,16 @@ impl BatchSource for Hub {
     }
 
     fn report(&self, link_id: u64, nodes: Vec<pb::NodeStatus>) {
+        // A node further down may know more than the relay it reports through (one that
+        // started empty, and joined at this head): what it has applied is told here too.
+        let head = lock(&self.tail).head();
+        let ahead = nodes
+            .iter()
+            .flat_map(|n| &n.shards)
+            .find(|s| s.shard == self.shard && s.epoch == self.epoch && s.hwm > head);
+        if let Some(s) = ahead {
+            self.receiver_ahead(s.shard, s.hwm, head);
+        }
         self.reports.insert(link_id, nodes);
     }
 
