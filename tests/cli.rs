@@ -199,12 +199,29 @@ fn lease_in(o: &Output) -> u64 {
         .unwrap_or_else(|| panic!("no lease in {}", stderr(o)))
 }
 
-/// Fill `key` on `edge` as a reader that missed would: `set` under the miss's lease.
+/// Fill `key` on `edge` as a reader that missed would: `set` under the miss's lease. An edge
+/// just started flushes as it joins its sender's stream, which voids the leases it handed out
+/// before: such a reader loads again.
 fn fill(edge: &str, key: &str, value: &str) {
-    let miss = dci(&["get", "--edge", edge, key]);
-    let lease = lease_in(&miss).to_string();
-    let set = dci(&["set", "--edge", edge, "--lease", &lease, key, value]);
-    assert!(set.status.success(), "{}", stderr(&set));
+    fill_bytes(edge, key, value.as_bytes());
+}
+
+/// [`fill`] with a value of any bytes and size (given on standard input).
+fn fill_bytes(edge: &str, key: &str, value: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let miss = dci(&["get", "--edge", edge, key]);
+        let lease = lease_in(&miss).to_string();
+        let set = dci_fed(&["set", "--edge", edge, "--lease", &lease, key, "-"], value);
+        if set.status.success() {
+            return;
+        }
+        assert!(
+            stderr(&set).contains("predates a flush") && Instant::now() < deadline,
+            "{}",
+            stderr(&set)
+        );
+    }
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -3568,11 +3585,7 @@ fn sizes_take_units_in_flags_and_config_files() {
     cmd.args(["--listen", "127.0.0.1:0", "--relays", &coord]);
     let (_edge, eport) = start_cmd(cmd);
     let edge = format!("http://127.0.0.1:{eport}");
-    let miss = dci(&["get", "--edge", &edge, "big"]);
-    let lease = lease_in(&miss).to_string();
-    let set = ["set", "--edge", &edge, "--lease", &lease, "big", "-"];
-    let o = dci_fed(&set, &vec![b'v'; 1_500_000]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    fill_bytes(&edge, "big", &vec![b'v'; 1_500_000]);
     let o = dci(&["get", "--edge", &edge, "big"]);
     assert_eq!(o.stdout.len(), 1_500_001, "{}", stderr(&o));
     let o = dci_fed(
