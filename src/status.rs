@@ -114,8 +114,25 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
         )?;
         return failed.map_or(Ok(()), Err);
     }
+    // Columns as wide as the longest name in them (a default name carries region and host).
+    fn shown(n: &pb::NodeStatus) -> std::borrow::Cow<'_, str> {
+        match n.left_out {
+            0 => printable(&n.node_id),
+            more => format!("{more} {}", printable(&n.node_id)).into(),
+        }
+    }
+    let node_w = r
+        .nodes
+        .iter()
+        .map(|n| shown(n).chars().count())
+        .fold(28, usize::max);
+    let region_w = r
+        .nodes
+        .iter()
+        .map(|n| printable(&n.region).chars().count())
+        .fold(10, usize::max);
     crate::out::say!(
-        "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  parent",
+        "{:<node_w$} {:<12} {:<region_w$} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  parent",
         "node",
         "role",
         "region",
@@ -130,10 +147,7 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
     for n in &r.nodes {
         // Names come from the nodes themselves, any receiver's report included.
         let (node_id, role, region, parent) = (
-            match n.left_out {
-                0 => printable(&n.node_id),
-                more => format!("{more} {}", printable(&n.node_id)).into(),
-            },
+            shown(n),
             printable(&n.role),
             printable(&n.region),
             printable(&n.parent),
@@ -142,7 +156,7 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
             humantime::format_duration(Duration::from_secs(n.connected_ms / 1000)).to_string();
         if n.shards.is_empty() {
             crate::out::say!(
-                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
+                "{:<node_w$} {:<12} {:<region_w$} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
                 node_id,
                 role,
                 region,
@@ -166,7 +180,7 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 caught_up.push('*');
             }
             crate::out::say!(
-                "{:<28} {:<12} {:<10} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
+                "{:<node_w$} {:<12} {:<region_w$} {:>6} {:>12} {:>10} {:>8} {:>10} {:>12}  {}",
                 node_id,
                 role,
                 region,

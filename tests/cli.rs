@@ -3657,3 +3657,40 @@ fn the_defaults_help_prints_are_the_configs() {
     check::<dci_relay::RelayConfig>("relay");
     check::<dci_edge_cache::EdgeConfig>("edge");
 }
+
+/// `dci status` lines its columns up whatever the names: a default name carries the region and
+/// the host, past the 28 characters the node column had.
+#[test]
+fn status_columns_line_up_with_long_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, cport) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cport}");
+    let region = "eu-west-1-frankfurt-am-main";
+    let (_edge, _) = start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        &coord,
+        "--region",
+        region,
+    ]);
+    eventually("the edge in the tree", || {
+        stdout(&dci(&["status", "--coordinator", &coord])).contains(region)
+    });
+    let status = stdout(&dci(&["status", "--coordinator", &coord]));
+    let rows: Vec<&str> = status.lines().collect();
+    let at = |line: &str, word: &str| line.find(word).unwrap_or_else(|| panic!("{status}"));
+    let role = at(rows[0], "role");
+    let shard = at(rows[0], "shard") + "shard".len();
+    for row in &rows[1..] {
+        let word = if row.starts_with("coordinator") {
+            "coordinator"
+        } else {
+            "edge"
+        };
+        // The role column starts where its heading does; the shard column ends where its does.
+        assert_eq!(row[role..].split(' ').next(), Some(word), "{status}");
+        assert_eq!(&row[shard - 1..shard], "0", "{status}");
+    }
+}
