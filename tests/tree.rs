@@ -32,11 +32,22 @@ fn nowhere() -> SocketAddr {
 
 /// Holds the port of a node that is down: bound and not listening (connections are refused), so
 /// that no other test's node is given it meanwhile. Dropped just before the node starts again.
+/// The port may be busy for a moment after its node stopped (a connection of the node's still
+/// closing): it is tried again for a while.
 fn hold(addr: SocketAddr) -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(addr).unwrap();
-    socket
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        match socket.bind(addr) {
+            Ok(()) => return socket,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{addr} still busy: {e}"),
+        }
+    }
 }
 
 /// An address on loopback that refuses connections for as long as the socket returned is kept:
