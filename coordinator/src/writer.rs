@@ -48,17 +48,25 @@ fn failed_with(failed: &Failed) -> Option<String> {
 }
 
 fn fail(failed: &Failed, hub: &Hub, why: String) {
-    let mut f = failed.why.lock().unwrap_or_else(|p| p.into_inner());
-    if f.is_none() {
+    if mark_failed(failed, &why) {
         tracing::error!(error = %why, "log write failed: refusing publishes from now on");
-        // What was written but not synced may be gone from the page cache already (a failed
-        // writeback can drop it) while receivers hold it: the next start must not trust it.
-        if let Err(e) = crate::wal::distrust_unsynced(&failed.dir) {
-            tracing::error!(error = %e, "could not mark the log for a new epoch at its next start");
-        }
-        hub.set_failed(why.clone());
-        *f = Some(why);
+        hub.set_failed(why);
     }
+}
+
+/// Nothing more is acknowledged, and the next start takes a new epoch; false when the log had
+/// failed already. What was written but not synced may be gone from the page cache (a failed
+/// writeback can drop it), or the log may lack what receivers hold: it must not be trusted.
+fn mark_failed(failed: &Failed, why: &str) -> bool {
+    let mut f = failed.why.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_some() {
+        return false;
+    }
+    if let Err(e) = crate::wal::distrust_unsynced(&failed.dir) {
+        tracing::error!(error = %e, "could not mark the log for a new epoch at its next start");
+    }
+    *f = Some(why.to_string());
+    true
 }
 
 fn syncer(rx: std::sync::mpsc::Receiver<SyncJob>, failed: Failed, hub: Arc<Hub>) {
@@ -299,15 +307,8 @@ impl Sequencer {
     /// A failure the hub was told of (a receiver ahead of the log) is the log's too: nothing
     /// more is acknowledged, and the next start takes a new epoch.
     fn adopt_hub_failure(&self) {
-        let Some(why) = self.hub.failure() else {
-            return;
-        };
-        let mut f = lock(&self.failed.why);
-        if f.is_none() {
-            if let Err(e) = crate::wal::distrust_unsynced(&self.failed.dir) {
-                tracing::error!(error = %e, "could not mark the log for a new epoch at its next start");
-            }
-            *f = Some(why.to_string());
+        if let Some(why) = self.hub.failure() {
+            mark_failed(&self.failed, why);
         }
     }
 
