@@ -30,6 +30,12 @@ pub(crate) struct PublishArgs {
     /// Writer's version for every key (a row's: a prefix covers many rows, and takes none).
     #[arg(long, conflicts_with = "prefix")]
     version: Option<u64>,
+    /// Each key is followed by its writer's version after a space or tab (`user:42:profile 7`,
+    /// on the command line and on each line of `-`'s input alike), as a feed of row changes
+    /// carries a row version or a log position: a cache then skips an older version of a key
+    /// that arrives after a newer one.
+    #[arg(long, conflicts_with_all = ["prefix", "version"])]
+    with_versions: bool,
     /// Keys to invalidate; `-` reads them from standard input, one per line, and publishes them
     /// as they come.
     #[arg(required_unless_present = "all")]
@@ -59,12 +65,21 @@ const PUBLISH_CHUNK: usize = 4096;
 const PUBLISH_ROUND_KEYS: usize = 16_384;
 const PUBLISH_ROUND_BYTES: usize = 4 << 20;
 
+/// A key, and its writer's version if it has one.
+type Keyed = (String, Option<u64>);
+
 /// Where `dci publish` takes its keys: the command line, or standard input line by line.
 enum KeySource {
-    Args(std::vec::IntoIter<String>),
+    Args {
+        keys: std::vec::IntoIter<String>,
+        /// Keys taken so far.
+        taken: usize,
+    },
     Stdin {
         input: std::io::BufReader<std::io::Stdin>,
         line: usize,
+        /// Bytes a line may have past the longest key: room for a version after it.
+        slack: usize,
     },
 }
 
@@ -73,7 +88,7 @@ impl KeySource {
     /// read is published (a writer feeding keys as they come sees each published at once).
     fn ready(&self) -> bool {
         match self {
-            KeySource::Args(_) => true,
+            KeySource::Args { .. } => true,
             KeySource::Stdin { input, .. } => !input.buffer().is_empty(),
         }
     }
@@ -81,11 +96,14 @@ impl KeySource {
     /// The next key (blank lines of standard input skipped), `None` at the end.
     fn next_key(&mut self) -> anyhow::Result<Option<String>> {
         use std::io::BufRead;
-        let (input, line) = match self {
-            KeySource::Args(keys) => return Ok(keys.next()),
-            KeySource::Stdin { input, line } => (input, line),
+        let (input, line, slack) = match self {
+            KeySource::Args { keys, taken } => {
+                *taken += 1;
+                return Ok(keys.next());
+            }
+            KeySource::Stdin { input, line, slack } => (input, line, *slack),
         };
-        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT + slack;
         loop {
             *line += 1;
             let mut buf = Vec::new();
@@ -130,12 +148,21 @@ impl KeySource {
                     .take_while(|b| b.is_ascii_whitespace())
                     .count();
                 if len - tail > limit {
+                    let longest = dci_proto::types::MAX_KEY_LEN_LIMIT;
                     // The same words as for a key of the command line, with its line.
-                    return Err(anyhow!(
-                        "line {line} of standard input: key is {} bytes, more than the \
-                         maximum any coordinator takes ({limit})",
-                        len - tail
-                    ));
+                    return Err(if slack == 0 {
+                        anyhow!(
+                            "line {line} of standard input: key is {} bytes, more than the \
+                             maximum any coordinator takes ({longest})",
+                            len - tail
+                        )
+                    } else {
+                        anyhow!(
+                            "line {line} of standard input: {} bytes, more than the longest \
+                             key any coordinator takes ({longest}) and a version",
+                            len - tail
+                        )
+                    });
                 }
             }
             let Ok(text) = String::from_utf8(buf) else {
@@ -146,6 +173,67 @@ impl KeySource {
                 return Ok(Some(key.to_string()));
             }
         }
+    }
+
+    /// Where the last key taken came from, for an error about it.
+    fn last_place(&self) -> String {
+        match self {
+            KeySource::Args { taken, .. } => format!("key {taken}"),
+            KeySource::Stdin { line, .. } => format!("line {line} of standard input"),
+        }
+    }
+
+    /// The next key and its version: with `with_versions`, each item is `KEY VERSION`.
+    fn next_entry(&mut self, with_versions: bool) -> anyhow::Result<Option<Keyed>> {
+        let Some(item) = self.next_key()? else {
+            return Ok(None);
+        };
+        if !with_versions {
+            return Ok(Some((item, None)));
+        }
+        let (key, version) =
+            split_version(&item).map_err(|why| anyhow!("{}: {why}", self.last_place()))?;
+        let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+        if key.len() > limit {
+            anyhow::bail!(
+                "{}: key is {} bytes, more than the maximum any coordinator takes ({limit})",
+                self.last_place(),
+                key.len()
+            );
+        }
+        Ok(Some((key.to_string(), Some(version))))
+    }
+}
+
+/// `KEY VERSION`: the key, and the writer's version after its last space or tab.
+fn split_version(item: &str) -> Result<(&str, u64), String> {
+    let Some((key, version)) = item.rsplit_once([' ', '\t']) else {
+        return Err(format!(
+            "no version after the key {:?} (with --with-versions, each key is `KEY VERSION`)",
+            printable_prefix(item)
+        ));
+    };
+    let version = version.parse::<u64>().map_err(|_| {
+        format!(
+            "{:?} is no version (a whole number up to {}) for the key {:?}",
+            printable_prefix(version),
+            u64::MAX,
+            printable_prefix(key)
+        )
+    })?;
+    // As a line's end, the space before the version is no part of its key.
+    let key = key.trim_end();
+    if key.is_empty() {
+        return Err(format!("no key before the version {version}"));
+    }
+    Ok((key, version))
+}
+
+/// At most the first 64 characters of what an error quotes: a key may be 64 KiB long.
+fn printable_prefix(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
     }
 }
 
@@ -251,17 +339,36 @@ async fn publish_keys(
         pb::Kind::Key
     };
     let mut source = if a.all {
-        KeySource::Args(vec![String::new()].into_iter())
+        KeySource::Args {
+            keys: vec![String::new()].into_iter(),
+            taken: 0,
+        }
     } else if a.keys == ["-"] {
         KeySource::Stdin {
             input: std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
             line: 0,
+            // A space and the longest version.
+            slack: if a.with_versions {
+                1 + u64::MAX.to_string().len()
+            } else {
+                0
+            },
         }
     } else {
         for (i, k) in a.keys.iter().enumerate() {
+            let k = if a.with_versions {
+                split_version(k)
+                    .map_err(|why| anyhow!("key {}: {why}", i + 1))?
+                    .0
+            } else {
+                k
+            };
             dci_proto::types::check_key_len_limit(i, k.len()).map_err(anyhow::Error::msg)?;
         }
-        KeySource::Args(a.keys.clone().into_iter())
+        KeySource::Args {
+            keys: a.keys.clone().into_iter(),
+            taken: 0,
+        }
     };
     let shards = a.coordinator.len();
     let map = dci_proto::ring::ShardMap::new(shards as u32);
@@ -290,7 +397,7 @@ async fn publish_keys(
             if !round.is_empty() && !source.ready() {
                 break;
             }
-            let k = match source.next_key() {
+            let (k, version) = match source.next_entry(a.with_versions) {
                 Ok(Some(k)) => k,
                 Ok(None) => break,
                 Err(e) => {
@@ -302,7 +409,7 @@ async fn publish_keys(
                 anyhow::bail!("an empty prefix would be every key: say --all for that");
             }
             bytes += k.len();
-            round.push(k);
+            round.push((k, version.or(a.version)));
         }
         if round.is_empty() {
             if let Some(e) = bad {
@@ -322,10 +429,10 @@ async fn publish_keys(
             .zip(request_no.iter_mut())
             .enumerate()
             .map(|(shard, ((url, client), request_no))| {
-                let keys: Vec<(usize, &String)> = round
+                let keys: Vec<(usize, &Keyed)> = round
                     .iter()
                     .enumerate()
-                    .filter(|(_, k)| targets(k).contains(&shard))
+                    .filter(|(_, (k, _))| targets(k).contains(&shard))
                     .collect();
                 let (tls, publisher_id) = (&tls, &publisher_id);
                 async move {
@@ -337,10 +444,10 @@ async fn publish_keys(
                             request_no: *request_no,
                             entries: chunk
                                 .iter()
-                                .map(|(_, k)| pb::Invalidation {
+                                .map(|(_, (k, version))| pb::Invalidation {
                                     key: Bytes::from(k.to_string()),
                                     kind: kind as i32,
-                                    source_version: a.version,
+                                    source_version: *version,
                                     ..Default::default()
                                 })
                                 .collect(),
@@ -367,7 +474,7 @@ async fn publish_keys(
                         },
                     );
                 }
-                for ((i, k), seq) in chunk.iter().zip(r.seqs) {
+                for ((i, (k, _)), seq) in chunk.iter().zip(r.seqs) {
                     let k = if a.all { "*" } else { k.as_str() };
                     lines[*i].push(if shards == 1 {
                         format!("{k} {seq}")
@@ -400,11 +507,11 @@ async fn publish_keys(
 
 /// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
 /// one request (a larger one would be refused whole).
-fn request_chunks<'a, 'k>(keys: &'a [(usize, &'k String)]) -> Vec<&'a [(usize, &'k String)]> {
+fn request_chunks<'a, 'k>(keys: &'a [(usize, &'k Keyed)]) -> Vec<&'a [(usize, &'k Keyed)]> {
     use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (i, (_, k)) in keys.iter().enumerate() {
+    for (i, (_, (k, _))) in keys.iter().enumerate() {
         let cost = k.len() + ENTRY_OVERHEAD_BYTES;
         if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > PUBLISH_REQUEST_BYTES) {
             out.push(&keys[start..i]);

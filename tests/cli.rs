@@ -591,6 +591,119 @@ fn publish_takes_keys_from_standard_input() {
     );
 }
 
+/// `--with-versions`: each key carries its writer's version (`KEY VERSION`), on the command
+/// line or on standard input, as a feed of row changes would publish them; an edge then skips
+/// an older version that arrives after a newer one, and takes a newer one. A line without a
+/// version ends the input, what came before it published.
+#[test]
+fn publish_takes_a_version_with_each_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let relay = format!("http://127.0.0.1:{rp}");
+    let (_e, ep) = start(&["edge", "--listen", "127.0.0.1:0", "--relays", &relay]);
+    let edge = format!("http://127.0.0.1:{ep}");
+    let publish = |args: &[&str], input: &[u8]| {
+        let mut all = vec!["publish", "--coordinator", &coord, "--with-versions"];
+        all.extend(args);
+        dci_fed(&all, input)
+    };
+
+    let o = publish(&["-"], b"user:1 7\nuser 2 x\t9\r\n\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "user:1 1\nuser 2 x 2\n");
+    let o = publish(&["user:3 11", "user:4  12"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "user:3 3\nuser:4 4\n");
+    let f = follow(
+        Command::new(DCI).args(["follow", "--sender", &coord, "--from", "1", "--count", "4"]),
+    );
+    let lines: Vec<String> = (0..4).map_while(|_| f.line()).collect();
+    assert_eq!(
+        lines,
+        [
+            "seq=1 key=user:1 version=7",
+            "seq=2 key=user 2 x version=9",
+            "seq=3 key=user:3 version=11",
+            "seq=4 key=user:4 version=12"
+        ]
+    );
+
+    // At the edge: an older version of user:1, late, leaves its value; a newer one drops it.
+    eventually("the edge at seq 4", || hwm(&coord, "edge") >= 4);
+    fill(&edge, "user:1", "row at version 7");
+    let o = publish(&["-"], b"user:1 6\n");
+    assert_eq!(stdout(&o), "user:1 5\n", "{}", stderr(&o));
+    eventually("the edge at seq 5", || hwm(&coord, "edge") >= 5);
+    let got = dci(&["get", "--edge", &edge, "user:1"]);
+    assert_eq!(stdout(&got), "row at version 7\n", "{}", stderr(&got));
+    let o = publish(&["-"], b"user:1 8\n");
+    assert_eq!(stdout(&o), "user:1 6\n", "{}", stderr(&o));
+    eventually("the edge at seq 6", || hwm(&coord, "edge") >= 6);
+    let got = dci(&["get", "--edge", &edge, "user:1"]);
+    assert_eq!(got.status.code(), Some(1), "a miss: {}", stdout(&got));
+
+    // A line without a version, or with no number for one, ends the input there.
+    let o = publish(&["-"], b"ok 1\nuser:5\nnever 2\n");
+    one_line_error(
+        &o,
+        "line 2 of standard input: no version after the key \"user:5\"",
+    );
+    assert_eq!(stdout(&o), "ok 7\n", "what came before it was published");
+    let o = publish(&["-"], b"user:5 v2\n");
+    one_line_error(&o, "line 1 of standard input: \"v2\" is no version");
+    let o = publish(&["-"], b" 2\n");
+    one_line_error(&o, "no key before the version 2");
+    // On the command line, nothing is published when one is bad.
+    let o = publish(&["user:6 1", "user:7"], b"");
+    one_line_error(&o, "key 2: no version after the key \"user:7\"");
+    assert_eq!(stdout(&o), "");
+    // A key of the longest length still goes with its version; one byte more is refused.
+    let longest = "k".repeat(65_536);
+    let o = publish(&["-"], format!("{longest}1 3\n").as_bytes());
+    one_line_error(
+        &o,
+        "line 1 of standard input: key is 65537 bytes, more than the maximum",
+    );
+    let o = publish(&["-"], format!("{longest}11 3\n").as_bytes());
+    one_line_error(
+        &o,
+        "line 1 of standard input: key is 65538 bytes, more than the maximum",
+    );
+    // A line longer than any key and version is not read whole.
+    let o = publish(
+        &["-"],
+        format!("{longest}{} 3\n", "1".repeat(30)).as_bytes(),
+    );
+    one_line_error(
+        &o,
+        "line 1 of standard input: 65568 bytes, more than the longest key",
+    );
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--with-versions",
+        "--version",
+        "3",
+        "k 1",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--with-versions",
+        "--prefix",
+        "k 1",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // Nothing was published after seq 7: the next gets seq 8.
+    let o = publish(&["marker 1"], b"");
+    assert_eq!(stdout(&o), "marker 8\n", "{}", stderr(&o));
+}
+
 /// `dci publish -` fed by a writer as keys come publishes each at once (it does not wait for the
 /// end of its input), and holds a round of keys at a time, not its whole input.
 #[test]
