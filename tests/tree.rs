@@ -1911,8 +1911,12 @@ async fn on_an_older_copy(through_a_new_relay: bool) {
     .await
     .unwrap();
     assert_eq!(publish_all(&p, &keys(0..5, "old:")).await, 5);
+    // Each restart is on the same address: held meanwhile, so that no other test's connection
+    // takes the port for its own end.
     c.stop().await.unwrap();
+    let held = hold(addr);
     files(dir.path(), copy.path());
+    drop(held);
     let c = Coordinator::start(cfg(addr)).await.unwrap();
     let mut r = None;
     let e = if through_a_new_relay {
@@ -1927,14 +1931,18 @@ async fn on_an_older_copy(through_a_new_relay: bool) {
     assert_eq!(publish_all(&p, &keys(0..5, "new:")).await, 10);
     wait_applied(&e, 10).await;
     c.stop().await.unwrap();
+    let held = hold(addr);
 
     // The disk is lost, and the copy comes back: stopped cleanly, it keeps its epoch.
     files(copy.path(), dir.path());
     if let Some(relay) = r.take() {
         let at = relay.addr;
         relay.stop().await.unwrap();
+        let held = hold(at);
+        drop(held);
         r = Some(relay_at(at, vec![format!("http://{addr}")], 1 << 20).await);
     }
+    drop(held);
     let c = Coordinator::start(cfg(addr)).await.unwrap();
     assert_eq!(c.epoch, epoch);
     let mut admin = pb::admin_client::AdminClient::connect(c.url())
@@ -1965,6 +1973,7 @@ async fn on_an_older_copy(through_a_new_relay: bool) {
     let err = p.invalidate("meanwhile").await.unwrap_err();
     assert!(err.to_string().contains("past its head 5"), "{err}");
     c.stop().await.unwrap();
+    drop(hold(addr));
 
     // Started again, under a new epoch: the edge drops what it holds and follows on from the
     // head, and the log's seqs are its own again.
