@@ -159,7 +159,7 @@ struct RelayArgs {
     /// Node id (default: `relay-<region>-<host>-<port>`, the host the first label of its hostname).
     #[arg(long)]
     node_id: Option<String>,
-    /// Ring buffer bytes per shard [default: 64 MiB].
+    /// Ring buffer bytes in all, shared out among the shards the relay carries [default: 64 MiB].
     #[arg(long, value_parser = crate::byte_size_usize)]
     ring_bytes: Option<usize>,
     /// Unacked bytes in flight per receiver [default: 4 MiB].

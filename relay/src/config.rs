@@ -21,7 +21,8 @@ pub struct RelayConfig {
     pub region: String,
     /// Node id (default: `relay-<region>-<host>-<port>`, the host the first label of its hostname).
     pub node_id: String,
-    /// Bytes of recent batches kept per shard for retransmission and catch-up.
+    /// Bytes of recent batches kept for retransmission and catch-up, in all: shared out evenly
+    /// among the shards the relay carries.
     #[serde(deserialize_with = "dci_proto::types::de_byte_size")]
     pub ring_bytes: usize,
     /// Unacked bytes in flight per receiver.

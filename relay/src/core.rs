@@ -487,14 +487,13 @@ impl RelayApplier {
         let core = &self.core;
         {
             let mut rings = lock(&core.rings);
-            let ring = rings.entry(batch.shard).or_insert_with(|| {
-                RetransmitRing::new(
-                    batch.shard,
-                    batch.epoch,
-                    batch.first_seq - 1,
-                    core.ring_bytes,
-                )
-            });
+            let ring = ring_of(
+                &mut rings,
+                core.ring_bytes,
+                batch.shard,
+                batch.epoch,
+                batch.first_seq - 1,
+            );
             if ring.epoch() != batch.epoch || ring.head() + 1 != batch.first_seq {
                 // The link protocol delivers contiguous ranges; anything else means our ring
                 // no longer describes upstream: start it over where upstream is.
@@ -514,6 +513,28 @@ impl RelayApplier {
         core.bump();
         core.propagation.observe_published(&batch.entries);
     }
+}
+
+/// The ring of `shard`, made (empty, at `epoch` and `head`) if the relay carries no ring of it
+/// yet. The rings share `ring_bytes` out evenly: a relay of a sharded tier takes what it is told,
+/// however many shards it carries, and each shard, a share of the invalidations, a share of the
+/// memory, so a ring covers about as long a time as one ring of all of them would.
+fn ring_of(
+    rings: &mut HashMap<ShardId, RetransmitRing>,
+    ring_bytes: usize,
+    shard: ShardId,
+    epoch: Epoch,
+    head: Seq,
+) -> &mut RetransmitRing {
+    let share = ring_bytes / (rings.len() + 1);
+    if !rings.contains_key(&shard) {
+        for ring in rings.values_mut() {
+            ring.set_cap_bytes(share);
+        }
+    }
+    rings
+        .entry(shard)
+        .or_insert_with(|| RetransmitRing::new(shard, epoch, head, share))
 }
 
 /// Batches smaller than this are copied into the ring, not kept as received. What arrives is a
@@ -577,10 +598,7 @@ impl Applier for RelayApplier {
             // A relay's first position in a shard is routine, not a problem.
             tracing::info!(shard, epoch, hwm, reason, "relay ring starts");
         }
-        rings
-            .entry(shard)
-            .and_modify(|r| r.reset(epoch, hwm))
-            .or_insert_with(|| RetransmitRing::new(shard, epoch, hwm, core.ring_bytes));
+        ring_of(&mut rings, core.ring_bytes, shard, epoch, hwm).reset(epoch, hwm);
         drop(rings);
         core.bump();
     }
@@ -620,6 +638,64 @@ mod tests {
             u64::MAX,
             "a shard it does not carry"
         );
+    }
+
+    /// The rings of all the shards a relay carries hold `ring_bytes` in all: a ring that is
+    /// alone takes all of it, and gives up its oldest batches as rings of other shards come.
+    #[test]
+    fn the_rings_share_ring_bytes_out_among_the_shards() {
+        const RING_BYTES: usize = 256 << 10;
+        let core = Arc::new(RelayCore::new(
+            "r".into(),
+            vec![vec!["http://127.0.0.1:1".into()]],
+            RING_BYTES,
+            1024,
+            Default::default(),
+            1,
+        ));
+        let mut applier = RelayApplier::new(core.clone(), 0);
+        let mut heads = [0u64; 4];
+        // The most a batch takes in a ring: a ring goes past its share by less than one.
+        let mut batch_bytes = 0;
+        let mut receive = |shard: ShardId| {
+            let first = heads[shard as usize] + 1;
+            let b = Batch {
+                shard,
+                epoch: 1,
+                first_seq: first,
+                last_seq: first + 99,
+                entries: (first..first + 100)
+                    .map(|seq| Invalidation {
+                        seq,
+                        ..Invalidation::key(format!("user:{seq:06}:profile"))
+                    })
+                    .collect(),
+            };
+            heads[shard as usize] += 100;
+            batch_bytes = batch_bytes.max(2 * SharedBatch::new(b.clone()).footprint());
+            applier.apply(&b);
+            let held: usize = lock(&core.rings).values().map(|r| r.bytes()).sum();
+            (held, batch_bytes)
+        };
+        let mut held = 0;
+        while held < RING_BYTES * 9 / 10 {
+            held = receive(0).0;
+        }
+        let oldest = |shard: ShardId| lock(&core.rings)[&shard].oldest();
+        assert_eq!(oldest(0), 1, "alone, shard 0 holds all it was sent");
+        let mut slack = 0;
+        for _ in 0..1_000 {
+            for shard in 0..4 {
+                (held, slack) = receive(shard);
+                assert!(held <= RING_BYTES + 4 * slack, "{held} bytes held");
+            }
+        }
+        assert!(held > RING_BYTES / 2, "{held} bytes held");
+        for shard in 0..4 {
+            let ring = &lock(&core.rings)[&shard];
+            assert!(ring.bytes() <= RING_BYTES / 4 + slack, "{}", ring.bytes());
+            assert!(ring.oldest() > 1, "shard {shard} gave up its oldest");
+        }
     }
 
     /// A small batch received as a slice of a large buffer is kept in the ring as a copy, and a

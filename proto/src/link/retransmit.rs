@@ -196,13 +196,23 @@ impl RetransmitRing {
         self.head = b.batch.last_seq;
         self.bytes += b.footprint();
         self.batches.push_back(b);
+        self.evict();
+        Ok(())
+    }
+
+    /// Hold at most `cap_bytes` from now on (the newest batch always), evicting the oldest.
+    pub fn set_cap_bytes(&mut self, cap_bytes: usize) {
+        self.cap_bytes = cap_bytes;
+        self.evict();
+    }
+
+    fn evict(&mut self) {
         while self.bytes > self.cap_bytes && self.batches.len() > 1 {
             if let Some(old) = self.batches.pop_front() {
                 self.bytes -= old.footprint();
                 self.oldest = old.batch.last_seq + 1;
             }
         }
-        Ok(())
     }
 
     /// Start over at another epoch and head (after a Reset from upstream).
