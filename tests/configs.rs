@@ -177,3 +177,39 @@ fn a_relay_takes_one_failover_list_per_shard_group() {
     let r: dci_relay::RelayConfig = serde_yaml::from_str(bad).unwrap();
     assert!(r.validate().unwrap_err().to_string().contains("http(s)"));
 }
+
+/// A list in a config file may be written as it is on the command line: one string, its items
+/// comma-separated (`upstream: http://c0:7400` is one URL, not an error).
+#[test]
+fn a_list_may_be_one_string_of_comma_separated_items() {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let yaml = "upstream: http://c0a:7400\nupstream_groups: [\"http://c1a:7400, http://c1b:7400\", [http://c2:7400]]";
+    let r: dci_relay::RelayConfig = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(
+        r.validate().unwrap().groups(),
+        vec![
+            strings(&["http://c0a:7400"]),
+            strings(&["http://c1a:7400", "http://c1b:7400"]),
+            strings(&["http://c2:7400"]),
+        ]
+    );
+    let yaml =
+        "relays: http://r0:7500,http://r1:7500\nprefixes: \"user:\"\nring_nodes: \"e0, e1,\"\n\
+                tls: { allow: { cache: \"spiffe://prod/*\" } }";
+    let e: dci_edge_cache::EdgeConfig = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(e.relays, strings(&["http://r0:7500", "http://r1:7500"]));
+    assert_eq!(e.prefixes, strings(&["user:"]));
+    assert_eq!(e.ring_nodes, strings(&["e0", "e1"]));
+    assert_eq!(e.tls.allow.cache, strings(&["spiffe://prod/*"]));
+    // Lists stay lists; what is neither is refused, naming what was expected.
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://r0:7500, http://r1:7500]\nprefixes:").unwrap();
+    assert_eq!(e.relays.len(), 2);
+    assert!(e.prefixes.is_empty());
+    let err = serde_yaml::from_str::<dci_edge_cache::EdgeConfig>("relays: {a: 1}").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a list, or a string of comma-separated items"),
+        "{err}"
+    );
+}

@@ -12,6 +12,7 @@ pub struct EdgeConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Relays to follow, in failover order.
+    #[serde(deserialize_with = "dci_proto::types::de_list")]
     pub relays: Vec<String>,
     /// The region.
     pub region: String,
@@ -40,8 +41,10 @@ pub struct EdgeConfig {
     /// invalidated key is refused, so more slots, fewer such misses.
     pub max_tombstones: u64,
     /// Only take invalidations of keys with these prefixes (empty: all).
+    #[serde(deserialize_with = "dci_proto::types::de_list")]
     pub prefixes: Vec<String>,
     /// Only take keys this edge owns on this ring of node ids (empty: all keys).
+    #[serde(deserialize_with = "dci_proto::types::de_list")]
     pub ring_nodes: Vec<String>,
     /// Owners per key on the ring.
     pub replication: u32,

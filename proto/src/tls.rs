@@ -52,12 +52,16 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Allow {
     /// `Publisher` (writers, `dci publish`).
+    #[serde(deserialize_with = "crate::types::de_list")]
     pub publish: Vec<String>,
     /// `Subscribe` (relays, edges, near caches following this node).
+    #[serde(deserialize_with = "crate::types::de_list")]
     pub subscribe: Vec<String>,
     /// `Cache` (applications reading through an edge, `dci get/set/delete`).
+    #[serde(deserialize_with = "crate::types::de_list")]
     pub cache: Vec<String>,
     /// `Admin` (`dci status`).
+    #[serde(deserialize_with = "crate::types::de_list")]
     pub admin: Vec<String>,
 }
 

@@ -143,6 +143,52 @@ where
     T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too many here")))
 }
 
+/// A list of a config file (`#[serde(deserialize_with = ...)]`): a YAML sequence, or a string of
+/// its items comma-separated as on the command line, so that `upstream: http://c0:7400` is the
+/// list of one URL it looks like (and `relays: "http://r0:7500, http://r1:7500"` of two).
+pub fn de_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    d.deserialize_any(ListVisitor)
+}
+
+/// [`de_list`] for a list of lists (`upstream_groups`): each item a sequence or a string.
+pub fn de_lists<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<String>>, D::Error> {
+    struct Item(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Item {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ListVisitor).map(Item)
+        }
+    }
+    let items: Vec<Item> = serde::Deserialize::deserialize(d)?;
+    Ok(items.into_iter().map(|i| i.0).collect())
+}
+
+struct ListVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ListVisitor {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list, or a string of comma-separated items")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+        Ok(v.split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(String::from)
+            .collect())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<String>, E> {
+        // `upstream:` with nothing after it: no items.
+        Ok(Vec::new())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element::<String>()? {
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
 /// The name a relay or edge goes by when its config gives none: its role, region, host (the
 /// first label of the machine's hostname) and port. Without the host, nodes on several machines
 /// listening on the same port would share a name, and a wait for a publish to be applied

@@ -12,10 +12,12 @@ pub struct RelayConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Senders to follow (coordinator or relays), in failover order.
+    #[serde(deserialize_with = "dci_proto::types::de_list")]
     pub upstream: Vec<String>,
     /// Further failover lists, each followed on a link of its own, for shards that `upstream`
     /// does not carry: with a sharded coordinator tier, `upstream` lists shard 0's senders and
     /// each group here another shard's.
+    #[serde(deserialize_with = "dci_proto::types::de_lists")]
     pub upstream_groups: Vec<Vec<String>>,
     /// The region this relay serves.
     pub region: String,
