@@ -48,7 +48,8 @@ pub struct NearCacheOptions {
     /// # let _ = o;
     /// ```
     pub capacity: usize,
-    /// Serve only misses after this long without being caught up with a relay (at least 1 s).
+    /// Serve only misses for a key after this long without being caught up on its shard all the
+    /// way to the coordinator, through the relay and the relay with its own sender (at least 1 s).
     ///
     /// ```
     /// let o = dci_sdk::NearCacheOptions { max_staleness: std::time::Duration::from_secs(2), ..Default::default() };
