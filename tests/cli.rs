@@ -1543,6 +1543,11 @@ fn the_bench_runs_end_to_end() {
         (2..=2 * 210).contains(&samples),
         "{samples} samples:\n{out}"
     );
+    // 20 receivers are too few for a figure of memory per receiver: it says so.
+    assert!(
+        out.contains("too few receivers to tell from the rest, measure with --receivers 100"),
+        "{out}"
+    );
     // With a prefix filter, the edges are delivered only the keys they take: about one in ten
     // here ("t:1" of "t:000000".."t:999999"), not every one published.
     let o = bench(&[

@@ -179,6 +179,9 @@ async fn wait_until(
 /// Memory an edge of the bench takes besides its tombstone table (its store, link and buffers).
 const EDGE_OVERHEAD: u64 = 2 << 20;
 
+/// Receivers below which the scale scenario's memory per receiver is mostly noise.
+const SCALE_RECEIVERS_TO_MEASURE: usize = 100;
+
 /// Memory the system can give new work without swapping (Linux's `MemAvailable`); `None` where
 /// it does not say.
 fn available_memory() -> Option<u64> {
@@ -817,11 +820,19 @@ async fn scale(
     let elapsed = started.elapsed();
     let delivered = count * a.receivers as u64;
     crate::out::say!(
-        "scale ({} receivers on one relay, in a separate process):",
-        a.receivers
+        "scale ({} receiver{} on one relay, in a separate process):",
+        a.receivers,
+        if a.receivers == 1 { "" } else { "s" }
     )?;
+    // The growth is of the whole process (the coordinator and the other relay too): a few
+    // receivers are lost in what the rest allocates meanwhile.
+    let few = if a.receivers < SCALE_RECEIVERS_TO_MEASURE {
+        format!("; too few receivers to tell from the rest, measure with --receivers {SCALE_RECEIVERS_TO_MEASURE} or more")
+    } else {
+        String::new()
+    };
     crate::out::say!(
-        "  memory per idle receiver on the relay {:.1} KiB (relay process RSS growth / receivers)",
+        "  memory per idle receiver on the relay {:.1} KiB (relay process RSS growth / receivers{few})",
         idle / 1024.0
     )?;
     crate::out::say!(
