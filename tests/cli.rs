@@ -1035,6 +1035,23 @@ fn a_sharded_tier_from_the_command_line() {
         next[s] += 1;
     }
     assert!(next[0] > 1 && next[1] > 1, "both shards used: {lines:?}");
+    // The coordinators in another order, or one of them alone: refused, saying what is wanted.
+    let k1 = keys
+        .iter()
+        .find(|k| map.shard_of(k.as_bytes()) == 1)
+        .unwrap();
+    let swapped = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports[1], ports[0]
+    );
+    for given in [swapped.as_str(), &format!("http://127.0.0.1:{}", ports[0])] {
+        let o = dci(&["publish", "--coordinator", given, k1]);
+        one_line_error(
+            &o,
+            "key belongs to shard 1 of 2, this is shard 0: a publisher lists every shard's \
+             coordinator, in shard order",
+        );
+    }
     // Both shards reached the edge through the one relay, as both coordinators tell.
     let rows = |json: &serde_json::Value, role: &str| -> Vec<(u64, u64)> {
         let mut v: Vec<(u64, u64)> = json["nodes"]

@@ -82,8 +82,12 @@ impl CoordinatorService {
             if self.shard_count > 1 && e.kind == Kind::Key {
                 let owner = self.shard_map.shard_of(&e.key);
                 if owner != self.hub.shard() {
+                    // A publisher told the tier's coordinators in another order, or not all of
+                    // them: say what it takes.
                     return Err(Status::failed_precondition(format!(
-                        "entry {i}: key belongs to shard {owner}, this is shard {}",
+                        "entry {i}: key belongs to shard {owner} of {}, this is shard {}: a \
+                         publisher lists every shard's coordinator, in shard order",
+                        self.shard_count,
                         self.hub.shard()
                     )));
                 }
