@@ -3190,6 +3190,54 @@ fn the_helm_chart_starts_a_working_tree() {
     )
     .unwrap_err();
     assert!(err.contains("tls.allow.cache needs tls.mutual"), "{err}");
+
+    // Values the nodes would refuse at start, or that the chart would pass over (a misspelt key),
+    // are refused by helm itself, naming the value (the chart's values.schema.json).
+    for (set, says) in [
+        (
+            "edge.capcity=1GiB",
+            "edge: Additional property capcity is not allowed",
+        ),
+        (
+            "coordinator.shards=0",
+            "coordinator.shards: Must be greater than or equal to 1",
+        ),
+        (
+            "relay.ringBytes=64MiBs",
+            "relay.ringBytes: Does not match pattern",
+        ),
+        (
+            "relay.ringBytes=100",
+            "relay.ringBytes: Must be greater than or equal to 4096",
+        ),
+        ("edge.maxStaleness=5", "edge.maxStaleness: Invalid type"),
+        (
+            "coordinator.fsync=sometimes",
+            "coordinator.fsync must be one of the following",
+        ),
+        (
+            "regions[0].name=EU_West",
+            "regions.0.name: Does not match pattern",
+        ),
+        (
+            "regions[0].relays=0",
+            "regions.0.relays: Must be greater than or equal to 1",
+        ),
+    ] {
+        let err = helm_template("y", &["--set", set]).unwrap_err();
+        assert!(err.contains(says), "{set}: {err}");
+    }
+    // As people write them: sizes with any unit the nodes take, durations, percentages.
+    helm_template(
+        "y",
+        &[
+            "--set",
+            "relay.ringBytes=1.5GiB,edge.capacity=256Mi,edge.maxStaleness=1m 30s",
+            "--set",
+            "relay.maxUnavailable=50%,edge.maxUnavailable=2,coordinator.shards=4",
+        ],
+    )
+    .unwrap();
 }
 
 /// Every key of every config file is also a flag, and a flag overrides the file.
