@@ -124,6 +124,29 @@ fn start_coordinator(dir: &std::path::Path) -> (Proc, u16) {
     start_cmd(coordinator_cmd(dir, 0))
 }
 
+/// A coordinator (its log in `dir`), a relay following it and an edge following the relay, each
+/// a process on a port of its own; and the URLs of the three.
+struct Tree {
+    _procs: [Proc; 3],
+    coord: String,
+    relay: String,
+    edge: String,
+}
+
+fn start_tree(dir: &std::path::Path) -> Tree {
+    let (c, cp) = start_coordinator(dir);
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let relay = format!("http://127.0.0.1:{rp}");
+    let (e, ep) = start(&["edge", "--listen", "127.0.0.1:0", "--relays", &relay]);
+    Tree {
+        _procs: [c, r, e],
+        coord,
+        relay,
+        edge: format!("http://127.0.0.1:{ep}"),
+    }
+}
+
 /// The seqs `dci publish` printed, one per line ("KEY SEQ").
 fn seqs(o: &Output) -> Vec<u64> {
     stdout(o)
@@ -598,12 +621,8 @@ fn publish_takes_keys_from_standard_input() {
 #[test]
 fn publish_takes_a_version_with_each_key() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start_coordinator(dir.path());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let (_r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
-    let relay = format!("http://127.0.0.1:{rp}");
-    let (_e, ep) = start(&["edge", "--listen", "127.0.0.1:0", "--relays", &relay]);
-    let edge = format!("http://127.0.0.1:{ep}");
+    let tree = start_tree(dir.path());
+    let (coord, edge) = (tree.coord.clone(), tree.edge.clone());
     let publish = |args: &[&str], input: &[u8]| {
         let mut all = vec!["publish", "--coordinator", &coord, "--with-versions"];
         all.extend(args);
@@ -864,11 +883,8 @@ fn ended(proc: &mut Proc, mut meanwhile: impl FnMut()) -> Option<i32> {
 #[test]
 fn follow_prints_the_stream_from_the_head_or_a_seq() {
     let dir = tempfile::tempdir().unwrap();
-    let (_c, cp) = start_coordinator(dir.path());
-    let coord = format!("http://127.0.0.1:{cp}");
-    let (_r, rp) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
-    let relay = format!("http://127.0.0.1:{rp}");
-    let (_e, ep) = start(&["edge", "--listen", "127.0.0.1:0", "--relays", &relay]);
+    let tree = start_tree(dir.path());
+    let (coord, relay) = (tree.coord.clone(), tree.relay.clone());
     let publish = |args: &[&str]| {
         let mut all = vec!["publish", "--coordinator", &coord];
         all.extend(args);
@@ -949,7 +965,7 @@ fn follow_prints_the_stream_from_the_head_or_a_seq() {
     assert_eq!(code, Some(0), "dci follow ended, and with 0");
 
     // What cannot be followed: one line, exit 2.
-    let edge = format!("http://127.0.0.1:{ep}");
+    let edge = tree.edge.clone();
     for (args, says) in [
         (vec!["--sender", edge.as_str()], "is an edge"),
         (vec!["--sender", "http://127.0.0.1:1"], "Connection refused"),
