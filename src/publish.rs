@@ -25,7 +25,7 @@ pub(crate) struct PublishArgs {
     #[arg(long)]
     prefix: bool,
     /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
-    #[arg(long, conflicts_with_all = ["prefix", "keys", "version"])]
+    #[arg(long, conflicts_with_all = ["prefix", "keys", "version", "with_versions"])]
     all: bool,
     /// Writer's version for every key (a row's: a prefix covers many rows, and takes none).
     #[arg(long, conflicts_with = "prefix")]

@@ -699,25 +699,20 @@ fn publish_takes_a_version_with_each_key() {
         &o,
         "line 1 of standard input: 65568 bytes, more than the longest key",
     );
-    let o = dci(&[
-        "publish",
-        "--coordinator",
-        &coord,
-        "--with-versions",
-        "--version",
-        "3",
-        "k 1",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    let o = dci(&[
-        "publish",
-        "--coordinator",
-        &coord,
-        "--with-versions",
-        "--prefix",
-        "k 1",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // With what gives no version per key: refused.
+    for other in [
+        &["--version", "3", "k 1"][..],
+        &["--prefix", "k 1"],
+        &["--all"],
+    ] {
+        let o = dci(&[
+            &["publish", "--coordinator", &coord, "--with-versions"],
+            other,
+        ]
+        .concat());
+        assert_eq!(o.status.code(), Some(2), "{other:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+    }
     // Nothing was published after seq 7: the next gets seq 8.
     let o = publish(&["marker 1"], b"");
     assert_eq!(stdout(&o), "marker 8\n", "{}", stderr(&o));
