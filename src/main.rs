@@ -352,6 +352,9 @@ struct SetArgs {
     /// Lease from a miss.
     #[arg(long)]
     lease: Option<u64>,
+    /// How long the value lives on the edge (e.g. 60s) [default: the edge's ttl].
+    #[arg(long, value_parser = positive_duration)]
+    ttl: Option<Duration>,
     /// The key.
     key: String,
     /// The value (`-` reads it from standard input, as bytes).
@@ -785,7 +788,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             key: Bytes::from(a.key),
             value,
             lease: a.lease,
-            ttl_ms: 0,
+            ttl_ms: dci_proto::types::ttl_ms(a.ttl),
         })
         .await
         .map_err(|s| {

@@ -718,6 +718,37 @@ fn publish_takes_a_version_with_each_key() {
     assert_eq!(stdout(&o), "marker 8\n", "{}", stderr(&o));
 }
 
+/// `dci set --ttl`: the value lives that long on the edge, another as long as the edge's `ttl`.
+#[test]
+fn set_takes_a_time_to_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = start_tree(dir.path());
+    let edge = tree.edge.as_str();
+    let get = |key: &str| dci(&["get", "--edge", edge, key]);
+    let set = |args: &[&str]| {
+        let o = dci(&[&["set", "--edge", edge][..], args].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    // Once the edge serves (it has joined its sender's stream).
+    eventually("the edge to serve a value set", || {
+        set(&["short", "lived", "--ttl", "1s"]);
+        get("short").status.success()
+    });
+    set(&["long", "lived"]);
+    assert_eq!(stdout(&get("long")), "lived\n");
+    eventually("the value set with --ttl 1s to expire", || {
+        get("short").status.code() == Some(1)
+    });
+    assert_eq!(
+        stdout(&get("long")),
+        "lived\n",
+        "the edge's ttl (an hour) is not over"
+    );
+    let o = dci(&["set", "--edge", edge, "--ttl", "0s", "k", "v"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--ttl"), "{}", stderr(&o));
+}
+
 /// `dci publish -` fed by a writer as keys come publishes each at once (it does not wait for the
 /// end of its input), and holds a round of keys at a time, not its whole input.
 #[test]

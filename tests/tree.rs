@@ -412,6 +412,47 @@ async fn a_range_gone_everywhere_ends_in_reset_and_flush() {
     c.stop().await.unwrap();
 }
 
+/// A client's `with_fill_ttl`: what it fills (`get_or_load`, `set`) lives that long on the edge;
+/// a clone without it fills for the edge's `ttl`, through the same connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_fills_values_for_the_time_to_live_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_in_stream(&e).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let brief = cache.clone().with_fill_ttl(Duration::from_millis(500));
+    let load = |v: &'static str| move || async move { Ok::<_, std::io::Error>(Bytes::from(v)) };
+    let hit = |key: &'static str| {
+        let cache = cache.clone();
+        async move { matches!(cache.get(key).await.unwrap(), Lookup::Hit(_)) }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The first fills may meet the edge's flush as it joins its sender's stream: load again.
+    loop {
+        brief.get_or_load("brief", load("b")).await.unwrap();
+        if hit("brief").await {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no fill stored");
+    }
+    assert!(brief.set("set briefly", "s", None).await.unwrap());
+    cache.get_or_load("kept", load("k")).await.unwrap();
+    assert!(hit("kept").await && hit("set briefly").await);
+    while hit("brief").await || hit("set briefly").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "filled for 500 ms, still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hit("kept").await, "the edge's ttl, an hour, is not over");
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stale_set_race_is_refused() {
     let dir = tempfile::tempdir().unwrap();

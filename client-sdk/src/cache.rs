@@ -57,6 +57,8 @@ pub struct CacheClient {
     members: Arc<RwLock<Arc<Members>>>,
     /// Owners per key: the edges' `replication`.
     replication: usize,
+    /// How long the values this client fills live on their edge (None: the edge's `ttl`).
+    fill_ttl: Option<Duration>,
     timeout: Duration,
     tls: ClientTls,
     loading: Arc<Loading>,
@@ -123,6 +125,7 @@ impl CacheClient {
         Ok(CacheClient {
             members: Arc::new(RwLock::new(Arc::new(members))),
             replication: 1,
+            fill_ttl: None,
             timeout,
             tls: tls.clone(),
             loading: Arc::default(),
@@ -241,6 +244,22 @@ impl CacheClient {
     /// ```
     pub fn with_replication(mut self, replication: usize) -> CacheClient {
         self.replication = replication.max(1);
+        self
+    }
+
+    /// The values this client fills (`set`, `get_or_load`) live `ttl` on their edge, in place
+    /// of the edge's own `ttl`. A clone shares the connections: one per kind of data, each with
+    /// its time to live, costs nothing more.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let c = dci_sdk::CacheClient::from_urls(vec!["http://127.0.0.1:7600".into()]).unwrap();
+    /// let sessions = c.clone().with_fill_ttl(std::time::Duration::from_secs(60));
+    /// # let _ = sessions;
+    /// # }
+    /// ```
+    pub fn with_fill_ttl(mut self, ttl: Duration) -> CacheClient {
+        self.fill_ttl = Some(ttl);
         self
     }
 
@@ -441,7 +460,7 @@ impl CacheClient {
             key: key.into(),
             value: value.into(),
             lease,
-            ttl_ms: 0,
+            ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
         };
         let (_, stored) = self
             .first_owner(&req.key, |_, edge| Self::set_on(edge, req.clone()))
@@ -564,7 +583,7 @@ impl CacheClient {
                 key: key.clone(),
                 value: value.clone(),
                 lease: Some(lease),
-                ttl_ms: 0,
+                ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
             };
             match Self::set_on(at, req).await {
                 Ok(_) => {}

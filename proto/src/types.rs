@@ -143,6 +143,14 @@ where
     T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too many here")))
 }
 
+/// A value's time to live as a Set carries it (`ttl_ms`): 0 is the edge's default, so a time to
+/// live given is at least a millisecond.
+pub fn ttl_ms(ttl: Option<std::time::Duration>) -> u64 {
+    ttl.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
 /// A list of a config file (`#[serde(deserialize_with = ...)]`): a YAML sequence, or a string of
 /// its items comma-separated as on the command line, so that `upstream: http://c0:7400` is the
 /// list of one URL it looks like (and `relays: "http://r0:7500, http://r1:7500"` of two).
