@@ -698,6 +698,115 @@ async fn get_many_reads_across_a_region_in_the_keys_order() {
     c.stop().await.unwrap();
 }
 
+/// `set_many` fills what a `get_many` missed, each key under its miss's lease, on the edges that
+/// own them, more than one request carries: a key invalidated since its miss is refused alone
+/// (`false`), the others stored; with an edge down its keys go to their next owner; values
+/// larger in all than an edge decodes in one request go in several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_many_fills_what_get_many_missed_under_each_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let (ids, mut edges, client) = replicated_region(&r).await;
+    let n = 2_500;
+    let keys: Vec<String> = (0..n).map(|i| format!("row:{i}")).collect();
+    let leases = |got: Vec<Lookup>| -> Vec<Option<u64>> {
+        got.into_iter()
+            .map(|g| match g {
+                Lookup::Miss { lease } => Some(lease),
+                Lookup::Hit(v) => panic!("a hit: {v:?}"),
+            })
+            .collect()
+    };
+    let missed = leases(client.get_many(keys.clone()).await.unwrap());
+    // Rows 0, 10, 20, ... are written after the reader read them: their fills are stale.
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let written: Vec<String> = keys.iter().step_by(10).cloned().collect();
+    let head = publish_all(&p, &written).await;
+    for e in edges.iter().flatten() {
+        wait_applied(e, head).await;
+    }
+    let fills = keys
+        .iter()
+        .zip(&missed)
+        .map(|(k, lease)| (k.clone(), format!("v:{k}"), *lease));
+    let stored = client.set_many(fills).await.unwrap();
+    assert_eq!(stored.len(), n);
+    // Every stale fill is refused; a few others may be too, their key sharing a tombstone slot
+    // with a written one (more misses, never a stale value).
+    let refused_fresh = (0..n).filter(|&i| i % 10 != 0 && !stored[i]).count();
+    assert!((0..n).all(|i| i % 10 != 0 || !stored[i]));
+    assert!(
+        refused_fresh < n / 100,
+        "{refused_fresh} fresh fills refused"
+    );
+    let got = client.get_many(keys.clone()).await.unwrap();
+    for (i, g) in got.iter().enumerate() {
+        match g {
+            Lookup::Hit(v) => assert!(stored[i] && v == &format!("v:{}", keys[i]), "{v:?}"),
+            Lookup::Miss { .. } => assert!(!stored[i], "{} was filled", keys[i]),
+        }
+    }
+    assert_eq!(
+        client
+            .set_many(Vec::<(String, String, _)>::new())
+            .await
+            .unwrap(),
+        vec![]
+    );
+
+    // An edge down: its keys are filled on their next owner.
+    edges[1].take().unwrap().edge.stop().await.unwrap();
+    let ring = dci_proto::ring::NodeRing::new(ids.clone());
+    let moved: Vec<String> = (0..200)
+        .map(|i| format!("moved:{i}"))
+        .filter(|k| ring.owners(k.as_bytes(), 2)[0] == ids[1])
+        .collect();
+    assert!(!moved.is_empty());
+    let missed = leases(client.get_many(moved.clone()).await.unwrap());
+    let fills = moved.iter().zip(&missed).map(|(k, l)| (k.clone(), "v", *l));
+    let stored = client.set_many(fills).await.unwrap();
+    assert!(stored.iter().all(|s| *s), "{stored:?}");
+    let got = client.get_many(moved.clone()).await.unwrap();
+    assert!(got.iter().all(|g| matches!(g, Lookup::Hit(_))), "{got:?}");
+
+    // 12 MiB of values in all, to one edge that decodes 1 MiB and a bit per request.
+    let small = edge(EdgeConfig {
+        max_value_len: 1 << 20,
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_serving(&small).await;
+    let one = CacheClient::from_urls(vec![small.edge.url()]).unwrap();
+    let big: Vec<(String, Bytes, Option<u64>)> = (0..24)
+        .map(|i| {
+            (
+                format!("big:{i}"),
+                Bytes::from(vec![i as u8; 512 << 10]),
+                None,
+            )
+        })
+        .collect();
+    let stored = one.set_many(big.clone()).await.unwrap();
+    assert_eq!(stored, vec![true; 24]);
+    let got = one.get_many(big.iter().map(|b| b.0.clone())).await.unwrap();
+    for ((_, value, _), g) in big.iter().zip(&got) {
+        assert!(matches!(g, Lookup::Hit(v) if v == value));
+    }
+    // A value larger than it takes fails the call, by name.
+    let err = one
+        .set_many([("huge", Bytes::from(vec![0u8; 2 << 20]), None)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_value_len"), "{err}");
+    small.edge.stop().await.unwrap();
+    for e in edges.into_iter().flatten() {
+        e.edge.stop().await.unwrap();
+    }
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// With the edges' replication, a key lives on two edges that both receive its invalidations: the
 /// client reads and fills on the second while the first is down (the fill under the second's own
 /// lease), the second applies the key's invalidation, and a delete reaches every owner.

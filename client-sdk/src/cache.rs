@@ -43,6 +43,36 @@ const PASSED_OVER_FOR: Duration = Duration::from_secs(2);
 /// 10,000): the answer of a request of big values stays a size a client takes at once.
 pub const GET_MANY_CHUNK: usize = 1_000;
 
+/// Most bytes of keys and values one SetMany carries: half of what an edge decodes in one
+/// request with its default `max_value_len` (8 MiB).
+pub const SET_MANY_BYTES: usize = 4 << 20;
+
+/// A request refused by the edge's transport for its size.
+fn too_large(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::OutOfRange && s.message().contains("length too large")
+}
+
+/// Runs of `idx` of at most [`GET_MANY_CHUNK`] entries and [`SET_MANY_BYTES`] (by `bytes`), in
+/// their order; an entry larger than that alone.
+fn set_many_chunks(idx: &[usize], bytes: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut run_bytes = 0;
+    for &i in idx {
+        let b = bytes(i);
+        match out.last_mut() {
+            Some(run) if run.len() < GET_MANY_CHUNK && run_bytes + b <= SET_MANY_BYTES => {
+                run.push(i);
+                run_bytes += b;
+            }
+            _ => {
+                out.push(vec![i]);
+                run_bytes = b;
+            }
+        }
+    }
+    out
+}
+
 /// The edges a client knows, by node id: the ring over them, and each one's URL and channel.
 struct Members {
     ring: NodeRing,
@@ -439,11 +469,124 @@ impl CacheClient {
         Ok((at, found))
     }
 
+    /// Fill several keys at once, each under the lease of its miss (from [`CacheClient::get_many`],
+    /// say, after loading the missed rows in one query): one request to each edge that owns some
+    /// of them (per [`GET_MANY_CHUNK`] entries or [`SET_MANY_BYTES`] of them), sent together. Per
+    /// entry, in their order: stored, or `false` for a fill its lease makes stale. Entries whose
+    /// edge cannot be reached go to their next owner one by one, as [`CacheClient::set`] sends
+    /// them; any other failure (a value larger than the edge takes) fails the call, with the fills
+    /// of other requests made or not.
+    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V, Option<u64>)>,
+    ) -> Result<Vec<bool>, Error> {
+        let ttl_ms = dci_proto::types::ttl_ms(self.fill_ttl);
+        let entries: Vec<pb::SetRequest> = entries
+            .into_iter()
+            .map(|(key, value, lease)| pb::SetRequest {
+                key: key.into(),
+                value: value.into(),
+                lease,
+                ttl_ms,
+            })
+            .collect();
+        let members = self.members();
+        let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut one_by_one = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let owner = members
+                .ring
+                .owners(&e.key, self.replication)
+                .into_iter()
+                .find(|id| self.passed_over(id).is_none());
+            match owner {
+                Some(id) => by_edge.entry(id).or_default().push(i),
+                None => one_by_one.push(i),
+            }
+        }
+        let calls = by_edge.into_iter().flat_map(|(id, idx)| {
+            let (members, entries) = (&members, &entries);
+            set_many_chunks(&idx, |i| entries[i].key.len() + entries[i].value.len())
+                .into_iter()
+                .map(move |chunk| {
+                    let edge = members.edges[id].1.clone();
+                    let sent = chunk.iter().map(|&i| entries[i].clone()).collect();
+                    async move { (id, chunk, Self::set_many_on(edge, sent).await) }
+                })
+        });
+        let mut out = vec![false; entries.len()];
+        for (id, idx, answer) in futures::future::join_all(calls).await {
+            let stored = match answer {
+                Ok(stored) => stored,
+                Err(Error::Unavailable(why)) => {
+                    self.pass_over(id, why);
+                    one_by_one.extend(idx);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if stored.len() != idx.len() {
+                return Err(Error::Unavailable(format!(
+                    "{id} answered {} of {} fills",
+                    stored.len(),
+                    idx.len()
+                )));
+            }
+            for (i, s) in idx.into_iter().zip(stored) {
+                out[i] = s;
+            }
+        }
+        for i in one_by_one {
+            let req = entries[i].clone();
+            let (_, stored) = self
+                .first_owner(&req.key, |_, edge| Self::set_on(edge, req.clone()))
+                .await?;
+            out[i] = stored;
+        }
+        Ok(out)
+    }
+
+    /// One edge's fills of `entries`, in their order. A request larger than the edge decodes
+    /// (its `max_value_len`, below what [`SET_MANY_BYTES`] assumes) is sent again in halves,
+    /// down to a Set of one, which the edge refuses by name if its value is too large.
+    fn set_many_on(
+        mut edge: RawClient<Channel>,
+        mut entries: Vec<pb::SetRequest>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<bool>, Error>> {
+        Box::pin(async move {
+            if entries.len() == 1 {
+                let one = entries.pop().expect("one entry");
+                return Ok(vec![Self::set_on(edge, one).await?]);
+            }
+            let req = pb::SetManyRequest {
+                entries: entries.clone(),
+            };
+            match edge.set_many(req).await {
+                Ok(r) => Ok(r.into_inner().stored),
+                Err(s) if too_large(&s) => {
+                    let second = entries.split_off(entries.len() / 2);
+                    let mut stored = Self::set_many_on(edge.clone(), entries).await?;
+                    stored.extend(Self::set_many_on(edge, second).await?);
+                    Ok(stored)
+                }
+                // A stale lease refuses only its own entry (`false`); a refusal of the request
+                // is for what an entry is.
+                Err(s) => Err(s.into()),
+            }
+        })
+    }
+
     /// Fill on one edge: `Ok(false)` when it refuses the fill (stale lease, say).
     async fn set_on(mut edge: RawClient<Channel>, req: pb::SetRequest) -> Result<bool, Error> {
+        let len = req.value.len();
         match edge.set(req).await {
             Ok(r) => Ok(r.into_inner().stored),
             Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
+            // Beyond what the edge decodes at all: refused by its transport, in words that name
+            // neither the value nor the setting.
+            Err(s) if too_large(&s) => Err(Error::Refused(format!(
+                "value is {len} bytes, more than that edge takes (its max_value_len)"
+            ))),
             Err(s) => Err(s.into()),
         }
     }

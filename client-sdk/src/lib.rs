@@ -25,7 +25,7 @@ mod near;
 mod publisher;
 mod turn;
 
-pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK};
+pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK, SET_MANY_BYTES};
 pub use dci_proto::applied::Lagging;
 pub use dci_proto::tls::ClientTls;
 pub use near::{NearCache, NearCacheOptions};
