@@ -437,9 +437,10 @@ async fn a_client_fills_values_for_the_time_to_live_it_is_given() {
         }
         assert!(tokio::time::Instant::now() < deadline, "no fill stored");
     }
+    // (Stored, and not read back here: a slow machine could let its 500 ms pass meanwhile.)
     assert!(brief.set("set briefly", "s", None).await.unwrap());
     cache.get_or_load("kept", load("k")).await.unwrap();
-    assert!(hit("kept").await && hit("set briefly").await);
+    assert!(hit("kept").await);
     while hit("brief").await || hit("set briefly").await {
         assert!(
             tokio::time::Instant::now() < deadline,
