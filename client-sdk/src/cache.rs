@@ -366,23 +366,10 @@ impl CacheClient {
     ) -> Result<Vec<Lookup>, Error> {
         let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
         let members = self.members();
-        let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
-        // Keys none of whose owners may be asked now: each goes the way of `get`.
-        let mut one_by_one = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            let owner = members
-                .ring
-                .owners(k, self.replication)
-                .into_iter()
-                .find(|id| self.passed_over(id).is_none());
-            match owner {
-                Some(id) => by_edge.entry(id).or_default().push(i),
-                None => one_by_one.push(i),
-            }
-        }
+        // Keys none of whose owners may be asked now go the way of `get`.
+        let (by_edge, mut one_by_one) = self.by_first_owner(&members, keys.iter().map(|k| &k[..]));
         let calls = by_edge.into_iter().flat_map(|(id, idx)| {
-            let members = &members;
-            let keys = &keys;
+            let (members, keys) = (&members, &keys);
             idx.chunks(GET_MANY_CHUNK)
                 .map(|chunk| {
                     let edge = members.edges[id].1.clone();
@@ -392,10 +379,64 @@ impl CacheClient {
                 })
                 .collect::<Vec<_>>()
         });
-        let mut out: Vec<Option<Lookup>> = vec![None; keys.len()];
+        let answers = self
+            .gather(calls, keys.len(), &mut one_by_one, "keys")
+            .await?;
+        let mut out: Vec<Option<Lookup>> = answers
+            .into_iter()
+            .map(|a| {
+                a.map(|r| {
+                    if r.hit {
+                        Lookup::Hit(Bytes::copy_from_slice(&r.value))
+                    } else {
+                        Lookup::Miss { lease: r.lease }
+                    }
+                })
+            })
+            .collect();
+        for i in one_by_one {
+            out[i] = Some(self.get(keys[i].clone()).await?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Per item (by its key), the first of its owners not passed over now, and the items of
+    /// each such edge; the items with none.
+    fn by_first_owner<'m, 'k>(
+        &self,
+        members: &'m Members,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> (HashMap<&'m str, Vec<usize>>, Vec<usize>) {
+        let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut none = Vec::new();
+        for (i, k) in keys.enumerate() {
+            let owner = members
+                .ring
+                .owners(k, self.replication)
+                .into_iter()
+                .find(|id| self.passed_over(id).is_none());
+            match owner {
+                Some(id) => by_edge.entry(id).or_default().push(i),
+                None => none.push(i),
+            }
+        }
+        (by_edge, none)
+    }
+
+    /// The answers of `calls` (each an edge's run of the `items`), sent together, per item; the
+    /// items of a run whose edge cannot be reached go to `one_by_one` (and the edge is passed
+    /// over for a while). Any other failure fails the whole.
+    async fn gather<'e, T>(
+        &self,
+        calls: impl Iterator<Item = impl Future<Output = (&'e str, Vec<usize>, Result<Vec<T>, Error>)>>,
+        items: usize,
+        one_by_one: &mut Vec<usize>,
+        what: &str,
+    ) -> Result<Vec<Option<T>>, Error> {
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(items).collect();
         for (id, idx, answer) in futures::future::join_all(calls).await {
-            let results = match answer {
-                Ok(results) => results,
+            let answers = match answer {
+                Ok(answers) => answers,
                 Err(Error::Unavailable(why)) => {
                     self.pass_over(id, why);
                     one_by_one.extend(idx);
@@ -403,25 +444,18 @@ impl CacheClient {
                 }
                 Err(e) => return Err(e),
             };
-            if results.len() != idx.len() {
+            if answers.len() != idx.len() {
                 return Err(Error::Unavailable(format!(
-                    "{id} answered {} of {} keys",
-                    results.len(),
+                    "{id} answered {} of {} {what}",
+                    answers.len(),
                     idx.len()
                 )));
             }
-            for (i, r) in idx.into_iter().zip(results) {
-                out[i] = Some(if r.hit {
-                    Lookup::Hit(Bytes::copy_from_slice(&r.value))
-                } else {
-                    Lookup::Miss { lease: r.lease }
-                });
+            for (i, a) in idx.into_iter().zip(answers) {
+                out[i] = Some(a);
             }
         }
-        for i in one_by_one {
-            out[i] = Some(self.get(keys[i].clone()).await?);
-        }
-        Ok(out.into_iter().flatten().collect())
+        Ok(out)
     }
 
     /// One edge's answers to `keys`, in their order. An edge answers so many bytes of values
@@ -491,19 +525,8 @@ impl CacheClient {
             })
             .collect();
         let members = self.members();
-        let mut by_edge: HashMap<&str, Vec<usize>> = HashMap::new();
-        let mut one_by_one = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            let owner = members
-                .ring
-                .owners(&e.key, self.replication)
-                .into_iter()
-                .find(|id| self.passed_over(id).is_none());
-            match owner {
-                Some(id) => by_edge.entry(id).or_default().push(i),
-                None => one_by_one.push(i),
-            }
-        }
+        let (by_edge, mut one_by_one) =
+            self.by_first_owner(&members, entries.iter().map(|e| &e.key[..]));
         let calls = by_edge.into_iter().flat_map(|(id, idx)| {
             let (members, entries) = (&members, &entries);
             set_many_chunks(&idx, |i| entries[i].key.len() + entries[i].value.len())
@@ -514,28 +537,10 @@ impl CacheClient {
                     async move { (id, chunk, Self::set_many_on(edge, sent).await) }
                 })
         });
-        let mut out = vec![false; entries.len()];
-        for (id, idx, answer) in futures::future::join_all(calls).await {
-            let stored = match answer {
-                Ok(stored) => stored,
-                Err(Error::Unavailable(why)) => {
-                    self.pass_over(id, why);
-                    one_by_one.extend(idx);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if stored.len() != idx.len() {
-                return Err(Error::Unavailable(format!(
-                    "{id} answered {} of {} fills",
-                    stored.len(),
-                    idx.len()
-                )));
-            }
-            for (i, s) in idx.into_iter().zip(stored) {
-                out[i] = s;
-            }
-        }
+        let answers = self
+            .gather(calls, entries.len(), &mut one_by_one, "fills")
+            .await?;
+        let mut out: Vec<bool> = answers.into_iter().map(|a| a.unwrap_or(false)).collect();
         for i in one_by_one {
             let req = entries[i].clone();
             let (_, stored) = self
