@@ -748,3 +748,26 @@ impl CacheClient {
         value
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs keep the entries' order, hold at most a run's entries and bytes, and an entry larger
+    /// than a run's bytes goes alone.
+    #[test]
+    fn set_many_runs_are_bounded_in_entries_and_bytes() {
+        let sizes = [1 << 20, 1 << 20, 3 << 20, 5 << 20, 10, 10];
+        let idx: Vec<usize> = (0..sizes.len()).collect();
+        let runs = set_many_chunks(&idx, |i| sizes[i]);
+        assert_eq!(runs, vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        let many: Vec<usize> = (0..2 * GET_MANY_CHUNK + 1).collect();
+        let runs = set_many_chunks(&many, |_| 1);
+        assert_eq!(
+            runs.iter().map(Vec::len).collect::<Vec<_>>(),
+            [GET_MANY_CHUNK, GET_MANY_CHUNK, 1]
+        );
+        assert_eq!(runs.concat(), many);
+        assert!(set_many_chunks(&[], |_| 1).is_empty());
+    }
+}
