@@ -3265,6 +3265,9 @@ fn the_helm_chart_starts_a_working_tree() {
             "regions[0].relays=0",
             "regions.0.relays: Must be greater than or equal to 1",
         ),
+        // A region by its name alone would get Kubernetes' one relay and one edge, and with
+        // replication an empty ring.
+        ("regions[0].name=eu", "regions.0: relays is required"),
     ] {
         let err = helm_template("y", &["--set", set]).unwrap_err();
         assert!(err.contains(says), "{set}: {err}");
