@@ -3272,6 +3272,36 @@ fn the_helm_chart_starts_a_working_tree() {
         let err = helm_template("y", &["--set", set]).unwrap_err();
         assert!(err.contains(says), "{set}: {err}");
     }
+    // The alerting rules, for the Prometheus Operator when asked: the file's, whole.
+    let kinds = |docs: &[serde_yaml::Value]| -> Vec<String> {
+        docs.iter()
+            .filter_map(|d| d["kind"].as_str().map(String::from))
+            .collect()
+    };
+    let plain = helm_template("y", &[]).unwrap();
+    assert!(!kinds(&plain).contains(&"PrometheusRule".to_string()));
+    let docs = helm_template(
+        "y",
+        &[
+            "--set",
+            "prometheusRule.enabled=true,prometheusRule.labels.release=kps",
+        ],
+    )
+    .unwrap();
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .unwrap_or_else(|| panic!("no PrometheusRule in {:?}", kinds(&docs)));
+    assert_eq!(rule["metadata"]["labels"]["release"], "kps");
+    let file: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/helm/dci/files/alerts.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
     // As people write them: sizes with any unit the nodes take, durations, percentages.
     helm_template(
         "y",

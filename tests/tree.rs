@@ -1937,9 +1937,63 @@ async fn every_node_serves_prometheus_metrics() {
         )),
         "{coord_metrics}"
     );
+    // An edge caught up says it serves values; cut off past its bound, that it does not.
+    assert!(
+        edge_metrics.contains("dci_serves_hits{shard=\"0\"} 1"),
+        "{edge_metrics}"
+    );
+
+    // The chart's alerting rules ask only for metrics that some node serves.
+    let served: HashSet<&str> = [&coord_metrics, &relay_metrics, &edge_metrics]
+        .iter()
+        .flat_map(|m| m.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let asked = alert_metrics();
+    assert!(asked.len() >= 10, "{asked:?}");
+    for name in &asked {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            served.contains(family),
+            "an alert asks for {name}, which no node serves"
+        );
+    }
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
+}
+
+/// Every metric the Helm chart's alerting rules name, each rule checked to be whole and to
+/// parse as PromQL.
+fn alert_metrics() -> HashSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/helm/dci/files/alerts.yaml"
+    );
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = HashSet::new();
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        let alert = rule["alert"].as_str().unwrap();
+        let expr = rule["expr"].as_str().unwrap();
+        promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{alert}: {e}"));
+        for field in [&rule["labels"]["severity"], &rule["annotations"]["summary"]] {
+            assert!(field.as_str().is_some_and(|s| !s.is_empty()), "{alert}");
+        }
+        let mut rest = expr;
+        while let Some(at) = rest.find("dci_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+    }
+    names
 }
 
 /// What an operator looks at when publishes slow down or fail: a coordinator counts publish

@@ -561,10 +561,26 @@ impl EdgeNode {
                 stale_misses.clone(),
                 propagation.clone(),
             );
+            let (bound, shard_count) = (cfg.max_staleness, cfg.shard_count);
             Arc::new(move || {
                 use dci_proto::metrics::sample;
                 let mut out = String::new();
                 dci_proto::metrics::render_link(&mut out, &lock(&link));
+                // What an alert asks (an edge that answers only misses), whether or not reads
+                // come to show it in dci_stale_misses_total.
+                let now = Instant::now();
+                for shard in 0..shard_count {
+                    let serves = lock(&link).fresh_for(shard, now, bound);
+                    sample(
+                        &mut out,
+                        "gauge",
+                        "dci_serves_hits",
+                        "1 while caught up with the shard's coordinator within max_staleness \
+                         (values are served), 0 while only misses are",
+                        &format!("shard=\"{shard}\""),
+                        f64::from(u8::from(serves)),
+                    );
+                }
                 dci_proto::metrics::render_refused_calls(&mut out, &refused);
                 let c = &store.counters;
                 let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
