@@ -794,8 +794,8 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
         .map_err(|s| {
             // A request beyond what the edge decodes at all is refused by its transport, whose
             // wording names neither the value nor the setting.
-            if s.code() == tonic::Code::OutOfRange && s.message().contains("length too large") {
-                anyhow!("value is {len} bytes, more than that edge takes (its max_value_len)")
+            if dci_proto::types::refused_for_size(&s) {
+                anyhow!(dci_proto::types::value_too_large(len))
             } else {
                 anyhow!(status_line(&s, "an edge", &a.edge, &tls))
             }

@@ -47,11 +47,6 @@ pub const GET_MANY_CHUNK: usize = 1_000;
 /// request with its default `max_value_len` (8 MiB).
 pub const SET_MANY_BYTES: usize = 4 << 20;
 
-/// A request refused by the edge's transport for its size.
-fn too_large(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::OutOfRange && s.message().contains("length too large")
-}
-
 /// Runs of `idx` of at most [`GET_MANY_CHUNK`] entries and [`SET_MANY_BYTES`] (by `bytes`), in
 /// their order; an entry larger than that alone.
 fn set_many_chunks(idx: &[usize], bytes: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
@@ -568,7 +563,7 @@ impl CacheClient {
             };
             match edge.set_many(req).await {
                 Ok(r) => Ok(r.into_inner().stored),
-                Err(s) if too_large(&s) => {
+                Err(s) if dci_proto::types::refused_for_size(&s) => {
                     let second = entries.split_off(entries.len() / 2);
                     let mut stored = Self::set_many_on(edge.clone(), entries).await?;
                     stored.extend(Self::set_many_on(edge, second).await?);
@@ -589,9 +584,9 @@ impl CacheClient {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(false),
             // Beyond what the edge decodes at all: refused by its transport, in words that name
             // neither the value nor the setting.
-            Err(s) if too_large(&s) => Err(Error::Refused(format!(
-                "value is {len} bytes, more than that edge takes (its max_value_len)"
-            ))),
+            Err(s) if dci_proto::types::refused_for_size(&s) => {
+                Err(Error::Refused(dci_proto::types::value_too_large(len)))
+            }
             Err(s) => Err(s.into()),
         }
     }

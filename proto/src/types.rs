@@ -143,6 +143,17 @@ where
     T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too many here")))
 }
 
+/// Whether a call was refused by the server's transport for its size (beyond what the node
+/// decodes at all), in words that name neither the value nor the setting: the caller says it.
+pub fn refused_for_size(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::OutOfRange && s.message().contains("length too large")
+}
+
+/// What a Set of a value of `len` bytes refused for its size is told.
+pub fn value_too_large(len: usize) -> String {
+    format!("value is {len} bytes, more than that edge takes (its max_value_len)")
+}
+
 /// A value's time to live as a Set carries it (`ttl_ms`): 0 is the edge's default, so a time to
 /// live given is at least a millisecond.
 pub fn ttl_ms(ttl: Option<std::time::Duration>) -> u64 {
