@@ -147,6 +147,19 @@ fn start_tree(dir: &std::path::Path) -> Tree {
     }
 }
 
+/// An edge process of `region` following the coordinator at `coord` directly; and its port.
+fn start_edge_on(coord: &str, region: &str) -> (Proc, u16) {
+    start(&[
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--relays",
+        coord,
+        "--region",
+        region,
+    ])
+}
+
 /// The seqs `dci publish` printed, one per line ("KEY SEQ").
 fn seqs(o: &Output) -> Vec<u64> {
     stdout(o)
@@ -1693,15 +1706,7 @@ fn a_reader_that_goes_away_ends_the_printing_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let (_coord, cport) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cport}");
-    let (_edge, eport) = start(&[
-        "edge",
-        "--listen",
-        "127.0.0.1:0",
-        "--relays",
-        &coord,
-        "--region",
-        "eu",
-    ]);
+    let (_edge, eport) = start_edge_on(&coord, "eu");
     let edge = format!("http://127.0.0.1:{eport}");
     // Past the pipe's buffer, so that the value is not all written before anything fails.
     fill(&edge, "big", &"v".repeat(100_000));
@@ -3924,15 +3929,7 @@ fn status_columns_line_up_with_long_names() {
     let (_coord, cport) = start_coordinator(dir.path());
     let coord = format!("http://127.0.0.1:{cport}");
     let region = "eu-west-1-frankfurt-am-main";
-    let (_edge, _) = start(&[
-        "edge",
-        "--listen",
-        "127.0.0.1:0",
-        "--relays",
-        &coord,
-        "--region",
-        region,
-    ]);
+    let (_edge, _) = start_edge_on(&coord, region);
     eventually("the edge in the tree", || {
         stdout(&dci(&["status", "--coordinator", &coord])).contains(region)
     });
