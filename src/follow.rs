@@ -60,8 +60,9 @@ impl Printer {
     }
 }
 
-/// The line of one invalidation: `seq=N key=K` (or `prefix=P`, or `all`), then ` version=V`
-/// and ` shard=S` when there are. Bytes that are not printable ASCII are escaped (`\xNN`).
+/// The line of one invalidation: `seq=N key=K` (or `prefix=P`, or `all`), then ` version=V`,
+/// ` trace=T span=S` (the trace context it was published under) and ` shard=S` when there
+/// are. Bytes that are not printable ASCII are escaped (`\xNN`).
 fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
     let mut l = match e.kind {
         Kind::Key => format!("seq={} key={}", e.seq, e.key.escape_ascii()),
@@ -70,6 +71,13 @@ fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
     };
     if let Some(v) = e.source_version {
         l.push_str(&format!(" version={v}"));
+    }
+    if let Some(t) = &e.trace_id {
+        // Bytes that are no W3C context are carried as they came, and shown as they are.
+        match dci_proto::trace::TraceContext::from_bytes(t) {
+            Some(context) => l.push_str(&format!(" {context}")),
+            None => l.push_str(&format!(" trace={}", dci_proto::trace::to_hex(t))),
+        }
     }
     if let Some(s) = shard {
         l.push_str(&format!(" shard={s}"));
@@ -287,5 +295,18 @@ mod tests {
         };
         assert_eq!(line(&versioned, None), "seq=7 prefix=p: version=42");
         assert_eq!(line(&e(b"", Kind::All), Some(0)), "seq=7 all shard=0");
+        let context = dci_proto::trace::TraceContext::from_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .unwrap();
+        assert_eq!(
+            line(&e(b"k", Kind::Key).traced(context), Some(1)),
+            "seq=7 key=k trace=4bf92f3577b34da6a3ce929d0e0e4736 span=00f067aa0ba902b7 shard=1"
+        );
+        let opaque = dci_proto::Invalidation {
+            trace_id: Some(bytes::Bytes::from_static(b"\x01\xab")),
+            ..e(b"k", Kind::Key)
+        };
+        assert_eq!(line(&opaque, None), "seq=7 key=k trace=01ab");
     }
 }

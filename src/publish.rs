@@ -50,8 +50,17 @@ pub(crate) struct PublishArgs {
     /// stderr, or the caches that lag and exit 3.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_parser = crate::positive_duration)]
     wait: Option<Duration>,
+    /// Publish under this W3C trace context (`00-<trace id>-<span id>-<flags>`, as the
+    /// `traceparent` header of the request that changed the data): each coordinator, relay and
+    /// edge that exports to an OTLP collector makes a span of it in that trace.
+    #[arg(long, value_parser = traceparent)]
+    traceparent: Option<dci_proto::trace::TraceContext>,
     #[command(flatten)]
     tls: ClientTlsArgs,
+}
+
+fn traceparent(s: &str) -> Result<dci_proto::trace::TraceContext, String> {
+    dci_proto::trace::TraceContext::from_traceparent(s)
 }
 
 /// Exit code of `dci publish --wait` when published but not applied everywhere in time.
@@ -381,6 +390,7 @@ async fn publish_keys(
         }
     };
     let publisher_id = format!("cli-{:016x}", rand::random::<u64>());
+    let trace = a.traceparent.map(|c| c.to_bytes());
     let mut clients = vec![None; shards];
     let mut request_no = vec![0u64; shards];
     let mut read = 0usize;
@@ -434,10 +444,10 @@ async fn publish_keys(
                     .enumerate()
                     .filter(|(_, (k, _))| targets(k).contains(&shard))
                     .collect();
-                let (tls, publisher_id) = (&tls, &publisher_id);
+                let (tls, publisher_id, trace) = (&tls, &publisher_id, &trace);
                 async move {
                     let mut answered = Vec::new();
-                    for chunk in request_chunks(&keys) {
+                    for chunk in request_chunks(&keys, trace.as_ref().map_or(0, Bytes::len)) {
                         *request_no += 1;
                         let req = pb::PublishRequest {
                             publisher_id: publisher_id.clone(),
@@ -448,6 +458,7 @@ async fn publish_keys(
                                     key: Bytes::from(k.to_string()),
                                     kind: kind as i32,
                                     source_version: *version,
+                                    trace_id: trace.clone(),
                                     ..Default::default()
                                 })
                                 .collect(),
@@ -507,12 +518,15 @@ async fn publish_keys(
 
 /// Keys in runs of at most [`PUBLISH_CHUNK`] and of fewer bytes than a coordinator decodes in
 /// one request (a larger one would be refused whole).
-fn request_chunks<'a, 'k>(keys: &'a [(usize, &'k Keyed)]) -> Vec<&'a [(usize, &'k Keyed)]> {
+fn request_chunks<'a, 'k>(
+    keys: &'a [(usize, &'k Keyed)],
+    trace_len: usize,
+) -> Vec<&'a [(usize, &'k Keyed)]> {
     use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (_, (k, _))) in keys.iter().enumerate() {
-        let cost = k.len() + ENTRY_OVERHEAD_BYTES;
+        let cost = k.len() + ENTRY_OVERHEAD_BYTES + trace_len;
         if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > PUBLISH_REQUEST_BYTES) {
             out.push(&keys[start..i]);
             (start, bytes) = (i, 0);

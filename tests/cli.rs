@@ -762,6 +762,56 @@ fn set_takes_a_time_to_live() {
     assert!(stderr(&o).contains("--ttl"), "{}", stderr(&o));
 }
 
+/// `dci publish --traceparent` publishes its keys under the writer's trace context, which goes
+/// down the stream with them (`dci follow` shows it).
+#[test]
+fn publish_carries_a_trace_context_down_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, port) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{port}");
+    let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--traceparent",
+        header,
+        "a",
+        "b",
+    ]);
+    assert_eq!(stdout(&o), "a 1\nb 2\n", "{}", stderr(&o));
+    let o = dci(&["publish", "--coordinator", &coord, "c"]);
+    assert_eq!(stdout(&o), "c 3\n", "{}", stderr(&o));
+    let f = follow(
+        Command::new(DCI).args(["follow", "--sender", &coord, "--from", "1", "--count", "3"]),
+    );
+    let lines: Vec<String> = (0..3).map_while(|_| f.line()).collect();
+    let traced = "trace=4bf92f3577b34da6a3ce929d0e0e4736 span=00f067aa0ba902b7";
+    assert_eq!(
+        lines,
+        [
+            format!("seq=1 key=a {traced}"),
+            format!("seq=2 key=b {traced}"),
+            "seq=3 key=c".to_string()
+        ]
+    );
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        &coord,
+        "--traceparent",
+        "00-00-00-01",
+        "d",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs a trace id of 32 hex digits"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stdout(&o), "", "nothing published");
+}
+
 /// `dci publish -` fed by a writer as keys come publishes each at once (it does not wait for the
 /// end of its input), and holds a round of keys at a time, not its whole input.
 #[test]

@@ -2373,6 +2373,163 @@ async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
     server.abort();
 }
 
+/// An OpenTelemetry collector's trace endpoint that keeps the spans it is sent, with the
+/// service that sent each.
+#[derive(Clone, Default)]
+struct SpanCollector {
+    got: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+#[tonic::async_trait]
+impl TraceService for SpanCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                lock(&self.got).extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn int_attribute(s: &Span, key: &str) -> Option<i64> {
+    s.attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_traced_publish_makes_a_span_in_its_trace_at_every_node() {
+    let collector = SpanCollector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(Collector::default()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let otlp = dci_proto::otlp::OtlpConfig {
+        endpoint: Some(format!("http://{addr}")),
+        interval: Duration::from_millis(100),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(CoordinatorConfig {
+        listen: any_port(),
+        data_dir: dir.path().to_path_buf(),
+        otlp: otlp.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = Relay::start(RelayConfig {
+        listen: any_port(),
+        upstream: vec![c.url()],
+        otlp: otlp.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = edge(EdgeConfig {
+        otlp: otlp.clone(),
+        ..edge_cfg(vec![r.url()])
+    })
+    .await;
+    wait_in_stream(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let context = dci_sdk::TraceContext::from_traceparent(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    .unwrap();
+    // Untraced entries around it, and one that a later entry of its key subsumes in the
+    // coordinator's group (the later one carries its trace on).
+    let mut entries: Vec<_> = (0..10)
+        .map(|i| dci_sdk::Invalidation::key(format!("t:{i}")))
+        .collect();
+    entries.insert(5, dci_sdk::Invalidation::key("t:traced").traced(context));
+    entries.push(dci_sdk::Invalidation::key("t:traced"));
+    let before = dci_proto::now_us() * 1_000;
+    let seqs = p.publish(entries).await.unwrap();
+    let seq = *seqs.last().unwrap() as i64;
+    wait_applied(&e, seq as u64).await;
+
+    eventually(
+        "a span from the coordinator, the relay and the edge",
+        || {
+            let got = lock(&collector.got);
+            ["dci-coordinator", "dci-relay", "dci-edge"]
+                .iter()
+                .all(|s| got.iter().any(|(service, _)| service == s))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = lock(&collector.got).clone();
+    let mut ends = Vec::new();
+    for (service, name) in [
+        ("dci-coordinator", "dci.log"),
+        ("dci-relay", "dci.relay"),
+        ("dci-edge", "dci.apply"),
+    ] {
+        let spans: Vec<&Span> = got
+            .iter()
+            .filter(|(s, _)| s == service)
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(
+            spans.len(),
+            1,
+            "{service}: one span, of the traced entry only"
+        );
+        let s = spans[0];
+        assert_eq!(s.name, name);
+        assert_eq!(s.trace_id, context.trace_id.to_vec(), "{service}");
+        assert_eq!(
+            s.parent_span_id,
+            context.parent_span_id.unwrap().to_vec(),
+            "{service}: a child of the writer's span"
+        );
+        assert_eq!(int_attribute(s, "dci.seq"), Some(seq), "{service}");
+        assert!(
+            s.start_time_unix_nano >= before && s.start_time_unix_nano <= s.end_time_unix_nano,
+            "{service}: from the publish call to the node's step"
+        );
+        ends.push(s.end_time_unix_nano);
+    }
+    assert!(
+        ends.is_sorted(),
+        "logged, then relayed, then applied: {ends:?}"
+    );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+    server.abort();
+}
+
 /// Two coordinators (shards 0 and 1, logs in `dirs`), a relay that follows each on a link of its
 /// own (`upstream` for shard 0, `upstream_groups` for shard 1), and an edge behind it with this
 /// staleness bound, in the stream of both shards: a relay whose link to a shard came up after a

@@ -28,6 +28,8 @@ mod turn;
 pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK, SET_MANY_BYTES};
 pub use dci_proto::applied::Lagging;
 pub use dci_proto::tls::ClientTls;
+pub use dci_proto::trace::TraceContext;
+pub use dci_proto::{Invalidation, Kind};
 pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Applied, Publisher, PublisherOptions};
 

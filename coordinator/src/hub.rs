@@ -169,7 +169,7 @@ impl Hub {
     /// A committed group, to every receiver.
     pub fn push(&self, b: Arc<SharedBatch>) {
         let head = b.batch.last_seq;
-        self.propagation.observe_published(&b.batch.entries);
+        self.propagation.observe_published(&b.batch);
         if let Err(e) = lock(&self.tail).push(b) {
             tracing::error!(error = %e, "memory tail refused a batch");
         }

@@ -280,6 +280,7 @@ pub async fn run(
                 }
             }))
         },
+        ("dci.log", &hub.propagation),
         drain.clone(),
     )
     .await;

@@ -83,7 +83,7 @@ impl Applier for EdgeApplier {
     fn apply(&mut self, batch: &Batch) {
         self.store
             .apply_batch(batch.shard, batch.epoch, &batch.entries, batch.last_seq);
-        self.propagation.observe_published(&batch.entries);
+        self.propagation.observe_published(batch);
         if let Some(f) = &self.on_applied {
             f(batch);
         }
@@ -680,6 +680,7 @@ impl EdgeNode {
                 health: dci_proto::metrics::always_healthy(),
                 ready,
             },
+            ("dci.apply", &propagation),
             rx.clone(),
         )
         .await;

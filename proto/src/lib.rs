@@ -24,6 +24,7 @@ pub mod reload;
 pub mod ring;
 pub mod throttle;
 pub mod tls;
+pub mod trace;
 pub mod types;
 pub mod upstream;
 

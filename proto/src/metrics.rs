@@ -23,6 +23,8 @@ pub struct LatencyHistogram {
     buckets: [AtomicU64; BOUNDS_US.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
+    /// Where the spans of traced entries go, when the node exports them.
+    spans: std::sync::OnceLock<Arc<crate::trace::Spans>>,
 }
 
 impl LatencyHistogram {
@@ -54,14 +56,25 @@ impl LatencyHistogram {
         self.sum_us.fetch_add(sum, Ordering::Relaxed);
     }
 
-    /// Record, for each entry, the time from its publish call to now.
-    pub fn observe_published(&self, entries: &[crate::types::Invalidation]) {
+    /// Record, for each entry of the batch, the time from its publish call to now (and, for a
+    /// traced one, its span, when the node exports spans).
+    pub fn observe_published(&self, batch: &crate::types::Batch) {
         let now = crate::now_us();
         self.observe_many_us(
-            entries
+            batch
+                .entries
                 .iter()
                 .map(|e| now.saturating_sub(e.publish_time_us)),
         );
+        if let Some(spans) = self.spans.get() {
+            spans.observe(batch);
+        }
+    }
+
+    /// Make a span of each traced entry observed from now on, into `spans` (once: a later call
+    /// changes nothing).
+    pub fn trace_to(&self, spans: Arc<crate::trace::Spans>) {
+        let _ = self.spans.set(spans);
     }
 
     /// The counts so far, to compare with later ones.
@@ -344,14 +357,16 @@ impl Probes {
 }
 
 /// Make a node's metrics available as configured: served on `/metrics` at `listen` (with its
-/// health on `/healthz` and readiness on `/readyz`), pushed to the collector of `otlp`. Returns
-/// where `/metrics` is served.
+/// health on `/healthz` and readiness on `/readyz`), pushed to the collector of `otlp`, and
+/// with it the spans of the traced entries `traced`'s histogram observes, named by its name
+/// ([`crate::trace`]). Returns where `/metrics` is served.
 pub async fn expose(
     listen: Option<SocketAddr>,
     otlp: &crate::otlp::OtlpConfig,
     resource: Vec<(&'static str, String)>,
     render: Render,
     probes: Probes,
+    traced: (&'static str, &LatencyHistogram),
     shutdown: watch::Receiver<bool>,
 ) -> Option<SocketAddr> {
     let mut served = None;
@@ -365,6 +380,16 @@ pub async fn expose(
         }
     }
     if let Some(endpoint) = otlp.endpoint.clone() {
+        let (name, propagation) = traced;
+        let spans = Arc::new(crate::trace::Spans::new(name));
+        propagation.trace_to(spans.clone());
+        tokio::spawn(crate::trace::export(
+            endpoint.clone(),
+            otlp.interval,
+            resource.clone(),
+            spans,
+            shutdown.clone(),
+        ));
         tokio::spawn(crate::otlp::push(
             endpoint,
             otlp.interval,

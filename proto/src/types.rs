@@ -310,6 +310,15 @@ impl Invalidation {
         }
     }
 
+    /// This invalidation, published under a trace context: every node that exports spans
+    /// (an OTLP collector configured) makes one of it in that trace ([`crate::trace`]).
+    pub fn traced(self, context: crate::trace::TraceContext) -> Self {
+        Invalidation {
+            trace_id: Some(context.to_bytes()),
+            ..self
+        }
+    }
+
     /// Does this invalidation remove `key`?
     pub fn covers(&self, key: &[u8]) -> bool {
         match self.kind {
@@ -671,7 +680,9 @@ pub fn own_bytes(entries: &mut [Invalidation]) {
 /// Coalesce repeated KEY invalidations of one group: each key keeps only its newest entry (the
 /// highest seq), carrying the highest `source_version` seen for it. Later seqs subsume earlier
 /// ones, so a receiver resuming in the middle of the group still applies every key's effect; the
-/// range of the batch is unchanged. PREFIX and ALL entries are kept as they are.
+/// range of the batch is unchanged. PREFIX and ALL entries are kept as they are. A kept entry
+/// without a trace takes the newest trace of those it subsumes, so a traced invalidation's
+/// spans show whatever carried it.
 pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
     use std::collections::HashMap;
     if entries.len() < 2 {
@@ -681,6 +692,7 @@ pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
         HashMap::with_capacity_and_hasher(entries.len(), Default::default());
     let mut keep = vec![true; entries.len()];
     let mut versions: Vec<Option<u64>> = entries.iter().map(|e| e.source_version).collect();
+    let mut traces: Vec<Option<Bytes>> = entries.iter().map(|e| e.trace_id.clone()).collect();
     for (i, e) in entries.iter().enumerate().rev() {
         if e.kind != Kind::Key {
             continue;
@@ -692,6 +704,9 @@ pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
                 };
+                if traces[j].is_none() {
+                    traces[j] = e.trace_id.clone();
+                }
             }
             None => {
                 newest.insert(&e.key, i);
@@ -707,6 +722,7 @@ pub fn coalesce(entries: Vec<Invalidation>) -> Vec<Invalidation> {
         .filter(|(i, _)| keep[*i])
         .map(|(i, mut e)| {
             e.source_version = versions[i];
+            e.trace_id = traces[i].take();
             e
         })
         .collect()
@@ -1166,6 +1182,30 @@ mod tests {
                 (4, Bytes::from_static(b"c"), Some(1)),
                 (5, Bytes::from_static(b"b"), Some(2)),
             ]
+        );
+        let traced = |seq, t: Option<&'static [u8]>| Invalidation {
+            seq,
+            trace_id: t.map(Bytes::from_static),
+            ..Invalidation::key("k")
+        };
+        let trace_of = |v: Vec<Invalidation>| v[0].trace_id.clone();
+        let (t1, t2, t3): (&[u8], &[u8], &[u8]) = (b"t1", b"t2", b"t3");
+        // The kept entry's own trace stands; without one, it takes the newest it subsumes.
+        let own = coalesce(vec![
+            traced(1, Some(t1)),
+            traced(2, Some(t2)),
+            traced(3, Some(t3)),
+        ]);
+        assert_eq!(trace_of(own), Some(Bytes::from_static(t3)));
+        let taken = coalesce(vec![
+            traced(1, Some(t1)),
+            traced(2, Some(t2)),
+            traced(3, None),
+        ]);
+        assert_eq!(trace_of(taken), Some(Bytes::from_static(t2)));
+        assert_eq!(
+            trace_of(coalesce(vec![traced(1, None), traced(2, None)])),
+            None
         );
     }
 

@@ -511,7 +511,7 @@ impl RelayApplier {
             }
         }
         core.bump();
-        core.propagation.observe_published(&batch.entries);
+        core.propagation.observe_published(batch);
     }
 }
 

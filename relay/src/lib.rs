@@ -225,6 +225,7 @@ impl Relay {
                     )
                 },
             },
+            ("dci.relay", &core.propagation),
             rx.clone(),
         )
         .await;
