@@ -333,9 +333,10 @@ impl ClientTlsArgs {
 
 #[derive(Args)]
 struct GetArgs {
-    /// Edge URL.
-    #[arg(long, default_value = "http://127.0.0.1:7600")]
-    edge: String,
+    /// Edge URL; a region's edges, comma-separated: the key goes to its owner on the ring of
+    /// their node ids (each is asked its own), as the SDK's CacheClient places keys.
+    #[arg(long, value_delimiter = ',', value_parser = url_item, default_value = "http://127.0.0.1:7600")]
+    edge: Vec<String>,
     #[command(flatten)]
     tls: ClientTlsArgs,
     /// The key.
@@ -344,9 +345,10 @@ struct GetArgs {
 
 #[derive(Args)]
 struct SetArgs {
-    /// Edge URL.
-    #[arg(long, default_value = "http://127.0.0.1:7600")]
-    edge: String,
+    /// Edge URL; a region's edges, comma-separated: the key goes to its owner on the ring of
+    /// their node ids (each is asked its own), as the SDK's CacheClient places keys.
+    #[arg(long, value_delimiter = ',', value_parser = url_item, default_value = "http://127.0.0.1:7600")]
+    edge: Vec<String>,
     #[command(flatten)]
     tls: ClientTlsArgs,
     /// Lease from a miss.
@@ -710,17 +712,69 @@ async fn connect(
     })
 }
 
+/// The edge to ask about `key`: the one given, or, of several (a region's edges), the key's
+/// owner on the ring of their node ids. An edge that does not say its id is left off the ring,
+/// with a warning: a key it owns then goes to an edge that refuses it, naming its owners.
+async fn edge_for(
+    edges: &[String],
+    key: &str,
+    tls: &dci_proto::tls::ClientTls,
+) -> anyhow::Result<String> {
+    if let [one] = edges {
+        return Ok(one.clone());
+    }
+    let ids = futures::future::join_all(edges.iter().map(|url| async move {
+        let mut admin = pb::admin_client::AdminClient::new(connect(url, tls).await?);
+        let r = admin
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|s| anyhow!(status_line(&s, "an edge", url, tls)))?
+            .into_inner();
+        match r.nodes.first() {
+            Some(me) if me.role == "edge" => Ok(me.node_id.clone()),
+            Some(me) => Err(anyhow!("{url} is a {}, not an edge", me.role)),
+            None => Err(anyhow!("{url} did not say its node id")),
+        }
+    }))
+    .await;
+    let mut by_id = std::collections::HashMap::new();
+    let mut unknown = Vec::new();
+    for (url, id) in edges.iter().zip(ids) {
+        match id {
+            Ok(id) => {
+                by_id.insert(id, url.clone());
+            }
+            Err(e) => unknown.push(one_line(&e)),
+        }
+    }
+    if by_id.is_empty() {
+        anyhow::bail!("no edge said its node id: {}", unknown.join("; "));
+    }
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} of {} edges left off the ring ({})",
+            unknown.len(),
+            edges.len(),
+            unknown.join("; ")
+        );
+    }
+    let ring = dci_proto::ring::NodeRing::new(by_id.keys().cloned().collect());
+    let owner = ring.primary(key.as_bytes()).unwrap_or_default();
+    Ok(by_id[owner].clone())
+}
+
 async fn get(a: GetArgs) -> anyhow::Result<bool> {
     // The edge bounds the values it stores; none is refused here for its size.
     let tls = a.tls.client()?;
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?)
+    let edge = edge_for(&a.edge, &a.key, &tls).await?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&edge, &tls).await?)
         .max_decoding_message_size(usize::MAX);
     let r = client
         .get(pb::GetRequest {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &edge, &tls)))?
         .into_inner();
     if r.hit {
         // The value as stored (it need not be text), then a newline.
@@ -742,13 +796,14 @@ async fn get(a: GetArgs) -> anyhow::Result<bool> {
 
 async fn delete(a: GetArgs) -> anyhow::Result<bool> {
     let tls = a.tls.client()?;
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?);
+    let edge = edge_for(&a.edge, &a.key, &tls).await?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&edge, &tls).await?);
     let r = client
         .delete(pb::DeleteRequest {
             key: Bytes::from(a.key),
         })
         .await
-        .map_err(|s| anyhow!(status_line(&s, "an edge", &a.edge, &tls)))?
+        .map_err(|s| anyhow!(status_line(&s, "an edge", &edge, &tls)))?
         .into_inner();
     if r.existed {
         crate::out::say!("deleted")?;
@@ -781,7 +836,8 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
         Bytes::from(a.value)
     };
     let tls = a.tls.client()?;
-    let mut client = pb::cache_client::CacheClient::new(connect(&a.edge, &tls).await?);
+    let edge = edge_for(&a.edge, &a.key, &tls).await?;
+    let mut client = pb::cache_client::CacheClient::new(connect(&edge, &tls).await?);
     let len = value.len();
     client
         .set(pb::SetRequest {
@@ -797,7 +853,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             if dci_proto::types::refused_for_size(&s) {
                 anyhow!(dci_proto::types::value_too_large(len))
             } else {
-                anyhow!(status_line(&s, "an edge", &a.edge, &tls))
+                anyhow!(status_line(&s, "an edge", &edge, &tls))
             }
         })?;
     crate::out::say!("stored")?;

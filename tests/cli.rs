@@ -762,6 +762,99 @@ fn set_takes_a_time_to_live() {
     assert!(stderr(&o).contains("--ttl"), "{}", stderr(&o));
 }
 
+/// A region's edges share keys on a ring: `dci get/set/delete` given them all take each key to
+/// its owner, and an edge asked for a key it does not own names the owners.
+#[test]
+fn get_set_and_delete_find_a_key_on_the_ring_of_a_regions_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let on_ring = |id: &str| {
+        start(&[
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--relays",
+            &coord,
+            "--node-id",
+            id,
+            "--ring-nodes",
+            "e0,e1,e2",
+        ])
+    };
+    let (_e0, p0) = on_ring("e0");
+    let (_e1, p1) = on_ring("e1");
+    let (_e2, p2) = on_ring("e2");
+    let urls = [p0, p1, p2].map(|p| format!("http://127.0.0.1:{p}"));
+    let all = urls.join(",");
+    let keys: Vec<String> = (0..12).map(|i| format!("ring:{i}")).collect();
+    eventually("every edge serves", || {
+        keys.iter()
+            .all(|k| dci(&["get", "--edge", &all, k]).status.code() == Some(1))
+    });
+    // Each key is its owner's, which the others refuse, naming it.
+    let mut refused_by_one = 0;
+    for k in &keys {
+        let answered: Vec<Output> = urls.iter().map(|u| dci(&["get", "--edge", u, k])).collect();
+        let refusals: Vec<&Output> = answered
+            .iter()
+            .filter(|o| o.status.code() == Some(2))
+            .collect();
+        assert_eq!(refusals.len(), 2, "{k}: one owner of three");
+        let owner = ["e0", "e1", "e2"][answered
+            .iter()
+            .position(|o| o.status.code() == Some(1))
+            .unwrap()];
+        for o in refusals {
+            assert!(
+                stderr(o).contains(&format!("(its owners: {owner})")),
+                "{}",
+                stderr(o)
+            );
+        }
+        refused_by_one += 1;
+    }
+    assert_eq!(refused_by_one, keys.len());
+    for k in &keys {
+        let lease = lease_in(&dci(&["get", "--edge", &all, k]));
+        let o = dci(&[
+            "set",
+            "--edge",
+            &all,
+            "--lease",
+            &lease.to_string(),
+            k,
+            &format!("v-{k}"),
+        ]);
+        assert_eq!(stdout(&o), "stored\n", "{}", stderr(&o));
+        let o = dci(&["get", "--edge", &all, k]);
+        assert_eq!(stdout(&o), format!("v-{k}\n"), "{}", stderr(&o));
+    }
+    let o = dci(&["delete", "--edge", &all, &keys[0]]);
+    assert_eq!(stdout(&o), "deleted\n", "{}", stderr(&o));
+    // An edge that does not answer is left off the ring, said on stderr; the key goes on to its
+    // owner among the others, or to an edge that names its owner.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let o = dci(&["get", "--edge", &format!("{all},{dead}"), &keys[1]]);
+    assert_eq!(stdout(&o), format!("v-{}\n", keys[1]), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: 1 of 4 edges left off the ring"),
+        "{}",
+        stderr(&o)
+    );
+    let o = dci(&["get", "--edge", &format!("{dead},{dead}"), &keys[1]]);
+    one_line_error(&o, "no edge said its node id");
+    let o = dci(&["get", "--edge", &format!("{},{coord}", urls[0]), &keys[1]]);
+    assert!(
+        stderr(&o).contains("is a coordinator, not an edge"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// `dci publish --traceparent` publishes its keys under the writer's trace context, which goes
 /// down the stream with them (`dci follow` shows it).
 #[test]
@@ -3093,6 +3186,8 @@ fn the_helm_chart_starts_a_working_tree() {
             .map(|u| match u.split_once("://") {
                 Some((scheme, rest)) => {
                     let (host, port) = rest.split_once(':').unwrap();
+                    // A pod by its name under its headless Service: here, the one pod of it.
+                    let host = host.rsplit('.').next().unwrap();
                     assert_eq!(services[host].to_string(), port, "{u}");
                     format!("{scheme}://127.0.0.1:{}", ports[host])
                 }
@@ -3109,7 +3204,11 @@ fn the_helm_chart_starts_a_working_tree() {
         .map(|l| l.split_whitespace().skip(1).map(local).collect())
         .collect();
     let ran: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
-    assert_eq!(ran, ["publish", "status", "follow", "follow"], "{notes}");
+    assert_eq!(
+        ran,
+        ["publish", "status", "follow", "get", "follow", "get"],
+        "{notes}"
+    );
     for c in &commands {
         if c[0] == "follow" {
             let f = follow(
@@ -3120,6 +3219,20 @@ fn the_helm_chart_starts_a_working_tree() {
             let line = f.line().unwrap_or_default();
             assert!(line.starts_with("seq=1 key=user:"), "{c:?}: {line}");
             assert_eq!(f.exit_code(), Some(0), "{c:?}");
+            continue;
+        }
+        if c[0] == "get" {
+            // Only the first pod of each workload runs here, so a region's ring of edges has
+            // one: a key it does not own is refused, naming its owners; one it owns, a miss.
+            let key_of_its_own = (0..100).map(|i| format!("user:{i}")).find_map(|k| {
+                let mut args: Vec<&str> = c.iter().map(String::as_str).collect();
+                *args.last_mut().unwrap() = &k;
+                let o = dci(&args);
+                (o.status.code() != Some(2) || !stderr(&o).contains("(its owners: ")).then_some(o)
+            });
+            let o = key_of_its_own.expect("a key the running edge owns");
+            assert_eq!(o.status.code(), Some(1), "{c:?}: {}", stderr(&o));
+            assert!(stderr(&o).starts_with("miss (lease "), "{}", stderr(&o));
             continue;
         }
         let o = dci(&c.iter().map(String::as_str).collect::<Vec<_>>());

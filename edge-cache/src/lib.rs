@@ -198,8 +198,21 @@ impl EdgeService {
         if follows.takes_key(key) {
             return Ok(());
         }
+        // Where to go instead, when only the ring keeps it from this edge.
+        let owners = follows
+            .ring
+            .as_ref()
+            .filter(|_| follows.takes_prefix_of(key))
+            .map(|r| {
+                format!(
+                    " (its owners: {})",
+                    r.ring.owners(key, r.replication).join(", ")
+                )
+            })
+            .unwrap_or_default();
         Err(Status::failed_precondition(format!(
-            "key {:?} {}, which gets invalidations only of {}: route it to an edge that does",
+            "key {:?} {}, which gets invalidations only of {}: route it to an edge that \
+             does{owners}",
             String::from_utf8_lossy(key),
             dci_proto::types::NOT_FOLLOWED,
             follows.describe()

@@ -779,13 +779,16 @@ impl Filter {
     /// Does the receiver get the invalidations of `key`? A cache must neither serve nor store a
     /// key it does not: nothing would ever remove it.
     pub fn takes_key(&self, key: &[u8]) -> bool {
-        let by_prefix =
-            self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p));
-        by_prefix
+        self.takes_prefix_of(key)
             && self
                 .ring
                 .as_ref()
                 .is_none_or(|r| r.ring.is_owner(key, &r.self_id, r.replication))
+    }
+
+    /// Whether `key` passes the filter's prefixes (whatever its ring says).
+    pub fn takes_prefix_of(&self, key: &[u8]) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p))
     }
 
     /// What the filter keeps, for an error about a key it does not.
