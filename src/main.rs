@@ -127,6 +127,11 @@ struct CoordinatorArgs {
     /// How often metrics are pushed to the OTLP collector [default: 10s].
     #[arg(long, value_parser = duration)]
     otlp_interval: Option<Duration>,
+    /// The tier's shard count changed: set a log of this shard under another count aside (into
+    /// a subdirectory of the data dir) and begin a new one, every cache flushing this shard,
+    /// where it is otherwise refused.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    reshard: Option<bool>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -481,7 +486,7 @@ async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg: dci_coordinator::CoordinatorConfig = load(&a.config)?;
     override_with!(cfg, a; listen, data_dir, shard, shard_count, fsync, max_key_len, node_id,
         max_request_entries, fsync_interval, segment_bytes, retention_bytes, retention_age,
-        max_group_entries, max_queued_bytes, memory_tail_bytes, window_bytes, max_receivers);
+        max_group_entries, max_queued_bytes, memory_tail_bytes, window_bytes, max_receivers, reshard);
     cfg.metrics_listen = a.metrics_listen.or(cfg.metrics_listen);
     cfg.otlp.endpoint = a.otlp_endpoint.or(cfg.otlp.endpoint);
     cfg.otlp.interval = a.otlp_interval.unwrap_or(cfg.otlp.interval);

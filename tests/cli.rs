@@ -1423,6 +1423,85 @@ fn a_sigkilled_coordinator_restarts_from_its_log_without_reusing_seqs() {
     );
 }
 
+/// A tier going from one shard to two: the coordinator refuses its log under the new count
+/// unless told it is a reshard, then sets the log aside whole and begins a new one under a new
+/// epoch, which its receivers take with a flush.
+#[test]
+fn a_coordinator_sets_its_log_aside_when_the_tier_is_resharded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, cp) = start_coordinator(dir.path());
+    let coord = format!("http://127.0.0.1:{cp}");
+    let (_r, _) = start(&["relay", "--listen", "127.0.0.1:0", "--upstream", &coord]);
+    let o = dci(&["publish", "--coordinator", &coord, "a", "b", "c"]);
+    assert_eq!(seqs(&o), [1, 2, 3], "{}", stderr(&o));
+    eventually("the relay at seq 3", || hwm(&coord, "relay") >= 3);
+    let epoch_of = |role: &str| {
+        status_nodes(&coord, &[])
+            .iter()
+            .find(|n| n["role"] == role)
+            .and_then(|n| n["shards"][0]["epoch"].as_u64())
+            .unwrap_or(0)
+    };
+    let old = epoch_of("coordinator");
+    assert_eq!(epoch_of("relay"), old);
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+
+    let o = coordinator_cmd(dir.path(), cp)
+        .args(["--shard-count", "2"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("holds the log of shard 0 of 1, not of shard 0 of 2")
+            && err.contains("reshard"),
+        "{err}"
+    );
+    let mut cmd = coordinator_cmd(dir.path(), cp);
+    cmd.args(["--shard-count", "2", "--reshard"]);
+    let (_c0, _, lines) = launch(cmd);
+    let line = logged(&lines, "the tier was resharded");
+    assert!(line.contains("shard 0 of 1"), "{line}");
+    let dir1 = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator_cmd(dir1.path(), 0);
+    cmd.args(["--shard", "1", "--shard-count", "2"]);
+    let (_c1, cp1) = start_cmd(cmd);
+    let both = format!("{coord},http://127.0.0.1:{cp1}");
+    let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+    let mut args = vec!["publish", "--coordinator", &both];
+    args.extend(keys.iter().map(String::as_str));
+    let o = dci(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut shard0: Vec<u64> = stdout(&o)
+        .lines()
+        .filter(|l| l.ends_with(" shard=0"))
+        .map(|l| l.split(' ').nth(1).unwrap().parse().unwrap())
+        .collect();
+    shard0.sort();
+    assert!(!shard0.is_empty(), "{}", stdout(&o));
+    assert_eq!(shard0[0], 1, "a new log, its seqs from 1");
+    let new = epoch_of("coordinator");
+    assert!(new > old);
+    eventually(
+        "the relay in the new epoch (it flushed what it held)",
+        || epoch_of("relay") == new,
+    );
+    let aside: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let name = aside[0].file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("set-aside-shard-0-of-1-"), "{name}");
+    assert!(std::fs::read_dir(&aside[0]).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".seg")));
+}
+
 /// A rolling restart under a long `dci publish -`: the coordinator drains (SIGTERM) while
 /// requests are in flight, comes back a moment later on the same address and log, and is then
 /// SIGKILLed and restarted again. The command resends what was left unanswered and exits 0;
@@ -3092,6 +3171,11 @@ fn the_helm_chart_starts_a_working_tree() {
         if spec["containers"][0]["volumeMounts"].is_sequence() {
             assert_eq!(spec["securityContext"]["fsGroup"].as_u64(), Some(user));
             assert_eq!(spec["securityContext"]["runAsUser"].as_u64(), Some(user));
+        }
+        // A change of coordinator.shards finds each volume holding its shard's log under the
+        // old count: set aside, not refused (a pod that could not start again).
+        if spec["containers"][0]["name"] == "coordinator" {
+            assert!(helm_args(d).iter().any(|a| a == "--reshard"), "{d:?}");
         }
     }
     let workloads = docs

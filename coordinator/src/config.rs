@@ -62,6 +62,10 @@ pub struct CoordinatorConfig {
     pub otlp: dci_proto::otlp::OtlpConfig,
     /// TLS: served with `cert` and `key`; `ca` trusted for `https://` senders.
     pub tls: dci_proto::tls::TlsConfig,
+    /// The tier's shard count changed: a log of this shard under another count is set aside
+    /// (kept in a subdirectory of `data_dir`) and a new one begun under a new epoch, where it
+    /// is otherwise refused. A log of another shard is refused all the same.
+    pub reshard: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -88,6 +92,7 @@ impl Default for CoordinatorConfig {
             metrics_listen: None,
             otlp: Default::default(),
             tls: Default::default(),
+            reshard: false,
         }
     }
 }
@@ -154,6 +159,19 @@ impl CoordinatorConfig {
             fsync: self.fsync,
             fsync_interval: self.fsync_interval,
             owner: format!("shard {} of {}", self.shard, self.shard_count),
+            set_aside_when: self.reshard.then_some(same_shard_other_count),
         }
+    }
+}
+
+/// Whether two logs' owners (`shard I of N`) are one shard under two shard counts.
+pub(crate) fn same_shard_other_count(holds: &str, owner: &str) -> bool {
+    let parse = |o: &str| -> Option<(u32, u32)> {
+        let (shard, count) = o.strip_prefix("shard ")?.split_once(" of ")?;
+        Some((shard.parse().ok()?, count.parse().ok()?))
+    };
+    match (parse(holds), parse(owner)) {
+        (Some((a, n)), Some((b, m))) => a == b && n != m,
+        _ => false,
     }
 }

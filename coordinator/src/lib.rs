@@ -168,6 +168,14 @@ pub async fn run(
         oldest = wal.oldest(), records = recovery.records, torn_bytes = recovery.torn_bytes,
         corrupt = ?recovery.corrupt_at, voided = ?recovery.voided, new_epoch = recovery.new_epoch, "log recovered"
     );
+    if let Some((aside, holds)) = &recovery.set_aside {
+        tracing::warn!(
+            aside = %aside.display(), was = %holds, epoch = wal.epoch(),
+            "the tier was resharded: the log of {holds} is set aside, and a new log begins under a \
+             new epoch (every cache flushes this shard); delete the directory set aside once its \
+             history is of no use"
+        );
+    }
     let hub = Arc::new(
         hub::Hub::new(
             cfg.shard,

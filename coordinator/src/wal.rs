@@ -133,6 +133,10 @@ pub struct WalOptions {
     /// Whose log this is (the coordinator's shard, say); recorded at the first open, and a later
     /// open as anyone else is refused. Empty: not checked.
     pub owner: String,
+    /// Which other owners' logs to set aside rather than refuse (given whose log it is and
+    /// `owner`): moved whole into a subdirectory, `set-aside-<owner>-<unix time>`, and a new log
+    /// begun under an epoch above theirs. None: every other owner's log is refused.
+    pub set_aside_when: Option<fn(holds: &str, owner: &str) -> bool>,
 }
 
 impl Default for WalOptions {
@@ -144,6 +148,7 @@ impl Default for WalOptions {
             fsync: FsyncPolicy::Always,
             fsync_interval: Duration::from_millis(100),
             owner: String::new(),
+            set_aside_when: None,
         }
     }
 }
@@ -160,7 +165,7 @@ pub enum WalError {
         source: io::Error,
     },
     /// The log belongs to someone else (another shard's log, after volumes were swapped, say).
-    #[error("log directory {dir} holds the log of {holds}, not of {wanted}; a log stays with its owner (start {wanted} on an empty directory)")]
+    #[error("log directory {dir} holds the log of {holds}, not of {wanted}; a log stays with its owner (start {wanted} on an empty directory; after a change of the shard count, `reshard` sets a log of the same shard aside)")]
     NotOurs {
         /// The directory.
         dir: PathBuf,
@@ -210,6 +215,8 @@ pub struct Recovery {
     /// Seqs given out before a corruption that the log no longer holds (first, last): a void
     /// record now covers them, and sequencing goes on after them.
     pub voided: Option<(Seq, Seq)>,
+    /// Where another owner's log was set aside ([`WalOptions::set_aside_when`]), and whose.
+    pub set_aside: Option<(PathBuf, String)>,
 }
 
 /// What a retry must repeat to be taken for its original request: every entry's kind, key and
@@ -390,20 +397,27 @@ fn lock_dir(dir: &Path) -> Result<File, WalError> {
     }
 }
 
-/// Refuse a log that belongs to someone else; claim one that belongs to nobody yet.
-fn check_owner(dir: &Path, owner: &str) -> Result<(), WalError> {
+/// Refuse a log that belongs to someone else, or set it aside when `opts` says to (then where,
+/// and whose it was); claim one that belongs to nobody yet.
+fn check_owner(dir: &Path, opts: &WalOptions) -> Result<Option<(PathBuf, String)>, WalError> {
+    let owner = opts.owner.as_str();
     if owner.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     match fs::read_to_string(dir.join("owner")) {
-        Ok(holds) if holds.trim() == owner => Ok(()),
+        Ok(holds) if holds.trim() == owner => Ok(None),
+        Ok(holds) if opts.set_aside_when.is_some_and(|f| f(holds.trim(), owner)) => {
+            let aside = set_aside(dir, holds.trim())?;
+            write_atomically(dir, "owner", owner.as_bytes())?;
+            Ok(Some((aside, holds.trim().to_string())))
+        }
         Ok(holds) => Err(WalError::NotOurs {
             dir: dir.to_path_buf(),
             holds: holds.trim().to_string(),
             wanted: owner.to_string(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            write_atomically(dir, "owner", owner.as_bytes())
+            write_atomically(dir, "owner", owner.as_bytes()).map(|()| None)
         }
         Err(e) => Err(io_err(&dir.join("owner"))(e)),
     }
@@ -437,6 +451,38 @@ fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), WalEr
     fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
     fsync_dir(dir)
 }
+
+/// Move the log in `dir` (every file but the lock, set-aside logs apart) into a subdirectory
+/// named after `holds`, and leave an epoch above the log's, for the new log to take: receivers
+/// that followed the old one then flush, whatever seqs they hold.
+fn set_aside(dir: &Path, holds: &str) -> Result<PathBuf, WalError> {
+    let old_epoch = fs::read_to_string(dir.join("epoch"))
+        .ok()
+        .and_then(|s| s.trim().parse::<Epoch>().ok());
+    let label: String = holds
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect();
+    let secs = dci_proto::now_us() / 1_000_000;
+    let aside = dir.join(format!("{SET_ASIDE}{label}-{secs}"));
+    fs::create_dir(&aside).map_err(io_err(&aside))?;
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name == "LOCK" || name.starts_with(SET_ASIDE) {
+            continue;
+        }
+        fs::rename(e.path(), aside.join(&name)).map_err(io_err(&e.path()))?;
+    }
+    fsync_dir(&aside)?;
+    fsync_dir(dir)?;
+    write_atomically(dir, "epoch", new_epoch(old_epoch).to_string().as_bytes())?;
+    Ok(aside)
+}
+
+/// How the subdirectories of logs set aside begin.
+const SET_ASIDE: &str = "set-aside-";
 
 fn new_epoch(previous: Option<Epoch>) -> Epoch {
     // Epochs grow: clock-based, and always above the one they replace.
@@ -636,8 +682,12 @@ impl Wal {
         }
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock = lock_dir(dir)?;
-        check_owner(dir, &opts.owner)?;
-        let mut recovery = Recovery::default();
+        let set_aside = check_owner(dir, &opts)?;
+        let mut recovery = Recovery {
+            new_epoch: set_aside.is_some(),
+            set_aside,
+            ..Recovery::default()
+        };
         let epoch_path = dir.join("epoch");
         recovery.had_log = epoch_path.exists();
         let stored_epoch = fs::read_to_string(&epoch_path)
@@ -1399,6 +1449,58 @@ mod tests {
         let (w, r) = Wal::open(dir.path(), as_owner("shard 0 of 2")).unwrap();
         assert_eq!(w.head(), 3, "refused opens touched nothing");
         assert!(!r.new_epoch);
+    }
+
+    /// A change of the shard count, with `set_aside_when` saying so: the shard's log is kept
+    /// aside whole and a new one begins under a higher epoch; another shard's log is still
+    /// refused, and a log set aside is never moved again.
+    #[test]
+    fn a_log_set_aside_on_a_reshard_is_kept_whole_under_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let as_owner = |owner: &str| WalOptions {
+            owner: owner.into(),
+            set_aside_when: Some(crate::config::same_shard_other_count),
+            ..WalOptions::default()
+        };
+        let (mut w, _) = Wal::open(dir.path(), as_owner("shard 0 of 2")).unwrap();
+        w.append(&[rec(1, 3, "p", 1)]).unwrap();
+        let old_epoch = w.epoch();
+        w.close().unwrap();
+        assert!(matches!(
+            Wal::open(dir.path(), as_owner("shard 1 of 3")),
+            Err(WalError::NotOurs { .. })
+        ));
+        let (w, r) = Wal::open(dir.path(), as_owner("shard 0 of 3")).unwrap();
+        assert_eq!(w.head(), 0, "a new log");
+        assert!(w.epoch() > old_epoch && r.new_epoch);
+        let (aside, was) = r.set_aside.clone().unwrap();
+        assert_eq!(was, "shard 0 of 2");
+        assert!(aside.starts_with(dir.path()));
+        // The old log, whole: opened where it was set aside, it has its records and epoch.
+        let (old, _) = Wal::open(&aside, as_owner("shard 0 of 2")).unwrap();
+        assert_eq!((old.head(), old.epoch()), (3, old_epoch));
+        drop(old);
+        w.close().unwrap();
+        let (w, r) = Wal::open(dir.path(), as_owner("shard 0 of 3")).unwrap();
+        assert!(r.set_aside.is_none() && !r.new_epoch, "its own log now");
+        let epoch = w.epoch();
+        w.close().unwrap();
+        // Back to two shards: the log of three goes aside too, and the first stays where it is.
+        let (w, r) = Wal::open(dir.path(), as_owner("shard 0 of 2")).unwrap();
+        assert!(w.epoch() > epoch);
+        let (second, _) = r.set_aside.unwrap();
+        assert_ne!(second, aside);
+        assert!(aside.join("epoch").exists() && !second.join(aside.file_name().unwrap()).exists());
+        // Without set_aside_when, another count's log is refused as before.
+        drop(w);
+        let strict = WalOptions {
+            owner: "shard 0 of 5".into(),
+            ..WalOptions::default()
+        };
+        assert!(matches!(
+            Wal::open(dir.path(), strict),
+            Err(WalError::NotOurs { .. })
+        ));
     }
 
     #[test]
