@@ -333,7 +333,8 @@ pub async fn export(
         {
             tracing::warn!(
                 dropped = dropped - told_dropped,
-                "traced invalidations came faster than their spans could be exported; some spans were dropped"
+                "spans of traced invalidations dropped: more were waiting than a node holds \
+                 ({MAX_PENDING}), the collector being slow or unreachable"
             );
             (told_dropped, last_told) = (dropped, Some(Instant::now()));
         }
