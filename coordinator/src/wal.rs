@@ -455,6 +455,10 @@ fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), WalEr
 /// Move the log in `dir` (every file but the lock, set-aside logs apart) into a subdirectory
 /// named after `holds`, and leave an epoch above the log's, for the new log to take: receivers
 /// that followed the old one then flush, whatever seqs they hold.
+///
+/// The owner file moves last, so a move cut short (a crash) is taken up again at the next
+/// start, into the same subdirectory (still `.partial`, without an owner); once it has moved,
+/// the directory is the new owner's, and what is aside is a whole log.
 fn set_aside(dir: &Path, holds: &str) -> Result<PathBuf, WalError> {
     let old_epoch = fs::read_to_string(dir.join("epoch"))
         .ok()
@@ -464,22 +468,55 @@ fn set_aside(dir: &Path, holds: &str) -> Result<PathBuf, WalError> {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(64)
         .collect();
-    let secs = dci_proto::now_us() / 1_000_000;
-    let aside = dir.join(format!("{SET_ASIDE}{label}-{secs}"));
-    fs::create_dir(&aside).map_err(io_err(&aside))?;
+    let begun = format!("{SET_ASIDE}{label}-");
+    let mut partial = None;
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
-        let e = e.map_err(io_err(dir))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if name == "LOCK" || name.starts_with(SET_ASIDE) {
-            continue;
+        let path = e.map_err(io_err(dir))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(&begun) && name.ends_with(PARTIAL) && !path.join("owner").exists() {
+            partial = Some(path);
         }
-        fs::rename(e.path(), aside.join(&name)).map_err(io_err(&e.path()))?;
     }
-    fsync_dir(&aside)?;
+    let partial = match partial {
+        Some(p) => p,
+        None => {
+            let secs = dci_proto::now_us() / 1_000_000;
+            let p = dir.join(format!("{begun}{secs}{PARTIAL}"));
+            fs::create_dir(&p).map_err(io_err(&p))?;
+            p
+        }
+    };
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let name = e
+            .map_err(io_err(dir))?
+            .file_name()
+            .to_string_lossy()
+            .to_string();
+        if name != "LOCK" && name != "owner" && !name.starts_with(SET_ASIDE) {
+            names.push(name);
+        }
+    }
+    names.push("owner".into());
+    for name in names {
+        fs::rename(dir.join(&name), partial.join(&name)).map_err(io_err(&dir.join(&name)))?;
+    }
+    fsync_dir(&partial)?;
+    let aside = partial.with_file_name(
+        partial
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .trim_end_matches(PARTIAL),
+    );
+    fs::rename(&partial, &aside).map_err(io_err(&partial))?;
     fsync_dir(dir)?;
     write_atomically(dir, "epoch", new_epoch(old_epoch).to_string().as_bytes())?;
     Ok(aside)
 }
+
+/// How the name of a subdirectory being filled with a log set aside ends.
+const PARTIAL: &str = ".partial";
 
 /// How the subdirectories of logs set aside begin.
 const SET_ASIDE: &str = "set-aside-";
@@ -1501,6 +1538,27 @@ mod tests {
             Wal::open(dir.path(), strict),
             Err(WalError::NotOurs { .. })
         ));
+
+        // A set-aside cut short (the segments moved, the rest not) is taken up where it was.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = Wal::open(dir.path(), as_owner("shard 2 of 4")).unwrap();
+        w.append(&[rec(1, 5, "p", 1)]).unwrap();
+        w.close().unwrap();
+        let partial = dir.path().join("set-aside-shard-2-of-4-7.partial");
+        fs::create_dir(&partial).unwrap();
+        for e in fs::read_dir(dir.path()).unwrap() {
+            let name = e.unwrap().file_name();
+            if name.to_string_lossy().ends_with(".seg") {
+                fs::rename(dir.path().join(&name), partial.join(&name)).unwrap();
+            }
+        }
+        let (w, r) = Wal::open(dir.path(), as_owner("shard 2 of 8")).unwrap();
+        let aside = dir.path().join("set-aside-shard-2-of-4-7");
+        assert_eq!(r.set_aside.unwrap().0, aside);
+        assert_eq!(w.head(), 0);
+        drop(w);
+        let (old, _) = Wal::open(&aside, as_owner("shard 2 of 4")).unwrap();
+        assert_eq!(old.head(), 5, "whole again");
     }
 
     #[test]
