@@ -144,6 +144,9 @@ pub struct Spans {
     name: &'static str,
     pending: Mutex<Vec<Handled>>,
     dropped: AtomicU64,
+    /// Told when a request's worth is pending: the exporter sends it then, not at its next
+    /// tick, so that many traced entries are bounded by the collector's pace, not the tick's.
+    full: tokio::sync::Notify,
 }
 
 impl Spans {
@@ -153,6 +156,7 @@ impl Spans {
             name,
             pending: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
+            full: tokio::sync::Notify::new(),
         }
     }
 
@@ -184,6 +188,9 @@ impl Spans {
                 published_us: e.publish_time_us,
                 handled_us: now,
             });
+        }
+        if pending.len() >= PER_REQUEST {
+            self.full.notify_one();
         }
     }
 
@@ -309,6 +316,8 @@ pub async fn export(
     loop {
         let last = tokio::select! {
             _ = tick.tick() => false,
+            // While the collector fails, only the tick tries it again.
+            _ = spans.full.notified(), if !failing => false,
             _ = shutdown.wait_for(|s| *s) => true,
         };
         while let Some(request) = spans.take_request(&resource) {
@@ -381,6 +390,93 @@ mod tests {
         for not_a_context in [&[1u8; 15][..], &[1; 17], &[1; 23], &[1; 25], &[0; 16], &[]] {
             assert_eq!(TraceContext::from_bytes(not_a_context), None);
         }
+    }
+
+    /// A collector that counts the spans it is sent.
+    #[derive(Clone, Default)]
+    struct Counting(std::sync::Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for Counting
+    {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<
+            tonic::Response<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+            >,
+            tonic::Status,
+        > {
+            let n: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    /// Many traced entries are sent as they come, a request at a time, not held for the next
+    /// tick (and dropped past the bound meanwhile).
+    #[tokio::test]
+    async fn a_requests_worth_of_spans_goes_out_without_waiting_for_the_tick() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Counting::default();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(got.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let spans = std::sync::Arc::new(Spans::new("dci.apply"));
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(export(
+            format!("http://{addr}"),
+            Duration::from_secs(3600),
+            vec![("service.name", "dci-edge".into())],
+            spans.clone(),
+            shutdown,
+        ));
+        let c = TraceContext::from_traceparent(HEADER).unwrap();
+        let mut seq = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Four bounds' worth, a batch of 500 at a time: without sending early, the tick an hour
+        // away would leave all but the first bound's worth dropped.
+        for _ in 0..(4 * MAX_PENDING / 500) {
+            let entries = (0..500)
+                .map(|_| {
+                    seq += 1;
+                    Invalidation {
+                        seq,
+                        ..Invalidation::key("k").traced(c)
+                    }
+                })
+                .collect();
+            spans.observe(&Batch {
+                shard: 0,
+                epoch: 1,
+                first_seq: seq - 499,
+                last_seq: seq,
+                entries,
+            });
+            // As batches come from a sender: each a moment after the one before.
+            while spans.pending.lock().unwrap().len() >= MAX_PENDING - 500 {
+                assert!(Instant::now() < deadline, "spans never went out");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(spans.dropped(), 0);
+        while got.0.load(Ordering::Relaxed) < seq - PER_REQUEST as u64 {
+            assert!(Instant::now() < deadline, "spans never went out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.abort();
     }
 
     #[test]
