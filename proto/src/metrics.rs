@@ -383,9 +383,10 @@ pub async fn expose(
         let (name, propagation) = traced;
         let spans = Arc::new(crate::trace::Spans::new(name));
         propagation.trace_to(spans.clone());
+        // Spans are looked for within a second or two, whatever the metrics' period.
         tokio::spawn(crate::trace::export(
             endpoint.clone(),
-            otlp.interval,
+            otlp.interval.min(Duration::from_secs(1)),
             resource.clone(),
             spans,
             shutdown.clone(),

@@ -194,6 +194,11 @@ impl Spans {
         }
     }
 
+    /// How many spans wait for export.
+    fn waiting(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// How many spans were dropped because too many were pending.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -288,8 +293,8 @@ fn int(key: &str, value: u64) -> KeyValue {
     }
 }
 
-/// Export `spans` to the OTLP/gRPC collector at `endpoint` every `interval` (at most a second),
-/// until `shutdown` turns true, then once more. A collector that is down costs a warning and
+/// Export `spans` to the OTLP/gRPC collector at `endpoint` every `interval`, and whenever a
+/// request's worth is waiting, until `shutdown` turns true, then once more. A collector that is down costs a warning and
 /// the spans of the requests it failed, never the node's work.
 pub async fn export(
     endpoint: String,
@@ -298,7 +303,6 @@ pub async fn export(
     spans: std::sync::Arc<Spans>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let interval = interval.min(Duration::from_secs(1));
     let channel = match crate::tls::ClientTls::default().endpoint(&endpoint) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(2))
@@ -320,7 +324,13 @@ pub async fn export(
             _ = spans.full.notified(), if !failing => false,
             _ = shutdown.wait_for(|s| *s) => true,
         };
-        while let Some(request) = spans.take_request(&resource) {
+        // What is waiting now, and no more: spans that come meanwhile wake the next round.
+        let mut rounds = spans.waiting().div_ceil(PER_REQUEST);
+        while rounds > 0 {
+            rounds -= 1;
+            let Some(request) = spans.take_request(&resource) else {
+                break;
+            };
             match client.export(request).await {
                 Ok(_) if failing => {
                     tracing::info!(%endpoint, "otlp collector takes spans again");
@@ -446,8 +456,8 @@ mod tests {
         let c = TraceContext::from_traceparent(HEADER).unwrap();
         let mut seq = 0;
         let deadline = Instant::now() + Duration::from_secs(20);
-        // Four bounds' worth, a batch of 500 at a time: without sending early, the tick an hour
-        // away would leave all but the first bound's worth dropped.
+        // Four bounds' worth, a batch of 500 at a time, each once there is room: without sending
+        // early, nothing after the first round would go out before the tick an hour away.
         for _ in 0..(4 * MAX_PENDING / 500) {
             let entries = (0..500)
                 .map(|_| {
@@ -466,7 +476,7 @@ mod tests {
                 entries,
             });
             // As batches come from a sender: each a moment after the one before.
-            while spans.pending.lock().unwrap().len() >= MAX_PENDING - 500 {
+            while spans.waiting() >= MAX_PENDING - 500 {
                 assert!(Instant::now() < deadline, "spans never went out");
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
