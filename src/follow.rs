@@ -67,6 +67,7 @@ fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
     let mut l = match e.kind {
         Kind::Key => format!("seq={} key={}", e.seq, e.key.escape_ascii()),
         Kind::Prefix => format!("seq={} prefix={}", e.seq, e.key.escape_ascii()),
+        Kind::Tag => format!("seq={} tag={}", e.seq, e.key.escape_ascii()),
         Kind::All => format!("seq={} all", e.seq),
     };
     if let Some(v) = e.source_version {

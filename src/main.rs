@@ -362,6 +362,10 @@ struct SetArgs {
     /// How long the value lives on the edge (e.g. 60s) [default: the edge's ttl].
     #[arg(long, value_parser = positive_duration)]
     ttl: Option<Duration>,
+    /// A tag of the value (repeat for several): `dci publish --tag` of any of them removes it,
+    /// whatever its key.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
     /// The key.
     key: String,
     /// The value (`-` reads it from standard input, as bytes).
@@ -850,6 +854,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             value,
             lease: a.lease,
             ttl_ms: dci_proto::types::ttl_ms(a.ttl),
+            tags: a.tags.into_iter().map(Bytes::from).collect(),
         })
         .await
         .map_err(|s| {

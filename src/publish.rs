@@ -24,8 +24,12 @@ pub(crate) struct PublishArgs {
     /// Invalidate every key with these prefixes instead of exact keys.
     #[arg(long)]
     prefix: bool,
+    /// Invalidate every value filled with these tags (`dci set --tag`, the SDK's
+    /// `set_tagged`), whatever its key, instead of exact keys.
+    #[arg(long, conflicts_with_all = ["prefix", "version", "with_versions"])]
+    tag: bool,
     /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
-    #[arg(long, conflicts_with_all = ["prefix", "keys", "version", "with_versions"])]
+    #[arg(long, conflicts_with_all = ["prefix", "tag", "keys", "version", "with_versions"])]
     all: bool,
     /// Writer's version for every key (a row's: a prefix covers many rows, and takes none).
     #[arg(long, conflicts_with = "prefix")]
@@ -344,6 +348,8 @@ async fn publish_keys(
         pb::Kind::All
     } else if a.prefix {
         pb::Kind::Prefix
+    } else if a.tag {
+        pb::Kind::Tag
     } else {
         pb::Kind::Key
     };
@@ -381,9 +387,9 @@ async fn publish_keys(
     };
     let shards = a.coordinator.len();
     let map = dci_proto::ring::ShardMap::new(shards as u32);
-    // A prefix may match keys of every shard.
+    // A prefix may match keys of every shard, and a tag be on values of any.
     let targets = |k: &str| -> Vec<usize> {
-        if a.prefix || a.all {
+        if a.prefix || a.tag || a.all {
             (0..shards).collect()
         } else {
             vec![map.shard_of(k.as_bytes()) as usize]
@@ -417,6 +423,9 @@ async fn publish_keys(
             };
             if a.prefix && k.is_empty() {
                 anyhow::bail!("an empty prefix would be every key: say --all for that");
+            }
+            if a.tag && k.is_empty() {
+                anyhow::bail!("an empty tag is no tag");
             }
             bytes += k.len();
             round.push((k, version.or(a.version)));

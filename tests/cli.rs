@@ -855,6 +855,57 @@ fn get_set_and_delete_find_a_key_on_the_ring_of_a_regions_edges() {
     );
 }
 
+/// `dci set --tag` fills a value with tags, and `dci publish --tag` drops every value with one
+/// of them, whatever its key; `dci follow` shows the tag.
+#[test]
+fn publish_tag_drops_the_values_set_with_the_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = start_tree(dir.path());
+    let (coord, edge) = (tree.coord.as_str(), tree.edge.as_str());
+    let set = |key: &str, tags: &[&str]| {
+        let mut args = vec!["set", "--edge", edge, key, "v"];
+        for t in tags {
+            args.extend(["--tag", t]);
+        }
+        dci(&args)
+    };
+    eventually("the edge to serve what is set", || {
+        set("page:1", &["product:7", "product:8"]).status.success()
+            && dci(&["get", "--edge", edge, "page:1"]).status.success()
+    });
+    assert!(set("page:2", &["product:8"]).status.success());
+    assert!(set("page:3", &[]).status.success());
+    let o = dci(&["publish", "--coordinator", coord, "--tag", "product:7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seq = seqs(&o)[0];
+    eventually("the edge to apply it", || hwm(coord, "edge") >= seq);
+    assert_eq!(
+        dci(&["get", "--edge", edge, "page:1"]).status.code(),
+        Some(1)
+    );
+    for kept in ["page:2", "page:3"] {
+        assert_eq!(stdout(&dci(&["get", "--edge", edge, kept])), "v\n");
+    }
+    let f = follow(Command::new(DCI).args([
+        "follow",
+        "--sender",
+        coord,
+        "--from",
+        &seq.to_string(),
+        "--count",
+        "1",
+    ]));
+    assert_eq!(
+        f.line().unwrap_or_default(),
+        format!("seq={seq} tag=product:7")
+    );
+    let o = dci(&["publish", "--coordinator", coord, "--tag", "--prefix", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = set("page:4", &[""]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("a tag is 1 to"), "{}", stderr(&o));
+}
+
 /// `dci publish --traceparent` publishes its keys under the writer's trace context, which goes
 /// down the stream with them (`dci follow` shows it).
 #[test]

@@ -506,6 +506,7 @@ async fn an_edge_with_another_shard_count_than_its_coordinators_takes_no_fill() 
             value: Bytes::from("v"),
             lease: None,
             ttl_ms: 0,
+            tags: vec![],
         })
         .await
         .unwrap_err();

@@ -484,6 +484,7 @@ async fn the_stale_set_race_is_refused() {
             value: Bytes::from("old"),
             lease: Some(lease),
             ttl_ms: 0,
+            tags: vec![],
         })
         .await
         .unwrap_err();
@@ -1060,6 +1061,7 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
         value: Bytes::from(vec![1u8; len]),
         lease: None,
         ttl_ms: 0,
+        tags: vec![],
     };
     let err = raw
         .set_many(pb::SetManyRequest {
@@ -2528,6 +2530,95 @@ async fn a_traced_publish_makes_a_span_in_its_trace_at_every_node() {
     r.stop().await.unwrap();
     c.stop().await.unwrap();
     server.abort();
+}
+
+/// Values filled with tags (the rows a cached page was built from) go when one of their tags is
+/// invalidated, whatever their keys and shards; a fill that loaded before such an invalidation
+/// is refused, and values without the tag stay.
+#[tokio::test]
+async fn a_tag_invalidation_drops_its_values_in_every_shard() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (cs, r, e) = sharded_tier(&dirs, Duration::from_secs(2)).await;
+    let p = Publisher::connect(cs.iter().map(|c| c.url()).collect())
+        .await
+        .unwrap();
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    let map = dci_proto::ring::ShardMap::new(2);
+    let pages: Vec<String> = (0..40).map(|i| format!("page:{i}")).collect();
+    assert!(pages.iter().any(|k| map.shard_of(k.as_bytes()) == 0));
+    assert!(pages.iter().any(|k| map.shard_of(k.as_bytes()) == 1));
+    // Even pages show product 7, every page product 8.
+    let tags_of = |i: usize| {
+        let mut t = vec![Bytes::from("product:8")];
+        if i.is_multiple_of(2) {
+            t.push(Bytes::from("product:7"));
+        }
+        t
+    };
+    for (i, k) in pages.iter().enumerate() {
+        let v = cache
+            .get_or_load_tagged(k.clone(), || async {
+                Ok::<_, std::io::Error>((Bytes::from("v1"), tags_of(i)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, "v1");
+    }
+    for k in &pages {
+        assert!(
+            matches!(cache.get(k.clone()).await.unwrap(), Lookup::Hit(_)),
+            "{k} filled"
+        );
+    }
+    // A reader that missed before the invalidation, and fills after it: refused.
+    let Lookup::Miss { lease: late } = cache.get("page:late").await.unwrap() else {
+        panic!("a miss")
+    };
+    p.invalidate_tag("product:7").await.unwrap();
+    p.wait_applied(Duration::from_secs(10)).await.unwrap();
+    for (i, k) in pages.iter().enumerate() {
+        let hit = matches!(cache.get(k.clone()).await.unwrap(), Lookup::Hit(_));
+        assert_eq!(hit, i % 2 == 1, "{k}");
+    }
+    let stored = cache
+        .set_tagged(
+            "page:late",
+            "v0",
+            Some(late),
+            vec![Bytes::from("product:7")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        !stored,
+        "filled under a lease from before the tag's invalidation"
+    );
+    let stored = cache
+        .set_tagged(
+            "page:late",
+            "v0",
+            Some(late),
+            vec![Bytes::from("product:9")],
+        )
+        .await
+        .unwrap();
+    assert!(stored, "a tag not invalidated");
+    // Bad tags are refused by name.
+    let err = cache
+        .set_tagged("page:x", "v", None, vec![Bytes::new()])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("a tag is 1 to"), "{err}");
+    let err = cache
+        .set_tagged("page:x", "v", None, vec![Bytes::from("t"); 65])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("65 tags"), "{err}");
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    for c in cs {
+        c.stop().await.unwrap();
+    }
 }
 
 /// Two coordinators (shards 0 and 1, logs in `dirs`), a relay that follows each on a link of its

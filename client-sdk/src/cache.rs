@@ -517,6 +517,7 @@ impl CacheClient {
                 value: value.into(),
                 lease,
                 ttl_ms,
+                tags: Vec::new(),
             })
             .collect();
         let members = self.members();
@@ -599,11 +600,25 @@ impl CacheClient {
         value: impl Into<Bytes>,
         lease: Option<u64>,
     ) -> Result<bool, Error> {
+        self.set_tagged(key, value, lease, Vec::new()).await
+    }
+
+    /// [`CacheClient::set`], the value tagged `tags` (at most 64): a tag invalidation of any
+    /// of them ([`crate::Publisher::invalidate_tag`]) removes it, whatever its key, and the
+    /// fill is refused when one newer than the lease reached the edge meanwhile.
+    pub async fn set_tagged(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        lease: Option<u64>,
+        tags: Vec<Bytes>,
+    ) -> Result<bool, Error> {
         let req = pb::SetRequest {
             key: key.into(),
             value: value.into(),
             lease,
             ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
+            tags,
         };
         let (_, stored) = self
             .first_owner(&req.key, |_, edge| Self::set_on(edge, req.clone()))
@@ -665,8 +680,26 @@ impl CacheClient {
         Fut: Future<Output = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        self.get_or_load_tagged(key, || async { loader().await.map(|v| (v, Vec::new())) })
+            .await
+    }
+
+    /// [`CacheClient::get_or_load`] whose loader also says the value's tags (the rows it was
+    /// read from, say), with which it is filled: a tag invalidation of any of them removes it,
+    /// and a fill under a lease older than one is refused.
+    pub async fn get_or_load_tagged<F, Fut, E>(
+        &self,
+        key: impl Into<Bytes>,
+        loader: F,
+    ) -> Result<Bytes, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(Bytes, Vec<Bytes>), E>>,
+        E: std::fmt::Display,
+    {
         let key = key.into();
         let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
+        let value_of = |loaded: Result<(Bytes, Vec<Bytes>), Error>| loaded.map(|(v, _)| v);
         match self.get_at(key.clone()).await {
             Ok((
                 _,
@@ -676,17 +709,17 @@ impl CacheClient {
                 },
             )) => return Ok(v),
             // Waiting for another caller's fill is worth it only where a fill is read.
-            Ok((_, Found { serves: false, .. })) => return load().await,
+            Ok((_, Found { serves: false, .. })) => return value_of(load().await),
             Ok(_) => {}
             Err(Error::Unavailable(why)) => {
                 tracing::debug!(%why, "edge unavailable: loading without the cache");
-                return load().await;
+                return value_of(load().await);
             }
             Err(Error::Refused(why)) if why.contains(dci_proto::types::NOT_FOLLOWED) => {
                 // The key's edge does not follow it (yet, or any more: the region's edges are
                 // changing, or this client's list is not theirs): the cache is only passed by.
                 self.warn_not_followed(&why);
-                return load().await;
+                return value_of(load().await);
             }
             Err(e) => return Err(e),
         }
@@ -721,12 +754,13 @@ impl CacheClient {
         let value = load().await;
         // A refused or failed fill still returns the loaded value: it was read after the
         // miss, and the next reader loads again.
-        if let (Ok(value), Some((at, lease))) = (&value, lease) {
+        if let (Ok((value, tags)), Some((at, lease))) = (&value, lease) {
             let req = pb::SetRequest {
                 key: key.clone(),
                 value: value.clone(),
                 lease: Some(lease),
                 ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
+                tags: tags.clone(),
             };
             match Self::set_on(at, req).await {
                 Ok(_) => {}
@@ -740,7 +774,7 @@ impl CacheClient {
         if let Some(held) = held {
             held.loaded();
         }
-        value
+        value_of(value)
     }
 }
 

@@ -181,7 +181,8 @@ impl Applier for NearApplier {
                 Effect::Key => st.remove(&e.key),
                 Effect::Prefix => st.remove_prefix(&e.key),
                 Effect::Shard(s) => st.remove_shard(s),
-                Effect::Nothing => {}
+                // A near cache's values carry no tags.
+                Effect::Tag | Effect::Nothing => {}
             }
         }
         st.leases

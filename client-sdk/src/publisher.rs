@@ -317,6 +317,17 @@ impl Publisher {
         Ok(self.publish(vec![Invalidation::prefix(prefix)]).await?[0])
     }
 
+    /// Invalidate every value filled with `tag` ([`crate::CacheClient::set_tagged`]), whatever
+    /// its key, on every shard of the tier; returns the seq it got on shard 0 once it is
+    /// durable on all of them.
+    pub async fn invalidate_tag(&self, tag: impl Into<Bytes>) -> Result<Seq, Error> {
+        let tag = tag.into();
+        if tag.is_empty() {
+            return Err(Error::Refused("an empty tag is no tag".into()));
+        }
+        Ok(self.publish(vec![Invalidation::tag(tag)]).await?[0])
+    }
+
     /// Invalidate every key, on every shard of the tier; returns the seq it got on shard 0 once
     /// it is durable on all of them.
     pub async fn invalidate_all(&self) -> Result<Seq, Error> {

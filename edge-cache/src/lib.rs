@@ -289,9 +289,26 @@ impl EdgeService {
                 self.max_value_len
             )));
         }
+        if r.tags.len() > MAX_TAGS {
+            return Err(Status::invalid_argument(format!(
+                "{} tags, more than the {MAX_TAGS} a value may have",
+                r.tags.len()
+            )));
+        }
+        for t in &r.tags {
+            if t.is_empty() || t.len() > self.max_key_len {
+                return Err(Status::invalid_argument(format!(
+                    "tag of {} bytes: a tag is 1 to {} bytes (max_key_len)",
+                    t.len(),
+                    self.max_key_len
+                )));
+            }
+        }
         // A capacity below what max_value_len allows: such an entry would not be kept, though
         // its Set answered as stored.
-        let weight = (r.key.len() + r.value.len() + store::ENTRY_OVERHEAD) as u64;
+        let weight =
+            (r.key.len() + r.value.len() + store::ENTRY_OVERHEAD + store::tags_weight(&r.tags))
+                as u64;
         if weight > self.store.largest_entry() {
             return Err(Status::invalid_argument(format!(
                 "value is {} bytes: with its key and {} bytes of bookkeeping, more than this \
@@ -316,7 +333,7 @@ impl EdgeService {
         let ttl = (r.ttl_ms > 0)
             .then(|| Duration::from_millis(r.ttl_ms).min(dci_proto::types::MAX_DURATION));
         self.store
-            .set_with_ttl(r.key, r.value, r.lease.map(Lease::decode), ttl)
+            .set_tagged(r.key, r.value, r.lease.map(Lease::decode), ttl, &r.tags)
     }
 }
 
@@ -414,6 +431,9 @@ impl pb::admin_server::Admin for EdgeService {
         Ok(Response::new(pb::StatusResponse { nodes: vec![me] }))
     }
 }
+
+/// The most tags one value may have.
+pub const MAX_TAGS: usize = 64;
 
 /// The most bytes of values one GetMany answers (`RESOURCE_EXHAUSTED` past it, unless one key
 /// was asked): the SDK then asks for the keys in halves.

@@ -22,6 +22,8 @@ struct Filled {
     value: Bytes,
     lease: Seq,
     expires: Instant,
+    /// Its tags (most values have none).
+    tags: Vec<Bytes>,
 }
 
 /// Weight of an entry: its key and value bytes plus bookkeeping.
@@ -35,8 +37,13 @@ pub const ENTRY_OVERHEAD: usize = 192;
 
 impl Weighter<Bytes, Arc<Filled>> for ByteWeight {
     fn weight(&self, k: &Bytes, v: &Arc<Filled>) -> u64 {
-        (k.len() + v.value.len() + ENTRY_OVERHEAD) as u64
+        (k.len() + v.value.len() + ENTRY_OVERHEAD + tags_weight(&v.tags)) as u64
     }
+}
+
+/// Memory a value's tags take: their bytes and a `Bytes` each.
+pub fn tags_weight(tags: &[Bytes]) -> usize {
+    tags.iter().map(|t| t.len() + 32).sum()
 }
 
 type Values = Cache<Bytes, Arc<Filled>, ByteWeight, foldhash::fast::RandomState>;
@@ -219,14 +226,26 @@ impl Store {
     }
 
     fn live(&self, key: &[u8]) -> Option<Arc<Filled>> {
-        let unswept = self.unswept.look();
-        let v = self.values.get(key)?;
-        let covered = unswept.is_some_and(|p| {
-            p.get(self.shard_of(key) as usize)
-                .is_some_and(|p| p.covers(key, v.lease))
-        });
-        // Expired, or older than a prefix invalidation applied: dropped on the read that notices.
-        if v.expires <= Instant::now() || covered {
+        let v = {
+            let unswept = self.unswept.look();
+            let v = self.values.get(key)?;
+            let covered = unswept.is_some_and(|p| {
+                p.get(self.shard_of(key) as usize)
+                    .is_some_and(|p| p.covers(key, v.lease))
+            });
+            // Expired, or older than a prefix invalidation applied: dropped on the read that
+            // notices.
+            if v.expires <= Instant::now() || covered {
+                self.values.remove_if(key, |x| Arc::ptr_eq(x, &v));
+                return None;
+            }
+            v
+        };
+        // A tag invalidation leaves its values where they are: one is found stale when read.
+        // (Apart from the prefixes' guard: an invalidation takes the leases, then that.)
+        if !v.tags.is_empty()
+            && lock(&self.leases).newest_tag(self.shard_of(key), &v.tags) > v.lease
+        {
             self.values.remove_if(key, |x| Arc::ptr_eq(x, &v));
             return None;
         }
@@ -262,9 +281,22 @@ impl Store {
         lease: Option<Lease>,
         ttl: Option<Duration>,
     ) -> Result<(), FillRefused> {
+        self.set_tagged(key, value, lease, ttl, &[])
+    }
+
+    /// Like [`Store::set_with_ttl`], the value tagged `tags`: a tag invalidation of any of them
+    /// removes it, and the fill is refused when one newer than the lease was applied.
+    pub fn set_tagged(
+        &self,
+        key: Bytes,
+        value: Bytes,
+        lease: Option<Lease>,
+        ttl: Option<Duration>,
+        tags: &[Bytes],
+    ) -> Result<(), FillRefused> {
         let leases = lock(&self.leases);
         let lease = lease.unwrap_or_else(|| leases.lease(&key));
-        if let Err(e) = leases.check_fill(&key, lease) {
+        if let Err(e) = leases.check_fill_tagged(&key, tags, lease) {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
@@ -277,6 +309,7 @@ impl Store {
                 value: Bytes::copy_from_slice(&value),
                 lease: lease.seq,
                 expires: Instant::now() + ttl.unwrap_or(self.ttl),
+                tags: tags.iter().map(|t| Bytes::copy_from_slice(t)).collect(),
             }),
         );
         Ok(())
@@ -363,6 +396,8 @@ impl Store {
             }
             Effect::Prefix => prefixes.insert(e.key.clone(), e.seq),
             Effect::Shard(s) => self.invalidate_shard(s),
+            // Found stale when read (see `live`).
+            Effect::Tag => {}
             Effect::Nothing => return false,
         }
         true
@@ -437,6 +472,63 @@ mod tests {
             seq,
             ..Invalidation::prefix(p)
         }
+    }
+
+    /// A tag invalidation takes every value filled with the tag before it for a miss (and
+    /// removes it then), whatever its key; values without the tag stay, and a fill under a
+    /// lease from before it, with the tag, is refused.
+    #[test]
+    fn a_tag_invalidation_takes_its_values_whatever_their_keys() {
+        let s = store();
+        let tagged = |tags: &[&'static str]| {
+            tags.iter()
+                .map(|t| Bytes::from_static(t.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        let fill = |key: &'static str, tags: &[&'static str], lease: Option<Lease>| {
+            s.set_tagged(
+                Bytes::from_static(key.as_bytes()),
+                Bytes::from_static(b"v"),
+                lease,
+                None,
+                &tagged(tags),
+            )
+        };
+        fill("page:home", &["product:7", "product:8"], None).unwrap();
+        fill("page:about", &["product:8"], None).unwrap();
+        fill("product:7", &[], None).unwrap();
+        let before = s.lease(b"page:deals");
+        s.apply_batch(
+            0,
+            1,
+            &[Invalidation {
+                seq: 1,
+                ..Invalidation::tag("product:7")
+            }],
+            1,
+        );
+        assert_eq!(s.get(b"page:home"), None, "tagged product:7");
+        assert_eq!(s.get(b"page:about"), Some(Bytes::from_static(b"v")));
+        assert_eq!(
+            s.get(b"product:7"),
+            Some(Bytes::from_static(b"v")),
+            "a key named as the tag is not the tag"
+        );
+        assert_eq!(s.len(), 2, "removed on the read that found it stale");
+        assert_eq!(
+            fill("page:deals", &["product:7"], Some(before)),
+            Err(FillRefused::Stale {
+                invalidated: 1,
+                lease: 0
+            })
+        );
+        fill("page:deals", &["product:8"], Some(before)).unwrap();
+        fill("page:home", &["product:7"], Some(s.lease(b"page:home"))).unwrap();
+        assert_eq!(
+            s.get(b"page:home"),
+            Some(Bytes::from_static(b"v")),
+            "filled after it"
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// A generation is what fits above the seq in a lease's wire form.
 const GENERATION_MASK: u64 = u64::MAX >> SEQ_BITS;
 const MAX_PREFIX_TOMBS: usize = 4096;
+/// Tag invalidations a cache remembers, all its shards' together (each shard a share, 1,024 at
+/// least): past it, the oldest is forgotten and every tagged value filled before it goes.
+pub const MAX_TAG_TOMBS: usize = 65_536;
 
 /// A lease: the flush generation and the key's shard's applied seq at the time of a miss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +82,9 @@ pub enum Effect {
     Prefix,
     /// Every key of this shard.
     Shard(ShardId),
+    /// The values filled with the invalidation's tag before it (every tagged value, for an
+    /// empty tag): found stale when read ([`LeaseTable::newest_tag`]), not looked for now.
+    Tag,
     /// Nothing: an older version arrived after a newer one.
     Nothing,
 }
@@ -200,6 +206,13 @@ struct ShardLeases {
     /// Allocated on the shard's first key invalidation: an edge only pays for shards it hears of.
     slots: Vec<Slot>,
     occupied: usize,
+    /// The newest invalidation of each tag remembered.
+    tag_tombs: std::collections::HashMap<Bytes, Seq, foldhash::fast::RandomState>,
+    /// The same, in the order they came, for the oldest to go first.
+    tag_order: VecDeque<(Bytes, Seq)>,
+    /// A tagged value filled under a lease below this is stale: a tag invalidation forgotten
+    /// for room, or a poisoned one, may have covered it.
+    tag_floor: Seq,
 }
 
 /// Most tombstone slots of one cache, all its shards' together (32 bytes each: 512 MiB).
@@ -215,6 +228,8 @@ pub struct LeaseTable {
     shards: Vec<ShardLeases>,
     /// Slots per shard, a power of two (see [`LeaseTable::new`]).
     slots: usize,
+    /// Tag invalidations remembered per shard.
+    tags_per_shard: usize,
     generation: u64,
     hash: foldhash::fast::FixedState,
     id: foldhash::fast::FixedState,
@@ -241,6 +256,7 @@ impl LeaseTable {
                 let share = max_tombs.clamp(1, MAX_TOMBSTONES) / shard_count.max(1) as usize;
                 1 << share.max(1).ilog2()
             },
+            tags_per_shard: (MAX_TAG_TOMBS / shard_count.max(1) as usize).max(1024),
             // Not 0: a cache started again (a restarted edge, a replacement at the same address)
             // would otherwise count its generations as its earlier life did, and could take a
             // lease that life handed out.
@@ -248,6 +264,13 @@ impl LeaseTable {
             hash: foldhash::fast::FixedState::with_seed(seed),
             id: foldhash::fast::FixedState::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
+    }
+
+    /// Remember at most `room` tag invalidations per shard (tests: a small bound).
+    #[cfg(test)]
+    fn with_tag_room(mut self, room: usize) -> Self {
+        self.tags_per_shard = room;
+        self
     }
 
     /// Slot index and identity of a key.
@@ -309,6 +332,38 @@ impl LeaseTable {
         Ok(())
     }
 
+    /// May `key`, tagged `tags`, be filled under `lease`? As [`LeaseTable::check_fill`], and no
+    /// invalidation of one of its tags is newer than the lease.
+    pub fn check_fill_tagged(
+        &self,
+        key: &[u8],
+        tags: &[Bytes],
+        lease: Lease,
+    ) -> Result<(), FillRefused> {
+        self.check_fill(key, lease)?;
+        let newest = self.newest_tag(self.shard_of(key), tags);
+        if newest > lease.seq {
+            return Err(FillRefused::Stale {
+                invalidated: newest,
+                lease: lease.seq,
+            });
+        }
+        Ok(())
+    }
+
+    /// The newest invalidation in `shard` that may have covered a value tagged `tags` (0 when
+    /// it has none): such a value filled under a lease below it is stale.
+    pub fn newest_tag(&self, shard: ShardId, tags: &[Bytes]) -> Seq {
+        if tags.is_empty() {
+            return 0;
+        }
+        self.shard(shard).map_or(0, |s| {
+            tags.iter()
+                .filter_map(|t| s.tag_tombs.get(t).copied())
+                .fold(s.tag_floor, Seq::max)
+        })
+    }
+
     /// Is `shard` one this table maps keys to? Of any other, no lease is ever handed out or
     /// checked: its invalidations still remove what they name, but leave no bookkeeping (a
     /// sender naming many such shards would otherwise have a tombstone table allocated for each).
@@ -323,6 +378,7 @@ impl LeaseTable {
                 Kind::Key => Effect::Key,
                 Kind::Prefix => Effect::Prefix,
                 Kind::All => Effect::Shard(shard),
+                Kind::Tag => Effect::Tag,
             };
         }
         match e.kind {
@@ -350,7 +406,34 @@ impl LeaseTable {
                 st.floor = st.floor.max(e.seq);
                 st.prefix_tombs.clear();
                 st.prefix_index = Prefixes::default();
+                // Every value of the shard goes now, and the floor refuses older fills.
+                st.tag_tombs.clear();
+                st.tag_order.clear();
                 Effect::Shard(shard)
+            }
+            Kind::Tag => {
+                let room = self.tags_per_shard;
+                let st = self.shard_mut(shard);
+                if e.key.is_empty() {
+                    st.tag_floor = st.tag_floor.max(e.seq);
+                    return Effect::Tag;
+                }
+                // A copy: the tag is a slice of the whole batch's buffer.
+                let tag = Bytes::copy_from_slice(&e.key);
+                let newest = st.tag_tombs.entry(tag.clone()).or_insert(0);
+                *newest = (*newest).max(e.seq);
+                st.tag_order.push_back((tag, e.seq));
+                while st.tag_order.len() > room {
+                    let Some((old, seq)) = st.tag_order.pop_front() else {
+                        break;
+                    };
+                    // Forgotten only if no later invalidation of the tag is remembered.
+                    if st.tag_tombs.get(&old) == Some(&seq) {
+                        st.tag_tombs.remove(&old);
+                        st.tag_floor = st.tag_floor.max(seq);
+                    }
+                }
+                Effect::Tag
             }
         }
     }
@@ -678,6 +761,81 @@ mod tests {
         assert_eq!(after.check_fill(b"k", lease), Err(FillRefused::Flushed));
     }
 
+    /// A tag invalidation refuses the fills under older leases of the values tagged with it,
+    /// in its shard only; a tag forgotten for room, or a poisoned one's stand-in (no tag),
+    /// raises the floor of every tagged value of the shard; a flush forgets the shard's tags.
+    #[test]
+    fn tags_refuse_older_fills_of_their_values_in_their_shard() {
+        let mut t = LeaseTable::new(2, 64).with_tag_room(2);
+        let key_of = |shard: ShardId| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .find(|k| t.shard_of(k.as_bytes()) == shard)
+                .unwrap()
+        };
+        let (k0, k1) = (key_of(0), key_of(1));
+        let tags = |ts: &[&'static str]| {
+            ts.iter()
+                .map(|x| Bytes::from_static(x.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        let at = |tag: &str, seq: Seq| Invalidation {
+            seq,
+            ..Invalidation::tag(tag.to_string())
+        };
+        let old = t.lease(k0.as_bytes());
+        assert_eq!(t.apply(0, &at("row:1", 1)), Effect::Tag);
+        t.set_applied(0, 1, 1);
+        let stale = t.check_fill_tagged(k0.as_bytes(), &tags(&["x", "row:1"]), old);
+        assert_eq!(
+            stale,
+            Err(FillRefused::Stale {
+                invalidated: 1,
+                lease: 0
+            })
+        );
+        assert!(t
+            .check_fill_tagged(k0.as_bytes(), &tags(&["x"]), old)
+            .is_ok());
+        assert!(
+            t.check_fill(k0.as_bytes(), old).is_ok(),
+            "untagged: its key was not invalidated"
+        );
+        assert!(
+            t.check_fill_tagged(k1.as_bytes(), &tags(&["row:1"]), t.lease(k1.as_bytes()))
+                .is_ok(),
+            "shard 1 has its own invalidation of the tag"
+        );
+        assert!(t
+            .check_fill_tagged(k0.as_bytes(), &tags(&["row:1"]), t.lease(k0.as_bytes()))
+            .is_ok());
+        assert_eq!(t.newest_tag(0, &tags(&["row:1"])), 1);
+        assert_eq!(
+            (t.newest_tag(0, &tags(&["y"])), t.newest_tag(0, &[])),
+            (0, 0)
+        );
+        // Room for two: the third forgets the oldest, whose seq becomes the floor of every tag.
+        t.apply(0, &at("row:1", 2));
+        t.apply(0, &at("row:2", 3));
+        assert_eq!(
+            t.newest_tag(0, &tags(&["z"])),
+            0,
+            "row:1 at 1 was invalidated again at 2"
+        );
+        t.apply(0, &at("row:3", 4));
+        assert_eq!(t.newest_tag(0, &tags(&["z"])), 2);
+        assert_eq!(t.newest_tag(0, &tags(&["row:3"])), 4);
+        t.apply(0, &at("", 9));
+        assert_eq!(
+            t.newest_tag(0, &tags(&["z"])),
+            9,
+            "a stand-in covers every tag"
+        );
+        assert_eq!(t.newest_tag(1, &tags(&["z"])), 0);
+        t.flush(0, 2, 20);
+        assert_eq!(t.newest_tag(0, &tags(&["row:3"])), 0);
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Invalidate(u8),
@@ -791,6 +949,62 @@ mod tests {
                         }
                     }
                     Op::Fill(..) => {}
+                }
+            }
+        }
+
+        /// Tags against a model that remembers every invalidation for ever: a fill or a read of
+        /// a tagged value that the bounded table lets through, the model does too; with room
+        /// for every tag, the two agree. (A read of a value filled before an ALL is not asked:
+        /// the ALL removed it.)
+        #[test]
+        fn tags_never_let_through_what_the_full_history_refuses(
+            ops in prop::collection::vec((0u8..6, 0u8..8, 0u8..64, any::<usize>()), 1..200),
+            room in 1usize..6,
+        ) {
+            let mut bounded = LeaseTable::new(1, 64).with_tag_room(room);
+            let mut roomy = LeaseTable::new(1, 64);
+            let tag = |t: u8| Bytes::from(format!("t{t}"));
+            // The tag of each invalidation (None: ALL), and its seq.
+            let mut history: Vec<(Option<u8>, Seq)> = Vec::new();
+            let mut leases: Vec<(Lease, Lease)> = Vec::new();
+            let mut seq = 0;
+            for (op, t, set, i) in ops {
+                match op {
+                    0..=2 => {
+                        seq += 1;
+                        let (e, x) = if op == 2 && t == 0 {
+                            (Invalidation::all(), None)
+                        } else {
+                            (Invalidation::tag(tag(t % 6)), Some(t % 6))
+                        };
+                        let e = Invalidation { seq, ..e };
+                        for table in [&mut bounded, &mut roomy] {
+                            table.apply(0, &e);
+                            table.set_applied(0, 1, seq);
+                        }
+                        history.push((x, seq));
+                    }
+                    3 => leases.push((bounded.lease(b"k"), roomy.lease(b"k"))),
+                    _ if !leases.is_empty() => {
+                        let (lb, lr) = leases[i % leases.len()];
+                        let tags: Vec<Bytes> = (0..6u8).filter(|b| set & (1 << b) != 0).map(tag).collect();
+                        let newer = |all: bool| history.iter().any(|(x, s)| {
+                            *s > lr.seq && x.map_or(all, |x| tags.contains(&tag(x)))
+                        });
+                        let (stale_fill, stale_read, all_since) = (newer(true), newer(false), history.iter().any(|(x, s)| x.is_none() && *s > lr.seq));
+                        let b = bounded.check_fill_tagged(b"k", &tags, lb).is_ok();
+                        let r = roomy.check_fill_tagged(b"k", &tags, lr).is_ok();
+                        prop_assert!(!b || !stale_fill, "bounded table took a stale fill");
+                        prop_assert_eq!(r, !stale_fill);
+                        if !all_since {
+                            let fresh_b = bounded.newest_tag(0, &tags) <= lb.seq;
+                            let fresh_r = roomy.newest_tag(0, &tags) <= lr.seq;
+                            prop_assert!(!fresh_b || !stale_read, "bounded table served a stale value");
+                            prop_assert_eq!(fresh_r, !stale_read);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

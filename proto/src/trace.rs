@@ -239,6 +239,7 @@ impl Spans {
         let kind = match h.kind {
             Kind::Key => "key",
             Kind::Prefix => "prefix",
+            Kind::Tag => "tag",
             Kind::All => "all",
         };
         let mut attributes = vec![

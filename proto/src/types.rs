@@ -251,6 +251,9 @@ pub enum Kind {
     Prefix,
     /// Every key of the shard.
     All,
+    /// Every value filled with the tag (the key bytes), whatever its key; with no tag (only
+    /// ever a poisoned entry's stand-in), every tagged value of the shard.
+    Tag,
 }
 
 impl From<Kind> for pb::Kind {
@@ -259,6 +262,7 @@ impl From<Kind> for pb::Kind {
             Kind::Key => pb::Kind::Key,
             Kind::Prefix => pb::Kind::Prefix,
             Kind::All => pb::Kind::All,
+            Kind::Tag => pb::Kind::Tag,
         }
     }
 }
@@ -302,6 +306,14 @@ impl Invalidation {
         }
     }
 
+    /// An invalidation of every value filled with `tag` (a Set's tags), whatever its key.
+    pub fn tag(tag: impl Into<Bytes>) -> Self {
+        Invalidation {
+            kind: Kind::Tag,
+            ..Invalidation::key(tag)
+        }
+    }
+
     /// An invalidation of every key.
     pub fn all() -> Self {
         Invalidation {
@@ -324,6 +336,8 @@ impl Invalidation {
         match self.kind {
             Kind::Key => self.key.as_ref() == key,
             Kind::Prefix => key.starts_with(&self.key),
+            // A tag names values, not keys: which it removes, only the cache knows.
+            Kind::Tag => false,
             Kind::All => true,
         }
     }
@@ -365,6 +379,7 @@ fn check_entry(p: &pb::Invalidation, max_key_len: usize) -> Result<Kind, Invalid
         Ok(pb::Kind::Key) => Kind::Key,
         Ok(pb::Kind::Prefix) => Kind::Prefix,
         Ok(pb::Kind::All) => Kind::All,
+        Ok(pb::Kind::Tag) => Kind::Tag,
         Ok(pb::Kind::Unspecified) => return Err(InvalidEntry::KindUnspecified),
         Err(_) => return Err(InvalidEntry::UnknownKind(p.kind)),
     };
@@ -373,6 +388,9 @@ fn check_entry(p: &pb::Invalidation, max_key_len: usize) -> Result<Kind, Invalid
     }
     if kind == Kind::Key && p.key.is_empty() {
         return Err(InvalidEntry::EmptyKey);
+    }
+    if kind == Kind::Tag && p.key.is_empty() {
+        return Err(InvalidEntry::EmptyTag);
     }
     if p.key.len() > max_key_len {
         return Err(InvalidEntry::KeyTooLong {
@@ -403,6 +421,9 @@ pub enum InvalidEntry {
     /// An empty prefix would be every key: that is what ALL says, on purpose.
     #[error("prefix is empty (to invalidate every key, use kind ALL)")]
     EmptyPrefix,
+    /// A TAG names its tag.
+    #[error("tag is empty")]
+    EmptyTag,
     /// The key is over the configured bound.
     #[error("key is {len} bytes, more than the maximum of {max}")]
     KeyTooLong {
@@ -632,7 +653,10 @@ pub fn stand_in(
     if p.key.is_empty() || matches!(why, InvalidEntry::SeqOutOfRange(_)) {
         return None;
     }
-    let (key, kind) = if p.key.len() > max_key_len {
+    let (key, kind) = if p.kind == pb::Kind::Tag as i32 {
+        // No tag a value could hold is known from a bad one: every tagged value goes.
+        (Bytes::new(), Kind::Tag)
+    } else if p.key.len() > max_key_len {
         (p.key.slice(..max_key_len), Kind::Prefix)
     } else {
         match pb::Kind::try_from(p.kind) {
@@ -760,11 +784,12 @@ pub enum InvalidFilter {
 }
 
 impl Filter {
-    /// Does the entry pass? ALL always passes; PREFIX passes when it overlaps a wanted prefix;
-    /// a PREFIX entry also passes a ring filter (its keys may live on any node).
+    /// Does the entry pass? ALL and TAG always pass (a tag's values may have any key); PREFIX
+    /// passes when it overlaps a wanted prefix; a PREFIX entry also passes a ring filter (its
+    /// keys may live on any node).
     pub fn accepts(&self, e: &Invalidation) -> bool {
         match e.kind {
-            Kind::All => true,
+            Kind::All | Kind::Tag => true,
             Kind::Prefix => {
                 self.prefixes.is_empty()
                     || self
