@@ -53,6 +53,21 @@ pub struct DemoArgs {
     /// `user:0012…` (1200–1299) bumped together, and `user:0012` invalidated on every shard.
     #[arg(long, default_value_t = 0)]
     prefixes: u64,
+    /// One read in N (0: none) is of a page: a value built from three rows (`page:000042`),
+    /// filled tagged with them (`row:<k>`). Every write then also invalidates the tags of the
+    /// rows it bumps, and a page read is checked for each row it shows.
+    #[arg(long, default_value_t = 0)]
+    pages: u64,
+}
+
+/// The rows page `p` shows, of `keys`.
+fn page_rows(p: u64, keys: u64) -> [u64; 3] {
+    [p % keys, (p * 7 + 1) % keys, (p * 31 + 2) % keys]
+}
+
+/// The tag of the values that show row `k`.
+fn row_tag(k: u64) -> String {
+    format!("row:{k}")
 }
 
 /// Rows a prefix of the demo's keys (`user:0012`) covers.
@@ -366,7 +381,7 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let (p, db, stats, mut halt) = (publisher.clone(), db.clone(), stats.clone(), halt.clone());
         let in_flight = in_flight.clone();
         let period = Duration::from_secs_f64(writers as f64 / a.rate.max(1) as f64);
-        let (keys, bound, prefixes) = (a.keys, a.max_staleness, a.prefixes);
+        let (keys, bound, prefixes, pages) = (a.keys, a.max_staleness, a.prefixes, a.pages);
         tasks.push(tokio::spawn(async move {
             let mut tick = staggered(period, w, writers);
             loop {
@@ -397,13 +412,25 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 let (db, stats) = (db.clone(), stats.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let published = match rows[..] {
-                        [(k, version)] => p.invalidate_version(key_of(k), version).await,
-                        _ => {
-                            p.invalidate_prefix(format!("user:{:04}", k / ROWS_PER_PREFIX))
-                                .await
-                        }
-                    };
+                    let mut entries = vec![match rows[..] {
+                        [(k, version)] => dci_sdk::Invalidation {
+                            source_version: Some(version),
+                            ..dci_sdk::Invalidation::key(key_of(k))
+                        },
+                        _ => dci_sdk::Invalidation::prefix(format!(
+                            "user:{:04}",
+                            k / ROWS_PER_PREFIX
+                        )),
+                    }];
+                    // The pages that show these rows, in the same request: acknowledged
+                    // together, as one change.
+                    if pages > 0 {
+                        entries.extend(
+                            rows.iter()
+                                .map(|(k, _)| dci_sdk::Invalidation::tag(row_tag(*k))),
+                        );
+                    }
+                    let published = p.publish(entries).await;
                     match published {
                         Ok(_) => {
                             stats.publishes.fetch_add(1, Ordering::Relaxed);
@@ -432,31 +459,47 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
         let client = clients[(r % clients.len() as u64) as usize].clone();
         let (db, stats, mut halt) = (db.clone(), stats.clone(), halt.clone());
         let period = Duration::from_secs_f64(readers as f64 / a.reads.max(1) as f64);
-        let (keys, bound) = (a.keys, a.max_staleness);
+        let (keys, bound, pages) = (a.keys, a.max_staleness, a.pages);
         tasks.push(tokio::spawn(async move {
             let mut tick = staggered(period, r, readers);
             loop {
                 tokio::select! { _ = tick.tick() => {}, _ = halt.changed() => return }
                 let k = rand::random_range(0..keys);
+                // A row's value is its version; a page's, the versions of the rows it shows.
+                let (key, rows) = if pages > 0 && rand::random_range(0..pages) == 0 {
+                    (format!("page:{k:06}"), page_rows(k, keys).to_vec())
+                } else {
+                    (key_of(k), vec![k])
+                };
                 let loaded = Arc::new(AtomicU64::new(0));
                 let l2 = loaded.clone();
                 let db2 = db.clone();
+                let read_rows = rows.clone();
                 // Only what was acknowledged before the read began can be asked of it: a read
                 // that takes long (a fill waiting on an edge being stopped) returns a value as
                 // of its start.
                 let began = Instant::now();
                 let got = client
-                    .get_or_load(key_of(k), move || async move {
+                    .get_or_load_tagged(key.clone(), move || async move {
                         l2.store(1, Ordering::Relaxed);
-                        let v = db2.versions[k as usize].load(Ordering::SeqCst);
-                        Ok::<_, std::convert::Infallible>(Bytes::from(v.to_string()))
+                        let versions: Vec<String> = read_rows
+                            .iter()
+                            .map(|&k| db2.versions[k as usize].load(Ordering::SeqCst).to_string())
+                            .collect();
+                        // A row's own key is invalidated by key; a page by its rows' tags.
+                        let tags = if read_rows.len() > 1 {
+                            read_rows.iter().map(|&k| Bytes::from(row_tag(k))).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        Ok::<_, std::convert::Infallible>((Bytes::from(versions.join(",")), tags))
                     })
                     .await;
                 stats.reads.fetch_add(1, Ordering::Relaxed);
                 let value = match got {
                     Ok(v) => v,
                     Err(e) => {
-                        tracing::warn!(key = %key_of(k), error = %e, "read failed");
+                        tracing::warn!(%key, error = %e, "read failed");
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -464,27 +507,32 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 if loaded.load(Ordering::Relaxed) == 0 {
                     stats.hits.fetch_add(1, Ordering::Relaxed);
                 }
-                let seen: u64 = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                // Stale: a newer version's invalidation was acknowledged more than the bound ago.
+                let seen: Vec<u64> = std::str::from_utf8(&value)
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or(0))
+                    .collect();
+                // Stale: a newer version of a row it shows had its invalidation acknowledged
+                // more than the bound ago.
                 let acked = dci_proto::upstream::lock(&db.acked);
-                if let Some(per_key) = acked.get(&k) {
-                    if let Some((newer, at)) = per_key.first_newer(seen) {
-                        let before = began.saturating_duration_since(at);
-                        if before > bound {
-                            stats.stale.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(
-                                key = %key_of(k),
-                                read = seen,
-                                acknowledged = newer,
-                                acked_before_read_ms = before.as_millis() as u64,
-                                read_ms = began.elapsed().as_millis() as u64,
-                                loaded = loaded.load(Ordering::Relaxed) == 1,
-                                "stale read"
-                            );
-                        }
+                for (&k, &seen) in rows.iter().zip(seen.iter().chain(std::iter::repeat(&0))) {
+                    let Some((newer, at)) = acked.get(&k).and_then(|p| p.first_newer(seen)) else {
+                        continue;
+                    };
+                    let before = began.saturating_duration_since(at);
+                    if before > bound {
+                        stats.stale.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            %key,
+                            row = %key_of(k),
+                            read = seen,
+                            acknowledged = newer,
+                            acked_before_read_ms = before.as_millis() as u64,
+                            read_ms = began.elapsed().as_millis() as u64,
+                            loaded = loaded.load(Ordering::Relaxed) == 1,
+                            "stale read"
+                        );
+                        break;
                     }
                 }
             }
