@@ -1836,9 +1836,10 @@ fn the_demo_runs_and_sees_no_stale_read() {
     );
     let last = out.lines().rfind(|l| l.starts_with("t=")).unwrap();
     assert!(last.contains("errors=0"), "{out}");
-    // One publish in ten a prefix of a hundred rows, on every shard of the two: no read of a row
-    // it covered is stale (the readers check each row's version; a bound of a second, so that
-    // a read a second late counts).
+    // One publish in ten a prefix of a hundred rows, on every shard of the two, and one read in
+    // three of a page of three rows, tagged with them (each write invalidates its rows' tags):
+    // no read of a row or a page is stale (the readers check each row's version, each row of a
+    // page; a bound of a second, so that a read a second late counts).
     let out = run(&[
         "--duration",
         "4s",
@@ -1846,6 +1847,8 @@ fn the_demo_runs_and_sees_no_stale_read() {
         "2",
         "--prefixes",
         "10",
+        "--pages",
+        "3",
         "--max-staleness",
         "1s",
     ]);
