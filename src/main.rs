@@ -233,6 +233,9 @@ struct EdgeArgs {
     /// Tombstone slots in all, shared out among the shards (32 bytes each) [default: 262144].
     #[arg(long)]
     max_tombstones: Option<u64>,
+    /// Tag invalidations remembered in all, shared out among the shards [default: 65536].
+    #[arg(long)]
+    max_tag_tombstones: Option<u64>,
     /// Follow only keys with these prefixes, comma-separated (others are refused).
     #[arg(long, value_delimiter = ',')]
     prefixes: Vec<String>,
@@ -537,7 +540,8 @@ fn edge_config(a: &EdgeArgs) -> anyhow::Result<dci_edge_cache::EdgeConfig> {
     let a = a.clone();
     let mut cfg: dci_edge_cache::EdgeConfig = load(&a.config)?;
     override_with!(cfg, a; listen, region, node_id, capacity, max_staleness, shard_count, ttl,
-        max_key_len, max_value_len, max_tombstones, replication, peer_timeout, compression);
+        max_key_len, max_value_len, max_tombstones, max_tag_tombstones, replication, peer_timeout,
+        compression);
     for (list, given) in [
         (&mut cfg.relays, a.relays),
         (&mut cfg.prefixes, a.prefixes),

@@ -66,6 +66,13 @@ fn unknown_keys_and_bad_values_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("peer_timeout"));
+    let e: dci_edge_cache::EdgeConfig =
+        serde_yaml::from_str("relays: [http://127.0.0.1:1]\nmax_tag_tombstones: 0").unwrap();
+    assert!(e
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("max_tag_tombstones"));
     // A bound shorter than two heartbeats: an idle edge would answer misses most of the time.
     let e: dci_edge_cache::EdgeConfig =
         serde_yaml::from_str("relays: [http://127.0.0.1:1]\nmax_staleness: 200ms").unwrap();

@@ -40,6 +40,9 @@ pub struct EdgeConfig {
     /// rounded down; 32 bytes each): a fill of a key sharing a slot with a more recently
     /// invalidated key is refused, so more slots, fewer such misses.
     pub max_tombstones: u64,
+    /// Tag invalidations remembered in all, shared out among the shards (1,024 each at least):
+    /// past it, the oldest is forgotten and every tagged value filled before it is a miss.
+    pub max_tag_tombstones: u64,
     /// Only take invalidations of keys with these prefixes (empty: all).
     #[serde(deserialize_with = "dci_proto::types::de_list")]
     pub prefixes: Vec<String>,
@@ -75,6 +78,7 @@ impl Default for EdgeConfig {
             max_key_len: dci_proto::types::DEFAULT_MAX_KEY_LEN,
             max_value_len: 8 << 20,
             max_tombstones: 262_144,
+            max_tag_tombstones: dci_proto::lease::MAX_TAG_TOMBS as u64,
             prefixes: Vec::new(),
             ring_nodes: Vec::new(),
             replication: 1,
@@ -138,6 +142,13 @@ impl EdgeConfig {
                 "max_tombstones must be between 1 and {} (32 bytes each, all shards together)",
                 dci_proto::lease::MAX_TOMBSTONES
             )));
+        }
+        if self.max_tag_tombstones == 0 || self.max_tag_tombstones > 1 << 24 {
+            return Err(ConfigError(
+                "max_tag_tombstones must be between 1 and 16777216 (about 100 bytes each, and \
+                 its tag)"
+                    .into(),
+            ));
         }
         dci_proto::types::check_max_key_len(self.max_key_len).map_err(ConfigError)?;
         for (what, d) in [

@@ -551,13 +551,16 @@ impl EdgeNode {
             filter: follows.clone(),
         });
         let shared_follows = Arc::new(RwLock::new(follows.clone()));
-        let store = Arc::new(Store::holding(
-            cfg.capacity,
-            cfg.ttl,
-            cfg.max_tombstones,
-            cfg.shard_count,
-            cfg.largest_entry(),
-        ));
+        let store = Arc::new(
+            Store::holding(
+                cfg.capacity,
+                cfg.ttl,
+                cfg.max_tombstones,
+                cfg.shard_count,
+                cfg.largest_entry(),
+            )
+            .with_tag_tombstones(cfg.max_tag_tombstones),
+        );
         let link = Arc::new(Mutex::new(LinkState::default()));
         let quarantine = Arc::new(Mutex::new(Vec::new()));
         let stale_misses = Arc::new(AtomicU64::new(0));

@@ -205,6 +205,13 @@ impl Store {
         }
     }
 
+    /// Remember up to `max_tags` tag invalidations in all, shared out among the shards (1,024
+    /// each at least).
+    pub fn with_tag_tombstones(self, max_tags: u64) -> Self {
+        lock(&self.leases).set_tag_room(LeaseTable::tag_share(max_tags as usize, self.shard_count));
+        self
+    }
+
     /// The heaviest entry (key, value and [`ENTRY_OVERHEAD`]) the store keeps: a heavier one
     /// would not be kept at all.
     pub fn largest_entry(&self) -> u64 {
@@ -529,6 +536,32 @@ mod tests {
             Some(Bytes::from_static(b"v")),
             "filled after it"
         );
+    }
+
+    /// Past the tag invalidations a store remembers, the oldest is forgotten and every tagged
+    /// value filled before it is a miss; a store that remembers more keeps its values.
+    #[test]
+    fn tag_invalidations_beyond_those_remembered_take_every_older_tagged_value() {
+        for (max_tags, kept) in [(1, false), (65_536, true)] {
+            let s = store().with_tag_tombstones(max_tags);
+            s.set_tagged(
+                Bytes::from_static(b"page"),
+                Bytes::from_static(b"v"),
+                None,
+                None,
+                &[Bytes::from_static(b"quiet")],
+            )
+            .unwrap();
+            // A shard remembers 1,024 at least: one more forgets the first.
+            let busy: Vec<Invalidation> = (1..=1025)
+                .map(|seq| Invalidation {
+                    seq,
+                    ..Invalidation::tag(format!("busy:{seq}"))
+                })
+                .collect();
+            s.apply_batch(0, 1, &busy, 1025);
+            assert_eq!(s.get(b"page").is_some(), kept, "max {max_tags}");
+        }
     }
 
     #[test]

@@ -30,8 +30,9 @@ const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// A generation is what fits above the seq in a lease's wire form.
 const GENERATION_MASK: u64 = u64::MAX >> SEQ_BITS;
 const MAX_PREFIX_TOMBS: usize = 4096;
-/// Tag invalidations a cache remembers, all its shards' together (each shard a share, 1,024 at
-/// least): past it, the oldest is forgotten and every tagged value filled before it goes.
+/// Tag invalidations a cache remembers by default, all its shards' together (each shard a
+/// share, 1,024 at least): past it, the oldest is forgotten and every tagged value filled before
+/// it goes.
 pub const MAX_TAG_TOMBS: usize = 65_536;
 
 /// A lease: the flush generation and the key's shard's applied seq at the time of a miss.
@@ -256,7 +257,7 @@ impl LeaseTable {
                 let share = max_tombs.clamp(1, MAX_TOMBSTONES) / shard_count.max(1) as usize;
                 1 << share.max(1).ilog2()
             },
-            tags_per_shard: (MAX_TAG_TOMBS / shard_count.max(1) as usize).max(1024),
+            tags_per_shard: Self::tag_share(MAX_TAG_TOMBS, shard_count),
             // Not 0: a cache started again (a restarted edge, a replacement at the same address)
             // would otherwise count its generations as its earlier life did, and could take a
             // lease that life handed out.
@@ -266,11 +267,20 @@ impl LeaseTable {
         }
     }
 
-    /// Remember at most `room` tag invalidations per shard (tests: a small bound).
-    #[cfg(test)]
-    fn with_tag_room(mut self, room: usize) -> Self {
-        self.tags_per_shard = room;
+    /// Remember at most `room` tag invalidations per shard (from the next one on).
+    pub fn set_tag_room(&mut self, room: usize) {
+        self.tags_per_shard = room.max(1);
+    }
+
+    /// [`LeaseTable::set_tag_room`], as a builder.
+    pub fn with_tag_room(mut self, room: usize) -> Self {
+        self.set_tag_room(room);
         self
+    }
+
+    /// The tag invalidations a shard's share of `max_tags` in all is, for `shard_count` shards.
+    pub fn tag_share(max_tags: usize, shard_count: u32) -> usize {
+        (max_tags / shard_count.max(1) as usize).max(1024)
     }
 
     /// Slot index and identity of a key.
