@@ -2319,20 +2319,19 @@ impl Collector {
     }
 }
 
-#[tokio::test]
-async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
-    // The collector comes up only after the nodes: pushes that fail meanwhile are retried.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+/// A coordinator (its log in `dir`), a relay and an edge in its stream, each exporting to the
+/// OTLP collector at `collector` every 100 ms.
+async fn otlp_tree(
+    collector: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (Coordinator, Relay, Watched) {
     let otlp = dci_proto::otlp::OtlpConfig {
-        endpoint: Some(format!("http://{addr}")),
+        endpoint: Some(format!("http://{collector}")),
         interval: Duration::from_millis(100),
     };
-    let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(CoordinatorConfig {
         listen: any_port(),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         otlp: otlp.clone(),
         ..Default::default()
     })
@@ -2347,11 +2346,22 @@ async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
     .await
     .unwrap();
     let e = edge(EdgeConfig {
-        otlp: otlp.clone(),
+        otlp,
         ..edge_cfg(vec![r.url()])
     })
     .await;
     wait_in_stream(&e).await;
+    (c, r, e)
+}
+
+#[tokio::test]
+async fn every_node_pushes_its_metrics_to_an_otlp_collector() {
+    // The collector comes up only after the nodes: pushes that fail meanwhile are retried.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let (c, r, e) = otlp_tree(addr, dir.path()).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let head = publish_all(&p, &keys(0..20, "o:")).await;
     wait_applied(&e, head).await;
@@ -2435,33 +2445,8 @@ async fn a_traced_publish_makes_a_span_in_its_trace_at_every_node() {
             .add_service(MetricsServiceServer::new(Collector::default()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let otlp = dci_proto::otlp::OtlpConfig {
-        endpoint: Some(format!("http://{addr}")),
-        interval: Duration::from_millis(100),
-    };
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(CoordinatorConfig {
-        listen: any_port(),
-        data_dir: dir.path().to_path_buf(),
-        otlp: otlp.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let r = Relay::start(RelayConfig {
-        listen: any_port(),
-        upstream: vec![c.url()],
-        otlp: otlp.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let e = edge(EdgeConfig {
-        otlp: otlp.clone(),
-        ..edge_cfg(vec![r.url()])
-    })
-    .await;
-    wait_in_stream(&e).await;
+    let (c, r, e) = otlp_tree(addr, dir.path()).await;
     let p = Publisher::connect(vec![c.url()]).await.unwrap();
     let context = dci_sdk::TraceContext::from_traceparent(
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

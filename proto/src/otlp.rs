@@ -55,7 +55,24 @@ impl OtlpConfig {
     }
 }
 
-fn attr(key: &str, value: &str) -> KeyValue {
+/// The resource a node's metrics and spans are of.
+pub(crate) fn resource(attributes: &[(&str, String)]) -> Resource {
+    Resource {
+        attributes: attributes.iter().map(|(k, v)| attr(k, v)).collect(),
+        ..Default::default()
+    }
+}
+
+/// The scope of everything a node exports.
+pub(crate) fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "dci".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn attr(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue {
@@ -212,16 +229,9 @@ pub fn to_request(
         .collect();
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: resource.iter().map(|(k, v)| attr(k, v)).collect(),
-                ..Default::default()
-            }),
+            resource: Some(self::resource(resource)),
             scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: "dci".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
+                scope: Some(scope()),
                 metrics,
                 ..Default::default()
             }],

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use tokio::sync::watch;
 
@@ -217,16 +216,9 @@ impl Spans {
         let spans = handled.into_iter().map(|h| self.span(h)).collect();
         Some(ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: resource.iter().map(|(k, v)| string(k, v)).collect(),
-                    ..Default::default()
-                }),
+                resource: Some(crate::otlp::resource(resource)),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "dci".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(crate::otlp::scope()),
                     spans,
                     ..Default::default()
                 }],
@@ -246,8 +238,8 @@ impl Spans {
             int("dci.shard", h.shard.into()),
             int("dci.epoch", h.epoch),
             int("dci.seq", h.seq),
-            string("dci.kind", kind),
-            string("dci.key", &String::from_utf8_lossy(&h.key)),
+            crate::otlp::attr("dci.kind", kind),
+            crate::otlp::attr("dci.key", &String::from_utf8_lossy(&h.key)),
         ];
         if let Some(v) = h.source_version {
             attributes.push(int("dci.source_version", v));
@@ -271,16 +263,6 @@ impl Spans {
             attributes,
             ..Default::default()
         }
-    }
-}
-
-fn string(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_string())),
-        }),
-        ..Default::default()
     }
 }
 
