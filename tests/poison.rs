@@ -236,6 +236,64 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
     edge.stop().await.unwrap();
 }
 
+/// A tag too long for a relay is quarantined there, and what stands in for it (every tagged
+/// value of the shard) goes on down, where an edge takes it the same way: a tagged fill under a
+/// lease from before it is refused, an untagged one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_tag_takes_every_tagged_value_down_the_tree() {
+    let key = pb::Kind::Key as i32;
+    let batch = |seq: Seq, e: pb::Invalidation| pb::Batch {
+        shard: 0,
+        epoch: 1,
+        first_seq: seq,
+        last_seq: seq,
+        entries: vec![e],
+        base_time_us: 0,
+    };
+    let script = Scripted {
+        batches: vec![
+            batch(1, entry(1, "a", key)),
+            batch(2, entry(2, "a-tag-too-long", pb::Kind::Tag as i32)),
+        ],
+        head: 2,
+        held: 2,
+        ..script()
+    };
+    let (url, stop) = serve(script).await;
+    let relay = dci_relay::Relay::start(dci_relay::RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: vec![url],
+        max_key_len: 8,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let edge = edge_following(relay.url(), EdgeConfig::default()).await;
+    let store = edge.store.clone();
+    eventually("applied through seq 2", || {
+        store.applied().iter().any(|&(_, _, s)| s >= 2)
+    })
+    .await;
+    let generation = store.lease(b"any").generation;
+    let at_seq_1 = Some(dci_edge_cache::Lease { generation, seq: 1 });
+    let fill = |tags: &[Bytes], lease| {
+        store.set_tagged(Bytes::from("page"), Bytes::from("v"), lease, None, tags)
+    };
+    assert!(matches!(
+        fill(&[Bytes::from("any-tag")], at_seq_1),
+        Err(dci_edge_cache::FillRefused::Stale { invalidated: 2, .. })
+    ));
+    assert!(fill(&[], at_seq_1).is_ok());
+    assert!(fill(&[Bytes::from("any-tag")], None).is_ok());
+    assert!(
+        lock(&edge.quarantine).iter().any(|q| q.seq == 2),
+        "the stand-in, an empty tag, is refused here too"
+    );
+    let _ = stop.send(true);
+    edge.stop().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
 /// A sender that holds more than it sends (its window full, a range still being fetched) keeps
 /// heartbeating: its receiver is alive but not caught up, and an edge must stop serving at its
 /// staleness bound as if it were cut off. The same sender sending everything it holds is fine.

@@ -650,11 +650,13 @@ pub fn stand_in(
     why: &InvalidEntry,
     max_key_len: usize,
 ) -> Option<Invalidation> {
-    if p.key.is_empty() || matches!(why, InvalidEntry::SeqOutOfRange(_)) {
+    let tag = p.kind == pb::Kind::Tag as i32;
+    if (p.key.is_empty() && !tag) || matches!(why, InvalidEntry::SeqOutOfRange(_)) {
         return None;
     }
-    let (key, kind) = if p.kind == pb::Kind::Tag as i32 {
-        // No tag a value could hold is known from a bad one: every tagged value goes.
+    let (key, kind) = if tag {
+        // No tag a value could hold is known from a bad one: every tagged value goes. (Such a
+        // stand-in, sent on, is refused below as an empty tag, and stands in again there.)
         (Bytes::new(), Kind::Tag)
     } else if p.key.len() > max_key_len {
         (p.key.slice(..max_key_len), Kind::Prefix)
@@ -1144,6 +1146,11 @@ mod tests {
         assert_eq!(s.kind, Kind::Prefix);
         assert!(s.covers(b"0123456789abc"));
         assert!(stand_in(&inv("", pb::Kind::Key), &InvalidEntry::EmptyKey, 8).is_none());
+        // A bad tag, or a stand-in for one sent on: every tagged value of the shard.
+        for t in ["0123456789abc", ""] {
+            let s = stand_in(&inv(t, pb::Kind::Tag), &InvalidEntry::EmptyTag, 8).unwrap();
+            assert_eq!((s.kind, s.key.len()), (Kind::Tag, 0));
+        }
     }
 
     #[test]
