@@ -1450,6 +1450,58 @@ async fn a_near_cache_takes_new_relays_while_it_runs() {
     c.stop().await.unwrap();
 }
 
+/// A near cache's values filled with tags go with a tag invalidation, as an edge's do; a fill
+/// loaded before one, with its tag, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
+    use dci_sdk::{NearCache, NearCacheOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let near = NearCache::start(NearCacheOptions {
+        relays: vec![r.url()],
+        ..Default::default()
+    })
+    .unwrap();
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let head = p.invalidate("warm").await.unwrap();
+    let n = near.clone();
+    eventually("near cache caught up", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= head) && n.is_fresh()
+    })
+    .await;
+    let v = near
+        .get_or_load_tagged("page:1", || async {
+            Ok::<_, std::io::Error>((Bytes::from("v"), vec![Bytes::from("row:7")]))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, "v");
+    assert!(near.set_tagged("page:2", "v", None, vec![Bytes::from("row:8")]));
+    assert!(near.set("row:7", "v", None));
+    let Lookup::Miss { lease } = near.get(b"page:3") else {
+        panic!("a miss")
+    };
+    let seq = p.invalidate_tag("row:7").await.unwrap();
+    let n = near.clone();
+    eventually("the tag's invalidation applied", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= seq)
+    })
+    .await;
+    assert!(matches!(near.get(b"page:1"), Lookup::Miss { .. }));
+    assert_eq!(near.get(b"page:2"), Lookup::Hit(Bytes::from("v")));
+    assert_eq!(
+        near.get(b"row:7"),
+        Lookup::Hit(Bytes::from("v")),
+        "a key is no tag"
+    );
+    assert!(!near.set_tagged("page:3", "v", Some(lease), vec![Bytes::from("row:7")]));
+    assert!(near.set_tagged("page:3", "v", Some(lease), vec![Bytes::from("row:9")]));
+    near.stop();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_takes_new_upstreams_while_it_runs() {
     let dir = tempfile::tempdir().unwrap();

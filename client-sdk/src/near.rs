@@ -105,12 +105,16 @@ struct State {
     /// Fills so far: the next one's number.
     filled: u64,
     capacity: usize,
+    /// The lease and tags of each value filled with tags: one a tag invalidation newer than
+    /// its lease covers is found stale when read.
+    tagged: HashMap<Bytes, (Seq, Vec<Bytes>), foldhash::fast::RandomState>,
 }
 
 impl State {
     /// Store a value, evicting the oldest fills beyond the capacity. A key held keeps its
     /// place in the fill order.
     fn insert(&mut self, key: Bytes, value: Bytes) {
+        self.tagged.remove(&key);
         if let Some(held) = self.values.get_mut(&key) {
             held.1 = value;
             return;
@@ -125,7 +129,23 @@ impl State {
             };
             self.values.remove(&oldest);
             self.sorted.remove(&oldest);
+            self.tagged.remove(&oldest);
         }
+    }
+
+    /// [`State::insert`], the value filled under `lease` with `tags`.
+    fn insert_tagged(&mut self, key: Bytes, value: Bytes, lease: Seq, tags: Vec<Bytes>) {
+        self.insert(key.clone(), value);
+        if !tags.is_empty() && self.values.contains_key(&key) {
+            self.tagged.insert(key, (lease, tags));
+        }
+    }
+
+    /// Whether `key`'s value was filled with a tag invalidated since its lease.
+    fn tag_invalidated(&self, key: &[u8]) -> bool {
+        self.tagged.get(key).is_some_and(|(lease, tags)| {
+            self.leases.newest_tag(self.leases.shard_of(key), tags) > *lease
+        })
     }
 
     fn get(&self, key: &[u8]) -> Option<&Bytes> {
@@ -133,6 +153,7 @@ impl State {
     }
 
     fn remove(&mut self, key: &[u8]) {
+        self.tagged.remove(key);
         if let Some((n, _)) = self.values.remove(key) {
             self.order.remove(&n);
             self.sorted.remove(key);
@@ -267,6 +288,7 @@ impl NearCache {
             order: BTreeMap::new(),
             filled: 0,
             capacity: opts.capacity.max(1),
+            tagged: HashMap::default(),
         }));
         let link = Arc::new(Mutex::new(LinkState::default()));
         let (stop, rx) = watch::channel(false);
@@ -338,8 +360,11 @@ impl NearCache {
         let serves = lock(&self.link).fresh_for(shard, Instant::now(), self.max_staleness)
             && self.agrees_on_shards()
             && self.follows.takes_key(key);
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
         let lease = st.leases.lease(key).encode();
+        if st.tag_invalidated(key) {
+            st.remove(key);
+        }
         match st.get(key) {
             Some(v) if serves => (Lookup::Hit(v.clone()), true),
             _ => (Lookup::Miss { lease }, serves),
@@ -348,6 +373,18 @@ impl NearCache {
 
     /// Fill a key; `false` when the lease is older than an invalidation applied to the key.
     pub fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>, lease: Option<u64>) -> bool {
+        self.set_tagged(key, value, lease, Vec::new())
+    }
+
+    /// [`NearCache::set`], the value tagged `tags`: a tag invalidation of any of them drops it,
+    /// whatever its key, and the fill is refused when one newer than the lease was applied.
+    pub fn set_tagged(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        lease: Option<u64>,
+        tags: Vec<Bytes>,
+    ) -> bool {
         let key = key.into();
         if !self.agrees_on_shards() || !self.follows.takes_key(&key) {
             return false;
@@ -356,10 +393,10 @@ impl NearCache {
         let lease = lease
             .map(Lease::decode)
             .unwrap_or_else(|| st.leases.lease(&key));
-        if st.leases.check_fill(&key, lease).is_err() {
+        if st.leases.check_fill_tagged(&key, &tags, lease).is_err() {
             return false;
         }
-        st.insert(key, value.into());
+        st.insert_tagged(key, value.into(), lease.seq, tags);
         true
     }
 
@@ -378,12 +415,29 @@ impl NearCache {
         Fut: Future<Output = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        self.get_or_load_tagged(key, || async { loader().await.map(|v| (v, Vec::new())) })
+            .await
+    }
+
+    /// [`NearCache::get_or_load`] whose loader also says the value's tags, with which it is
+    /// filled ([`NearCache::set_tagged`]).
+    pub async fn get_or_load_tagged<F, Fut, E>(
+        &self,
+        key: impl Into<Bytes>,
+        loader: F,
+    ) -> Result<Bytes, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(Bytes, Vec<Bytes>), E>>,
+        E: std::fmt::Display,
+    {
         let key = key.into();
         let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
+        let value_of = |loaded: Result<(Bytes, Vec<Bytes>), Error>| loaded.map(|(v, _)| v);
         match self.look(&key) {
             (Lookup::Hit(v), _) => return Ok(v),
             // Waiting for another caller's fill is worth it only where a fill is read.
-            (_, false) => return load().await,
+            (_, false) => return value_of(load().await),
             _ => {}
         }
         let turn = Turn::take(&self.loading, key.clone());
@@ -395,13 +449,13 @@ impl NearCache {
         // Only a caller that fills holds the others up for its load.
         let held = held.filter(|_| lease.is_some());
         let value = load().await;
-        if let (Ok(v), Some(lease)) = (&value, lease) {
-            self.set(key, v.clone(), Some(lease));
+        if let (Ok((v, tags)), Some(lease)) = (&value, lease) {
+            self.set_tagged(key, v.clone(), Some(lease), tags.clone());
         }
         if let Some(held) = held {
             held.loaded();
         }
-        value
+        value_of(value)
     }
 
     /// Keys whose [`NearCache::get_or_load`] is loading now (or waiting for another caller's
@@ -438,6 +492,7 @@ mod tests {
             order: BTreeMap::new(),
             filled: 0,
             capacity,
+            tagged: HashMap::default(),
         }
     }
 
@@ -449,6 +504,7 @@ mod tests {
         by_order.sort();
         assert!(by_order.into_iter().eq(keys.iter().copied()));
         assert!(st.order.iter().all(|(n, k)| st.values[k].0 == *n));
+        assert!(st.tagged.keys().all(|k| st.values.contains_key(k)));
     }
 
     /// A prefix removes the keys that start with it, whatever their bytes, and only those; a
@@ -528,14 +584,23 @@ mod tests {
         left.sort();
         assert_eq!(left, [key(3), key(4), key(5), key(6)]);
         agree(&st);
-        // However many are removed, no key removed is left behind in the fill order.
+        // However many are removed, no key removed is left behind in the fill order, nor its
+        // tags; a value filled again without tags has none.
         for i in 7..10_000 {
-            st.insert(key(i), Bytes::from_static(b"v"));
+            let tags = vec![Bytes::from(format!("t{}", i % 5))];
+            st.insert_tagged(key(i), Bytes::from_static(b"v"), 0, tags);
             if i % 3 == 0 {
                 st.remove_prefix(format!("k{i}").as_bytes());
             }
+            if i % 7 == 0 {
+                st.insert(key(i), Bytes::from_static(b"v"));
+            }
         }
         agree(&st);
-        assert!(st.order.len() <= 4);
+        assert!(st.order.len() <= 4 && st.tagged.len() <= 4);
+        assert!(
+            !st.tagged.contains_key(&key(9_996)),
+            "filled again without tags"
+        );
     }
 }
