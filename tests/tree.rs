@@ -2607,13 +2607,28 @@ async fn a_tag_invalidation_drops_its_values_in_every_shard() {
             "{k} filled"
         );
     }
+    // Filled in bulk, each with its tags.
+    let bulk: Vec<String> = (0..20).map(|i| format!("bulk:{i}")).collect();
+    let missed = cache.get_many(bulk.clone()).await.unwrap();
+    let fills = bulk.iter().zip(missed).enumerate().map(|(i, (k, m))| {
+        let Lookup::Miss { lease } = m else {
+            panic!("{k} a miss")
+        };
+        (k.clone(), "v1", Some(lease), tags_of(i))
+    });
+    assert!(cache
+        .set_many_tagged(fills)
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| *s));
     // A reader that missed before the invalidation, and fills after it: refused.
     let Lookup::Miss { lease: late } = cache.get("page:late").await.unwrap() else {
         panic!("a miss")
     };
     p.invalidate_tag("product:7").await.unwrap();
     p.wait_applied(Duration::from_secs(10)).await.unwrap();
-    for (i, k) in pages.iter().enumerate() {
+    for (i, k) in pages.iter().chain(&bulk).enumerate() {
         let hit = matches!(cache.get(k.clone()).await.unwrap(), Lookup::Hit(_));
         assert_eq!(hit, i % 2 == 1, "{k}");
     }

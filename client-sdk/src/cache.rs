@@ -509,15 +509,28 @@ impl CacheClient {
         &self,
         entries: impl IntoIterator<Item = (K, V, Option<u64>)>,
     ) -> Result<Vec<bool>, Error> {
+        self.set_many_tagged(
+            entries
+                .into_iter()
+                .map(|(key, value, lease)| (key, value, lease, Vec::new())),
+        )
+        .await
+    }
+
+    /// [`CacheClient::set_many`], each value with its tags (as [`CacheClient::set_tagged`]).
+    pub async fn set_many_tagged<K: Into<Bytes>, V: Into<Bytes>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V, Option<u64>, Vec<Bytes>)>,
+    ) -> Result<Vec<bool>, Error> {
         let ttl_ms = dci_proto::types::ttl_ms(self.fill_ttl);
         let entries: Vec<pb::SetRequest> = entries
             .into_iter()
-            .map(|(key, value, lease)| pb::SetRequest {
+            .map(|(key, value, lease, tags)| pb::SetRequest {
                 key: key.into(),
                 value: value.into(),
                 lease,
                 ttl_ms,
-                tags: Vec::new(),
+                tags,
             })
             .collect();
         let members = self.members();
@@ -525,13 +538,16 @@ impl CacheClient {
             self.by_first_owner(&members, entries.iter().map(|e| &e.key[..]));
         let calls = by_edge.into_iter().flat_map(|(id, idx)| {
             let (members, entries) = (&members, &entries);
-            set_many_chunks(&idx, |i| entries[i].key.len() + entries[i].value.len())
-                .into_iter()
-                .map(move |chunk| {
-                    let edge = members.edges[id].1.clone();
-                    let sent = chunk.iter().map(|&i| entries[i].clone()).collect();
-                    async move { (id, chunk, Self::set_many_on(edge, sent).await) }
-                })
+            set_many_chunks(&idx, |i| {
+                let e = &entries[i];
+                e.key.len() + e.value.len() + e.tags.iter().map(Bytes::len).sum::<usize>()
+            })
+            .into_iter()
+            .map(move |chunk| {
+                let edge = members.edges[id].1.clone();
+                let sent = chunk.iter().map(|&i| entries[i].clone()).collect();
+                async move { (id, chunk, Self::set_many_on(edge, sent).await) }
+            })
         });
         let answers = self
             .gather(calls, entries.len(), &mut one_by_one, "fills")
