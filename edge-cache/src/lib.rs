@@ -670,6 +670,15 @@ impl EdgeNode {
                 );
                 sample(
                     &mut out,
+                    "counter",
+                    "dci_tags_forgotten_total",
+                    "Tag invalidations forgotten for room (max_tag_tombstones): each made every \
+                     tagged value of its shard filled before it a miss",
+                    "",
+                    store.tags_forgotten() as f64,
+                );
+                sample(
+                    &mut out,
                     "gauge",
                     "dci_cache_entries",
                     "Values cached",

@@ -242,6 +242,11 @@ impl Store {
         }
     }
 
+    /// Tag invalidations forgotten for room so far (see [`LeaseTable::tags_forgotten`]).
+    pub fn tags_forgotten(&self) -> u64 {
+        lock(&self.leases).tags_forgotten()
+    }
+
     /// Microseconds since the store began: the clock of its values' expiry.
     fn now_us(&self) -> u64 {
         self.born.elapsed().as_micros() as u64
@@ -597,6 +602,7 @@ mod tests {
                 .collect();
             s.apply_batch(0, 1, &busy, 1025);
             assert_eq!(s.get(b"page").is_some(), kept, "max {max_tags}");
+            assert_eq!(s.tags_forgotten(), u64::from(!kept));
         }
     }
 

@@ -231,6 +231,8 @@ pub struct LeaseTable {
     slots: usize,
     /// Tag invalidations remembered per shard.
     tags_per_shard: usize,
+    /// Tag invalidations forgotten for room so far (each raised its shard's tag floor).
+    tags_forgotten: u64,
     generation: u64,
     hash: foldhash::fast::FixedState,
     id: foldhash::fast::FixedState,
@@ -258,6 +260,7 @@ impl LeaseTable {
                 1 << share.max(1).ilog2()
             },
             tags_per_shard: Self::tag_share(MAX_TAG_TOMBS, shard_count),
+            tags_forgotten: 0,
             // Not 0: a cache started again (a restarted edge, a replacement at the same address)
             // would otherwise count its generations as its earlier life did, and could take a
             // lease that life handed out.
@@ -423,6 +426,7 @@ impl LeaseTable {
             }
             Kind::Tag => {
                 let room = self.tags_per_shard;
+                let mut forgotten = 0;
                 let st = self.shard_mut(shard);
                 if e.key.is_empty() {
                     st.tag_floor = st.tag_floor.max(e.seq);
@@ -441,8 +445,10 @@ impl LeaseTable {
                     if st.tag_tombs.get(&old) == Some(&seq) {
                         st.tag_tombs.remove(&old);
                         st.tag_floor = st.tag_floor.max(seq);
+                        forgotten += 1;
                     }
                 }
+                self.tags_forgotten += forgotten;
                 Effect::Tag
             }
         }
@@ -537,6 +543,12 @@ impl LeaseTable {
             .collect();
         v.sort();
         v
+    }
+
+    /// Tag invalidations forgotten for room so far: each made every tagged value of its shard
+    /// filled before it a miss (`max_tag_tombstones` too small for the tags' pace, if it grows).
+    pub fn tags_forgotten(&self) -> u64 {
+        self.tags_forgotten
     }
 
     /// Tombstone slots in use.
