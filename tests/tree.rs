@@ -1408,22 +1408,10 @@ async fn an_edge_takes_new_relays_and_ring_while_it_runs() {
 /// new relay, the invalidations published after the old one stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_near_cache_takes_new_relays_while_it_runs() {
-    use dci_sdk::{NearCache, NearCacheOptions};
     let dir = tempfile::tempdir().unwrap();
     let c = coordinator(dir.path()).await;
     let (old, new) = (relay(&c).await, relay(&c).await);
-    let near = NearCache::start(NearCacheOptions {
-        relays: vec![old.url()],
-        ..Default::default()
-    })
-    .unwrap();
-    let p = Publisher::connect(vec![c.url()]).await.unwrap();
-    let head = p.invalidate("warm").await.unwrap();
-    let n = near.clone();
-    eventually("near cache caught up", move || {
-        n.applied().iter().any(|&(_, _, s)| s >= head) && n.is_fresh()
-    })
-    .await;
+    let (near, p) = near_cache_caught_up(&c, &old).await;
     assert!(near.set("kept", "v", None));
     assert!(near.set("dropped", "v", None));
     assert!(matches!(
@@ -1450,15 +1438,10 @@ async fn a_near_cache_takes_new_relays_while_it_runs() {
     c.stop().await.unwrap();
 }
 
-/// A near cache's values filled with tags go with a tag invalidation, as an edge's do; a fill
-/// loaded before one, with its tag, is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
-    use dci_sdk::{NearCache, NearCacheOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let c = coordinator(dir.path()).await;
-    let r = relay(&c).await;
-    let near = NearCache::start(NearCacheOptions {
+/// A near cache following `r`, caught up with `c` (an invalidation published and applied), and
+/// a publisher to `c`.
+async fn near_cache_caught_up(c: &Coordinator, r: &Relay) -> (dci_sdk::NearCache, Publisher) {
+    let near = dci_sdk::NearCache::start(dci_sdk::NearCacheOptions {
         relays: vec![r.url()],
         ..Default::default()
     })
@@ -1470,6 +1453,17 @@ async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
         n.applied().iter().any(|&(_, _, s)| s >= head) && n.is_fresh()
     })
     .await;
+    (near, p)
+}
+
+/// A near cache's values filled with tags go with a tag invalidation, as an edge's do; a fill
+/// loaded before one, with its tag, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let (near, p) = near_cache_caught_up(&c, &r).await;
     let v = near
         .get_or_load_tagged("page:1", || async {
             Ok::<_, std::io::Error>((Bytes::from("v"), vec![Bytes::from("row:7")]))
