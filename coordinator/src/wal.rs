@@ -165,7 +165,7 @@ pub enum WalError {
         source: io::Error,
     },
     /// The log belongs to someone else (another shard's log, after volumes were swapped, say).
-    #[error("log directory {dir} holds the log of {holds}, not of {wanted}; a log stays with its owner (start {wanted} on an empty directory; after a change of the shard count, `reshard` sets a log of the same shard aside)")]
+    #[error("log directory {dir} holds the log of {holds}, not of {wanted}; a log stays with its owner (start {wanted} on an empty directory; after a change of the shard count, --reshard (`reshard: true`) sets a log of the same shard aside)")]
     NotOurs {
         /// The directory.
         dir: PathBuf,
