@@ -275,12 +275,6 @@ impl LeaseTable {
         self.tags_per_shard = room.max(1);
     }
 
-    /// [`LeaseTable::set_tag_room`], as a builder.
-    pub fn with_tag_room(mut self, room: usize) -> Self {
-        self.set_tag_room(room);
-        self
-    }
-
     /// The tag invalidations a shard's share of `max_tags` in all is, for `shard_count` shards.
     pub fn tag_share(max_tags: usize, shard_count: u32) -> usize {
         (max_tags / shard_count.max(1) as usize).max(1024)
@@ -788,7 +782,8 @@ mod tests {
     /// raises the floor of every tagged value of the shard; a flush forgets the shard's tags.
     #[test]
     fn tags_refuse_older_fills_of_their_values_in_their_shard() {
-        let mut t = LeaseTable::new(2, 64).with_tag_room(2);
+        let mut t = LeaseTable::new(2, 64);
+        t.set_tag_room(2);
         let key_of = |shard: ShardId| {
             (0..)
                 .map(|i| format!("k{i}"))
@@ -984,7 +979,8 @@ mod tests {
             ops in prop::collection::vec((0u8..6, 0u8..8, 0u8..64, any::<usize>()), 1..200),
             room in 1usize..6,
         ) {
-            let mut bounded = LeaseTable::new(1, 64).with_tag_room(room);
+            let mut bounded = LeaseTable::new(1, 64);
+            bounded.set_tag_room(room);
             let mut roomy = LeaseTable::new(1, 64);
             let tag = |t: u8| Bytes::from(format!("t{t}"));
             // The tag of each invalidation (None: ALL), and its seq.
