@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Args;
 use dci_coordinator::{Coordinator, CoordinatorConfig};
 use dci_edge_cache::{EdgeConfig, EdgeNode};
 use dci_relay::{Relay, RelayConfig};
-use dci_sdk::{CacheClient, Publisher};
+use dci_sdk::{CacheClient, Fill, Publisher};
 use hdrhistogram::Histogram;
 
 /// Demo options.
@@ -480,19 +479,21 @@ pub async fn run(a: DemoArgs, stop: impl Future<Output = ()>) -> anyhow::Result<
                 // of its start.
                 let began = Instant::now();
                 let got = client
-                    .get_or_load_tagged(key.clone(), move || async move {
+                    .get_or_load(key.clone(), move || async move {
                         l2.store(1, Ordering::Relaxed);
-                        let versions: Vec<String> = read_rows
+                        let versions: Vec<u64> = read_rows
                             .iter()
-                            .map(|&k| db2.versions[k as usize].load(Ordering::SeqCst).to_string())
+                            .map(|&k| db2.versions[k as usize].load(Ordering::SeqCst))
                             .collect();
-                        // A row's own key is invalidated by key; a page by its rows' tags.
-                        let tags = if read_rows.len() > 1 {
-                            read_rows.iter().map(|&k| Bytes::from(row_tag(k))).collect()
-                        } else {
-                            Vec::new()
+                        let text: Vec<String> = versions.iter().map(u64::to_string).collect();
+                        let fill = Fill::new(text.join(","));
+                        // A row's own key is invalidated by key, with the row's version; a page
+                        // by its rows' tags.
+                        let fill = match versions[..] {
+                            [version] => fill.version(version),
+                            _ => fill.tagged(read_rows.iter().map(|&k| row_tag(k))),
                         };
-                        Ok::<_, std::convert::Infallible>((Bytes::from(versions.join(",")), tags))
+                        Ok::<_, std::convert::Infallible>(fill)
                     })
                     .await;
                 stats.reads.fetch_add(1, Ordering::Relaxed);

@@ -369,6 +369,10 @@ struct SetArgs {
     /// whatever its key.
     #[arg(long = "tag")]
     tags: Vec<String>,
+    /// The version the value was read at, as `dci publish --version` names a writer's: refused
+    /// when the edge applied an invalidation of the key with a newer one.
+    #[arg(long)]
+    version: Option<u64>,
     /// The key.
     key: String,
     /// The value (`-` reads it from standard input, as bytes).
@@ -859,6 +863,7 @@ async fn set(a: SetArgs) -> anyhow::Result<()> {
             lease: a.lease,
             ttl_ms: dci_proto::types::ttl_ms(a.ttl),
             tags: a.tags.into_iter().map(Bytes::from).collect(),
+            version: a.version,
         })
         .await
         .map_err(|s| {

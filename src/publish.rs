@@ -25,7 +25,7 @@ pub(crate) struct PublishArgs {
     #[arg(long)]
     prefix: bool,
     /// Invalidate every value filled with these tags (`dci set --tag`, the SDK's
-    /// `set_tagged`), whatever its key, instead of exact keys.
+    /// `Fill::tagged`), whatever its key, instead of exact keys.
     #[arg(long, conflicts_with_all = ["prefix", "version", "with_versions"])]
     tag: bool,
     /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".

@@ -856,9 +856,10 @@ fn get_set_and_delete_find_a_key_on_the_ring_of_a_regions_edges() {
 }
 
 /// `dci set --tag` fills a value with tags, and `dci publish --tag` drops every value with one
-/// of them, whatever its key; `dci follow` shows the tag.
+/// of them, whatever its key; `dci follow` shows the tag. `dci set --version` is refused when
+/// older than the version `dci publish --version` invalidated its key with.
 #[test]
-fn publish_tag_drops_the_values_set_with_the_tag() {
+fn values_set_with_tags_or_a_version_go_as_published() {
     let dir = tempfile::tempdir().unwrap();
     let tree = start_tree(dir.path());
     let (coord, edge) = (tree.coord.as_str(), tree.edge.as_str());
@@ -904,6 +905,37 @@ fn publish_tag_drops_the_values_set_with_the_tag() {
     let o = set("page:4", &[""]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("a tag is 1 to"), "{}", stderr(&o));
+    // A value read at a version older than its key's invalidation names is refused.
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        coord,
+        "--version",
+        "8",
+        "user:1",
+    ]);
+    let seq = seqs(&o)[0];
+    eventually("the edge to apply it", || hwm(coord, "edge") >= seq);
+    let set_at = |version: &str| {
+        dci(&[
+            "set",
+            "--edge",
+            edge,
+            "--version",
+            version,
+            "user:1",
+            version,
+        ])
+    };
+    let o = set_at("7");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "dci: fill refused: the value's version 7 is older than version 8, which an applied \
+         invalidation of this key named\n"
+    );
+    assert!(set_at("8").status.success());
+    assert_eq!(stdout(&dci(&["get", "--edge", edge, "user:1"])), "8\n");
 }
 
 /// `dci publish --traceparent` publishes its keys under the writer's trace context, which goes

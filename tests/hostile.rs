@@ -365,6 +365,7 @@ async fn random_messages_on_every_api_neither_panic_nor_stop_a_node() {
             lease: r.random_bool(0.7).then(|| num(&mut r)),
             ttl_ms: num(&mut r),
             tags: (0..r.random_range(0..70)).map(|_| bytes(&mut r)).collect(),
+            version: r.random_bool(0.5).then(|| num(&mut r)),
         };
         answered("a set", &cache.set(set.clone()).await);
         answered(

@@ -277,7 +277,14 @@ async fn a_poisoned_tag_takes_every_tagged_value_down_the_tree() {
     let generation = store.lease(b"any").generation;
     let at_seq_1 = Some(dci_edge_cache::Lease { generation, seq: 1 });
     let fill = |tags: &[Bytes], lease| {
-        store.set_tagged(Bytes::from("page"), Bytes::from("v"), lease, None, tags)
+        store.fill(
+            Bytes::from("page"),
+            Bytes::from("v"),
+            lease,
+            None,
+            tags,
+            None,
+        )
     };
     assert!(matches!(
         fill(&[Bytes::from("any-tag")], at_seq_1),
@@ -565,6 +572,7 @@ async fn an_edge_with_another_shard_count_than_its_coordinators_takes_no_fill() 
             lease: None,
             ttl_ms: 0,
             tags: vec![],
+            version: None,
         })
         .await
         .unwrap_err();

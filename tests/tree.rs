@@ -15,7 +15,7 @@ use dci_proto::pb;
 use dci_proto::upstream::lock;
 use dci_proto::{Batch, Seq};
 use dci_relay::{Relay, RelayConfig};
-use dci_sdk::{CacheClient, Lookup, Publisher};
+use dci_sdk::{CacheClient, Fill, Lookup, Publisher};
 use support::scrape;
 
 fn any_port() -> SocketAddr {
@@ -485,6 +485,7 @@ async fn the_stale_set_race_is_refused() {
             lease: Some(lease),
             ttl_ms: 0,
             tags: vec![],
+            version: None,
         })
         .await
         .unwrap_err();
@@ -505,6 +506,98 @@ async fn the_stale_set_race_is_refused() {
         cache.get("user:1").await.unwrap(),
         Lookup::Hit(Bytes::from("new row"))
     );
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// The race a lease cannot see: a reader misses after the invalidation (its lease is newer) and
+/// reads a replica that has not caught up with the write. A fill that says the version it read
+/// is refused when older than the invalidation's, at an edge (by the SDK, the raw API, SetMany,
+/// get_or_load) and at a near cache; the version written, or a newer one, is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_read_from_a_replica_behind_the_write_is_refused_by_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_in_stream(&e).await;
+    let (near, p) = near_cache_caught_up(&c, &r).await;
+    let cache = CacheClient::from_urls(vec![e.edge.url()]).unwrap();
+    // The writer commits version 8 of two rows, and invalidates them with it.
+    let rows = ["user:1", "user:2"];
+    let mut head = 0;
+    for row in rows {
+        head = p.invalidate_version(row, 8).await.unwrap();
+    }
+    wait_applied(&e, head).await;
+    let n = near.clone();
+    eventually("the near cache applied them", move || {
+        n.applied().iter().any(|&(_, _, s)| s >= head)
+    })
+    .await;
+    let row = |version: u64| Fill::new(format!("v{version}")).version(version);
+    for key in rows {
+        let Lookup::Miss { lease } = cache.get(key).await.unwrap() else {
+            panic!("a miss")
+        };
+        assert!(
+            !cache.set(key, row(7), Some(lease)).await.unwrap(),
+            "read at 7 from a replica behind, under a lease after the invalidation"
+        );
+        let Lookup::Miss { lease: near_lease } = near.get(key.as_bytes()) else {
+            panic!("a miss")
+        };
+        assert!(!near.set(key, row(7), Some(near_lease)));
+        assert!(near.set(key, row(8), Some(near_lease)));
+        assert_eq!(near.get(key.as_bytes()), Lookup::Hit(Bytes::from("v8")));
+    }
+    let mut raw = pb::cache_client::CacheClient::connect(e.edge.url())
+        .await
+        .unwrap();
+    let err = raw
+        .set(pb::SetRequest {
+            key: Bytes::from("user:1"),
+            value: Bytes::from("v7"),
+            version: Some(7),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("version 7 is older than version 8"),
+        "{}",
+        err.message()
+    );
+    let stored = cache
+        .set_many([("user:1", row(7), None), ("user:2", row(9), None)])
+        .await
+        .unwrap();
+    assert_eq!(stored, [false, true]);
+    // get_or_load hands back what it loaded, and caches it only when not older.
+    let v = cache
+        .get_or_load("user:1", || async { Ok::<_, std::io::Error>(row(7)) })
+        .await
+        .unwrap();
+    assert_eq!(v, "v7");
+    assert!(matches!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+    cache
+        .get_or_load("user:1", || async { Ok::<_, std::io::Error>(row(8)) })
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get("user:1").await.unwrap(),
+        Lookup::Hit(Bytes::from("v8"))
+    );
+    assert_eq!(
+        cache.get("user:2").await.unwrap(),
+        Lookup::Hit(Bytes::from("v9"))
+    );
+    near.stop();
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
@@ -1062,6 +1155,7 @@ async fn values_as_large_as_the_edge_takes_round_trip() {
         lease: None,
         ttl_ms: 0,
         tags: vec![],
+        version: None,
     };
     let err = raw
         .set_many(pb::SetManyRequest {
@@ -1465,13 +1559,13 @@ async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
     let r = relay(&c).await;
     let (near, p) = near_cache_caught_up(&c, &r).await;
     let v = near
-        .get_or_load_tagged("page:1", || async {
-            Ok::<_, std::io::Error>((Bytes::from("v"), vec![Bytes::from("row:7")]))
+        .get_or_load("page:1", || async {
+            Ok::<_, std::io::Error>(Fill::new("v").tagged(["row:7"]))
         })
         .await
         .unwrap();
     assert_eq!(v, "v");
-    assert!(near.set_tagged("page:2", "v", None, vec![Bytes::from("row:8")]));
+    assert!(near.set("page:2", Fill::new("v").tagged(["row:8"]), None));
     assert!(near.set("row:7", "v", None));
     let Lookup::Miss { lease } = near.get(b"page:3") else {
         panic!("a miss")
@@ -1489,8 +1583,9 @@ async fn a_near_cache_drops_the_values_of_an_invalidated_tag() {
         Lookup::Hit(Bytes::from("v")),
         "a key is no tag"
     );
-    assert!(!near.set_tagged("page:3", "v", Some(lease), vec![Bytes::from("row:7")]));
-    assert!(near.set_tagged("page:3", "v", Some(lease), vec![Bytes::from("row:9")]));
+    let tagged = |tag| Fill::new("v").tagged([tag]);
+    assert!(!near.set("page:3", tagged("row:7"), Some(lease)));
+    assert!(near.set("page:3", tagged("row:9"), Some(lease)));
     near.stop();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
@@ -2580,17 +2675,15 @@ async fn a_tag_invalidation_drops_its_values_in_every_shard() {
     assert!(pages.iter().any(|k| map.shard_of(k.as_bytes()) == 1));
     // Even pages show product 7, every page product 8.
     let tags_of = |i: usize| {
-        let mut t = vec![Bytes::from("product:8")];
+        let mut t = vec!["product:8"];
         if i.is_multiple_of(2) {
-            t.push(Bytes::from("product:7"));
+            t.push("product:7");
         }
-        t
+        Fill::new("v1").tagged(t)
     };
     for (i, k) in pages.iter().enumerate() {
         let v = cache
-            .get_or_load_tagged(k.clone(), || async {
-                Ok::<_, std::io::Error>((Bytes::from("v1"), tags_of(i)))
-            })
+            .get_or_load(k.clone(), || async { Ok::<_, std::io::Error>(tags_of(i)) })
             .await
             .unwrap();
         assert_eq!(v, "v1");
@@ -2608,14 +2701,9 @@ async fn a_tag_invalidation_drops_its_values_in_every_shard() {
         let Lookup::Miss { lease } = m else {
             panic!("{k} a miss")
         };
-        (k.clone(), "v1", Some(lease), tags_of(i))
+        (k.clone(), tags_of(i), Some(lease))
     });
-    assert!(cache
-        .set_many_tagged(fills)
-        .await
-        .unwrap()
-        .iter()
-        .all(|s| *s));
+    assert!(cache.set_many(fills).await.unwrap().iter().all(|s| *s));
     // A reader that missed before the invalidation, and fills after it: refused.
     let Lookup::Miss { lease: late } = cache.get("page:late").await.unwrap() else {
         panic!("a miss")
@@ -2626,13 +2714,9 @@ async fn a_tag_invalidation_drops_its_values_in_every_shard() {
         let hit = matches!(cache.get(k.clone()).await.unwrap(), Lookup::Hit(_));
         assert_eq!(hit, i % 2 == 1, "{k}");
     }
+    let tagged = |tags: &[&'static str]| Fill::new("v0").tagged(tags.to_vec());
     let stored = cache
-        .set_tagged(
-            "page:late",
-            "v0",
-            Some(late),
-            vec![Bytes::from("product:7")],
-        )
+        .set("page:late", tagged(&["product:7"]), Some(late))
         .await
         .unwrap();
     assert!(
@@ -2640,23 +2724,15 @@ async fn a_tag_invalidation_drops_its_values_in_every_shard() {
         "filled under a lease from before the tag's invalidation"
     );
     let stored = cache
-        .set_tagged(
-            "page:late",
-            "v0",
-            Some(late),
-            vec![Bytes::from("product:9")],
-        )
+        .set("page:late", tagged(&["product:9"]), Some(late))
         .await
         .unwrap();
     assert!(stored, "a tag not invalidated");
     // Bad tags are refused by name.
-    let err = cache
-        .set_tagged("page:x", "v", None, vec![Bytes::new()])
-        .await
-        .unwrap_err();
+    let err = cache.set("page:x", tagged(&[""]), None).await.unwrap_err();
     assert!(err.to_string().contains("a tag is 1 to"), "{err}");
     let err = cache
-        .set_tagged("page:x", "v", None, vec![Bytes::from("t"); 65])
+        .set("page:x", tagged(&["t"; 65]), None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("65 tags"), "{err}");

@@ -12,7 +12,7 @@ use dci_proto::ring::NodeRing;
 use tonic::transport::Channel;
 
 use crate::turn::{Loading, Turn};
-use crate::{ClientTls, Error};
+use crate::{ClientTls, Error, Fill};
 
 /// The answer to a get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,34 +504,15 @@ impl CacheClient {
     /// entry, in their order: stored, or `false` for a fill its lease makes stale. Entries whose
     /// edge cannot be reached go to their next owner one by one, as [`CacheClient::set`] sends
     /// them; any other failure (a value larger than the edge takes) fails the call, with the fills
-    /// of other requests made or not.
-    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+    /// of other requests made or not. A value may be a [`Fill`] with tags or a version, as for
+    /// [`CacheClient::set`].
+    pub async fn set_many<K: Into<Bytes>, V: Into<Fill>>(
         &self,
         entries: impl IntoIterator<Item = (K, V, Option<u64>)>,
     ) -> Result<Vec<bool>, Error> {
-        self.set_many_tagged(
-            entries
-                .into_iter()
-                .map(|(key, value, lease)| (key, value, lease, Vec::new())),
-        )
-        .await
-    }
-
-    /// [`CacheClient::set_many`], each value with its tags (as [`CacheClient::set_tagged`]).
-    pub async fn set_many_tagged<K: Into<Bytes>, V: Into<Bytes>>(
-        &self,
-        entries: impl IntoIterator<Item = (K, V, Option<u64>, Vec<Bytes>)>,
-    ) -> Result<Vec<bool>, Error> {
-        let ttl_ms = dci_proto::types::ttl_ms(self.fill_ttl);
         let entries: Vec<pb::SetRequest> = entries
             .into_iter()
-            .map(|(key, value, lease, tags)| pb::SetRequest {
-                key: key.into(),
-                value: value.into(),
-                lease,
-                ttl_ms,
-                tags,
-            })
+            .map(|(key, fill, lease)| self.set_request(key.into(), fill.into(), lease))
             .collect();
         let members = self.members();
         let (by_edge, mut one_by_one) =
@@ -609,37 +590,31 @@ impl CacheClient {
     }
 
     /// Store a value; with the lease of a miss, it is refused (`Ok(false)`) when an invalidation
-    /// newer than the lease reached the edge meanwhile.
+    /// newer than the lease reached the edge meanwhile. The value may be a [`Fill`] with tags
+    /// (a tag invalidation of any of them removes it, whatever its key) or the version it was
+    /// read at (refused when the edge applied an invalidation of the key naming a newer one).
     pub async fn set(
         &self,
         key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
+        fill: impl Into<Fill>,
         lease: Option<u64>,
     ) -> Result<bool, Error> {
-        self.set_tagged(key, value, lease, Vec::new()).await
-    }
-
-    /// [`CacheClient::set`], the value tagged `tags` (at most 64): a tag invalidation of any
-    /// of them ([`crate::Publisher::invalidate_tag`]) removes it, whatever its key, and the
-    /// fill is refused when one newer than the lease reached the edge meanwhile.
-    pub async fn set_tagged(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-        lease: Option<u64>,
-        tags: Vec<Bytes>,
-    ) -> Result<bool, Error> {
-        let req = pb::SetRequest {
-            key: key.into(),
-            value: value.into(),
-            lease,
-            ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
-            tags,
-        };
+        let req = self.set_request(key.into(), fill.into(), lease);
         let (_, stored) = self
             .first_owner(&req.key, |_, edge| Self::set_on(edge, req.clone()))
             .await?;
         Ok(stored)
+    }
+
+    fn set_request(&self, key: Bytes, fill: Fill, lease: Option<u64>) -> pb::SetRequest {
+        pb::SetRequest {
+            key,
+            value: fill.value,
+            lease,
+            ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
+            tags: fill.tags,
+            version: fill.version,
+        }
     }
 
     /// Remove a key from its edges (every owner that answers): true when one of them held it.
@@ -686,36 +661,29 @@ impl CacheClient {
     /// value comes from the loader and nothing is filled; a fill that fails is dropped the same
     /// way. Only a refusal of the request itself (a key too long, say) and the loader's own
     /// failure are errors.
-    pub async fn get_or_load<F, Fut, E>(
+    ///
+    /// The loader returns the value, or a [`Fill`] with the tags it was built from (the rows a
+    /// page shows, say) or the version it was read at, which the fill carries (see
+    /// [`CacheClient::set`]).
+    pub async fn get_or_load<F, Fut, V, E>(
         &self,
         key: impl Into<Bytes>,
         loader: F,
     ) -> Result<Bytes, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, E>>,
-        E: std::fmt::Display,
-    {
-        self.get_or_load_tagged(key, || async { loader().await.map(|v| (v, Vec::new())) })
-            .await
-    }
-
-    /// [`CacheClient::get_or_load`] whose loader also says the value's tags (the rows it was
-    /// read from, say), with which it is filled: a tag invalidation of any of them removes it,
-    /// and a fill under a lease older than one is refused.
-    pub async fn get_or_load_tagged<F, Fut, E>(
-        &self,
-        key: impl Into<Bytes>,
-        loader: F,
-    ) -> Result<Bytes, Error>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(Bytes, Vec<Bytes>), E>>,
+        Fut: Future<Output = Result<V, E>>,
+        V: Into<Fill>,
         E: std::fmt::Display,
     {
         let key = key.into();
-        let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
-        let value_of = |loaded: Result<(Bytes, Vec<Bytes>), Error>| loaded.map(|(v, _)| v);
+        let load = || async {
+            loader()
+                .await
+                .map(Into::into)
+                .map_err(|e| Error::Loader(e.to_string()))
+        };
+        let value_of = |loaded: Result<Fill, Error>| loaded.map(|f| f.value);
         match self.get_at(key.clone()).await {
             Ok((
                 _,
@@ -770,14 +738,8 @@ impl CacheClient {
         let value = load().await;
         // A refused or failed fill still returns the loaded value: it was read after the
         // miss, and the next reader loads again.
-        if let (Ok((value, tags)), Some((at, lease))) = (&value, lease) {
-            let req = pb::SetRequest {
-                key: key.clone(),
-                value: value.clone(),
-                lease: Some(lease),
-                ttl_ms: dci_proto::types::ttl_ms(self.fill_ttl),
-                tags: tags.clone(),
-            };
+        if let (Ok(fill), Some((at, lease))) = (&value, lease) {
+            let req = self.set_request(key.clone(), fill.clone(), Some(lease));
             match Self::set_on(at, req).await {
                 Ok(_) => {}
                 Err(Error::Unavailable(why)) => {

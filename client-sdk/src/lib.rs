@@ -21,6 +21,7 @@
 //! ```
 
 mod cache;
+mod fill;
 mod near;
 mod publisher;
 mod turn;
@@ -30,6 +31,7 @@ pub use dci_proto::applied::Lagging;
 pub use dci_proto::tls::ClientTls;
 pub use dci_proto::trace::TraceContext;
 pub use dci_proto::{Invalidation, Kind};
+pub use fill::Fill;
 pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Applied, Publisher, PublisherOptions};
 
@@ -75,3 +77,8 @@ impl From<tonic::Status> for Error {
         }
     }
 }
+
+/// The README's Rust examples, compiled by the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;

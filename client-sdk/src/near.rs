@@ -15,7 +15,7 @@ use dci_proto::{Batch, Epoch, Filter, Seq, ShardId};
 use tokio::sync::watch;
 
 use crate::turn::{Loading, Turn};
-use crate::{ClientTls, Error, Lookup};
+use crate::{ClientTls, Error, Fill, Lookup};
 
 /// Options of a near cache.
 #[derive(Clone, Debug)]
@@ -371,21 +371,12 @@ impl NearCache {
         }
     }
 
-    /// Fill a key; `false` when the lease is older than an invalidation applied to the key.
-    pub fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>, lease: Option<u64>) -> bool {
-        self.set_tagged(key, value, lease, Vec::new())
-    }
-
-    /// [`NearCache::set`], the value tagged `tags`: a tag invalidation of any of them drops it,
-    /// whatever its key, and the fill is refused when one newer than the lease was applied.
-    pub fn set_tagged(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-        lease: Option<u64>,
-        tags: Vec<Bytes>,
-    ) -> bool {
-        let key = key.into();
+    /// Fill a key; `false` when the lease is older than an invalidation applied to the key. The
+    /// value may be a [`Fill`] with tags (a tag invalidation of any of them drops it, whatever
+    /// its key, and the fill is refused when one newer than the lease was applied) or the
+    /// version it was read at (refused when an invalidation of the key named a newer one).
+    pub fn set(&self, key: impl Into<Bytes>, fill: impl Into<Fill>, lease: Option<u64>) -> bool {
+        let (key, fill) = (key.into(), fill.into());
         if !self.agrees_on_shards() || !self.follows.takes_key(&key) {
             return false;
         }
@@ -393,10 +384,14 @@ impl NearCache {
         let lease = lease
             .map(Lease::decode)
             .unwrap_or_else(|| st.leases.lease(&key));
-        if st.leases.check_fill_tagged(&key, &tags, lease).is_err() {
+        if st
+            .leases
+            .check_fill_with(&key, &fill.tags, fill.version, lease)
+            .is_err()
+        {
             return false;
         }
-        st.insert_tagged(key, value.into(), lease.seq, tags);
+        st.insert_tagged(key, fill.value, lease.seq, fill.tags);
         true
     }
 
@@ -404,36 +399,27 @@ impl NearCache {
     /// (of this cache and its clones) loads at a time while it serves the key; the others wait
     /// and then read the fill, or, if it was refused (the key invalidated meanwhile), load
     /// side by side: none waits through more than one load besides its own. Past its staleness
-    /// bound every caller loads at once.
-    pub async fn get_or_load<F, Fut, E>(
+    /// bound every caller loads at once. The loader returns the value, or a [`Fill`] with its
+    /// tags or version (see [`NearCache::set`]).
+    pub async fn get_or_load<F, Fut, V, E>(
         &self,
         key: impl Into<Bytes>,
         loader: F,
     ) -> Result<Bytes, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, E>>,
-        E: std::fmt::Display,
-    {
-        self.get_or_load_tagged(key, || async { loader().await.map(|v| (v, Vec::new())) })
-            .await
-    }
-
-    /// [`NearCache::get_or_load`] whose loader also says the value's tags, with which it is
-    /// filled ([`NearCache::set_tagged`]).
-    pub async fn get_or_load_tagged<F, Fut, E>(
-        &self,
-        key: impl Into<Bytes>,
-        loader: F,
-    ) -> Result<Bytes, Error>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(Bytes, Vec<Bytes>), E>>,
+        Fut: Future<Output = Result<V, E>>,
+        V: Into<Fill>,
         E: std::fmt::Display,
     {
         let key = key.into();
-        let load = || async { loader().await.map_err(|e| Error::Loader(e.to_string())) };
-        let value_of = |loaded: Result<(Bytes, Vec<Bytes>), Error>| loaded.map(|(v, _)| v);
+        let load = || async {
+            loader()
+                .await
+                .map(Into::into)
+                .map_err(|e| Error::Loader(e.to_string()))
+        };
+        let value_of = |loaded: Result<Fill, Error>| loaded.map(|f| f.value);
         match self.look(&key) {
             (Lookup::Hit(v), _) => return Ok(v),
             // Waiting for another caller's fill is worth it only where a fill is read.
@@ -449,8 +435,8 @@ impl NearCache {
         // Only a caller that fills holds the others up for its load.
         let held = held.filter(|_| lease.is_some());
         let value = load().await;
-        if let (Ok((v, tags)), Some(lease)) = (&value, lease) {
-            self.set_tagged(key, v.clone(), Some(lease), tags.clone());
+        if let (Ok(fill), Some(lease)) = (&value, lease) {
+            self.set(key, fill.clone(), Some(lease));
         }
         if let Some(held) = held {
             held.loaded();

@@ -317,7 +317,7 @@ impl Publisher {
         Ok(self.publish(vec![Invalidation::prefix(prefix)]).await?[0])
     }
 
-    /// Invalidate every value filled with `tag` ([`crate::CacheClient::set_tagged`]), whatever
+    /// Invalidate every value filled with `tag` ([`crate::Fill::tagged`]), whatever
     /// its key, on every shard of the tier; returns the seq it got on shard 0 once it is
     /// durable on all of them.
     pub async fn invalidate_tag(&self, tag: impl Into<Bytes>) -> Result<Seq, Error> {

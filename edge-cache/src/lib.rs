@@ -328,12 +328,13 @@ impl EdgeService {
         Ok(())
     }
 
-    /// Store a checked Set; refused only by its lease.
+    /// Store a checked Set; refused only by its lease (or its version).
     fn store_checked(&self, r: pb::SetRequest) -> Result<(), FillRefused> {
         let ttl = (r.ttl_ms > 0)
             .then(|| Duration::from_millis(r.ttl_ms).min(dci_proto::types::MAX_DURATION));
+        let lease = r.lease.map(Lease::decode);
         self.store
-            .set_tagged(r.key, r.value, r.lease.map(Lease::decode), ttl, &r.tags)
+            .fill(r.key, r.value, lease, ttl, &r.tags, r.version)
     }
 }
 

@@ -312,22 +312,25 @@ impl Store {
         lease: Option<Lease>,
         ttl: Option<Duration>,
     ) -> Result<(), FillRefused> {
-        self.set_tagged(key, value, lease, ttl, &[])
+        self.fill(key, value, lease, ttl, &[], None)
     }
 
-    /// Like [`Store::set_with_ttl`], the value tagged `tags`: a tag invalidation of any of them
-    /// removes it, and the fill is refused when one newer than the lease was applied.
-    pub fn set_tagged(
+    /// Like [`Store::set_with_ttl`], the value tagged `tags` (a tag invalidation of any of them
+    /// removes it, and the fill is refused when one newer than the lease was applied) and read
+    /// at `version` (refused when an invalidation of the key named a newer one: see
+    /// [`LeaseTable::check_fill_with`](dci_proto::lease::LeaseTable::check_fill_with)).
+    pub fn fill(
         &self,
         key: Bytes,
         value: Bytes,
         lease: Option<Lease>,
         ttl: Option<Duration>,
         tags: &[Bytes],
+        version: Option<u64>,
     ) -> Result<(), FillRefused> {
         let leases = lock(&self.leases);
         let lease = lease.unwrap_or_else(|| leases.lease(&key));
-        if let Err(e) = leases.check_fill_tagged(&key, tags, lease) {
+        if let Err(e) = leases.check_fill_with(&key, tags, version, lease) {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
@@ -523,12 +526,13 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let fill = |key: &'static str, tags: &[&'static str], lease: Option<Lease>| {
-            s.set_tagged(
+            s.fill(
                 Bytes::from_static(key.as_bytes()),
                 Bytes::from_static(b"v"),
                 lease,
                 None,
                 &tagged(tags),
+                None,
             )
         };
         fill("page:home", &["product:7", "product:8"], None).unwrap();
@@ -585,12 +589,13 @@ mod tests {
     fn tag_invalidations_beyond_those_remembered_take_every_older_tagged_value() {
         for (max_tags, kept) in [(1, false), (65_536, true)] {
             let s = store().with_tag_tombstones(max_tags);
-            s.set_tagged(
+            s.fill(
                 Bytes::from_static(b"page"),
                 Bytes::from_static(b"v"),
                 None,
                 None,
                 &[Bytes::from_static(b"quiet")],
+                None,
             )
             .unwrap();
             // A shard remembers 1,024 at least: one more forgets the first.

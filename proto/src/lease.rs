@@ -72,6 +72,14 @@ pub enum FillRefused {
     /// The lease predates a flush.
     #[error("the lease predates a flush of this cache")]
     Flushed,
+    /// The value was read at a version older than one an applied invalidation of the key named.
+    #[error("the value's version {filled} is older than version {invalidated}, which an applied invalidation of this key named")]
+    OlderVersion {
+        /// The fill's version.
+        filled: u64,
+        /// The newest version of the key's invalidations.
+        invalidated: u64,
+    },
 }
 
 /// What the cache must remove for an applied invalidation.
@@ -339,15 +347,27 @@ impl LeaseTable {
         Ok(())
     }
 
-    /// May `key`, tagged `tags`, be filled under `lease`? As [`LeaseTable::check_fill`], and no
-    /// invalidation of one of its tags is newer than the lease.
-    pub fn check_fill_tagged(
+    /// May `key`, tagged `tags` and read at `version`, be filled under `lease`? As
+    /// [`LeaseTable::check_fill`]; and no invalidation of one of its tags is newer than the
+    /// lease; and, with a version, the key's newest invalidation remembered names none newer
+    /// (a value read from a replica behind the write, under a lease taken after the
+    /// invalidation, passes the lease but not this).
+    pub fn check_fill_with(
         &self,
         key: &[u8],
         tags: &[Bytes],
+        version: Option<u64>,
         lease: Lease,
     ) -> Result<(), FillRefused> {
         self.check_fill(key, lease)?;
+        if let Some(filled) = version {
+            if let Some(invalidated) = self.newest_version(key).filter(|&v| filled < v) {
+                return Err(FillRefused::OlderVersion {
+                    filled,
+                    invalidated,
+                });
+            }
+        }
         let newest = self.newest_tag(self.shard_of(key), tags);
         if newest > lease.seq {
             return Err(FillRefused::Stale {
@@ -356,6 +376,14 @@ impl LeaseTable {
             });
         }
         Ok(())
+    }
+
+    /// The newest `source_version` of `key`'s invalidations, while its slot still remembers the
+    /// key (another key invalidated since in the same slot, or a flush, forgets it).
+    pub fn newest_version(&self, key: &[u8]) -> Option<u64> {
+        let (slot, id) = self.hashes(key);
+        let t = self.shard(self.shard_of(key))?.slots.get(slot)?;
+        (t.id == id && t.version != NO_VERSION).then_some(t.version)
     }
 
     /// The newest invalidation in `shard` that may have covered a value tagged `tags` (0 when
@@ -664,6 +692,57 @@ mod tests {
         assert_eq!(t.check_fill(other.as_bytes(), lease), Ok(()));
     }
 
+    /// A value read at a version older than the key's newest invalidation is refused even under
+    /// a lease taken after it (the replica it was read from lagged behind the write); the same
+    /// version or a newer one, or a fill that says no version, passes. Once the key's slot holds
+    /// another key, or a flush emptied it, the version is not known and the lease decides alone.
+    #[test]
+    fn a_fill_older_than_the_keys_invalidated_version_is_refused() {
+        let mut t = LeaseTable::new(1, 1 << 10);
+        let at = |key: &str, seq: Seq, version: u64| Invalidation {
+            source_version: Some(version),
+            ..inv(key, seq)
+        };
+        t.apply(0, &at("k", 1, 10));
+        t.apply(0, &at("k", 2, 7));
+        t.set_applied(0, 1, 2);
+        let lease = t.lease(b"k");
+        assert_eq!(
+            t.newest_version(b"k"),
+            Some(10),
+            "an older one arriving late is not it"
+        );
+        assert_eq!(
+            t.check_fill_with(b"k", &[], Some(9), lease),
+            Err(FillRefused::OlderVersion {
+                filled: 9,
+                invalidated: 10
+            })
+        );
+        for ok in [Some(10), Some(11), None] {
+            assert_eq!(t.check_fill_with(b"k", &[], ok, lease), Ok(()), "{ok:?}");
+        }
+        // An unversioned invalidation since keeps the version known.
+        t.apply(0, &inv("k", 3));
+        assert_eq!(t.newest_version(b"k"), Some(10));
+        let other = (0..)
+            .map(|i| format!("other{i}"))
+            .find(|o| t.hashes(o.as_bytes()).0 == t.hashes(b"k").0)
+            .unwrap();
+        assert_eq!(t.newest_version(other.as_bytes()), None, "not its key");
+        t.apply(0, &at(&other, 4, 1));
+        assert_eq!(
+            t.newest_version(b"k"),
+            None,
+            "forgotten: another key took the slot"
+        );
+        t.set_applied(0, 1, 4);
+        assert_eq!(t.check_fill_with(b"k", &[], Some(1), t.lease(b"k")), Ok(()));
+        t.apply(0, &at("k", 5, 10));
+        t.flush(0, 1, 5);
+        assert_eq!(t.newest_version(b"k"), None, "a flush forgets");
+    }
+
     /// A shard this table does not map keys to (a sender's mistake, or worse) removes what its
     /// entries name but allocates nothing: a thousand such shards cost no tombstone table each.
     #[test]
@@ -803,7 +882,7 @@ mod tests {
         let old = t.lease(k0.as_bytes());
         assert_eq!(t.apply(0, &at("row:1", 1)), Effect::Tag);
         t.set_applied(0, 1, 1);
-        let stale = t.check_fill_tagged(k0.as_bytes(), &tags(&["x", "row:1"]), old);
+        let stale = t.check_fill_with(k0.as_bytes(), &tags(&["x", "row:1"]), None, old);
         assert_eq!(
             stale,
             Err(FillRefused::Stale {
@@ -812,19 +891,29 @@ mod tests {
             })
         );
         assert!(t
-            .check_fill_tagged(k0.as_bytes(), &tags(&["x"]), old)
+            .check_fill_with(k0.as_bytes(), &tags(&["x"]), None, old)
             .is_ok());
         assert!(
             t.check_fill(k0.as_bytes(), old).is_ok(),
             "untagged: its key was not invalidated"
         );
         assert!(
-            t.check_fill_tagged(k1.as_bytes(), &tags(&["row:1"]), t.lease(k1.as_bytes()))
-                .is_ok(),
+            t.check_fill_with(
+                k1.as_bytes(),
+                &tags(&["row:1"]),
+                None,
+                t.lease(k1.as_bytes())
+            )
+            .is_ok(),
             "shard 1 has its own invalidation of the tag"
         );
         assert!(t
-            .check_fill_tagged(k0.as_bytes(), &tags(&["row:1"]), t.lease(k0.as_bytes()))
+            .check_fill_with(
+                k0.as_bytes(),
+                &tags(&["row:1"]),
+                None,
+                t.lease(k0.as_bytes())
+            )
             .is_ok());
         assert_eq!(t.newest_tag(0, &tags(&["row:1"])), 1);
         assert_eq!(
@@ -1011,8 +1100,8 @@ mod tests {
                             *s > lr.seq && x.map_or(all, |x| tags.contains(&tag(x)))
                         });
                         let (stale_fill, stale_read, all_since) = (newer(true), newer(false), history.iter().any(|(x, s)| x.is_none() && *s > lr.seq));
-                        let b = bounded.check_fill_tagged(b"k", &tags, lb).is_ok();
-                        let r = roomy.check_fill_tagged(b"k", &tags, lr).is_ok();
+                        let b = bounded.check_fill_with(b"k", &tags, None, lb).is_ok();
+                        let r = roomy.check_fill_with(b"k", &tags, None, lr).is_ok();
                         prop_assert!(!b || !stale_fill, "bounded table took a stale fill");
                         prop_assert_eq!(r, !stale_fill);
                         if !all_since {
