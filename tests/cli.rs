@@ -3189,6 +3189,12 @@ fn the_helm_chart_starts_a_working_tree() {
         "edge.replication=2",
         "--set",
         "relay.maxReceivers=100",
+        "--set-json",
+        r#"coordinator.extraArgs=["--max-key-len","100"]"#,
+        "--set-json",
+        r#"relay.extraArgs=["--compression"]"#,
+        "--set-json",
+        r#"edge.extraArgs=["--max-tag-tombstones",4096]"#,
     ];
     let docs = helm_template("t", settings).unwrap();
     let mut services = helm_services(&docs);
@@ -3198,6 +3204,17 @@ fn the_helm_chart_starts_a_working_tree() {
     {
         assert_eq!(after(&helm_args(d), "--max-receivers"), "100");
         assert_eq!(after(&helm_args(d), "--ring-bytes"), "64MiB");
+        assert!(helm_args(d).iter().any(|a| a == "--compression"));
+    }
+    // Flags of values' extraArgs go to their component (numbers as digits): the pods started
+    // below take them.
+    for d in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+        let args = helm_args(d);
+        match d["spec"]["template"]["spec"]["containers"][0]["name"].as_str() {
+            Some("coordinator") => assert_eq!(after(&args, "--max-key-len"), "100"),
+            Some("edge") => assert_eq!(after(&args, "--max-tag-tombstones"), "4096"),
+            _ => {}
+        }
     }
     // Sizes with a unit go through as they are; a number stays digits (not 1.34217728e+08).
     let sized = helm_template(
@@ -3348,6 +3365,10 @@ fn the_helm_chart_starts_a_working_tree() {
     eventually("both regions' edges to apply both shards", || {
         edges_caught_up(&coordinators, &[], &heads) == ["t-edge-eu-west-0", "t-edge-us-east-0"]
     });
+    // The coordinators took coordinator.extraArgs.
+    let long = "k".repeat(101);
+    let o = dci(&["publish", "--coordinator", &coordinators, &long]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 
     // What `helm install` tells to do works, and names the edges as they are.
     let notes = helm_notes("t", settings);

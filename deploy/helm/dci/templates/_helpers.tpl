@@ -3,6 +3,11 @@
 {{ if .Values.tls.secret }}https{{ else }}http{{ end }}
 {{- end }}
 
+{{- /* A component's values.extraArgs: flags besides those the chart sets. */}}
+{{- define "dci.extraArgs" -}}
+{{- range . }}, {{ toString . | quote }}{{ end }}
+{{- end }}
+
 {{- /* A node's TLS flags (after its other args, each preceded by a comma), from the Secret's
 files mounted at /tls. */}}
 {{- define "dci.tlsArgs" -}}
