@@ -3194,7 +3194,7 @@ fn the_helm_chart_starts_a_working_tree() {
         "--set-json",
         r#"relay.extraArgs=["--compression"]"#,
         "--set-json",
-        r#"edge.extraArgs=["--max-tag-tombstones",4096]"#,
+        r#"edge.extraArgs=["--max-tag-tombstones",16777216]"#,
     ];
     let docs = helm_template("t", settings).unwrap();
     let mut services = helm_services(&docs);
@@ -3212,7 +3212,7 @@ fn the_helm_chart_starts_a_working_tree() {
         let args = helm_args(d);
         match d["spec"]["template"]["spec"]["containers"][0]["name"].as_str() {
             Some("coordinator") => assert_eq!(after(&args, "--max-key-len"), "100"),
-            Some("edge") => assert_eq!(after(&args, "--max-tag-tombstones"), "4096"),
+            Some("edge") => assert_eq!(after(&args, "--max-tag-tombstones"), "16777216"),
             _ => {}
         }
     }

@@ -3,9 +3,10 @@
 {{ if .Values.tls.secret }}https{{ else }}http{{ end }}
 {{- end }}
 
-{{- /* A component's values.extraArgs: flags besides those the chart sets. */}}
+{{- /* A component's values.extraArgs: flags besides those the chart sets. A whole number
+stays digits (values' numbers are floats to the template engine: 6.7108864e+07 otherwise). */}}
 {{- define "dci.extraArgs" -}}
-{{- range . }}, {{ toString . | quote }}{{ end }}
+{{- range . }}, {{ if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}{{ int64 . | toString | quote }}{{ else }}{{ toString . | quote }}{{ end }}{{ end }}
 {{- end }}
 
 {{- /* A node's TLS flags (after its other args, each preceded by a comma), from the Secret's
