@@ -4,6 +4,7 @@
 //! and hands the result to the library crate that does the work.
 
 mod bench;
+mod changes;
 mod demo;
 mod follow;
 mod out;

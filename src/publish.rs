@@ -40,6 +40,24 @@ pub(crate) struct PublishArgs {
     /// that arrives after a newer one.
     #[arg(long, conflicts_with_all = ["prefix", "version"])]
     with_versions: bool,
+    /// Standard input (`-`) is change events, a JSON object per line (a CDC feed: Debezium,
+    /// Maxwell, wal2json…), and each event invalidates the key this template makes of it: text
+    /// with fields in braces, each a path into the event (`payload.after.id`), alternatives
+    /// separated by `|` (the first present and not null: `user:{after.id|before.id}` for an
+    /// update and a delete alike). Repeat for more keys per event.
+    #[arg(long = "json-key", value_name = "TEMPLATE", conflicts_with_all = ["prefix", "tag", "all", "version", "with_versions"])]
+    json_keys: Vec<crate::changes::Template>,
+    /// As --json-key, a tag invalidation of the tag the template makes (`org:{after.org_id}`).
+    #[arg(long = "json-tag", value_name = "TEMPLATE", conflicts_with_all = ["prefix", "tag", "all", "version", "with_versions"])]
+    json_tags: Vec<crate::changes::Template>,
+    /// The path of an event's version, with which its keys are published (`payload.source.lsn`):
+    /// a whole number, digits in a string, or a PostgreSQL log position (`16/B374D848`).
+    #[arg(long, value_name = "PATH", requires = "json_keys")]
+    json_version: Option<crate::changes::Path>,
+    /// Pass over an event that no --json-key or --json-tag template fits (a heartbeat, a table
+    /// without the fields) instead of stopping at it.
+    #[arg(long)]
+    json_skip_unmatched: bool,
     /// Keys to invalidate; `-` reads them from standard input, one per line, and publishes them
     /// as they come.
     #[arg(required_unless_present = "all")]
@@ -78,8 +96,19 @@ const PUBLISH_CHUNK: usize = 4096;
 const PUBLISH_ROUND_KEYS: usize = 16_384;
 const PUBLISH_ROUND_BYTES: usize = 4 << 20;
 
-/// A key, and its writer's version if it has one.
-type Keyed = (String, Option<u64>);
+/// A key (or prefix, or tag), its kind, and its writer's version if it has one.
+type Keyed = (String, pb::Kind, Option<u64>);
+
+/// Most bytes of a change event (a line of `--json-key`'s input).
+const EVENT_BYTES: usize = 1 << 20;
+
+/// How `--json-key` reads its input.
+struct Events {
+    changes: crate::changes::Changes,
+    skip_unmatched: bool,
+    /// What the last event makes and is not taken yet.
+    pending: std::collections::VecDeque<Keyed>,
+}
 
 /// Where `dci publish` takes its keys: the command line, or standard input line by line.
 enum KeySource {
@@ -93,6 +122,8 @@ enum KeySource {
         line: usize,
         /// Bytes a line may have past the longest key: room for a version after it.
         slack: usize,
+        /// Lines are change events (`--json-key`).
+        events: Option<Events>,
     },
 }
 
@@ -102,7 +133,9 @@ impl KeySource {
     fn ready(&self) -> bool {
         match self {
             KeySource::Args { .. } => true,
-            KeySource::Stdin { input, .. } => !input.buffer().is_empty(),
+            KeySource::Stdin { input, events, .. } => {
+                !input.buffer().is_empty() || events.as_ref().is_some_and(|e| !e.pending.is_empty())
+            }
         }
     }
 
@@ -114,7 +147,9 @@ impl KeySource {
                 *taken += 1;
                 return Ok(keys.next());
             }
-            KeySource::Stdin { input, line, slack } => (input, line, *slack),
+            KeySource::Stdin {
+                input, line, slack, ..
+            } => (input, line, *slack),
         };
         let limit = dci_proto::types::MAX_KEY_LEN_LIMIT + slack;
         loop {
@@ -163,7 +198,13 @@ impl KeySource {
                 if len - tail > limit {
                     let longest = dci_proto::types::MAX_KEY_LEN_LIMIT;
                     // The same words as for a key of the command line, with its line.
-                    return Err(if slack == 0 {
+                    return Err(if slack == EVENT_BYTES {
+                        anyhow!(
+                            "line {line} of standard input: {} bytes, more than a change event \
+                             may have ({EVENT_BYTES})",
+                            len - tail
+                        )
+                    } else if slack == 0 {
                         anyhow!(
                             "line {line} of standard input: key is {} bytes, more than the \
                              maximum any coordinator takes ({longest})",
@@ -196,13 +237,20 @@ impl KeySource {
         }
     }
 
-    /// The next key and its version: with `with_versions`, each item is `KEY VERSION`.
-    fn next_entry(&mut self, with_versions: bool) -> anyhow::Result<Option<Keyed>> {
+    /// The next entry, of `kind`, and its version: with `with_versions`, each item is `KEY
+    /// VERSION`; from change events, each key and tag an event makes.
+    fn next_entry(&mut self, kind: pb::Kind, with_versions: bool) -> anyhow::Result<Option<Keyed>> {
+        if let KeySource::Stdin {
+            events: Some(_), ..
+        } = self
+        {
+            return self.next_change();
+        }
         let Some(item) = self.next_key()? else {
             return Ok(None);
         };
         if !with_versions {
-            return Ok(Some((item, None)));
+            return Ok(Some((item, kind, None)));
         }
         let (key, version) =
             split_version(&item).map_err(|why| anyhow!("{}: {why}", self.last_place()))?;
@@ -214,7 +262,60 @@ impl KeySource {
                 key.len()
             );
         }
-        Ok(Some((key.to_string(), Some(version))))
+        Ok(Some((key.to_string(), kind, Some(version))))
+    }
+
+    /// The next key or tag of the change events.
+    fn next_change(&mut self) -> anyhow::Result<Option<Keyed>> {
+        loop {
+            if let KeySource::Stdin {
+                events: Some(e), ..
+            } = self
+            {
+                if let Some(next) = e.pending.pop_front() {
+                    return Ok(Some(next));
+                }
+            }
+            let Some(line) = self.next_key()? else {
+                return Ok(None);
+            };
+            let KeySource::Stdin {
+                events: Some(e),
+                line: n,
+                ..
+            } = self
+            else {
+                unreachable!("change events come from standard input")
+            };
+            let made = e
+                .changes
+                .of(&line)
+                .map_err(|why| anyhow!("line {n} of standard input: {why}"))?;
+            if made.keys.is_empty() && made.tags.is_empty() && !e.skip_unmatched {
+                anyhow::bail!(
+                    "line {n} of standard input: no --json-key or --json-tag template finds its \
+                     fields in {:?} (--json-skip-unmatched passes over such events)",
+                    printable_prefix(&line)
+                );
+            }
+            let limit = dci_proto::types::MAX_KEY_LEN_LIMIT;
+            for k in made.keys.iter().chain(&made.tags) {
+                if k.len() > limit {
+                    anyhow::bail!(
+                        "line {n} of standard input: key {:?} is {} bytes, more than the maximum \
+                         any coordinator takes ({limit})",
+                        printable_prefix(k),
+                        k.len()
+                    );
+                }
+            }
+            let keys = made
+                .keys
+                .into_iter()
+                .map(|k| (k, pb::Kind::Key, made.version));
+            let tags = made.tags.into_iter().map(|t| (t, pb::Kind::Tag, None));
+            e.pending.extend(keys.chain(tags));
+        }
     }
 }
 
@@ -359,16 +460,30 @@ async fn publish_keys(
             taken: 0,
         }
     } else if a.keys == ["-"] {
+        let events = (!a.json_keys.is_empty() || !a.json_tags.is_empty()).then(|| Events {
+            changes: crate::changes::Changes {
+                keys: a.json_keys.clone(),
+                tags: a.json_tags.clone(),
+                version: a.json_version.clone(),
+            },
+            skip_unmatched: a.json_skip_unmatched,
+            pending: Default::default(),
+        });
         KeySource::Stdin {
             input: std::io::BufReader::with_capacity(1 << 20, std::io::stdin()),
             line: 0,
-            // A space and the longest version.
-            slack: if a.with_versions {
+            slack: if events.is_some() {
+                EVENT_BYTES
+            } else if a.with_versions {
+                // A space and the longest version.
                 1 + u64::MAX.to_string().len()
             } else {
                 0
             },
+            events,
         }
+    } else if !a.json_keys.is_empty() || !a.json_tags.is_empty() {
+        anyhow::bail!("--json-key and --json-tag read change events from standard input: give `-`");
     } else {
         for (i, k) in a.keys.iter().enumerate() {
             let k = if a.with_versions {
@@ -388,11 +503,11 @@ async fn publish_keys(
     let shards = a.coordinator.len();
     let map = dci_proto::ring::ShardMap::new(shards as u32);
     // A prefix may match keys of every shard, and a tag be on values of any.
-    let targets = |k: &str| -> Vec<usize> {
-        if a.prefix || a.tag || a.all {
-            (0..shards).collect()
-        } else {
+    let targets = |k: &str, kind: pb::Kind| -> Vec<usize> {
+        if kind == pb::Kind::Key {
             vec![map.shard_of(k.as_bytes()) as usize]
+        } else {
+            (0..shards).collect()
         }
     };
     let publisher_id = format!("cli-{:016x}", rand::random::<u64>());
@@ -413,7 +528,7 @@ async fn publish_keys(
             if !round.is_empty() && !source.ready() {
                 break;
             }
-            let (k, version) = match source.next_entry(a.with_versions) {
+            let (k, kind, version) = match source.next_entry(kind, a.with_versions) {
                 Ok(Some(k)) => k,
                 Ok(None) => break,
                 Err(e) => {
@@ -428,7 +543,7 @@ async fn publish_keys(
                 anyhow::bail!("an empty tag is no tag");
             }
             bytes += k.len();
-            round.push((k, version.or(a.version)));
+            round.push((k, kind, version.or(a.version)));
         }
         if round.is_empty() {
             if let Some(e) = bad {
@@ -451,7 +566,7 @@ async fn publish_keys(
                 let keys: Vec<(usize, &Keyed)> = round
                     .iter()
                     .enumerate()
-                    .filter(|(_, (k, _))| targets(k).contains(&shard))
+                    .filter(|(_, (k, kind, _))| targets(k, *kind).contains(&shard))
                     .collect();
                 let (tls, publisher_id, trace) = (&tls, &publisher_id, &trace);
                 async move {
@@ -463,9 +578,9 @@ async fn publish_keys(
                             request_no: *request_no,
                             entries: chunk
                                 .iter()
-                                .map(|(_, (k, version))| pb::Invalidation {
+                                .map(|(_, (k, kind, version))| pb::Invalidation {
                                     key: Bytes::from(k.to_string()),
-                                    kind: kind as i32,
+                                    kind: *kind as i32,
                                     source_version: *version,
                                     trace_id: trace.clone(),
                                     ..Default::default()
@@ -494,7 +609,7 @@ async fn publish_keys(
                         },
                     );
                 }
-                for ((i, (k, _)), seq) in chunk.iter().zip(r.seqs) {
+                for ((i, (k, _, _)), seq) in chunk.iter().zip(r.seqs) {
                     let k = if a.all { "*" } else { k.as_str() };
                     lines[*i].push(if shards == 1 {
                         format!("{k} {seq}")
@@ -534,7 +649,7 @@ fn request_chunks<'a, 'k>(
     use dci_proto::types::{ENTRY_OVERHEAD_BYTES, PUBLISH_REQUEST_BYTES};
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (i, (_, (k, _))) in keys.iter().enumerate() {
+    for (i, (_, (k, _, _))) in keys.iter().enumerate() {
         let cost = k.len() + ENTRY_OVERHEAD_BYTES + trace_len;
         if i > start && (i - start == PUBLISH_CHUNK || bytes + cost > PUBLISH_REQUEST_BYTES) {
             out.push(&keys[start..i]);

@@ -855,6 +855,121 @@ fn get_set_and_delete_find_a_key_on_the_ring_of_a_regions_edges() {
     );
 }
 
+/// `dci publish --json-key/--json-tag/--json-version -` reads a CDC feed (Debezium's envelope
+/// here): an update and a delete invalidate the row's key with the log position as its version,
+/// and its tag; the edge drops both values. An event no template fits stops the feed there,
+/// after what came before, unless `--json-skip-unmatched`.
+#[test]
+fn publish_reads_change_events_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = start_tree(dir.path());
+    let (coord, edge) = (tree.coord.as_str(), tree.edge.as_str());
+    let publish = |more: &[&str], input: &str| {
+        let mut args = vec![
+            "publish",
+            "--coordinator",
+            coord,
+            "--json-key",
+            "{payload.source.table}:{payload.after.id|payload.before.id}",
+            "--json-tag",
+            "org:{payload.after.org_id|payload.before.org_id}",
+            "--json-version",
+            "payload.source.lsn",
+        ];
+        args.extend(more);
+        args.push("-");
+        dci_fed(&args, input.as_bytes())
+    };
+    let event = |op: &str, row: &str, lsn: &str| {
+        let (before, after) = match op {
+            "d" => (row, "null"),
+            _ => ("null", row),
+        };
+        format!(
+            r#"{{"schema":{{}},"payload":{{"op":"{op}","before":{before},"after":{after},"source":{{"table":"users","lsn":{lsn}}}}}}}"#
+        )
+    };
+    eventually("the edge to serve what is set", || {
+        dci(&["set", "--edge", edge, "users:42", "row"])
+            .status
+            .success()
+            && dci(&["get", "--edge", edge, "users:42"]).status.success()
+    });
+    assert!(
+        dci(&["set", "--edge", edge, "--tag", "org:7", "page:org7", "p"])
+            .status
+            .success()
+    );
+    let o = publish(
+        &[],
+        &(event("u", r#"{"id":42,"org_id":7}"#, "24023128") + "\n"),
+    );
+    assert_eq!(stdout(&o), "users:42 1\norg:7 2\n", "{}", stderr(&o));
+    eventually("the edge to apply it", || hwm(coord, "edge") >= 2);
+    for gone in ["users:42", "page:org7"] {
+        assert_eq!(dci(&["get", "--edge", edge, gone]).status.code(), Some(1));
+    }
+    let f = follow(
+        Command::new(DCI).args(["follow", "--sender", coord, "--from", "1", "--count", "2"]),
+    );
+    assert_eq!(
+        f.line().unwrap_or_default(),
+        "seq=1 key=users:42 version=24023128"
+    );
+    assert_eq!(f.line().unwrap_or_default(), "seq=2 tag=org:7");
+    // A delete makes the same key from its `before`; a heartbeat fits no template and ends the
+    // feed there, what came before it published.
+    let feed = [
+        event("d", r#"{"id":42,"org_id":7}"#, r#""16/B374D848""#),
+        r#"{"payload":{"ts_ms":1}}"#.to_string(),
+        event("c", r#"{"id":43,"org_id":7}"#, "24023300"),
+    ]
+    .join("\n");
+    let o = publish(&[], &feed);
+    assert_eq!(stdout(&o), "users:42 3\norg:7 4\n");
+    one_line_error(
+        &o,
+        "line 2 of standard input: no --json-key or --json-tag template finds its fields",
+    );
+    let o = publish(&["--json-skip-unmatched"], &feed);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "users:42 5\norg:7 6\nusers:43 7\norg:7 8\n");
+    let f = follow(
+        Command::new(DCI).args(["follow", "--sender", coord, "--from", "3", "--count", "1"]),
+    );
+    assert_eq!(
+        f.line().unwrap_or_default(),
+        format!("seq=3 key=users:42 version={}", 0x16_B374_D848u64)
+    );
+    // Bad input is told by line, and a template by name.
+    let o = publish(&[], "user:42\n");
+    one_line_error(&o, "line 1 of standard input: not a JSON event");
+    let o = publish(&[], &event("u", r#"{"id":{"a":1}}"#, "1"));
+    one_line_error(
+        &o,
+        "payload.after.id|payload.before.id is an object, not a value",
+    );
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        coord,
+        "--json-key",
+        "user:{id",
+        "-",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("a { without its }"), "{}", stderr(&o));
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        coord,
+        "--json-key",
+        "user:{id}",
+        "user:1",
+    ]);
+    one_line_error(&o, "read change events from standard input: give `-`");
+}
+
 /// `dci set --tag` fills a value with tags, and `dci publish --tag` drops every value with one
 /// of them, whatever its key; `dci follow` shows the tag. `dci set --version` is refused when
 /// older than the version `dci publish --version` invalidated its key with.
