@@ -3776,6 +3776,35 @@ fn the_helm_chart_starts_a_working_tree() {
     )
     .unwrap();
     assert_eq!(rule["spec"]["groups"], file["groups"]);
+    // The Grafana dashboard, for Grafana's sidecar: the file as it is, under its labels.
+    assert!(!plain
+        .iter()
+        .any(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "y-dci-dashboard"));
+    let docs = helm_template(
+        "y",
+        &[
+            "--set",
+            "grafanaDashboard.enabled=true,grafanaDashboard.annotations.grafana_folder=dci",
+        ],
+    )
+    .unwrap();
+    let board = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "y-dci-dashboard")
+        .expect("the dashboard's ConfigMap");
+    assert_eq!(board["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(board["metadata"]["annotations"]["grafana_folder"], "dci");
+    let json: serde_json::Value =
+        serde_json::from_str(board["data"]["dci.json"].as_str().unwrap()).unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/helm/dci/files/dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json, file);
     // As people write them: sizes with any unit the nodes take, durations, percentages.
     helm_template(
         "y",

@@ -847,7 +847,7 @@ async fn set_many_fills_what_get_many_missed_under_each_lease() {
             .set_many(Vec::<(String, String, _)>::new())
             .await
             .unwrap(),
-        vec![]
+        Vec::<bool>::new()
     );
 
     // An edge down: its keys are filled on their next owner.
@@ -2094,19 +2094,83 @@ async fn every_node_serves_prometheus_metrics() {
         .collect();
     let asked = alert_metrics();
     assert!(asked.len() >= 10, "{asked:?}");
-    for name in &asked {
+    let charted = dashboard_metrics();
+    assert!(charted.len() >= 15, "{charted:?}");
+    for name in asked.iter().chain(&charted) {
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
             .unwrap_or(name);
         assert!(
             served.contains(family),
-            "an alert asks for {name}, which no node serves"
+            "an alert or the dashboard asks for {name}, which no node serves"
         );
+    }
+    // Each node says what it is, for the dashboard's joins.
+    for (m, info) in [
+        (
+            &coord_metrics,
+            format!("dci_node_info{{version=\"{}\",role=\"coordinator\",node_id=\"coordinator-0\",shard=\"0\"}} 1", env!("CARGO_PKG_VERSION")),
+        ),
+        (&relay_metrics, "role=\"relay\",".to_string()),
+        (&edge_metrics, "role=\"edge\",".to_string()),
+    ] {
+        let line = m.lines().find(|l| l.starts_with("dci_node_info{"));
+        assert!(line.is_some_and(|l| l.contains(&info)), "{info} in {m}");
+        assert!(line.is_some_and(|l| l.ends_with("} 1")), "{line:?}");
     }
     e.edge.stop().await.unwrap();
     r.stop().await.unwrap();
     c.stop().await.unwrap();
+}
+
+/// Every metric the Grafana dashboard's panels chart, each query checked to parse as PromQL
+/// (with Grafana's variables as it fills them in) and each panel to say what it shows.
+fn dashboard_metrics() -> HashSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/helm/dci/files/dashboard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = HashSet::new();
+    let mut places = HashSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        assert!(
+            panel["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{title}"
+        );
+        let at = &panel["gridPos"];
+        assert!(
+            places.insert((at["x"].as_u64(), at["y"].as_u64())),
+            "{title} overlaps"
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let filled = expr
+                .replace("$__rate_interval", "2m")
+                .replace("$region", ".*");
+            promql_parser::parser::parse(&filled).unwrap_or_else(|e| panic!("{title}: {e}"));
+            names.extend(metric_names(expr));
+        }
+    }
+    names
+}
+
+/// The `dci_` metrics a PromQL expression names.
+fn metric_names(expr: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("dci_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
 }
 
 /// Every metric the Helm chart's alerting rules name, each rule checked to be whole and to
@@ -2126,15 +2190,7 @@ fn alert_metrics() -> HashSet<String> {
         for field in [&rule["labels"]["severity"], &rule["annotations"]["summary"]] {
             assert!(field.as_str().is_some_and(|s| !s.is_empty()), "{alert}");
         }
-        let mut rest = expr;
-        while let Some(at) = rest.find("dci_") {
-            let name: String = rest[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            rest = &rest[at + name.len()..];
-            names.insert(name);
-        }
+        names.extend(metric_names(expr));
     }
     names
 }

@@ -641,7 +641,7 @@ impl EdgeNode {
                     &mut out,
                     "counter",
                     "dci_fills_refused_total",
-                    "Sets refused by their lease",
+                    "Sets refused by their lease (or their version)",
                     "",
                     get(&c.refused),
                 );

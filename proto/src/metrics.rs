@@ -371,7 +371,11 @@ pub async fn expose(
 ) -> Option<SocketAddr> {
     let mut served = None;
     if let Some(addr) = listen {
-        match serve(addr, render.clone(), probes, shutdown.clone()).await {
+        // (An OTLP collector has the same in the resource of everything the node pushes.)
+        let info = node_info(&resource);
+        let inner = render.clone();
+        let with_info: Render = Arc::new(move || inner() + &info);
+        match serve(addr, with_info, probes, shutdown.clone()).await {
             Ok(bound) => {
                 tracing::info!(%bound, "metrics on /metrics");
                 served = Some(bound);
@@ -400,6 +404,44 @@ pub async fn expose(
         ));
     }
     served
+}
+
+/// `dci_node_info`, 1 with the node's role, id, region and shard as labels (from its OTLP
+/// resource): what a dashboard joins a node's other metrics with (`* on(instance)
+/// group_left(role, region) dci_node_info`), since they carry no such labels themselves.
+fn node_info(resource: &[(&'static str, String)]) -> String {
+    let mut labels = vec![format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))];
+    for (key, value) in resource {
+        let name = match *key {
+            "service.name" => "role",
+            "service.instance.id" => "node_id",
+            "dci.region" => "region",
+            "dci.shard" => "shard",
+            _ => continue,
+        };
+        let value = value
+            .strip_prefix("dci-")
+            .filter(|_| name == "role")
+            .unwrap_or(value);
+        labels.push(format!("{name}=\"{}\"", label_value(value)));
+    }
+    let mut out = String::new();
+    sample(
+        &mut out,
+        "gauge",
+        "dci_node_info",
+        "1, with the node's role, node_id, region (relays and edges), shard (coordinators) and version",
+        &labels.join(","),
+        1.0,
+    );
+    out
+}
+
+/// A label value as the text format writes it: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// A probe's route: 200 and `yes`, or 503 and `no` with the reason.
