@@ -2251,6 +2251,12 @@ fn helm_placement(docs: &[serde_yaml::Value]) {
 }
 
 /// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.
+/// A file of the Helm chart's `files/`.
+fn chart_file(name: &str) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci/files");
+    std::fs::read_to_string(format!("{dir}/{name}")).unwrap()
+}
+
 fn helm_template(release: &str, settings: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
     let o = Command::new("helm")
@@ -3767,14 +3773,7 @@ fn the_helm_chart_starts_a_working_tree() {
         .find(|d| d["kind"] == "PrometheusRule")
         .unwrap_or_else(|| panic!("no PrometheusRule in {:?}", kinds(&docs)));
     assert_eq!(rule["metadata"]["labels"]["release"], "kps");
-    let file: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/helm/dci/files/alerts.yaml"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let file: serde_yaml::Value = serde_yaml::from_str(&chart_file("alerts.yaml")).unwrap();
     assert_eq!(rule["spec"]["groups"], file["groups"]);
     // The Grafana dashboard, for Grafana's sidecar: the file as it is, under its labels.
     assert!(!plain
@@ -3796,14 +3795,7 @@ fn the_helm_chart_starts_a_working_tree() {
     assert_eq!(board["metadata"]["annotations"]["grafana_folder"], "dci");
     let json: serde_json::Value =
         serde_json::from_str(board["data"]["dci.json"].as_str().unwrap()).unwrap();
-    let file: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/helm/dci/files/dashboard.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let file: serde_json::Value = serde_json::from_str(&chart_file("dashboard.json")).unwrap();
     assert_eq!(json, file);
     // As people write them: sizes with any unit the nodes take, durations, percentages.
     helm_template(

@@ -2127,12 +2127,7 @@ async fn every_node_serves_prometheus_metrics() {
 /// Every metric the Grafana dashboard's panels chart, each query checked to parse as PromQL
 /// (with Grafana's variables as it fills them in) and each panel to say what it shows.
 fn dashboard_metrics() -> HashSet<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/helm/dci/files/dashboard.json"
-    );
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&chart_file("dashboard.json")).unwrap();
     let mut names = HashSet::new();
     let mut places = HashSet::new();
     for panel in dash["panels"].as_array().unwrap() {
@@ -2158,6 +2153,12 @@ fn dashboard_metrics() -> HashSet<String> {
     names
 }
 
+/// A file of the Helm chart's `files/`.
+fn chart_file(name: &str) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci/files");
+    std::fs::read_to_string(format!("{dir}/{name}")).unwrap()
+}
+
 /// The `dci_` metrics a PromQL expression names.
 fn metric_names(expr: &str) -> HashSet<String> {
     let mut names = HashSet::new();
@@ -2176,12 +2177,7 @@ fn metric_names(expr: &str) -> HashSet<String> {
 /// Every metric the Helm chart's alerting rules name, each rule checked to be whole and to
 /// parse as PromQL.
 fn alert_metrics() -> HashSet<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/helm/dci/files/alerts.yaml"
-    );
-    let rules: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rules: serde_yaml::Value = serde_yaml::from_str(&chart_file("alerts.yaml")).unwrap();
     let mut names = HashSet::new();
     for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
         let alert = rule["alert"].as_str().unwrap();

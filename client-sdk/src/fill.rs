@@ -1,7 +1,11 @@
 //! What a fill hands a cache besides its key: the value, and what the cache checks it against
 //! besides the miss's lease.
 
+use std::future::Future;
+
 use bytes::Bytes;
+
+use crate::Error;
 
 /// A value to fill ([`crate::CacheClient::set`], [`crate::NearCache::set`], or what a
 /// `get_or_load` loader returns), with the tags it was built from and the version it was read
@@ -57,4 +61,18 @@ impl<V: Into<Bytes>> From<V> for Fill {
     fn from(value: V) -> Fill {
         Fill::new(value)
     }
+}
+
+/// Run a `get_or_load` loader: what it returns as a fill, its failure as [`Error::Loader`].
+pub(crate) async fn load<F, Fut, V, E>(loader: F) -> Result<Fill, Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<V, E>>,
+    V: Into<Fill>,
+    E: std::fmt::Display,
+{
+    loader()
+        .await
+        .map(Into::into)
+        .map_err(|e| Error::Loader(e.to_string()))
 }

@@ -413,12 +413,7 @@ impl NearCache {
         E: std::fmt::Display,
     {
         let key = key.into();
-        let load = || async {
-            loader()
-                .await
-                .map(Into::into)
-                .map_err(|e| Error::Loader(e.to_string()))
-        };
+        let load = || crate::fill::load(loader);
         let value_of = |loaded: Result<Fill, Error>| loaded.map(|f| f.value);
         match self.look(&key) {
             (Lookup::Hit(v), _) => return Ok(v),
