@@ -603,6 +603,98 @@ async fn a_fill_read_from_a_replica_behind_the_write_is_refused_by_its_version()
     c.stop().await.unwrap();
 }
 
+/// A Subscription hands the application the stream in seq order, from where it says, and goes
+/// on after its position in a later subscription. One that takes nothing for a while holds up
+/// no edge of its relay; one that resumes in an epoch the shard's log is not in gets a Flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_hands_the_stream_to_the_application_in_order() {
+    use dci_sdk::{Event, Subscription, SubscriptionOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let e = edge(edge_cfg(vec![r.url()])).await;
+    wait_in_stream(&e).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let mut published = Vec::new();
+    for k in keys(0..20, "user:") {
+        published.push(k.clone());
+        p.invalidate(k).await.unwrap();
+    }
+    p.publish(vec![
+        dci_proto::Invalidation::prefix("user:1"),
+        dci_proto::Invalidation::tag("org:7"),
+    ])
+    .await
+    .unwrap();
+    published.extend(["user:1".to_string(), "org:7".to_string()]);
+    let subscribe = |resume| {
+        Subscription::start(SubscriptionOptions {
+            senders: vec![r.url()],
+            resume,
+            buffer: 4,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let mut sub = subscribe(vec![(0, c.epoch, 0)]);
+    // Taking nothing, it holds up no edge: 300 more reach the edge meanwhile.
+    let more = keys(20..320, "user:");
+    for chunk in more.chunks(10) {
+        publish_all(&p, chunk).await;
+    }
+    published.extend(more);
+    let head = published.len() as Seq;
+    wait_applied(&e, head).await;
+    let mut got = Vec::new();
+    let mut kinds = Vec::new();
+    while (got.len() as Seq) < head {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+            Ok(Some(Event::Invalidations {
+                shard: 0,
+                epoch,
+                last_seq,
+                entries,
+            })) => {
+                assert_eq!(epoch, c.epoch);
+                for e in &entries {
+                    assert_eq!(e.seq, got.len() as Seq + 1, "in seq order, none missing");
+                    got.push(String::from_utf8(e.key.to_vec()).unwrap());
+                    kinds.push(e.kind);
+                }
+                assert_eq!(last_seq, got.len() as Seq);
+            }
+            other => panic!("{other:?} after {} of {head}", got.len()),
+        }
+    }
+    assert_eq!(got, published);
+    assert_eq!(
+        kinds[20..22],
+        [dci_proto::Kind::Prefix, dci_proto::Kind::Tag]
+    );
+    assert_eq!(sub.position(), [(0, c.epoch, head)]);
+    // A later subscription goes on after the position, with nothing again and nothing missed.
+    let position = sub.position();
+    drop(sub);
+    let later = publish_all(&p, &keys(0..3, "late:")).await;
+    let mut sub = subscribe(position);
+    let Some(Event::Invalidations { entries, .. }) = sub.next().await else {
+        panic!("the invalidations after the position")
+    };
+    let seqs: Vec<Seq> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (head + 1..=later).collect::<Vec<_>>());
+    // An epoch the shard's log is not in: what the subscriber holds of it must go.
+    let mut sub = subscribe(vec![(0, c.epoch + 1, 2)]);
+    match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+        Ok(Some(Event::Flush {
+            shard: 0, epoch, ..
+        })) => assert_eq!(epoch, c.epoch),
+        other => panic!("{other:?}"),
+    }
+    e.edge.stop().await.unwrap();
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// The cache only saves loads: a key whose edge is gone (stopped, never there, or stuck past the
 /// deadline) is still read, from the loader, and nothing is filled; the loader's own failure and
 /// a key the edge refuses are still errors.

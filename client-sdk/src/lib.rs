@@ -7,6 +7,8 @@
 //!   refused) and lets one caller per key load at a time.
 //! - [`NearCache`]: an in-process cache that follows relays like an edge does, with the same
 //!   guarantees (lease-gated fills, flush on Reset, bounded staleness).
+//! - [`Subscription`]: the invalidation stream itself, as [`Event`]s in seq order per shard,
+//!   for what the caches above do not hold (an application's own cache, a CDN to purge).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), dci_sdk::Error> {
@@ -24,6 +26,7 @@ mod cache;
 mod fill;
 mod near;
 mod publisher;
+mod subscription;
 mod turn;
 
 pub use cache::{CacheClient, Lookup, GET_MANY_CHUNK, SET_MANY_BYTES};
@@ -34,6 +37,7 @@ pub use dci_proto::{Invalidation, Kind};
 pub use fill::Fill;
 pub use near::{NearCache, NearCacheOptions};
 pub use publisher::{Applied, Publisher, PublisherOptions};
+pub use subscription::{Event, Subscription, SubscriptionOptions};
 
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
