@@ -639,7 +639,7 @@ async fn a_subscription_hands_the_stream_to_the_application_in_order() {
     let mut sub = subscribe(vec![(0, c.epoch, 0)]);
     // Taking nothing, it holds up no edge: 300 more reach the edge meanwhile.
     let more = keys(20..320, "user:");
-    for chunk in more.chunks(10) {
+    for chunk in more.chunks(1) {
         publish_all(&p, chunk).await;
     }
     published.extend(more);

@@ -216,8 +216,11 @@ struct Handing(mpsc::Sender<Event>);
 
 impl Handing {
     fn hand(&self, event: Event) {
-        // An error: the subscription is gone, and its link stops at once.
-        let _ = futures::executor::block_on(self.0.send(event));
+        // An error: the subscription is gone, and its link stops at once. Unconstrained: this
+        // runs inside the link task's poll, whose budget, once spent, would have the send
+        // answer "not yet" for ever to a wait that never yields to the runtime.
+        let send = tokio::task::unconstrained(self.0.send(event));
+        let _ = futures::executor::block_on(send);
     }
 }
 
