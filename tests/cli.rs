@@ -2250,13 +2250,13 @@ fn helm_placement(docs: &[serde_yaml::Value]) {
     assert_eq!(budgets, 4, "two regions' relays and edges");
 }
 
-/// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.
 /// A file of the Helm chart's `files/`.
 fn chart_file(name: &str) -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci/files");
     std::fs::read_to_string(format!("{dir}/{name}")).unwrap()
 }
 
+/// `helm template` of the chart with these settings: the rendered documents, or helm's stderr.
 fn helm_template(release: &str, settings: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/dci");
     let o = Command::new("helm")
@@ -2330,12 +2330,6 @@ fn after<'a>(args: &'a [String], flag: &str) -> &'a str {
     &args[args.iter().position(|a| a == flag).unwrap() + 1]
 }
 
-/// Start one pod of every workload of rendered documents, coordinators first, then relays,
-/// then edges, each with its command line as rendered but for where things are: `0.0.0.0:PORT`
-/// listens on port 0 of loopback, a URL naming a Service (of `services`) points at the port its
-/// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name, `/data` a
-/// directory of its own (in `dirs`) and the TLS Secret's files at `/tls` the test certificates.
-/// Each pod's probes ask `/healthz` on its metrics port, and get 200 there. Returns the processes.
 /// The text of `file` in the ConfigMap that workload `name` mounts at `dir`.
 fn mounted_config(docs: &[serde_yaml::Value], name: &str, dir: &str, file: &str) -> String {
     let workload = docs
@@ -2354,6 +2348,13 @@ fn mounted_config(docs: &[serde_yaml::Value], name: &str, dir: &str, file: &str)
     doc["data"][file].as_str().unwrap().to_string()
 }
 
+/// Start one pod of every workload of rendered documents, coordinators first, then relays,
+/// then edges, each with its command line as rendered but for where things are: `0.0.0.0:PORT`
+/// listens on port 0 of loopback, a URL naming a Service (of `services`) points at the port its
+/// pod got (`ports`, which learns each workload's), `$(POD_NAME)` is the pod's name (and
+/// `$(NODE_NAME)` its node's, `node-0`), `/data` a
+/// directory of its own (in `dirs`) and the TLS Secret's files at `/tls` the test certificates.
+/// Each pod's probes ask `/healthz` on its metrics port, and get 200 there. Returns the processes.
 fn start_pods(
     docs: &[serde_yaml::Value],
     services: &std::collections::HashMap<String, u64>,
@@ -2363,16 +2364,20 @@ fn start_pods(
     // (workload name, role, container args, the paths its probes ask).
     let mut pods: Vec<(String, String, Vec<String>, Vec<String>)> = docs
         .iter()
-        .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        .filter(|d| {
+            ["Deployment", "StatefulSet", "DaemonSet"].contains(&d["kind"].as_str().unwrap_or(""))
+        })
         .map(|d| {
             let c = &d["spec"]["template"]["spec"]["containers"][0];
             let args = helm_args(d);
-            if args.iter().any(|a| a.contains("$(POD_NAME)")) {
-                assert_eq!(c["env"][0]["name"], "POD_NAME");
-                assert_eq!(
-                    c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
-                    "metadata.name"
-                );
+            for (var, field) in [
+                ("POD_NAME", "metadata.name"),
+                ("NODE_NAME", "spec.nodeName"),
+            ] {
+                if args.iter().any(|a| a.contains(&format!("$({var})"))) {
+                    assert_eq!(c["env"][0]["name"], var);
+                    assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], field);
+                }
             }
             // The probes ask the port the node serves its metrics on.
             let metrics = c["ports"]
@@ -2467,6 +2472,7 @@ fn start_pods(
                 return urls.join(",");
             }
             arg.replace("$(POD_NAME)", &pod)
+                .replace("$(NODE_NAME)", "node-0")
         };
         let args: Vec<String> = args
             .iter()
@@ -3598,6 +3604,65 @@ fn the_helm_chart_starts_a_working_tree() {
     eventually("the other cluster's edge to apply both shards", || {
         edges_caught_up(&coordinators, &[], &heads).contains(&"u-edge-ap-south-0".to_string())
     });
+    // Edges as a DaemonSet: one on each node, named after it, behind a Service that sends an
+    // application to its own node's edge (no ring, which names its edges).
+    let per_node = [
+        region.as_slice(),
+        &[
+            "--set",
+            "edge.kind=DaemonSet",
+            "--set-json",
+            r#"regions=[{"name":"ap-east","relays":1}]"#,
+        ],
+    ]
+    .concat();
+    let docs = helm_template("d", &per_node).unwrap();
+    let edges = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the edges' DaemonSet");
+    assert_eq!(
+        after(&helm_args(edges), "--node-id"),
+        "d-edge-ap-east-$(NODE_NAME)"
+    );
+    let service = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "d-edge-ap-east")
+        .unwrap();
+    assert_eq!(service["spec"]["internalTrafficPolicy"], "Local");
+    assert!(service["spec"]["clusterIP"].is_null(), "{service:?}");
+    assert!(!docs
+        .iter()
+        .any(|d| d["kind"] == "PodDisruptionBudget" && d["metadata"]["name"] == "d-edge-ap-east"));
+    services.extend(helm_services(&docs));
+    running.extend(start_pods(&docs, &services, &mut ports, &mut dirs));
+    let heads = publish();
+    eventually("the node's edge to apply both shards", || {
+        edges_caught_up(&coordinators, &[], &heads).contains(&"d-edge-ap-east-node-0".to_string())
+    });
+    let notes = helm_notes("d", &per_node);
+    let get: Vec<String> = notes
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("dci get --edge "))
+        .unwrap_or_else(|| panic!("{notes}"))
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            a.replace(
+                "d-edge-ap-east:7600",
+                &format!("127.0.0.1:{}", ports["d-edge-ap-east"]),
+            )
+        })
+        .collect();
+    let o = dci(&get.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(1), "{get:?}: {}", stderr(&o));
+    assert!(stderr(&o).starts_with("miss (lease "), "{}", stderr(&o));
+    let err = helm_template("d", &["--set", "edge.kind=DaemonSet,edge.replication=2"]).unwrap_err();
+    assert!(
+        err.contains("edge.replication needs edge.kind StatefulSet"),
+        "{err}"
+    );
     drop(running);
 
     // Failover lists per shard, and what cannot work is refused with a message.

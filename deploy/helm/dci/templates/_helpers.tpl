@@ -73,7 +73,7 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- if .v.affinity }}
 affinity: {{- toYaml .v.affinity | nindent 2 }}
-{{- else }}
+{{- else if .labels }}
 affinity:
   podAntiAffinity:
     preferredDuringSchedulingIgnoredDuringExecution:
