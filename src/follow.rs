@@ -31,6 +31,13 @@ pub struct FollowArgs {
     /// Exit after this many invalidations.
     #[arg(long, value_parser = crate::positive)]
     count: Option<u64>,
+    /// A JSON object per line, for a program to read: `{"event":"invalidate","shard":0,
+    /// "epoch":…,"seq":3,"kind":"key","key":"user:42","version":7}` (a key that is not UTF-8 as
+    /// `key_hex`; `trace_id` and `span_id` when traced), and also, on standard output, what
+    /// the stream says of itself: `{"event":"flush",…,"hwm":…,"reason":…}` (drop everything of
+    /// the shard) and `{"event":"quarantined",…}` (drop the key).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     tls: crate::ClientTlsArgs,
 }
@@ -48,6 +55,8 @@ struct Printer {
     done: Arc<watch::Sender<bool>>,
     /// Why printing stopped early, if not for a reader that went away.
     failed: Arc<Mutex<Option<String>>>,
+    /// JSON lines (`--json`).
+    json: bool,
 }
 
 impl Printer {
@@ -86,6 +95,54 @@ fn line(e: &dci_proto::Invalidation, shard: Option<ShardId>) -> String {
     l
 }
 
+/// `key` (or `key_hex` when it is not UTF-8) in `fields`.
+fn json_key(fields: &mut serde_json::Map<String, serde_json::Value>, key: &[u8]) {
+    match std::str::from_utf8(key) {
+        Ok(k) => fields.insert("key".into(), k.into()),
+        Err(_) => fields.insert("key_hex".into(), dci_proto::trace::to_hex(key).into()),
+    };
+}
+
+/// The JSON line of one invalidation (`--json`).
+fn json_line(e: &dci_proto::Invalidation, shard: ShardId, epoch: Epoch) -> String {
+    let mut f = serde_json::Map::new();
+    f.insert("event".into(), "invalidate".into());
+    f.insert("shard".into(), shard.into());
+    f.insert("epoch".into(), epoch.into());
+    f.insert("seq".into(), e.seq.into());
+    let kind = match e.kind {
+        Kind::Key => "key",
+        Kind::Prefix => "prefix",
+        Kind::Tag => "tag",
+        Kind::All => "all",
+    };
+    f.insert("kind".into(), kind.into());
+    if e.kind != Kind::All {
+        json_key(&mut f, &e.key);
+    }
+    if let Some(v) = e.source_version {
+        f.insert("version".into(), v.into());
+    }
+    if let Some(t) = &e.trace_id {
+        match dci_proto::trace::TraceContext::from_bytes(t) {
+            Some(c) => {
+                f.insert(
+                    "trace_id".into(),
+                    dci_proto::trace::to_hex(&c.trace_id).into(),
+                );
+                if let Some(span) = c.parent_span_id {
+                    f.insert("span_id".into(), dci_proto::trace::to_hex(&span).into());
+                }
+            }
+            None => {
+                f.insert("trace_id".into(), dci_proto::trace::to_hex(t).into());
+            }
+        }
+    }
+    f.insert("published_us".into(), e.publish_time_us.into());
+    serde_json::Value::Object(f).to_string()
+}
+
 impl Applier for Printer {
     fn apply(&mut self, b: &Batch) {
         if self.only.is_some_and(|s| s != b.shard) {
@@ -96,7 +153,12 @@ impl Applier for Printer {
             if self.left == Some(0) {
                 break;
             }
-            if let Err(e) = writeln!(self.out, "{}", line(e, shard)) {
+            let text = if self.json {
+                json_line(e, b.shard, b.epoch)
+            } else {
+                line(e, shard)
+            };
+            if let Err(e) = writeln!(self.out, "{text}") {
                 return self.wrote(e);
             }
             self.left = self.left.map(|n| n - 1);
@@ -110,6 +172,15 @@ impl Applier for Printer {
     }
 
     fn quarantine(&mut self, shard: ShardId, entry: &dci_proto::pb::Invalidation, why: &str) {
+        if self.json && self.only.is_none_or(|s| s == shard) {
+            let mut f = serde_json::Map::new();
+            f.insert("event".into(), "quarantined".into());
+            f.insert("shard".into(), shard.into());
+            f.insert("seq".into(), entry.seq.into());
+            json_key(&mut f, &entry.key);
+            f.insert("reason".into(), why.into());
+            self.say(serde_json::Value::Object(f));
+        }
         eprintln!(
             "shard {shard}: seq {} quarantined (its key {} dropped): {why}",
             entry.seq,
@@ -118,6 +189,15 @@ impl Applier for Printer {
     }
 
     fn flush(&mut self, shard: ShardId, epoch: Epoch, hwm: Seq, reason: &str) {
+        if self.json && self.only.is_none_or(|s| s == shard) {
+            self.say(serde_json::json!({
+                "event": "flush",
+                "shard": shard,
+                "epoch": epoch,
+                "hwm": hwm,
+                "reason": reason,
+            }));
+        }
         eprintln!(
             "shard {shard}: following from seq {} of epoch {epoch} ({reason})",
             hwm.saturating_add(1)
@@ -126,6 +206,16 @@ impl Applier for Printer {
 }
 
 impl Printer {
+    /// A line of what the stream says of itself (`--json`), unless printing is over.
+    fn say(&mut self, v: serde_json::Value) {
+        if self.left == Some(0) {
+            return;
+        }
+        if let Err(e) = writeln!(self.out, "{v}").and_then(|()| self.out.flush()) {
+            self.wrote(e);
+        }
+    }
+
     fn wrote(&mut self, e: std::io::Error) {
         // A reader that went away (`dci follow | head`) ends it as it ends any command.
         let failure = (e.kind() != std::io::ErrorKind::BrokenPipe)
@@ -211,6 +301,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
         only: a.shard,
         done: done_tx.clone(),
         failed: failure.clone(),
+        json: a.json,
     };
     let opts = FollowOptions {
         urls: a.sender.clone(),
@@ -309,5 +400,26 @@ mod tests {
             ..e(b"k", Kind::Key)
         };
         assert_eq!(line(&opaque, None), "seq=7 key=k trace=01ab");
+    }
+
+    /// `--json`: a key that is not UTF-8 goes in hex, and bytes of a trace that are no W3C
+    /// context as they came.
+    #[test]
+    fn a_json_line_holds_any_key() {
+        let e = dci_proto::Invalidation {
+            seq: 7,
+            trace_id: Some(bytes::Bytes::from_static(b"\x01\xab")),
+            ..dci_proto::Invalidation::tag(bytes::Bytes::from_static(b"a\n\xff"))
+        };
+        let v: serde_json::Value = serde_json::from_str(&json_line(&e, 2, 9)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "invalidate", "shard": 2, "epoch": 9, "seq": 7,
+                "kind": "tag", "key_hex": "610aff", "trace_id": "01ab", "published_us": 0})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&json_line(&dci_proto::Invalidation::key("ü \"x\""), 0, 1))
+                .unwrap();
+        assert_eq!(v["key"], "ü \"x\"");
     }
 }

@@ -1314,6 +1314,66 @@ fn follow_prints_the_stream_from_the_head_or_a_seq() {
     assert_eq!(lines, ["seq=2 key=b", "seq=4 prefix=user:", "seq=5 all"]);
     assert_eq!(f.exit_code(), Some(0));
 
+    // As JSON lines, for a program.
+    publish(&[
+        "--version",
+        "9",
+        "--traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "z",
+    ]);
+    let f = follow(Command::new(DCI).args([
+        "follow", "--sender", &relay, "--from", "3", "--count", "6", "--json",
+    ]));
+    let events: Vec<serde_json::Value> = (0..6)
+        .map_while(|_| f.line())
+        .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let field = |i: usize, name: &str| events[i][name].clone();
+    assert_eq!(events.len(), 6);
+    assert!(events
+        .iter()
+        .all(|e| e["event"] == "invalidate" && e["shard"] == 0));
+    assert!(events
+        .iter()
+        .all(|e| e["epoch"].as_u64().is_some_and(|n| n > 0)));
+    assert!(events
+        .iter()
+        .all(|e| e["published_us"].as_u64().is_some_and(|n| n > 0)));
+    let seqs: Vec<_> = (0..6).map(|i| field(i, "seq")).collect();
+    assert_eq!(seqs, [3, 4, 5, 6, 7, 8]);
+    let kinds: Vec<_> = (0..6).map(|i| field(i, "kind")).collect();
+    assert_eq!(kinds, ["key", "prefix", "all", "key", "key", "key"]);
+    assert_eq!(
+        (field(0, "key"), field(0, "version")),
+        ("c".into(), 5.into())
+    );
+    assert_eq!(field(1, "key"), "user:");
+    assert!(events[2].get("key").is_none());
+    assert_eq!(field(3, "key"), "x y");
+    assert_eq!(field(5, "key"), "z");
+    assert_eq!(field(5, "version"), 9);
+    assert_eq!(field(5, "trace_id"), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(field(5, "span_id"), "00f067aa0ba902b7");
+    assert_eq!(f.exit_code(), Some(0));
+    // Joining at the head, it says where it starts: a flush of what came before.
+    let f =
+        follow(Command::new(DCI).args(["follow", "--sender", &relay, "--count", "1", "--json"]));
+    let joined: serde_json::Value = serde_json::from_str(&f.line().unwrap_or_default()).unwrap();
+    assert_eq!(
+        (&joined["event"], &joined["hwm"]),
+        (&"flush".into(), &8.into()),
+        "{joined}"
+    );
+    assert!(
+        joined["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{joined}"
+    );
+    publish(&["after"]);
+    let v: serde_json::Value = serde_json::from_str(&f.line().unwrap_or_default()).unwrap();
+    assert_eq!((&v["seq"], &v["key"]), (&9.into(), &"after".into()));
+    assert_eq!(f.exit_code(), Some(0));
+
     // The count reached in the middle of a batch (a and b were published together).
     let f = follow(
         Command::new(DCI).args(["follow", "--sender", &relay, "--from", "1", "--count", "1"]),
