@@ -30,9 +30,10 @@ pub struct SubscriptionOptions {
     /// goes on after it, or, when the senders no longer have what follows it (or the shard's
     /// log is of another epoch now), with an [`Event::Flush`]. Empty: at the senders' head.
     pub resume: Vec<(ShardId, Epoch, Seq)>,
-    /// Events held for the application before the stream waits for it to take them: a
-    /// subscriber that takes them slowly slows only its own link, and one that falls behind
-    /// everything its senders retain gets an [`Event::Flush`].
+    /// Events held for the application before the stream waits for it to take them (64; an
+    /// event is a batch, as many invalidations as came together): a subscriber that takes them
+    /// slowly slows only its own link, and one that falls behind everything its senders retain
+    /// gets an [`Event::Flush`].
     pub buffer: usize,
     /// How to speak TLS to `https://` senders.
     pub tls: ClientTls,
@@ -46,7 +47,7 @@ impl Default for SubscriptionOptions {
             node_id: format!("subscriber-{:08x}", rand::random::<u32>()),
             region: String::new(),
             resume: Vec::new(),
-            buffer: 1024,
+            buffer: 64,
             tls: ClientTls::default(),
         }
     }
