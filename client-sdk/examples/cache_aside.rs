@@ -12,17 +12,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use dci_sdk::{CacheClient, Lookup, Publisher};
+use dci_sdk::{CacheClient, Fill, Lookup, Publisher};
 
 /// The "database": a row per key, with its version.
 type Database = Arc<Mutex<HashMap<String, (u64, String)>>>;
 
-/// What a miss loads: the row as it is now.
-async fn load(db: Database, key: &str) -> Result<Bytes, String> {
+/// What a miss loads: the row as it is now, with its version, so that the edge refuses the
+/// fill if it already applied an invalidation of a newer one (a row read from a replica behind
+/// the write).
+async fn load(db: Database, key: &str) -> Result<Fill, String> {
     let rows = db.lock().map_err(|e| e.to_string())?;
-    let (_, row) = rows.get(key).ok_or(format!("no row {key}"))?;
-    Ok(Bytes::from(row.clone()))
+    let (version, row) = rows.get(key).ok_or(format!("no row {key}"))?;
+    Ok(Fill::new(row.clone()).version(*version))
 }
 
 #[tokio::main]
