@@ -185,9 +185,9 @@ impl std::fmt::Display for Template {
 pub(crate) struct Invalidations {
     /// Keys, each invalidated with `version`.
     pub keys: Vec<String>,
-    /// Tags (a tag invalidation names no version).
+    /// Tags, each invalidated with `version` too.
     pub tags: Vec<String>,
-    /// The event's version, when it has keys and `--json-version` finds one.
+    /// The event's version, when it makes something and `--json-version` finds one.
     pub version: Option<u64>,
 }
 
@@ -224,8 +224,8 @@ impl Changes {
         };
         let keys = render(&self.keys)?;
         let tags = render(&self.tags)?;
-        let version = match (&self.version, keys.is_empty()) {
-            (Some(path), false) => path.version(&event)?,
+        let version = match &self.version {
+            Some(path) if !keys.is_empty() || !tags.is_empty() => path.version(&event)?,
             _ => None,
         };
         Ok(Invalidations {
@@ -276,6 +276,16 @@ mod tests {
         assert_eq!(
             c.of(r#"{"ts_ms":1700000000000}"#).unwrap(),
             Invalidations::default()
+        );
+        // Tags alone take the event's version too.
+        let tags_only = changes(&[], &["org:{org}"], Some("lsn"));
+        assert_eq!(
+            tags_only.of(r#"{"org":7,"lsn":9}"#).unwrap(),
+            Invalidations {
+                keys: vec![],
+                tags: vec!["org:7".into()],
+                version: Some(9),
+            }
         );
     }
 

@@ -26,12 +26,13 @@ pub(crate) struct PublishArgs {
     prefix: bool,
     /// Invalidate every value filled with these tags (`dci set --tag`, the SDK's
     /// `Fill::tagged`), whatever its key, instead of exact keys.
-    #[arg(long, conflicts_with_all = ["prefix", "version", "with_versions"])]
+    #[arg(long, conflicts_with = "prefix")]
     tag: bool,
     /// Invalidate every key of every shard (edges drop all they hold); prints "* SEQ".
     #[arg(long, conflicts_with_all = ["prefix", "tag", "keys", "version", "with_versions"])]
     all: bool,
-    /// Writer's version for every key (a row's: a prefix covers many rows, and takes none).
+    /// Writer's version for every key (a row's: a prefix covers many rows, and takes none), or
+    /// every tag (then a log position, comparable across the rows a tag covers).
     #[arg(long, conflicts_with = "prefix")]
     version: Option<u64>,
     /// Each key is followed by its writer's version after a space or tab (`user:42:profile 7`,
@@ -50,9 +51,10 @@ pub(crate) struct PublishArgs {
     /// As --json-key, a tag invalidation of the tag the template makes (`org:{after.org_id}`).
     #[arg(long = "json-tag", value_name = "TEMPLATE", conflicts_with_all = ["prefix", "tag", "all", "version", "with_versions"])]
     json_tags: Vec<crate::changes::Template>,
-    /// The path of an event's version, with which its keys are published (`payload.source.lsn`):
-    /// a whole number, digits in a string, or a PostgreSQL log position (`16/B374D848`).
-    #[arg(long, value_name = "PATH", requires = "json_keys")]
+    /// The path of an event's version, with which its keys and tags are published
+    /// (`payload.source.lsn`): a whole number, digits in a string, or a PostgreSQL log position
+    /// (`16/B374D848`).
+    #[arg(long, value_name = "PATH")]
     json_version: Option<crate::changes::Path>,
     /// Pass over an event that no --json-key or --json-tag template fits (a heartbeat, a table
     /// without the fields) instead of stopping at it.
@@ -313,7 +315,10 @@ impl KeySource {
                 .keys
                 .into_iter()
                 .map(|k| (k, pb::Kind::Key, made.version));
-            let tags = made.tags.into_iter().map(|t| (t, pb::Kind::Tag, None));
+            let tags = made
+                .tags
+                .into_iter()
+                .map(|t| (t, pb::Kind::Tag, made.version));
             e.pending.extend(keys.chain(tags));
         }
     }
@@ -445,6 +450,11 @@ async fn publish_keys(
     published: &mut Vec<dci_proto::applied::Published>,
 ) -> anyhow::Result<()> {
     let tls = a.tls.client()?;
+    if a.json_version.is_some() && a.json_keys.is_empty() && a.json_tags.is_empty() {
+        anyhow::bail!(
+            "--json-version is the version of change events: give --json-key or --json-tag"
+        );
+    }
     let kind = if a.all {
         pb::Kind::All
     } else if a.prefix {

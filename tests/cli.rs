@@ -916,7 +916,10 @@ fn publish_reads_change_events_as_json() {
         f.line().unwrap_or_default(),
         "seq=1 key=users:42 version=24023128"
     );
-    assert_eq!(f.line().unwrap_or_default(), "seq=2 tag=org:7");
+    assert_eq!(
+        f.line().unwrap_or_default(),
+        "seq=2 tag=org:7 version=24023128"
+    );
     // A delete makes the same key from its `before`; a heartbeat fits no template and ends the
     // feed there, what came before it published.
     let feed = [
@@ -1051,6 +1054,40 @@ fn values_set_with_tags_or_a_version_go_as_published() {
     );
     assert!(set_at("8").status.success());
     assert_eq!(stdout(&dci(&["get", "--edge", edge, "user:1"])), "8\n");
+    // A tag invalidation may name a version too (a log position): a value with the tag read
+    // at an older one is refused.
+    let o = dci(&[
+        "publish",
+        "--coordinator",
+        coord,
+        "--tag",
+        "--version",
+        "30",
+        "org:7",
+    ]);
+    let seq = seqs(&o)[0];
+    eventually("the edge to apply it", || hwm(coord, "edge") >= seq);
+    let tagged_at = |version: &str| {
+        dci(&[
+            "set",
+            "--edge",
+            edge,
+            "--tag",
+            "org:7",
+            "--version",
+            version,
+            "page:org",
+            "p",
+        ])
+    };
+    let o = tagged_at("29");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("version 29 is older than version 30"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(tagged_at("30").status.success());
 }
 
 /// `dci publish --traceparent` publishes its keys under the writer's trace context, which goes

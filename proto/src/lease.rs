@@ -215,13 +215,25 @@ struct ShardLeases {
     /// Allocated on the shard's first key invalidation: an edge only pays for shards it hears of.
     slots: Vec<Slot>,
     occupied: usize,
-    /// The newest invalidation of each tag remembered.
-    tag_tombs: std::collections::HashMap<Bytes, Seq, foldhash::fast::RandomState>,
+    /// The newest invalidation of each tag remembered, and the highest version one named.
+    tag_tombs: std::collections::HashMap<Bytes, TagTomb, foldhash::fast::RandomState>,
     /// The same, in the order they came, for the oldest to go first.
     tag_order: VecDeque<(Bytes, Seq)>,
     /// A tagged value filled under a lease below this is stale: a tag invalidation forgotten
     /// for room, or a poisoned one, may have covered it.
     tag_floor: Seq,
+    /// The highest version of the tag invalidations forgotten ([`NO_VERSION`]: none): a
+    /// tagged fill read at an older one is refused, as one of them may have covered it.
+    tag_version_floor: u64,
+}
+
+/// What a cache remembers of a tag's invalidations.
+#[derive(Debug, Clone, Copy)]
+struct TagTomb {
+    /// The newest one's seq.
+    seq: Seq,
+    /// The highest version any named ([`NO_VERSION`]: none).
+    version: u64,
 }
 
 /// Most tombstone slots of one cache, all its shards' together (32 bytes each: 512 MiB).
@@ -361,7 +373,12 @@ impl LeaseTable {
     ) -> Result<(), FillRefused> {
         self.check_fill(key, lease)?;
         if let Some(filled) = version {
-            if let Some(invalidated) = self.newest_version(key).filter(|&v| filled < v) {
+            let shard = self.shard_of(key);
+            let newest = [
+                self.newest_version(key),
+                self.newest_tag_version(shard, tags),
+            ];
+            if let Some(invalidated) = newest.into_iter().flatten().filter(|&v| filled < v).max() {
                 return Err(FillRefused::OlderVersion {
                     filled,
                     invalidated,
@@ -394,9 +411,24 @@ impl LeaseTable {
         }
         self.shard(shard).map_or(0, |s| {
             tags.iter()
-                .filter_map(|t| s.tag_tombs.get(t).copied())
+                .filter_map(|t| s.tag_tombs.get(t).map(|t| t.seq))
                 .fold(s.tag_floor, Seq::max)
         })
+    }
+
+    /// The highest version named by an invalidation in `shard` that may have covered a value
+    /// tagged `tags`, if any named one: a value of them read at an older version is stale
+    /// (versions that are log positions, comparable across rows, as tags need).
+    pub fn newest_tag_version(&self, shard: ShardId, tags: &[Bytes]) -> Option<u64> {
+        if tags.is_empty() {
+            return None;
+        }
+        let s = self.shard(shard)?;
+        let newest = tags
+            .iter()
+            .filter_map(|t| s.tag_tombs.get(t).map(|t| t.version))
+            .fold(s.tag_version_floor, max_version);
+        (newest != NO_VERSION && newest > 0).then_some(newest)
     }
 
     /// Is `shard` one this table maps keys to? Of any other, no lease is ever handed out or
@@ -442,6 +474,9 @@ impl LeaseTable {
                 st.prefix_tombs.clear();
                 st.prefix_index = Prefixes::default();
                 // Every value of the shard goes now, and the floor refuses older fills.
+                for t in st.tag_tombs.values() {
+                    st.tag_version_floor = max_version(st.tag_version_floor, t.version);
+                }
                 st.tag_tombs.clear();
                 st.tag_order.clear();
                 Effect::Shard(shard)
@@ -456,16 +491,22 @@ impl LeaseTable {
                 }
                 // A copy: the tag is a slice of the whole batch's buffer.
                 let tag = Bytes::copy_from_slice(&e.key);
-                let newest = st.tag_tombs.entry(tag.clone()).or_insert(0);
-                *newest = (*newest).max(e.seq);
+                let newest = st.tag_tombs.entry(tag.clone()).or_insert(TagTomb {
+                    seq: 0,
+                    version: NO_VERSION,
+                });
+                newest.seq = newest.seq.max(e.seq);
+                newest.version = max_version(newest.version, version_of(e.source_version));
                 st.tag_order.push_back((tag, e.seq));
                 while st.tag_order.len() > room {
                     let Some((old, seq)) = st.tag_order.pop_front() else {
                         break;
                     };
                     // Forgotten only if no later invalidation of the tag is remembered.
-                    if st.tag_tombs.get(&old) == Some(&seq) {
-                        st.tag_tombs.remove(&old);
+                    if st.tag_tombs.get(&old).is_some_and(|t| t.seq == seq) {
+                        if let Some(t) = st.tag_tombs.remove(&old) {
+                            st.tag_version_floor = max_version(st.tag_version_floor, t.version);
+                        }
                         st.tag_floor = st.tag_floor.max(seq);
                         forgotten += 1;
                     }
@@ -741,6 +782,71 @@ mod tests {
         t.apply(0, &at("k", 5, 10));
         t.flush(0, 1, 5);
         assert_eq!(t.newest_version(b"k"), None, "a flush forgets");
+    }
+
+    /// Tag invalidations that name a version (a log position, comparable across rows) refuse
+    /// a fill of a value with the tag read at an older one; a tag forgotten for room, or
+    /// cleared by an all-keys invalidation, leaves its version as a floor for every tag.
+    #[test]
+    fn a_tagged_fill_older_than_its_tags_invalidated_version_is_refused() {
+        let mut t = LeaseTable::new(1, 1 << 10);
+        t.set_tag_room(2);
+        let tag = |tag: &str, seq: Seq, version: Option<u64>| Invalidation {
+            seq,
+            source_version: version,
+            ..Invalidation::tag(tag.to_string())
+        };
+        let tags = |ts: &[&'static str]| {
+            ts.iter()
+                .map(|x| Bytes::from_static(x.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        t.apply(0, &tag("row:1", 1, Some(20)));
+        t.apply(0, &tag("row:1", 2, Some(15)));
+        t.apply(0, &tag("row:2", 3, None));
+        t.set_applied(0, 1, 3);
+        let lease = t.lease(b"page");
+        let fill = |t: &LeaseTable, ts: &[&'static str], v: Option<u64>| {
+            t.check_fill_with(b"page", &tags(ts), v, lease)
+        };
+        assert_eq!(
+            fill(&t, &["row:2", "row:1"], Some(19)),
+            Err(FillRefused::OlderVersion {
+                filled: 19,
+                invalidated: 20
+            })
+        );
+        for ok in [Some(20), None] {
+            assert_eq!(fill(&t, &["row:1"], ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(
+            fill(&t, &["row:2", "row:3"], Some(1)),
+            Ok(()),
+            "no version named"
+        );
+        assert_eq!(fill(&t, &[], Some(1)), Ok(()), "untagged");
+        // Room for two: row:1 (at 20) is forgotten, and its version is a floor for every tag.
+        t.apply(0, &tag("row:3", 4, Some(25)));
+        t.apply(0, &tag("row:4", 5, Some(9)));
+        t.set_applied(0, 1, 5);
+        let lease = t.lease(b"page");
+        let fill = |t: &LeaseTable, ts: &[&'static str], v: Option<u64>| {
+            t.check_fill_with(b"page", &tags(ts), v, lease)
+        };
+        assert_eq!(t.newest_tag_version(0, &tags(&["row:9"])), Some(20));
+        assert!(fill(&t, &["row:9"], Some(19)).is_err());
+        assert_eq!(fill(&t, &["row:9"], Some(20)), Ok(()));
+        assert!(fill(&t, &["row:3"], Some(24)).is_err());
+        // An all-keys invalidation leaves the versions it cleared as the floor.
+        t.apply(
+            0,
+            &Invalidation {
+                seq: 6,
+                ..Invalidation::all()
+            },
+        );
+        t.set_applied(0, 1, 6);
+        assert_eq!(t.newest_tag_version(0, &tags(&["row:9"])), Some(25));
     }
 
     /// A shard this table does not map keys to (a sender's mistake, or worse) removes what its

@@ -331,6 +331,15 @@ impl Invalidation {
         }
     }
 
+    /// This invalidation, naming the writer's version (`source_version`): a row's version or,
+    /// for a tag or to compare across rows, a log position.
+    pub fn versioned(self, version: u64) -> Self {
+        Invalidation {
+            source_version: Some(version),
+            ..self
+        }
+    }
+
     /// Does this invalidation remove `key`?
     pub fn covers(&self, key: &[u8]) -> bool {
         match self.kind {
