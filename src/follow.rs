@@ -307,10 +307,7 @@ pub async fn run(a: FollowArgs) -> anyhow::Result<()> {
         urls: a.sender.clone(),
         node_id: format!("follow-{:08x}", rand::random::<u32>()),
         role: "follow".into(),
-        filter: Filter {
-            prefixes: a.prefixes.iter().map(|p| p.clone().into()).collect(),
-            ring: None,
-        },
+        filter: Filter::of_prefixes(&a.prefixes),
         heartbeat_interval: Duration::from_secs(1),
         resume,
         tls,

@@ -292,14 +292,7 @@ impl NearCache {
         }));
         let link = Arc::new(Mutex::new(LinkState::default()));
         let (stop, rx) = watch::channel(false);
-        let follows = Filter {
-            prefixes: opts
-                .prefixes
-                .iter()
-                .map(|p| Bytes::from(p.clone()))
-                .collect(),
-            ring: None,
-        };
+        let follows = Filter::of_prefixes(&opts.prefixes);
         let (relays, changes) = watch::channel(upstream::Following {
             urls: opts.relays.clone(),
             filter: follows.clone(),

@@ -133,14 +133,7 @@ impl Subscription {
             node_id: opts.node_id.clone(),
             region: opts.region.clone(),
             role: "subscriber".into(),
-            filter: Filter {
-                prefixes: opts
-                    .prefixes
-                    .iter()
-                    .map(|p| Bytes::from(p.clone()))
-                    .collect(),
-                ring: None,
-            },
+            filter: Filter::of_prefixes(&opts.prefixes),
             heartbeat_interval: Duration::from_secs(1),
             resume: opts.resume.clone(),
             tls: opts.tls.clone(),

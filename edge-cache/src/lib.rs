@@ -460,12 +460,8 @@ fn follows(cfg: &EdgeConfig, node_id: &str) -> Result<Filter, EdgeError> {
         })
     };
     Ok(Filter {
-        prefixes: cfg
-            .prefixes
-            .iter()
-            .map(|p| Bytes::from(p.clone()))
-            .collect(),
         ring,
+        ..Filter::of_prefixes(&cfg.prefixes)
     })
 }
 

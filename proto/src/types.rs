@@ -795,6 +795,14 @@ pub enum InvalidFilter {
 }
 
 impl Filter {
+    /// Keys with one of these prefixes (none: every key), on no ring.
+    pub fn of_prefixes(prefixes: &[String]) -> Filter {
+        Filter {
+            prefixes: prefixes.iter().map(|p| Bytes::from(p.clone())).collect(),
+            ring: None,
+        }
+    }
+
     /// Does the entry pass? ALL and TAG always pass (a tag's values may have any key); PREFIX
     /// passes when it overlaps a wanted prefix; a PREFIX entry also passes a ring filter (its
     /// keys may live on any node).
