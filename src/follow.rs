@@ -35,7 +35,8 @@ pub struct FollowArgs {
     /// "epoch":…,"seq":3,"kind":"key","key":"user:42","version":7}` (a key that is not UTF-8 as
     /// `key_hex`; `trace_id` and `span_id` when traced), and also, on standard output, what
     /// the stream says of itself: `{"event":"flush",…,"hwm":…,"reason":…}` (drop everything of
-    /// the shard) and `{"event":"quarantined",…}` (drop the key).
+    /// the shard) and `{"event":"quarantined",…}` (poison, for the record: the lines after it
+    /// carry what stands in for it).
     #[arg(long)]
     json: bool,
     #[command(flatten)]

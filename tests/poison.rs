@@ -236,6 +236,55 @@ async fn an_edge_quarantines_poison_flushes_its_key_and_goes_on() {
     edge.stop().await.unwrap();
 }
 
+/// A subscription tells the application of the poison (Quarantined, before its batch), hands it
+/// the batch with what stands in for each poisoned entry (its key, invalidated), and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_tells_the_poison_and_goes_on() {
+    use dci_sdk::{Event, Subscription, SubscriptionOptions};
+    let (url, stop) = serve(script()).await;
+    let mut sub = Subscription::start(SubscriptionOptions {
+        senders: vec![url],
+        resume: vec![(0, 1, 0)],
+        ..Default::default()
+    })
+    .unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&"after".to_string()) {
+        let event = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("the stream goes on")
+            .expect("not stopped");
+        match event {
+            Event::Invalidations { entries, .. } => {
+                seen.extend(
+                    entries
+                        .iter()
+                        .map(|e| String::from_utf8_lossy(&e.key).to_string()),
+                );
+            }
+            Event::Quarantined { shard: 0, key, why } => {
+                assert!(!why.is_empty());
+                seen.push(format!("quarantined {}", String::from_utf8_lossy(&key)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "quarantined poison",
+            "quarantined ",
+            "a",
+            "poison",
+            "boom",
+            "after"
+        ],
+        "told, then the batch with the poison's stand-in"
+    );
+    assert_eq!(sub.position(), [(0, 1, 5)]);
+    let _ = stop.send(true);
+}
+
 /// A tag too long for a relay is quarantined there, and what stands in for it (every tagged
 /// value of the shard) goes on down, where an edge takes it the same way: a tagged fill under a
 /// lease from before it is refused, an untagged one is not.

@@ -81,7 +81,9 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// An invalidation that could not be read as one (poison): drop its key, as if invalidated.
+    /// An invalidation refused as poison (an unknown kind, a key too long...), for the
+    /// application's log: told before its batch, which carries what stands in for it (its key
+    /// invalidated; a tag's, every tagged value), so there is nothing more to drop for it.
     Quarantined {
         /// The shard.
         shard: ShardId,
