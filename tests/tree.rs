@@ -682,12 +682,20 @@ async fn a_subscription_hands_the_stream_to_the_application_in_order() {
     };
     let seqs: Vec<Seq> = entries.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (head + 1..=later).collect::<Vec<_>>());
-    // An epoch the shard's log is not in: what the subscriber holds of it must go.
+    // An epoch the shard's log is not in: what the subscriber holds of it must go. (Taken as a
+    // Stream, and the position follows.)
     let mut sub = subscribe(vec![(0, c.epoch + 1, 2)]);
-    match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+    let next = futures::StreamExt::next(&mut sub);
+    match tokio::time::timeout(Duration::from_secs(10), next).await {
         Ok(Some(Event::Flush {
-            shard: 0, epoch, ..
-        })) => assert_eq!(epoch, c.epoch),
+            shard: 0,
+            epoch,
+            hwm,
+            ..
+        })) => {
+            assert_eq!(epoch, c.epoch);
+            assert_eq!(sub.position(), [(0, epoch, hwm)]);
+        }
         other => panic!("{other:?}"),
     }
     e.edge.stop().await.unwrap();

@@ -159,10 +159,24 @@ impl Subscription {
         })
     }
 
-    /// The next event; `None` once stopped.
+    /// The next event; `None` once stopped. (A `Subscription` is also a [`futures::Stream`]
+    /// of them.)
     pub async fn next(&mut self) -> Option<Event> {
-        let event = self.events.recv().await?;
-        let (shard, epoch, seq) = match &event {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        let event = match self.events.poll_recv(cx) {
+            std::task::Poll::Ready(Some(event)) => event,
+            other => return other,
+        };
+        self.taken(&event);
+        std::task::Poll::Ready(Some(event))
+    }
+
+    /// The position after `event`, which the application has taken.
+    fn taken(&mut self, event: &Event) {
+        let (shard, epoch, seq) = match event {
             Event::Invalidations {
                 shard,
                 epoch,
@@ -172,14 +186,13 @@ impl Subscription {
             Event::Flush {
                 shard, epoch, hwm, ..
             } => (*shard, *epoch, *hwm),
-            Event::Quarantined { .. } => return Some(event),
+            Event::Quarantined { .. } => return,
         };
         match self.position.iter_mut().find(|(s, _, _)| *s == shard) {
             Some(p) => *p = (shard, epoch, seq),
             None => self.position.push((shard, epoch, seq)),
         }
         self.position.sort_unstable();
-        Some(event)
     }
 
     /// Where the events taken so far end, per shard: give it as
@@ -196,6 +209,17 @@ impl Subscription {
     /// Stop following (also when dropped).
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Event;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.get_mut().poll_event(cx)
     }
 }
 
