@@ -2547,6 +2547,41 @@ async fn the_sdks_cache_aside_example_reads_its_write_back() {
     c.stop().await.unwrap();
 }
 
+/// The SDK's own-cache example keeps an application's map coherent: a key and a prefix
+/// invalidated drop their rows, and a later run resumes after its position.
+#[allow(dead_code)]
+#[path = "../client-sdk/examples/own_cache.rs"]
+mod own_cache;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_own_cache_example_drops_what_is_invalidated() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = coordinator(dir.path()).await;
+    let r = relay(&c).await;
+    let p = Publisher::connect(vec![c.url()]).await.unwrap();
+    let user = |name: &str| own_cache::User { name: name.into() };
+    let mut users: own_cache::Users = ["user:1", "user:2", "user:20", "team:1"]
+        .iter()
+        .map(|k| (k.to_string(), user(k)))
+        .collect();
+    p.invalidate("user:1").await.unwrap();
+    p.invalidate_prefix("user:2").await.unwrap();
+    let position = own_cache::run(r.url(), &mut users, vec![(0, c.epoch, 0)], Some(2))
+        .await
+        .unwrap();
+    assert_eq!(users.keys().collect::<Vec<_>>(), ["team:1"]);
+    assert_eq!(position, [(0, c.epoch, 2)]);
+    // Later, from where it stopped: only what came since.
+    users.insert("user:1".into(), user("again"));
+    p.invalidate("team:1").await.unwrap();
+    own_cache::run(r.url(), &mut users, position, Some(3))
+        .await
+        .unwrap();
+    assert_eq!(users.keys().collect::<Vec<_>>(), ["user:1"]);
+    r.stop().await.unwrap();
+    c.stop().await.unwrap();
+}
+
 /// A node's metrics once `ready` says they are (failing with the last scrape after 10 s).
 async fn scrape_until(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
