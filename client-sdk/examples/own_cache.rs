@@ -40,7 +40,8 @@ pub fn apply(users: &mut Users, event: &Event) {
                 }
             }
         }
-        // The stream could not be kept whole: nothing held can be vouched for.
+        // The stream could not be kept whole, or it is joined (at the head, the first event):
+        // nothing held from before can be vouched for.
         Event::Flush { .. } => users.clear(),
         // Told for the record; its batch carries what stands in for it.
         Event::Quarantined { key, why, .. } => {

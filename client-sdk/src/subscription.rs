@@ -17,7 +17,8 @@ use crate::{ClientTls, Error};
 /// What a [`Subscription`] follows, and from where.
 #[derive(Clone, Debug)]
 pub struct SubscriptionOptions {
-    /// Relays (or coordinators) to follow, in failover order.
+    /// Relays to follow, in failover order (a relay carries every shard of its tier; a
+    /// coordinator given here, only its own).
     pub senders: Vec<String>,
     /// Only keys with these prefixes (every prefix, tag and all-keys invalidation still comes);
     /// empty: every key.
@@ -69,8 +70,9 @@ pub enum Event {
         entries: Vec<Invalidation>,
     },
     /// The stream of `shard` could not be kept whole (the subscriber fell behind everything
-    /// its senders retain, or the shard's log began a new epoch): drop everything of the shard
-    /// that may be stale. It goes on after `hwm` in `epoch`.
+    /// its senders retain, or the shard's log began a new epoch), or it is joined (at the
+    /// senders' head, the shard's first event): drop everything of the shard held from before.
+    /// It goes on after `hwm` in `epoch`.
     Flush {
         /// The shard.
         shard: ShardId,
