@@ -144,14 +144,17 @@ impl KeySource {
     /// The next key (blank lines of standard input skipped), `None` at the end.
     fn next_key(&mut self) -> anyhow::Result<Option<String>> {
         use std::io::BufRead;
-        let (input, line, slack) = match self {
+        let (input, line, slack, events) = match self {
             KeySource::Args { keys, taken } => {
                 *taken += 1;
                 return Ok(keys.next());
             }
             KeySource::Stdin {
-                input, line, slack, ..
-            } => (input, line, *slack),
+                input,
+                line,
+                slack,
+                events,
+            } => (input, line, *slack, events.is_some()),
         };
         let limit = dci_proto::types::MAX_KEY_LEN_LIMIT + slack;
         loop {
@@ -200,7 +203,7 @@ impl KeySource {
                 if len - tail > limit {
                     let longest = dci_proto::types::MAX_KEY_LEN_LIMIT;
                     // The same words as for a key of the command line, with its line.
-                    return Err(if slack == EVENT_BYTES {
+                    return Err(if events {
                         anyhow!(
                             "line {line} of standard input: {} bytes, more than a change event \
                              may have ({EVENT_BYTES})",

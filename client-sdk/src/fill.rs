@@ -50,11 +50,6 @@ impl Fill {
         self.version = Some(version);
         self
     }
-
-    /// The value.
-    pub fn value(&self) -> &Bytes {
-        &self.value
-    }
 }
 
 impl<V: Into<Bytes>> From<V> for Fill {

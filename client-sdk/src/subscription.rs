@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dci_proto::pb;
 use dci_proto::types::{Batch, Epoch, Invalidation, Seq, ShardId};
-use dci_proto::upstream::{self, lock, Applier, FollowOptions, LinkState};
+use dci_proto::upstream::{self, Applier, FollowOptions, LinkState};
 use dci_proto::Filter;
 use tokio::sync::{mpsc, watch};
 
@@ -119,7 +119,6 @@ pub struct Subscription {
     /// After the events taken so far.
     position: Vec<(ShardId, Epoch, Seq)>,
     stop: watch::Sender<bool>,
-    link: Arc<Mutex<LinkState>>,
 }
 
 impl Subscription {
@@ -131,7 +130,6 @@ impl Subscription {
         }
         let (tx, events) = mpsc::channel(opts.buffer.max(1));
         let (stop, stopped) = watch::channel(false);
-        let link = Arc::new(Mutex::new(LinkState::default()));
         let follow = FollowOptions {
             urls: opts.senders.clone(),
             node_id: opts.node_id.clone(),
@@ -148,7 +146,7 @@ impl Subscription {
             .build()
             .map_err(|e| Error::Unavailable(format!("starting the subscription: {e}")))?;
         let applier = Arc::new(Mutex::new(Handing(tx)));
-        let state = link.clone();
+        let state = Arc::new(Mutex::new(LinkState::default()));
         std::thread::Builder::new()
             .name(format!("dci-{}", opts.node_id))
             .spawn(move || runtime.block_on(upstream::follow(follow, applier, state, stopped)))
@@ -157,7 +155,6 @@ impl Subscription {
             events,
             position: opts.resume,
             stop,
-            link,
         })
     }
 
@@ -201,11 +198,6 @@ impl Subscription {
     /// [`SubscriptionOptions::resume`] to go on after them (a later process, say).
     pub fn position(&self) -> Vec<(ShardId, Epoch, Seq)> {
         self.position.clone()
-    }
-
-    /// Whether it follows a sender now.
-    pub fn is_connected(&self) -> bool {
-        lock(&self.link).connected_to.is_some()
     }
 
     /// Stop following (also when dropped).

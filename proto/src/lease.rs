@@ -649,6 +649,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn tags(ts: &[&'static str]) -> Vec<Bytes> {
+        ts.iter()
+            .map(|x| Bytes::from_static(x.as_bytes()))
+            .collect()
+    }
+
     fn inv(key: &str, seq: Seq) -> Invalidation {
         Invalidation {
             seq,
@@ -795,11 +801,6 @@ mod tests {
             seq,
             source_version: version,
             ..Invalidation::tag(tag.to_string())
-        };
-        let tags = |ts: &[&'static str]| {
-            ts.iter()
-                .map(|x| Bytes::from_static(x.as_bytes()))
-                .collect::<Vec<_>>()
         };
         t.apply(0, &tag("row:1", 1, Some(20)));
         t.apply(0, &tag("row:1", 2, Some(15)));
@@ -976,11 +977,6 @@ mod tests {
                 .unwrap()
         };
         let (k0, k1) = (key_of(0), key_of(1));
-        let tags = |ts: &[&'static str]| {
-            ts.iter()
-                .map(|x| Bytes::from_static(x.as_bytes()))
-                .collect::<Vec<_>>()
-        };
         let at = |tag: &str, seq: Seq| Invalidation {
             seq,
             ..Invalidation::tag(tag.to_string())
